@@ -1,0 +1,120 @@
+"""The attention function transformers calls: TCA prefill, dense otherwise.
+
+Dispatch per call:
+- a fresh prefill longer than ``config.dense_up_to`` runs TCA
+  (``tca_prefill_attention``);
+- shorter prefills, decode and prefills on top of an existing cache run
+  transformers' own SDPA attention, so they equal dense exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .compile import flex
+from .config import TCAConfig
+from .masks import KERNEL_BLOCK, tca_block_mask
+from .selection import select
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class TCALayer:
+    """What one attention layer needs at run time (attached by ``apply``).
+
+    Attributes:
+        config: the TCAConfig.
+        cdf: float64 ``[H_kv, b + 1]``, cumulative budget distributions.
+        layer_idx: index of the layer.
+    """
+
+    config: TCAConfig
+    cdf: torch.Tensor
+    layer_idx: int
+
+
+def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
+                          cdf_hk: torch.Tensor, config: TCAConfig, scaling: float,
+                          return_lse: bool = False) -> Any:
+    """TCA prefill attention for one layer.
+
+    Args:
+        q_bhsd: ``[B, H_q, L, D]`` queries; k_bhsd, v_bhsd: ``[B, H_kv, L, D]``.
+            Query head ``h`` uses KV head ``h // (H_q // H_kv)``.
+        cdf_hk: float64 ``[H_kv, b + 1]`` budget distributions.
+        config: TCAConfig; requires ``L > config.window``.
+        scaling: softmax scale.
+        return_lse: also return the float32 ``[B, H_q, L]`` log-sum-exp of
+            every query's scores over its kept keys, and the ``Selection``
+            (FlexAttention supports this on CUDA only; ``mass.py`` has the
+            device-independent computation).
+
+    Returns:
+        ``[B, H_q, L, D]`` in the input dtype, or ``(out, lse, selection)``.
+    """
+    bsz, hq, length, d = q_bhsd.shape
+    hkv = k_bhsd.shape[1]
+    sel = select(q_bhsd, k_bhsd, cdf_hk, scaling=scaling, block_size=config.block_size,
+                 window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
+                 num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
+                 capacity_multiple=KERNEL_BLOCK)
+    gather_idx = sel.positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, -1, d)
+    k_all = torch.cat([k_bhsd.gather(2, gather_idx), k_bhsd], dim=2)
+    v_all = torch.cat([v_bhsd.gather(2, gather_idx), v_bhsd], dim=2)
+    block_mask = tca_block_mask(sel.positions, length, config.window, hq)
+    result = flex(q_bhsd, k_all, v_all, block_mask, scale=scaling, enable_gqa=hq != hkv,
+                  return_lse=return_lse)
+    if return_lse:
+        out, lse = result
+        return out, lse, sel
+    return result
+
+
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"tca_flex supports {[str(t) for t in SUPPORTED_DTYPES]}, got {query.dtype}; "
+                        "cast the model with model.to(torch.bfloat16) or model.float()")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f"query, key and value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype}); "
+                        "cast the whole model to one dtype")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
+
+
+def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor | None,
+                          dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers ``AttentionInterface`` entry point.
+
+    Shapes: query ``[B, H_q, Lq, D]``, key/value ``[B, H_kv, Lk, D]`` (the
+    cache already updated); returns ``([B, Lq, H_q, D], None)``.
+    """
+    layer: TCALayer | None = getattr(module, "_tca_layer", None)
+    if layer is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs with attn_implementation='tca' but was not prepared by "
+            "tca_flex.apply(model); call tca_flex.apply on the model instead of setting the name by hand"
+        )
+    q_len, k_len = query.shape[2], key.shape[2]
+    sparse = q_len == k_len and k_len > layer.config.dense_up_to
+    if not sparse:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    _check_inputs(query, key, value)
+    if attention_mask is not None:
+        raise ValueError(
+            "tca_flex got an attention mask for a sparse prefill: padded or packed batches are not "
+            "supported by TCA selection. Run unpadded sequences (batch size 1, or equal lengths "
+            "without padding)."
+        )
+    if dropout and module.training:
+        raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = tca_prefill_attention(query, key, value, layer.cdf, layer.config, scale)
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,56 @@
+"""torch.compile integration: compiled FlexAttention created once per process.
+
+Eager ``flex_attention`` materialises the full score matrix, so outside an
+outer ``torch.compile`` we call a lazily compiled copy; inside one we call the
+raw function and let the outer compile fuse it (as transformers' own
+``WrappedFlexAttention`` does). Nothing here touches torch globals at import.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+logger = logging.getLogger(__name__)
+
+# Dynamo caches every compiled flex wrapper (transformers' too) under one code
+# object, with a default limit of 8 entries; each (Q_LEN, KV_LEN) needs one.
+_MIN_RECOMPILE_LIMIT = 64
+
+_compiled_flex: Any = None
+
+
+def _raise_recompile_limit() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < _MIN_RECOMPILE_LIMIT:
+            logger.info("tca_flex: raising torch._dynamo.config.%s to %d", name, _MIN_RECOMPILE_LIMIT)
+            setattr(cfg, name, _MIN_RECOMPILE_LIMIT)
+
+
+def compiled_flex_attention() -> Any:
+    """The process-wide compiled ``flex_attention`` (created on first use)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _raise_recompile_limit()
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def kernel_options_for(device: torch.device) -> dict[str, Any] | None:
+    """Kernel options for ``device``; ``None`` keeps FlexAttention's defaults."""
+    return None
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, scale: float,
+         enable_gqa: bool, return_lse: bool = False) -> Any:
+    """FlexAttention that is compiled whether or not the caller is.
+
+    Shapes: q ``[B, H_q, Lq, D]``, k/v ``[B, H_kv, Lk, D]``.
+    """
+    fn = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+              return_lse=return_lse, kernel_options=kernel_options_for(q.device))

@@ -1,0 +1,118 @@
+"""TCAConfig: every knob of TCA-Attention in one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+CONFIG_VERSION = 1
+
+_GQA_AGGREGATIONS = ("mean", "max")
+_MASS_CRITERIA = ("column_mean", "lse")
+
+
+@dataclass(frozen=True)
+class TCAConfig:
+    """Settings of TCA-Attention; defaults are the paper's (LLaMA-3.1-8B at 128K).
+
+    Attributes:
+        block_size: tokens per selection block ``b``; budgets are counted per block.
+        window: local window ``w``; query ``i`` always sees keys ``(i - w, i]``.
+        tau: calibration target, the attention mass each head must retain.
+        alpha: balance between block mass and spread in the redundancy score.
+        num_candidates: ``M``, budget configurations tried during calibration.
+        sigma: spread of the log-Gaussian candidate distributions.
+        gqa_aggregation: how the ``g`` query heads of one KV head are combined
+            into one importance row (``"mean"`` or ``"max"``).
+        num_observation_queries: ``m``, how many last queries define importance.
+        normalize_redundancy: divide block mass by its maximum so that both
+            terms of the redundancy score live on ``[0, 1]``.
+        min_sparse_length: sequences no longer than ``max(window, this)`` run
+            exactly dense.
+        mass_criterion: calibration's retained-mass measure: the paper's
+            ``"column_mean"`` or the exact per-query ``"lse"``.
+        mass_quantile: with ``"lse"``, the quantile of per-query retained mass
+            that must reach ``tau`` (``None``: the mean).
+        guard_floor: opt-in runtime guard: a head whose last-query retained
+            mass would fall below this keeps more tokens (``None``: off).
+    """
+
+    block_size: int = 128
+    window: int = 4096
+    tau: float = 0.9
+    alpha: float = 0.5
+    num_candidates: int = 14
+    sigma: float = 0.5
+    gqa_aggregation: str = "mean"
+    num_observation_queries: int = 1
+    normalize_redundancy: bool = False
+    min_sparse_length: int = 0
+    mass_criterion: str = "column_mean"
+    mass_quantile: float | None = None
+    guard_floor: float | None = None
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        _check_int("block_size", self.block_size, 1, 4096)
+        _check_int("window", self.window, self.block_size, None,
+                   hint="the local window must cover at least one block")
+        _check_float("tau", self.tau, 0.0, 1.0)
+        _check_float("alpha", self.alpha, 0.0, 1.0)
+        _check_int("num_candidates", self.num_candidates, 1, 1024)
+        _check_float("sigma", self.sigma, 1e-6, 100.0)
+        _check_choice("gqa_aggregation", self.gqa_aggregation, _GQA_AGGREGATIONS)
+        _check_int("num_observation_queries", self.num_observation_queries, 1, 65536)
+        if not isinstance(self.normalize_redundancy, bool):
+            raise ValueError(f"TCAConfig.normalize_redundancy must be a bool, got {self.normalize_redundancy!r}")
+        _check_int("min_sparse_length", self.min_sparse_length, 0, None)
+        _check_choice("mass_criterion", self.mass_criterion, _MASS_CRITERIA)
+        if self.mass_quantile is not None:
+            _check_float("mass_quantile", self.mass_quantile, 0.0, 1.0)
+        if self.guard_floor is not None:
+            _check_float("guard_floor", self.guard_floor, 0.0, 1.0)
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"TCAConfig.version={self.version} is not supported by this tca_flex "
+                f"(expects {CONFIG_VERSION}); re-create the config or re-run calibration."
+            )
+
+    @property
+    def dense_up_to(self) -> int:
+        """Longest sequence that runs exactly dense."""
+        return max(self.window, self.min_sparse_length)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TCAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TCAConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TCAConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"TCAConfig.{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        allowed = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        extra = f" ({hint})" if hint else ""
+        raise ValueError(f"TCAConfig.{name}={value} is out of range: allowed {allowed}{extra}")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"TCAConfig.{name} must be a number, got {value!r}")
+    if not lo <= float(value) <= hi:
+        raise ValueError(f"TCAConfig.{name}={value} is out of range: allowed [{lo}, {hi}]")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"TCAConfig.{name}={value!r} is not one of {list(allowed)}")

@@ -1,0 +1,1 @@
+"""Long-context evaluation: task generators, scorers, baselines (not part of the core API)."""

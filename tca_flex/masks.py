@@ -1,0 +1,155 @@
+"""Selection -> FlexAttention inputs for TCA prefill.
+
+Layout (chosen by measurement, see ``GPU_NOTES.md``): per-block top-t leaves
+almost every 128-key block of the original key order partly used, so a
+BlockMask over the original order skips almost nothing and runs slower than
+dense. Instead each KV head's kept keys are gathered, in position order, into
+a packed prefix placed ahead of the full keys:
+
+    kv index:  [0, capacity)            packed global keys (per KV head)
+               [capacity, capacity + L)  the original keys, used as local window
+
+Query ``i`` sees packed key ``p`` when ``pos(p) <= i - w`` (older than its
+window, so nothing is counted twice) and original key ``j`` when
+``i - w < j <= i``. Because packed keys are sorted by position, the visible
+packed keys of a query block are a prefix: the computed blocks scale with the
+number of kept tokens. The BlockMask is built from block indices directly
+(``BlockMask.from_kv_blocks``), never by evaluating the mask on ``L x L``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+KERNEL_BLOCK = 128
+
+
+def tca_mask_mod(positions: torch.Tensor, capacity: int, window: int, group: int):
+    """mask_mod of the packed layout.
+
+    Args:
+        positions: int64 ``[B, H_kv, capacity]`` from ``Selection``.
+        capacity: width of the packed prefix.
+        window: local window ``w``.
+        group: query heads per KV head (``h`` in a mask_mod is a query head).
+    """
+
+    def tca_prefill_mask(b, h, q_idx, kv_idx):
+        in_packed = kv_idx < capacity
+        pos = positions[b, h // group, torch.clamp(kv_idx, max=capacity - 1)]
+        packed_ok = pos <= q_idx - window
+        j = kv_idx - capacity
+        local_ok = (j <= q_idx) & (j > q_idx - window)
+        return torch.where(in_packed, packed_ok, local_ok)
+
+    return tca_prefill_mask
+
+
+def _segments_to_indices(starts: list[torch.Tensor], lengths: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Concatenate contiguous index ranges per row into ``[..., width]`` int32.
+
+    Entries past the total length are filler (index 0) that the kernel never
+    reads, because ``kv_num_blocks`` stops before them.
+    """
+    k = torch.arange(width, device=starts[0].device)
+    out = torch.zeros((*starts[0].shape, width), dtype=torch.long, device=starts[0].device)
+    offset = torch.zeros_like(lengths[0])
+    for start, length in zip(starts, lengths):
+        rel = k - offset.unsqueeze(-1)
+        inside = (rel >= 0) & (rel < length.unsqueeze(-1))
+        out = torch.where(inside, start.unsqueeze(-1) + rel, out)
+        offset = offset + length
+    return out.to(torch.int32)
+
+
+def tca_block_mask(positions: torch.Tensor, seq_len: int, window: int, num_q_heads: int,
+                   block: int = KERNEL_BLOCK) -> BlockMask:
+    """BlockMask of the packed layout, built from block indices.
+
+    Args:
+        positions: int64 ``[B, H_kv, capacity]`` sorted kept positions, padded
+            with ``PAD_POSITION``; ``capacity`` a multiple of ``block``.
+        seq_len: ``L`` (queries and original keys).
+        window: ``w``.
+        num_q_heads: ``H_q``; the mask carries one row per query head.
+        block: the kernel tile (queries and keys).
+
+    Returns:
+        A BlockMask over ``Q_LEN = L`` and ``KV_LEN = capacity + L``.
+    """
+    bsz, hkv, capacity = positions.shape
+    if capacity % block:
+        raise ValueError(f"packed capacity {capacity} must be a multiple of the kernel block {block}")
+    group = num_q_heads // hkv
+    device = positions.device
+    n_q = -(-seq_len // block)
+    n_packed = capacity // block
+    n_local = n_q
+    q0 = torch.arange(n_q, device=device) * block
+    q1 = torch.clamp(q0 + block - 1, max=seq_len - 1)
+
+    # Packed part: keys visible to every query of the tile form a full prefix,
+    # keys visible to some query end at ceil(hi / block).
+    lo = torch.searchsorted(positions, (q0 - window).expand(bsz, hkv, n_q).contiguous(), right=True)
+    hi = torch.searchsorted(positions, (q1 - window).expand(bsz, hkv, n_q).contiguous(), right=True)
+    g_full = lo // block
+    g_any = -(-hi // block)
+
+    # Local part, the same for every head: block c is visible to some query
+    # when c*B <= q1 and c*B + B - 1 > q0 - w; to every query when
+    # c*B + B - 1 <= q0 and c*B > q1 - w.
+    c_lo = torch.clamp(torch.div(q0 - window + 1, block, rounding_mode="floor"), min=0)
+    c_hi = torch.div(q1, block, rounding_mode="floor")
+    f_lo = torch.clamp(-torch.div(-(q1 - window + 1), block, rounding_mode="floor"), min=0)
+    f_lo = torch.maximum(f_lo, c_lo)
+    f_hi = torch.div(q0 + 1, block, rounding_mode="floor") - 1
+    empty = f_hi < f_lo
+    f_lo = torch.where(empty, c_hi + 1, f_lo)
+    f_hi = torch.where(empty, c_hi, f_hi)
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:
+        return x.expand(bsz, hkv, n_q)
+
+    zero = torch.zeros_like(g_full)
+    partial_starts = [g_full, per_head(n_packed + c_lo), per_head(n_packed + f_hi + 1)]
+    partial_lengths = [g_any - g_full, per_head(f_lo - c_lo), per_head(c_hi - f_hi)]
+    full_starts = [zero, per_head(n_packed + f_lo)]
+    full_lengths = [g_full, per_head(f_hi - f_lo + 1)]
+
+    # FlexAttention's CPU lowering wants index rows as wide as the KV length
+    # in blocks, although at most a few partial blocks per row are used.
+    width = n_packed + n_local
+    kv_idx = _segments_to_indices(partial_starts, partial_lengths, width)
+    kv_num = sum(partial_lengths).to(torch.int32)
+    full_idx = _segments_to_indices(full_starts, full_lengths, width)
+    full_num = sum(full_lengths).to(torch.int32)
+
+    def to_q_heads(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(group, dim=1) if group > 1 else x
+
+    return BlockMask.from_kv_blocks(
+        to_q_heads(kv_num), to_q_heads(kv_idx), to_q_heads(full_num), to_q_heads(full_idx),
+        BLOCK_SIZE=block,
+        mask_mod=tca_mask_mod(positions, capacity, window, group),
+        seq_lengths=(seq_len, capacity + seq_len),
+        compute_q_blocks=False,
+    )
+
+
+def causal_mask_mod(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def causal_block_mask(seq_len: int, device: torch.device, block: int = KERNEL_BLOCK) -> BlockMask:
+    """Causal BlockMask over ``[seq_len, seq_len]`` from block indices (head dim 1)."""
+    n = -(-seq_len // block)
+    rows = torch.arange(n, device=device)
+    cols = torch.arange(n, device=device)
+    partial_num = torch.ones(1, 1, n, dtype=torch.int32, device=device)
+    partial_idx = rows.view(1, 1, n, 1).expand(1, 1, n, n).to(torch.int32).contiguous()
+    full_num = rows.to(torch.int32).view(1, 1, n)
+    full_idx = cols.view(1, 1, 1, n).expand(1, 1, n, n).to(torch.int32).contiguous()
+    return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=causal_mask_mod, seq_lengths=(seq_len, seq_len),
+                                    compute_q_blocks=False)

@@ -1,0 +1,119 @@
+"""Slow, obviously-correct TCA: the yardstick every fast path is tested against.
+
+Loops over batch, heads and blocks in Python, builds the explicit boolean
+``[L, L]`` mask and runs float64 softmax attention. Small shapes only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_importance(q: torch.Tensor, k: torch.Tensor, scaling: float, num_queries: int = 1,
+                         aggregation: str = "mean") -> torch.Tensor:
+    """float64 ``[B, H_kv, L]``: mean softmax row of the last queries, per KV head."""
+    bsz, hq, length, _ = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    m = min(num_queries, length)
+    out = torch.zeros(bsz, hkv, length, dtype=torch.float64)
+    for b in range(bsz):
+        for kvh in range(hkv):
+            rows = []
+            for h in range(kvh * g, (kvh + 1) * g):
+                acc = torch.zeros(length, dtype=torch.float64)
+                for i in range(length - m, length):
+                    logits = (k[b, kvh, : i + 1].double() @ q[b, h, i].double()) * scaling
+                    acc[: i + 1] += torch.softmax(logits, 0)
+                rows.append(acc / m)
+            stacked = torch.stack(rows)
+            out[b, kvh] = stacked.mean(0) if aggregation == "mean" else stacked.amax(0)
+    return out
+
+
+def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_size: int, window: int,
+                   alpha: float, normalize: bool = False) -> torch.Tensor:
+    """bool ``[B, H_kv, L]``: the global subset (final-window positions are False).
+
+    Args:
+        importance: ``[B, H_kv, L]`` importance rows.
+        probs_hk: ``[H_kv, b + 1]`` budget distributions of the layer.
+    """
+    bsz, hkv, length = importance.shape
+    global_len = max(length - window, 0)
+    keep = torch.zeros(bsz, hkv, length, dtype=torch.bool)
+    if global_len == 0:
+        return keep
+    n = -(-global_len // block_size)
+    for b in range(bsz):
+        for h in range(hkv):
+            s = importance[b, h, :global_len].double()
+            cdf = probs_hk[h].double().cumsum(0)
+            ladder = []
+            for r in range(n):
+                q = 1.0 - (r + 0.5) / n
+                ladder.append(next((kk for kk in range(block_size + 1) if cdf[kk] >= q), block_size))
+            blocks = [s[j * block_size: (j + 1) * block_size] for j in range(n)]
+            mass = [float(blk.sum()) for blk in blocks]
+            top = max(mass)
+            scores = []
+            for blk, sj in zip(blocks, mass):
+                spread = 1.0 - float(blk.square().sum()) / sj**2 if sj > 0 else 0.0
+                sj_term = sj / top if normalize and top > 0 else sj
+                scores.append((1 - alpha) * sj_term + alpha * spread)
+            order = sorted(range(n), key=lambda j: (-scores[j], j))
+            for rank, j in enumerate(order):
+                blk = blocks[j]
+                t = min(ladder[rank], len(blk))
+                within = sorted(range(len(blk)), key=lambda i: (-float(blk[i]), i))[:t]
+                for i in within:
+                    keep[b, h, j * block_size + i] = True
+    return keep
+
+
+def reference_mask(keep: torch.Tensor, window: int, num_q_heads: int) -> torch.Tensor:
+    """bool ``[B, H_q, L, L]``: query i sees kept keys ``<= i - w`` and keys ``(i - w, i]``."""
+    bsz, hkv, length = keep.shape
+    g = num_q_heads // hkv
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    local = (j <= i) & (j > i - window)
+    far = j <= i - window
+    mask = local | (far & keep[:, :, None, :])
+    return mask.repeat_interleave(g, dim=1)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        scaling: float) -> torch.Tensor:
+    """float64 softmax attention under an explicit boolean mask.
+
+    Args:
+        q: ``[B, H_q, Lq, D]``; k, v: ``[B, H_kv, Lk, D]``; mask: ``[B, H_q, Lq, Lk]``.
+
+    Returns:
+        float64 ``[B, H_q, Lq, D]``.
+    """
+    g = q.shape[1] // k.shape[1]
+    kk = k.double().repeat_interleave(g, dim=1)
+    vv = v.double().repeat_interleave(g, dim=1)
+    logits = (q.double() @ kk.transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, -1) @ vv
+
+
+def causal_mask(q_len: int, k_len: int) -> torch.Tensor:
+    """bool ``[q_len, k_len]``: the last query sits at position ``k_len - 1``."""
+    offset = k_len - q_len
+    return torch.arange(k_len)[None, :] <= (torch.arange(q_len)[:, None] + offset)
+
+
+def reference_tca(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs_hk: torch.Tensor, *,
+                  scaling: float, block_size: int, window: int, alpha: float,
+                  normalize: bool = False, num_queries: int = 1, aggregation: str = "mean"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """TCA prefill end to end: (float64 output ``[B, H_q, L, D]``, keep ``[B, H_kv, L]``)."""
+    s = reference_importance(q, k, scaling, num_queries, aggregation)
+    keep = reference_keep(s, probs_hk, block_size=block_size, window=window, alpha=alpha,
+                          normalize=normalize)
+    mask = reference_mask(keep, window, q.shape[1])
+    return reference_attention(q, k, v, mask, scaling), keep

@@ -1,0 +1,228 @@
+"""Online core-context selection: which keys each KV head keeps.
+
+Everything here is a pure tensor function, batched over ``(batch, KV head)``,
+with no Python loop over heads or blocks and no ``L x L`` tensor, so it traces
+under ``torch.compile`` without graph breaks.
+
+Layout decision: the last ``w`` positions are the *final window*; every query
+sees them through its local window (query ``i >= p`` sees key ``p`` when
+``p > i - w``, and ``i < L < p + w``), so global tokens there would be wasted.
+The global subset is therefore chosen from the *global region*
+``[0, L - w)``, split into ``n = ceil((L - w) / b)`` blocks (the last one may
+be short). The KV cache after prefill is exactly (global subset) + (final
+window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Position used for unused slots of the packed index list. Large enough that
+# "position <= q - window" is never true for it, small enough for int32 math.
+PAD_POSITION = 1 << 30
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The global subset of every KV head.
+
+    Attributes:
+        positions: int64 ``[B, H_kv, capacity]``, kept key positions in
+            ascending order, padded with ``PAD_POSITION``. ``capacity`` depends
+            only on the sequence length (static shapes for compilation).
+        counts: int64 ``[B, H_kv]``, the number of valid entries per row.
+        importance: float32 ``[B, H_kv, L]``, the GQA-aggregated last-query
+            attention row that drove the choice.
+    """
+
+    positions: torch.Tensor
+    counts: torch.Tensor
+    importance: torch.Tensor
+
+    def keep_mask(self, length: int) -> torch.Tensor:
+        """bool ``[B, H_kv, length]``: True at kept positions."""
+        keep = torch.zeros(*self.counts.shape, length + 1, dtype=torch.bool, device=self.positions.device)
+        keep.scatter_(-1, self.positions.clamp(max=length), True)
+        return keep[..., :length]
+
+
+def global_region_length(seq_len: int, window: int) -> int:
+    """Number of positions before the final window (0 means: run dense)."""
+    return max(seq_len - window, 0)
+
+
+def importance(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float,
+               num_queries: int = 1, aggregation: str = "mean") -> torch.Tensor:
+    """Attention row of the last ``num_queries`` queries, aggregated per KV head.
+
+    Args:
+        q_bhsd: ``[B, H_q, L, D]`` queries (RoPE applied).
+        k_bhsd: ``[B, H_kv, L, D]`` keys; ``H_q = g * H_kv``, query head ``h``
+            uses KV head ``h // g``.
+        scaling: softmax scale (usually ``D ** -0.5``).
+        num_queries: ``m``; rows of the last ``m`` queries are averaged, each
+            under its own causal mask.
+        aggregation: ``"mean"`` or ``"max"`` over the ``g`` query heads.
+
+    Returns:
+        float32 ``[B, H_kv, L]``; each row of a single query sums to 1.
+    """
+    b, hq, length, d = q_bhsd.shape
+    hkv = k_bhsd.shape[1]
+    g = hq // hkv
+    m = min(num_queries, length)
+    q_obs = q_bhsd[:, :, length - m:, :].reshape(b, hkv, g * m, d)
+    scores = torch.matmul(q_obs.float(), k_bhsd.float().transpose(-1, -2)) * scaling
+    scores = scores.view(b, hkv, g, m, length)
+    # Observation query j sits at position L - m + j and sees keys <= it.
+    q_pos = torch.arange(length - m, length, device=q_bhsd.device)
+    k_pos = torch.arange(length, device=q_bhsd.device)
+    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    probs = scores.softmax(-1).mean(dim=3)
+    if aggregation == "mean":
+        return probs.mean(dim=2)
+    if aggregation == "max":
+        return probs.amax(dim=2)
+    raise ValueError(f"aggregation={aggregation!r} is not one of ['mean', 'max']")
+
+
+def to_blocks(values: torch.Tensor, block_size: int, fill: float) -> torch.Tensor:
+    """``[..., N]`` -> ``[..., ceil(N / b), b]``, the tail padded with ``fill``."""
+    n = values.shape[-1]
+    num_blocks = -(-n // block_size)
+    pad = num_blocks * block_size - n
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad), value=fill)
+    return values.view(*values.shape[:-1], num_blocks, block_size)
+
+
+def redundancy_score(s_blocks: torch.Tensor, alpha: float, normalize: bool = False) -> torch.Tensor:
+    """``h_j = (1 - alpha) * S_j + alpha * C_j`` for every block.
+
+    ``S_j`` is the block's importance mass and ``C_j = 1 - sum s_i^2 / S_j^2``
+    one minus its Herfindahl index (0: one token holds the mass; near 1:
+    spread). A block with no mass gets ``C_j = 0``.
+
+    Args:
+        s_blocks: ``[..., n, b]`` non-negative importance (padding = 0).
+        alpha: weight of the spread term.
+        normalize: divide ``S_j`` by ``max_j S_j`` so both terms lie in [0, 1].
+
+    Returns:
+        ``[..., n]`` scores; higher ranks first.
+    """
+    mass = s_blocks.sum(-1)
+    sq = s_blocks.square().sum(-1)
+    spread = torch.where(mass > 0, 1.0 - sq / mass.square().clamp_min(torch.finfo(mass.dtype).tiny), 0.0)
+    if normalize:
+        mass = mass / mass.amax(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+    return (1.0 - alpha) * mass + alpha * spread
+
+
+def budget_ladder(cdf_hk: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Per-rank budgets ``Psi``: rank ``r`` gets the ``1 - (r + 0.5) / n`` quantile.
+
+    Args:
+        cdf_hk: float64 ``[H_kv, b + 1]``, cumulative budget distribution.
+        num_blocks: ``n``.
+
+    Returns:
+        int64 ``[H_kv, n]``, non-increasing along the last dimension.
+    """
+    r = torch.arange(num_blocks, dtype=torch.float64, device=cdf_hk.device)
+    q = (1.0 - (r + 0.5) / num_blocks).expand(cdf_hk.shape[0], num_blocks).contiguous()
+    # Guard against cdf rows that end a hair below 1 through rounding.
+    cdf = cdf_hk.clone()
+    cdf[:, -1] = 1.0
+    return torch.searchsorted(cdf, q, right=False)
+
+
+def rank_of(scores: torch.Tensor) -> torch.Tensor:
+    """Rank (0 = best) of every entry along the last dim; ties keep index order."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks
+
+
+def block_budgets(block_scores: torch.Tensor, ladder: torch.Tensor, global_len: int,
+                  block_size: int) -> torch.Tensor:
+    """Tokens each block keeps: ``Psi[rank]``, capped by the block's size.
+
+    Args:
+        block_scores: ``[B, H_kv, n]`` redundancy scores.
+        ladder: int64 ``[H_kv, n]`` from ``budget_ladder``.
+        global_len: length of the global region (the last block may be short).
+        block_size: ``b``.
+
+    Returns:
+        int64 ``[B, H_kv, n]``.
+    """
+    ranks = rank_of(block_scores)
+    per_block = ladder.unsqueeze(0).expand_as(ranks).gather(-1, ranks)
+    n = block_scores.shape[-1]
+    sizes = (global_len - torch.arange(n, device=ranks.device) * block_size).clamp(max=block_size)
+    return torch.minimum(per_block, sizes)
+
+
+def keep_top_in_blocks(s_blocks: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[..., n, b]``: each block's top-``budget`` tokens by importance.
+
+    Padding slots must hold ``-inf`` and budgets must not exceed the number of
+    real tokens in a block, so padding is never kept.
+    """
+    return rank_of(s_blocks) < budgets.unsqueeze(-1)
+
+
+def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept positions in ascending order, padded to ``capacity``.
+
+    Args:
+        keep: bool ``[B, H, N]``.
+        capacity: output width, at least the largest count.
+
+    Returns:
+        (int64 ``[B, H, capacity]`` positions, int64 ``[B, H]`` counts).
+    """
+    n = keep.shape[-1]
+    slot = torch.where(keep, keep.long().cumsum(-1) - 1, capacity)
+    out = torch.full((*keep.shape[:-1], capacity + 1), PAD_POSITION, dtype=torch.long, device=keep.device)
+    pos = torch.arange(n, device=keep.device).expand_as(slot)
+    out.scatter_(-1, slot, pos)
+    return out[..., :capacity].contiguous(), keep.sum(-1)
+
+
+def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, scaling: float,
+           block_size: int, window: int, alpha: float, normalize: bool = False,
+           num_queries: int = 1, aggregation: str = "mean",
+           capacity_multiple: int = 128) -> Selection:
+    """TCA's online core-context selection for one layer.
+
+    Args:
+        q_bhsd: ``[B, H_q, L, D]`` queries; ``k_bhsd``: ``[B, H_kv, L, D]`` keys.
+        cdf_hk: float64 ``[H_kv, b + 1]``, the layer's budget distributions.
+        scaling: softmax scale.
+        block_size, window, alpha, normalize, num_queries, aggregation: see
+            ``TCAConfig``.
+        capacity_multiple: the packed width is the global-region length
+            rounded up to this (the attention kernel's KV tile).
+
+    Returns:
+        The ``Selection``; requires ``L > window``.
+    """
+    length = q_bhsd.shape[2]
+    global_len = global_region_length(length, window)
+    if global_len == 0:
+        raise ValueError(f"selection needs more tokens ({length}) than the window ({window})")
+    s = importance(q_bhsd, k_bhsd, scaling, num_queries, aggregation)
+    s_blocks = to_blocks(s[..., :global_len], block_size, 0.0)
+    scores = redundancy_score(s_blocks, alpha, normalize)
+    ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2])
+    budgets = block_budgets(scores, ladder, global_len, block_size)
+    ranked = to_blocks(s[..., :global_len], block_size, float("-inf"))
+    keep = keep_top_in_blocks(ranked, budgets).flatten(-2)[..., :global_len]
+    capacity = -(-global_len // capacity_multiple) * capacity_multiple
+    positions, counts = pack_positions(keep, capacity)
+    return Selection(positions=positions, counts=counts, importance=s)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_mask
+
+from tca_flex import HeadBudgets, TCAConfig
+from tca_flex.attention import tca_prefill_attention
+from tca_flex.masks import tca_block_mask
+from tca_flex.reference import reference_attention, reference_keep, reference_mask
+from tca_flex.selection import select
+
+# (bsz, H_q, H_kv, L, D, window, block, keep fraction): GQA and MHA, lengths
+# that are not multiples of any block, windows that are and are not multiples
+# of the 128-wide kernel tile.
+CASES = [
+    (1, 4, 2, 700, 32, 256, 64, 0.3),
+    (2, 4, 4, 333, 16, 128, 32, 0.5),
+    (1, 6, 2, 1000, 64, 192, 128, 0.1),
+]
+
+
+def make(case, dtype, seed):
+    bsz, hq, hkv, length, d, window, block, frac = case
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(bsz, h, length, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
+    config = TCAConfig(block_size=block, window=window)
+    return q, k, v, config, HeadBudgets.uniform(1, hkv, frac, config)
+
+
+def expected(q, k, v, config, budgets):
+    scale = q.shape[-1] ** -0.5
+    sel = select(q, k, budgets.cdf(0), scaling=scale, block_size=config.block_size, window=config.window,
+                 alpha=config.alpha)
+    keep = reference_keep(sel.importance.double(), budgets.probs[0], block_size=config.block_size,
+                          window=config.window, alpha=config.alpha)
+    return reference_attention(q, k, v, reference_mask(keep, config.window, q.shape[1]), scale), sel
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, None)])
+def test_prefill_matches_reference(case, dtype, tol):
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    q, k, v, config, budgets = make(case, dtype, seed)
+    out = tca_prefill_attention(q, k, v, budgets.cdf(0), config, q.shape[-1] ** -0.5)
+    ref, sel = expected(q, k, v, config, budgets)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    err = (out.double() - ref).abs().max().item()
+    if dtype != torch.float32:
+        # Within twice the error of the same masked attention done by SDPA in this dtype.
+        keep = reference_keep(sel.importance.double(), budgets.probs[0], block_size=config.block_size,
+                              window=config.window, alpha=config.alpha)
+        mask = reference_mask(keep, config.window, q.shape[1])
+        g = q.shape[1] // k.shape[1]
+        eager = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
+        tol = 2 * (eager.double() - ref).abs().max().item() + 1e-3
+    assert err < tol, f"max abs error {err} > {tol} (seed {seed})"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_block_mask_is_exact(case):
+    """Every visible key is in a listed block; full blocks are entirely visible."""
+    q, k, v, config, budgets = make(case, torch.float32, 11)
+    _, sel = expected(q, k, v, config, budgets)
+    bsz, hq, length = q.shape[0], q.shape[1], q.shape[2]
+    bm = tca_block_mask(sel.positions, length, config.window, hq)
+    kv_len = sel.positions.shape[-1] + length
+    dense = create_mask(bm.mask_mod, bsz, hq, length, kv_len)
+    listed = torch.zeros(bsz, hq, -(-length // 128), -(-kv_len // 128), dtype=torch.bool)
+    full = torch.zeros_like(listed)
+    for target, num, idx in ((listed, bm.kv_num_blocks, bm.kv_indices),
+                             (full, bm.full_kv_num_blocks, bm.full_kv_indices)):
+        for b in range(bsz):
+            for h in range(hq):
+                for qb in range(listed.shape[2]):
+                    target[b, h, qb, idx[b, h, qb, : num[b, h, qb]].long()] = True
+    assert not (listed & full).any()
+    # Out-of-range rows and columns (past L or KV_LEN) are never read by the
+    # kernel: count them as visible for "all" and invisible for "any".
+    def tiles(fill):
+        pad = (0, full.shape[-1] * 128 - kv_len, 0, full.shape[-2] * 128 - length)
+        return torch.nn.functional.pad(dense, pad, value=fill).view(bsz, hq, full.shape[2], 128, full.shape[3], 128)
+
+    any_visible = tiles(False).any(-1).any(-2)
+    all_visible = tiles(True).all(-1).all(-2)
+    assert not (any_visible & ~(listed | full)).any(), "a visible key sits in an unlisted block"
+    assert (all_visible | ~full).all(), "a block marked full hides a key"

@@ -1,0 +1,42 @@
+import pytest
+
+from tca_flex import HeadBudgets, TCAConfig
+
+
+def test_defaults_are_the_papers():
+    c = TCAConfig()
+    assert (c.block_size, c.window, c.tau, c.alpha, c.num_candidates) == (128, 4096, 0.9, 0.5, 14)
+
+
+def test_round_trip_through_dict():
+    c = TCAConfig(block_size=64, window=512, tau=0.8, gqa_aggregation="max", normalize_redundancy=True,
+                  mass_criterion="lse", mass_quantile=0.1)
+    assert TCAConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(block_size=0), "block_size"),
+    (dict(window=64, block_size=128), "window"),
+    (dict(tau=1.5), "tau"),
+    (dict(alpha=-0.1), "alpha"),
+    (dict(gqa_aggregation="median"), "gqa_aggregation"),
+    (dict(num_observation_queries=0), "num_observation_queries"),
+    (dict(mass_criterion="kl"), "mass_criterion"),
+    (dict(block_size=64.0), "block_size"),
+    (dict(version=99), "version"),
+])
+def test_bad_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TCAConfig(**kwargs)
+
+
+def test_unknown_dict_field_is_refused():
+    with pytest.raises(ValueError, match="unknown TCAConfig fields"):
+        TCAConfig.from_dict({"block_size": 64, "windw": 512})
+
+
+def test_uniform_budgets_have_the_asked_expectation():
+    b = HeadBudgets.uniform(3, 2, 0.37, TCAConfig(block_size=64, window=128))
+    assert b.expected_per_block().sub(0.37 * 64).abs().max() < 1e-9
+    with pytest.raises(ValueError, match="keep_fraction"):
+        HeadBudgets.uniform(3, 2, 1.2)

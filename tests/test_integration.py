@@ -1,0 +1,109 @@
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import tca_flex
+from tca_flex import HeadBudgets, TCAConfig
+from tca_flex.attention import tca_prefill_attention
+
+from .conftest import tiny_llama_config
+
+SPARSE = TCAConfig(block_size=32, window=128)
+
+
+def ids(length, bsz=1, seed=0):
+    return torch.randint(0, 256, (bsz, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_window_covering_the_prompt_is_exactly_dense(tiny_llama):
+    x = ids(200)
+    dense_logits = tiny_llama(x).logits
+    dense_gen = tiny_llama.generate(x, max_new_tokens=6, do_sample=False)
+    tca_flex.apply(tiny_llama, TCAConfig(block_size=32, window=256))
+    assert torch.equal(tiny_llama(x).logits, dense_logits)
+    assert torch.equal(tiny_llama.generate(x, max_new_tokens=6, do_sample=False), dense_gen)
+
+
+@torch.no_grad()
+def test_full_budget_equals_dense(tiny_llama):
+    x = ids(300, bsz=2)
+    dense_logits = tiny_llama(x).logits
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.dense(2, 2, SPARSE))
+    torch.testing.assert_close(tiny_llama(x).logits, dense_logits, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_sparse_prefill_generate_and_remove(tiny_llama):
+    x = ids(300)
+    dense_logits = tiny_llama(x).logits
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.1, SPARSE))
+    sparse_logits = tiny_llama(x).logits
+    # Queries inside the first window see everything: identical there.
+    torch.testing.assert_close(sparse_logits[:, :128], dense_logits[:, :128], atol=2e-5, rtol=1e-4)
+    assert (sparse_logits[:, 200:] - dense_logits[:, 200:]).abs().max() > 1e-4
+    out = tiny_llama.generate(x, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 304)
+    tca_flex.remove(tiny_llama)
+    assert torch.equal(tiny_llama(x).logits, dense_logits)
+
+
+@torch.no_grad()
+def test_compiled_model_matches_eager(tiny_llama):
+    x = ids(300)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, SPARSE))
+    eager = tiny_llama(x).logits
+    compiled = torch.compile(tiny_llama)
+    torch.testing.assert_close(compiled(x).logits, eager, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="first, then torch.compile"):
+        tca_flex.apply(compiled)
+
+
+def test_prefill_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    cdf = HeadBudgets.uniform(1, 2, 0.3, SPARSE).cdf(0)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b, c: tca_prefill_attention(a, b, c, cdf, SPARSE, 0.25), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), tca_prefill_attention(q, k, v, cdf, SPARSE, 0.25),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_bad_models_and_inputs_are_refused(tiny_llama):
+    tca_flex.apply(tiny_llama, SPARSE)
+    with pytest.raises(ValueError, match="already applied"):
+        tca_flex.apply(tiny_llama, SPARSE)
+    padded = torch.ones(2, 300, dtype=torch.long)
+    padded[0, :7] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="padded"):
+        tiny_llama(ids(300, bsz=2), attention_mask=padded)
+    tca_flex.remove(tiny_llama)
+    with pytest.raises(ValueError, match="3 layers x 2 KV heads"):
+        tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(3, 2, 0.5, SPARSE))
+    with pytest.raises(ValueError, match="block_size"):
+        tca_flex.apply(tiny_llama, TCAConfig(block_size=64, window=128),
+                       budgets=HeadBudgets.uniform(2, 2, 0.5, SPARSE))
+    windowed = LlamaForCausalLM(tiny_llama_config())
+    windowed.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="does not support model_type"):
+        tca_flex.apply(windowed)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2,
+                                               num_key_value_heads=1, sliding_window=64))
+    with pytest.raises(ValueError, match="sliding window"):
+        tca_flex.apply(mistral)
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                             num_heads=2))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        tca_flex.apply(t5)
+
+
+@torch.no_grad()
+def test_float64_model_gets_a_clear_error(tiny_llama):
+    tca_flex.apply(tiny_llama.double(), SPARSE)
+    with pytest.raises(TypeError, match="supports"):
+        tiny_llama(ids(300))

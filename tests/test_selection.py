@@ -1,0 +1,128 @@
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from tca_flex import HeadBudgets, TCAConfig
+from tca_flex.reference import reference_importance, reference_keep
+from tca_flex.selection import PAD_POSITION, budget_ladder, importance, redundancy_score, select
+
+shapes = st.fixed_dictionaries({
+    "bsz": st.integers(1, 2),
+    "hkv": st.integers(1, 3),
+    "group": st.sampled_from([1, 2, 3]),
+    "block": st.sampled_from([8, 16, 32]),
+    "win_blocks": st.integers(1, 3),
+    "extra": st.integers(1, 150),
+    "frac": st.floats(0.0, 1.0),
+    "alpha": st.floats(0.0, 1.0),
+    "normalize": st.booleans(),
+    "m": st.integers(1, 4),
+    "agg": st.sampled_from(["mean", "max"]),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+def draw_inputs(p, d=8):
+    g = torch.Generator().manual_seed(p["seed"])
+    window = p["block"] * p["win_blocks"]
+    length = window + p["extra"]
+    hq = p["hkv"] * p["group"]
+    q = torch.randn(p["bsz"], hq, length, d, generator=g) * 2
+    k = torch.randn(p["bsz"], p["hkv"], length, d, generator=g) * 2
+    config = TCAConfig(block_size=p["block"], window=window, alpha=p["alpha"],
+                       normalize_redundancy=p["normalize"], num_observation_queries=p["m"],
+                       gqa_aggregation=p["agg"])
+    return q, k, config
+
+
+def run_select(q, k, config, budgets):
+    return select(q, k, budgets.cdf(0), scaling=q.shape[-1] ** -0.5, block_size=config.block_size,
+                  window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
+                  num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
+                  capacity_multiple=16)
+
+
+@given(shapes)
+@example({"bsz": 1, "hkv": 1, "group": 1, "block": 8, "win_blocks": 1, "extra": 1, "frac": 1.0,
+          "alpha": 0.5, "normalize": False, "m": 1, "agg": "mean", "seed": 0})
+def test_select_matches_reference(p):
+    q, k, config = draw_inputs(p)
+    budgets = HeadBudgets.uniform(1, p["hkv"], p["frac"], config)
+    sel = run_select(q, k, config, budgets)
+    s_ref = reference_importance(q, k, q.shape[-1] ** -0.5, config.num_observation_queries, config.gqa_aggregation)
+    torch.testing.assert_close(sel.importance.double(), s_ref, atol=1e-6, rtol=1e-5)
+    # Rank ties between float32 and float64 importance are possible in theory;
+    # compare against the reference run on the fast path's own importance.
+    keep_ref = reference_keep(sel.importance.double(), budgets.probs[0], block_size=config.block_size,
+                              window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy)
+    assert torch.equal(sel.keep_mask(q.shape[2]), keep_ref)
+
+
+@given(shapes)
+def test_selection_invariants(p):
+    q, k, config = draw_inputs(p)
+    length, b = q.shape[2], config.block_size
+    global_len = length - config.window
+    budgets = HeadBudgets.uniform(1, p["hkv"], p["frac"], config)
+    sel = run_select(q, k, config, budgets)
+    keep = sel.keep_mask(length)
+    # Kept keys lie in the global region, in ascending order, without repeats.
+    assert not keep[..., global_len:].any()
+    valid = sel.positions[..., :-1] != PAD_POSITION
+    assert (sel.positions[..., 1:] > sel.positions[..., :-1])[valid].all()
+    assert torch.equal(keep.sum(-1), sel.counts)
+    # Each block keeps exactly its ladder budget (capped by its size), in rank order.
+    n = -(-global_len // b)
+    ladder = budget_ladder(budgets.cdf(0), n)
+    per_block = torch.nn.functional.pad(keep[..., :global_len], (0, n * b - global_len)).view(*keep.shape[:2], n, b)
+    counts = per_block.sum(-1)
+    sizes = (global_len - torch.arange(n) * b).clamp(max=b)
+    if global_len % b == 0:
+        assert torch.equal(counts.sort(-1, descending=True).values, ladder.expand_as(counts))
+    else:
+        # Only the short last block can be capped below its ladder entry.
+        assert (counts[..., :-1].sort(-1, descending=True).values
+                <= ladder.expand_as(counts)[..., : n - 1]).all() or n == 1
+    assert (counts <= torch.minimum(ladder.max(-1, keepdim=True).values, sizes)).all()
+    # Within a block, every kept token outranks every dropped one.
+    s = torch.nn.functional.pad(sel.importance[..., :global_len], (0, n * b - global_len), value=-1.0)
+    s = s.view(*keep.shape[:2], n, b)
+    lowest_kept = torch.where(per_block, s, float("inf")).amin(-1)
+    real = torch.arange(n * b).view(n, b) < global_len
+    highest_dropped = torch.where(~per_block & real, s, -float("inf")).amax(-1)
+    assert (lowest_kept >= highest_dropped).all()
+
+
+@given(shapes, st.floats(0.0, 1.0))
+def test_larger_budget_keeps_a_superset(p, other):
+    q, k, config = draw_inputs(p)
+    lo, hi = sorted([p["frac"], other])
+    small = run_select(q, k, config, HeadBudgets.uniform(1, p["hkv"], lo, config)).keep_mask(q.shape[2])
+    large = run_select(q, k, config, HeadBudgets.uniform(1, p["hkv"], hi, config)).keep_mask(q.shape[2])
+    assert not (small & ~large).any()
+
+
+def test_full_budget_keeps_the_whole_global_region():
+    q, k, config = draw_inputs({"bsz": 2, "hkv": 2, "group": 2, "block": 16, "win_blocks": 2, "extra": 77,
+                                "frac": 1.0, "alpha": 0.5, "normalize": False, "m": 1, "agg": "mean",
+                                "seed": 7})
+    sel = run_select(q, k, config, HeadBudgets.dense(1, 2, config))
+    assert (sel.counts == q.shape[2] - config.window).all()
+
+
+def test_importance_rows_are_distributions():
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 6, 50, 16), torch.randn(2, 3, 50, 16)
+    s = importance(q, k, 0.25, num_queries=3, aggregation="mean")
+    torch.testing.assert_close(s.sum(-1), torch.ones(2, 3))
+
+
+def test_redundancy_score_extremes():
+    peaked = torch.zeros(1, 1, 1, 8)
+    peaked[..., 0] = 0.5
+    flat = torch.full((1, 1, 1, 8), 0.5 / 8)
+    both = torch.cat([peaked, flat], dim=2)
+    h = redundancy_score(both, alpha=1.0)
+    torch.testing.assert_close(h[0, 0], torch.tensor([0.0, 1 - 1 / 8]))
+    h = redundancy_score(both, alpha=0.0)
+    torch.testing.assert_close(h[0, 0], torch.tensor([0.5, 0.5]))

@@ -1,0 +1,66 @@
+"""Theorem 1: dropping softmax mass gamma moves each output coordinate by at most 2*gamma*max|V|."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tca_flex import HeadBudgets, TCAConfig
+from tca_flex.attention import tca_prefill_attention
+from tca_flex.mass import retained_mass
+from tca_flex.reference import causal_mask, reference_attention, reference_keep, reference_mask
+from tca_flex.selection import select
+
+
+def dense_probs(q, k, scaling):
+    g = q.shape[1] // k.shape[1]
+    logits = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * scaling
+    mask = causal_mask(q.shape[2], k.shape[2])
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), -1), mask
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(2, 40), st.integers(1, 16), st.floats(0.05, 1.0),
+       st.floats(0.1, 5.0))
+def test_bound_on_random_kept_sets(seed, length, d, keep_prob, scale_v):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 2, length, d, generator=g, dtype=torch.float64) * 2, \
+        torch.randn(1, 2, length, d, generator=g, dtype=torch.float64) * 2
+    v = torch.randn(1, 2, length, d, generator=g, dtype=torch.float64) * scale_v
+    p, causal = dense_probs(q, k, d ** -0.5)
+    kept = (torch.rand(1, 2, length, length, generator=g, dtype=torch.float64) < keep_prob) & causal
+    kept |= torch.eye(length, dtype=torch.bool)  # every query keeps at least itself
+    gamma = (p * ~kept).sum(-1)
+    dense = reference_attention(q, k, v, causal.expand_as(kept), d ** -0.5)
+    sparse = reference_attention(q, k, v, kept, d ** -0.5)
+    bound = 2 * gamma * v.abs().max()
+    assert ((dense - sparse).abs() <= bound.unsqueeze(-1) + 1e-12).all()
+    # The renormalised sparse row differs from the dense row by exactly 2*gamma in L1.
+    p_sparse = torch.where(kept, p, 0.0) / (1 - gamma).unsqueeze(-1)
+    torch.testing.assert_close((p - p_sparse).abs().sum(-1), 2 * gamma, atol=1e-10, rtol=1e-9)
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.1, 0.4, 0.9]))
+def test_bound_holds_for_tca_selection(seed, frac):
+    """On TCA's own kept sets, the compiled flex output obeys the bound, gamma from the LSE path."""
+    g = torch.Generator().manual_seed(seed)
+    length, d, window = 320, 16, 64
+    q = torch.randn(1, 4, length, d, generator=g) * 2
+    k = torch.randn(1, 2, length, d, generator=g) * 2
+    v = torch.randn(1, 2, length, d, generator=g)
+    config = TCAConfig(block_size=32, window=window)
+    budgets = HeadBudgets.uniform(1, 2, frac, config)
+    scale = d ** -0.5
+    out = tca_prefill_attention(q, k, v, budgets.cdf(0), config, scale).double()
+    sel = select(q, k, budgets.cdf(0), scaling=scale, block_size=32, window=window, alpha=config.alpha)
+    keep = reference_keep(sel.importance.double(), budgets.probs[0], block_size=32, window=window,
+                          alpha=config.alpha)
+    p, causal = dense_probs(q, k, scale)
+    mask = reference_mask(keep, window, 4)
+    gamma = (p * ~mask).sum(-1)
+    # The chunked LSE path reports the same dropped mass as the float64 softmax.
+    gamma_lse = 1 - retained_mass(q, k, keep, window, scale, chunk=100).double()
+    torch.testing.assert_close(gamma_lse, gamma, atol=2e-5, rtol=0)
+    dense = reference_attention(q, k, v, causal.expand_as(mask), scale)
+    tol = 1e-5  # float32 kernel rounding
+    assert ((out - dense).abs() <= (2 * gamma * v.abs().max()).unsqueeze(-1) + tol).all()
+    if frac == 0.0:
+        assert gamma[..., window:].max() > 0  # the test exercises real dropping
