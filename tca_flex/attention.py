@@ -40,7 +40,7 @@ class TCALayer:
 
 def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
                           cdf_hk: torch.Tensor, config: TCAConfig, scaling: float,
-                          return_lse: bool = False) -> Any:
+                          return_lse: bool = False, kernel_options: dict[str, Any] | None = None) -> Any:
     """TCA prefill attention for one layer.
 
     Args:
@@ -53,6 +53,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
             every query's scores over its kept keys, and the ``Selection``
             (FlexAttention supports this on CUDA only; ``mass.py`` has the
             device-independent computation).
+        kernel_options: FlexAttention kernel options (default: per device).
 
     Returns:
         ``[B, H_q, L, D]`` in the input dtype, or ``(out, lse, selection)``.
@@ -68,7 +69,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     v_all = torch.cat([v_bhsd.gather(2, gather_idx), v_bhsd], dim=2)
     block_mask = tca_block_mask(sel.positions, length, config.window, hq)
     result = flex(q_bhsd, k_all, v_all, block_mask, scale=scaling, enable_gqa=hq != hkv,
-                  return_lse=return_lse)
+                  return_lse=return_lse, kernel_options=kernel_options)
     if return_lse:
         out, lse = result
         return out, lse, sel

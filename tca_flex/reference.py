@@ -71,12 +71,17 @@ def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_si
     return keep
 
 
-def reference_mask(keep: torch.Tensor, window: int, num_q_heads: int) -> torch.Tensor:
-    """bool ``[B, H_q, L, L]``: query i sees kept keys ``<= i - w`` and keys ``(i - w, i]``."""
+def reference_mask(keep: torch.Tensor, window: int, num_q_heads: int,
+                   q_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """bool ``[B, H_q, Q, L]``: query i sees kept keys ``<= i - w`` and keys ``(i - w, i]``.
+
+    ``q_positions`` (int64 ``[Q]``) selects query rows; default: all ``L``.
+    """
     bsz, hkv, length = keep.shape
     g = num_q_heads // hkv
-    i = torch.arange(length)[:, None]
-    j = torch.arange(length)[None, :]
+    i = torch.arange(length, device=keep.device) if q_positions is None else q_positions
+    i = i[:, None]
+    j = torch.arange(length, device=keep.device)[None, :]
     local = (j <= i) & (j > i - window)
     far = j <= i - window
     mask = local | (far & keep[:, :, None, :])

@@ -21,6 +21,7 @@ def dense_probs(q, k, scaling):
 @given(st.integers(0, 2**31 - 1), st.integers(2, 40), st.integers(1, 16), st.floats(0.05, 1.0),
        st.floats(0.1, 5.0))
 @example(seed=0, length=28, d=1, keep_prob=0.25, scale_v=1.0)  # gamma near 1: rounding
+@example(seed=0, length=11, d=2, keep_prob=0.25, scale_v=1.0)
 def test_bound_on_random_kept_sets(seed, length, d, keep_prob, scale_v):
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(1, 2, length, d, generator=g, dtype=torch.float64) * 2, \
@@ -35,9 +36,10 @@ def test_bound_on_random_kept_sets(seed, length, d, keep_prob, scale_v):
     bound = 2 * gamma * v.abs().max()
     assert ((dense - sparse).abs() <= bound.unsqueeze(-1) + 1e-12).all()
     # The renormalised sparse row differs from the dense row by exactly 2*gamma in L1.
-    p_sparse = torch.where(kept, p, 0.0) / (1 - gamma).unsqueeze(-1)
-    # (float64 rounding grows as 1 / (1 - gamma) when almost everything is dropped)
-    torch.testing.assert_close((p - p_sparse).abs().sum(-1), 2 * gamma, atol=1e-6, rtol=1e-9)
+    # (normalise by the kept sum itself: 1 - gamma loses every digit when gamma is near 1)
+    kept_p = torch.where(kept, p, 0.0)
+    p_sparse = kept_p / kept_p.sum(-1, keepdim=True)
+    torch.testing.assert_close((p - p_sparse).abs().sum(-1), 2 * gamma, atol=1e-9, rtol=1e-9)
 
 
 @given(st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.1, 0.4, 0.9]))
