@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import tca_prefill_attention
 from .budgets import HeadBudgets
-from .compile import flex
+from .compile import compiled, flex
 from .config import TCAConfig
 from .masks import KERNEL_BLOCK, causal_block_mask, tca_block_mask
 from .reference import reference_mask
@@ -167,6 +167,10 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
             raise AssertionError(f"TCA {name} at L={length} differs from masked SDPA: rel err {err:.3g}")
         total = timed(lambda: tca_prefill_attention(q, k, v, cdf, config, scale,
                                                     kernel_options=kernel_options), device)
+        fused_fn = compiled(tca_prefill_attention)
+        fused_out = fused_fn(q, k, v, cdf, config, scale, kernel_options=kernel_options)
+        fused_err = check_against_sdpa(q, k, v, cdf, config, scale, fused_out)
+        fused = timed(lambda: fused_fn(q, k, v, cdf, config, scale, kernel_options=kernel_options), device)
         stages = stage_times(q, k, v, cdf, config, scale, device, kernel_options)
         blocks = stages.pop("computed_blocks")
         flops = blocks * KERNEL_BLOCK * KERNEL_BLOCK * d * 4
@@ -174,6 +178,7 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
         add(name, total, causal_flops, rel_err=err, stages_ms=stages, attention_tflops=flops / stages["attention"] / 1e9,
             computed_fraction=blocks / (hq * (-(-length // 128)) * (-(-length // 128) + 1) / 2),
             overhead_ms=overhead)
+        add(name + " fused", fused, causal_flops, rel_err=fused_err)
     return rows
 
 
