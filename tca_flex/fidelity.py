@@ -99,8 +99,10 @@ def layer_fidelity(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Ten
         if out_bhsd is not None:
             o_kernel = out_bhsd[:, :, qp].float().view(1, hkv, g, qp.numel(), d)
             kernel_diff.append((o_kernel - o_dense).abs().amax(-1).reshape(hq, -1))
-    window_len = min(window, length)
-    kept = (keep.sum(-1)[0].float() + window_len) / length if keep is not None else torch.ones(hkv)
+    # What stays in the KV cache: the global subset plus the final window.
+    global_len = max(length - window, 0)
+    kept = ((keep[0, :, :global_len].sum(-1) + length - global_len).float() / length if keep is not None
+            else torch.ones(hkv))
     return LayerFidelity(
         kept_fraction=kept.cpu(),
         gamma=torch.cat(gamma, -1).cpu(),
