@@ -97,7 +97,7 @@ def layer_fidelity(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Ten
         o_dense = dense.softmax(-1) @ v5
         diff.append((sparse.softmax(-1) @ v5 - o_dense).abs().amax(-1).reshape(hq, -1))
         if out_bhsd is not None:
-            o_kernel = out_bhsd[:, :, qp].float().view(1, hkv, g, qp.numel(), d)
+            o_kernel = out_bhsd[:, :, qp].float().reshape(1, hkv, g, qp.numel(), d)
             kernel_diff.append((o_kernel - o_dense).abs().amax(-1).reshape(hq, -1))
     # What stays in the KV cache: the global subset plus the final window.
     global_len = max(length - window, 0)

@@ -11,7 +11,7 @@ from transformers import AttentionInterface, LlamaForCausalLM
 import tca_flex
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import tca_attention_forward
-from tca_flex.fidelity import layer_fidelity, query_positions
+from tca_flex.fidelity import FidelityReport, layer_fidelity, query_positions
 from tca_flex.reference import causal_mask, reference_attention, reference_mask
 from tca_flex.selection import guard_keep, last_query_probs, select
 
@@ -103,6 +103,20 @@ def test_dense_layer_reports_zero():
     assert torch.equal(lf.gamma, torch.zeros(4, 50)) and torch.equal(lf.diff, torch.zeros(4, 50))
     assert torch.equal(lf.kept_fraction, torch.ones(2)) and not lf.sparse
     assert lf.kernel_diff.isnan().all()  # no kernel output given
+
+
+def test_unmeasured_report_keeps_gamma_and_writes_strict_json():
+    q, k, v = random_layer(12, 2, 2, 60, 8)
+    keep = torch.rand(1, 2, 60, generator=torch.Generator().manual_seed(1)) < 0.3
+    pos = query_positions(60, 9)
+    layers = [layer_fidelity(q, k, v, keep, 16, 8 ** -0.5, pos, measure=measure) for measure in (False, True)]
+    torch.testing.assert_close(layers[0].gamma, layers[1].gamma)
+    assert layers[0].diff.isnan().all() and layers[0].kernel_diff.isnan().all()
+    rep = FidelityReport.from_layers(layers, positions=pos, seq_len=60, queries="9", quantile=0.9)
+    data = json.loads(rep.to_json())  # allow_nan=False: NaN must have become null
+    assert data["max_diff"][0] == [None, None] and data["max_diff"][1][0] is not None
+    assert data["gamma_max"][0] == data["gamma_max"][1]
+    assert "layer" in str(rep) and len(str(rep).splitlines()) == 3 + 4
 
 
 def test_query_positions():
