@@ -4,7 +4,10 @@ Runs passkey retrieval at a few thousand tokens with dense attention and with
 TCA (block 64, window 512, scaled to the model's 8K context), and prints
 answer, correctness, kept-token fraction per layer and time.
 
-    python examples/quickstart.py [--tokens 3000] [--samples 2]
+    python examples/quickstart.py [--tokens 3000] [--samples 2] [--report]
+
+``--report`` also prints TCA's fidelity report for the first prompt: per layer
+and KV head, the attention mass dropped and Theorem 1's bound on the change.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens")
     parser.add_argument("--samples", type=int, default=2, help="passkey prompts (random depths)")
     parser.add_argument("--keep", type=float, default=0.2, help="uniform keep fraction when no budgets")
+    parser.add_argument("--report", action="store_true", help="print the fidelity report for the first prompt")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,6 +73,9 @@ def main() -> None:
         print(f"{r[0]:>6} {r[1]:>5.2f} {r[2]:>6} | {r[3][:14]:<14} {'y' if r[4] else 'n':>2} {r[5]:>5.1f} | "
               f"{r[6][:14]:<14} {'y' if r[7] else 'n':>2} {r[8]:>5.1f} | {r[9]:.2f}/{r[10]:.2f}/{r[11]:.2f}")
     print(f"dense correct {sum(r[4] for r in rows)}/{len(rows)}, TCA correct {sum(r[7] for r in rows)}/{len(rows)}")
+    if args.report:
+        ids = tok(samples[0].prompt, return_tensors="pt").input_ids.to(model.device)
+        print("\n" + str(tca_flex.report(model, ids, queries=256)))
 
 
 if __name__ == "__main__":

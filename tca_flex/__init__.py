@@ -8,7 +8,8 @@ Typical use::
 
 from .budgets import HeadBudgets
 from .config import TCAConfig
+from .fidelity import FidelityReport, report
 from .integration import apply, remove
 
-__all__ = ["HeadBudgets", "TCAConfig", "apply", "remove"]
+__all__ = ["FidelityReport", "HeadBudgets", "TCAConfig", "apply", "remove", "report"]
 __version__ = "0.1.0"

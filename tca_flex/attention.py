@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .compile import flex
 from .config import TCAConfig
 from .masks import KERNEL_BLOCK, tca_block_mask
-from .selection import select
+from .selection import Selection, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -36,6 +36,15 @@ class TCALayer:
     config: TCAConfig
     cdf: torch.Tensor
     layer_idx: int
+
+
+def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
+               scaling: float) -> Selection:
+    """``select`` with every knob taken from ``config`` (shapes as in ``tca_prefill_attention``)."""
+    return select(q_bhsd, k_bhsd, cdf_hk, scaling=scaling, block_size=config.block_size,
+                  window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
+                  num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
+                  capacity_multiple=KERNEL_BLOCK, guard_floor=config.guard_floor)
 
 
 def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
@@ -60,10 +69,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     """
     bsz, hq, length, d = q_bhsd.shape
     hkv = k_bhsd.shape[1]
-    sel = select(q_bhsd, k_bhsd, cdf_hk, scaling=scaling, block_size=config.block_size,
-                 window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
-                 num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
-                 capacity_multiple=KERNEL_BLOCK)
+    sel = tca_select(q_bhsd, k_bhsd, cdf_hk, config, scaling)
     gather_idx = sel.positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, -1, d)
     k_all = torch.cat([k_bhsd.gather(2, gather_idx), k_bhsd], dim=2)
     v_all = torch.cat([v_bhsd.gather(2, gather_idx), v_bhsd], dim=2)

@@ -34,8 +34,11 @@ class TCAConfig:
             ``"column_mean"`` or the exact per-query ``"lse"``.
         mass_quantile: with ``"lse"``, the quantile of per-query retained mass
             that must reach ``tau`` (``None``: the mean).
-        guard_floor: opt-in runtime guard: a head whose last-query retained
-            mass would fall below this keeps more tokens (``None``: off).
+        guard_floor: opt-in runtime guard (``None``: off). After selection, a
+            KV head whose last query keeps less than this mass in any of its
+            ``g`` query heads adds its most important dropped tokens until
+            every one of them keeps at least this mass (see
+            ``selection.guard_keep``); costs tokens only where needed.
     """
 
     block_size: int = 128
