@@ -9,7 +9,9 @@ Dispatch per call:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +38,10 @@ class TCALayer:
     config: TCAConfig
     cdf: torch.Tensor
     layer_idx: int
+    config_json: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "config_json", json.dumps(self.config.to_dict(), sort_keys=True))
 
 
 def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
@@ -82,6 +88,29 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     return result
 
 
+@functools.lru_cache(maxsize=64)
+def _config_from_json(text: str) -> TCAConfig:
+    return TCAConfig.from_dict(json.loads(text))
+
+
+# Inside an outer torch.compile the prefill runs as one opaque custom op, whose
+# body calls the separately compiled FlexAttention. Tracing selection and flex
+# into one inductor graph hits an inductor bug on CUDA with torch 2.11 (the
+# mask_mod's indirect load from a buffer computed in the same graph fails in
+# codegen: "list indices must be integers or slices, not NoneType";
+# scripts/gpu_compile_probe.py reproduces it), and the op costs no graph break.
+@torch.library.custom_op("tca_flex::prefill_attention", mutates_args=())
+def prefill_attention_op(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
+                         cdf_hk: torch.Tensor, config_json: str, scaling: float) -> torch.Tensor:
+    """``tca_prefill_attention`` as a torch custom op; ``config_json`` is ``json.dumps(config.to_dict())``."""
+    return tca_prefill_attention(q_bhsd, k_bhsd, v_bhsd, cdf_hk, _config_from_json(config_json), scaling)
+
+
+@prefill_attention_op.register_fake
+def _(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config_json, scaling):
+    return torch.empty_like(q_bhsd)
+
+
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     if query.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"tca_flex supports {[str(t) for t in SUPPORTED_DTYPES]}, got {query.dtype}; "
@@ -118,10 +147,11 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         raise ValueError(
             "tca_flex got an attention mask for a sparse prefill: padded or packed batches are not "
             "supported by TCA selection. Run unpadded sequences (batch size 1, or equal lengths "
-            "without padding)."
+            "without padding). Under torch.compile, a forward with use_cache=False makes transformers "
+            "assume packed sequences: keep use_cache=True (the default)."
         )
     if dropout and module.training:
         raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = tca_prefill_attention(query, key, value, layer.cdf, layer.config, scale)
+    out = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale)
     return out.transpose(1, 2).contiguous(), None

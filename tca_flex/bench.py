@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import tca_prefill_attention
 from .budgets import HeadBudgets
-from .compile import compiled, flex
+from .compile import flex
 from .config import TCAConfig
 from .masks import KERNEL_BLOCK, causal_block_mask, tca_block_mask
 from .reference import reference_mask
@@ -167,10 +167,7 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
             raise AssertionError(f"TCA {name} at L={length} differs from masked SDPA: rel err {err:.3g}")
         total = timed(lambda: tca_prefill_attention(q, k, v, cdf, config, scale,
                                                     kernel_options=kernel_options), device)
-        fused_fn = compiled(tca_prefill_attention)
-        fused_out = fused_fn(q, k, v, cdf, config, scale, kernel_options=kernel_options)
-        fused_err = check_against_sdpa(q, k, v, cdf, config, scale, fused_out)
-        fused = timed(lambda: fused_fn(q, k, v, cdf, config, scale, kernel_options=kernel_options), device)
+
         stages = stage_times(q, k, v, cdf, config, scale, device, kernel_options)
         blocks = stages.pop("computed_blocks")
         flops = blocks * KERNEL_BLOCK * KERNEL_BLOCK * d * 4
@@ -178,7 +175,6 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
         add(name, total, causal_flops, rel_err=err, stages_ms=stages, attention_tflops=flops / stages["attention"] / 1e9,
             computed_fraction=blocks / (hq * (-(-length // 128)) * (-(-length // 128) + 1) / 2),
             overhead_ms=overhead)
-        add(name + " fused", fused, causal_flops, rel_err=fused_err)
     return rows
 
 
@@ -201,7 +197,7 @@ def decode_rows(length: int, shape: dict[str, int], fractions: list[float], devi
 
 @torch.no_grad()
 def e2e_rows(lengths: list[int], num_layers: int, keep: float, window: int, device, dtype,
-             smoke: bool) -> list[dict[str, Any]]:
+             smoke: bool, compile_model: bool = False) -> list[dict[str, Any]]:
     """Time to first token of a LLaMA-3.1-8B-shaped model (random weights, few layers), dense vs TCA."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -222,14 +218,22 @@ def e2e_rows(lengths: list[int], num_layers: int, keep: float, window: int, devi
     rows = []
     for length in lengths:
         ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
-        dense = timed(lambda: model(ids, logits_to_keep=1, use_cache=False), device, warmup=1, reps=3)
+        dense = timed(lambda: model(ids, logits_to_keep=1), device, warmup=1, reps=3)
         apply(model, budgets=budgets)
-        sparse = timed(lambda: model(ids, logits_to_keep=1, use_cache=False), device, warmup=1, reps=3)
-        remove(model)
+        sparse = timed(lambda: model(ids, logits_to_keep=1), device, warmup=1, reps=3)
         rows.append({"phase": "ttft", "length": length, "method": "dense_sdpa", "ms": dense,
                      "layers": num_layers})
         rows.append({"phase": "ttft", "length": length, "method": f"tca_{int(keep * 100)}%+w", "ms": sparse,
                      "layers": num_layers})
+        if compile_model:
+            eager_logits = model(ids, logits_to_keep=1).logits
+            compiled = torch.compile(model)
+            logits = compiled(ids, logits_to_keep=1).logits
+            err = float((logits.float() - eager_logits.float()).abs().max())
+            ms = timed(lambda: compiled(ids, logits_to_keep=1), device, warmup=1, reps=3)
+            rows.append({"phase": "ttft", "length": length, "method": f"tca_{int(keep * 100)}%+w compiled",
+                         "ms": ms, "layers": num_layers, "max_abs_logit_diff_vs_eager": err})
+        remove(model)
     return rows
 
 
@@ -252,6 +256,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if "stages_ms" in r:
             notes = (f"attn {r['stages_ms']['attention']:.2f} ms @ {r['attention_tflops']:.0f} TF/s, "
                      f"overhead {r['overhead_ms']:.2f} ms, computed {100 * r['computed_fraction']:.0f}%")
+        if "max_abs_logit_diff_vs_eager" in r:
+            notes = f"max |logit - eager TCA| {r['max_abs_logit_diff_vs_eager']:.3g}"
         if "kv_bytes" in r:
             notes = f"KV {r['kv_bytes'] / 2**20:.0f} MiB"
         tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
@@ -266,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-tma", action="store_true",
                         help="FlexAttention defaults instead of USE_TMA (the default on Hopper)")
     parser.add_argument("--e2e-layers", type=int, default=2, help="layers of the 8B-shaped model (0: skip)")
+    parser.add_argument("--compile-model", action="store_true", help="also time torch.compile(model) after apply")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -285,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.cuda.empty_cache()
     if args.e2e_layers:
         e2e_lengths = [n for n in lengths if n >= 32768] or lengths[-1:]
-        rows += e2e_rows(e2e_lengths, args.e2e_layers, 0.25, window, device, dtype, args.smoke)
+        rows += e2e_rows(e2e_lengths, args.e2e_layers, 0.25, window, device, dtype, args.smoke,
+                         args.compile_model)
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__,

@@ -14,7 +14,7 @@ import logging
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .attention import TCALayer, tca_attention_forward
 from .budgets import HeadBudgets
@@ -31,9 +31,24 @@ SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm
 _STATE_ATTR = "_tca_flex_state"
 
 
+def tca_mask(batch_size: int, q_length: int, kv_length: int, *args, **kwargs):
+    """transformers mask function for "tca": ``None`` when the mask is plainly causal.
+
+    SDPA's own mask function keeps a materialised causal mask under
+    ``torch.compile`` in some cases; a sparse prefill would then see a mask and
+    refuse it as padding. With no padding mask, a plain causal mask function and
+    a square (prefill) or single-query (decode) shape, ``None`` is exact. Every
+    other case (padding, packed sequences, chunked prefill) gets SDPA's mask.
+    """
+    plain = (kwargs.get("attention_mask") is None
+             and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+             and not args and (q_length == kv_length or q_length == 1))
+    return None if plain else sdpa_mask(batch_size, q_length, kv_length, *args, **kwargs)
+
+
 def _register() -> None:
     AttentionInterface.register(ATTN_NAME, tca_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, tca_mask)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -9,8 +9,6 @@ def test_smoke_benchmark_runs_and_checks_correctness():
     assert {("prefill", "sdpa_default"), ("prefill", "flex_causal"), ("prefill", "tca_25%+w"),
             ("prefill", "tca_10%+w"), ("decode", "sdpa_compact_0.39"), ("ttft", "dense_sdpa")} <= methods
     tca = [r for r in result["rows"] if "computed_fraction" in r]
-    fused = [r for r in result["rows"] if r["method"].endswith(" fused")]
-    assert len(tca) == len(fused) == 2 and all(r["rel_err"] < 1e-4 for r in fused)
     # Checked against masked SDPA before timing; sparser budgets compute fewer blocks.
     assert all(r["rel_err"] < 1e-4 for r in tca)
     assert tca[1]["computed_fraction"] < tca[0]["computed_fraction"] < 1.0
