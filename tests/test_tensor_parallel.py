@@ -50,6 +50,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def tp_plan_kwargs() -> dict:
+    try:
+        from transformers import DistributedConfig
+    except ImportError:  # older transformers take tp_plan directly
+        return {"tp_plan": "auto"}
+    return {"distributed_config": DistributedConfig(tp_plan="auto")}
+
+
 def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     """One TP rank: load with tp_plan="auto", apply TCA, save logits, tokens and its budget slice."""
     torch.set_num_threads(1)
@@ -57,7 +65,7 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
-        model = LlamaForCausalLM.from_pretrained(model_dir, tp_plan="auto").eval()
+        model = LlamaForCausalLM.from_pretrained(model_dir, **tp_plan_kwargs()).eval()
         tca_flex.apply(model, budgets=per_head_budgets())
         mods = attention_modules(model)
         with torch.no_grad():
