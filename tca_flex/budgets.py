@@ -91,6 +91,22 @@ class HeadBudgets:
         """Every block keeps all its tokens: TCA then equals dense attention."""
         return cls.uniform(num_layers, num_kv_heads, 1.0, config)
 
+    def slice_heads(self, start: int, stop: int) -> HeadBudgets:
+        """The budgets of KV heads ``[start, stop)`` of every layer.
+
+        Used under tensor parallelism, where a rank holds a contiguous slice of
+        the KV heads; ``retained_mass`` and ``candidate`` are sliced alike.
+        """
+        if not 0 <= start < stop <= self.num_kv_heads:
+            raise ValueError(f"KV head slice [{start}, {stop}) is out of range: allowed "
+                             f"0 <= start < stop <= {self.num_kv_heads}")
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, start:stop].clone()
+
+        return HeadBudgets(probs=cut(self.probs), config=self.config, retained_mass=cut(self.retained_mass),
+                           candidate=cut(self.candidate), fingerprint=dict(self.fingerprint))
+
     def cdf(self, layer: int) -> torch.Tensor:
         """float64 ``[num_kv_heads, block_size + 1]``: cumulative ``p`` of ``layer``."""
         return self.probs[layer].cumsum(-1)

@@ -81,23 +81,75 @@ def _check_model(model: torch.nn.Module) -> None:
         raise ValueError("tca_flex needs rotary position embeddings; alibi models are not supported")
 
 
-def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
-                     budgets: HeadBudgets | None, num_layers: int, num_kv_heads: int) -> HeadBudgets:
+def _kv_head_shard(k_proj: torch.nn.Module, head_dim: int) -> tuple[int, int, int, bool]:
+    """``(local_kv_heads, rank, world, sharded)`` of the heads this process holds.
+
+    Under transformers' tensor-parallel plan ``k_proj`` is "colwise": its weight
+    is a DTensor sharded on dim 0 (output rows), so rank ``r`` of the mesh
+    dimension that shards it holds rows ``[r * n / W, (r + 1) * n / W)``, i.e.
+    KV heads ``[r * H / W, (r + 1) * H / W)``; ``out_features`` still reports
+    the full width, so the local row count is read from the local shard. A
+    plain weight in a process group may be a hand-made shard (``sharded``
+    False: the budget shape decides) or a data-parallel replica.
+    """
+    weight = k_proj.weight
+    rank, world, sharded, rows = 0, 1, False, weight.shape[0]
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, Shard
+
+        if isinstance(weight, DTensor):
+            rows = weight.to_local().shape[0]
+            for dim, placement in enumerate(weight.placements):
+                if isinstance(placement, Shard) and placement.dim == 0:
+                    rank, world = weight.device_mesh.get_local_rank(dim), weight.device_mesh.size(dim)
+                    sharded = True
+            if rows * world != weight.shape[0]:
+                raise ValueError(f"k_proj's {weight.shape[0]} output rows are split unevenly over {world} "
+                                 f"ranks ({rows} here): num_key_value_heads must be divisible by the "
+                                 "tensor-parallel size")
+        elif torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if rows % head_dim:
+        raise ValueError(f"k_proj holds {rows} output rows in this process, not a whole number of KV heads "
+                         f"of head_dim={head_dim}: num_key_value_heads must be divisible by the "
+                         "tensor-parallel size")
+    return rows // head_dim, rank, world, sharded
+
+
+def _head_slice(budgets: HeadBudgets, local: int, rank: int, world: int, sharded: bool) -> tuple[int, int]:
+    """The KV heads ``[start, stop)`` of ``budgets`` that this process's heads are."""
+    if budgets.num_kv_heads == local * world:
+        return rank * local, (rank + 1) * local
+    if budgets.num_kv_heads == local and not sharded:
+        return 0, local
+    held = f"{local} KV heads on rank {rank} of {world}" if world > 1 else f"{local} KV heads"
+    raise ValueError(f"budgets have {budgets.num_kv_heads} KV heads, but the model holds {held}; give "
+                     "the budget file calibrated for the full model (tensor-parallel ranks take their slice)")
+
+
+def _resolve_budgets(config: TCAConfig | None, budgets: HeadBudgets | None, num_layers: int,
+                     shard: tuple[int, int, int, bool]) -> tuple[HeadBudgets, tuple[int, int]]:
+    local, rank, _, sharded = shard
     if budgets is None:
         config = config or TCAConfig()
         logger.warning("tca_flex.apply: no budgets given, every head keeps %.0f%% of each block; "
                        "calibrate with tca_flex.calibrate for per-head budgets", 100 * DEFAULT_KEEP_FRACTION)
-        return HeadBudgets.uniform(num_layers, num_kv_heads, DEFAULT_KEEP_FRACTION, config)
+        first = rank * local if sharded else 0
+        return HeadBudgets.uniform(num_layers, local, DEFAULT_KEEP_FRACTION, config), (first, first + local)
     if config is not None and config.block_size != budgets.config.block_size:
         raise ValueError(f"config.block_size={config.block_size} differs from the budgets' block_size="
                          f"{budgets.config.block_size}; calibrate again with this block size")
-    if (budgets.num_layers, budgets.num_kv_heads) != (num_layers, num_kv_heads):
+    if budgets.num_layers != num_layers:
         raise ValueError(f"budgets are for {budgets.num_layers} layers x {budgets.num_kv_heads} KV heads, "
-                         f"but the model has {num_layers} layers x {num_kv_heads} KV heads; "
+                         f"but the model has {num_layers} layers x {local * shard[2]} KV heads; "
                          "use the budget file calibrated for this model")
-    return budgets if config is None else HeadBudgets(
+    start, stop = _head_slice(budgets, *shard)
+    if (start, stop) != (0, budgets.num_kv_heads):
+        budgets = budgets.slice_heads(start, stop)
+    budgets = budgets if config is None else HeadBudgets(
         probs=budgets.probs, config=config, retained_mass=budgets.retained_mass,
         candidate=budgets.candidate, fingerprint=budgets.fingerprint)
+    return budgets, (start, stop)
 
 
 def apply(model: torch.nn.Module, config: TCAConfig | None = None,
@@ -110,19 +162,22 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     Args:
         model: a transformers decoder-only model of a supported family.
         config: TCAConfig; defaults to the budgets' config, else ``TCAConfig()``.
-        budgets: per-head budgets (from ``calibrate``); defaults to a uniform
-            25% keep fraction.
+        budgets: per-head budgets (from ``calibrate``) for the full model;
+            defaults to a uniform 25% keep fraction. Under tensor parallelism
+            (transformers' ``tp_plan``, or heads sharded by hand in a process
+            group) each rank keeps the slice of KV heads it holds: rank ``r``
+            of ``W`` takes heads ``[r * H_kv / W, (r + 1) * H_kv / W)``.
 
     Raises:
         ValueError: compiled model, second application, unsupported family,
-            or budgets that do not match the model.
+            or budgets that do not match the model (or its sharded heads).
     """
     _check_model(model)
     mods = attention_modules(model)
     if not mods:
         raise ValueError(f"found no attention modules with k_proj/layer_idx in {type(model).__name__}")
-    num_kv_heads = mods[0].k_proj.out_features // mods[0].head_dim
-    budgets = _resolve_budgets(model, config, budgets, len(mods), num_kv_heads)
+    shard = _kv_head_shard(mods[0].k_proj, mods[0].head_dim)
+    budgets, kv_heads = _resolve_budgets(config, budgets, len(mods), shard)
     config = budgets.config
     _register()
     previous = model.config._attn_implementation
@@ -133,7 +188,7 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     device = next(model.parameters()).device
     for layer_idx, mod in enumerate(mods):
         mod._tca_layer = TCALayer(config=config, cdf=budgets.cdf(layer_idx).to(device), layer_idx=layer_idx)
-    setattr(model, _STATE_ATTR, {"previous_attn": previous, "budgets": budgets})
+    setattr(model, _STATE_ATTR, {"previous_attn": previous, "budgets": budgets, "kv_heads": kv_heads})
     return model
 
 
@@ -150,9 +205,18 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def applied_budgets(model: torch.nn.Module) -> HeadBudgets:
-    """The HeadBudgets a model was prepared with."""
+def _state(model: torch.nn.Module) -> dict:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("this model was not prepared by tca_flex.apply")
-    return state["budgets"]
+    return state
+
+
+def applied_budgets(model: torch.nn.Module) -> HeadBudgets:
+    """The HeadBudgets a model was prepared with (this rank's KV heads only)."""
+    return _state(model)["budgets"]
+
+
+def applied_kv_heads(model: torch.nn.Module) -> tuple[int, int]:
+    """``(start, stop)``: the full model's KV heads this process holds and applied budgets for."""
+    return _state(model)["kv_heads"]
