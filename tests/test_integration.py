@@ -107,3 +107,21 @@ def test_float64_model_gets_a_clear_error(tiny_llama):
     tca_flex.apply(tiny_llama.double(), SPARSE)
     with pytest.raises(TypeError, match="supports"):
         tiny_llama(ids(300))
+
+
+def test_mask_function_is_none_only_when_plainly_causal():
+    from transformers.masking_utils import causal_mask_function
+
+    from tca_flex.integration import tca_mask
+
+    kw = dict(q_offset=0, kv_offset=0, mask_function=causal_mask_function, allow_is_causal_skip=True,
+              device="cpu")
+    assert tca_mask(1, 64, 64, attention_mask=None, **kw) is None
+    assert tca_mask(1, 1, 64, attention_mask=None, **{**kw, "kv_offset": 0}) is None
+    # A chunked prefill (4 queries on 64 keys) needs the offset mask.
+    chunk = tca_mask(1, 4, 64, attention_mask=None, **{**kw, "q_offset": 60, "allow_is_causal_skip": False})
+    assert chunk is not None and chunk.shape[-2:] == (4, 64)
+    padding = torch.ones(2, 64, dtype=torch.bool)
+    padding[0, :5] = False
+    padded = tca_mask(2, 64, 64, attention_mask=padding, **kw)
+    assert padded is not None and not padded[0, 0, 10, :5].any() and padded[1, 0, 10, :11].all()
