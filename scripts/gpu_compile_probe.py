@@ -4,7 +4,7 @@ import traceback
 import torch
 
 from tca_flex import HeadBudgets, TCAConfig
-from tca_flex.attention import tca_prefill_attention
+from tca_flex.attention import _prefill_inputs, tca_prefill_attention
 from tca_flex.masks import tca_block_mask
 from tca_flex.selection import (block_budgets, budget_ladder, importance, keep_top_in_blocks, pack_positions,
                                 rank_of, redundancy_score, to_blocks)
@@ -36,6 +36,7 @@ stages = {
     "pack": (lambda: pack_positions(keep, glen)),
     "gather": (lambda: k.gather(2, pos.clamp(max=L - 1).unsqueeze(-1).expand(-1, -1, -1, 128))),
     "mask": (lambda: tca_block_mask(pos, L, W, 32).kv_indices),
+    "prepare": (lambda: _prefill_inputs(q, k, v, cdf, cfg, 128 ** -0.5)[1]),
     "full": (lambda: tca_prefill_attention(q, k, v, cdf, cfg, 128 ** -0.5)),
 }
 for name, fn in stages.items():

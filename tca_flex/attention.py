@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .compile import flex
+from .compile import compiled, flex
 from .config import TCAConfig
-from .masks import KERNEL_BLOCK, tca_block_mask
+from .masks import KERNEL_BLOCK, packed_block_mask, tca_block_indices
 from .selection import Selection, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,6 +53,18 @@ def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
                   capacity_multiple=KERNEL_BLOCK, guard_floor=config.guard_floor)
 
 
+def _prefill_inputs(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
+                    cdf_hk: torch.Tensor, config: TCAConfig, scaling: float
+                    ) -> tuple[Selection, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Selection, ``[packed; full]`` keys and values, and BlockMask indices for one layer."""
+    length, d = q_bhsd.shape[2], q_bhsd.shape[3]
+    sel = tca_select(q_bhsd, k_bhsd, cdf_hk, config, scaling)
+    gather_idx = sel.positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, -1, d)
+    k_all = torch.cat([k_bhsd.gather(2, gather_idx), k_bhsd], dim=2)
+    v_all = torch.cat([v_bhsd.gather(2, gather_idx), v_bhsd], dim=2)
+    return sel, k_all, v_all, tca_block_indices(sel.positions, length, config.window, q_bhsd.shape[1])
+
+
 def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
                           cdf_hk: torch.Tensor, config: TCAConfig, scaling: float,
                           return_lse: bool = False, kernel_options: dict[str, Any] | None = None) -> Any:
@@ -73,13 +85,16 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     Returns:
         ``[B, H_q, L, D]`` in the input dtype, or ``(out, lse, selection)``.
     """
-    bsz, hq, length, d = q_bhsd.shape
+    hq, length = q_bhsd.shape[1], q_bhsd.shape[2]
     hkv = k_bhsd.shape[1]
-    sel = tca_select(q_bhsd, k_bhsd, cdf_hk, config, scaling)
-    gather_idx = sel.positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, -1, d)
-    k_all = torch.cat([k_bhsd.gather(2, gather_idx), k_bhsd], dim=2)
-    v_all = torch.cat([v_bhsd.gather(2, gather_idx), v_bhsd], dim=2)
-    block_mask = tca_block_mask(sel.positions, length, config.window, hq)
+    # On CUDA the selection and block-index build are ~60 small kernels whose
+    # launches cost more than their work (2.5 ms at 32K): compile them into a
+    # few. FlexAttention stays a separate compiled call (see prefill_attention_op).
+    prepare = _prefill_inputs
+    if q_bhsd.is_cuda and not torch.compiler.is_compiling():
+        prepare = compiled(_prefill_inputs)
+    sel, k_all, v_all, indices = prepare(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config, scaling)
+    block_mask = packed_block_mask(sel.positions, indices, length, config.window, hq)
     result = flex(q_bhsd, k_all, v_all, block_mask, scale=scaling, enable_gqa=hq != hkv,
                   return_lse=return_lse, kernel_options=kernel_options)
     if return_lse:
@@ -94,11 +109,10 @@ def _config_from_json(text: str) -> TCAConfig:
 
 
 # Inside an outer torch.compile the prefill runs as one opaque custom op, whose
-# body calls the separately compiled FlexAttention. Tracing selection and flex
-# into one inductor graph hits an inductor bug on CUDA with torch 2.11 (the
-# mask_mod's indirect load from a buffer computed in the same graph fails in
-# codegen: "list indices must be integers or slices, not NoneType";
-# scripts/gpu_compile_probe.py reproduces it), and the op costs no graph break.
+# body calls the separately compiled selection and FlexAttention. Tracing both
+# into one inductor graph failed on CUDA with torch 2.11 (codegen: "list
+# indices must be integers or slices, not NoneType"; scripts/gpu_compile_probe.py),
+# the op keeps the outer graph free of that risk and costs no graph break.
 @torch.library.custom_op("tca_flex::prefill_attention", mutates_args=())
 def prefill_attention_op(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
                          cdf_hk: torch.Tensor, config_json: str, scaling: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 _MIN_RECOMPILE_LIMIT = 64
 
 _compiled_flex: Any = None
+_compiled_fns: dict[Any, Any] = {}
 
 
 def _raise_recompile_limit() -> None:
@@ -38,6 +39,14 @@ def compiled_flex_attention() -> Any:
         _raise_recompile_limit()
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
+
+
+def compiled(fn: Any) -> Any:
+    """``torch.compile(fn, dynamic=False, fullgraph=True)``, created once per function."""
+    if fn not in _compiled_fns:
+        _raise_recompile_limit()
+        _compiled_fns[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _compiled_fns[fn]
 
 
 def kernel_options_for(device: torch.device) -> dict[str, Any] | None:

@@ -78,6 +78,31 @@ def tca_block_mask(positions: torch.Tensor, seq_len: int, window: int, num_q_hea
     Returns:
         A BlockMask over ``Q_LEN = L`` and ``KV_LEN = capacity + L``.
     """
+    return packed_block_mask(positions, tca_block_indices(positions, seq_len, window, num_q_heads, block),
+                             seq_len, window, num_q_heads, block)
+
+
+def packed_block_mask(positions: torch.Tensor, indices: tuple[torch.Tensor, ...], seq_len: int, window: int,
+                      num_q_heads: int, block: int = KERNEL_BLOCK) -> BlockMask:
+    """Wrap ``tca_block_indices``' output and the packed mask_mod into a BlockMask."""
+    hkv, capacity = positions.shape[1], positions.shape[2]
+    return BlockMask.from_kv_blocks(
+        *indices,
+        BLOCK_SIZE=block,
+        mask_mod=tca_mask_mod(positions, capacity, window, num_q_heads // hkv),
+        seq_lengths=(seq_len, capacity + seq_len),
+        compute_q_blocks=False,
+    )
+
+
+def tca_block_indices(positions: torch.Tensor, seq_len: int, window: int, num_q_heads: int,
+                      block: int = KERNEL_BLOCK) -> tuple[torch.Tensor, ...]:
+    """Block indices of the packed layout: ``(kv_num, kv_idx, full_num, full_idx)``.
+
+    Shapes ``[B, H_q, n_q]`` (int32 counts) and ``[B, H_q, n_q, n_kv]`` (int32
+    indices), as ``BlockMask.from_kv_blocks`` takes them; arguments as in
+    ``tca_block_mask``. Pure tensor code, so it can be compiled on its own.
+    """
     bsz, hkv, capacity = positions.shape
     if capacity % block:
         raise ValueError(f"packed capacity {capacity} must be a multiple of the kernel block {block}")
@@ -128,13 +153,7 @@ def tca_block_mask(positions: torch.Tensor, seq_len: int, window: int, num_q_hea
     def to_q_heads(x: torch.Tensor) -> torch.Tensor:
         return x.repeat_interleave(group, dim=1) if group > 1 else x
 
-    return BlockMask.from_kv_blocks(
-        to_q_heads(kv_num), to_q_heads(kv_idx), to_q_heads(full_num), to_q_heads(full_idx),
-        BLOCK_SIZE=block,
-        mask_mod=tca_mask_mod(positions, capacity, window, group),
-        seq_lengths=(seq_len, capacity + seq_len),
-        compute_q_blocks=False,
-    )
+    return to_q_heads(kv_num), to_q_heads(kv_idx), to_q_heads(full_num), to_q_heads(full_idx)
 
 
 def causal_mask_mod(b, h, q_idx, kv_idx):

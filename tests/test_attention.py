@@ -64,7 +64,7 @@ def test_block_mask_is_exact(case):
     bsz, hq, length = q.shape[0], q.shape[1], q.shape[2]
     bm = tca_block_mask(sel.positions, length, config.window, hq)
     kv_len = sel.positions.shape[-1] + length
-    dense = create_mask(bm.mask_mod, bsz, hq, length, kv_len)
+    dense = create_mask(bm.mask_mod, bsz, hq, length, kv_len, device="cpu")
     listed = torch.zeros(bsz, hq, -(-length // 128), -(-kv_len // 128), dtype=torch.bool)
     full = torch.zeros_like(listed)
     for target, num, idx in ((listed, bm.kv_num_blocks, bm.kv_indices),
