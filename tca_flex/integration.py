@@ -10,14 +10,17 @@ nothing is written to ``model.config`` beyond transformers' own
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import TCALayer, tca_attention_forward
-from .budgets import HeadBudgets
+from .budgets import HeadBudgets, check_fingerprint
 from .config import TCAConfig
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,17 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's self-attention modules, ordered by ``layer_idx``."""
     mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
     return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """What budgets are validated against: family, architecture and attention shape."""
+    mods = attention_modules(model)
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return {"model_type": config.model_type, "architecture": architectures[0], "num_layers": len(mods),
+            "num_kv_heads": mods[0].k_proj.out_features // mods[0].head_dim if mods else None,
+            "head_dim": mods[0].head_dim if mods else None,
+            "name_or_path": getattr(config, "_name_or_path", None) or None}
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -67,7 +81,10 @@ def _check_model(model: torch.nn.Module) -> None:
 
 
 def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
-                     budgets: HeadBudgets | None, num_layers: int, num_kv_heads: int) -> HeadBudgets:
+                     budgets: HeadBudgets | str | os.PathLike | None, num_layers: int,
+                     num_kv_heads: int) -> HeadBudgets:
+    if isinstance(budgets, (str, os.PathLike)):
+        budgets = HeadBudgets.load(budgets)
     if budgets is None:
         config = config or TCAConfig()
         logger.warning("tca_flex.apply: no budgets given, every head keeps %.0f%% of each block; "
@@ -76,17 +93,17 @@ def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
     if config is not None and config.block_size != budgets.config.block_size:
         raise ValueError(f"config.block_size={config.block_size} differs from the budgets' block_size="
                          f"{budgets.config.block_size}; calibrate again with this block size")
+    if budgets.fingerprint:
+        check_fingerprint(budgets.fingerprint, model_fingerprint(model))
     if (budgets.num_layers, budgets.num_kv_heads) != (num_layers, num_kv_heads):
         raise ValueError(f"budgets are for {budgets.num_layers} layers x {budgets.num_kv_heads} KV heads, "
                          f"but the model has {num_layers} layers x {num_kv_heads} KV heads; "
                          "use the budget file calibrated for this model")
-    return budgets if config is None else HeadBudgets(
-        probs=budgets.probs, config=config, retained_mass=budgets.retained_mass,
-        candidate=budgets.candidate, fingerprint=budgets.fingerprint)
+    return budgets if config is None else dataclasses.replace(budgets, config=config)
 
 
 def apply(model: torch.nn.Module, config: TCAConfig | None = None,
-          budgets: HeadBudgets | None = None) -> torch.nn.Module:
+          budgets: HeadBudgets | str | os.PathLike | None = None) -> torch.nn.Module:
     """Switch ``model`` to TCA-Attention in place and return it.
 
     Call before ``torch.compile(model)``. Prefills longer than
@@ -95,8 +112,10 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     Args:
         model: a transformers decoder-only model of a supported family.
         config: TCAConfig; defaults to the budgets' config, else ``TCAConfig()``.
-        budgets: per-head budgets (from ``calibrate``); defaults to a uniform
-            25% keep fraction.
+        budgets: per-head budgets (from ``calibrate``) or the path of a budget
+            file (``HeadBudgets.save``); defaults to a uniform 25% keep fraction.
+            Budgets with a fingerprint must match the model's family, layers,
+            KV heads and head dim.
 
     Raises:
         ValueError: compiled model, second application, unsupported family,
