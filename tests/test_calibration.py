@@ -288,3 +288,27 @@ def test_shipped_smollm2_budgets():
     assert budgets.keep_fraction().std() > 0.01  # heads differ
     with pytest.raises(ValueError, match="available"):
         shipped_budgets("gpt2")
+
+
+def test_cli_calibrates_a_local_model_directory(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tca_flex.calibration.__main__ import main
+
+    vocab = {f"w{i}": i for i in range(255)} | {"[UNK]": 255}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "model")
+    tiny_model(fresh_seed()).save_pretrained(tmp_path / "model")
+    words = torch.randint(0, 255, (300,), generator=torch.Generator().manual_seed(fresh_seed()))
+    (tmp_path / "text.txt").write_text(" ".join(f"w{i}" for i in words.tolist()))
+    out = tmp_path / "budgets.json"
+    main(["--model", str(tmp_path / "model"), "--text", str(tmp_path / "text.txt"), "--tokens", "200",
+          "--out", str(out), "--block-size", "16", "--window", "64", "--tau", "0.8", "--criterion", "lse"])
+    budgets = HeadBudgets.load(out)
+    assert budgets.notes["num_tokens"] == 200 and budgets.notes["command"].endswith("--criterion lse")
+    assert (budgets.config.block_size, budgets.config.window, budgets.config.tau) == (16, 64, 0.8)
+    assert budgets.fingerprint["num_layers"] == 2 and budgets.config.mass_criterion == "lse"
+    table = capsys.readouterr().out
+    assert table.count("\n    0 ") == 1 and "\n  all " in table and "wrote" in table

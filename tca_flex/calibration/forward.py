@@ -141,8 +141,9 @@ def score_candidates(model: torch.nn.Module, input_ids: torch.Tensor, config: TC
             raise ValueError(f"non-finite query/key activations in layer {layer}; check the weights, the "
                              "dtype (float16 overflows) and the input ids")
         start = time.perf_counter()
-        results[layer] = score_layer(q.detach().cpu(), k.detach().cpu(), cdfs, config, scaling,
+        retained, kept = score_layer(q.detach(), k.detach(), cdfs.to(q.device), config, scaling,
                                      max_queries, chunk)
+        results[layer] = (retained.cpu(), kept.cpu())
         logger.debug("layer %d scored in %.1f s", layer, time.perf_counter() - start)
         if bar is not None:
             bar.update(1)
@@ -185,8 +186,9 @@ def calibrate(model: torch.nn.Module, input_ids: torch.Tensor, config: TCAConfig
         config: TCAConfig (default ``TCAConfig()``); block size, window,
             alpha etc. must be the ones used at inference.
         progress: progress bar over layers.
-        max_queries: sample this many queries per head for the mass (``None``:
-            every query, exact; cost ``O(L^2 D)`` per head either way when ``None``).
+        max_queries: sample this many queries per head for the mass. ``None``:
+            every query (exact), ``O(L^2 D)`` time per head like dense
+            attention; ``Q`` queries cost ``O(Q L D)``.
         chunk: queries per step; peak extra memory ``O(chunk * L)`` per query head.
         model_name: name recorded in the fingerprint (default: the model's name_or_path).
 

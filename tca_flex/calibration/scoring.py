@@ -57,13 +57,15 @@ def candidate_keep_masks(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, candidate_c
     return torch.stack(masks)
 
 
-def query_positions(length: int, first: int, max_queries: int | None) -> torch.Tensor:
+def query_positions(length: int, first: int, max_queries: int | None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
     """int64 ``[Q]``: positions ``first..length-1``, evenly thinned to ``max_queries``."""
     if max_queries is None or max_queries >= length - first:
-        return torch.arange(first, length)
+        return torch.arange(first, length, device=device)
     if max_queries < 1:
         raise ValueError(f"max_queries={max_queries} must be >= 1 or None")
-    return torch.linspace(first, length - 1, max_queries, dtype=torch.float64).round().long().unique()
+    thinned = torch.linspace(first, length - 1, max_queries, dtype=torch.float64).round().long().unique()
+    return thinned.to(device)
 
 
 def _chunk_probs(q_hld: torch.Tensor, k_hld: torch.Tensor, qp: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -79,7 +81,7 @@ def _chunk_probs(q_hld: torch.Tensor, k_hld: torch.Tensor, qp: torch.Tensor, sca
     first, end = int(qp[0]), int(qp[-1]) + 1
     qc = q_hld[:, qp].reshape(hkv, g * qp.numel(), d)
     scores = torch.matmul(qc, k_hld[:, :end].transpose(-1, -2)).view(hq, qp.numel(), end)
-    future = torch.arange(first + 1, end)[None, :] > qp[:, None]
+    future = torch.arange(first + 1, end, device=qp.device)[None, :] > qp[:, None]
     scores[..., first + 1:].masked_fill_(future, float("-inf"))
     return torch.softmax(scores * scaling, dim=-1)
 
@@ -93,7 +95,7 @@ def _far_split(qp: torch.Tensor, window: int) -> tuple[int, int, torch.Tensor]:
     """
     lo = max(int(qp[0]) - window + 1, 0)
     hi = max(int(qp[-1]) - window + 1, 0)
-    partial = torch.arange(lo, hi)[None, :] <= qp[:, None] - window
+    partial = torch.arange(lo, hi, device=qp.device)[None, :] <= qp[:, None] - window
     return lo, hi, partial
 
 
@@ -112,9 +114,9 @@ def column_mean_mass(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, keep: torch.Ten
     q, k = q_bhsd[0].float(), k_bhsd[0].float()
     hq, length = q.shape[0], q.shape[1]
     g = hq // k.shape[0]
-    queries = query_positions(length, 0, max_queries)
-    total = torch.zeros(hq, length, dtype=torch.float64)
-    far = torch.zeros(hq, length, dtype=torch.float64)
+    queries = query_positions(length, 0, max_queries, q.device)
+    total = torch.zeros(hq, length, dtype=torch.float64, device=q.device)
+    far = torch.zeros(hq, length, dtype=torch.float64, device=q.device)
     for start in range(0, queries.numel(), chunk):
         qp = queries[start:start + chunk]
         probs = _chunk_probs(q, k, qp, scaling)
@@ -124,7 +126,7 @@ def column_mean_mass(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, keep: torch.Ten
         far[:, :lo] += col[:, :lo]
         far[:, lo:hi] += probs[..., lo:hi].masked_fill(~partial, 0.0).sum(1).double()
     # Sampled queries that see key k: those at positions >= k.
-    seen_by = queries.numel() - torch.searchsorted(queries, torch.arange(length), right=False)
+    seen_by = queries.numel() - torch.searchsorted(queries, torch.arange(length, device=q.device))
     seen_by = seen_by.clamp(min=1).double()
     col_mean, col_far = total / seen_by, far / seen_by
     dropped_keys = (~keep).double().repeat_interleave(g, dim=1)  # [M, H_q, L]
@@ -149,7 +151,7 @@ def lse_mass(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, keep: torch.Tensor, win
     hkv = k.shape[0]
     g = hq // hkv
     drop_hlm = (~keep).permute(1, 2, 0).float()  # [H_kv, L, M]
-    queries = query_positions(length, window, max_queries)
+    queries = query_positions(length, window, max_queries, q.device)
     parts = []
     for start in range(0, queries.numel(), chunk):
         qp = queries[start:start + chunk]
