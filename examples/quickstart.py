@@ -2,9 +2,12 @@
 
 Runs passkey retrieval at a few thousand tokens with dense attention and with
 TCA (block 64, window 512, scaled to the model's 8K context), and prints
-answer, correctness, kept-token fraction per layer and time.
+answer, correctness, kept-token fraction per layer and time. TCA uses the
+per-head budgets calibrated for SmolLM2 that ship with the package
+(``tca_flex.shipped_budgets("smollm2")``); ``--keep F`` replaces them with a
+uniform keep fraction ``F`` for every head.
 
-    python examples/quickstart.py [--tokens 3000] [--samples 2] [--report]
+    python examples/quickstart.py [--tokens 3000] [--samples 2] [--keep 0.2] [--report]
 
 ``--report`` also prints TCA's fidelity report for the first prompt: per layer
 and KV head, the attention mass dropped and Theorem 1's bound on the change.
@@ -42,10 +45,12 @@ def answer(model, tok, prompt: str) -> tuple[str, float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens")
     parser.add_argument("--samples", type=int, default=2, help="passkey prompts (random depths)")
-    parser.add_argument("--keep", type=float, default=0.2, help="uniform keep fraction when no budgets")
+    parser.add_argument("--keep", type=float, default=None,
+                        help="uniform keep fraction for every head instead of the shipped calibrated budgets")
     parser.add_argument("--report", action="store_true", help="print the fidelity report for the first prompt")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -55,24 +60,32 @@ def main() -> None:
 
     rows = []
     dense = [answer(model, tok, s.prompt) for s in samples]
-    config = tca_flex.TCAConfig(block_size=64, window=512)
-    num_layers = model.config.num_hidden_layers
-    budgets = tca_flex.HeadBudgets.uniform(num_layers, model.config.num_key_value_heads, args.keep, config)
+    if args.keep is None:
+        budgets = tca_flex.shipped_budgets("smollm2")  # block 64, window 512, tau 0.9
+        label = "shipped calibrated budgets"
+    else:
+        config = tca_flex.TCAConfig(block_size=64, window=512)
+        budgets = tca_flex.HeadBudgets.uniform(model.config.num_hidden_layers,
+                                               model.config.num_key_value_heads, args.keep, config)
+        label = f"uniform keep {args.keep}"
+    config = budgets.config
     tca_flex.apply(model, budgets=budgets)
     answer(model, tok, samples[0].prompt)  # warm-up: compiles FlexAttention once
     sparse = [answer(model, tok, s.prompt) for s in samples]
-    for s, (d_ans, d_t, n), (t_ans, t_t, _) in zip(samples, dense, sparse):
+    for s, (d_ans, d_t, n), (t_ans, t_t, _) in zip(samples, dense, sparse, strict=True):
         frac = kept_fraction_per_layer(budgets, n)
         rows.append((n, s.depth, s.answers[0], d_ans, score(d_ans, s), d_t, t_ans, score(t_ans, s), t_t,
                      frac.min().item(), frac.mean().item(), frac.max().item()))
 
-    print(f"\nSmolLM2-135M-Instruct on {device}; TCA block {config.block_size}, window {config.window}")
+    print(f"\nSmolLM2-135M-Instruct on {device}; TCA block {config.block_size}, window {config.window}, "
+          f"{label}")
     print(f"{'tokens':>6} {'depth':>5} {'key':>6} | {'dense answer':<14} ok {'s':>5} | "
           f"{'TCA answer':<14} ok {'s':>5} | kept KV per layer min/mean/max")
     for r in rows:
         print(f"{r[0]:>6} {r[1]:>5.2f} {r[2]:>6} | {r[3][:14]:<14} {'y' if r[4] else 'n':>2} {r[5]:>5.1f} | "
               f"{r[6][:14]:<14} {'y' if r[7] else 'n':>2} {r[8]:>5.1f} | {r[9]:.2f}/{r[10]:.2f}/{r[11]:.2f}")
-    print(f"dense correct {sum(r[4] for r in rows)}/{len(rows)}, TCA correct {sum(r[7] for r in rows)}/{len(rows)}")
+    n_rows = len(rows)
+    print(f"dense correct {sum(r[4] for r in rows)}/{n_rows}, TCA correct {sum(r[7] for r in rows)}/{n_rows}")
     if args.report:
         ids = tok(samples[0].prompt, return_tensors="pt").input_ids.to(model.device)
         print("\n" + str(tca_flex.report(model, ids, queries=256)))

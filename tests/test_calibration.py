@@ -1,0 +1,314 @@
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AttentionInterface, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import tca_flex
+from tca_flex import HeadBudgets, TCAConfig, calibrate
+from tca_flex.budgets import BUDGETS_FORMAT_VERSION, shipped_budgets
+from tca_flex.calibration import (
+    DENSE,
+    budgets_from_scores,
+    candidate_distributions,
+    choose_candidates,
+    min_calibration_tokens,
+    score_candidates,
+)
+from tca_flex.calibration.scoring import score_layer
+from tca_flex.reference import reference_importance, reference_keep, reference_mask
+
+from .conftest import tiny_llama_config
+
+CONFIG = TCAConfig(block_size=16, window=64, tau=0.8)
+CRITERIA = ["column_mean", "lse"]
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def text_ids(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_model(seed: int, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """(model, ids, {criterion: CandidateScores}) on a fresh tiny model and text."""
+    seed = fresh_seed()
+    model, ids = tiny_model(seed), text_ids(240, seed)
+    scores = {c: score_candidates(model, ids, CONFIG.replace(mass_criterion=c), progress=False)
+              for c in CRITERIA}
+    return model, ids, scores
+
+
+@given(b=st.integers(1, 256), m=st.integers(1, 20), sigma=st.floats(0.05, 3.0))
+def test_candidate_distributions_are_nested_and_normalised(b, m, sigma):
+    p = candidate_distributions(b, m, sigma)
+    assert p.shape == (m, b + 1) and p.dtype == torch.float64
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(m, dtype=torch.float64))
+    cdf = p.cumsum(-1)
+    # A larger centre dominates: every quantile (budget ladder entry) grows with m.
+    assert (cdf[1:] <= cdf[:-1] + 1e-12).all()
+    mean = (p * torch.arange(b + 1)).sum(-1)
+    assert (mean[1:] >= mean[:-1] - 1e-9).all()
+    if m > 1 and b >= 8:
+        assert mean[0] < 0.25 * b < mean[-1]
+
+
+def synthetic_heads(seed: int, length: int = 640, d: int = 16):
+    """KV head 0 sharply peaked (one spike key per block), KV head 1 nearly uniform."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g)
+    u = u / u.norm()
+    k = torch.randn(1, 2, length, d, generator=g) * 0.1
+    spikes = torch.arange(0, length, 16) + torch.randint(0, 16, (length // 16,), generator=g)
+    k[0, 0, spikes] = 8 * u
+    q = torch.randn(1, 4, length, d, generator=g) * 1e-3
+    q[0, :2] += 8 * u  # query heads 0, 1 use KV head 0
+    return q, k
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@settings(max_examples=4)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_peaked_heads_get_small_budgets_uniform_heads_large(criterion, seed):
+    q, k = synthetic_heads(seed)
+    config = TCAConfig(block_size=16, window=128, tau=0.9, mass_criterion=criterion)
+    cdfs = candidate_distributions(16, config.num_candidates, config.sigma).cumsum(-1)
+    retained, kept = score_layer(q, k, cdfs, config, 0.25)
+    assert (retained[:, 1:] >= retained[:, :-1] - 1e-9).all()  # nested candidates
+    choice = choose_candidates(retained, kept, config.tau)
+    kept_chosen = torch.where(choice == DENSE, 1.0, kept.gather(-1, choice.clamp(min=0)[:, None])[:, 0])
+    assert kept_chosen[0] < 0.2, (choice, retained)
+    assert kept_chosen[1] > 0.75, (choice, retained)
+
+
+class _Capture:
+    """Independent q/k capture for the reference check (not calibration's own hook)."""
+
+    name = "test_capture_qk"
+
+    def __init__(self):
+        self.qk = {}
+        AttentionInterface.register(self.name, self)
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        self.qk[module.layer_idx] = (query.detach().clone(), key.detach().clone())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def reference_retained(q, k, probs_hk, config, scaling):
+    """float64 ``[H_kv]`` retained mass from the explicit L x L reference mask."""
+    hq, length = q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    s = reference_importance(q, k, scaling, config.num_observation_queries, config.gqa_aggregation)
+    keep = reference_keep(s, probs_hk, block_size=config.block_size, window=config.window, alpha=config.alpha)
+    mask = reference_mask(keep, config.window, hq)[0]  # [H_q, L, L]
+    logits = (q[0].double() @ k[0].double().repeat_interleave(hq // hkv, 0).transpose(-1, -2)) * scaling
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    if config.mass_criterion == "lse":
+        per_head = (attn * mask)[:, config.window:].sum(-1).mean(-1)
+    else:
+        seen = torch.arange(length, 0, -1, dtype=torch.float64)
+        col = attn.sum(1) / seen
+        lost = (attn * (causal & ~mask)).sum(1) / seen
+        per_head = 1 - lost.sum(-1) / col.sum(-1)
+    return per_head.view(hkv, -1).mean(-1)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_non_dense_heads_retain_tau_by_the_float64_reference(calibrated, criterion):
+    model, ids, scores = calibrated
+    budgets = budgets_from_scores(scores[criterion])
+    capture = _Capture()
+    model.set_attn_implementation(capture.name)
+    with torch.no_grad():
+        model(ids)
+    model.set_attn_implementation("sdpa")
+    assert (budgets.candidate != DENSE).any(), "the test needs sparse heads"
+    for layer, (q, k) in capture.qk.items():
+        ref = reference_retained(q, k, budgets.probs[layer], budgets.config, q.shape[-1] ** -0.5)
+        sparse = budgets.candidate[layer] != DENSE
+        assert (ref[sparse] >= budgets.config.tau - 1e-6).all()
+        torch.testing.assert_close(ref[sparse], budgets.retained_mass[layer][sparse], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@given(taus=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2).map(sorted))
+def test_raising_tau_never_shrinks_a_budget(calibrated, criterion, taus):
+    scores = calibrated[2][criterion]
+    low, high = (budgets_from_scores(scores, t) for t in taus)
+    assert (high.keep_fraction() >= low.keep_fraction() - 1e-12).all()
+    cand = lambda b: torch.where(b.candidate == DENSE, 10**6, b.candidate)  # noqa: E731
+    assert (cand(high) >= cand(low)).all()
+
+
+@given(seed=st.integers(0, 2**31 - 1), taus=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2).map(sorted))
+def test_choice_is_monotone_in_tau_on_arbitrary_tables(seed, taus):
+    g = torch.Generator().manual_seed(seed)
+    retained = torch.rand(3, 4, 7, generator=g, dtype=torch.float64)
+    kept = torch.rand(3, 4, 7, generator=g, dtype=torch.float64)
+    low, high = (choose_candidates(retained, kept, t) for t in taus)
+    cost = lambda c: torch.where(c == DENSE, 2.0, kept.gather(-1, c.clamp(min=0)[..., None])[..., 0])  # noqa: E731
+    assert (cost(high) >= cost(low)).all()
+    passes = retained.gather(-1, high.clamp(min=0)[..., None])[..., 0] >= taus[1]
+    assert (passes | (high == DENSE)).all()
+    assert ((high == DENSE) == (retained < taus[1]).all(-1)).all()
+
+
+def assert_same_budgets(a: HeadBudgets, b: HeadBudgets) -> None:
+    assert torch.equal(a.probs, b.probs)
+    assert a.config == b.config and a.fingerprint == b.fingerprint and a.notes == b.notes
+    for x, y in ((a.retained_mass, b.retained_mass), (a.candidate, b.candidate)):
+        assert (x is None and y is None) or torch.equal(x.nan_to_num(-7.0), y.nan_to_num(-7.0))
+
+
+def test_budget_files_round_trip_exactly(calibrated, tmp_path):
+    budgets = budgets_from_scores(calibrated[2]["lse"])
+    path = tmp_path / "b.json"
+    budgets.save(path)
+    assert json.loads(path.read_text())["format_version"] == BUDGETS_FORMAT_VERSION
+    assert_same_budgets(HeadBudgets.load(path), budgets)
+    # Hand-made budgets (no mass, no candidate) and unknown masses survive too.
+    g = torch.Generator().manual_seed(fresh_seed())
+    probs = torch.rand(3, 2, 9, generator=g, dtype=torch.float64)
+    mass = torch.rand(3, 2, generator=g, dtype=torch.float64)
+    mass[1, 0] = math.nan
+    for b in (HeadBudgets(probs / probs.sum(-1, keepdim=True), TCAConfig(block_size=8, window=32)),
+              HeadBudgets(probs / probs.sum(-1, keepdim=True), TCAConfig(block_size=8, window=32),
+                          retained_mass=mass, candidate=torch.randint(-1, 5, (3, 2), generator=g))):
+        b.save(path)
+        assert_same_budgets(HeadBudgets.load(path), b)
+
+
+def test_apply_takes_a_path_and_refuses_another_model(calibrated, tmp_path):
+    model, ids, scores = calibrated
+    path = tmp_path / "b.json"
+    budgets_from_scores(scores["lse"]).save(path)
+    other = tiny_model(fresh_seed(), hidden_size=128)  # same layers and KV heads, head_dim 32
+    with pytest.raises(ValueError, match=r"2 layers x 2 KV heads x head_dim 16.*head_dim 32"):
+        tca_flex.apply(other, budgets=path)
+    deeper = tiny_model(fresh_seed(), num_hidden_layers=3)
+    with pytest.raises(ValueError, match=r"llama: 2 layers .* llama: 3 layers"):
+        tca_flex.apply(deeper, budgets=str(path))
+    tca_flex.apply(model, budgets=path)
+    try:
+        assert_same_budgets(tca_flex.integration.applied_budgets(model), HeadBudgets.load(path))
+    finally:
+        tca_flex.remove(model)
+
+
+@pytest.mark.parametrize("version", [0, BUDGETS_FORMAT_VERSION + 1, "1", None])
+def test_unknown_or_old_versions_are_refused(calibrated, tmp_path, version):
+    data = json.loads(budgets_from_scores(calibrated[2]["lse"]).to_json())
+    data["format_version"] = version
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"format_version={version!r}.*re-run calibration"):
+        HeadBudgets.load(path)
+    path.write_text(json.dumps({"probs": [[[1.0]]]}))
+    with pytest.raises(ValueError, match="not a tca_flex budget file"):
+        HeadBudgets.load(path)
+
+
+def test_calibration_is_deterministic_and_restores_attention(calibrated):
+    model, ids, scores = calibrated
+    again = calibrate(model, ids, CONFIG.replace(mass_criterion="column_mean"), progress=False)
+    assert_same_budgets(again, budgets_from_scores(scores["column_mean"]))
+    assert model.config._attn_implementation == "sdpa"
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (numel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_calibration_memory_grows_linearly_with_length():
+    model = tiny_model(fresh_seed())
+    largest = []
+    for length in (384, 1536):
+        with _LargestTensor() as mode:
+            score_candidates(model, text_ids(length, fresh_seed()), CONFIG, progress=False, chunk=32)
+        largest.append(mode.largest)
+    # 4x the tokens: linear memory gives 4x, an L x L tensor 16x.
+    assert largest[1] <= 5 * largest[0], largest
+
+
+def test_bad_inputs_are_refused(calibrated):
+    model = calibrated[0]
+    need = min_calibration_tokens(CONFIG)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(model, torch.zeros(1, 0, dtype=torch.long), CONFIG, progress=False)
+    with pytest.raises(ValueError, match=f"at least {need}"):
+        calibrate(model, text_ids(need - 1, fresh_seed()), CONFIG, progress=False)
+    with pytest.raises(ValueError, match="one sequence"):
+        calibrate(model, text_ids(need, fresh_seed()).repeat(2, 1), CONFIG, progress=False)
+    unsupported = tiny_model(fresh_seed())
+    unsupported.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="does not support model_type"):
+        calibrate(unsupported, text_ids(need, fresh_seed()), CONFIG, progress=False)
+    broken = tiny_model(fresh_seed())
+    with torch.no_grad():
+        broken.model.layers[1].self_attn.k_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite query/key activations in layer 1"):
+        calibrate(broken, text_ids(need, fresh_seed()), CONFIG, progress=False)
+    assert broken.config._attn_implementation == "sdpa"
+
+
+def test_shipped_smollm2_budgets():
+    budgets = shipped_budgets("smollm2")
+    assert budgets.probs.shape == (30, 3, 65)
+    assert (budgets.num_layers, budgets.num_kv_heads, budgets.fingerprint["head_dim"]) == (30, 3, 64)
+    assert (budgets.config.block_size, budgets.config.window, budgets.config.tau) == (64, 512, 0.9)
+    sparse = budgets.candidate != DENSE
+    assert (budgets.retained_mass[sparse] >= 0.9).all()
+    assert budgets.keep_fraction().std() > 0.01  # heads differ
+    with pytest.raises(ValueError, match="available"):
+        shipped_budgets("gpt2")
+
+
+def test_cli_calibrates_a_local_model_directory(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tca_flex.calibration.__main__ import main
+
+    vocab = {f"w{i}": i for i in range(255)} | {"[UNK]": 255}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "model")
+    tiny_model(fresh_seed()).save_pretrained(tmp_path / "model")
+    words = torch.randint(0, 255, (300,), generator=torch.Generator().manual_seed(fresh_seed()))
+    (tmp_path / "text.txt").write_text(" ".join(f"w{i}" for i in words.tolist()))
+    out = tmp_path / "budgets.json"
+    main(["--model", str(tmp_path / "model"), "--text", str(tmp_path / "text.txt"), "--tokens", "200",
+          "--out", str(out), "--block-size", "16", "--window", "64", "--tau", "0.8", "--criterion", "lse"])
+    budgets = HeadBudgets.load(out)
+    assert budgets.notes["num_tokens"] == 200 and budgets.notes["command"].endswith("--criterion lse")
+    assert (budgets.config.block_size, budgets.config.window, budgets.config.tau) == (16, 64, 0.8)
+    assert budgets.fingerprint["num_layers"] == 2 and budgets.config.mass_criterion == "lse"
+    table = capsys.readouterr().out
+    assert table.count("\n    0 ") == 1 and "\n  all " in table and "wrote" in table
