@@ -198,6 +198,63 @@ def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
     return packed[..., :capacity].contiguous(), keep.sum(-1)
 
 
+def last_query_probs(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax row of the last query, per query head (the last query sees every key).
+
+    Args:
+        q_bhsd: ``[B, H_q, L, D]``; k_bhsd: ``[B, H_kv, L, D]``; query head
+            ``h`` uses KV head ``h // g``.
+        scaling: softmax scale.
+
+    Returns:
+        float32 ``[B, H_kv, g, L]``; every row sums to 1.
+    """
+    b, hq, length, d = q_bhsd.shape
+    hkv = k_bhsd.shape[1]
+    q_last = q_bhsd[:, :, -1, :].float().reshape(b, hkv, hq // hkv, d)
+    return (torch.matmul(q_last, k_bhsd.float().transpose(-1, -2)) * scaling).softmax(-1)
+
+
+def guard_keep(keep: torch.Tensor, order_key: torch.Tensor, probs_bhgl: torch.Tensor,
+               floor: float) -> torch.Tensor:
+    """Runtime guard: grow each KV head's global subset until its last query keeps ``floor``.
+
+    The last query sees the global subset plus the final window, so for query
+    head ``h`` its retained mass is ``r_h = sum(p_h[final window]) +
+    sum(p_h[kept])``. Where ``min_h r_h < floor``, not-yet-kept global tokens
+    are added in descending ``order_key`` (top-p style) until every query head
+    of the KV head reaches ``floor``; heads already there are unchanged.
+    Guarantee: after the guard, ``r_h >= floor`` for *every* query head of
+    every KV head (not only for the GQA-aggregated row), up to float32
+    rounding of ``p`` (about 1e-6). Adding every global token gives ``r_h = 1``,
+    so any ``floor <= 1`` is reachable.
+
+    Args:
+        keep: bool ``[B, H_kv, G]``, the global subset over the global region.
+        order_key: ``[B, H_kv, G]`` non-negative importance; higher joins first.
+        probs_bhgl: float32 ``[B, H_kv, g, L]`` from ``last_query_probs``, with
+            ``L - G`` the final window.
+        floor: required retained mass in ``[0, 1]``.
+
+    Returns:
+        bool ``[B, H_kv, G]``, a superset of ``keep``.
+    """
+    global_len = keep.shape[-1]
+    p_global = probs_bhgl[..., :global_len]
+    keep_g = keep.unsqueeze(2)
+    retained = probs_bhgl[..., global_len:].sum(-1) + torch.where(keep_g, p_global, 0.0).sum(-1)
+    deficit = floor - retained
+    # Kept tokens rank after every candidate (importance >= 0 > -1), so a count
+    # of k tokens from the front of the order adds only new ones.
+    ranks = rank_of(torch.where(keep, -1.0, order_key.float()))
+    order = ranks.argsort(-1).unsqueeze(2).expand_as(p_global)
+    gained = torch.where(keep_g, 0.0, p_global).gather(-1, order).cumsum(-1)
+    # Smallest prefix whose gain reaches the deficit: entries still short, plus one.
+    needed = torch.where(deficit > 0, (gained < deficit.unsqueeze(-1)).sum(-1) + 1, 0)
+    take = needed.amax(-1).clamp(max=global_len)
+    return keep | (ranks < take.unsqueeze(-1))
+
+
 def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, scaling: float,
            block_size: int, window: int, alpha: float, normalize: bool = False,
            num_queries: int = 1, aggregation: str = "mean",
