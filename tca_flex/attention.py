@@ -4,17 +4,21 @@ Dispatch per call:
 - a fresh prefill longer than ``config.dense_up_to`` runs TCA
   (``tca_prefill_attention``);
 - shorter prefills, decode and prefills on top of an existing cache run
-  transformers' own SDPA attention, so they equal dense exactly.
+  transformers' own SDPA attention, so they equal dense exactly;
+- with a ``TCACache``, the cache layer that ``update`` just used waits on the
+  module's ``CacheLink``: after a prefill it is pruned to the selection, and
+  a decode step attends over its kept set (``cache.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .cache import CacheLink
 from .compile import flex
 from .config import TCAConfig
 from .masks import KERNEL_BLOCK, tca_block_mask
@@ -31,16 +35,19 @@ class TCALayer:
         config: the TCAConfig.
         cdf: float64 ``[H_kv, b + 1]``, cumulative budget distributions.
         layer_idx: index of the layer.
+        link: mailbox through which a ``TCACache`` layer reaches this
+            module's attention call (transformers does not pass the cache).
     """
 
     config: TCAConfig
     cdf: torch.Tensor
     layer_idx: int
+    link: CacheLink = field(default_factory=CacheLink, compare=False, repr=False)
 
 
 def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
                           cdf_hk: torch.Tensor, config: TCAConfig, scaling: float,
-                          return_lse: bool = False) -> Any:
+                          return_lse: bool = False, return_selection: bool = False) -> Any:
     """TCA prefill attention for one layer.
 
     Args:
@@ -53,9 +60,11 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
             every query's scores over its kept keys, and the ``Selection``
             (FlexAttention supports this on CUDA only; ``mass.py`` has the
             device-independent computation).
+        return_selection: return ``(out, selection)`` (ignored with return_lse).
 
     Returns:
-        ``[B, H_q, L, D]`` in the input dtype, or ``(out, lse, selection)``.
+        ``[B, H_q, L, D]`` in the input dtype, ``(out, selection)`` or
+        ``(out, lse, selection)``.
     """
     bsz, hq, length, d = q_bhsd.shape
     hkv = k_bhsd.shape[1]
@@ -72,7 +81,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     if return_lse:
         out, lse = result
         return out, lse, sel
-    return result
+    return (result, sel) if return_selection else result
 
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -84,6 +93,18 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
                         "cast the whole model to one dtype")
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
+
+
+def _check_decode_mask(attention_mask: torch.Tensor | None) -> None:
+    # The pruned cache has no padding slots, so a mask that hides tokens
+    # cannot be honoured. Checked eagerly only: reading mask values inside a
+    # compiled step would be a data-dependent branch.
+    if attention_mask is None or torch.compiler.is_compiling():
+        return
+    hides = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    if hides.any():
+        raise ValueError("TCACache does not support padded batches: run unpadded sequences (batch size 1, "
+                         "or equal lengths without padding)")
 
 
 def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -101,11 +122,19 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             f"{type(module).__name__} runs with attn_implementation='tca' but was not prepared by "
             "tca_flex.apply(model); call tca_flex.apply on the model instead of setting the name by hand"
         )
+    cache_layer = layer.link.take()
+    if cache_layer is not None and cache_layer.prefilled:
+        _check_decode_mask(attention_mask)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return cache_layer.decode_step(query, scale).transpose(1, 2).contiguous(), None
     q_len, k_len = query.shape[2], key.shape[2]
     sparse = q_len == k_len and k_len > layer.config.dense_up_to
     if not sparse:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                     scaling=scaling, **kwargs)
+        if cache_layer is not None:
+            cache_layer.finish_prefill(key, value, None)
+        return out
     _check_inputs(query, key, value)
     if attention_mask is not None:
         raise ValueError(
@@ -116,5 +145,7 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if dropout and module.training:
         raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = tca_prefill_attention(query, key, value, layer.cdf, layer.config, scale)
+    out, sel = tca_prefill_attention(query, key, value, layer.cdf, layer.config, scale, return_selection=True)
+    if cache_layer is not None:
+        cache_layer.finish_prefill(key, value, sel)  # prune now: peak memory never holds every layer in full
     return out.transpose(1, 2).contiguous(), None

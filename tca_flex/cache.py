@@ -1,0 +1,417 @@
+"""TCACache: the pruned, head-packed KV cache used for decoding.
+
+What is kept (``TCA_METHOD.md``, "Decode and KV-cache pruning"): after the
+prefill each KV head keeps its global subset plus the last ``w`` tokens. New
+tokens join an exact window; whenever a whole block of ``b`` tokens has left
+the window it is compressed to its top-``t`` tokens by the attention the
+current query gave them (GQA-aggregated), ``t = floor(E[k])`` of that head.
+Keys are cached after RoPE, so a kept token keeps its position for free.
+
+Storage: one flat buffer per batch row, ``[B, S, D]``, in which every KV head
+owns a contiguous segment
+
+    [ ring: w + b slots, the exact window + the block about to leave it |
+      packed: global subset, then compressed blocks | headroom ]
+
+so bytes follow what each head keeps (heads keep very different counts; a
+rectangular per-head buffer would pad all of them to the largest). The ring
+never moves data: position ``p`` lives in ring slot ``(p - base) % (w + b)``.
+``owner [B, S]`` names the KV head of each live slot (``-1``: free), which is
+all the decode kernel needs (``decode.py``). The packed region grows in
+chunks (``growth`` of the kept size, at least ``min_chunk_blocks`` blocks),
+decided from Python integers, so a decode step has no data-dependent branch.
+
+The link to the attention function: transformers calls ``cache.update``
+right before the attention function, which does not get the cache. Each
+layer's ``update`` therefore leaves itself on the ``CacheLink`` of its
+module's ``TCALayer``; the attention function takes it from there, prunes
+the layer right after its prefill (so peak memory never holds every layer's
+full cache) and runs decode steps through it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import TCAConfig
+from .decode import DECODE_BACKENDS, block_importance, compress_targets, decode_attention, top_t_in_block
+from .memory import LayerMemory, MemoryReport
+from .selection import Selection
+
+_NEVER = 1 << 62
+_SLOT_ALIGN = 16
+
+
+class CacheLink:
+    """Per-module mailbox: ``update`` puts its cache layer in, the attention call takes it out."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active: TCACacheLayer | None = None
+
+    def take(self) -> TCACacheLayer | None:
+        layer, self.active = self.active, None
+        return layer
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Host-side segment layout: int64 ``[B, H_kv]`` packed capacities and starts."""
+
+    var_cap: torch.Tensor
+    starts: torch.Tensor
+    slots: int
+
+
+class TCACacheLayer(CacheLayerMixin):
+    """One layer of the TCA cache (see the module docstring for the layout).
+
+    Args:
+        config: TCAConfig (window ``w``, block ``b``, GQA aggregation).
+        keep_per_block: ``t`` for every KV head of this layer, ``0 <= t <= b``.
+        link: the module's ``CacheLink``; ``None`` for a layer driven by hand
+            (then call ``finish_prefill`` and ``decode_step`` yourself).
+        growth: headroom added when the packed region grows, as a fraction
+            of the kept tokens.
+        min_chunk_blocks: headroom is at least this many compressed blocks.
+        backend: decode kernel, see ``decode.decode_attention``.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, config: TCAConfig, keep_per_block: Sequence[int], link: CacheLink | None = None,
+                 growth: float = 0.05, min_chunk_blocks: int = 4, backend: str = "auto") -> None:
+        super().__init__()
+        keep = torch.as_tensor(list(keep_per_block), dtype=torch.long)
+        if keep.dim() != 1 or keep.numel() == 0 or (keep < 0).any() or (keep > config.block_size).any():
+            raise ValueError(f"keep_per_block must list 0 <= t <= block_size={config.block_size} per KV "
+                             f"head, got {keep.tolist()}")
+        if backend not in DECODE_BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {list(DECODE_BACKENDS)}")
+        if not 0.0 <= growth <= 10.0 or min_chunk_blocks < 1:
+            raise ValueError(f"need 0 <= growth <= 10 and min_chunk_blocks >= 1, got {growth}, "
+                             f"{min_chunk_blocks}")
+        self.window, self.block = config.window, config.block_size
+        self.ring = config.window + config.block_size
+        self.aggregation = config.gqa_aggregation
+        self.keep_host = keep
+        self.link = link
+        self.growth, self.min_chunk_blocks, self.backend = growth, min_chunk_blocks, backend
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.prefilled = False
+        self._awaiting_prune = False
+        self._seen = 0
+        self._grow_at = _NEVER
+
+    # ----------------------------------------------------------- transformers API
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
+        if self.num_heads != self.keep_host.numel():
+            raise ValueError(f"the cache layer was built for {self.keep_host.numel()} KV heads, "
+                             f"the model gives {self.num_heads}")
+        self.keep = self.keep_host.to(self.device)
+        self._heads = torch.arange(self.num_heads, dtype=torch.int32, device=self.device)
+        self._block_offsets = torch.arange(self.block, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill: returns the full K/V (the attention function prunes right after).
+        Decode: appends one token per sequence and returns the flat buffers ``[B, S, D]``."""
+        if self.link is not None:
+            self.link.active = self
+        if self._awaiting_prune:
+            raise RuntimeError("TCACache: the previous prefill was never pruned. TCACache only works with a "
+                               "model prepared by tca_flex.apply (attn_implementation 'tca')")
+        if not self.prefilled:
+            self.lazy_initialization(key_states, value_states)
+            self._awaiting_prune = True
+            return key_states, value_states
+        if key_states.shape[-2] != 1:
+            raise NotImplementedError(
+                f"TCACache got {key_states.shape[-2]} new tokens on top of a pruned cache; only one token "
+                "per step is supported after the prefill (no chunked prefill, assisted or multi-turn reuse)")
+        self._append(key_states, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """Logical length: every token seen, kept or not (it drives positions)."""
+        return self._seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Logical sizes, as for a dense cache. The decode kernel builds its own
+        # mask from ``owner`` and does not use transformers' mask.
+        return self._seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("TCACache cannot crop: pruned tokens cannot be restored (assisted decoding "
+                                  "and prompt-lookup are not supported; use a DynamicCache)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: rows follow their beams (each row keeps its own selection)."""
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(torch.as_tensor(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    # ------------------------------------------------------------- prefill
+
+    def finish_prefill(self, key: torch.Tensor, value: torch.Tensor, selection: Selection | None) -> None:
+        """Keep each head's global subset plus the final window of the prefill.
+
+        Args:
+            key, value: ``[B, H_kv, L, D]`` the full prefill K/V (RoPE applied).
+            selection: the prefill's ``Selection``; ``None`` after a dense
+                prefill (then everything before the window is kept).
+        """
+        bsz, hkv, length, _ = key.shape
+        dev = key.device
+        win = min(length, self.window)
+        base = length - win
+        if selection is None:
+            positions = torch.arange(base, device=dev).expand(bsz, hkv, base)
+            counts = torch.full((bsz, hkv), base, dtype=torch.long, device=dev)
+        else:
+            positions, counts = selection.positions, selection.counts
+        counts_host = counts.cpu()  # one sync per layer per prefill: sizes the buffers
+        self._allocate(self._layout(counts_host + self._headroom(counts_host)), bsz)
+        ring_pos = torch.arange(base, length, device=dev).expand(bsz, hkv, win)
+        self._place(ring_pos, self.seg_start[..., None] + torch.arange(win, device=dev), key, value)
+        j = torch.arange(positions.shape[-1], device=dev)
+        valid = j < counts[..., None]
+        dst = self.seg_start[..., None] + self.ring + j
+        self._place(positions.clamp(max=max(length - 1, 0)), dst, key, value, valid)
+        self.var_len = counts.to(dev, torch.long).clone()
+        self.base = torch.tensor(base, device=dev)
+        self.ncs = torch.tensor(base, device=dev)  # first position not yet compressed
+        self.next_pos = torch.tensor(length, device=dev)
+        self._seen = length
+        self.prefilled, self._awaiting_prune = True, False
+        self._grow_at = self._compute_grow_at(counts_host, base)
+
+    def _place(self, src_pos: torch.Tensor, dst: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               valid: torch.Tensor | None = None) -> None:
+        """Copy ``key/value[b, h, src_pos]`` to slots ``dst`` (both ``[B, H_kv, n]``)."""
+        bsz, hkv, n = src_pos.shape
+        b_idx = torch.arange(bsz, device=key.device).view(bsz, 1, 1).expand(bsz, hkv, n)
+        h_idx = torch.arange(hkv, device=key.device).view(1, hkv, 1).expand(bsz, hkv, n)
+        if valid is not None:
+            b_idx, h_idx, src_pos, dst = b_idx[valid], h_idx[valid], src_pos[valid], dst[valid]
+        self.k_buf[b_idx, dst] = key[b_idx, h_idx, src_pos]
+        self.v_buf[b_idx, dst] = value[b_idx, h_idx, src_pos]
+        self.owner[b_idx, dst] = h_idx.to(torch.int32)
+        self.pos[b_idx, dst] = src_pos.to(torch.int32)
+
+    # ------------------------------------------------------------- storage
+
+    def _headroom(self, var_len: torch.Tensor) -> torch.Tensor:
+        """Free packed slots per head for the next chunk of compressed blocks."""
+        t = self.keep_host.double()
+        kept = self.ring + var_len.double().mean()
+        blocks = math.ceil(self.growth * float(kept) / max(float(t.mean()), 1.0))
+        return (max(blocks, self.min_chunk_blocks) * self.keep_host).expand_as(var_len)
+
+    def _layout(self, var_cap: torch.Tensor) -> _Layout:
+        seg = self.ring + var_cap
+        starts = seg.cumsum(-1) - seg
+        slots = -(-int(seg.sum(-1).max()) // _SLOT_ALIGN) * _SLOT_ALIGN
+        return _Layout(var_cap=var_cap.clone(), starts=starts, slots=slots)
+
+    def _allocate(self, layout: _Layout, bsz: int) -> None:
+        # zeros, not empty: the branch-free compression reads ring slots that
+        # may not hold a token yet and writes them back unchanged.
+        shape = (bsz, layout.slots, self.head_dim)
+        self.k_buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.owner = torch.full((bsz, layout.slots), -1, dtype=torch.int32, device=self.device)
+        self.pos = torch.full((bsz, layout.slots), -1, dtype=torch.int32, device=self.device)
+        self.seg_start = layout.starts.to(self.device)
+        self.layout = layout
+        self.keys, self.values = self.k_buf, self.v_buf
+
+    def _compute_grow_at(self, var_len: torch.Tensor, ncs: int) -> int:
+        """Logical position whose append may need more packed slots than allocated."""
+        t = self.keep_host.expand_as(var_len)
+        if not (t > 0).any():
+            return _NEVER
+        free = self.layout.var_cap - var_len
+        blocks = int((free[t > 0] // t[t > 0]).min())
+        # The (c+1)-th compression from now happens when position ncs + (c+1)*b + w - 1 is appended.
+        return ncs + (blocks + 1) * self.block + self.window - 1
+
+    def _grow(self) -> None:
+        """Re-lay the buffers with fresh headroom (rare: once per chunk of compressed blocks)."""
+        var_len = self.var_len.cpu()
+        old, old_starts = self.layout, self.seg_start
+        new = self._layout(var_len + self._headroom(var_len))
+        bsz, slots = self.owner.shape
+        used = (self.ring + var_len).to(self.device)
+        seg_id = torch.searchsorted(old_starts + self.ring + old.var_cap.to(self.device),
+                                    torch.arange(slots, device=self.device).expand(bsz, slots).contiguous(),
+                                    right=True)
+        in_seg = seg_id < self.num_heads
+        seg_id = seg_id.clamp(max=self.num_heads - 1)
+        offset = torch.arange(slots, device=self.device) - old_starts.gather(1, seg_id)
+        move = in_seg & (offset < used.gather(1, seg_id))
+        dst = new.starts.to(self.device).gather(1, seg_id) + offset
+        b_idx = torch.arange(bsz, device=self.device)[:, None].expand(bsz, slots)
+        k_old, v_old, owner_old, pos_old = self.k_buf, self.v_buf, self.owner, self.pos
+        self._allocate(new, bsz)
+        src_b, src_s, dst_s = b_idx[move], torch.nonzero(move)[:, 1], dst[move]
+        self.k_buf[src_b, dst_s] = k_old[src_b, src_s]
+        self.v_buf[src_b, dst_s] = v_old[src_b, src_s]
+        self.owner[src_b, dst_s] = owner_old[src_b, src_s]
+        self.pos[src_b, dst_s] = pos_old[src_b, src_s]
+        self._grow_at = self._compute_grow_at(var_len, int(self.ncs))
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        if not self.prefilled:
+            return
+        rows = rows.to(self.device)
+        for name in ("k_buf", "v_buf", "owner", "pos", "seg_start", "var_len"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+        host = rows.cpu()
+        self.layout = _Layout(self.layout.var_cap.index_select(0, host),
+                              self.layout.starts.index_select(0, host), self.layout.slots)
+        self.keys, self.values = self.k_buf, self.v_buf
+        self.batch_size = rows.numel()
+        self._grow_at = self._compute_grow_at(self.var_len.cpu(), int(self.ncs))
+
+    # ------------------------------------------------------------- decode
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write the new token of every (row, head) into its ring slot."""
+        if self._seen >= self._grow_at:
+            self._grow()
+        bsz, hkv, _, d = key_states.shape
+        slot = self.seg_start + (self.next_pos - self.base) % self.ring  # [B, H_kv]
+        idx = slot.unsqueeze(-1).expand(bsz, hkv, d)
+        self.k_buf.scatter_(1, idx, key_states[:, :, 0])
+        self.v_buf.scatter_(1, idx, value_states[:, :, 0])
+        self.owner.scatter_(1, slot, self._heads.expand(bsz, hkv))
+        self.pos.scatter_(1, slot, self.next_pos.to(torch.int32).expand(bsz, hkv))
+        self.next_pos += 1
+        self._seen += 1
+
+    def decode_step(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of the newest token over the kept set, then compression.
+
+        Args:
+            query: ``[B, H_q, 1, D]`` (call after ``update`` appended its key).
+            scale: softmax scale.
+
+        Returns:
+            ``[B, H_q, 1, D]``.
+        """
+        group = query.shape[1] // self.num_heads
+        out, lse = decode_attention(query, self.k_buf, self.v_buf, self.owner, group=group, scale=scale,
+                                    backend=self.backend)
+        self._compress(query, lse, scale)
+        return out
+
+    def _compress(self, query: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+        """Branch-free: moves the top-t of the leaving block when a whole block has left the window."""
+        bsz, hkv, d = self.k_buf.shape[0], self.num_heads, self.head_dim
+        newest = self.next_pos - 1
+        do = newest - self.window + 1 - self.ncs >= self.block
+        ring_slots = self.seg_start.unsqueeze(-1) + (self.ncs - self.base + self._block_offsets) % self.ring
+        flat = ring_slots.view(bsz, -1)
+        k_blk = self.k_buf.gather(1, flat.unsqueeze(-1).expand(-1, -1, d))
+        v_blk = self.v_buf.gather(1, flat.unsqueeze(-1).expand(-1, -1, d))
+        k_heads = k_blk.view(bsz, hkv, self.block, d)
+        importance = block_importance(query, k_heads, lse, scale, self.aggregation)
+        keep = top_t_in_block(importance, self.keep)
+        var_end = self.seg_start + self.ring + self.var_len
+        dst = compress_targets(keep, ring_slots, var_end, do).view(bsz, -1)
+        self.k_buf.scatter_(1, dst.unsqueeze(-1).expand(-1, -1, d), k_blk)
+        self.v_buf.scatter_(1, dst.unsqueeze(-1).expand(-1, -1, d), v_blk)
+        self.pos.scatter_(1, dst, self.pos.gather(1, flat))
+        # Free the block's ring slots, then let the moved tokens claim their new ones.
+        self.owner.scatter_(1, flat, torch.where(do, -1, self.owner.gather(1, flat)))
+        moved = (keep & do).view(bsz, -1)
+        heads = self._heads.view(1, hkv, 1).expand(bsz, hkv, self.block).reshape(bsz, -1)
+        self.owner.scatter_(1, dst, torch.where(moved, heads, self.owner.gather(1, dst)))
+        self.var_len += torch.where(do, self.keep, 0)
+        self.ncs += torch.where(do, self.block, 0)
+
+    # ------------------------------------------------------------- observability
+
+    def kept_positions(self, row: int, head: int) -> torch.Tensor:
+        """Sorted int64 positions that (row, KV head) keeps (for tests and inspection)."""
+        live = self.owner[row] == head
+        return self.pos[row][live].long().sort().values
+
+    def memory(self) -> LayerMemory:
+        """Bytes this layer holds vs a dense cache of the same logical length."""
+        if not self.prefilled:
+            return LayerMemory(0, 0, 0, 0, 0)
+        bsz, slots, d = self.k_buf.shape
+        token_bytes = 2 * d * self.k_buf.element_size()
+        index_bytes = sum(t.numel() * t.element_size() for t in (self.owner, self.pos))
+        used = 2 * self.k_buf.numel() * self.k_buf.element_size() + index_bytes
+        return LayerMemory(kept_tokens=int((self.owner >= 0).sum()),
+                           dense_tokens=bsz * self.num_heads * self._seen, slots=bsz * slots,
+                           bytes_used=used, bytes_per_token=token_bytes)
+
+
+class TCACache(Cache):
+    """A transformers ``Cache`` that keeps only what TCA selects (one ``TCACacheLayer`` per layer).
+
+    Pass it to ``generate`` or ``forward`` of a model prepared by ``tca_flex.apply``::
+
+        out = model.generate(ids, past_key_values=tca_flex.TCACache(model), max_new_tokens=64)
+
+    transformers offers no sanctioned hook to change the default cache class
+    of ``generate`` (it builds a ``DynamicCache`` itself), so the cache is
+    passed explicitly; with a ``DynamicCache`` decode runs dense over the
+    full cache, as before. Supported: greedy/sampling, beam search
+    (``reorder_cache``), batches of unpadded sequences (each row its own
+    selection). Not supported (clear errors): padded batches, more than one
+    new token per step after the prefill, ``crop``.
+
+    Args:
+        model: a model prepared by ``tca_flex.apply``.
+        growth, min_chunk_blocks, backend: see ``TCACacheLayer``.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, growth: float = 0.05, min_chunk_blocks: int = 4,
+                 backend: str = "auto") -> None:
+        from .integration import applied_budgets, attention_modules
+
+        budgets = applied_budgets(model)
+        # t = floor(E[k]); the epsilon keeps 8.0 from becoming 7 through rounding.
+        keep = torch.floor(budgets.expected_per_block() + 1e-9).long()
+        layers = [TCACacheLayer(budgets.config, keep[mod._tca_layer.layer_idx].tolist(),
+                                link=mod._tca_layer.link, growth=growth, min_chunk_blocks=min_chunk_blocks,
+                                backend=backend)
+                  for mod in attention_modules(model)]
+        super().__init__(layers=layers)
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes kept per layer and in total vs a dense cache of the same logical length."""
+        return MemoryReport(layers=[layer.memory() for layer in self.layers])
