@@ -2,7 +2,9 @@
 
 Runs passkey retrieval at a few thousand tokens with dense attention and with
 TCA (block 64, window 512, scaled to the model's 8K context), and prints
-answer, correctness, kept-token fraction per layer and time.
+answer, correctness, kept-token fraction per layer and time. TCA decodes with
+``tca_flex.TCACache``, the pruned KV cache; its memory report is printed at
+the end.
 
     python examples/quickstart.py [--tokens 3000] [--samples 2]
 """
@@ -18,22 +20,15 @@ import torch
 import tca_flex
 from tca_flex.eval.tasks import passkey, score
 from tca_flex.models import load_smollm2
-from tca_flex.selection import global_region_length
-
-
-def kept_fraction_per_layer(budgets, length: int) -> torch.Tensor:
-    """Fraction of the prompt's KV each layer keeps: global subset + final window."""
-    cfg = budgets.config
-    global_len = global_region_length(length, cfg.window)
-    kept = budgets.keep_fraction().mean(-1) * global_len + min(length, cfg.window)
-    return kept / length
 
 
 @torch.no_grad()
-def answer(model, tok, prompt: str) -> tuple[str, float, int]:
+def answer(model, tok, prompt: str, cache=None) -> tuple[str, float, int]:
+    """Greedy answer, seconds, prompt tokens; ``cache`` is the KV cache generate fills."""
     ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
     start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id,
+                         past_key_values=cache)
     elapsed = time.perf_counter() - start
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), elapsed, ids.shape[1]
 
@@ -55,10 +50,14 @@ def main() -> None:
     num_layers = model.config.num_hidden_layers
     budgets = tca_flex.HeadBudgets.uniform(num_layers, model.config.num_key_value_heads, args.keep, config)
     tca_flex.apply(model, budgets=budgets)
-    answer(model, tok, samples[0].prompt)  # warm-up: compiles FlexAttention once
-    sparse = [answer(model, tok, s.prompt) for s in samples]
-    for s, (d_ans, d_t, n), (t_ans, t_t, _) in zip(samples, dense, sparse):
-        frac = kept_fraction_per_layer(budgets, n)
+    answer(model, tok, samples[0].prompt, tca_flex.TCACache(model))  # warm-up: compiles FlexAttention once
+    sparse, reports = [], []
+    for s in samples:
+        cache = tca_flex.TCACache(model)  # the pruned cache: global subset + window per KV head
+        sparse.append(answer(model, tok, s.prompt, cache))
+        reports.append(cache.memory_report())
+    for s, (d_ans, d_t, n), (t_ans, t_t, _), report in zip(samples, dense, sparse, reports, strict=True):
+        frac = torch.tensor([m.kept_fraction for m in report.layers])
         rows.append((n, s.depth, s.answers[0], d_ans, score(d_ans, s), d_t, t_ans, score(t_ans, s), t_t,
                      frac.min().item(), frac.mean().item(), frac.max().item()))
 
@@ -69,6 +68,8 @@ def main() -> None:
         print(f"{r[0]:>6} {r[1]:>5.2f} {r[2]:>6} | {r[3][:14]:<14} {'y' if r[4] else 'n':>2} {r[5]:>5.1f} | "
               f"{r[6][:14]:<14} {'y' if r[7] else 'n':>2} {r[8]:>5.1f} | {r[9]:.2f}/{r[10]:.2f}/{r[11]:.2f}")
     print(f"dense correct {sum(r[4] for r in rows)}/{len(rows)}, TCA correct {sum(r[7] for r in rows)}/{len(rows)}")
+    print("\nTCACache after the last prompt: kept KV vs a dense cache of the same length")
+    print(reports[-1].format())
 
 
 if __name__ == "__main__":

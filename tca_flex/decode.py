@@ -67,7 +67,8 @@ def decode_block_mask(owner_bs: torch.Tensor, group: int) -> BlockMask:
     kv_num_blocks = torch.full((bsz, 1, 1), num_blocks, dtype=torch.int32, device=device)
     kv_indices = torch.arange(num_blocks, dtype=torch.int32, device=device).expand(bsz, 1, 1, num_blocks)
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices.contiguous(), BLOCK_SIZE=(_KV_BLOCK, _KV_BLOCK),
-                                    mask_mod=owner_mask_mod(owner_bs, group), seq_lengths=(1, slots))
+                                    mask_mod=owner_mask_mod(owner_bs, group), seq_lengths=(1, slots),
+                                    compute_q_blocks=False)
 
 
 def _math_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
