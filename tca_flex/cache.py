@@ -63,10 +63,10 @@ class CacheLink:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Host-side segment layout: int64 ``[B, H_kv]`` packed capacities and starts."""
+    """Segment layout in Python ints: ``[B][H_kv]`` packed capacities and segment starts."""
 
-    var_cap: torch.Tensor
-    starts: torch.Tensor
+    var_cap: tuple[tuple[int, ...], ...]
+    starts: tuple[tuple[int, ...], ...]
     slots: int
 
 
@@ -81,6 +81,9 @@ class TCACacheLayer(CacheLayerMixin):
         growth: headroom added when the packed region grows, as a fraction
             of the kept tokens.
         min_chunk_blocks: headroom is at least this many compressed blocks.
+        reserve_tokens: after the prefill, leave room for this many decode
+            tokens, so a generation of that length never grows (a growth
+            changes buffer shapes: one recompile, one CUDA-graph re-capture).
         backend: decode kernel, see ``decode.decode_attention``.
     """
 
@@ -90,7 +93,8 @@ class TCACacheLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, config: TCAConfig, keep_per_block: Sequence[int], link: CacheLink | None = None,
-                 growth: float = 0.05, min_chunk_blocks: int = 4, backend: str = "auto") -> None:
+                 growth: float = 0.05, min_chunk_blocks: int = 4, reserve_tokens: int = 0,
+                 backend: str = "auto") -> None:
         super().__init__()
         keep = torch.as_tensor(list(keep_per_block), dtype=torch.long)
         if keep.dim() != 1 or keep.numel() == 0 or (keep < 0).any() or (keep > config.block_size).any():
@@ -98,13 +102,15 @@ class TCACacheLayer(CacheLayerMixin):
                              f"head, got {keep.tolist()}")
         if backend not in DECODE_BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {list(DECODE_BACKENDS)}")
-        if not 0.0 <= growth <= 10.0 or min_chunk_blocks < 1:
-            raise ValueError(f"need 0 <= growth <= 10 and min_chunk_blocks >= 1, got {growth}, "
-                             f"{min_chunk_blocks}")
+        if not 0.0 <= growth <= 10.0 or min_chunk_blocks < 1 or reserve_tokens < 0:
+            raise ValueError(f"need 0 <= growth <= 10, min_chunk_blocks >= 1 and reserve_tokens >= 0, got "
+                             f"{growth}, {min_chunk_blocks}, {reserve_tokens}")
         self.window, self.block = config.window, config.block_size
         self.ring = config.window + config.block_size
         self.aggregation = config.gqa_aggregation
         self.keep_host = keep
+        self._keep_list = keep.tolist()
+        self.reserve_tokens = reserve_tokens
         self.link = link
         self.growth, self.min_chunk_blocks, self.backend = growth, min_chunk_blocks, backend
         self._clear()
@@ -198,8 +204,11 @@ class TCACacheLayer(CacheLayerMixin):
             counts = torch.full((bsz, hkv), base, dtype=torch.long, device=dev)
         else:
             positions, counts = selection.positions, selection.counts
-        counts_host = counts.cpu()  # one sync per layer per prefill: sizes the buffers
-        self._allocate(self._layout(counts_host + self._headroom(counts_host)), bsz)
+        self._counts0 = counts.tolist()  # one sync per layer per prefill: sizes the buffers
+        self._base = base
+        var_len = self._var_len_list(0)
+        extra = -(-self.reserve_tokens // self.block) if self.reserve_tokens else 0
+        self._allocate(self._layout(var_len, extra), bsz)
         ring_pos = torch.arange(base, length, device=dev).expand(bsz, hkv, win)
         self._place(ring_pos, self.seg_start[..., None] + torch.arange(win, device=dev), key, value)
         j = torch.arange(positions.shape[-1], device=dev)
@@ -212,7 +221,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.next_pos = torch.tensor(length, device=dev)
         self._seen = length
         self.prefilled, self._awaiting_prune = True, False
-        self._grow_at = self._compute_grow_at(counts_host, base)
+        self._grow_at = self._compute_grow_at(var_len, 0)
 
     def _place(self, src_pos: torch.Tensor, dst: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                valid: torch.Tensor | None = None) -> None:
@@ -229,18 +238,32 @@ class TCACacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------- storage
 
-    def _headroom(self, var_len: torch.Tensor) -> torch.Tensor:
-        """Free packed slots per head for the next chunk of compressed blocks."""
-        t = self.keep_host.double()
-        kept = self.ring + var_len.double().mean()
-        blocks = math.ceil(self.growth * float(kept) / max(float(t.mean()), 1.0))
-        return (max(blocks, self.min_chunk_blocks) * self.keep_host).expand_as(var_len)
+    # Sizes live in Python lists, not tensors: what a head holds is known
+    # without reading the device (the prefill's counts, then t per compression,
+    # and compressions happen at known positions), so growing never syncs and
+    # traces under torch.compile like any other step.
 
-    def _layout(self, var_cap: torch.Tensor) -> _Layout:
-        seg = self.ring + var_cap
-        starts = seg.cumsum(-1) - seg
-        slots = -(-int(seg.sum(-1).max()) // _SLOT_ALIGN) * _SLOT_ALIGN
-        return _Layout(var_cap=var_cap.clone(), starts=starts, slots=slots)
+    def _compressions(self, seen: int) -> int:
+        """Blocks compressed once every position ``< seen`` has been decoded."""
+        return max(0, (seen - self._base - self.window) // self.block)
+
+    def _var_len_list(self, compressions: int) -> list[list[int]]:
+        keep = self._keep_list
+        return [[c + compressions * t for c, t in zip(row, keep, strict=True)] for row in self._counts0]
+
+    def _layout(self, var_len: list[list[int]], extra_blocks: int = 0) -> _Layout:
+        """Segments with headroom for ``max(growth share, min_chunk_blocks, extra_blocks)`` blocks."""
+        mean_kept = self.ring + sum(map(sum, var_len)) / max(1, sum(map(len, var_len)))
+        mean_t = max(1.0, sum(self._keep_list) / len(self._keep_list))
+        blocks = max(math.ceil(self.growth * mean_kept / mean_t), self.min_chunk_blocks, extra_blocks)
+        keep = self._keep_list
+        var_cap = tuple(tuple(v + blocks * t for v, t in zip(row, keep, strict=True)) for row in var_len)
+        starts, slots = [], 0
+        for row in var_cap:
+            seg = [self.ring + c for c in row]
+            starts.append(tuple(sum(seg[:h]) for h in range(len(seg))))
+            slots = max(slots, sum(seg))
+        return _Layout(var_cap=var_cap, starts=tuple(starts), slots=-(-slots // _SLOT_ALIGN) * _SLOT_ALIGN)
 
     def _allocate(self, layout: _Layout, bsz: int) -> None:
         # zeros, not empty: the branch-free compression reads ring slots that
@@ -250,57 +273,76 @@ class TCACacheLayer(CacheLayerMixin):
         self.v_buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.owner = torch.full((bsz, layout.slots), -1, dtype=torch.int32, device=self.device)
         self.pos = torch.full((bsz, layout.slots), -1, dtype=torch.int32, device=self.device)
-        self.seg_start = layout.starts.to(self.device)
+        self._set_layout(layout)
+
+    def _set_layout(self, layout: _Layout) -> None:
         self.layout = layout
+        self.seg_start = torch.tensor(layout.starts, dtype=torch.long, device=self.device)
         self.keys, self.values = self.k_buf, self.v_buf
 
-    def _compute_grow_at(self, var_len: torch.Tensor, ncs: int) -> int:
+    def _compute_grow_at(self, var_len: list[list[int]], compressions: int) -> int:
         """Logical position whose append may need more packed slots than allocated."""
-        t = self.keep_host.expand_as(var_len)
-        if not (t > 0).any():
+        fits = [(cap - v) // t for caps, row in zip(self.layout.var_cap, var_len, strict=True)
+                for cap, v, t in zip(caps, row, self._keep_list, strict=True) if t > 0]
+        if not fits:
             return _NEVER
-        free = self.layout.var_cap - var_len
-        blocks = int((free[t > 0] // t[t > 0]).min())
-        # The (c+1)-th compression from now happens when position ncs + (c+1)*b + w - 1 is appended.
-        return ncs + (blocks + 1) * self.block + self.window - 1
+        # Compression c (1-based, counted from the prefill) runs when position base + c*b + w - 1 arrives.
+        return self._base + (compressions + min(fits) + 1) * self.block + self.window - 1
+
+    def _slot_map(self, old: _Layout, new: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every slot of ``new``: the slot of ``old`` it copies, and whether it copies one."""
+        dev, hkv = self.device, self.num_heads
+        new_starts = torch.tensor(new.starts, device=dev)
+        new_ends = new_starts + self.ring + torch.tensor(new.var_cap, device=dev)
+        old_size = self.ring + torch.tensor(old.var_cap, device=dev)
+        slot = torch.arange(new.slots, device=dev).expand(len(new.starts), new.slots).contiguous()
+        head = torch.searchsorted(new_ends, slot, right=True)
+        inside = head < hkv
+        head = head.clamp(max=hkv - 1)
+        offset = slot - new_starts.gather(1, head)
+        valid = inside & (offset < old_size.gather(1, head))
+        src = torch.tensor(old.starts, device=dev).gather(1, head) + offset
+        return torch.where(valid, src, 0), valid
 
     def _grow(self) -> None:
-        """Re-lay the buffers with fresh headroom (rare: once per chunk of compressed blocks)."""
-        var_len = self.var_len.cpu()
-        old, old_starts = self.layout, self.seg_start
-        new = self._layout(var_len + self._headroom(var_len))
-        bsz, slots = self.owner.shape
-        used = (self.ring + var_len).to(self.device)
-        seg_id = torch.searchsorted(old_starts + self.ring + old.var_cap.to(self.device),
-                                    torch.arange(slots, device=self.device).expand(bsz, slots).contiguous(),
-                                    right=True)
-        in_seg = seg_id < self.num_heads
-        seg_id = seg_id.clamp(max=self.num_heads - 1)
-        offset = torch.arange(slots, device=self.device) - old_starts.gather(1, seg_id)
-        move = in_seg & (offset < used.gather(1, seg_id))
-        dst = new.starts.to(self.device).gather(1, seg_id) + offset
-        b_idx = torch.arange(bsz, device=self.device)[:, None].expand(bsz, slots)
-        k_old, v_old, owner_old, pos_old = self.k_buf, self.v_buf, self.owner, self.pos
-        self._allocate(new, bsz)
-        src_b, src_s, dst_s = b_idx[move], torch.nonzero(move)[:, 1], dst[move]
-        self.k_buf[src_b, dst_s] = k_old[src_b, src_s]
-        self.v_buf[src_b, dst_s] = v_old[src_b, src_s]
-        self.owner[src_b, dst_s] = owner_old[src_b, src_s]
-        self.pos[src_b, dst_s] = pos_old[src_b, src_s]
-        self._grow_at = self._compute_grow_at(var_len, int(self.ncs))
+        """Re-lay the buffers with fresh headroom (once per chunk of compressed blocks; no host sync)."""
+        compressions = self._compressions(self._seen)
+        var_len = self._var_len_list(compressions)
+        old, new = self.layout, self._layout(var_len)
+        src, valid = self._slot_map(old, new)
+        idx = src.unsqueeze(-1).expand(-1, -1, self.head_dim)
+        keep = valid.unsqueeze(-1)
+        self.k_buf = torch.where(keep, self.k_buf.gather(1, idx), 0)
+        self.v_buf = torch.where(keep, self.v_buf.gather(1, idx), 0)
+        self.owner = torch.where(valid, self.owner.gather(1, src), -1)
+        self.pos = torch.where(valid, self.pos.gather(1, src), -1)
+        self._set_layout(new)
+        self._grow_at = self._compute_grow_at(var_len, compressions)
 
     def _select_rows(self, rows: torch.Tensor) -> None:
         if not self.prefilled:
             return
+        order = [int(r) for r in rows.tolist()]
         rows = rows.to(self.device)
-        for name in ("k_buf", "v_buf", "owner", "pos", "seg_start", "var_len"):
+        for name in ("k_buf", "v_buf", "owner", "pos", "var_len"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
-        host = rows.cpu()
-        self.layout = _Layout(self.layout.var_cap.index_select(0, host),
-                              self.layout.starts.index_select(0, host), self.layout.slots)
-        self.keys, self.values = self.k_buf, self.v_buf
-        self.batch_size = rows.numel()
-        self._grow_at = self._compute_grow_at(self.var_len.cpu(), int(self.ncs))
+        self._counts0 = [self._counts0[r] for r in order]
+        self._set_layout(_Layout(var_cap=tuple(self.layout.var_cap[r] for r in order),
+                                 starts=tuple(self.layout.starts[r] for r in order), slots=self.layout.slots))
+        self.batch_size = len(order)
+        compressions = self._compressions(self._seen)
+        self._grow_at = self._compute_grow_at(self._var_len_list(compressions), compressions)
+
+    def mark_static(self) -> None:
+        """Mark the buffers as static addresses (for CUDA graphs); call after the prefill, outside compile.
+
+        Dynamo then guards on the buffers' identity: a new cache, or a growth
+        of this one, recompiles. Reserve capacity (``reserve_tokens``) so a
+        generation does not grow.
+        """
+        for t in (self.k_buf, self.v_buf, self.owner, self.pos, self.var_len, self.ncs, self.next_pos,
+                  self.seg_start, self.base):
+            torch._dynamo.mark_static_address(t)
 
     # ------------------------------------------------------------- decode
 
@@ -396,11 +438,11 @@ class TCACache(Cache):
 
     Args:
         model: a model prepared by ``tca_flex.apply``.
-        growth, min_chunk_blocks, backend: see ``TCACacheLayer``.
+        growth, min_chunk_blocks, reserve_tokens, backend: see ``TCACacheLayer``.
     """
 
     def __init__(self, model: torch.nn.Module, *, growth: float = 0.05, min_chunk_blocks: int = 4,
-                 backend: str = "auto") -> None:
+                 reserve_tokens: int = 0, backend: str = "auto") -> None:
         from .integration import applied_budgets, attention_modules
 
         budgets = applied_budgets(model)
@@ -408,9 +450,14 @@ class TCACache(Cache):
         keep = torch.floor(budgets.expected_per_block() + 1e-9).long()
         layers = [TCACacheLayer(budgets.config, keep[mod._tca_layer.layer_idx].tolist(),
                                 link=mod._tca_layer.link, growth=growth, min_chunk_blocks=min_chunk_blocks,
-                                backend=backend)
+                                reserve_tokens=reserve_tokens, backend=backend)
                   for mod in attention_modules(model)]
         super().__init__(layers=layers)
+
+    def mark_static(self) -> None:
+        """``TCACacheLayer.mark_static`` on every layer (CUDA graphs)."""
+        for layer in self.layers:
+            layer.mark_static()
 
     def memory_report(self) -> MemoryReport:
         """Bytes kept per layer and in total vs a dense cache of the same logical length."""
