@@ -31,9 +31,7 @@ full cache) and runs decode steps through it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,11 +39,18 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import TCAConfig
 from .decode import DECODE_BACKENDS, block_importance, compress_targets, decode_attention, top_t_in_block
+from .layout import (
+    NEVER,
+    Layout,
+    compressions_done,
+    headroom_blocks,
+    next_growth,
+    packed_lengths,
+    plan,
+    slot_map,
+)
 from .memory import LayerMemory, MemoryReport
 from .selection import Selection
-
-_NEVER = 1 << 62
-_SLOT_ALIGN = 16
 
 
 class CacheLink:
@@ -59,15 +64,6 @@ class CacheLink:
     def take(self) -> TCACacheLayer | None:
         layer, self.active = self.active, None
         return layer
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Segment layout in Python ints: ``[B][H_kv]`` packed capacities and segment starts."""
-
-    var_cap: tuple[tuple[int, ...], ...]
-    starts: tuple[tuple[int, ...], ...]
-    slots: int
 
 
 class TCACacheLayer(CacheLayerMixin):
@@ -121,7 +117,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.prefilled = False
         self._awaiting_prune = False
         self._seen = 0
-        self._grow_at = _NEVER
+        self._grow_at = NEVER
 
     # ----------------------------------------------------------- transformers API
 
@@ -205,10 +201,9 @@ class TCACacheLayer(CacheLayerMixin):
         else:
             positions, counts = selection.positions, selection.counts
         self._counts0 = counts.tolist()  # one sync per layer per prefill: sizes the buffers
-        self._base = base
-        var_len = self._var_len_list(0)
+        self._base, self._seen = base, length
         extra = -(-self.reserve_tokens // self.block) if self.reserve_tokens else 0
-        self._allocate(self._layout(var_len, extra), bsz)
+        self._allocate(self._plan(self._counts0, extra), bsz)
         ring_pos = torch.arange(base, length, device=dev).expand(bsz, hkv, win)
         self._place(ring_pos, self.seg_start[..., None] + torch.arange(win, device=dev), key, value)
         j = torch.arange(positions.shape[-1], device=dev)
@@ -219,9 +214,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.base = torch.tensor(base, device=dev)
         self.ncs = torch.tensor(base, device=dev)  # first position not yet compressed
         self.next_pos = torch.tensor(length, device=dev)
-        self._seen = length
         self.prefilled, self._awaiting_prune = True, False
-        self._grow_at = self._compute_grow_at(var_len, 0)
 
     def _place(self, src_pos: torch.Tensor, dst: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                valid: torch.Tensor | None = None) -> None:
@@ -236,36 +229,18 @@ class TCACacheLayer(CacheLayerMixin):
         self.owner[b_idx, dst] = h_idx.to(torch.int32)
         self.pos[b_idx, dst] = src_pos.to(torch.int32)
 
-    # ------------------------------------------------------------- storage
+    # ------------------------------------------------------------- storage (sizes: layout.py)
 
-    # Sizes live in Python lists, not tensors: what a head holds is known
-    # without reading the device (the prefill's counts, then t per compression,
-    # and compressions happen at known positions), so growing never syncs and
-    # traces under torch.compile like any other step.
+    def _packed_lengths(self) -> tuple[int, list[list[int]]]:
+        done = compressions_done(self._seen, self._base, self.window, self.block)
+        return done, packed_lengths(self._counts0, self._keep_list, done)
 
-    def _compressions(self, seen: int) -> int:
-        """Blocks compressed once every position ``< seen`` has been decoded."""
-        return max(0, (seen - self._base - self.window) // self.block)
+    def _plan(self, var_len: list[list[int]], extra_blocks: int = 0) -> Layout:
+        blocks = headroom_blocks(var_len, self._keep_list, self.ring, self.growth, self.min_chunk_blocks,
+                                 extra_blocks)
+        return plan(var_len, self._keep_list, self.ring, blocks)
 
-    def _var_len_list(self, compressions: int) -> list[list[int]]:
-        keep = self._keep_list
-        return [[c + compressions * t for c, t in zip(row, keep, strict=True)] for row in self._counts0]
-
-    def _layout(self, var_len: list[list[int]], extra_blocks: int = 0) -> _Layout:
-        """Segments with headroom for ``max(growth share, min_chunk_blocks, extra_blocks)`` blocks."""
-        mean_kept = self.ring + sum(map(sum, var_len)) / max(1, sum(map(len, var_len)))
-        mean_t = max(1.0, sum(self._keep_list) / len(self._keep_list))
-        blocks = max(math.ceil(self.growth * mean_kept / mean_t), self.min_chunk_blocks, extra_blocks)
-        keep = self._keep_list
-        var_cap = tuple(tuple(v + blocks * t for v, t in zip(row, keep, strict=True)) for row in var_len)
-        starts, slots = [], 0
-        for row in var_cap:
-            seg = [self.ring + c for c in row]
-            starts.append(tuple(sum(seg[:h]) for h in range(len(seg))))
-            slots = max(slots, sum(seg))
-        return _Layout(var_cap=var_cap, starts=tuple(starts), slots=-(-slots // _SLOT_ALIGN) * _SLOT_ALIGN)
-
-    def _allocate(self, layout: _Layout, bsz: int) -> None:
+    def _allocate(self, layout: Layout, bsz: int) -> None:
         # zeros, not empty: the branch-free compression reads ring slots that
         # may not hold a token yet and writes them back unchanged.
         shape = (bsz, layout.slots, self.head_dim)
@@ -275,49 +250,24 @@ class TCACacheLayer(CacheLayerMixin):
         self.pos = torch.full((bsz, layout.slots), -1, dtype=torch.int32, device=self.device)
         self._set_layout(layout)
 
-    def _set_layout(self, layout: _Layout) -> None:
+    def _set_layout(self, layout: Layout) -> None:
         self.layout = layout
         self.seg_start = torch.tensor(layout.starts, dtype=torch.long, device=self.device)
         self.keys, self.values = self.k_buf, self.v_buf
-
-    def _compute_grow_at(self, var_len: list[list[int]], compressions: int) -> int:
-        """Logical position whose append may need more packed slots than allocated."""
-        fits = [(cap - v) // t for caps, row in zip(self.layout.var_cap, var_len, strict=True)
-                for cap, v, t in zip(caps, row, self._keep_list, strict=True) if t > 0]
-        if not fits:
-            return _NEVER
-        # Compression c (1-based, counted from the prefill) runs when position base + c*b + w - 1 arrives.
-        return self._base + (compressions + min(fits) + 1) * self.block + self.window - 1
-
-    def _slot_map(self, old: _Layout, new: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
-        """For every slot of ``new``: the slot of ``old`` it copies, and whether it copies one."""
-        dev, hkv = self.device, self.num_heads
-        new_starts = torch.tensor(new.starts, device=dev)
-        new_ends = new_starts + self.ring + torch.tensor(new.var_cap, device=dev)
-        old_size = self.ring + torch.tensor(old.var_cap, device=dev)
-        slot = torch.arange(new.slots, device=dev).expand(len(new.starts), new.slots).contiguous()
-        head = torch.searchsorted(new_ends, slot, right=True)
-        inside = head < hkv
-        head = head.clamp(max=hkv - 1)
-        offset = slot - new_starts.gather(1, head)
-        valid = inside & (offset < old_size.gather(1, head))
-        src = torch.tensor(old.starts, device=dev).gather(1, head) + offset
-        return torch.where(valid, src, 0), valid
+        done, var_len = self._packed_lengths()
+        self._grow_at = next_growth(layout, var_len, self._keep_list, done, self._base, self.window,
+                                    self.block)
 
     def _grow(self) -> None:
         """Re-lay the buffers with fresh headroom (once per chunk of compressed blocks; no host sync)."""
-        compressions = self._compressions(self._seen)
-        var_len = self._var_len_list(compressions)
-        old, new = self.layout, self._layout(var_len)
-        src, valid = self._slot_map(old, new)
+        new = self._plan(self._packed_lengths()[1])
+        src, valid = slot_map(self.layout, new, self.ring, self.device)
         idx = src.unsqueeze(-1).expand(-1, -1, self.head_dim)
-        keep = valid.unsqueeze(-1)
-        self.k_buf = torch.where(keep, self.k_buf.gather(1, idx), 0)
-        self.v_buf = torch.where(keep, self.v_buf.gather(1, idx), 0)
+        self.k_buf = torch.where(valid.unsqueeze(-1), self.k_buf.gather(1, idx), 0)
+        self.v_buf = torch.where(valid.unsqueeze(-1), self.v_buf.gather(1, idx), 0)
         self.owner = torch.where(valid, self.owner.gather(1, src), -1)
         self.pos = torch.where(valid, self.pos.gather(1, src), -1)
         self._set_layout(new)
-        self._grow_at = self._compute_grow_at(var_len, compressions)
 
     def _select_rows(self, rows: torch.Tensor) -> None:
         if not self.prefilled:
@@ -327,11 +277,8 @@ class TCACacheLayer(CacheLayerMixin):
         for name in ("k_buf", "v_buf", "owner", "pos", "var_len"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self._counts0 = [self._counts0[r] for r in order]
-        self._set_layout(_Layout(var_cap=tuple(self.layout.var_cap[r] for r in order),
-                                 starts=tuple(self.layout.starts[r] for r in order), slots=self.layout.slots))
         self.batch_size = len(order)
-        compressions = self._compressions(self._seen)
-        self._grow_at = self._compute_grow_at(self._var_len_list(compressions), compressions)
+        self._set_layout(self.layout.rows(order))
 
     def mark_static(self) -> None:
         """Mark the buffers as static addresses (for CUDA graphs); call after the prefill, outside compile.

@@ -24,8 +24,10 @@ reads ``owner`` (query head ``h`` sees slot ``s`` iff ``owner[b, s] == h //
 g``). Every kept byte is read once, as in SDPA on a compact cache; the price
 is that each query head also scores the other heads' slots (``H_kv`` times
 the minimal FLOPs), which is cheap while decode stays memory-bound. The
-flex-decoding kernel wants ``H_q`` to be a power of two (otherwise flex falls
-back to its main kernel). ``"math"`` is the same computation in plain tensor
+flex-decoding kernel wants the GQA group, here ``H_q``, to be a power of two
+and the mask head dimension to be 1 (``_use_flex_decoding`` in
+``torch/_inductor/kernel/flex/flex_decoding.py``); otherwise flex falls back
+to its main kernel. ``"math"`` is the same computation in plain tensor
 ops: the CPU path (compiled FlexAttention on CPU cannot return the
 log-sum-exp that compression needs) and a baseline to time against.
 """

@@ -87,7 +87,7 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants():
                                    atol=1e-5, rtol=1e-5)
         after = kept_sets(layer, bsz, hkv)
         slots_seen.add(layer.k_buf.shape[1])
-        assert layer.var_len.tolist() == layer._var_len_list(layer._compressions(layer._seen))
+        assert layer.var_len.tolist() == layer._packed_lengths()[1]
         leaving = p - 32 + 1 - ncs == 8  # a whole block has left the window
         block = torch.arange(ncs, ncs + 8)
         for b in range(bsz):
@@ -110,6 +110,18 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants():
             ncs, compressions = ncs + 8, compressions + 1
     assert compressions == 8
     assert len(slots_seen) > 2, "the packed region should have grown in chunks"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_decode_on_cuda_matches_math():
+    torch.manual_seed(3)
+    q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    owner = torch.randint(-1, 2, (2, 1000), dtype=torch.int32, device="cuda")
+    out_f, lse_f = decode_attention(q, k, v, owner, group=4, scale=0.125, backend="flex")
+    out_m, lse_m = decode_attention(q, k, v, owner, group=4, scale=0.125, backend="math")
+    torch.testing.assert_close(out_f.float(), out_m.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse_f, lse_m, atol=1e-2, rtol=1e-3)
 
 
 def test_flex_decode_backend_matches_math():
@@ -209,10 +221,17 @@ def test_storage_stays_within_ten_percent_of_what_is_kept():
     layer.update(k, v)
     layer.finish_prefill(k, v, select(q, k, budgets.cdf(0), scaling=d**-0.5, block_size=32, window=256,
                                       alpha=0.5))
+    reserved = TCACacheLayer(cfg, t, reserve_tokens=100, backend="math")
+    reserved.update(k, k)
+    reserved.finish_prefill(k, k, select(q, k, budgets.cdf(0), scaling=d**-0.5, block_size=32, window=256,
+                                         alpha=0.5))
+    slots = reserved.k_buf.shape[1]
     for _ in range(100):  # three blocks leave the window
         step = torch.randn(1, 4, 1, d)
-        layer.update(step, step)
-        layer.decode_step(torch.randn(1, 4, 1, d), d**-0.5)
+        for cache_layer in (layer, reserved):
+            cache_layer.update(step, step)
+            cache_layer.decode_step(torch.randn(1, 4, 1, d), d**-0.5)
+    assert reserved.k_buf.shape[1] == slots, "reserve_tokens must cover the generation without growing"
     mem = layer.memory()
     counts = [layer.kept_positions(0, h).numel() for h in range(4)]
     assert max(counts) > 3 * min(counts), "heads should keep very different amounts"
