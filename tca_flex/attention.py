@@ -122,7 +122,7 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             f"{type(module).__name__} runs with attn_implementation='tca' but was not prepared by "
             "tca_flex.apply(model); call tca_flex.apply on the model instead of setting the name by hand"
         )
-    cache_layer = layer.link.take()
+    cache_layer = layer.link.take(key)
     if cache_layer is not None and cache_layer.prefilled:
         _check_decode_mask(attention_mask)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -54,15 +54,26 @@ from .selection import Selection
 
 
 class CacheLink:
-    """Per-module mailbox: ``update`` puts its cache layer in, the attention call takes it out."""
+    """Per-module mailbox: ``update`` posts its cache layer with the key tensor it returned;
+    the attention call takes the layer back only if it received that very tensor.
 
-    __slots__ = ("active",)
+    The identity check makes a stale post harmless: if ``update`` raised, or
+    a later forward uses another cache, the attention call does not pick up a
+    layer whose K/V it was not given.
+    """
+
+    __slots__ = ("active", "key")
 
     def __init__(self) -> None:
         self.active: TCACacheLayer | None = None
+        self.key: torch.Tensor | None = None
 
-    def take(self) -> TCACacheLayer | None:
-        layer, self.active = self.active, None
+    def post(self, layer: TCACacheLayer, key: torch.Tensor) -> None:
+        self.active, self.key = layer, key
+
+    def take(self, key: torch.Tensor) -> TCACacheLayer | None:
+        layer = self.active if self.key is key else None
+        self.active = self.key = None
         return layer
 
 
@@ -136,21 +147,25 @@ class TCACacheLayer(CacheLayerMixin):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill: returns the full K/V (the attention function prunes right after).
         Decode: appends one token per sequence and returns the flat buffers ``[B, S, D]``."""
-        if self.link is not None:
-            self.link.active = self
         if self._awaiting_prune:
             raise RuntimeError("TCACache: the previous prefill was never pruned. TCACache only works with a "
                                "model prepared by tca_flex.apply (attn_implementation 'tca')")
         if not self.prefilled:
             self.lazy_initialization(key_states, value_states)
             self._awaiting_prune = True
+            self._post(key_states)
             return key_states, value_states
         if key_states.shape[-2] != 1:
             raise NotImplementedError(
                 f"TCACache got {key_states.shape[-2]} new tokens on top of a pruned cache; only one token "
                 "per step is supported after the prefill (no chunked prefill, assisted or multi-turn reuse)")
         self._append(key_states, value_states)
+        self._post(self.keys)
         return self.keys, self.values
+
+    def _post(self, key: torch.Tensor) -> None:
+        if self.link is not None:
+            self.link.post(self, key)
 
     def get_seq_length(self) -> int:
         """Logical length: every token seen, kept or not (it drives positions)."""

@@ -185,6 +185,9 @@ def test_sparse_generation_rows_have_their_own_selection(tiny_llama):
         for h in range(2):
             assert torch.equal(both.layers[1].kept_positions(row, h), cache.layers[1].kept_positions(0, h))
     assert not torch.equal(both.layers[1].kept_positions(0, 0), both.layers[1].kept_positions(1, 0))
+    row1 = both.layers[1].kept_positions(1, 1)
+    both.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(both.layers[1].kept_positions(0, 1), row1)
     out = tiny_llama.generate(x, max_new_tokens=40, do_sample=False, past_key_values=TCACache(tiny_llama))
     assert out.shape == (2, 240)
     beam = tiny_llama.generate(x[:1], max_new_tokens=6, do_sample=False, num_beams=3,
@@ -283,17 +286,20 @@ def test_compiled_decode_step_does_not_recompile():
 def test_unsupported_uses_raise_clear_errors(tiny_llama):
     with pytest.raises(ValueError, match="not prepared by tca_flex.apply"):
         TCACache(tiny_llama)
+    dense_short = tiny_llama(ids(50)).logits
     tca_flex.apply(tiny_llama, SPARSE)
     cache = TCACache(tiny_llama)
-    tiny_llama(ids(100), past_key_values=cache)
+    tiny_llama(ids(200), past_key_values=cache)
     with pytest.raises(NotImplementedError, match="only one token"):
         tiny_llama(ids(5), past_key_values=cache)
+    # The failed call left nothing behind: a plain forward (DynamicCache) still runs dense.
+    torch.testing.assert_close(tiny_llama(ids(50)).logits, dense_short)
     with pytest.raises(NotImplementedError, match="cannot crop"):
         cache.crop(-1)
-    padded = torch.ones(2, 101, dtype=torch.long)
+    padded = torch.ones(2, 201, dtype=torch.long)
     padded[0, :3] = 0
     cache = TCACache(tiny_llama)
-    tiny_llama(ids(100, bsz=2), past_key_values=cache)
+    tiny_llama(ids(200, bsz=2), past_key_values=cache)
     with pytest.raises(ValueError, match="padded"):
         tiny_llama(ids(1, bsz=2), attention_mask=padded, past_key_values=cache)
     with pytest.raises(ValueError, match="0 <= t <= block_size"):
