@@ -23,10 +23,11 @@ decided from Python integers, so a decode step has no data-dependent branch.
 
 The link to the attention function: transformers calls ``cache.update``
 right before the attention function, which does not get the cache. Each
-layer's ``update`` therefore leaves itself on the ``CacheLink`` of its
-module's ``TCALayer``; the attention function takes it from there, prunes
-the layer right after its prefill (so peak memory never holds every layer's
-full cache) and runs decode steps through it.
+layer's ``update`` therefore posts itself, with the key tensor it returns, on
+the ``CacheLink`` of its module's ``TCALayer``; the attention function takes
+it back when it receives that very tensor, prunes the layer right after its
+prefill (so peak memory never holds every layer's full cache) and runs decode
+steps through it. No class is patched and nothing goes on ``model.config``.
 """
 
 from __future__ import annotations
