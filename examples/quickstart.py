@@ -6,6 +6,8 @@ answer, correctness, kept-token fraction per layer and time. TCA uses the
 per-head budgets calibrated for SmolLM2 that ship with the package
 (``tca_flex.shipped_budgets("smollm2")``); ``--keep F`` replaces them with a
 uniform keep fraction ``F`` for every head.
+TCA decodes with ``tca_flex.TCACache``, the pruned KV cache; its memory
+report is printed at the end.
 
     python examples/quickstart.py [--tokens 3000] [--samples 2] [--keep 0.2] [--report]
 
@@ -24,22 +26,15 @@ import torch
 import tca_flex
 from tca_flex.eval.tasks import passkey, score
 from tca_flex.models import load_smollm2
-from tca_flex.selection import global_region_length
-
-
-def kept_fraction_per_layer(budgets, length: int) -> torch.Tensor:
-    """Fraction of the prompt's KV each layer keeps: global subset + final window."""
-    cfg = budgets.config
-    global_len = global_region_length(length, cfg.window)
-    kept = budgets.keep_fraction().mean(-1) * global_len + min(length, cfg.window)
-    return kept / length
 
 
 @torch.no_grad()
-def answer(model, tok, prompt: str) -> tuple[str, float, int]:
+def answer(model, tok, prompt: str, cache=None) -> tuple[str, float, int]:
+    """Greedy answer, seconds, prompt tokens; ``cache`` is the KV cache generate fills."""
     ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
     start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id,
+                         past_key_values=cache)
     elapsed = time.perf_counter() - start
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), elapsed, ids.shape[1]
 
@@ -70,10 +65,14 @@ def main() -> None:
         label = f"uniform keep {args.keep}"
     config = budgets.config
     tca_flex.apply(model, budgets=budgets)
-    answer(model, tok, samples[0].prompt)  # warm-up: compiles FlexAttention once
-    sparse = [answer(model, tok, s.prompt) for s in samples]
-    for s, (d_ans, d_t, n), (t_ans, t_t, _) in zip(samples, dense, sparse, strict=True):
-        frac = kept_fraction_per_layer(budgets, n)
+    answer(model, tok, samples[0].prompt, tca_flex.TCACache(model))  # warm-up: compiles FlexAttention once
+    sparse, reports = [], []
+    for s in samples:
+        cache = tca_flex.TCACache(model)  # the pruned cache: global subset + window per KV head
+        sparse.append(answer(model, tok, s.prompt, cache))
+        reports.append(cache.memory_report())
+    for s, (d_ans, d_t, n), (t_ans, t_t, _), report in zip(samples, dense, sparse, reports, strict=True):
+        frac = torch.tensor([m.kept_fraction for m in report.layers])
         rows.append((n, s.depth, s.answers[0], d_ans, score(d_ans, s), d_t, t_ans, score(t_ans, s), t_t,
                      frac.min().item(), frac.mean().item(), frac.max().item()))
 
@@ -86,6 +85,8 @@ def main() -> None:
               f"{r[6][:14]:<14} {'y' if r[7] else 'n':>2} {r[8]:>5.1f} | {r[9]:.2f}/{r[10]:.2f}/{r[11]:.2f}")
     n_rows = len(rows)
     print(f"dense correct {sum(r[4] for r in rows)}/{n_rows}, TCA correct {sum(r[7] for r in rows)}/{n_rows}")
+    print("\nTCACache after the last prompt: kept KV vs a dense cache of the same length")
+    print(reports[-1].format())
     if args.report:
         ids = tok(samples[0].prompt, return_tensors="pt").input_ids.to(model.device)
         print("\n" + str(tca_flex.report(model, ids, queries=256)))

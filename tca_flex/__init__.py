@@ -6,14 +6,16 @@ Typical use::
     budgets.save("budgets.json")
     model = tca_flex.apply(model, budgets="budgets.json")
     model = torch.compile(model)
+    out = model.generate(ids, past_key_values=tca_flex.TCACache(model), max_new_tokens=64)
 """
 
 from .budgets import HeadBudgets, shipped_budgets
+from .cache import TCACache
 from .calibration import calibrate
 from .config import TCAConfig
 from .fidelity import FidelityReport, report
 from .integration import apply, remove
 
-__all__ = ["FidelityReport", "HeadBudgets", "TCAConfig", "apply", "calibrate", "remove", "report",
-           "shipped_budgets"]
+__all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "remove",
+           "report", "shipped_budgets"]
 __version__ = "0.1.0"

@@ -4,7 +4,10 @@ Dispatch per call:
 - a fresh prefill longer than ``config.dense_up_to`` runs TCA
   (``tca_prefill_attention``);
 - shorter prefills, decode and prefills on top of an existing cache run
-  transformers' own SDPA attention, so they equal dense exactly.
+  transformers' own SDPA attention, so they equal dense exactly;
+- with a ``TCACache``, the cache layer that ``update`` just used waits on the
+  module's ``CacheLink``: after a prefill it is pruned to the selection, and
+  a decode step attends over its kept set (``cache.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Any
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .cache import CacheLink
 from .compile import compiled, flex
 from .config import TCAConfig
 from .masks import KERNEL_BLOCK, packed_block_mask, tca_block_indices
-from .selection import Selection, select
+from .selection import Selection, global_region_length, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -33,11 +37,14 @@ class TCALayer:
         config: the TCAConfig.
         cdf: float64 ``[H_kv, b + 1]``, cumulative budget distributions.
         layer_idx: index of the layer.
+        link: mailbox through which a ``TCACache`` layer reaches this
+            module's attention call (transformers does not pass the cache).
     """
 
     config: TCAConfig
     cdf: torch.Tensor
     layer_idx: int
+    link: CacheLink = field(default_factory=CacheLink, compare=False, repr=False)
     config_json: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,7 +74,8 @@ def _prefill_inputs(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Te
 
 def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
                           cdf_hk: torch.Tensor, config: TCAConfig, scaling: float,
-                          return_lse: bool = False, kernel_options: dict[str, Any] | None = None) -> Any:
+                          return_lse: bool = False, return_selection: bool = False,
+                          kernel_options: dict[str, Any] | None = None) -> Any:
     """TCA prefill attention for one layer.
 
     Args:
@@ -80,10 +88,12 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
             every query's scores over its kept keys, and the ``Selection``
             (FlexAttention supports this on CUDA only; ``mass.py`` has the
             device-independent computation).
+        return_selection: return ``(out, selection)`` (ignored with return_lse).
         kernel_options: FlexAttention kernel options (default: per device).
 
     Returns:
-        ``[B, H_q, L, D]`` in the input dtype, or ``(out, lse, selection)``.
+        ``[B, H_q, L, D]`` in the input dtype, ``(out, selection)`` or
+        ``(out, lse, selection)``.
     """
     hq, length = q_bhsd.shape[1], q_bhsd.shape[2]
     hkv = k_bhsd.shape[1]
@@ -100,7 +110,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     if return_lse:
         out, lse = result
         return out, lse, sel
-    return result
+    return (result, sel) if return_selection else result
 
 
 @functools.lru_cache(maxsize=64)
@@ -115,14 +125,24 @@ def _config_from_json(text: str) -> TCAConfig:
 # the op keeps the outer graph free of that risk and costs no graph break.
 @torch.library.custom_op("tca_flex::prefill_attention", mutates_args=())
 def prefill_attention_op(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
-                         cdf_hk: torch.Tensor, config_json: str, scaling: float) -> torch.Tensor:
-    """``tca_prefill_attention`` as a torch custom op; ``config_json`` is ``json.dumps(config.to_dict())``."""
-    return tca_prefill_attention(q_bhsd, k_bhsd, v_bhsd, cdf_hk, _config_from_json(config_json), scaling)
+                         cdf_hk: torch.Tensor, config_json: str, scaling: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tca_prefill_attention`` as a torch custom op.
+
+    ``config_json`` is ``json.dumps(config.to_dict())``. Returns the output and
+    the selection's ``positions`` and ``counts`` (the pruned cache needs them).
+    """
+    out, sel = tca_prefill_attention(q_bhsd, k_bhsd, v_bhsd, cdf_hk, _config_from_json(config_json), scaling,
+                                     return_selection=True)
+    return out, sel.positions, sel.counts
 
 
 @prefill_attention_op.register_fake
 def _(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config_json, scaling):
-    return torch.empty_like(q_bhsd)
+    bsz, hkv, length = k_bhsd.shape[0], k_bhsd.shape[1], k_bhsd.shape[2]
+    capacity = -(-global_region_length(length, _config_from_json(config_json).window) // KERNEL_BLOCK) * KERNEL_BLOCK
+    return (torch.empty_like(q_bhsd), k_bhsd.new_empty((bsz, hkv, capacity), dtype=torch.long),
+            k_bhsd.new_empty((bsz, hkv), dtype=torch.long))
 
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -134,6 +154,18 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
                         "cast the whole model to one dtype")
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
+
+
+def _check_decode_mask(attention_mask: torch.Tensor | None) -> None:
+    # The pruned cache has no padding slots, so a mask that hides tokens
+    # cannot be honoured. Checked eagerly only: reading mask values inside a
+    # compiled step would be a data-dependent branch.
+    if attention_mask is None or torch.compiler.is_compiling():
+        return
+    hides = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    if hides.any():
+        raise ValueError("TCACache does not support padded batches: run unpadded sequences (batch size 1, "
+                         "or equal lengths without padding)")
 
 
 def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -151,11 +183,19 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             f"{type(module).__name__} runs with attn_implementation='tca' but was not prepared by "
             "tca_flex.apply(model); call tca_flex.apply on the model instead of setting the name by hand"
         )
+    cache_layer = layer.link.take(key)
+    if cache_layer is not None and cache_layer.prefilled:
+        _check_decode_mask(attention_mask)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return cache_layer.decode_step(query, scale).transpose(1, 2).contiguous(), None
     q_len, k_len = query.shape[2], key.shape[2]
     sparse = q_len == k_len and k_len > layer.config.dense_up_to
     if not sparse:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                     scaling=scaling, **kwargs)
+        if cache_layer is not None:
+            cache_layer.finish_prefill(key, value, None)
+        return out
     _check_inputs(query, key, value)
     if attention_mask is not None:
         raise ValueError(
@@ -167,5 +207,8 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if dropout and module.training:
         raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale)
+    out, positions, counts = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale)
+    if cache_layer is not None:
+        # prune now: peak memory never holds every layer in full
+        cache_layer.finish_prefill(key, value, Selection(positions=positions, counts=counts))
     return out.transpose(1, 2).contiguous(), None

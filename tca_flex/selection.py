@@ -34,12 +34,13 @@ class Selection:
             only on the sequence length (static shapes for compilation).
         counts: int64 ``[B, H_kv]``, the number of valid entries per row.
         importance: float32 ``[B, H_kv, L]``, the GQA-aggregated last-query
-            attention row that drove the choice.
+            attention row that drove the choice (``None`` where only the kept
+            set travelled, as out of the prefill custom op).
     """
 
     positions: torch.Tensor
     counts: torch.Tensor
-    importance: torch.Tensor
+    importance: torch.Tensor | None = None
 
     def keep_mask(self, length: int) -> torch.Tensor:
         """bool ``[B, H_kv, length]``: True at kept positions."""

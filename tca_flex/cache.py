@@ -1,0 +1,427 @@
+"""TCACache: the pruned, head-packed KV cache used for decoding.
+
+What is kept (``TCA_METHOD.md``, "Decode and KV-cache pruning"): after the
+prefill each KV head keeps its global subset plus the last ``w`` tokens. New
+tokens join an exact window; whenever a whole block of ``b`` tokens has left
+the window it is compressed to its top-``t`` tokens by the attention the
+current query gave them (GQA-aggregated), ``t = floor(E[k])`` of that head.
+Keys are cached after RoPE, so a kept token keeps its position for free.
+
+Storage: one flat buffer per batch row, ``[B, S, D]``, in which every KV head
+owns a contiguous segment
+
+    [ ring: w + b slots, the exact window + the block about to leave it |
+      packed: global subset, then compressed blocks | headroom ]
+
+so bytes follow what each head keeps (heads keep very different counts; a
+rectangular per-head buffer would pad all of them to the largest). The ring
+never moves data: position ``p`` lives in ring slot ``(p - base) % (w + b)``.
+``owner [B, S]`` names the KV head of each live slot (``-1``: free), which is
+all the decode kernel needs (``decode.py``). The packed region grows in
+chunks (``growth`` of the kept size, at least ``min_chunk_blocks`` blocks),
+decided from Python integers, so a decode step has no data-dependent branch.
+
+The link to the attention function: transformers calls ``cache.update``
+right before the attention function, which does not get the cache. Each
+layer's ``update`` therefore posts itself, with the key tensor it returns, on
+the ``CacheLink`` of its module's ``TCALayer``; the attention function takes
+it back when it receives that very tensor, prunes the layer right after its
+prefill (so peak memory never holds every layer's full cache) and runs decode
+steps through it. No class is patched and nothing goes on ``model.config``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import TCAConfig
+from .decode import DECODE_BACKENDS, block_importance, compress_targets, decode_attention, top_t_in_block
+from .layout import (
+    NEVER,
+    Layout,
+    compressions_done,
+    headroom_blocks,
+    next_growth,
+    packed_lengths,
+    plan,
+    slot_map,
+)
+from .memory import LayerMemory, MemoryReport
+from .selection import Selection
+
+
+class CacheLink:
+    """Per-module mailbox: ``update`` posts its cache layer with the key tensor it returned;
+    the attention call takes the layer back only if it received that very tensor.
+
+    The identity check makes a stale post harmless: if ``update`` raised, or
+    a later forward uses another cache, the attention call does not pick up a
+    layer whose K/V it was not given.
+    """
+
+    __slots__ = ("active", "key")
+
+    def __init__(self) -> None:
+        self.active: TCACacheLayer | None = None
+        self.key: torch.Tensor | None = None
+
+    def post(self, layer: TCACacheLayer, key: torch.Tensor) -> None:
+        self.active, self.key = layer, key
+
+    def take(self, key: torch.Tensor) -> TCACacheLayer | None:
+        layer = self.active if self.key is key else None
+        self.active = self.key = None
+        return layer
+
+
+class TCACacheLayer(CacheLayerMixin):
+    """One layer of the TCA cache (see the module docstring for the layout).
+
+    Args:
+        config: TCAConfig (window ``w``, block ``b``, GQA aggregation).
+        keep_per_block: ``t`` for every KV head of this layer, ``0 <= t <= b``.
+        link: the module's ``CacheLink``; ``None`` for a layer driven by hand
+            (then call ``finish_prefill`` and ``decode_step`` yourself).
+        growth: headroom added when the packed region grows, as a fraction
+            of the kept tokens.
+        min_chunk_blocks: headroom is at least this many compressed blocks.
+        reserve_tokens: after the prefill, leave room for this many decode
+            tokens, so a generation of that length never grows (a growth
+            changes buffer shapes: one recompile, one CUDA-graph re-capture).
+        backend: decode kernel, see ``decode.decode_attention``.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, config: TCAConfig, keep_per_block: Sequence[int], link: CacheLink | None = None,
+                 growth: float = 0.05, min_chunk_blocks: int = 4, reserve_tokens: int = 0,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        keep = torch.as_tensor(list(keep_per_block), dtype=torch.long)
+        if keep.dim() != 1 or keep.numel() == 0 or (keep < 0).any() or (keep > config.block_size).any():
+            raise ValueError(f"keep_per_block must list 0 <= t <= block_size={config.block_size} per KV "
+                             f"head, got {keep.tolist()}")
+        if backend not in DECODE_BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {list(DECODE_BACKENDS)}")
+        if not 0.0 <= growth <= 10.0 or min_chunk_blocks < 1 or reserve_tokens < 0:
+            raise ValueError(f"need 0 <= growth <= 10, min_chunk_blocks >= 1 and reserve_tokens >= 0, got "
+                             f"{growth}, {min_chunk_blocks}, {reserve_tokens}")
+        self.window, self.block = config.window, config.block_size
+        self.ring = config.window + config.block_size
+        self.aggregation = config.gqa_aggregation
+        self.keep_host = keep
+        self._keep_list = keep.tolist()
+        self.reserve_tokens = reserve_tokens
+        self.link = link
+        self.growth, self.min_chunk_blocks, self.backend = growth, min_chunk_blocks, backend
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.prefilled = False
+        self._awaiting_prune = False
+        self._seen = 0
+        self._grow_at = NEVER
+
+    # ----------------------------------------------------------- transformers API
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
+        if self.num_heads != self.keep_host.numel():
+            raise ValueError(f"the cache layer was built for {self.keep_host.numel()} KV heads, "
+                             f"the model gives {self.num_heads}")
+        self.keep = self.keep_host.to(self.device)
+        self._heads = torch.arange(self.num_heads, dtype=torch.int32, device=self.device)
+        self._block_offsets = torch.arange(self.block, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill: returns the full K/V (the attention function prunes right after).
+        Decode: appends one token per sequence and returns the flat buffers ``[B, S, D]``."""
+        if self._awaiting_prune:
+            raise RuntimeError("TCACache: the previous prefill was never pruned. TCACache only works with a "
+                               "model prepared by tca_flex.apply (attn_implementation 'tca')")
+        if not self.prefilled:
+            self.lazy_initialization(key_states, value_states)
+            self._awaiting_prune = True
+            self._post(key_states)
+            return key_states, value_states
+        if key_states.shape[-2] != 1:
+            raise NotImplementedError(
+                f"TCACache got {key_states.shape[-2]} new tokens on top of a pruned cache; only one token "
+                "per step is supported after the prefill (no chunked prefill, assisted or multi-turn reuse)")
+        self._append(key_states, value_states)
+        self._post(self.keys)
+        return self.keys, self.values
+
+    def _post(self, key: torch.Tensor) -> None:
+        if self.link is not None:
+            self.link.post(self, key)
+
+    def get_seq_length(self) -> int:
+        """Logical length: every token seen, kept or not (it drives positions)."""
+        return self._seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Logical sizes, as for a dense cache. The decode kernel builds its own
+        # mask from ``owner`` and does not use transformers' mask.
+        return self._seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("TCACache cannot crop: pruned tokens cannot be restored (assisted decoding "
+                                  "and prompt-lookup are not supported; use a DynamicCache)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: rows follow their beams (each row keeps its own selection)."""
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(torch.as_tensor(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    # ------------------------------------------------------------- prefill
+
+    def finish_prefill(self, key: torch.Tensor, value: torch.Tensor, selection: Selection | None) -> None:
+        """Keep each head's global subset plus the final window of the prefill.
+
+        Args:
+            key, value: ``[B, H_kv, L, D]`` the full prefill K/V (RoPE applied).
+            selection: the prefill's ``Selection``; ``None`` after a dense
+                prefill (then everything before the window is kept).
+        """
+        bsz, hkv, length, _ = key.shape
+        dev = key.device
+        win = min(length, self.window)
+        base = length - win
+        if selection is None:
+            positions = torch.arange(base, device=dev).expand(bsz, hkv, base)
+            counts = torch.full((bsz, hkv), base, dtype=torch.long, device=dev)
+        else:
+            positions, counts = selection.positions, selection.counts
+        self._counts0 = counts.tolist()  # one sync per layer per prefill: sizes the buffers
+        self._base, self._seen = base, length
+        extra = -(-self.reserve_tokens // self.block) if self.reserve_tokens else 0
+        self._allocate(self._plan(self._counts0, extra), bsz)
+        ring_pos = torch.arange(base, length, device=dev).expand(bsz, hkv, win)
+        self._place(ring_pos, self.seg_start[..., None] + torch.arange(win, device=dev), key, value)
+        j = torch.arange(positions.shape[-1], device=dev)
+        valid = j < counts[..., None]
+        dst = self.seg_start[..., None] + self.ring + j
+        self._place(positions.clamp(max=max(length - 1, 0)), dst, key, value, valid)
+        self.var_len = counts.to(dev, torch.long).clone()
+        self.base = torch.tensor(base, device=dev)
+        self.ncs = torch.tensor(base, device=dev)  # first position not yet compressed
+        self.next_pos = torch.tensor(length, device=dev)
+        self.prefilled, self._awaiting_prune = True, False
+
+    def _place(self, src_pos: torch.Tensor, dst: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               valid: torch.Tensor | None = None) -> None:
+        """Copy ``key/value[b, h, src_pos]`` to slots ``dst`` (both ``[B, H_kv, n]``)."""
+        bsz, hkv, n = src_pos.shape
+        b_idx = torch.arange(bsz, device=key.device).view(bsz, 1, 1).expand(bsz, hkv, n)
+        h_idx = torch.arange(hkv, device=key.device).view(1, hkv, 1).expand(bsz, hkv, n)
+        if valid is not None:
+            b_idx, h_idx, src_pos, dst = b_idx[valid], h_idx[valid], src_pos[valid], dst[valid]
+        self.k_buf[b_idx, dst] = key[b_idx, h_idx, src_pos]
+        self.v_buf[b_idx, dst] = value[b_idx, h_idx, src_pos]
+        self.owner[b_idx, dst] = h_idx.to(torch.int32)
+        self.pos[b_idx, dst] = src_pos.to(torch.int32)
+
+    # ------------------------------------------------------------- storage (sizes: layout.py)
+
+    def _packed_lengths(self) -> tuple[int, list[list[int]]]:
+        done = compressions_done(self._seen, self._base, self.window, self.block)
+        return done, packed_lengths(self._counts0, self._keep_list, done)
+
+    def _plan(self, var_len: list[list[int]], extra_blocks: int = 0) -> Layout:
+        blocks = headroom_blocks(var_len, self._keep_list, self.ring, self.growth, self.min_chunk_blocks,
+                                 extra_blocks)
+        return plan(var_len, self._keep_list, self.ring, blocks)
+
+    def _allocate(self, layout: Layout, bsz: int) -> None:
+        # zeros, not empty: the branch-free compression reads ring slots that
+        # may not hold a token yet and writes them back unchanged.
+        shape = (bsz, layout.slots, self.head_dim)
+        self.k_buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.owner = torch.full((bsz, layout.slots), -1, dtype=torch.int32, device=self.device)
+        self.pos = torch.full((bsz, layout.slots), -1, dtype=torch.int32, device=self.device)
+        self._set_layout(layout)
+
+    def _set_layout(self, layout: Layout) -> None:
+        self.layout = layout
+        self.seg_start = torch.tensor(layout.starts, dtype=torch.long, device=self.device)
+        self.keys, self.values = self.k_buf, self.v_buf
+        done, var_len = self._packed_lengths()
+        self._grow_at = next_growth(layout, var_len, self._keep_list, done, self._base, self.window,
+                                    self.block)
+
+    def _grow(self) -> None:
+        """Re-lay the buffers with fresh headroom (once per chunk of compressed blocks; no host sync)."""
+        new = self._plan(self._packed_lengths()[1])
+        src, valid = slot_map(self.layout, new, self.ring, self.device)
+        idx = src.unsqueeze(-1).expand(-1, -1, self.head_dim)
+        self.k_buf = torch.where(valid.unsqueeze(-1), self.k_buf.gather(1, idx), 0)
+        self.v_buf = torch.where(valid.unsqueeze(-1), self.v_buf.gather(1, idx), 0)
+        self.owner = torch.where(valid, self.owner.gather(1, src), -1)
+        self.pos = torch.where(valid, self.pos.gather(1, src), -1)
+        self._set_layout(new)
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        if not self.prefilled:
+            return
+        order = [int(r) for r in rows.tolist()]
+        rows = rows.to(self.device)
+        for name in ("k_buf", "v_buf", "owner", "pos", "var_len"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+        self._counts0 = [self._counts0[r] for r in order]
+        self.batch_size = len(order)
+        self._set_layout(self.layout.rows(order))
+
+    def mark_static(self) -> None:
+        """Mark the buffers as static addresses (for CUDA graphs); call after the prefill, outside compile.
+
+        Dynamo then guards on the buffers' identity: a new cache, or a growth
+        of this one, recompiles. Reserve capacity (``reserve_tokens``) so a
+        generation does not grow.
+        """
+        for t in (self.k_buf, self.v_buf, self.owner, self.pos, self.var_len, self.ncs, self.next_pos,
+                  self.seg_start, self.base):
+            torch._dynamo.mark_static_address(t)
+
+    # ------------------------------------------------------------- decode
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write the new token of every (row, head) into its ring slot."""
+        if self._seen >= self._grow_at:
+            self._grow()
+        bsz, hkv, _, d = key_states.shape
+        slot = self.seg_start + (self.next_pos - self.base) % self.ring  # [B, H_kv]
+        idx = slot.unsqueeze(-1).expand(bsz, hkv, d)
+        self.k_buf.scatter_(1, idx, key_states[:, :, 0])
+        self.v_buf.scatter_(1, idx, value_states[:, :, 0])
+        self.owner.scatter_(1, slot, self._heads.expand(bsz, hkv))
+        self.pos.scatter_(1, slot, self.next_pos.to(torch.int32).expand(bsz, hkv))
+        self.next_pos += 1
+        self._seen += 1
+
+    def decode_step(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of the newest token over the kept set, then compression.
+
+        Args:
+            query: ``[B, H_q, 1, D]`` (call after ``update`` appended its key).
+            scale: softmax scale.
+
+        Returns:
+            ``[B, H_q, 1, D]``.
+        """
+        group = query.shape[1] // self.num_heads
+        out, lse = decode_attention(query, self.k_buf, self.v_buf, self.owner, group=group, scale=scale,
+                                    backend=self.backend)
+        self._compress(query, lse, scale)
+        return out
+
+    def _compress(self, query: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+        """Branch-free: moves the top-t of the leaving block when a whole block has left the window."""
+        bsz, hkv, d = self.k_buf.shape[0], self.num_heads, self.head_dim
+        newest = self.next_pos - 1
+        do = newest - self.window + 1 - self.ncs >= self.block
+        ring_slots = self.seg_start.unsqueeze(-1) + (self.ncs - self.base + self._block_offsets) % self.ring
+        flat = ring_slots.view(bsz, -1)
+        k_blk = self.k_buf.gather(1, flat.unsqueeze(-1).expand(-1, -1, d))
+        v_blk = self.v_buf.gather(1, flat.unsqueeze(-1).expand(-1, -1, d))
+        k_heads = k_blk.view(bsz, hkv, self.block, d)
+        importance = block_importance(query, k_heads, lse, scale, self.aggregation)
+        keep = top_t_in_block(importance, self.keep)
+        var_end = self.seg_start + self.ring + self.var_len
+        dst = compress_targets(keep, ring_slots, var_end, do).view(bsz, -1)
+        self.k_buf.scatter_(1, dst.unsqueeze(-1).expand(-1, -1, d), k_blk)
+        self.v_buf.scatter_(1, dst.unsqueeze(-1).expand(-1, -1, d), v_blk)
+        self.pos.scatter_(1, dst, self.pos.gather(1, flat))
+        # Free the block's ring slots, then let the moved tokens claim their new ones.
+        self.owner.scatter_(1, flat, torch.where(do, -1, self.owner.gather(1, flat)))
+        moved = (keep & do).view(bsz, -1)
+        heads = self._heads.view(1, hkv, 1).expand(bsz, hkv, self.block).reshape(bsz, -1)
+        self.owner.scatter_(1, dst, torch.where(moved, heads, self.owner.gather(1, dst)))
+        self.var_len += torch.where(do, self.keep, 0)
+        self.ncs += torch.where(do, self.block, 0)
+
+    # ------------------------------------------------------------- observability
+
+    def kept_positions(self, row: int, head: int) -> torch.Tensor:
+        """Sorted int64 positions that (row, KV head) keeps (for tests and inspection)."""
+        live = self.owner[row] == head
+        return self.pos[row][live].long().sort().values
+
+    def memory(self) -> LayerMemory:
+        """Bytes this layer holds vs a dense cache of the same logical length."""
+        if not self.prefilled:
+            return LayerMemory(0, 0, 0, 0, 0)
+        bsz, slots, d = self.k_buf.shape
+        token_bytes = 2 * d * self.k_buf.element_size()
+        index_bytes = sum(t.numel() * t.element_size() for t in (self.owner, self.pos))
+        used = 2 * self.k_buf.numel() * self.k_buf.element_size() + index_bytes
+        return LayerMemory(kept_tokens=int((self.owner >= 0).sum()),
+                           dense_tokens=bsz * self.num_heads * self._seen, slots=bsz * slots,
+                           bytes_used=used, bytes_per_token=token_bytes)
+
+
+class TCACache(Cache):
+    """A transformers ``Cache`` that keeps only what TCA selects (one ``TCACacheLayer`` per layer).
+
+    Pass it to ``generate`` or ``forward`` of a model prepared by ``tca_flex.apply``::
+
+        out = model.generate(ids, past_key_values=tca_flex.TCACache(model), max_new_tokens=64)
+
+    transformers offers no sanctioned hook to change the default cache class
+    of ``generate`` (it builds a ``DynamicCache`` itself), so the cache is
+    passed explicitly; with a ``DynamicCache`` decode runs dense over the
+    full cache, as before. Supported: greedy/sampling, beam search
+    (``reorder_cache``), batches of unpadded sequences (each row its own
+    selection). Not supported (clear errors): padded batches, more than one
+    new token per step after the prefill, ``crop``.
+
+    Args:
+        model: a model prepared by ``tca_flex.apply``.
+        growth, min_chunk_blocks, reserve_tokens, backend: see ``TCACacheLayer``.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, growth: float = 0.05, min_chunk_blocks: int = 4,
+                 reserve_tokens: int = 0, backend: str = "auto") -> None:
+        from .integration import applied_budgets, attention_modules
+
+        budgets = applied_budgets(model)
+        # t = floor(E[k]); the epsilon keeps 8.0 from becoming 7 through rounding.
+        keep = torch.floor(budgets.expected_per_block() + 1e-9).long()
+        layers = [TCACacheLayer(budgets.config, keep[mod._tca_layer.layer_idx].tolist(),
+                                link=mod._tca_layer.link, growth=growth, min_chunk_blocks=min_chunk_blocks,
+                                reserve_tokens=reserve_tokens, backend=backend)
+                  for mod in attention_modules(model)]
+        super().__init__(layers=layers)
+
+    def mark_static(self) -> None:
+        """``TCACacheLayer.mark_static`` on every layer (CUDA graphs)."""
+        for layer in self.layers:
+            layer.mark_static()
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes kept per layer and in total vs a dense cache of the same logical length."""
+        return MemoryReport(layers=[layer.memory() for layer in self.layers])

@@ -1,0 +1,177 @@
+"""Decode-time pure functions over the head-packed TCA cache.
+
+Storage (see ``cache.py``): each batch row holds the kept keys of *all* its KV
+heads in one flat buffer ``k_bsd [B, S, D]``; every KV head owns a contiguous
+segment of slots, sized to what that head keeps. ``owner_bs [B, S]`` (int32)
+names the KV head of each live slot and is ``-1`` for a free slot, so one
+tensor says both "is this slot live" and "whose is it".
+
+Kernel decision (measured numbers in ``GPU_NOTES.md``; not re-measurable on
+the CPU we develop on):
+
+- Decode is memory-bound, and pruning pays only if the kernel reads the live,
+  compacted bytes, not a full-size buffer with a length mask.
+- SDPA on compact buffers is fastest when every head has the same length, but
+  TCA heads keep very different counts: a rectangular ``[B, H_kv, L_max, D]``
+  buffer pads every head to the largest and gives the memory back.
+- A per-query-head BlockMask with ``enable_gqa`` falls off the flex-decoding
+  kernel; with a mask head dimension of 1 it stays on it.
+
+So the default CUDA path is FlexAttention over the flat buffer viewed as one
+KV head (``[B, 1, S, D]``), all ``H_q`` query heads forming one GQA group, a
+head-dim-1 BlockMask that lists the allocated blocks, and a ``mask_mod`` that
+reads ``owner`` (query head ``h`` sees slot ``s`` iff ``owner[b, s] == h //
+g``). Every kept byte is read once, as in SDPA on a compact cache; the price
+is that each query head also scores the other heads' slots (``H_kv`` times
+the minimal FLOPs), which is cheap while decode stays memory-bound. The
+flex-decoding kernel wants the GQA group, here ``H_q``, to be a power of two
+and the mask head dimension to be 1 (``_use_flex_decoding`` in
+``torch/_inductor/kernel/flex/flex_decoding.py``); otherwise flex falls back
+to its main kernel. ``"math"`` is the same computation in plain tensor
+ops: the CPU path (compiled FlexAttention on CPU cannot return the
+log-sum-exp that compression needs) and a baseline to time against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .selection import rank_of
+
+DECODE_BACKENDS = ("auto", "flex", "math")
+_KV_BLOCK = 128
+
+
+def owner_mask_mod(owner_bs: torch.Tensor, group: int):
+    """mask_mod: query head ``h`` sees slot ``kv_idx`` iff the slot is live and its KV head's.
+
+    Module-level factory: every layer shares one code object, so dynamo does
+    not recompile per layer; the captured ``owner`` tensor may change freely.
+    """
+
+    def tca_decode_mask(b, h, q_idx, kv_idx):
+        return owner_bs[b, kv_idx] == h // group
+
+    return tca_decode_mask
+
+
+def decode_block_mask(owner_bs: torch.Tensor, group: int) -> BlockMask:
+    """Head-dim-1 BlockMask over every allocated block of the flat buffer.
+
+    All blocks are listed as partial: the buffer is already compact (free
+    slots are a few percent), so skipping blocks would save little, and a
+    mask built from the shape alone costs no data-dependent work per step.
+    """
+    bsz, slots = owner_bs.shape
+    num_blocks = -(-slots // _KV_BLOCK)
+    device = owner_bs.device
+    kv_num_blocks = torch.full((bsz, 1, 1), num_blocks, dtype=torch.int32, device=device)
+    kv_indices = torch.arange(num_blocks, dtype=torch.int32, device=device).expand(bsz, 1, 1, num_blocks)
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices.contiguous(), BLOCK_SIZE=(_KV_BLOCK, _KV_BLOCK),
+                                    mask_mod=owner_mask_mod(owner_bs, group), seq_lengths=(1, slots),
+                                    compute_q_blocks=False)
+
+
+def _math_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
+                 group: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    heads = torch.arange(q_bhsd.shape[1], device=q_bhsd.device) // group
+    scores = torch.einsum("bhd,bsd->bhs", q_bhsd[:, :, 0].float(), k_bsd.float()) * scale
+    scores = scores.masked_fill(owner_bs[:, None, :] != heads[None, :, None], float("-inf"))
+    lse = scores.logsumexp(-1)
+    out = torch.einsum("bhs,bsd->bhd", torch.exp(scores - lse[..., None]), v_bsd.float())
+    return out.to(q_bhsd.dtype).unsqueeze(2), lse
+
+
+def _flex_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
+                 group: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .compile import compiled_flex_attention
+
+    # Eager flex on CPU materialises only [B, H_q, 1, S] scores here (q_len 1), which is fine.
+    on_cuda = q_bhsd.device.type == "cuda"
+    fn = compiled_flex_attention() if on_cuda and not torch.compiler.is_compiling() else flex_attention
+    block_mask = decode_block_mask(owner_bs, group)
+    out, lse = fn(q_bhsd, k_bsd.unsqueeze(1), v_bsd.unsqueeze(1), block_mask=block_mask, scale=scale,
+                  enable_gqa=True, return_lse=True)
+    return out, lse[:, :, 0].float()
+
+
+def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
+                     *, group: int, scale: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of attention over the head-packed kept set.
+
+    Args:
+        q_bhsd: ``[B, H_q, 1, D]`` queries (RoPE applied).
+        k_bsd, v_bsd: ``[B, S, D]`` flat buffers holding every KV head's kept
+            keys/values (RoPE already applied to keys).
+        owner_bs: int32 ``[B, S]``: KV head of each live slot, ``-1`` if free.
+        group: query heads per KV head; query head ``h`` reads KV head ``h // group``.
+        scale: softmax scale.
+        backend: ``"flex"`` (CUDA default), ``"math"`` (CPU default), or ``"auto"``.
+
+    Returns:
+        (``[B, H_q, 1, D]`` output in q's dtype, float32 ``[B, H_q]`` log-sum-exp
+        of each query head's scores over its kept keys).
+    """
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode backend={backend!r} is not one of {list(DECODE_BACKENDS)}")
+    if backend == "auto":
+        backend = "flex" if q_bhsd.device.type == "cuda" else "math"
+    fn = _flex_decode if backend == "flex" else _math_decode
+    return fn(q_bhsd, k_bsd, v_bsd, owner_bs, group, scale)
+
+
+def block_importance(q_bhsd: torch.Tensor, k_block: torch.Tensor, lse_bh: torch.Tensor, scale: float,
+                     aggregation: str = "mean") -> torch.Tensor:
+    """Attention probability the current query gives each token of a block, per KV head.
+
+    Args:
+        q_bhsd: ``[B, H_q, 1, D]`` the current queries.
+        k_block: ``[B, H_kv, b, D]`` the block's keys.
+        lse_bh: float32 ``[B, H_q]`` log-sum-exp over the whole kept set, so
+            the probabilities are the ones the attention actually used.
+        scale: softmax scale.
+        aggregation: ``"mean"`` or ``"max"`` over the ``g`` query heads (as in
+            ``selection.importance``).
+
+    Returns:
+        float32 ``[B, H_kv, b]``.
+    """
+    bsz, hq, _, d = q_bhsd.shape
+    hkv = k_block.shape[1]
+    q = q_bhsd[:, :, 0].float().view(bsz, hkv, hq // hkv, d)
+    logits = torch.einsum("bkgd,bktd->bkgt", q, k_block.float()) * scale
+    probs = torch.exp(logits - lse_bh.view(bsz, hkv, hq // hkv, 1))
+    return probs.mean(2) if aggregation == "mean" else probs.amax(2)
+
+
+def top_t_in_block(importance: torch.Tensor, t_h: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, H_kv, b]``: each head's top-``t_h`` tokens (ties keep the older token).
+
+    Args:
+        importance: ``[B, H_kv, b]``.
+        t_h: int64 ``[H_kv]`` tokens each head keeps per block.
+    """
+    return rank_of(importance) < t_h[None, :, None]
+
+
+def compress_targets(keep: torch.Tensor, ring_slots: torch.Tensor, var_end: torch.Tensor,
+                     do: torch.Tensor) -> torch.Tensor:
+    """Destination slot of every token of a leaving block (branch-free).
+
+    A kept token moves to the next free slot of its head's packed region; a
+    dropped token, and every token when ``do`` is False, "moves" to its own
+    slot, which makes the scatter that follows a no-op for it. Destinations
+    are distinct, so one scatter moves the whole block.
+
+    Args:
+        keep: bool ``[B, H_kv, b]``.
+        ring_slots: int64 ``[B, H_kv, b]`` current slots of the block's tokens.
+        var_end: int64 ``[B, H_kv]`` first free slot of each head's packed region.
+        do: bool 0-d tensor: a whole block has left the window at this step.
+
+    Returns:
+        int64 ``[B, H_kv, b]`` destination slots.
+    """
+    packed = var_end.unsqueeze(-1) + keep.long().cumsum(-1) - 1
+    return torch.where(keep & do, packed, ring_slots)
