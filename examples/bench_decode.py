@@ -21,10 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tca_flex import HeadBudgets, TCAConfig
-from tca_flex.cache import TCACacheLayer
+from tca_flex import TCAConfig
+from tca_flex.bench import build_cache_layer
 from tca_flex.decode import decode_attention
-from tca_flex.selection import select
 
 
 def timed(fn, iters: int, device: torch.device) -> float:
@@ -47,27 +46,12 @@ def timed(fn, iters: int, device: torch.device) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def build_layer(length: int, hq: int, hkv: int, d: int, fractions: list[float], config: TCAConfig,
-                dtype: torch.dtype, device: torch.device) -> TCACacheLayer:
-    probs = torch.cat([HeadBudgets.uniform(1, 1, f, config).probs for f in fractions], dim=1)
-    budgets = HeadBudgets(probs=probs, config=config)
-    keep = torch.floor(budgets.expected_per_block()[0] + 1e-9).long().tolist()
-    q = torch.randn(1, hq, length, d, dtype=dtype, device=device)
-    k = torch.randn(1, hkv, length, d, dtype=dtype, device=device)
-    sel = select(q, k, budgets.cdf(0).to(device), scaling=d**-0.5, block_size=config.block_size,
-                 window=config.window, alpha=config.alpha)
-    layer = TCACacheLayer(config, keep)
-    layer.update(k, k)
-    layer.finish_prefill(k, k, sel)
-    return layer
-
-
 def bench_one(length: int, args: argparse.Namespace, config: TCAConfig, device: torch.device,
               dtype: torch.dtype) -> str:
     hq, hkv, d = args.heads[0], args.heads[1], args.dim
     fractions = [args.keep[i % len(args.keep)] for i in range(hkv)]
     wrap = (lambda f: torch.compile(f, mode=args.mode)) if args.compile else (lambda f: f)
-    layer = build_layer(length, hq, hkv, d, fractions, config, dtype, device)
+    layer = build_cache_layer(length, hq, hkv, d, fractions, config, dtype, device)
     mem = layer.memory()
     q = torch.randn(1, hq, 1, d, dtype=dtype, device=device)
     new = torch.randn(1, hkv, 1, d, dtype=dtype, device=device)
