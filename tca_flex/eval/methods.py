@@ -1,0 +1,159 @@
+"""Method registry: name -> a function that prepares the model and returns a cleanup.
+
+A ``Method`` is one point on an accuracy-vs-KV curve: ``family`` names the
+curve (``dense``, ``tca``, ``streaming``, ``snapkv``) and ``level`` the
+point. ``Method.prepare(model)`` changes the model in place and returns a
+``Prepared`` whose ``cleanup()`` undoes it, so methods run one after another
+on one loaded model.
+
+Budgets: ``tca`` uses ``HeadBudgets.uniform`` at keep fraction ``level``.
+The baselines get, per KV head, exactly as many prompt tokens as TCA keeps
+on the same prompt length (``tca_kv_tokens``: expected global subset +
+final window), so the curves compare at equal KV budget.
+
+Extending (once the ``calib`` and ``cache`` branches are merged): calibrated
+budgets plug in by registering a family whose factory loads
+``HeadBudgets`` for a ``tau`` (e.g. ``tca_flex.calibrate``'s shipped SmolLM2
+budgets) and passes them to ``_tca_prepare``; baselines then match
+``tca_kv_tokens`` of those budgets. The pruned decode cache plugs in through
+``Prepared.make_cache`` (a ``TCACache`` factory) in place of the kept-set
+emulation of ``baselines.TCAPolicy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import tca_flex
+
+from ..budgets import HeadBudgets
+from ..config import TCAConfig
+from ..integration import attention_modules
+from ..selection import global_region_length
+from .baselines import SnapKVPolicy, StreamingPolicy, TCAPolicy
+from .install import install_policy, kept_fraction
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared model's handles.
+
+    Attributes:
+        cleanup: restores the model.
+        kept_fraction: fraction of prompt KV kept after the last prefill
+            (None: the full cache, i.e. 1.0).
+        make_cache: optional factory of the decode cache (None: DynamicCache).
+    """
+
+    cleanup: Callable[[], None]
+    kept_fraction: Callable[[], float | None] = lambda: None
+    make_cache: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One evaluated configuration."""
+
+    name: str
+    family: str
+    level: float | None
+    prepare: Callable[[torch.nn.Module], Prepared]
+
+
+def model_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """``(num_layers, num_kv_heads)`` of a transformers decoder."""
+    mods = attention_modules(model)
+    return len(mods), mods[0].k_proj.out_features // mods[0].head_dim
+
+
+def tca_kv_tokens(length: int, per_block: float, config: TCAConfig) -> int:
+    """Prompt tokens one KV head keeps under TCA: expected global subset + final window.
+
+    Args:
+        length: prompt length ``L``.
+        per_block: expected tokens kept per full block, ``E[k]`` (0..b).
+        config: block size and window.
+    """
+    global_len = global_region_length(length, config.window)
+    if global_len == 0:
+        return length
+    b = config.block_size
+    sizes = [min(b, global_len - s) for s in range(0, global_len, b)]
+    return int(round(sum(min(per_block, s) for s in sizes))) + config.window
+
+
+def dense() -> Method:
+    """The unmodified model (its own SDPA attention)."""
+    return Method("dense", "dense", 1.0, lambda model: Prepared(cleanup=lambda: None))
+
+
+def _tca_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
+    tca_flex.apply(model, budgets=budgets)
+    uninstall = install_policy(model, lambda layer: TCAPolicy())
+
+    def cleanup() -> None:
+        uninstall()
+        tca_flex.remove(model)
+
+    return Prepared(cleanup=cleanup, kept_fraction=lambda: kept_fraction(model))
+
+
+def tca(keep: float, config: TCAConfig) -> Method:
+    """TCA with uniform budgets: every head keeps ``keep`` of each global block."""
+
+    def prepare(model: torch.nn.Module) -> Prepared:
+        layers, kv_heads = model_shape(model)
+        return _tca_prepare(model, HeadBudgets.uniform(layers, kv_heads, keep, config))
+
+    return Method(f"tca-k{keep:g}", "tca", keep, prepare)
+
+
+def _policy_method(name: str, family: str, keep: float, config: TCAConfig,
+                   make: Callable[[Callable[[int], int]], Any]) -> Method:
+    per_block = keep * config.block_size
+
+    def budget(length: int) -> int:
+        return tca_kv_tokens(length, per_block, config)
+
+    def prepare(model: torch.nn.Module) -> Prepared:
+        uninstall = install_policy(model, lambda layer: make(budget))
+        return Prepared(cleanup=uninstall, kept_fraction=lambda: kept_fraction(model))
+
+    return Method(name, family, keep, prepare)
+
+
+def streaming(keep: float, config: TCAConfig, sinks: int = 4) -> Method:
+    """StreamingLLM at the KV budget of ``tca(keep, config)``."""
+    return _policy_method(f"streaming-k{keep:g}", "streaming", keep, config,
+                          lambda budget: StreamingPolicy(budget, sinks))
+
+
+def snapkv(keep: float, config: TCAConfig, obs: int = 32, kernel: int = 7) -> Method:
+    """SnapKV-style compression at the KV budget of ``tca(keep, config)``."""
+    return _policy_method(f"snapkv-k{keep:g}", "snapkv", keep, config,
+                          lambda budget: SnapKVPolicy(budget, obs, kernel))
+
+
+# family -> factory(level, config). Levels are keep fractions; a calibrated
+# TCA family would take tau as its level (see the module docstring).
+FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
+    "tca": tca,
+    "streaming": streaming,
+    "snapkv": snapkv,
+}
+
+
+def build_methods(families: list[str], levels: list[float], config: TCAConfig) -> list[Method]:
+    """``dense`` (when listed) plus every sparse family at every level."""
+    unknown = sorted(set(families) - set(FAMILIES) - {"dense"})
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {['dense', *FAMILIES]}")
+    methods = [dense()] if "dense" in families else []
+    for family in families:
+        if family != "dense":
+            methods.extend(FAMILIES[family](level, config) for level in levels)
+    return methods
