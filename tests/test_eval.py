@@ -209,7 +209,7 @@ def test_methods_keep_equal_budgets_on_a_model(tiny_llama):
     dense_logits = tiny_llama(ids).logits
     expected = methods.tca_kv_tokens(300, 0.25 * 32, CFG) / 300
     for m in methods.build_methods(["tca", "streaming", "snapkv"], [0.25], CFG):
-        prepared = m.prepare(tiny_llama)
+        prepared = m.prepare(tiny_llama, 300)
         try:
             out = tiny_llama(ids, use_cache=True)
             assert prepared.kept_fraction() == pytest.approx(expected, abs=1e-9), m.name

@@ -25,6 +25,7 @@ from .report import markdown_tables, plot_accuracy_vs_kv, summarize, write_json
 from .runner import SuiteConfig, run_suite
 from .tasks import TASKS
 
+DEFAULT_METHODS = ["dense", "tca", "streaming", "snapkv"]
 # CI: one short sample of two tasks and one perplexity window, every method at one level.
 SMOKE = dict(lengths=[512], samples=1, tasks=["passkey", "niah_single"], keep=[0.25], window=128, block=32,
              ppl_samples=1)
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--samples", type=int, default=5, help="samples per task and length")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=["dense", *FAMILIES], choices=["dense", *FAMILIES])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=["dense", *FAMILIES],
+                   help="kvpress:* families need the kvpress package (separate venv, see EVALUATION.md)")
     p.add_argument("--keep", type=float, nargs="+", default=[0.1, 0.25, 0.5],
                    help="TCA keep fractions per block; baselines get the same KV budget")
     p.add_argument("--block", type=int, default=64, help="TCA block size")

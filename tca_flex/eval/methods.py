@@ -2,7 +2,7 @@
 
 A ``Method`` is one point on an accuracy-vs-KV curve: ``family`` names the
 curve (``dense``, ``tca``, ``streaming``, ``snapkv``) and ``level`` the
-point. ``Method.prepare(model)`` changes the model in place and returns a
+point. ``Method.prepare(model, length)`` changes the model in place and returns a
 ``Prepared`` whose ``cleanup()`` undoes it, so methods run one after another
 on one loaded model.
 
@@ -61,7 +61,7 @@ class Method:
     name: str
     family: str
     level: float | None
-    prepare: Callable[[torch.nn.Module], Prepared]
+    prepare: Callable[[torch.nn.Module, int], Prepared]
 
 
 def model_shape(model: torch.nn.Module) -> tuple[int, int]:
@@ -88,7 +88,7 @@ def tca_kv_tokens(length: int, per_block: float, config: TCAConfig) -> int:
 
 def dense() -> Method:
     """The unmodified model (its own SDPA attention)."""
-    return Method("dense", "dense", 1.0, lambda model: Prepared(cleanup=lambda: None))
+    return Method("dense", "dense", 1.0, lambda model, length: Prepared(cleanup=lambda: None))
 
 
 def _tca_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
@@ -105,11 +105,26 @@ def _tca_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
 def tca(keep: float, config: TCAConfig) -> Method:
     """TCA with uniform budgets: every head keeps ``keep`` of each global block."""
 
-    def prepare(model: torch.nn.Module) -> Prepared:
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
         layers, kv_heads = model_shape(model)
         return _tca_prepare(model, HeadBudgets.uniform(layers, kv_heads, keep, config))
 
     return Method(f"tca-k{keep:g}", "tca", keep, prepare)
+
+
+def tca_prefill(keep: float, config: TCAConfig) -> Method:
+    """The library as it is today: TCA prefill, decode over the full (unpruned) cache.
+
+    Its KV kept fraction is 1.0 (nothing is evicted); compare with ``tca``,
+    which emulates the pruned decode cache, to see what pruning costs.
+    """
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        layers, kv_heads = model_shape(model)
+        tca_flex.apply(model, budgets=HeadBudgets.uniform(layers, kv_heads, keep, config))
+        return Prepared(cleanup=lambda: tca_flex.remove(model))
+
+    return Method(f"tca_prefill-k{keep:g}", "tca_prefill", keep, prepare)
 
 
 def _policy_method(name: str, family: str, keep: float, config: TCAConfig,
@@ -119,7 +134,7 @@ def _policy_method(name: str, family: str, keep: float, config: TCAConfig,
     def budget(length: int) -> int:
         return tca_kv_tokens(length, per_block, config)
 
-    def prepare(model: torch.nn.Module) -> Prepared:
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
         uninstall = install_policy(model, lambda layer: make(budget))
         return Prepared(cleanup=uninstall, kept_fraction=lambda: kept_fraction(model))
 
@@ -138,12 +153,37 @@ def snapkv(keep: float, config: TCAConfig, obs: int = 32, kernel: int = 7) -> Me
                           lambda budget: SnapKVPolicy(budget, obs, kernel))
 
 
+def kvpress(press: str, keep: float, config: TCAConfig) -> Method:
+    """A press of NVIDIA's ``kvpress`` package at the KV budget of ``tca(keep, config)``.
+
+    ``press`` is a class name such as ``SnapKVPress``; its ``compression_ratio``
+    is ``1 - tca_kv_tokens(length) / length`` for the suite length. kvpress
+    0.5.x needs transformers < 5.3: run from a separate virtual environment
+    (see EVALUATION.md). The press compresses the cache after a dense
+    prefill; the kept fraction is measured on the cache.
+    """
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        import kvpress as kvp
+
+        ratio = 1.0 - tca_kv_tokens(length, keep * config.block_size, config) / length
+        context = getattr(kvp, press)(compression_ratio=max(ratio, 0.0))(model)
+        context.__enter__()
+        return Prepared(cleanup=lambda: context.__exit__(None, None, None))
+
+    return Method(f"kvpress:{press}-k{keep:g}", f"kvpress:{press}", keep, prepare)
+
+
 # family -> factory(level, config). Levels are keep fractions; a calibrated
 # TCA family would take tau as its level (see the module docstring).
 FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
     "tca": tca,
+    "tca_prefill": tca_prefill,
     "streaming": streaming,
     "snapkv": snapkv,
+    "kvpress:SnapKVPress": lambda keep, config: kvpress("SnapKVPress", keep, config),
+    "kvpress:StreamingLLMPress": lambda keep, config: kvpress("StreamingLLMPress", keep, config),
+    "kvpress:ExpectedAttentionPress": lambda keep, config: kvpress("ExpectedAttentionPress", keep, config),
 }
 
 

@@ -74,35 +74,54 @@ def _encode(tokenizer, text: str, device: torch.device) -> torch.Tensor:
     return torch.tensor([tokenizer(text).input_ids], dtype=torch.long, device=device)
 
 
+def cache_kept_fraction(cache: Any, prompt_len: int) -> float | None:
+    """Physical KV length / prompt length, averaged over layers (None: unknown cache)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or getattr(layers[0], "keys", None) is None:
+        return None
+    return sum(layer.keys.shape[-2] for layer in layers) / (len(layers) * prompt_len)
+
+
 @torch.no_grad()
 def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None,
-           cache: Any = None) -> tuple[list[int], float, float]:
+           cache: Any = None) -> tuple[list[int], float, float, float | None]:
     """Greedy decoding with separate prefill and decode timing.
+
+    Decode steps pass explicit ``position_ids`` (prompt length + step), so a
+    cache that physically drops tokens (kvpress, a pruned cache) keeps the
+    right rotary positions.
 
     Args:
         input_ids: int64 ``[1, L]``.
         cache: a transformers Cache for the prefill (None: the model's default).
 
     Returns:
-        (new token ids, prefill seconds, mean seconds per decode step or NaN).
+        (new token ids, prefill seconds, mean seconds per decode step or NaN,
+        physical cache length / L after the prefill or None).
     """
+    length = input_ids.shape[1]
     start = time.perf_counter()
     out = model(input_ids, past_key_values=cache, use_cache=True)
     prefill_s = time.perf_counter() - start
+    kept = cache_kept_fraction(out.past_key_values, length)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     new = [token.item()]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] != eos_id:
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        pos = torch.tensor([[length + len(new) - 1]], device=input_ids.device)
+        out = model(token, past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         new.append(token.item())
     steps = len(new) - 1
     decode_s = (time.perf_counter() - start) / steps if steps else float("nan")
-    return new, prefill_s, decode_s
+    return new, prefill_s, decode_s, kept
 
 
-def _kept(prepared: Prepared) -> float:
+def _kept(prepared: Prepared, from_cache: float | None = None) -> float:
+    """The method's own kept fraction, else the cache's physical one, else 1."""
     frac = prepared.kept_fraction()
+    if frac is None:
+        frac = from_cache
     return 1.0 if frac is None else frac
 
 
@@ -123,14 +142,15 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
     for sample in _progress(samples, f"{method.name} @ {length}", progress):
         ids = _encode(tokenizer, sample.prompt, device)
         cache = prepared.make_cache() if prepared.make_cache else None
-        new, prefill_s, decode_s = greedy(model, ids, sample.max_new_tokens, tokenizer.eos_token_id, cache)
+        new, prefill_s, decode_s, cache_kept = greedy(model, ids, sample.max_new_tokens,
+                                                      tokenizer.eos_token_id, cache)
         answer = tokenizer.decode(new, skip_special_tokens=True)
         records.append({
             "kind": "task", "length": length, "method": method.name, "family": method.family,
             "level": method.level, "task": sample.task, "prompt_tokens": ids.shape[1],
             "depth": sample.depth, "expected": list(sample.answers),
             "answer": answer, "score": score_fraction(answer, sample), "correct": score(answer, sample),
-            "kv_kept": _kept(prepared), "prefill_s": prefill_s, "decode_s_per_token": decode_s,
+            "kv_kept": _kept(prepared, cache_kept), "prefill_s": prefill_s, "decode_s_per_token": decode_s,
         })
     return records
 
@@ -144,7 +164,7 @@ def run_perplexity(model, tokenizer, method: Method, prepared: Prepared, token_i
     for i in range(cfg.ppl_samples):
         window = torch.tensor(text_window(token_ids, length, cfg.seed + i), device=device)
         start = time.perf_counter()
-        logits = model(window[None, :-1], use_cache=False).logits[0]
+        logits = model(window[None, :-1], use_cache=True).logits[0]  # kvpress hooks need a cache
         prefill_s = time.perf_counter() - start
         nlls = bucket_nll(logits, window[1:], cfg.bucket)
         records.append({
@@ -165,7 +185,7 @@ def run_suite(model, tokenizer, methods: list[Method], cfg: SuiteConfig) -> list
         samples = make_samples(tokenizer, cfg, length)
         for method in methods:
             logger.info("running %s at %d tokens on %d samples", method.name, length, len(samples))
-            prepared = method.prepare(model)
+            prepared = method.prepare(model, length)
             try:
                 records += run_task_samples(model, tokenizer, method, prepared, samples, length, cfg.progress)
                 if cfg.ppl_samples:
