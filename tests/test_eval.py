@@ -271,3 +271,19 @@ def test_smoke_run_end_to_end(tiny_llama, tmp_path):
     assert ppl["snapkv-k0.25"] == pytest.approx(ppl["dense"], rel=1e-4)
     assert (tmp_path / "accuracy_vs_kv.png").stat().st_size > 1000
     assert "tca-k0.25" in table and (tmp_path / "results.md").read_text() == table
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("press", ["SnapKVPress", "StreamingLLMPress"])
+def test_kvpress_keeps_tca_budget(tiny_llama, press):
+    pytest.importorskip("kvpress", reason="kvpress runs from a separate venv (EVALUATION.md)")
+    (method,) = methods.build_methods([f"kvpress:{press}"], [0.25], CFG)
+    ids = torch.randint(0, 256, (1, 290), generator=torch.Generator().manual_seed(fresh_seed()))
+    prepared = method.prepare(tiny_llama, 300)
+    try:
+        prepared.on_prompt(290)
+        new, _, _, kept = runner.greedy(tiny_llama, ids, 3, None)
+    finally:
+        prepared.cleanup()
+    assert len(new) == 3
+    assert abs(kept * 290 - methods.tca_kv_tokens(290, 8, CFG)) <= 1

@@ -47,11 +47,14 @@ class Prepared:
         kept_fraction: fraction of prompt KV kept after the last prefill
             (None: the full cache, i.e. 1.0).
         make_cache: optional factory of the decode cache (None: DynamicCache).
+        on_prompt: optional hook called with each prompt's length before its
+            prefill (budgets that depend on the exact length).
     """
 
     cleanup: Callable[[], None]
     kept_fraction: Callable[[], float | None] = lambda: None
     make_cache: Callable[[], Any] | None = None
+    on_prompt: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def kvpress(press: str, keep: float, config: TCAConfig) -> Method:
     """A press of NVIDIA's ``kvpress`` package at the KV budget of ``tca(keep, config)``.
 
     ``press`` is a class name such as ``SnapKVPress``; its ``compression_ratio``
-    is ``1 - tca_kv_tokens(length) / length`` for the suite length. kvpress
+    is ``1 - tca_kv_tokens(L) / L``, set for every prompt length ``L``. kvpress
     0.5.x needs transformers < 5.3: run from a separate virtual environment
     (see EVALUATION.md). The press compresses the cache after a dense
     prefill; the kept fraction is measured on the cache.
@@ -166,10 +169,17 @@ def kvpress(press: str, keep: float, config: TCAConfig) -> Method:
     def prepare(model: torch.nn.Module, length: int) -> Prepared:
         import kvpress as kvp
 
-        ratio = 1.0 - tca_kv_tokens(length, keep * config.block_size, config) / length
-        context = getattr(kvp, press)(compression_ratio=max(ratio, 0.0))(model)
+        def ratio(n: int) -> float:
+            return max(0.0, 1.0 - tca_kv_tokens(n, keep * config.block_size, config) / n)
+
+        instance = getattr(kvp, press)(compression_ratio=ratio(length))
+        context = instance(model)
         context.__enter__()
-        return Prepared(cleanup=lambda: context.__exit__(None, None, None))
+
+        def on_prompt(n: int) -> None:
+            instance.compression_ratio = ratio(n)
+
+        return Prepared(cleanup=lambda: context.__exit__(None, None, None), on_prompt=on_prompt)
 
     return Method(f"kvpress:{press}-k{keep:g}", f"kvpress:{press}", keep, prepare)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from .perplexity import bucket_sizes, perplexity
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
 
 def _mean(values: list[float]) -> float:
     values = [v for v in values if v is not None and not math.isnan(v)]
@@ -100,17 +102,21 @@ def plot_accuracy_vs_kv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.6), squeeze=False)
     for ax, length in zip(axes[0], lengths, strict=True):
         sel = [r for r in rows if r["length"] == length]
-        for family in sorted({r["family"] for r in sel}):
-            pts = sorted((r["kv_kept"], r["average"]) for r in sel if r["family"] == family)
+        for i, family in enumerate(sorted({r["family"] for r in sel})):
+            pts = sorted((r["kv_kept"], r["average"]) for r in sel if r["family"] == family
+                         and r["average"] is not None and not math.isnan(r["average"]))
+            if not pts:
+                continue
             xs, ys = zip(*pts, strict=True)
-            dense = family == "dense"
-            style = dict(marker="*", markersize=12, linestyle="none") if dense else dict(marker="o")
+            # Distinct hollow markers of shrinking size keep coinciding points visible.
+            style = dict(marker="*", markersize=13, linestyle="none") if family == "dense" else dict(
+                marker=_MARKERS[i % len(_MARKERS)], markersize=max(4, 11 - 2 * i), fillstyle="none")
             ax.plot(xs, ys, label=family, **style)
         ax.set_title(f"{length} tokens")
         ax.set_xlabel("KV kept fraction")
         ax.set_ylabel("average accuracy (%)")
         ax.set_xlim(0, 1.05)
-        ax.set_ylim(-2, 102)
+        ax.set_ylim(-3, 105)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

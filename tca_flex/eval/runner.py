@@ -142,6 +142,8 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
     for sample in _progress(samples, f"{method.name} @ {length}", progress):
         ids = _encode(tokenizer, sample.prompt, device)
         cache = prepared.make_cache() if prepared.make_cache else None
+        if prepared.on_prompt:
+            prepared.on_prompt(ids.shape[1])
         new, prefill_s, decode_s, cache_kept = greedy(model, ids, sample.max_new_tokens,
                                                       tokenizer.eos_token_id, cache)
         answer = tokenizer.decode(new, skip_special_tokens=True)
@@ -163,15 +165,18 @@ def run_perplexity(model, tokenizer, method: Method, prepared: Prepared, token_i
     records = []
     for i in range(cfg.ppl_samples):
         window = torch.tensor(text_window(token_ids, length, cfg.seed + i), device=device)
+        if prepared.on_prompt:
+            prepared.on_prompt(length)
         start = time.perf_counter()
-        logits = model(window[None, :-1], use_cache=True).logits[0]  # kvpress hooks need a cache
+        out = model(window[None, :-1], use_cache=True)  # kvpress hooks need a cache
         prefill_s = time.perf_counter() - start
+        logits, cache_kept = out.logits[0], cache_kept_fraction(out.past_key_values, length)
         nlls = bucket_nll(logits, window[1:], cfg.bucket)
         records.append({
             "kind": "perplexity", "length": length, "method": method.name, "family": method.family,
             "level": method.level, "task": "perplexity", "source": cfg.ppl_source,
             "bucket": cfg.bucket, "bucket_nll": nlls,
-            "ppl": perplexity(nlls, bucket_sizes(length, cfg.bucket)), "kv_kept": _kept(prepared),
+            "ppl": perplexity(nlls, bucket_sizes(length, cfg.bucket)), "kv_kept": _kept(prepared, cache_kept),
             "prefill_s": prefill_s,
         })
     return records
