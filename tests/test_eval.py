@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.eval import baselines, methods, perplexity, report, runner, tasks
-from tca_flex.eval.cli import evaluate, parse_args
+from tca_flex.eval.cli import evaluate, parse_args, tca_options
 from tca_flex.eval.install import install_policy
 from tca_flex.integration import attention_modules
 from tca_flex.selection import select
@@ -226,12 +226,30 @@ def test_methods_keep_equal_budgets_on_a_model(tiny_llama):
     torch.testing.assert_close(tiny_llama(ids).logits, dense_logits)
 
 
+def test_spread_budgets_match_the_uniform_mean_but_rank_blocks():
+    keep = random.SystemRandom().uniform(0.05, 0.6)
+    spread = methods.spread_budgets(3, 2, keep, CFG, sigma=1.0)
+    assert torch.allclose(spread.expected_per_block(), torch.full((3, 2), keep * 32, dtype=torch.float64))
+    from tca_flex.selection import budget_ladder
+
+    ladder = budget_ladder(spread.cdf(0), 16)[0]
+    assert (ladder[:-1] >= ladder[1:]).all() and ladder[0] > ladder[-1] + 8
+
+
 def test_installing_twice_is_refused(tiny_llama):
     policy = baselines.SnapKVPolicy(lambda n: 100)
     cleanup = install_policy(tiny_llama, lambda layer: policy)
     with pytest.raises(ValueError, match="already installed"):
         install_policy(tiny_llama, lambda layer: policy)
     cleanup()
+
+
+def test_tca_options_parse_into_config_fields():
+    opts = tca_options(["num_observation_queries=32", "normalize_redundancy=true", "gqa_aggregation=max"])
+    assert TCAConfig(**opts).num_observation_queries == 32 and opts["normalize_redundancy"] is True
+    assert tca_options(["guard_floor=0.8"]) == {"guard_floor": 0.8}
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        tca_options(["windw=3"])
 
 
 def test_unknown_names_are_refused():

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="TCA keep fractions per block; baselines get the same KV budget")
     p.add_argument("--block", type=int, default=64, help="TCA block size")
     p.add_argument("--window", type=int, default=512, help="TCA local window")
+    p.add_argument("--tca-option", action="append", default=[], metavar="FIELD=VALUE",
+                   help="extra TCAConfig field, e.g. num_observation_queries=32 (repeatable)")
     p.add_argument("--ppl-samples", type=int, default=1, help="perplexity windows per length (0: skip)")
     p.add_argument("--ppl-source", default="pydoc", choices=list(SOURCES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -57,6 +59,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for k, v in SMOKE.items():
             setattr(args, k, v)
     return args
+
+
+def tca_options(items: list[str]) -> dict[str, Any]:
+    """``["num_observation_queries=32", "normalize_redundancy=true"]`` -> TCAConfig kwargs."""
+    fields = TCAConfig.__dataclass_fields__
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--tca-option {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
+        default = getattr(TCAConfig(), name)
+        if isinstance(default, bool):
+            out[name] = raw.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)):
+            out[name] = type(default)(raw)
+        elif default is None:  # optional floats (mass_quantile, guard_floor)
+            out[name] = None if raw.lower() == "none" else float(raw)
+        else:
+            out[name] = raw
+    return out
 
 
 def load_model(path: str | None, device: str, dtype: torch.dtype):
@@ -73,7 +95,7 @@ def load_model(path: str | None, device: str, dtype: torch.dtype):
 
 def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], str]:
     """Run the suite described by ``args`` on a loaded model; write results into ``out``."""
-    config = TCAConfig(block_size=args.block, window=args.window)
+    config = TCAConfig(block_size=args.block, window=args.window, **tca_options(args.tca_option))
     methods = build_methods(args.methods, args.keep, config)
     cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,
                       seed=args.seed, ppl_samples=args.ppl_samples, ppl_source=args.ppl_source,

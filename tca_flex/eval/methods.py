@@ -6,7 +6,8 @@ point. ``Method.prepare(model, length)`` changes the model in place and returns 
 ``Prepared`` whose ``cleanup()`` undoes it, so methods run one after another
 on one loaded model.
 
-Budgets: ``tca`` uses ``HeadBudgets.uniform`` at keep fraction ``level``.
+Budgets: ``tca`` uses ``HeadBudgets.uniform`` at keep fraction ``level``;
+``tca_spread`` a log-Gaussian ladder with the same mean (``spread_budgets``).
 The baselines get, per KV head, exactly as many prompt tokens as TCA keeps
 on the same prompt length (``tca_kv_tokens``: expected global subset +
 final window), so the curves compare at equal KV budget.
@@ -115,6 +116,42 @@ def tca(keep: float, config: TCAConfig) -> Method:
     return Method(f"tca-k{keep:g}", "tca", keep, prepare)
 
 
+def spread_budgets(num_layers: int, num_kv_heads: int, keep: float, config: TCAConfig,
+                   sigma: float = 1.0) -> HeadBudgets:
+    """Uncalibrated, non-uniform budgets: a discretised log-Gaussian with mean ``keep * b``.
+
+    ``p(k) ~ exp(-(ln(k + 1) - mu)^2 / (2 sigma^2))`` over ``k in {0..b}``, with
+    ``mu`` found by bisection so that ``E[k] = keep * b`` (the same KV budget
+    as ``HeadBudgets.uniform``). Unlike uniform budgets, the per-rank ladder
+    ``Psi`` then gives high-scoring blocks more tokens than low-scoring ones,
+    so TCA's block ranking matters. A stand-in until calibrated budgets land.
+    """
+    b = config.block_size
+    log_k = torch.log(torch.arange(b + 1, dtype=torch.float64) + 1.0)
+    k = torch.arange(b + 1, dtype=torch.float64)
+
+    def dist(mu: float) -> torch.Tensor:
+        w = torch.exp(-(log_k - mu) ** 2 / (2 * sigma**2))
+        return w / w.sum()
+
+    lo, hi = -10.0, float(log_k[-1]) + 10.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float((dist(mid) * k).sum()) < keep * b else (lo, mid)
+    row = dist((lo + hi) / 2)
+    return HeadBudgets(probs=row.expand(num_layers, num_kv_heads, b + 1).clone(), config=config)
+
+
+def tca_spread(keep: float, config: TCAConfig, sigma: float = 1.0) -> Method:
+    """TCA with ``spread_budgets`` (same expected KV as ``tca(keep)``, ranked blocks)."""
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        layers, kv_heads = model_shape(model)
+        return _tca_prepare(model, spread_budgets(layers, kv_heads, keep, config, sigma))
+
+    return Method(f"tca_spread-k{keep:g}", "tca_spread", keep, prepare)
+
+
 def tca_prefill(keep: float, config: TCAConfig) -> Method:
     """The library as it is today: TCA prefill, decode over the full (unpruned) cache.
 
@@ -188,6 +225,7 @@ def kvpress(press: str, keep: float, config: TCAConfig) -> Method:
 # TCA family would take tau as its level (see the module docstring).
 FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
     "tca": tca,
+    "tca_spread": tca_spread,
     "tca_prefill": tca_prefill,
     "streaming": streaming,
     "snapkv": snapkv,
