@@ -305,3 +305,19 @@ def test_kvpress_keeps_tca_budget(tiny_llama, press):
         prepared.cleanup()
     assert len(new) == 3
     assert abs(kept * 290 - methods.tca_kv_tokens(290, 8, CFG)) <= 1
+
+
+def test_prompts_plus_answers_fit_the_context_with_the_real_tokenizer():
+    from tca_flex.models import default_cache_dir
+
+    if not (default_cache_dir() / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 tokenizer not cached (run load_smollm2 once)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_cache_dir())
+    cfg = runner.SuiteConfig(lengths=(2048,), samples=1, seed=fresh_seed())
+    samples = runner.make_samples(tok, cfg, 2048)
+    assert [s.task for s in samples] == list(tasks.TASKS)
+    for s in samples:
+        n = tasks.count_tokens(tok, s.prompt)
+        assert 0.85 * 2048 < n and n + s.max_new_tokens <= 2048, (s.task, n)

@@ -83,7 +83,7 @@ def tca_kv_tokens(length: int, per_block: float, config: TCAConfig) -> int:
         config: block size and window.
     """
     global_len = global_region_length(length, config.window)
-    if global_len == 0:
+    if length <= config.dense_up_to:
         return length
     b = config.block_size
     sizes = [min(b, global_len - s) for s in range(0, global_len, b)]
