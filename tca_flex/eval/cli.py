@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import logging
 import platform
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from ..config import TCAConfig
 from .methods import FAMILIES, build_methods
@@ -103,13 +105,14 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
     start = time.perf_counter()
     records = run_suite(model, tokenizer, methods, cfg)
     rows = summarize(records)
-    meta = {"args": vars(args), "tca_config": config.to_dict(), "date_utc": dt.datetime.utcnow().isoformat(),
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    meta = {"args": vars(args), "tca_config": config.to_dict(), "date_utc": now,
             "device": str(next(model.parameters()).device), "platform": platform.platform(),
             "torch": torch.__version__, "model": getattr(model.config, "_name_or_path", "") or "smollm2",
             "wall_s": time.perf_counter() - start}
-    import transformers
-
     meta["transformers"] = transformers.__version__
+    if any(m.family.startswith("kvpress") for m in methods):
+        meta["kvpress"] = importlib.metadata.version("kvpress")
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_tables(rows)
     (out / "results.md").write_text(table)
@@ -121,7 +124,7 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    out = Path(args.out or f"eval_results/{dt.datetime.utcnow():%Y%m%d-%H%M%S}")
+    out = Path(args.out or f"eval_results/{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}")
     dtype = getattr(torch, args.dtype)
     model, tok = load_model(args.model, args.device, dtype)
     _, table = evaluate(model, tok, args, out)
