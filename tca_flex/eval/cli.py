@@ -1,0 +1,132 @@
+"""``python -m tca_flex.eval``: run the suite and write table, JSON and plot.
+
+Examples::
+
+    python -m tca_flex.eval --smoke                      # CI: seconds on a CPU
+    python -m tca_flex.eval --lengths 2048 4096 8192 --samples 10 --keep 0.1 0.25 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from ..config import TCAConfig
+from .methods import FAMILIES, build_methods
+from .perplexity import SOURCES
+from .report import markdown_tables, plot_accuracy_vs_kv, summarize, write_json
+from .runner import SuiteConfig, run_suite
+from .tasks import TASKS
+
+DEFAULT_METHODS = ["dense", "tca", "streaming", "snapkv"]
+# CI: one short sample of two tasks and one perplexity window, every method at one level.
+SMOKE = dict(lengths=[512], samples=1, tasks=["passkey", "niah_single"], keep=[0.25], window=128, block=32,
+             ppl_samples=1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tca_flex.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="local HF model folder (default: bundled SmolLM2-135M)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=["dense", *FAMILIES],
+                   help="kvpress:* families need the kvpress package (separate venv, see EVALUATION.md)")
+    p.add_argument("--keep", type=float, nargs="+", default=[0.1, 0.25, 0.5],
+                   help="TCA keep fractions per block; baselines get the same KV budget")
+    p.add_argument("--block", type=int, default=64, help="TCA block size")
+    p.add_argument("--window", type=int, default=512, help="TCA local window")
+    p.add_argument("--tca-option", action="append", default=[], metavar="FIELD=VALUE",
+                   help="extra TCAConfig field, e.g. num_observation_queries=32 (repeatable)")
+    p.add_argument("--ppl-samples", type=int, default=1, help="perplexity windows per length (0: skip)")
+    p.add_argument("--ppl-source", default="pydoc", choices=list(SOURCES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default=None, help="output folder (default eval_results/<UTC time>)")
+    p.add_argument("--smoke", action="store_true", help="a few short samples (CI); overrides the sizes")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+    return args
+
+
+def tca_options(items: list[str]) -> dict[str, Any]:
+    """``["num_observation_queries=32", "normalize_redundancy=true"]`` -> TCAConfig kwargs."""
+    fields = TCAConfig.__dataclass_fields__
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--tca-option {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
+        default = getattr(TCAConfig(), name)
+        if isinstance(default, bool):
+            out[name] = raw.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)):
+            out[name] = type(default)(raw)
+        elif default is None:  # optional floats (mass_quantile, guard_floor)
+            out[name] = None if raw.lower() == "none" else float(raw)
+        else:
+            out[name] = raw
+    return out
+
+
+def load_model(path: str | None, device: str, dtype: torch.dtype):
+    """``(model, tokenizer)``: a local HF folder or the bundled SmolLM2."""
+    if path is None:
+        from ..models import load_smollm2
+
+        return load_smollm2(dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], str]:
+    """Run the suite described by ``args`` on a loaded model; write results into ``out``."""
+    config = TCAConfig(block_size=args.block, window=args.window, **tca_options(args.tca_option))
+    methods = build_methods(args.methods, args.keep, config)
+    cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,
+                      seed=args.seed, ppl_samples=args.ppl_samples, ppl_source=args.ppl_source,
+                      progress=not args.no_progress)
+    start = time.perf_counter()
+    records = run_suite(model, tokenizer, methods, cfg)
+    rows = summarize(records)
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    meta = {"args": vars(args), "tca_config": config.to_dict(), "date_utc": now,
+            "device": str(next(model.parameters()).device), "platform": platform.platform(),
+            "torch": torch.__version__, "model": getattr(model.config, "_name_or_path", "") or "smollm2",
+            "wall_s": time.perf_counter() - start}
+    meta["transformers"] = transformers.__version__
+    if any(m.family.startswith("kvpress") for m in methods):
+        meta["kvpress"] = importlib.metadata.version("kvpress")
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_tables(rows)
+    (out / "results.md").write_text(table)
+    write_json(out / "results.json", records, rows, meta)
+    plot_accuracy_vs_kv(out / "accuracy_vs_kv.png", rows)
+    return rows, table
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out or f"eval_results/{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}")
+    dtype = getattr(torch, args.dtype)
+    model, tok = load_model(args.model, args.device, dtype)
+    _, table = evaluate(model, tok, args, out)
+    print(table)
+    print(f"wrote {out}/results.md, results.json, accuracy_vs_kv.png")

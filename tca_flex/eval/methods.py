@@ -1,0 +1,247 @@
+"""Method registry: name -> a function that prepares the model and returns a cleanup.
+
+A ``Method`` is one point on an accuracy-vs-KV curve: ``family`` names the
+curve (``dense``, ``tca``, ``streaming``, ``snapkv``) and ``level`` the
+point. ``Method.prepare(model, length)`` changes the model in place and returns a
+``Prepared`` whose ``cleanup()`` undoes it, so methods run one after another
+on one loaded model.
+
+Budgets: ``tca`` uses ``HeadBudgets.uniform`` at keep fraction ``level``;
+``tca_spread`` a log-Gaussian ladder with the same mean (``spread_budgets``).
+The baselines get, per KV head, exactly as many prompt tokens as TCA keeps
+on the same prompt length (``tca_kv_tokens``: expected global subset +
+final window), so the curves compare at equal KV budget.
+
+Extending (once the ``calib`` and ``cache`` branches are merged): calibrated
+budgets plug in by registering a family whose factory loads
+``HeadBudgets`` for a ``tau`` (e.g. ``tca_flex.calibrate``'s shipped SmolLM2
+budgets) and passes them to ``_tca_prepare``; baselines then match
+``tca_kv_tokens`` of those budgets. The pruned decode cache plugs in through
+``Prepared.make_cache`` (a ``TCACache`` factory) in place of the kept-set
+emulation of ``baselines.TCAPolicy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import tca_flex
+
+from ..budgets import HeadBudgets
+from ..config import TCAConfig
+from ..integration import attention_modules
+from ..selection import global_region_length
+from .baselines import SnapKVPolicy, StreamingPolicy, TCAPolicy
+from .install import install_policy, kept_fraction
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared model's handles.
+
+    Attributes:
+        cleanup: restores the model.
+        kept_fraction: fraction of prompt KV kept after the last prefill
+            (None: the full cache, i.e. 1.0).
+        make_cache: optional factory of the decode cache (None: DynamicCache).
+        on_prompt: optional hook called with each prompt's length before its
+            prefill (budgets that depend on the exact length).
+    """
+
+    cleanup: Callable[[], None]
+    kept_fraction: Callable[[], float | None] = lambda: None
+    make_cache: Callable[[], Any] | None = None
+    on_prompt: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One evaluated configuration."""
+
+    name: str
+    family: str
+    level: float | None
+    prepare: Callable[[torch.nn.Module, int], Prepared]
+
+
+def model_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """``(num_layers, num_kv_heads)`` of a transformers decoder."""
+    mods = attention_modules(model)
+    return len(mods), mods[0].k_proj.out_features // mods[0].head_dim
+
+
+def tca_kv_tokens(length: int, per_block: float, config: TCAConfig) -> int:
+    """Prompt tokens one KV head keeps under TCA: expected global subset + final window.
+
+    Args:
+        length: prompt length ``L``.
+        per_block: expected tokens kept per full block, ``E[k]`` (0..b).
+        config: block size and window.
+    """
+    global_len = global_region_length(length, config.window)
+    if length <= config.dense_up_to:
+        return length
+    b = config.block_size
+    sizes = [min(b, global_len - s) for s in range(0, global_len, b)]
+    return int(round(sum(min(per_block, s) for s in sizes))) + config.window
+
+
+def dense() -> Method:
+    """The unmodified model (its own SDPA attention)."""
+    return Method("dense", "dense", 1.0, lambda model, length: Prepared(cleanup=lambda: None))
+
+
+def _tca_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
+    tca_flex.apply(model, budgets=budgets)
+    uninstall = install_policy(model, lambda layer: TCAPolicy())
+
+    def cleanup() -> None:
+        uninstall()
+        tca_flex.remove(model)
+
+    return Prepared(cleanup=cleanup, kept_fraction=lambda: kept_fraction(model))
+
+
+def tca(keep: float, config: TCAConfig) -> Method:
+    """TCA with uniform budgets: every head keeps ``keep`` of each global block."""
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        layers, kv_heads = model_shape(model)
+        return _tca_prepare(model, HeadBudgets.uniform(layers, kv_heads, keep, config))
+
+    return Method(f"tca-k{keep:g}", "tca", keep, prepare)
+
+
+def spread_budgets(num_layers: int, num_kv_heads: int, keep: float, config: TCAConfig,
+                   sigma: float = 1.0) -> HeadBudgets:
+    """Uncalibrated, non-uniform budgets: a discretised log-Gaussian with mean ``keep * b``.
+
+    ``p(k) ~ exp(-(ln(k + 1) - mu)^2 / (2 sigma^2))`` over ``k in {0..b}``, with
+    ``mu`` found by bisection so that ``E[k] = keep * b`` (the same KV budget
+    as ``HeadBudgets.uniform``). Unlike uniform budgets, the per-rank ladder
+    ``Psi`` then gives high-scoring blocks more tokens than low-scoring ones,
+    so TCA's block ranking matters. A stand-in until calibrated budgets land.
+    """
+    b = config.block_size
+    log_k = torch.log(torch.arange(b + 1, dtype=torch.float64) + 1.0)
+    k = torch.arange(b + 1, dtype=torch.float64)
+
+    def dist(mu: float) -> torch.Tensor:
+        w = torch.exp(-(log_k - mu) ** 2 / (2 * sigma**2))
+        return w / w.sum()
+
+    lo, hi = -10.0, float(log_k[-1]) + 10.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float((dist(mid) * k).sum()) < keep * b else (lo, mid)
+    row = dist((lo + hi) / 2)
+    return HeadBudgets(probs=row.expand(num_layers, num_kv_heads, b + 1).clone(), config=config)
+
+
+def tca_spread(keep: float, config: TCAConfig, sigma: float = 1.0) -> Method:
+    """TCA with ``spread_budgets`` (same expected KV as ``tca(keep)``, ranked blocks)."""
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        layers, kv_heads = model_shape(model)
+        return _tca_prepare(model, spread_budgets(layers, kv_heads, keep, config, sigma))
+
+    return Method(f"tca_spread-k{keep:g}", "tca_spread", keep, prepare)
+
+
+def tca_prefill(keep: float, config: TCAConfig) -> Method:
+    """The library as it is today: TCA prefill, decode over the full (unpruned) cache.
+
+    Its KV kept fraction is 1.0 (nothing is evicted); compare with ``tca``,
+    which emulates the pruned decode cache, to see what pruning costs.
+    """
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        layers, kv_heads = model_shape(model)
+        tca_flex.apply(model, budgets=HeadBudgets.uniform(layers, kv_heads, keep, config))
+        return Prepared(cleanup=lambda: tca_flex.remove(model))
+
+    return Method(f"tca_prefill-k{keep:g}", "tca_prefill", keep, prepare)
+
+
+def _policy_method(name: str, family: str, keep: float, config: TCAConfig,
+                   make: Callable[[Callable[[int], int]], Any]) -> Method:
+    per_block = keep * config.block_size
+
+    def budget(length: int) -> int:
+        return tca_kv_tokens(length, per_block, config)
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        uninstall = install_policy(model, lambda layer: make(budget))
+        return Prepared(cleanup=uninstall, kept_fraction=lambda: kept_fraction(model))
+
+    return Method(name, family, keep, prepare)
+
+
+def streaming(keep: float, config: TCAConfig, sinks: int = 4) -> Method:
+    """StreamingLLM at the KV budget of ``tca(keep, config)``."""
+    return _policy_method(f"streaming-k{keep:g}", "streaming", keep, config,
+                          lambda budget: StreamingPolicy(budget, sinks))
+
+
+def snapkv(keep: float, config: TCAConfig, obs: int = 32, kernel: int = 7) -> Method:
+    """SnapKV-style compression at the KV budget of ``tca(keep, config)``."""
+    return _policy_method(f"snapkv-k{keep:g}", "snapkv", keep, config,
+                          lambda budget: SnapKVPolicy(budget, obs, kernel))
+
+
+def kvpress(press: str, keep: float, config: TCAConfig) -> Method:
+    """A press of NVIDIA's ``kvpress`` package at the KV budget of ``tca(keep, config)``.
+
+    ``press`` is a class name such as ``SnapKVPress``; its ``compression_ratio``
+    is ``1 - tca_kv_tokens(L) / L``, set for every prompt length ``L``. kvpress
+    0.5.x needs transformers < 5.3: run from a separate virtual environment
+    (see EVALUATION.md). The press compresses the cache after a dense
+    prefill; the kept fraction is measured on the cache.
+    """
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        import kvpress as kvp
+
+        def ratio(n: int) -> float:
+            return max(0.0, 1.0 - tca_kv_tokens(n, keep * config.block_size, config) / n)
+
+        instance = getattr(kvp, press)(compression_ratio=ratio(length))
+        context = instance(model)
+        context.__enter__()
+
+        def on_prompt(n: int) -> None:
+            instance.compression_ratio = ratio(n)
+
+        return Prepared(cleanup=lambda: context.__exit__(None, None, None), on_prompt=on_prompt)
+
+    return Method(f"kvpress:{press}-k{keep:g}", f"kvpress:{press}", keep, prepare)
+
+
+# family -> factory(level, config). Levels are keep fractions; a calibrated
+# TCA family would take tau as its level (see the module docstring).
+FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
+    "tca": tca,
+    "tca_spread": tca_spread,
+    "tca_prefill": tca_prefill,
+    "streaming": streaming,
+    "snapkv": snapkv,
+    "kvpress:SnapKVPress": lambda keep, config: kvpress("SnapKVPress", keep, config),
+    "kvpress:StreamingLLMPress": lambda keep, config: kvpress("StreamingLLMPress", keep, config),
+    "kvpress:ExpectedAttentionPress": lambda keep, config: kvpress("ExpectedAttentionPress", keep, config),
+}
+
+
+def build_methods(families: list[str], levels: list[float], config: TCAConfig) -> list[Method]:
+    """``dense`` (when listed) plus every sparse family at every level."""
+    unknown = sorted(set(families) - set(FAMILIES) - {"dense"})
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {['dense', *FAMILIES]}")
+    methods = [dense()] if "dense" in families else []
+    for family in families:
+        if family != "dense":
+            methods.extend(FAMILIES[family](level, config) for level in levels)
+    return methods

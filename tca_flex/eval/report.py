@@ -1,0 +1,124 @@
+"""Reports: a table per length, a JSON file of all results, an accuracy-vs-KV plot.
+
+Accuracy is RULER's ``string_match_all`` in percent (the fraction of expected
+strings found, averaged over samples); the suite average is the mean over
+tasks. Perplexity is reported next to it (not in the average).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .perplexity import bucket_sizes, perplexity
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (length, method): per-task accuracy, average, ppl, KV kept, timings."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["length"], r["method"])].append(r)
+    rows = []
+    for (length, method), recs in groups.items():
+        tasks = [r for r in recs if r["kind"] == "task"]
+        ppls = [r for r in recs if r["kind"] == "perplexity"]
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for r in tasks:
+            per_task[r["task"]].append(100.0 * r["score"])
+        acc = {t: _mean(v) for t, v in per_task.items()}
+        columns = zip(*[r["bucket_nll"] for r in ppls], strict=True)
+        nll_by_bucket = [_mean(list(b)) for b in columns] if ppls else []
+        rows.append({
+            "length": length, "method": method, "family": recs[0]["family"], "level": recs[0]["level"],
+            "accuracy": acc, "average": _mean(list(acc.values())),
+            "ppl": perplexity(nll_by_bucket, bucket_sizes(length, ppls[0]["bucket"])[:len(nll_by_bucket)])
+            if nll_by_bucket else None,
+            "bucket_nll": nll_by_bucket,
+            "kv_kept": _mean([r["kv_kept"] for r in recs]),
+            "prefill_s": _mean([r["prefill_s"] for r in tasks]),
+            "decode_s_per_token": _mean([r["decode_s_per_token"] for r in tasks]),
+            "samples": len(tasks),
+        })
+    return sorted(rows, key=lambda r: (r["length"], r["family"] != "dense", r["family"], r["level"] or 0))
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown_tables(rows: list[dict[str, Any]]) -> str:
+    """A markdown table per length: accuracy per task (%), average, ppl, KV kept, times."""
+    out = []
+    for length in sorted({r["length"] for r in rows}):
+        sel = [r for r in rows if r["length"] == length]
+        tasks = sorted({t for r in sel for t in r["accuracy"]})
+        head = ["method", *tasks, "average", "ppl", "KV kept", "prefill s", "decode ms/tok"]
+        out.append(f"### {length} tokens\n")
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for r in sel:
+            cells = [r["method"], *[_fmt(r["accuracy"].get(t), ".1f") for t in tasks],
+                     _fmt(r["average"], ".1f"), _fmt(r["ppl"], ".2f"), _fmt(r["kv_kept"], ".3f"),
+                     _fmt(r["prefill_s"], ".2f"),
+                     _fmt(1000 * r["decode_s_per_token"], ".1f")]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_json(path: str | Path, records: list[dict[str, Any]], rows: list[dict[str, Any]],
+               meta: dict[str, Any]) -> None:
+    """``{"meta": ..., "summary": rows, "records": records}`` (NaN written as null)."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    Path(path).write_text(json.dumps(clean({"meta": meta, "summary": rows, "records": records}), indent=1))
+
+
+def plot_accuracy_vs_kv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """PNG: average accuracy vs KV kept fraction, one curve per method family, one panel per length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.6), squeeze=False)
+    for ax, length in zip(axes[0], lengths, strict=True):
+        sel = [r for r in rows if r["length"] == length]
+        for i, family in enumerate(sorted({r["family"] for r in sel})):
+            pts = sorted((r["kv_kept"], r["average"]) for r in sel if r["family"] == family
+                         and r["average"] is not None and not math.isnan(r["average"]))
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            # Distinct hollow markers of shrinking size keep coinciding points visible.
+            style = dict(marker="*", markersize=13, linestyle="none") if family == "dense" else dict(
+                marker=_MARKERS[i % len(_MARKERS)], markersize=max(4, 11 - 2 * i), fillstyle="none")
+            ax.plot(xs, ys, label=family, **style)
+        ax.set_title(f"{length} tokens")
+        ax.set_xlabel("KV kept fraction")
+        ax.set_ylabel("average accuracy (%)")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-3, 105)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

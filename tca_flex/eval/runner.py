@@ -1,0 +1,200 @@
+"""Run the suite: every method on the same prompts and the same model.
+
+``run_suite`` returns flat records (one per sample and method), which
+``report.py`` aggregates. Prompts are generated once per length and seed and
+shared by all methods; a method is prepared once per length, run on every
+sample, then cleaned up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .methods import Method, Prepared
+from .perplexity import bucket_nll, bucket_sizes, natural_text, perplexity, text_window
+from .tasks import TASKS, Sample, score, score_fraction
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """What to run.
+
+    Attributes:
+        lengths: context lengths in tokens (prompts are a little shorter, so
+            that prompt + answer fit).
+        tasks: task names from ``tasks.TASKS``.
+        samples: samples per task and length (seeds ``seed .. seed + samples - 1``).
+        seed: base seed.
+        ppl_samples: perplexity windows per length (0: skip perplexity).
+        ppl_source: ``perplexity.SOURCES`` entry.
+        bucket: perplexity bucket in tokens.
+        progress: show tqdm progress bars.
+    """
+
+    lengths: tuple[int, ...] = (2048, 4096, 8192)
+    tasks: tuple[str, ...] = tuple(TASKS)
+    samples: int = 5
+    seed: int = 0
+    ppl_samples: int = 1
+    ppl_source: str = "pydoc"
+    bucket: int = 1024
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; known: {list(TASKS)}")
+        if self.samples < 0 or self.ppl_samples < 0:
+            raise ValueError("samples and ppl_samples must be >= 0")
+
+
+def prompt_budget(length: int, max_new_tokens: int) -> int:
+    """Prompt tokens to ask a generator for so that prompt + answer fit ``length``."""
+    return max(16, length - length // 32 - max_new_tokens)
+
+
+def make_samples(tokenizer, cfg: SuiteConfig, length: int) -> list[Sample]:
+    """All task samples of one length; task ``t``'s sample ``i`` uses seed ``cfg.seed + i``."""
+    out = []
+    for name in cfg.tasks:
+        probe = TASKS[name](tokenizer, 64, cfg.seed)
+        out.extend(TASKS[name](tokenizer, prompt_budget(length, probe.max_new_tokens), cfg.seed + i)
+                   for i in range(cfg.samples))
+    return out
+
+
+def _encode(tokenizer, text: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor([tokenizer(text).input_ids], dtype=torch.long, device=device)
+
+
+def cache_kept_fraction(cache: Any, prompt_len: int) -> float | None:
+    """Physical KV length / prompt length, averaged over layers (None: unknown cache)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or getattr(layers[0], "keys", None) is None:
+        return None
+    return sum(layer.keys.shape[-2] for layer in layers) / (len(layers) * prompt_len)
+
+
+@torch.no_grad()
+def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None,
+           cache: Any = None) -> tuple[list[int], float, float, float | None]:
+    """Greedy decoding with separate prefill and decode timing.
+
+    Decode steps pass explicit ``position_ids`` (prompt length + step), so a
+    cache that physically drops tokens (kvpress, a pruned cache) keeps the
+    right rotary positions.
+
+    Args:
+        input_ids: int64 ``[1, L]``.
+        cache: a transformers Cache for the prefill (None: the model's default).
+
+    Returns:
+        (new token ids, prefill seconds, mean seconds per decode step or NaN,
+        physical cache length / L after the prefill or None).
+    """
+    length = input_ids.shape[1]
+    start = time.perf_counter()
+    out = model(input_ids, past_key_values=cache, use_cache=True)
+    prefill_s = time.perf_counter() - start
+    kept = cache_kept_fraction(out.past_key_values, length)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    new = [token.item()]
+    start = time.perf_counter()
+    while len(new) < max_new_tokens and new[-1] != eos_id:
+        pos = torch.tensor([[length + len(new) - 1]], device=input_ids.device)
+        out = model(token, past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        new.append(token.item())
+    steps = len(new) - 1
+    decode_s = (time.perf_counter() - start) / steps if steps else float("nan")
+    return new, prefill_s, decode_s, kept
+
+
+def _kept(prepared: Prepared, from_cache: float | None = None) -> float:
+    """The method's own kept fraction, else the cache's physical one, else 1."""
+    frac = prepared.kept_fraction()
+    if frac is None:
+        frac = from_cache
+    return 1.0 if frac is None else frac
+
+
+def _progress(items, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+@torch.no_grad()
+def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, samples: list[Sample],
+                     length: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Generate and score every sample with an already prepared model."""
+    device = next(model.parameters()).device
+    records = []
+    for sample in _progress(samples, f"{method.name} @ {length}", progress):
+        ids = _encode(tokenizer, sample.prompt, device)
+        cache = prepared.make_cache() if prepared.make_cache else None
+        if prepared.on_prompt:
+            prepared.on_prompt(ids.shape[1])
+        new, prefill_s, decode_s, cache_kept = greedy(model, ids, sample.max_new_tokens,
+                                                      tokenizer.eos_token_id, cache)
+        answer = tokenizer.decode(new, skip_special_tokens=True)
+        records.append({
+            "kind": "task", "length": length, "method": method.name, "family": method.family,
+            "level": method.level, "task": sample.task, "prompt_tokens": ids.shape[1],
+            "depth": sample.depth, "expected": list(sample.answers),
+            "answer": answer, "score": score_fraction(answer, sample), "correct": score(answer, sample),
+            "kv_kept": _kept(prepared, cache_kept), "prefill_s": prefill_s, "decode_s_per_token": decode_s,
+        })
+    return records
+
+
+@torch.no_grad()
+def run_perplexity(model, tokenizer, method: Method, prepared: Prepared, token_ids: list[int],
+                   cfg: SuiteConfig, length: int) -> list[dict[str, Any]]:
+    """Per-bucket NLL of ``cfg.ppl_samples`` windows of ``length`` tokens."""
+    device = next(model.parameters()).device
+    records = []
+    for i in range(cfg.ppl_samples):
+        window = torch.tensor(text_window(token_ids, length, cfg.seed + i), device=device)
+        if prepared.on_prompt:
+            prepared.on_prompt(length)
+        start = time.perf_counter()
+        out = model(window[None, :-1], use_cache=True)  # kvpress hooks need a cache
+        prefill_s = time.perf_counter() - start
+        logits, cache_kept = out.logits[0], cache_kept_fraction(out.past_key_values, length)
+        nlls = bucket_nll(logits, window[1:], cfg.bucket)
+        records.append({
+            "kind": "perplexity", "length": length, "method": method.name, "family": method.family,
+            "level": method.level, "task": "perplexity", "source": cfg.ppl_source,
+            "bucket": cfg.bucket, "bucket_nll": nlls,
+            "ppl": perplexity(nlls, bucket_sizes(length, cfg.bucket)), "kv_kept": _kept(prepared, cache_kept),
+            "prefill_s": prefill_s,
+        })
+    return records
+
+
+def run_suite(model, tokenizer, methods: list[Method], cfg: SuiteConfig) -> list[dict[str, Any]]:
+    """Every method on every length; returns all records (see ``report.py``)."""
+    text_ids = tokenizer(natural_text(cfg.ppl_source)).input_ids if cfg.ppl_samples else []
+    records: list[dict[str, Any]] = []
+    for length in cfg.lengths:
+        samples = make_samples(tokenizer, cfg, length)
+        for method in methods:
+            logger.info("running %s at %d tokens on %d samples", method.name, length, len(samples))
+            prepared = method.prepare(model, length)
+            try:
+                records += run_task_samples(model, tokenizer, method, prepared, samples, length, cfg.progress)
+                if cfg.ppl_samples:
+                    records += run_perplexity(model, tokenizer, method, prepared, text_ids, cfg, length)
+            finally:
+                prepared.cleanup()
+    return records

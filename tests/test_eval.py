@@ -1,0 +1,323 @@
+import json
+import math
+import random
+import re
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tca_flex import HeadBudgets, TCAConfig
+from tca_flex.eval import baselines, methods, perplexity, report, runner, tasks
+from tca_flex.eval.cli import evaluate, parse_args, tca_options
+from tca_flex.eval.install import install_policy
+from tca_flex.integration import attention_modules
+from tca_flex.selection import select
+
+
+class ByteTokenizer:
+    """Tokenizer-free path for the tiny random Llama (vocab 256): one token per byte."""
+
+    eos_token_id = None
+
+    def __call__(self, text):
+        return SimpleNamespace(input_ids=list(text.encode("utf-8")))
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+TOK = ByteTokenizer()
+CFG = TCAConfig(block_size=32, window=128)
+
+
+def fresh_seed():
+    return random.SystemRandom().randrange(1, 10**6)
+
+
+# ---------------------------------------------------------------- generators
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_generators_are_deterministic_per_seed(name):
+    seed = fresh_seed()
+    gen = tasks.TASKS[name]
+    a, b, other = gen(TOK, 3000, seed), gen(TOK, 3000, seed), gen(TOK, 3000, seed + 1)
+    assert a == b
+    assert a.prompt != other.prompt
+    assert a.task == name and a.answers
+    for answer in a.answers:
+        assert answer in a.prompt
+    n = tasks.count_tokens(TOK, a.prompt)
+    assert 0.85 * 3000 <= n <= 1.1 * 3000, n
+
+
+def test_needles_sit_at_their_depth():
+    seed = fresh_seed()
+    s = tasks.passkey(TOK, 4000, seed, depth=0.75)
+    rel = s.prompt.index(f"The pass key is {s.answers[0]}") / len(s.prompt)
+    assert abs(rel - 0.75) < 0.05
+    single = tasks.niah_single(TOK, 4000, seed)
+    rel = single.prompt.index(single.answers[0]) / len(single.prompt)
+    assert abs(rel - single.depth) < 0.05
+
+
+def test_multikey_has_distractors_and_asks_one_key():
+    s = tasks.niah_multikey(TOK, 3000, fresh_seed())
+    found = re.findall(r"special magic numbers for ([a-z-]+) is: (\d+)", s.prompt)
+    assert len(found) == 4 and len({k for k, _ in found}) == 4
+    asked = re.search(r"What is the special magic number for ([a-z-]+)", s.prompt).group(1)
+    assert dict(found)[asked] == s.answers[0]
+
+
+def test_variable_tracking_chain_resolves_to_the_answers():
+    s = tasks.variable_tracking(TOK, 3000, fresh_seed())
+    value = re.search(r"assigned the value (\d+) in the text", s.prompt).group(1)
+    assigned = dict(re.findall(r"VAR ([A-Z]+\d*) = (\S+?)\. ", s.prompt))
+    refs = dict(re.findall(r"VAR ([A-Z]+\d*) = VAR ([A-Z]+\d*)\.", s.prompt))
+    holders = {v for v, rhs in assigned.items() if rhs == value}
+    changed = True
+    while changed:
+        new = {v for v, src in refs.items() if src in holders}
+        changed = not new <= holders
+        holders |= new
+    assert holders == set(s.answers) and len(holders) == 5
+
+
+def test_word_extraction_answers_are_the_most_frequent_words():
+    seed = fresh_seed()
+    cwe = tasks.common_words(TOK, 4000, seed)
+    counts = Counter(re.findall(r"^\d+\. (\w+)$", cwe.prompt, re.M))
+    top = [w for w, _ in counts.most_common(len(cwe.answers))]
+    assert set(top) == set(cwe.answers)
+    assert min(counts[w] for w in cwe.answers) > max(c for w, c in counts.items() if w not in cwe.answers)
+    fwe = tasks.frequent_words(TOK, 4000, seed)
+    body = fwe.prompt.split("\n")[1]
+    counts = Counter(w.strip() for w in body.split("...."))
+    ranked = counts.most_common(4)
+    assert [w for w, _ in ranked[:3]] == list(fwe.answers) and ranked[2][1] > ranked[3][1]
+
+
+# ---------------------------------------------------------------- scorers
+
+
+def test_scorers_on_right_wrong_and_partial_answers():
+    s = tasks.niah_multivalue(TOK, 1500, fresh_seed())
+    a, b, c, d = s.answers
+    right, wrong, partial = f" {a}, {b}, {c} and {d}.", " 1234567, 7654321.", f" {a} and {c} only."
+    assert tasks.score(right, s) and tasks.score_fraction(right, s) == 1.0
+    assert not tasks.score(wrong, s) and tasks.score_fraction(wrong, s) == 0.0
+    assert not tasks.score(partial, s) and tasks.score_fraction(partial, s) == 0.5
+    words = tasks.common_words(TOK, 1500, fresh_seed())
+    upper = " ".join(w.upper() for w in words.answers)
+    assert tasks.score(upper, words)  # RULER matches case-insensitively
+    assert tasks.score_fraction(" ".join(words.answers[:3]), words) == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_bucket_nll_matches_cross_entropy_per_chunk():
+    g = torch.Generator().manual_seed(fresh_seed())
+    logits, targets = torch.randn(2500, 50, generator=g), torch.randint(0, 50, (2500,), generator=g)
+    nlls = perplexity.bucket_nll(logits, targets, 1024)
+    assert len(nlls) == 3
+    manual = [-(logits[s:s + 1024].log_softmax(-1).gather(1, targets[s:s + 1024, None])).mean().item()
+              for s in (0, 1024, 2048)]
+    assert nlls == pytest.approx(manual, rel=1e-5)
+    whole = F.cross_entropy(logits, targets).item()
+    total = perplexity.perplexity(nlls, perplexity.bucket_sizes(2500))
+    assert total == pytest.approx(math.exp(whole), rel=1e-5)
+
+
+def test_text_window_is_seeded_and_sized():
+    ids = TOK(perplexity.natural_text("pydoc")).input_ids
+    assert len(ids) > 100_000
+    seed = fresh_seed()
+    w = perplexity.text_window(ids, 777, seed)
+    assert w == perplexity.text_window(ids, 777, seed) and len(w) == 778
+    with pytest.raises(ValueError, match="need"):
+        perplexity.text_window(ids[:100], 777, seed)
+
+
+# ---------------------------------------------------------------- baselines keep their budget
+
+
+def rand_qk(length, hq=4, hkv=2, d=16, seed=None):
+    g = torch.Generator().manual_seed(seed or fresh_seed())
+    q = torch.randn(1, hq, length, d, generator=g)
+    k = torch.randn(1, hkv, length, d, generator=g) * 2
+    v = torch.randn(1, hkv, length, d, generator=g)
+    return q, k, v
+
+
+def test_streaming_sees_exactly_its_budget():
+    length, budget, sinks = 301, 77, 4
+    vis = baselines.streaming_visible(torch.arange(length), length, budget, sinks)
+    assert torch.equal(vis.sum(-1), torch.clamp(torch.arange(length) + 1, max=budget))
+    assert vis[-1, :sinks].all() and vis[-1, -(budget - sinks):].all()
+    assert not torch.triu(vis, diagonal=1).any()
+
+
+def test_snapkv_keeps_exact_budget_and_the_true_top_k():
+    length, budget, obs, kernel = 300, 90, 16, 7
+    q, k, _ = rand_qk(length)
+    keep = baselines.snapkv_keep(q, k, 0.25, budget, obs, kernel)
+    assert torch.equal(keep.sum(-1), torch.full((1, 2), budget))
+    assert keep[..., -obs:].all()
+    # Brute force: full attention rows of the last obs queries, mean over them and the GQA pair.
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.25
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    rows = scores.masked_fill(~causal, float("-inf")).softmax(-1)[:, :, -obs:].mean(2)
+    s = rows.view(1, 2, 2, length).mean(2)[..., :length - obs]
+    pooled = torch.stack([s[..., max(0, i - 3):i + 4].mean(-1) for i in range(length - obs)], -1)
+    for h in range(2):
+        kept_scores = pooled[0, h][keep[0, h, :length - obs]]
+        dropped = pooled[0, h][~keep[0, h, :length - obs]]
+        assert kept_scores.min() >= dropped.max() - 1e-6
+
+
+def test_tca_keep_is_selection_plus_final_window():
+    length = 300
+    q, k, _ = rand_qk(length)
+    cdf = HeadBudgets.uniform(1, 2, 0.25, CFG).cdf(0)
+    sel = select(q, k, cdf, scaling=0.25, block_size=32, window=128, alpha=0.5)
+    keep = baselines.tca_keep(sel.positions, sel.counts, length, 128)
+    assert torch.equal(keep.sum(-1), sel.counts + 128)
+    assert torch.equal(keep.sum(-1), torch.full((1, 2), methods.tca_kv_tokens(length, 8, CFG)))
+
+
+def test_decode_attends_to_exactly_the_kept_keys():
+    length = 260
+    q, k, v = rand_qk(length + 3)
+    keep = baselines.snapkv_keep(q[:, :, :length], k[:, :, :length], 0.25, 70, 8, 5)
+    q_new = q[:, :, -1:]
+    out = baselines.masked_attention(q_new, k, v, lambda p: baselines.keep_then_new(keep, p, length + 3),
+                                     0.25)
+    for h in range(4):
+        idx = torch.cat([keep[0, h // 2].nonzero().flatten(), torch.arange(length, length + 3)])
+        assert idx.numel() == 73
+        ref = F.scaled_dot_product_attention(q_new[:, h], k[:, h // 2, idx], v[:, h // 2, idx], scale=0.25)
+        torch.testing.assert_close(out[:, h], ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_methods_keep_equal_budgets_on_a_model(tiny_llama):
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
+    dense_logits = tiny_llama(ids).logits
+    expected = methods.tca_kv_tokens(300, 0.25 * 32, CFG) / 300
+    for m in methods.build_methods(["tca", "streaming", "snapkv"], [0.25], CFG):
+        prepared = m.prepare(tiny_llama, 300)
+        try:
+            out = tiny_llama(ids, use_cache=True)
+            assert prepared.kept_fraction() == pytest.approx(expected, abs=1e-9), m.name
+            step = tiny_llama(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+            assert torch.isfinite(step.logits).all()
+            if m.family != "snapkv":  # SnapKV prefills densely; the others change the prompt's logits
+                assert (out.logits - dense_logits).abs().max() > 1e-4, m.name
+            else:
+                torch.testing.assert_close(out.logits, dense_logits, atol=1e-4, rtol=1e-4)
+        finally:
+            prepared.cleanup()
+        assert tiny_llama.config._attn_implementation == "sdpa"
+        assert not any(hasattr(mod, "_tca_eval_kv") for mod in attention_modules(tiny_llama))
+    torch.testing.assert_close(tiny_llama(ids).logits, dense_logits)
+
+
+def test_spread_budgets_match_the_uniform_mean_but_rank_blocks():
+    keep = random.SystemRandom().uniform(0.05, 0.6)
+    spread = methods.spread_budgets(3, 2, keep, CFG, sigma=1.0)
+    assert torch.allclose(spread.expected_per_block(), torch.full((3, 2), keep * 32, dtype=torch.float64))
+    from tca_flex.selection import budget_ladder
+
+    ladder = budget_ladder(spread.cdf(0), 16)[0]
+    assert (ladder[:-1] >= ladder[1:]).all() and ladder[0] > ladder[-1] + 8
+
+
+def test_installing_twice_is_refused(tiny_llama):
+    policy = baselines.SnapKVPolicy(lambda n: 100)
+    cleanup = install_policy(tiny_llama, lambda layer: policy)
+    with pytest.raises(ValueError, match="already installed"):
+        install_policy(tiny_llama, lambda layer: policy)
+    cleanup()
+
+
+def test_tca_options_parse_into_config_fields():
+    opts = tca_options(["num_observation_queries=32", "normalize_redundancy=true", "gqa_aggregation=max"])
+    assert TCAConfig(**opts).num_observation_queries == 32 and opts["normalize_redundancy"] is True
+    assert tca_options(["guard_floor=0.8"]) == {"guard_floor": 0.8}
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        tca_options(["windw=3"])
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="unknown methods"):
+        methods.build_methods(["dense", "h2o"], [0.5], CFG)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        runner.SuiteConfig(tasks=("passkey", "qa"))
+
+
+# ---------------------------------------------------------------- reports and the smoke run
+
+
+def test_summary_averages_tasks_and_keeps_ppl_apart():
+    recs = [dict(kind="task", length=1024, method="m", family="tca", level=0.5, task=t, score=s, kv_kept=0.4,
+                 prefill_s=1.0, decode_s_per_token=0.1) for t, s in [("a", 1.0), ("a", 0.5), ("b", 0.0)]]
+    recs.append(dict(kind="perplexity", length=1024, method="m", family="tca", level=0.5, task="perplexity",
+                     bucket=1024, bucket_nll=[math.log(5.0)], kv_kept=0.4, prefill_s=2.0))
+    (row,) = report.summarize(recs)
+    assert row["accuracy"] == {"a": 75.0, "b": 0.0} and row["average"] == 37.5
+    assert row["ppl"] == pytest.approx(5.0) and row["prefill_s"] == 1.0
+    assert "| m | 75.0 | 0.0 | 37.5 | 5.00 | 0.400 |" in report.markdown_tables([row])
+
+
+@torch.no_grad()
+def test_smoke_run_end_to_end(tiny_llama, tmp_path):
+    args = parse_args(["--smoke", "--no-progress", "--out", str(tmp_path)])
+    args.lengths, args.tasks, args.window, args.block = [300], ["passkey", "niah_multikey"], 128, 32
+    rows, table = evaluate(tiny_llama, TOK, args, tmp_path)
+    assert {r["method"] for r in rows} == {"dense", "tca-k0.25", "streaming-k0.25", "snapkv-k0.25"}
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["records"]) == 4 * 3  # two task samples + one perplexity window per method
+    kept = {r["method"]: r["kv_kept"] for r in data["summary"]}
+    assert kept["dense"] == 1.0
+    assert kept["tca-k0.25"] == kept["streaming-k0.25"] == kept["snapkv-k0.25"] < 1.0
+    ppl = {r["method"]: r["ppl"] for r in data["summary"]}
+    assert all(p > 1.0 and math.isfinite(p) for p in ppl.values())
+    assert ppl["snapkv-k0.25"] == pytest.approx(ppl["dense"], rel=1e-4)
+    assert (tmp_path / "accuracy_vs_kv.png").stat().st_size > 1000
+    assert "tca-k0.25" in table and (tmp_path / "results.md").read_text() == table
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("press", ["SnapKVPress", "StreamingLLMPress"])
+def test_kvpress_keeps_tca_budget(tiny_llama, press):
+    pytest.importorskip("kvpress", reason="kvpress runs from a separate venv (EVALUATION.md)")
+    (method,) = methods.build_methods([f"kvpress:{press}"], [0.25], CFG)
+    ids = torch.randint(0, 256, (1, 290), generator=torch.Generator().manual_seed(fresh_seed()))
+    prepared = method.prepare(tiny_llama, 300)
+    try:
+        prepared.on_prompt(290)
+        new, _, _, kept = runner.greedy(tiny_llama, ids, 3, None)
+    finally:
+        prepared.cleanup()
+    assert len(new) == 3
+    assert abs(kept * 290 - methods.tca_kv_tokens(290, 8, CFG)) <= 1
+
+
+def test_prompts_plus_answers_fit_the_context_with_the_real_tokenizer():
+    from tca_flex.models import default_cache_dir
+
+    if not (default_cache_dir() / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 tokenizer not cached (run load_smollm2 once)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_cache_dir())
+    cfg = runner.SuiteConfig(lengths=(2048,), samples=1, seed=fresh_seed())
+    samples = runner.make_samples(tok, cfg, 2048)
+    assert [s.task for s in samples] == list(tasks.TASKS)
+    for s in samples:
+        n = tasks.count_tokens(tok, s.prompt)
+        assert 0.85 * 2048 < n and n + s.max_new_tokens <= 2048, (s.task, n)
