@@ -165,14 +165,14 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
         err = check_against_sdpa(q, k, v, cdf, config, scale, out)
         if not err < 2e-2:
             raise AssertionError(f"TCA {name} at L={length} differs from masked SDPA: rel err {err:.3g}")
-        total = timed(lambda: tca_prefill_attention(q, k, v, cdf, config, scale,
-                                                    kernel_options=kernel_options), device)
-
+        total = timed(lambda c=cdf, cf=config: tca_prefill_attention(q, k, v, c, cf, scale,
+                                                                     kernel_options=kernel_options), device)
         stages = stage_times(q, k, v, cdf, config, scale, device, kernel_options)
         blocks = stages.pop("computed_blocks")
         flops = blocks * KERNEL_BLOCK * KERNEL_BLOCK * d * 4
         overhead = total - stages["attention"]
-        add(name, total, causal_flops, rel_err=err, stages_ms=stages, attention_tflops=flops / stages["attention"] / 1e9,
+        add(name, total, causal_flops, rel_err=err, stages_ms=stages,
+            attention_tflops=flops / stages["attention"] / 1e9,
             computed_fraction=blocks / (hq * (-(-length // 128)) * (-(-length // 128) + 1) / 2),
             overhead_ms=overhead)
     return rows
@@ -250,9 +250,12 @@ def e2e_rows(lengths: list[int], num_layers: int, keep: float, window: int, devi
     rows = []
     for length in lengths:
         ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
-        dense = timed(lambda: model(ids, logits_to_keep=1), device, warmup=1, reps=3)
+        def forward(fn=model, x=ids):
+            return fn(x, logits_to_keep=1)
+
+        dense = timed(forward, device, warmup=1, reps=3)
         apply(model, budgets=budgets)
-        sparse = timed(lambda: model(ids, logits_to_keep=1), device, warmup=1, reps=3)
+        sparse = timed(forward, device, warmup=1, reps=3)
         rows.append({"phase": "ttft", "length": length, "method": "dense_sdpa", "ms": dense,
                      "layers": num_layers})
         rows.append({"phase": "ttft", "length": length, "method": f"tca_{int(keep * 100)}%+w", "ms": sparse,
@@ -262,7 +265,7 @@ def e2e_rows(lengths: list[int], num_layers: int, keep: float, window: int, devi
             compiled = torch.compile(model)
             logits = compiled(ids, logits_to_keep=1).logits
             err = float((logits.float() - eager_logits.float()).abs().max())
-            ms = timed(lambda: compiled(ids, logits_to_keep=1), device, warmup=1, reps=3)
+            ms = timed(lambda fn=compiled, x=ids: fn(x, logits_to_keep=1), device, warmup=1, reps=3)
             rows.append({"phase": "ttft", "length": length, "method": f"tca_{int(keep * 100)}%+w compiled",
                          "ms": ms, "layers": num_layers, "max_abs_logit_diff_vs_eager": err})
         remove(model)

@@ -55,7 +55,7 @@ def _segments_to_indices(starts: list[torch.Tensor], lengths: list[torch.Tensor]
     k = torch.arange(width, device=starts[0].device)
     out = torch.zeros((*starts[0].shape, width), dtype=torch.long, device=starts[0].device)
     offset = torch.zeros_like(lengths[0])
-    for start, length in zip(starts, lengths):
+    for start, length in zip(starts, lengths, strict=True):
         rel = k - offset.unsqueeze(-1)
         inside = (rel >= 0) & (rel < length.unsqueeze(-1))
         out = torch.where(inside, start.unsqueeze(-1) + rel, out)

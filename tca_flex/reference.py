@@ -57,7 +57,7 @@ def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_si
             mass = [float(blk.sum()) for blk in blocks]
             top = max(mass)
             scores = []
-            for blk, sj in zip(blocks, mass):
+            for blk, sj in zip(blocks, mass, strict=True):
                 spread = 1.0 - float(blk.square().sum()) / sj**2 if sj > 0 else 0.0
                 sj_term = sj / top if normalize and top > 0 else sj
                 scores.append((1 - alpha) * sj_term + alpha * spread)
