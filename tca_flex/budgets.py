@@ -157,6 +157,13 @@ class HeadBudgets:
                 f"{source} has budget format_version={version!r}, but this tca_flex reads only version "
                 f"{BUDGETS_FORMAT_VERSION}; re-run calibration (python -m tca_flex.calibration ...) "
                 "to make a current file")
+        try:
+            return cls._from_dict(data, source)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{source} is a malformed budget file ({type(err).__name__}: {err})") from err
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], source: str) -> HeadBudgets:
         layers, heads = data["num_layers"], data["num_kv_heads"]
         rows = data["heads"]
         if len(rows) != layers * heads or any(
