@@ -350,3 +350,23 @@ def test_shipped_budgets_fit_the_bundled_model(smollm2):
     with pytest.raises(ValueError, match="30 layers x 3 KV heads x head_dim 64.*head_dim 16"):
         tca_flex.apply(tiny_model(fresh_seed(), num_hidden_layers=30, num_key_value_heads=3,
                                   num_attention_heads=6, hidden_size=96), budgets=shipped_budgets("smollm2"))
+
+
+@settings(max_examples=5)
+@given(seed=st.integers(0, 2**31 - 1), extra=st.integers(1, 90), chunk=st.integers(7, 64),
+       quantile=st.sampled_from([None, 0.1, 0.5]))
+def test_batched_lse_mass_equals_mass_retained_mass(seed, extra, chunk, quantile):
+    from tca_flex.calibration.scoring import candidate_keep_masks, lse_mass
+    from tca_flex.mass import retained_mass
+
+    g = torch.Generator().manual_seed(seed)
+    length, window = 96 + extra, 64
+    q, k = torch.randn(1, 6, length, 8, generator=g) * 2, torch.randn(1, 2, length, 8, generator=g) * 2
+    config = TCAConfig(block_size=16, window=window)
+    keep = candidate_keep_masks(q, k, candidate_distributions(16, 5, 0.5).cumsum(-1), config, 0.3)
+    batched = lse_mass(q, k, keep, window, 0.3, chunk=chunk, quantile=quantile)  # [H_q, M]
+    for m in range(keep.shape[0]):
+        per_query = retained_mass(q, k, keep[m][None], window, 0.3, queries=torch.arange(window, length))[0]
+        expected = per_query.double().mean(-1) if quantile is None else torch.quantile(
+            per_query.double(), quantile, dim=-1)
+        torch.testing.assert_close(batched[:, m], expected, atol=1e-6, rtol=0)
