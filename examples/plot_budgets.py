@@ -36,7 +36,9 @@ def plot(budgets: HeadBudgets, out: str) -> None:
         tau = budgets.config.tau
         ax_hist.axvline(tau, color="tab:red", linestyle="--", label=f"tau = {tau}")
         ax_hist.legend()
-    ax_hist.set_xlabel(f"retained mass ({budgets.config.mass_criterion})")
+    quantile = budgets.config.mass_quantile
+    measure = budgets.config.mass_criterion + ("" if quantile is None else f", {quantile:g} quantile")
+    ax_hist.set_xlabel(f"retained mass ({measure})")
     ax_hist.set_ylabel("heads")
     ax_hist.set_title("retained attention mass on the calibration text")
     name = budgets.fingerprint.get("name_or_path") or budgets.fingerprint.get("model_type", "model")

@@ -56,7 +56,7 @@ def main() -> None:
     rows = []
     dense = [answer(model, tok, s.prompt) for s in samples]
     if args.keep is None:
-        budgets = tca_flex.shipped_budgets("smollm2")  # block 64, window 512, tau 0.9
+        budgets = tca_flex.shipped_budgets("smollm2")  # block 64, window 512, tau 0.9 (10% quantile)
         label = "shipped calibrated budgets"
     else:
         config = tca_flex.TCAConfig(block_size=64, window=512)
