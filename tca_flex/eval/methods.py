@@ -152,6 +152,25 @@ def tca_spread(keep: float, config: TCAConfig, sigma: float = 1.0) -> Method:
     return Method(f"tca_spread-k{keep:g}", "tca_spread", keep, prepare)
 
 
+def tca_budgets(budgets: HeadBudgets, label: str) -> Method:
+    """TCA with given (e.g. calibrated) budgets; ``level`` is their mean keep fraction.
+
+    The CLI's ``--budgets FILE`` loads files with ``HeadBudgets.load`` (from
+    the calibration branch) and adds the baselines at the same mean keep
+    fraction, i.e. the same expected KV budget.
+    """
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        return _tca_prepare(model, budgets)
+
+    return Method(f"tca[{label}]", "tca_budgets", mean_keep(budgets), prepare)
+
+
+def mean_keep(budgets: HeadBudgets) -> float:
+    """Mean over layers and KV heads of the expected per-block keep fraction."""
+    return float(budgets.keep_fraction().mean())
+
+
 def tca_prefill(keep: float, config: TCAConfig) -> Method:
     """The library as it is today: TCA prefill, decode over the full (unpruned) cache.
 
