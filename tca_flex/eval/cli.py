@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m tca_flex.eval --smoke                      # CI: seconds on a CPU
+    python -m tca_flex.eval --smoke                      # CI: about a minute on an idle CPU
     python -m tca_flex.eval --lengths 2048 4096 8192 --samples 10 --keep 0.1 0.25 0.5
 """
 

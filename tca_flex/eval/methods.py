@@ -13,10 +13,11 @@ on the same prompt length (``tca_kv_tokens``: expected global subset +
 final window), so the curves compare at equal KV budget.
 
 Extending (once the ``calib`` and ``cache`` branches are merged): calibrated
-budgets plug in by registering a family whose factory loads
-``HeadBudgets`` for a ``tau`` (e.g. ``tca_flex.calibrate``'s shipped SmolLM2
-budgets) and passes them to ``_tca_prepare``; baselines then match
-``tca_kv_tokens`` of those budgets. The pruned decode cache plugs in through
+budgets (``tca_flex.calibrate``'s, one file per ``tau``) go through
+``tca_budgets`` (the CLI's ``--budgets FILE``), and the baselines run at
+their ``mean_keep``, so they match ``tca_kv_tokens`` of those budgets; a
+registry family that loads the shipped SmolLM2 budgets for a ``tau`` level
+is a three-line factory around it. The pruned decode cache plugs in through
 ``Prepared.make_cache`` (a ``TCACache`` factory) in place of the kept-set
 emulation of ``baselines.TCAPolicy``.
 """
