@@ -236,6 +236,25 @@ def test_spread_budgets_match_the_uniform_mean_but_rank_blocks():
     assert (ladder[:-1] >= ladder[1:]).all() and ladder[0] > ladder[-1] + 8
 
 
+@torch.no_grad()
+def test_given_budgets_plug_in_with_matching_baselines(tiny_llama):
+    budgets = methods.spread_budgets(2, 2, random.SystemRandom().uniform(0.15, 0.5), CFG)
+    tca_m = methods.tca_budgets(budgets, "calibrated")
+    (snap,) = methods.build_methods(["snapkv"], [methods.mean_keep(budgets)], budgets.config)
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
+    kept = []
+    for m in (tca_m, snap):
+        prepared = m.prepare(tiny_llama, 300)
+        try:
+            tiny_llama(ids, use_cache=True)
+            kept.append(prepared.kept_fraction() * 300)
+        finally:
+            prepared.cleanup()
+    assert tca_m.name == "tca[calibrated]" and tca_m.level == pytest.approx(methods.mean_keep(budgets))
+    assert kept[1] == methods.tca_kv_tokens(300, methods.mean_keep(budgets) * 32, CFG)
+    assert abs(kept[0] - kept[1]) <= 8  # the quantile ladder rounds per block (seen: <= 5)
+
+
 def test_installing_twice_is_refused(tiny_llama):
     policy = baselines.SnapKVPolicy(lambda n: 100)
     cleanup = install_policy(tiny_llama, lambda layer: policy)

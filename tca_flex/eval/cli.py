@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m tca_flex.eval --smoke                      # CI: seconds on a CPU
+    python -m tca_flex.eval --smoke                      # CI: about a minute on an idle CPU
     python -m tca_flex.eval --lengths 2048 4096 8192 --samples 10 --keep 0.1 0.25 0.5
 """
 
@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from ..config import TCAConfig
-from .methods import FAMILIES, build_methods
+from .methods import FAMILIES, build_methods, mean_keep, tca_budgets
 from .perplexity import SOURCES
 from .report import markdown_tables, plot_accuracy_vs_kv, summarize, write_json
 from .runner import SuiteConfig, run_suite
@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="kvpress:* families need the kvpress package (separate venv, see EVALUATION.md)")
     p.add_argument("--keep", type=float, nargs="+", default=[0.1, 0.25, 0.5],
                    help="TCA keep fractions per block; baselines get the same KV budget")
+    p.add_argument("--budgets", nargs="+", default=[], metavar="FILE",
+                   help="TCA budget files (HeadBudgets.load, e.g. calibrated at several tau); each adds "
+                        "a tca[FILE] method and the other families at its mean keep fraction")
     p.add_argument("--block", type=int, default=64, help="TCA block size")
     p.add_argument("--window", type=int, default=512, help="TCA local window")
     p.add_argument("--tca-option", action="append", default=[], metavar="FIELD=VALUE",
@@ -83,6 +86,15 @@ def tca_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def load_budgets(path: str):
+    """``HeadBudgets.load(path)``; needs the calibration branch's budget files."""
+    from ..budgets import HeadBudgets
+
+    if not hasattr(HeadBudgets, "load"):
+        raise SystemExit("--budgets needs HeadBudgets.load (tca_flex.calibrate, not in this build)")
+    return HeadBudgets.load(path)
+
+
 def load_model(path: str | None, device: str, dtype: torch.dtype):
     """``(model, tokenizer)``: a local HF folder or the bundled SmolLM2."""
     if path is None:
@@ -99,6 +111,11 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
     """Run the suite described by ``args`` on a loaded model; write results into ``out``."""
     config = TCAConfig(block_size=args.block, window=args.window, **tca_options(args.tca_option))
     methods = build_methods(args.methods, args.keep, config)
+    for path in args.budgets:
+        budgets = load_budgets(path)
+        methods.append(tca_budgets(budgets, Path(path).stem))
+        others = [f for f in args.methods if f not in ("dense", "tca", "tca_spread")]
+        methods += build_methods(others, [mean_keep(budgets)], budgets.config)
     cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,
                       seed=args.seed, ppl_samples=args.ppl_samples, ppl_source=args.ppl_source,
                       progress=not args.no_progress)

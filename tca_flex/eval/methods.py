@@ -13,10 +13,11 @@ on the same prompt length (``tca_kv_tokens``: expected global subset +
 final window), so the curves compare at equal KV budget.
 
 Extending (once the ``calib`` and ``cache`` branches are merged): calibrated
-budgets plug in by registering a family whose factory loads
-``HeadBudgets`` for a ``tau`` (e.g. ``tca_flex.calibrate``'s shipped SmolLM2
-budgets) and passes them to ``_tca_prepare``; baselines then match
-``tca_kv_tokens`` of those budgets. The pruned decode cache plugs in through
+budgets (``tca_flex.calibrate``'s, one file per ``tau``) go through
+``tca_budgets`` (the CLI's ``--budgets FILE``), and the baselines run at
+their ``mean_keep``, so they match ``tca_kv_tokens`` of those budgets; a
+registry family that loads the shipped SmolLM2 budgets for a ``tau`` level
+is a three-line factory around it. The pruned decode cache plugs in through
 ``Prepared.make_cache`` (a ``TCACache`` factory) in place of the kept-set
 emulation of ``baselines.TCAPolicy``.
 """
@@ -164,6 +165,25 @@ def tca_spread(keep: float, config: TCAConfig, sigma: float = 1.0) -> Method:
         return _tca_prepare(model, spread_budgets(layers, kv_heads, keep, config, sigma))
 
     return Method(f"tca_spread-k{keep:g}", "tca_spread", keep, prepare)
+
+
+def tca_budgets(budgets: HeadBudgets, label: str) -> Method:
+    """TCA with given (e.g. calibrated) budgets; ``level`` is their mean keep fraction.
+
+    The CLI's ``--budgets FILE`` loads files with ``HeadBudgets.load`` (from
+    the calibration branch) and adds the baselines at the same mean keep
+    fraction, i.e. the same expected KV budget.
+    """
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        return _tca_prepare(model, budgets)
+
+    return Method(f"tca[{label}]", "tca_budgets", mean_keep(budgets), prepare)
+
+
+def mean_keep(budgets: HeadBudgets) -> float:
+    """Mean over layers and KV heads of the expected per-block keep fraction."""
+    return float(budgets.keep_fraction().mean())
 
 
 def tca_prefill(keep: float, config: TCAConfig) -> Method:

@@ -109,8 +109,11 @@ def plot_accuracy_vs_kv(path: str | Path, rows: list[dict[str, Any]]) -> None:
                 continue
             xs, ys = zip(*pts, strict=True)
             # Distinct hollow markers of shrinking size keep coinciding points visible.
-            style = dict(marker="*", markersize=13, linestyle="none") if family == "dense" else dict(
-                marker=_MARKERS[i % len(_MARKERS)], markersize=max(4, 11 - 2 * i), fillstyle="none")
+            if family == "dense":
+                style = dict(marker="*", markersize=13, linestyle="none", zorder=1)
+            else:
+                style = dict(marker=_MARKERS[i % len(_MARKERS)], markersize=max(4, 11 - 2 * i),
+                             fillstyle="none", zorder=3)
             ax.plot(xs, ys, label=family, **style)
         ax.set_title(f"{length} tokens")
         ax.set_xlabel("KV kept fraction")
