@@ -60,7 +60,9 @@ def test_needles_sit_at_their_depth():
     rel = s.prompt.index(f"The pass key is {s.answers[0]}") / len(s.prompt)
     assert abs(rel - 0.75) < 0.05
     single = tasks.niah_single(TOK, 4000, seed)
-    rel = single.prompt.index(single.answers[0]) / len(single.prompt)
+    # Depth is relative to the haystack, between the fixed head and the question.
+    start, end = len(tasks._NIAH_HEAD), single.prompt.rindex("\nWhat is")
+    rel = (single.prompt.index(single.answers[0]) - start) / (end - start)
     assert abs(rel - single.depth) < 0.05
 
 

