@@ -75,7 +75,7 @@ def _check_model(model: torch.nn.Module) -> None:
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise ValueError("tca_flex.apply got a torch.compile'd model: call tca_flex.apply(model) first, "
                          "then torch.compile(model)")
-    if hasattr(model, _STATE_ATTR):
+    if is_applied(model):
         raise ValueError("tca_flex.apply was already applied to this model: call tca_flex.remove(model) "
                          "first to change the config or budgets")
     config = getattr(model, "config", None)
@@ -228,6 +228,11 @@ def _state(model: torch.nn.Module) -> dict:
     if state is None:
         raise ValueError("this model was not prepared by tca_flex.apply")
     return state
+
+
+def is_applied(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is currently prepared by ``apply``."""
+    return hasattr(model, _STATE_ATTR)
 
 
 def applied_budgets(model: torch.nn.Module) -> HeadBudgets:

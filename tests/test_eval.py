@@ -342,3 +342,20 @@ def test_prompts_plus_answers_fit_the_context_with_the_real_tokenizer():
     for s in samples:
         n = tasks.count_tokens(tok, s.prompt)
         assert 0.85 * 2048 < n and n + s.max_new_tokens <= 2048, (s.task, n)
+
+
+def test_gamma_summary_traces_dropped_mass_per_sample(tiny_llama):
+    import tca_flex
+    from tca_flex.eval.runner import gamma_summary
+
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
+    assert gamma_summary(tiny_llama, ids, 8) is None  # dense model: nothing to report
+    tca_flex.apply(tiny_llama, budgets=tca_flex.HeadBudgets.uniform(2, 2, 0.1, TCAConfig(block_size=32,
+                                                                                         window=128)))
+    sparse = gamma_summary(tiny_llama, ids, 8)
+    assert 0 < sparse["mean"] <= sparse["max"] <= 1
+    assert len(sparse["worst"]) == 3 and sparse["worst"][0][2] == sparse["max"]
+    tca_flex.remove(tiny_llama)
+    tca_flex.apply(tiny_llama, budgets=tca_flex.HeadBudgets.uniform(2, 2, 0.1, TCAConfig(block_size=32,
+                                                                                         window=512)))
+    assert gamma_summary(tiny_llama, ids, 8)["max"] == 0  # window covers the prompt: exact

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default eval_results/<UTC time>)")
     p.add_argument("--smoke", action="store_true", help="a few short samples (CI); overrides the sizes")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--gamma", type=int, default=0, metavar="N",
+                   help="attach each TCA sample's dropped attention mass (N sampled queries; 0: off)")
     args = p.parse_args(argv)
     if args.smoke:
         for k, v in SMOKE.items():
@@ -116,7 +118,7 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
         methods += build_methods(others, [mean_keep(budgets)], budgets.config)
     cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,
                       seed=args.seed, ppl_samples=args.ppl_samples, ppl_source=args.ppl_source,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, gamma_queries=args.gamma)
     start = time.perf_counter()
     records = run_suite(model, tokenizer, methods, cfg)
     rows = summarize(records)

@@ -36,6 +36,9 @@ class SuiteConfig:
         ppl_source: ``perplexity.SOURCES`` entry.
         bucket: perplexity bucket in tokens.
         progress: show tqdm progress bars.
+        gamma_queries: with TCA methods, attach to each sample the dropped
+            attention mass of its prefill (``tca_flex.report`` over this many
+            evenly spaced queries; 0: off). Costs one extra prefill per sample.
     """
 
     lengths: tuple[int, ...] = (2048, 4096, 8192)
@@ -46,6 +49,7 @@ class SuiteConfig:
     ppl_source: str = "pydoc"
     bucket: int = 1024
     progress: bool = True
+    gamma_queries: int = 0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -134,8 +138,26 @@ def _progress(items, desc: str, enabled: bool):
 
 
 @torch.no_grad()
+def gamma_summary(model, input_ids: torch.Tensor, queries: int, worst: int = 3) -> dict[str, Any] | None:
+    """Dropped-mass summary of one prefill (``None`` unless the model runs TCA).
+
+    ``mean``/``max``: gamma over layers, KV heads and the sampled queries;
+    ``worst``: the ``(layer, kv_head, max gamma)`` of the heads that dropped most,
+    so an accuracy loss can be traced to them.
+    """
+    from ..fidelity import report
+    from ..integration import is_applied
+
+    if not is_applied(model):
+        return None
+    rep = report(model, input_ids, queries=queries, measure=False)
+    gmax = rep.gamma_stat("max")
+    return {"mean": float(rep.gamma_stat("mean").mean()), "max": float(gmax.max()),
+            "worst": [(layer, head, float(gmax[layer, head])) for layer, head in rep.worst()[:worst]]}
+
+
 def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, samples: list[Sample],
-                     length: int, progress: bool = True) -> list[dict[str, Any]]:
+                     length: int, progress: bool = True, gamma_queries: int = 0) -> list[dict[str, Any]]:
     """Generate and score every sample with an already prepared model."""
     device = next(model.parameters()).device
     records = []
@@ -144,6 +166,7 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
         cache = prepared.make_cache() if prepared.make_cache else None
         if prepared.on_prompt:
             prepared.on_prompt(ids.shape[1])
+        gamma = gamma_summary(model, ids, gamma_queries) if gamma_queries else None
         new, prefill_s, decode_s, cache_kept = greedy(model, ids, sample.max_new_tokens,
                                                       tokenizer.eos_token_id, cache)
         answer = tokenizer.decode(new, skip_special_tokens=True)
@@ -153,6 +176,7 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
             "depth": sample.depth, "expected": list(sample.answers),
             "answer": answer, "score": score_fraction(answer, sample), "correct": score(answer, sample),
             "kv_kept": _kept(prepared, cache_kept), "prefill_s": prefill_s, "decode_s_per_token": decode_s,
+            "gamma": gamma,
         })
     return records
 
@@ -192,7 +216,8 @@ def run_suite(model, tokenizer, methods: list[Method], cfg: SuiteConfig) -> list
             logger.info("running %s at %d tokens on %d samples", method.name, length, len(samples))
             prepared = method.prepare(model, length)
             try:
-                records += run_task_samples(model, tokenizer, method, prepared, samples, length, cfg.progress)
+                records += run_task_samples(model, tokenizer, method, prepared, samples, length, cfg.progress,
+                                            cfg.gamma_queries)
                 if cfg.ppl_samples:
                     records += run_perplexity(model, tokenizer, method, prepared, text_ids, cfg, length)
             finally:
