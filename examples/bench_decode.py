@@ -16,34 +16,13 @@ selection, heads keeping different fractions), then times, per decode step:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from tca_flex import TCAConfig
-from tca_flex.bench import build_cache_layer
+from tca_flex.bench import build_cache_layer, timed
 from tca_flex.decode import decode_attention
-
-
-def timed(fn, iters: int, device: torch.device) -> float:
-    """Median microseconds per call (CUDA events on GPU)."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-    return sorted(samples)[len(samples) // 2]
 
 
 def bench_one(length: int, args: argparse.Namespace, config: TCAConfig, device: torch.device,
@@ -71,7 +50,8 @@ def bench_one(length: int, args: argparse.Namespace, config: TCAConfig, device: 
     def sdpa_compact():
         return F.scaled_dot_product_attention(q, compact, compact, enable_gqa=True)
 
-    times = [timed(wrap(fn), args.iters, device) for fn in (attn, step, sdpa_full, sdpa_compact)]
+    # tca_flex.bench.timed gives milliseconds; the table is in microseconds.
+    times = [1e3 * timed(wrap(fn), device, warmup=3, reps=args.iters) for fn in (attn, step, sdpa_full, sdpa_compact)]
     return (f"{length:>7} {mem.kept_fraction:>6.1%} {mem.bytes_used / 2**20:>9.1f} "
             f"{mem.dense_bytes / 2**20:>9.1f} {times[0]:>9.1f} {times[1]:>9.1f} {times[2]:>9.1f} "
             f"{times[3]:>12.1f}")
