@@ -36,7 +36,8 @@ def answer(model, tok, prompt: str, cache=None) -> tuple[str, float, int]:
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id,
                          past_key_values=cache)
     elapsed = time.perf_counter() - start
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), elapsed, ids.shape[1]
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return " ".join(text.split()), elapsed, ids.shape[1]  # one line for the table
 
 
 def main() -> None:

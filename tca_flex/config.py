@@ -39,6 +39,9 @@ class TCAConfig:
             ``g`` query heads adds its most important dropped tokens until
             every one of them keeps at least this mass (see
             ``selection.guard_keep``); costs tokens only where needed.
+        pool_kernel: odd; inside each block, tokens are ranked by importance
+            averaged over this many neighbours, so contiguous spans survive
+            (SnapKV-style; 1 = the paper's raw ranking).
     """
 
     block_size: int = 128
@@ -54,6 +57,7 @@ class TCAConfig:
     mass_criterion: str = "column_mean"
     mass_quantile: float | None = None
     guard_floor: float | None = None
+    pool_kernel: int = 1
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -74,6 +78,9 @@ class TCAConfig:
             _check_float("mass_quantile", self.mass_quantile, 0.0, 1.0)
         if self.guard_floor is not None:
             _check_float("guard_floor", self.guard_floor, 0.0, 1.0)
+        _check_int("pool_kernel", self.pool_kernel, 1, 1025)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"TCAConfig.pool_kernel={self.pool_kernel} must be odd (centred on the token)")
         if self.version != CONFIG_VERSION:
             raise ValueError(
                 f"TCAConfig.version={self.version} is not supported by this tca_flex "

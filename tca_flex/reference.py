@@ -32,12 +32,14 @@ def reference_importance(q: torch.Tensor, k: torch.Tensor, scaling: float, num_q
 
 
 def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_size: int, window: int,
-                   alpha: float, normalize: bool = False) -> torch.Tensor:
+                   alpha: float, normalize: bool = False, pool: int = 1) -> torch.Tensor:
     """bool ``[B, H_kv, L]``: the global subset (final-window positions are False).
 
     Args:
         importance: ``[B, H_kv, L]`` importance rows.
         probs_hk: ``[H_kv, b + 1]`` budget distributions of the layer.
+        pool: odd; tokens inside a block are ranked by the mean importance of
+            the ``pool`` positions centred on them (zeros outside ``[0, L)``).
     """
     bsz, hkv, length = importance.shape
     global_len = max(length - window, 0)
@@ -62,10 +64,16 @@ def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_si
                 sj_term = sj / top if normalize and top > 0 else sj
                 scores.append((1 - alpha) * sj_term + alpha * spread)
             order = sorted(range(n), key=lambda j: (-scores[j], j))
+            full = importance[b, h].double()
+            r = pool // 2
             for rank, j in enumerate(order):
                 blk = blocks[j]
                 t = min(ladder[rank], len(blk))
-                within = sorted(range(len(blk)), key=lambda i: (-float(blk[i]), i))[:t]
+
+                start = j * block_size
+                pooled = [float(full[max(start + i - r, 0): start + i + r + 1].sum()) / pool
+                          for i in range(len(blk))]
+                within = sorted(range(len(blk)), key=lambda i: (-pooled[i], i))[:t]
                 for i in within:
                     keep[b, h, j * block_size + i] = True
     return keep

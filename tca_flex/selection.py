@@ -99,6 +99,22 @@ def to_blocks(values: torch.Tensor, block_size: int, fill: float) -> torch.Tenso
     return values.view(*values.shape[:-1], num_blocks, block_size)
 
 
+def pool_importance(s: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Mean of each token's importance with its ``kernel // 2`` neighbours on both sides.
+
+    Ranking tokens inside a block by this keeps contiguous spans (a multi-token
+    number the question points at by its first token) instead of isolated
+    peaks, as SnapKV's pooling does. ``kernel == 1`` returns ``s`` unchanged.
+    Zero padding at the ends; shape ``[..., L]`` preserved.
+    """
+    if kernel == 1:
+        return s
+    flat = s.reshape(-1, 1, s.shape[-1])
+    pooled = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2,
+                                            count_include_pad=True)
+    return pooled.reshape(s.shape)
+
+
 def redundancy_score(s_blocks: torch.Tensor, alpha: float, normalize: bool = False) -> torch.Tensor:
     """``h_j = (1 - alpha) * S_j + alpha * C_j`` for every block.
 
@@ -259,7 +275,8 @@ def guard_keep(keep: torch.Tensor, order_key: torch.Tensor, probs_bhgl: torch.Te
 def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, scaling: float,
            block_size: int, window: int, alpha: float, normalize: bool = False,
            num_queries: int = 1, aggregation: str = "mean",
-           capacity_multiple: int = 128, guard_floor: float | None = None) -> Selection:
+           capacity_multiple: int = 128, guard_floor: float | None = None,
+           pool_kernel: int = 1) -> Selection:
     """TCA's online core-context selection for one layer.
 
     Args:
@@ -270,6 +287,8 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
             ``TCAConfig``.
         capacity_multiple: the packed width is the global-region length
             rounded up to this (the attention kernel's KV tile).
+        pool_kernel: tokens inside a block are ranked by their importance
+            averaged over this many neighbours (``pool_importance``; 1: raw).
         guard_floor: opt-in runtime guard (``TCAConfig.guard_floor``): after
             the per-block top-t, ``guard_keep`` grows the subset until the last
             query of every query head retains at least this mass.
@@ -286,7 +305,7 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
     scores = redundancy_score(s_blocks, alpha, normalize)
     ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2])
     budgets = block_budgets(scores, ladder, global_len, block_size)
-    ranked = to_blocks(s[..., :global_len], block_size, float("-inf"))
+    ranked = to_blocks(pool_importance(s, pool_kernel)[..., :global_len], block_size, float("-inf"))
     keep = keep_top_in_blocks(ranked, budgets).flatten(-2)[..., :global_len]
     if guard_floor is not None:
         keep = guard_keep(keep, s[..., :global_len], last_query_probs(q_bhsd, k_bhsd, scaling), guard_floor)

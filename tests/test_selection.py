@@ -4,7 +4,14 @@ from hypothesis import strategies as st
 
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.reference import reference_importance, reference_keep
-from tca_flex.selection import PAD_POSITION, budget_ladder, importance, redundancy_score, select
+from tca_flex.selection import (
+    PAD_POSITION,
+    budget_ladder,
+    importance,
+    pool_importance,
+    redundancy_score,
+    select,
+)
 
 shapes = st.fixed_dictionaries({
     "bsz": st.integers(1, 2),
@@ -18,6 +25,7 @@ shapes = st.fixed_dictionaries({
     "normalize": st.booleans(),
     "m": st.integers(1, 4),
     "agg": st.sampled_from(["mean", "max"]),
+    "pool": st.sampled_from([1, 3, 7]),
     "seed": st.integers(0, 2**31 - 1),
 })
 
@@ -31,7 +39,7 @@ def draw_inputs(p, d=8):
     k = torch.randn(p["bsz"], p["hkv"], length, d, generator=g) * 2
     config = TCAConfig(block_size=p["block"], window=window, alpha=p["alpha"],
                        normalize_redundancy=p["normalize"], num_observation_queries=p["m"],
-                       gqa_aggregation=p["agg"])
+                       gqa_aggregation=p["agg"], pool_kernel=p.get("pool", 1))
     return q, k, config
 
 
@@ -39,7 +47,7 @@ def run_select(q, k, config, budgets):
     return select(q, k, budgets.cdf(0), scaling=q.shape[-1] ** -0.5, block_size=config.block_size,
                   window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
                   num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
-                  capacity_multiple=16)
+                  capacity_multiple=16, pool_kernel=config.pool_kernel)
 
 
 @given(shapes)
@@ -54,7 +62,8 @@ def test_select_matches_reference(p):
     # Rank ties between float32 and float64 importance are possible in theory;
     # compare against the reference run on the fast path's own importance.
     keep_ref = reference_keep(sel.importance.double(), budgets.probs[0], block_size=config.block_size,
-                              window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy)
+                              window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
+                              pool=config.pool_kernel)
     assert torch.equal(sel.keep_mask(q.shape[2]), keep_ref)
 
 
@@ -84,8 +93,9 @@ def test_selection_invariants(p):
         assert (counts[..., :-1].sort(-1, descending=True).values
                 <= ladder.expand_as(counts)[..., : n - 1]).all() or n == 1
     assert (counts <= torch.minimum(ladder.max(-1, keepdim=True).values, sizes)).all()
-    # Within a block, every kept token outranks every dropped one.
-    s = torch.nn.functional.pad(sel.importance[..., :global_len], (0, n * b - global_len), value=-1.0)
+    # Within a block, every kept token outranks every dropped one (by pooled importance).
+    ranked_by = pool_importance(sel.importance, config.pool_kernel)[..., :global_len]
+    s = torch.nn.functional.pad(ranked_by, (0, n * b - global_len), value=-1.0)
     s = s.view(*keep.shape[:2], n, b)
     lowest_kept = torch.where(per_block, s, float("inf")).amin(-1)
     real = torch.arange(n * b).view(n, b) < global_len

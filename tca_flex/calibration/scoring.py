@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import tca_select
 from ..config import TCAConfig
-from ..selection import select
 
 
 def candidate_keep_masks(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, candidate_cdfs: torch.Tensor,
@@ -50,9 +50,8 @@ def candidate_keep_masks(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, candidate_c
     length, hkv = q_bhsd.shape[2], k_bhsd.shape[1]
     masks = []
     for cdf in candidate_cdfs:
-        sel = select(q_bhsd, k_bhsd, cdf.expand(hkv, -1), scaling=scaling, block_size=config.block_size,
-                     window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
-                     num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation)
+        # The run-time selection itself (every config knob), so calibration measures what runs.
+        sel = tca_select(q_bhsd, k_bhsd, cdf.expand(hkv, -1), config, scaling)
         masks.append(sel.keep_mask(length)[0])
     return torch.stack(masks)
 

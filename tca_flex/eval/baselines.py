@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import tca_prefill_attention
-from ..selection import importance, select
+from ..attention import tca_prefill_attention, tca_select
+from ..selection import importance
 
 PREFILL_CHUNK = 1024
 
@@ -194,9 +194,7 @@ class TCAPolicy:
             keep = torch.ones(k.shape[0], k.shape[1], length, dtype=torch.bool, device=k.device)
             return dense_attention(q, k, v, scaling), keep
         out = tca_prefill_attention(q, k, v, layer.cdf, cfg, scaling)
-        sel = select(q, k, layer.cdf, scaling=scaling, block_size=cfg.block_size, window=cfg.window,
-                     alpha=cfg.alpha, normalize=cfg.normalize_redundancy,
-                     num_queries=cfg.num_observation_queries, aggregation=cfg.gqa_aggregation)
+        sel = tca_select(q, k, layer.cdf, cfg, scaling)
         return out, tca_keep(sel.positions, sel.counts, length, cfg.window)
 
     def decode_visible(self, keep, q_pos, k_len):
