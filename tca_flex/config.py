@@ -42,6 +42,8 @@ class TCAConfig:
         pool_kernel: odd; inside each block, tokens are ranked by importance
             averaged over this many neighbours, so contiguous spans survive
             (SnapKV-style; 1 = the paper's raw ranking).
+        span: every kept global token also keeps ``span`` neighbours on each
+            side (whole phrases survive in the pruned cache; 0 = the paper's).
     """
 
     block_size: int = 128
@@ -58,6 +60,7 @@ class TCAConfig:
     mass_quantile: float | None = None
     guard_floor: float | None = None
     pool_kernel: int = 1
+    span: int = 0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -79,6 +82,7 @@ class TCAConfig:
         if self.guard_floor is not None:
             _check_float("guard_floor", self.guard_floor, 0.0, 1.0)
         _check_int("pool_kernel", self.pool_kernel, 1, 1025)
+        _check_int("span", self.span, 0, 512)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"TCAConfig.pool_kernel={self.pool_kernel} must be odd (centred on the token)")
         if self.version != CONFIG_VERSION:

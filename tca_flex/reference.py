@@ -32,7 +32,7 @@ def reference_importance(q: torch.Tensor, k: torch.Tensor, scaling: float, num_q
 
 
 def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_size: int, window: int,
-                   alpha: float, normalize: bool = False, pool: int = 1) -> torch.Tensor:
+                   alpha: float, normalize: bool = False, pool: int = 1, span: int = 0) -> torch.Tensor:
     """bool ``[B, H_kv, L]``: the global subset (final-window positions are False).
 
     Args:
@@ -40,6 +40,8 @@ def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_si
         probs_hk: ``[H_kv, b + 1]`` budget distributions of the layer.
         pool: odd; tokens inside a block are ranked by the mean importance of
             the ``pool`` positions centred on them (zeros outside ``[0, L)``).
+        span: every chosen token also keeps its ``span`` neighbours on each
+            side that lie in the global region.
     """
     bsz, hkv, length = importance.shape
     global_len = max(length - window, 0)
@@ -75,7 +77,9 @@ def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_si
                           for i in range(len(blk))]
                 within = sorted(range(len(blk)), key=lambda i: (-pooled[i], i))[:t]
                 for i in within:
-                    keep[b, h, j * block_size + i] = True
+                    pos = j * block_size + i
+                    for near in range(max(pos - span, 0), min(pos + span, global_len - 1) + 1):
+                        keep[b, h, near] = True
     return keep
 
 

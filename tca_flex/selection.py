@@ -115,6 +115,19 @@ def pool_importance(s: torch.Tensor, kernel: int) -> torch.Tensor:
     return pooled.reshape(s.shape)
 
 
+def dilate_keep(keep: torch.Tensor, span: int) -> torch.Tensor:
+    """Also keep the ``span`` neighbours on each side of every kept token.
+
+    Keeps whole phrases (a multi-token number whose first token the question
+    attends to) in the pruned cache. ``span == 0`` returns ``keep``. bool ``[..., N]``.
+    """
+    if span == 0:
+        return keep
+    flat = keep.reshape(-1, 1, keep.shape[-1]).float()
+    grown = torch.nn.functional.max_pool1d(flat, 2 * span + 1, stride=1, padding=span)
+    return grown.reshape(keep.shape) > 0
+
+
 def redundancy_score(s_blocks: torch.Tensor, alpha: float, normalize: bool = False) -> torch.Tensor:
     """``h_j = (1 - alpha) * S_j + alpha * C_j`` for every block.
 
@@ -276,7 +289,7 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
            block_size: int, window: int, alpha: float, normalize: bool = False,
            num_queries: int = 1, aggregation: str = "mean",
            capacity_multiple: int = 128, guard_floor: float | None = None,
-           pool_kernel: int = 1) -> Selection:
+           pool_kernel: int = 1, span: int = 0) -> Selection:
     """TCA's online core-context selection for one layer.
 
     Args:
@@ -289,6 +302,8 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
             rounded up to this (the attention kernel's KV tile).
         pool_kernel: tokens inside a block are ranked by their importance
             averaged over this many neighbours (``pool_importance``; 1: raw).
+        span: after the per-block top-t, also keep ``span`` neighbours on
+            each side of every kept token (``dilate_keep``; 0: off).
         guard_floor: opt-in runtime guard (``TCAConfig.guard_floor``): after
             the per-block top-t, ``guard_keep`` grows the subset until the last
             query of every query head retains at least this mass.
@@ -306,7 +321,7 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
     ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2])
     budgets = block_budgets(scores, ladder, global_len, block_size)
     ranked = to_blocks(pool_importance(s, pool_kernel)[..., :global_len], block_size, float("-inf"))
-    keep = keep_top_in_blocks(ranked, budgets).flatten(-2)[..., :global_len]
+    keep = dilate_keep(keep_top_in_blocks(ranked, budgets).flatten(-2)[..., :global_len], span)
     if guard_floor is not None:
         keep = guard_keep(keep, s[..., :global_len], last_query_probs(q_bhsd, k_bhsd, scaling), guard_floor)
     capacity = -(-global_len // capacity_multiple) * capacity_multiple

@@ -26,6 +26,7 @@ shapes = st.fixed_dictionaries({
     "m": st.integers(1, 4),
     "agg": st.sampled_from(["mean", "max"]),
     "pool": st.sampled_from([1, 3, 7]),
+    "span": st.sampled_from([0, 0, 1, 3]),
     "seed": st.integers(0, 2**31 - 1),
 })
 
@@ -39,7 +40,7 @@ def draw_inputs(p, d=8):
     k = torch.randn(p["bsz"], p["hkv"], length, d, generator=g) * 2
     config = TCAConfig(block_size=p["block"], window=window, alpha=p["alpha"],
                        normalize_redundancy=p["normalize"], num_observation_queries=p["m"],
-                       gqa_aggregation=p["agg"], pool_kernel=p.get("pool", 1))
+                       gqa_aggregation=p["agg"], pool_kernel=p.get("pool", 1), span=p.get("span", 0))
     return q, k, config
 
 
@@ -47,7 +48,7 @@ def run_select(q, k, config, budgets):
     return select(q, k, budgets.cdf(0), scaling=q.shape[-1] ** -0.5, block_size=config.block_size,
                   window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
                   num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
-                  capacity_multiple=16, pool_kernel=config.pool_kernel)
+                  capacity_multiple=16, pool_kernel=config.pool_kernel, span=config.span)
 
 
 @given(shapes)
@@ -63,12 +64,13 @@ def test_select_matches_reference(p):
     # compare against the reference run on the fast path's own importance.
     keep_ref = reference_keep(sel.importance.double(), budgets.probs[0], block_size=config.block_size,
                               window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
-                              pool=config.pool_kernel)
+                              pool=config.pool_kernel, span=config.span)
     assert torch.equal(sel.keep_mask(q.shape[2]), keep_ref)
 
 
 @given(shapes)
 def test_selection_invariants(p):
+    p = {**p, "span": 0}  # exact per-block counts; the span's growth is checked against the reference
     q, k, config = draw_inputs(p)
     length, b = q.shape[2], config.block_size
     global_len = length - config.window
@@ -136,3 +138,25 @@ def test_redundancy_score_extremes():
     torch.testing.assert_close(h[0, 0], torch.tensor([0.0, 1 - 1 / 8]))
     h = redundancy_score(both, alpha=0.0)
     torch.testing.assert_close(h[0, 0], torch.tensor([0.5, 0.5]))
+
+
+@given(shapes)
+def test_span_keeps_whole_neighbourhoods_inside_the_global_region(p):
+    p = {**p, "span": 2}
+    q, k, config = draw_inputs(p)
+    length = q.shape[2]
+    global_len = length - config.window
+    budgets = HeadBudgets.uniform(1, p["hkv"], p["frac"], config)
+    wide = run_select(q, k, config, budgets).keep_mask(length)
+    narrow = run_select(q, k, config.replace(span=0), budgets).keep_mask(length)
+    assert not (narrow & ~wide).any() and not wide[..., global_len:].any()
+    near = torch.zeros_like(narrow)
+    for shift in range(-2, 3):
+        near |= torch.roll(narrow, shift, -1) & ~_wrapped(length, shift)
+    assert torch.equal(wide, near & (torch.arange(length) < global_len))
+
+
+def _wrapped(length, shift):
+    """Positions that torch.roll filled from the other end."""
+    idx = torch.arange(length)
+    return idx < shift if shift > 0 else idx >= length + shift
