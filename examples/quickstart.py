@@ -6,8 +6,9 @@ answer, correctness, kept-token fraction per layer and time. TCA uses the
 per-head budgets calibrated for SmolLM2 that ship with the package
 (``tca_flex.shipped_budgets("smollm2")``); ``--keep F`` replaces them with a
 uniform keep fraction ``F`` for every head.
-TCA decodes with ``tca_flex.TCACache``, the pruned KV cache; its memory
-report is printed at the end.
+TCA runs twice: decoding over the full cache (TCA prefill only) and over
+``tca_flex.TCACache``, the pruned KV cache, whose memory report is printed at
+the end.
 
     python examples/quickstart.py [--tokens 3000] [--samples 2] [--keep 0.2] [--report]
 
@@ -58,7 +59,6 @@ def main() -> None:
     model, tok = load_smollm2(device=device)
     samples = [passkey(tok, args.tokens, seed=s) for s in range(args.samples)]
 
-    rows = []
     dense = [answer(model, tok, s.prompt) for s in samples]
     if args.keep is None:
         budgets = tca_flex.shipped_budgets("smollm2")  # block 64, window 512, tau 0.9 (10% quantile)
@@ -73,25 +73,33 @@ def main() -> None:
     config = budgets.config
     tca_flex.apply(model, budgets=budgets)
     answer(model, tok, samples[0].prompt, tca_flex.TCACache(model))  # warm-up: compiles FlexAttention once
-    sparse, reports = [], []
+    # TCA prefill, then decode over the full cache (no cache passed: transformers' own)...
+    prefill_only = [answer(model, tok, s.prompt) for s in samples]
+    # ...and over the pruned cache, which keeps only each head's global subset + window.
+    pruned, reports = [], []
     for s in samples:
-        cache = tca_flex.TCACache(model)  # the pruned cache: global subset + window per KV head
-        sparse.append(answer(model, tok, s.prompt, cache))
+        cache = tca_flex.TCACache(model)
+        pruned.append(answer(model, tok, s.prompt, cache))
         reports.append(cache.memory_report())
-    for s, (d_ans, d_t, n), (t_ans, t_t, _), report in zip(samples, dense, sparse, reports, strict=True):
-        frac = torch.tensor([m.kept_fraction for m in report.layers])
-        rows.append((n, s.depth, s.answers[0], d_ans, score(d_ans, s), d_t, t_ans, score(t_ans, s), t_t,
-                     frac.min().item(), frac.mean().item(), frac.max().item()))
 
     print(f"\nSmolLM2-135M-Instruct on {device}; TCA block {config.block_size}, window {config.window}, "
           f"{label}")
-    print(f"{'tokens':>6} {'depth':>5} {'key':>6} | {'dense answer':<14} ok {'s':>5} | "
-          f"{'TCA answer':<14} ok {'s':>5} | kept KV per layer min/mean/max")
-    for r in rows:
-        print(f"{r[0]:>6} {r[1]:>5.2f} {r[2]:>6} | {r[3][:14]:<14} {'y' if r[4] else 'n':>2} {r[5]:>5.1f} | "
-              f"{r[6][:14]:<14} {'y' if r[7] else 'n':>2} {r[8]:>5.1f} | {r[9]:.2f}/{r[10]:.2f}/{r[11]:.2f}")
-    n_rows = len(rows)
-    print(f"dense correct {sum(r[4] for r in rows)}/{n_rows}, TCA correct {sum(r[7] for r in rows)}/{n_rows}")
+    print(f"{'tokens':>6} {'depth':>5} {'key':>6} | {'dense':<12} ok {'s':>5} | {'TCA, full cache':<15} ok {'s':>5} "
+          f"| {'TCA, TCACache':<13} ok {'s':>5} | kept KV min/mean/max")
+    columns = (dense, prefill_only, pruned)
+    correct = [0, 0, 0]
+    for i, s in enumerate(samples):
+        frac = torch.tensor([m.kept_fraction for m in reports[i].layers])
+        cells = []
+        for c, (width, col) in enumerate(zip((12, 15, 13), columns, strict=True)):
+            ans, secs, n = col[i]
+            ok = score(ans, s)
+            correct[c] += ok
+            cells.append(f"{ans[:width]:<{width}} {'y' if ok else 'n':>2} {secs:>5.1f}")
+        print(f"{n:>6} {s.depth:>5.2f} {s.answers[0]:>6} | " + " | ".join(cells)
+              + f" | {frac.min():.2f}/{frac.mean():.2f}/{frac.max():.2f}")
+    print(f"correct: dense {correct[0]}/{len(samples)}, TCA with full-cache decode {correct[1]}/{len(samples)}, "
+          f"TCA with the pruned TCACache {correct[2]}/{len(samples)}")
     print("\nTCACache after the last prompt: kept KV vs a dense cache of the same length")
     print(reports[-1].format())
     if args.report:
