@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import tca_prefill_attention, tca_select
-from ..selection import importance
+from ..selection import Selection, importance
 
 PREFILL_CHUNK = 1024
 
@@ -83,9 +83,7 @@ def snapkv_keep(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float, budg
 
 def tca_keep(positions: torch.Tensor, counts: torch.Tensor, length: int, window: int) -> torch.Tensor:
     """bool ``[B, H_kv, L]``: TCA's global subset (``Selection.positions``) + final window."""
-    keep = torch.zeros(*counts.shape, length + 1, dtype=torch.bool, device=positions.device)
-    keep.scatter_(-1, positions.clamp(max=length), True)
-    keep = keep[..., :length]
+    keep = Selection(positions=positions, counts=counts).keep_mask(length)
     keep[..., max(length - window, 0):] = True
     return keep
 

@@ -34,7 +34,7 @@ import tca_flex
 
 from ..budgets import HeadBudgets
 from ..config import TCAConfig
-from ..integration import attention_modules
+from ..integration import model_fingerprint
 from ..selection import global_region_length
 from .baselines import SnapKVPolicy, StreamingPolicy, TCAPolicy
 from .install import install_policy, kept_fraction
@@ -71,8 +71,8 @@ class Method:
 
 def model_shape(model: torch.nn.Module) -> tuple[int, int]:
     """``(num_layers, num_kv_heads)`` of a transformers decoder."""
-    mods = attention_modules(model)
-    return len(mods), mods[0].k_proj.out_features // mods[0].head_dim
+    fingerprint = model_fingerprint(model)
+    return fingerprint["num_layers"], fingerprint["num_kv_heads"]
 
 
 def tca_kv_tokens(length: int, per_block: float, config: TCAConfig) -> int:
