@@ -21,12 +21,10 @@ import logging
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import tca_attention_forward, tca_select
 from .fidelity_report import FidelityReport, LayerFidelity
-from .integration import applied_budgets, attention_modules
+from .integration import applied_budgets, attention_modules, attention_routed
 from .mass import masked_scores
 
 logger = logging.getLogger(__name__)
@@ -177,15 +175,9 @@ def report(model: torch.nn.Module, input_ids: torch.Tensor, *, queries: str | in
         raise ValueError(f"quantile={quantile} is out of range: allowed [0, 1]")
     length = input_ids.shape[1]
     recorder = _Recorder(query_positions(length, queries), measure, chunk)
-    AttentionInterface.register(RECORD_ATTN, recording_attention_forward)
-    AttentionMaskInterface.register(RECORD_ATTN, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(RECORD_ATTN)
-    try:
+    with attention_routed(model, RECORD_ATTN, recording_attention_forward):
         # The base model skips the LM head: its [L, vocab] logits are not needed.
         model.base_model(input_ids=input_ids, use_cache=False, **{RECORDER_KWARG: recorder})
-    finally:
-        model.set_attn_implementation(previous)
     missing = sorted({m.layer_idx for m in attention_modules(model)} - set(recorder.layers))
     if missing:
         raise RuntimeError(f"the recorded forward did not reach TCA attention in layers {missing}")

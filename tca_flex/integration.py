@@ -10,9 +10,11 @@ nothing is written to ``model.config`` beyond transformers' own
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -166,6 +168,27 @@ def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
     if (start, stop) != (0, budgets.num_kv_heads):
         budgets = budgets.slice_heads(start, stop)
     return (budgets if config is None else dataclasses.replace(budgets, config=config)), (start, stop)
+
+
+@contextlib.contextmanager
+def attention_routed(model: torch.nn.Module, name: str, fn: Callable[..., Any]) -> Iterator[None]:
+    """Run ``model``'s attention through ``fn`` (registered as ``name``) inside the block.
+
+    The previous implementation comes back on exit, errors included. Used by
+    calibration and the fidelity report to see each layer's q/k/v without
+    copying a model's forward.
+    """
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        if model.config._attn_implementation != name:
+            raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
+                             "AttentionInterface, so tca_flex cannot observe its attention")
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def apply(model: torch.nn.Module, config: TCAConfig | None = None,

@@ -12,20 +12,17 @@ inside the hook and its q/k dropped right after, so extra memory stays
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..budgets import HeadBudgets
 from ..config import TCAConfig
-from ..integration import _check_model, attention_modules, model_fingerprint
+from ..integration import _check_model, attention_modules, attention_routed, model_fingerprint
 from .candidates import CandidateScores, budgets_from_scores, candidate_distributions
 from .scoring import score_layer
 
@@ -54,22 +51,6 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     probe(module, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
-
-
-@contextlib.contextmanager
-def capturing(model: torch.nn.Module) -> Iterator[None]:
-    """Route ``model``'s attention through the probe; restore the previous one on exit."""
-    AttentionInterface.register(CAPTURE_ATTN, _capture_attention)
-    AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE_ATTN)
-    try:
-        if model.config._attn_implementation != CAPTURE_ATTN:
-            raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
-                             "AttentionInterface, so it cannot be calibrated")
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def _check_input_ids(input_ids: torch.Tensor, config: TCAConfig) -> torch.Tensor:
@@ -152,7 +133,7 @@ def score_candidates(model: torch.nn.Module, input_ids: torch.Tensor, config: TC
 
     device = next(model.parameters()).device
     try:
-        with capturing(model):
+        with attention_routed(model, CAPTURE_ATTN, _capture_attention):
             model.base_model(input_ids=ids.to(device), use_cache=False, **{_PROBE_KWARG: probe})
     finally:
         if bar is not None:
