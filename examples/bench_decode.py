@@ -38,7 +38,8 @@ def bench_one(length: int, args: argparse.Namespace, config: TCAConfig, device: 
     compact = full[:, :, : mem.kept_tokens // hkv].contiguous()
 
     def attn():
-        return decode_attention(q, layer.k_buf, layer.v_buf, layer.owner, group=hq // hkv, scale=d**-0.5)
+        return decode_attention(q, layer.k_buf, layer.v_buf, layer.owner, group=hq // hkv, scale=d**-0.5,
+                                segments=layer.segments)
 
     def step():
         layer.update(new, new)

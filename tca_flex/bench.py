@@ -179,7 +179,7 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
 
 
 def build_cache_layer(length: int, hq: int, hkv: int, d: int, fractions: list[float], config: TCAConfig,
-                      dtype: torch.dtype, device: torch.device):
+                      dtype: torch.dtype, device: torch.device, reserve_tokens: int = 0, backend: str = "auto"):
     """A ``TCACacheLayer`` after a synthetic prefill: random K/V, the real selection, and
     KV head ``i`` keeping ``fractions[i]`` of its global region."""
     from .cache import TCACacheLayer
@@ -191,85 +191,202 @@ def build_cache_layer(length: int, hq: int, hkv: int, d: int, fractions: list[fl
     k = torch.randn(1, hkv, length, d, dtype=dtype, device=device)
     sel = select(q, k, budgets.cdf(0).to(device), scaling=d**-0.5, block_size=config.block_size,
                  window=config.window, alpha=config.alpha)
-    layer = TCACacheLayer(config, keep)
+    layer = TCACacheLayer(config, keep, reserve_tokens=reserve_tokens, backend=backend)
     layer.update(k, k)
     layer.finish_prefill(k, k, sel)
     return layer
 
 
-def decode_rows(length: int, shape: dict[str, int], fractions: list[float], device, dtype,
+# Per-KV-head keep fractions of the global region, as unequal as calibrated heads are;
+# scaled so the whole cache keeps a given fraction.
+HEAD_SPREAD = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.98]
+
+
+def head_fractions(target: float, length: int, window: int, hkv: int) -> list[float]:
+    """Per-head global keep fractions whose cache keeps ``target`` of ``length`` tokens overall."""
+    spread = HEAD_SPREAD[:hkv] if hkv == len(HEAD_SPREAD) else [1.0] * hkv
+    glob = max(0.0, (target * length - window) / max(1, length - window))
+    mean = sum(spread) / len(spread)
+    return [min(1.0, glob * f / mean) for f in spread]
+
+
+def decode_rows(length: int, shape: dict[str, int], targets: list[float], device, dtype,
                 window: int) -> list[dict]:
-    """Per-layer decode: SDPA over the full cache, SDPA over compact caches of the kept
-    size (the ideal), and TCA's own head-packed cache (``decode.decode_attention``)."""
-    from .decode import decode_attention
+    """Per-layer decode: SDPA over the full cache, SDPA over a compact cache of the same
+    kept size (the ideal), and TCA's head-packed cache with each decode kernel, plus the
+    whole TCA step (append + attention + compression) replayed from a CUDA graph."""
+    from .decode import decode_attention, triton_supported
 
     hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
     gen = torch.Generator(device=device).manual_seed(length + 1)
     q = torch.randn(1, hq, 1, d, device=device, dtype=dtype, generator=gen)
-    rows = []
-    bytes_per_token = 2 * hkv * d * torch.finfo(dtype).bits // 8
-    for frac in [1.0, *fractions]:
-        kept = max(1, int(length * frac))
-        k = torch.randn(1, hkv, kept, d, device=device, dtype=dtype, generator=gen)
-        v = torch.randn_like(k)
-        us = graph_timed(lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device)
-        rows.append({"phase": "decode", "length": length, "method": f"sdpa_compact_{frac:.2f}",
-                     "us": us, "kv_bytes": kept * bytes_per_token})
-    # Heads keep different amounts (mean 0.39 of the global region), as calibrated heads do.
-    per_head = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.98][:hkv] if hkv == 8 else [0.39] * hkv
+    bytes_per_token = 2 * d * torch.finfo(dtype).bits // 8  # per KV head
+    scale = d ** -0.5
+
+    def sdpa_row(name: str, per_head: int) -> dict:
+        k = torch.randn(1, hkv, per_head, d, device=device, dtype=dtype, generator=gen)
+        us = graph_timed(lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), device)
+        return {"phase": "decode", "length": length, "method": name, "us": us,
+                "kv_bytes": hkv * per_head * bytes_per_token}
+
+    rows = [sdpa_row("sdpa_full", length)]
     config = TCAConfig(block_size=128 if length > 4 * 128 else 32, window=min(window, length // 2))
-    layer = build_cache_layer(length, hq, hkv, d, per_head, config, dtype, device)
-    mem = layer.memory()
-    us = graph_timed(lambda: decode_attention(q, layer.k_buf, layer.v_buf, layer.owner, group=hq // hkv,
-                                              scale=d ** -0.5), device)
-    rows.append({"phase": "decode", "length": length, "method": f"tca_cache_{mem.kept_fraction:.2f}",
-                 "us": us, "kv_bytes": mem.bytes_used, "kept_tokens": mem.kept_tokens})
+    backends = ["triton", "flex"] if triton_supported(q) else ["auto"]
+    for target in targets:
+        layer = build_cache_layer(length, hq, hkv, d, head_fractions(target, length, config.window, hkv),
+                                  config, dtype, device, reserve_tokens=512)
+        mem = layer.memory()
+        tag = f"{mem.kept_fraction:.2f}"
+        rows.append(sdpa_row(f"sdpa_compact_{tag}", mem.kept_tokens // hkv))
+        for backend in backends:
+            us = graph_timed(lambda b=backend: decode_attention(q, layer.k_buf, layer.v_buf, layer.owner,
+                                                                group=hq // hkv, scale=scale, backend=b,
+                                                                segments=layer.segments), device)
+            rows.append({"phase": "decode", "length": length, "method": f"tca_{backend}_{tag}", "us": us,
+                         "kv_bytes": mem.bytes_used, "kept_tokens": mem.kept_tokens,
+                         "bytes_over_kept": mem.overhead})
+        new = torch.randn(1, hkv, 1, d, device=device, dtype=dtype, generator=gen)
+
+        def step(layer=layer, new=new):
+            layer.update(new, new)
+            return layer.decode_step(q, scale)
+
+        rows.append({"phase": "decode", "length": length, "method": f"tca_step_{tag}",
+                     "us": graph_timed(step, device), "kv_bytes": mem.bytes_used})
+        if device.type == "cuda":
+            # Compiled, the step's ~40 small ops (append, importance, top-t, scatters) fuse into a few kernels.
+            try:
+                us = graph_timed(torch.compile(step, dynamic=False), device)
+                rows.append({"phase": "decode", "length": length, "method": f"tca_step_compiled_{tag}", "us": us,
+                             "kv_bytes": mem.bytes_used})
+            except Exception as err:  # recorded, not fatal: the other rows still stand
+                rows.append({"phase": "decode", "length": length, "method": f"tca_step_compiled_{tag}",
+                             "us": float("nan"), "error": repr(err)[:300]})
     return rows
+
+
+def decode_step_ms(model, cache, length: int, device: torch.device) -> float:
+    """Milliseconds of one decode step (token ``length``) of ``model`` over ``cache``, replayed
+    from a CUDA graph (eager on CPU): static inputs, positions as tensors, no host sync."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.full((1, 1), length, device=device)
+    cache_position = torch.full((1,), length, device=device)
+    return graph_timed(lambda: model(input_ids=ids, position_ids=pos, cache_position=cache_position,
+                                     past_key_values=cache, use_cache=True, logits_to_keep=1).logits,
+                       device, reps=20) / 1e3
+
+
+def static_copy(model, dynamic, length: int, device: torch.device):
+    """A ``StaticCache`` holding ``dynamic``'s K/V (transformers' graph-safe dense cache; its
+    decode attention takes a ``[1, 1, 1, max_len]`` mask)."""
+    from transformers import StaticCache
+
+    static = StaticCache(config=model.config, max_cache_len=length + 256)
+    cache_position = torch.arange(length, device=device)
+    for i, layer in enumerate(dynamic.layers):
+        static.update(layer.keys, layer.values, i, {"cache_position": cache_position})
+    return static
+
+
+def one_step_dense(dynamic):
+    """``dynamic`` with each layer preallocated one token longer: every ``update`` writes slot ``L``
+    and returns all ``L + 1`` keys, so the step runs maskless SDPA over exactly the dense cache
+    (the fastest dense decode step, for timing one step at length ``L``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class OneStepDenseLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()
+            self.length = keys.shape[-2]
+            self.k_buf = torch.cat([keys, keys[:, :, -1:]], dim=-2)
+            self.v_buf = torch.cat([values, values[:, :, -1:]], dim=-2)
+            self.keys, self.values = self.k_buf[:, :, :-1], self.v_buf[:, :, :-1]
+            self.device, self.is_initialized = keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.k_buf[:, :, self.length:].copy_(key_states)
+            self.v_buf[:, :, self.length:].copy_(value_states)
+            return self.k_buf, self.v_buf
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+    dynamic.layers = [OneStepDenseLayer(layer.keys, layer.values) for layer in dynamic.layers]
+    return dynamic
 
 
 @torch.no_grad()
 def e2e_rows(lengths: list[int], num_layers: int, keep: float, window: int, device, dtype,
              smoke: bool, compile_model: bool = False) -> list[dict[str, Any]]:
-    """Time to first token of a LLaMA-3.1-8B-shaped model (random weights, few layers), dense vs TCA."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A LLaMA-3.1-8B-shaped model (random weights, few layers), dense vs TCA: time to first
+    token, and time per output token (dense: StaticCache + SDPA; TCA: ``TCACache``)."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+    from .cache import TCACache
     from .integration import apply, remove
 
     if smoke:
         cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(lengths))
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(lengths) + 512)
     else:
         cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                           num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=8,
-                          max_position_embeddings=131072, rope_theta=500000.0)
+                          max_position_embeddings=131072 + 512, rope_theta=500000.0)
     cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
     budgets = HeadBudgets.uniform(num_layers, cfg.num_key_value_heads, keep,
                                   TCAConfig(block_size=128 if not smoke else 32, window=window))
+    label = f"tca_{int(keep * 100)}%+w"
     rows = []
+
+    def add(phase: str, length: int, method: str, ms: float, **extra: Any) -> None:
+        rows.append({"phase": phase, "length": length, "method": method, "ms": ms, "layers": num_layers,
+                     **extra})
+
     for length in lengths:
         ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
         def forward(fn=model, x=ids):
             return fn(x, logits_to_keep=1)
 
-        dense = timed(forward, device, warmup=1, reps=3)
+        add("ttft", length, "dense_sdpa", timed(forward, device, warmup=1, reps=3))
+        dynamic = DynamicCache(config=cfg)
+        model(ids, past_key_values=dynamic, use_cache=True, logits_to_keep=1)
+        dense = one_step_dense(dynamic)
+        add("tpot", length, "dense_tpot", decode_step_ms(model, dense, length, device),
+            cache="preallocated, maskless SDPA")
+        add("tpot", length, "dense_static_tpot", decode_step_ms(model, static_copy(model, dense, length, device),
+                                                                length, device), cache="StaticCache")
+        del dynamic, dense
         apply(model, budgets=budgets)
-        sparse = timed(forward, device, warmup=1, reps=3)
-        rows.append({"phase": "ttft", "length": length, "method": "dense_sdpa", "ms": dense,
-                     "layers": num_layers})
-        rows.append({"phase": "ttft", "length": length, "method": f"tca_{int(keep * 100)}%+w", "ms": sparse,
-                     "layers": num_layers})
+        add("ttft", length, label, timed(forward, device, warmup=1, reps=3))
+        cache = TCACache(model, reserve_tokens=512)
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        report = cache.memory_report()
+        add("tpot", length, f"{label} TCACache", decode_step_ms(model, cache, length, device),
+            kept_fraction=report.total.kept_fraction, bytes_fraction=report.total.bytes_fraction)
+        del cache
         if compile_model:
             eager_logits = model(ids, logits_to_keep=1).logits
             compiled = torch.compile(model)
             logits = compiled(ids, logits_to_keep=1).logits
             err = float((logits.float() - eager_logits.float()).abs().max())
             ms = timed(lambda fn=compiled, x=ids: fn(x, logits_to_keep=1), device, warmup=1, reps=3)
-            rows.append({"phase": "ttft", "length": length, "method": f"tca_{int(keep * 100)}%+w compiled",
-                         "ms": ms, "layers": num_layers, "max_abs_logit_diff_vs_eager": err})
+            add("ttft", length, f"{label} compiled", ms, max_abs_logit_diff_vs_eager=err)
         remove(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
+
+
+def triton_decode_settings() -> dict[str, int] | None:
+    from . import decode
+
+    kernels = decode.triton_decode
+    if kernels is None:
+        return None
+    return {"block": kernels.BLOCK_N, "programs": kernels.TARGET_PROGRAMS, "num_warps": kernels.NUM_WARPS,
+            "num_stages": kernels.NUM_STAGES}
 
 
 def device_name(device: torch.device) -> str:
@@ -284,7 +401,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         t = r.get("ms", r.get("us"))
         unit = "ms" if "ms" in r else "us"
-        if r["method"] in ("sdpa_default", "sdpa_compact_1.00", "dense_sdpa"):
+        if r["method"] in ("sdpa_default", "sdpa_full", "dense_sdpa", "dense_tpot"):
             base[(r["phase"], r["length"])] = t
         speed = base.get((r["phase"], r["length"]), t) / t
         notes = ""
@@ -308,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="FlexAttention defaults instead of USE_TMA (the default on Hopper)")
     parser.add_argument("--e2e-layers", type=int, default=2, help="layers of the 8B-shaped model (0: skip)")
     parser.add_argument("--compile-model", action="store_true", help="also time torch.compile(model) after apply")
+    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e"],
+                        default=["prefill", "decode", "e2e"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -321,11 +440,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budgets = [("tca_25%+w", 0.25), ("tca_10%+w", 0.10)]
     rows: list[dict[str, Any]] = []
     for length in lengths:
-        rows += prefill_rows(length, shape, budgets, window, device, dtype, kernel_options)
-        rows += decode_rows(length, shape, [0.39, 0.15], device, dtype, window)
+        if "prefill" in args.phases:
+            rows += prefill_rows(length, shape, budgets, window, device, dtype, kernel_options)
+        if "decode" in args.phases:
+            rows += decode_rows(length, shape, [0.39, 0.15], device, dtype, window)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.e2e_layers:
+    if args.e2e_layers and "e2e" in args.phases:
         e2e_lengths = [n for n in lengths if n >= 32768] or lengths[-1:]
         rows += e2e_rows(e2e_lengths, args.e2e_layers, 0.25, window, device, dtype, args.smoke,
                          args.compile_model)
@@ -333,12 +454,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__,
         "shape": shape, "dtype": str(dtype), "window": window, "kernel_options": kernel_options,
+        "triton_decode": triton_decode_settings(),
         "rows": rows,
     }
     print_table(rows)
     if not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"{result['device']}-{result['date'][:10]}{'-notma' if args.no_tma else ''}.json"
+        suffix = ("-notma" if args.no_tma else "") + ("" if len(args.phases) == 3 else "-" + "-".join(args.phases))
+        path = args.out / f"{result['device']}-{result['date'][:10]}{suffix}.json"
         path.write_text(json.dumps(result, indent=1))
         print(f"\nwrote {path}")
     return result

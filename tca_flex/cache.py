@@ -39,7 +39,14 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import TCAConfig
-from .decode import DECODE_BACKENDS, block_importance, compress_targets, decode_attention, top_t_in_block
+from .decode import (
+    DECODE_BACKENDS,
+    Segments,
+    block_importance,
+    compress_targets,
+    decode_attention,
+    top_t_in_block,
+)
 from .layout import (
     NEVER,
     Layout,
@@ -269,6 +276,10 @@ class TCACacheLayer(CacheLayerMixin):
     def _set_layout(self, layout: Layout) -> None:
         self.layout = layout
         self.seg_start = torch.tensor(layout.starts, dtype=torch.long, device=self.device)
+        seg_len = [[self.ring + c for c in row] for row in layout.var_cap]
+        self.segments = Segments(self.seg_start.to(torch.int32),
+                                 torch.tensor(seg_len, dtype=torch.int32, device=self.device),
+                                 max(map(max, seg_len)), sum(map(sum, seg_len)))
         self.keys, self.values = self.k_buf, self.v_buf
         done, var_len = self._packed_lengths()
         self._grow_at = next_growth(layout, var_len, self._keep_list, done, self._base, self.window,
@@ -304,7 +315,7 @@ class TCACacheLayer(CacheLayerMixin):
         generation does not grow.
         """
         for t in (self.k_buf, self.v_buf, self.owner, self.pos, self.var_len, self.ncs, self.next_pos,
-                  self.seg_start, self.base):
+                  self.seg_start, self.base, self.segments.start, self.segments.length):
             torch._dynamo.mark_static_address(t)
 
     # ------------------------------------------------------------- decode
@@ -335,7 +346,7 @@ class TCACacheLayer(CacheLayerMixin):
         """
         group = query.shape[1] // self.num_heads
         out, lse = decode_attention(query, self.k_buf, self.v_buf, self.owner, group=group, scale=scale,
-                                    backend=self.backend)
+                                    backend=self.backend, segments=self.segments)
         self._compress(query, lse, scale)
         return out
 

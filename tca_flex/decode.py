@@ -6,8 +6,7 @@ segment of slots, sized to what that head keeps. ``owner_bs [B, S]`` (int32)
 names the KV head of each live slot and is ``-1`` for a free slot, so one
 tensor says both "is this slot live" and "whose is it".
 
-Kernel decision (measured numbers in ``GPU_NOTES.md``; not re-measurable on
-the CPU we develop on):
+Kernel decision (measured, ``BENCHMARKS.md``):
 
 - Decode is memory-bound, and pruning pays only if the kernel reads the live,
   compacted bytes, not a full-size buffer with a length mask.
@@ -15,32 +14,69 @@ the CPU we develop on):
   TCA heads keep very different counts: a rectangular ``[B, H_kv, L_max, D]``
   buffer pads every head to the largest and gives the memory back.
 - A per-query-head BlockMask with ``enable_gqa`` falls off the flex-decoding
-  kernel; with a mask head dimension of 1 it stays on it.
+  kernel; with a mask head dimension of 1 it stays on it, but then every
+  query head scores every head's slots (FlexAttention over the flat buffer
+  viewed as one KV head, ``"flex"``): ``H_kv`` times the needed FLOPs, which
+  made it no faster than dense SDPA over the full cache at 128K.
 
-So the default CUDA path is FlexAttention over the flat buffer viewed as one
-KV head (``[B, 1, S, D]``), all ``H_q`` query heads forming one GQA group, a
-head-dim-1 BlockMask that lists the allocated blocks, and a ``mask_mod`` that
-reads ``owner`` (query head ``h`` sees slot ``s`` iff ``owner[b, s] == h //
-g``). Every kept byte is read once, as in SDPA on a compact cache; the price
-is that each query head also scores the other heads' slots (``H_kv`` times
-the minimal FLOPs), which is cheap while decode stays memory-bound. The
-flex-decoding kernel wants the GQA group, here ``H_q``, to be a power of two
-and the mask head dimension to be 1 (``_use_flex_decoding`` in
-``torch/_inductor/kernel/flex/flex_decoding.py``); otherwise flex falls back
-to its main kernel. ``"math"`` is the same computation in plain tensor
-ops: the CPU path (compiled FlexAttention on CPU cannot return the
-log-sum-exp that compression needs) and a baseline to time against.
+So the CUDA default is ``"triton"`` (``triton_decode.py``): one program per
+(row, KV head, split of its segment) scores the segment with the head's own
+query heads only, flash-decoding style, so both bytes and FLOPs follow what
+each head keeps. ``"flex"`` stays as the fallback where Triton is missing
+or the head dimension is not a power of two. ``"math"`` is the same
+computation in plain tensor ops: the CPU path (compiled FlexAttention on CPU
+cannot return the log-sum-exp that compression needs) and the reference the
+other two are tested against.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .selection import rank_of
 
-DECODE_BACKENDS = ("auto", "flex", "math")
+try:
+    from . import triton_decode
+except ImportError:  # no Triton (e.g. a CPU-only install): the "flex" and "math" backends remain
+    triton_decode = None
+
+DECODE_BACKENDS = ("auto", "triton", "flex", "math")
 _KV_BLOCK = 128
+
+
+class Segments(NamedTuple):
+    """Where each KV head's slots lie in the flat buffer (what the ``"triton"`` backend reads).
+
+    ``start``, ``length``: int32 ``[B, H_kv]``; ``max_length`` (>= every
+    length) and ``total_length`` (their sum): Python ints that size the kernel
+    grid, fixed between growths.
+    """
+
+    start: torch.Tensor
+    length: torch.Tensor
+    max_length: int
+    total_length: int
+
+
+if triton_decode is not None:
+    @torch.library.triton_op("tca_flex::decode_segments", mutates_args=())
+    def _decode_segments_op(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
+                            seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int,
+                            total_slots: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # A triton_op, not a custom_op: torch.compile sees the kernels and
+        # can place them in the same CUDA graph as the rest of the step.
+        return triton_decode.launch(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, max_segment, scale,
+                                    total_slots=total_slots)
+
+
+def triton_supported(q_bhsd: torch.Tensor) -> bool:
+    """Whether the ``"triton"`` backend can run this query (CUDA, Triton, power-of-two head dim)."""
+    d = q_bhsd.shape[-1]
+    return (triton_decode is not None and q_bhsd.device.type == "cuda" and d >= 16 and d & (d - 1) == 0
+            and q_bhsd.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
 def owner_mask_mod(owner_bs: torch.Tensor, group: int):
@@ -96,8 +132,17 @@ def _flex_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
     return out, lse[:, :, 0].float()
 
 
+def _triton_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
+                   segments: Segments, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.tca_flex.decode_segments(q_bhsd[:, :, 0], k_bsd, v_bsd, owner_bs, segments.start,
+                                                  segments.length, segments.max_length, segments.total_length,
+                                                  scale)
+    return out.unsqueeze(2), lse
+
+
 def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
-                     *, group: int, scale: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     *, group: int, scale: float, backend: str = "auto",
+                     segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of attention over the head-packed kept set.
 
     Args:
@@ -107,7 +152,10 @@ def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Ten
         owner_bs: int32 ``[B, S]``: KV head of each live slot, ``-1`` if free.
         group: query heads per KV head; query head ``h`` reads KV head ``h // group``.
         scale: softmax scale.
-        backend: ``"flex"`` (CUDA default), ``"math"`` (CPU default), or ``"auto"``.
+        backend: ``"triton"`` (CUDA default), ``"flex"`` (CUDA without
+            Triton), ``"math"`` (CPU default), or ``"auto"``.
+        segments: each KV head's slot range; needed by ``"triton"`` (``"auto"``
+            picks ``"flex"`` without it).
 
     Returns:
         (``[B, H_q, 1, D]`` output in q's dtype, float32 ``[B, H_q]`` log-sum-exp
@@ -116,7 +164,15 @@ def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Ten
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"decode backend={backend!r} is not one of {list(DECODE_BACKENDS)}")
     if backend == "auto":
-        backend = "flex" if q_bhsd.device.type == "cuda" else "math"
+        if q_bhsd.device.type != "cuda":
+            backend = "math"
+        else:
+            backend = "triton" if segments is not None and triton_supported(q_bhsd) else "flex"
+    if backend == "triton":
+        if segments is None or not triton_supported(q_bhsd):
+            raise ValueError("decode backend 'triton' needs a CUDA query with a power-of-two head dim, Triton "
+                             "installed and the cache's Segments; use backend='flex' or 'math' otherwise")
+        return _triton_decode(q_bhsd, k_bsd, v_bsd, owner_bs, segments, scale)
     fn = _flex_decode if backend == "flex" else _math_decode
     return fn(q_bhsd, k_bsd, v_bsd, owner_bs, group, scale)
 

@@ -13,6 +13,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter, which must be
+# chosen before Triton is first imported (tca_flex imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig

@@ -1,5 +1,7 @@
 """The benchmark's --smoke mode runs the real code paths on tiny CPU shapes so it cannot rot."""
 
+import torch
+
 from tca_flex import bench
 
 
@@ -13,3 +15,23 @@ def test_smoke_benchmark_runs_and_checks_correctness():
     assert all(r["rel_err"] < 1e-4 for r in tca)
     assert tca[1]["computed_fraction"] < tca[0]["computed_fraction"] < 1.0
     assert all(r["ms"] > 0 for r in result["rows"] if "ms" in r)
+
+
+def test_one_step_dense_baseline_decodes_like_a_dynamic_cache(tiny_llama):
+    """The e2e benchmark's fast dense decode step gives the logits of an ordinary DynamicCache step."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(5))
+    step = dict(input_ids=torch.tensor([[7]]), position_ids=torch.tensor([[300]]), cache_position=torch.tensor([300]),
+                use_cache=True)
+    with torch.no_grad():
+        caches = [DynamicCache(config=tiny_llama.config) for _ in range(2)]
+        for cache in caches:
+            tiny_llama(ids, past_key_values=cache, use_cache=True)
+        want = tiny_llama(past_key_values=caches[0], **step).logits
+        fast = bench.one_step_dense(caches[1])
+        got = tiny_llama(past_key_values=fast, **step).logits
+        static = tiny_llama(past_key_values=bench.static_copy(tiny_llama, fast, 300, torch.device("cpu")),
+                            **step).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static, want, atol=1e-5, rtol=1e-5)
