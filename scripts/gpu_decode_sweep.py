@@ -33,7 +33,7 @@ def sweep(length: int = 131072, target: float = 0.39) -> dict:
     ref, _ = decode_attention(q, layer.k_buf, layer.v_buf, layer.owner, group=hq // hkv, scale=d**-0.5,
                               backend="math")
     results = []
-    for block, programs, warps, stages in itertools.product((32, 64, 128), (1024, 4096), (4, 8), (2, 3)):
+    for block, programs, warps, stages in itertools.product((64, 128), (256, 512, 1024, 2048), (4,), (2, 3)):
         kw = dict(total_slots=seg.total_length, block=block, programs=programs, num_warps=warps, num_stages=stages)
 
         def fn(kw=kw):

@@ -62,14 +62,19 @@ class Segments(NamedTuple):
 
 
 if triton_decode is not None:
-    @torch.library.triton_op("tca_flex::decode_segments", mutates_args=())
+    @torch.library.custom_op("tca_flex::decode_segments", mutates_args=())
     def _decode_segments_op(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
                             seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int,
                             total_slots: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        # A triton_op, not a custom_op: torch.compile sees the kernels and
-        # can place them in the same CUDA graph as the rest of the step.
+        # An opaque custom op, not a triton_op: on torch 2.11 + Triton 3.6 Inductor failed to
+        # recompile these kernels inside a compiled graph (BENCHMARKS.md, 2026-12-02), while
+        # an opaque op launches the same JIT kernels as eager and stays CUDA-graph capturable.
         return triton_decode.launch(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, max_segment, scale,
                                     total_slots=total_slots)
+
+    @_decode_segments_op.register_fake
+    def _(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, max_segment, total_slots, scale):
+        return torch.empty_like(q_bhd), q_bhd.new_empty(q_bhd.shape[:2], dtype=torch.float32)
 
 
 def triton_supported(q_bhsd: torch.Tensor) -> bool:

@@ -47,8 +47,22 @@ def tca_mask(batch_size: int, q_length: int, kv_length: int, *args, **kwargs):
     """
     plain = (kwargs.get("attention_mask") is None
              and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
-             and not args and (q_length == kv_length or q_length == 1))
+             and not args and (q_length == kv_length or q_length == 1) and _last_query_is_last_key(q_length, kv_length,
+                                                                                                 kwargs))
     return None if plain else sdpa_mask(batch_size, q_length, kv_length, *args, **kwargs)
+
+
+def _last_query_is_last_key(q_length: int, kv_length: int, kwargs: dict) -> bool:
+    """No key slot lies after the last query: false for a preallocated (static) cache, whose
+    ``kv_length`` is its capacity, so its empty slots stay masked."""
+    q_offset, kv_offset = kwargs.get("q_offset"), kwargs.get("kv_offset", 0)
+    if q_offset is None:  # transformers versions that pass lengths only
+        return True
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        # Reading a device offset would sync (and break a compiled graph): only a prefill
+        # from scratch (square, nothing cached) is known to be plain.
+        return q_length == kv_length
+    return q_offset + q_length == kv_offset + kv_length
 
 
 def _register() -> None:

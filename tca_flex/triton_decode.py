@@ -16,9 +16,9 @@ compression needs. Splits are sized from the layout's longest segment (a
 Python int), so the grid is fixed between layout growths and the launch can
 be captured in a CUDA graph.
 
-This module holds the kernels and a plain launcher only (no op
-registration): the tests load a second copy of it with
-``TRITON_INTERPRET=1`` and run the same kernels on CPU tensors.
+This module holds the kernels and a plain launcher only; ``decode.py``
+registers the op. Without a GPU the tests run the same kernels on CPU
+tensors in Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -81,16 +81,18 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, o_ptr, 
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-    row = (bh * NUM_SPLITS + split) * G_PAD + g
-    tl.store(m_ptr + row, m_i)
-    tl.store(l_ptr + row, l_i)
-    tl.store(o_ptr + row[:, None] * D + d[None, :], acc)
+    # Only the G real query rows go out: the partials are a few percent of the K/V bytes.
+    row = (bh * NUM_SPLITS + split) * G + g
+    real = g < G
+    tl.store(m_ptr + row, m_i, mask=real)
+    tl.store(l_ptr + row, l_i, mask=real)
+    tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=real[:, None])
 
 
 @triton.jit
 def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_outh,
-                    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr, CHUNK: tl.constexpr):
+                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                    CHUNK: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
     b = bh // HKV
@@ -102,7 +104,7 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_o
     for c0 in range(0, NUM_SPLITS, CHUNK):
         s = c0 + tl.arange(0, CHUNK)
         inside = s < NUM_SPLITS
-        row = (bh * NUM_SPLITS + s) * G_PAD + gi
+        row = (bh * NUM_SPLITS + s) * G + gi
         m = tl.load(m_ptr + row, mask=inside, other=float("-inf"))
         l_s = tl.load(l_ptr + row, mask=inside, other=0.0)
         o = tl.load(o_ptr + row[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
@@ -131,7 +133,7 @@ def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PR
 
 def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
            seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int, scale: float,
-           wrap: bool = True, total_slots: int | None = None, block: int | None = None,
+           total_slots: int | None = None, block: int | None = None,
            programs: int | None = None, num_warps: int | None = None, num_stages: int | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run both kernels.
@@ -143,8 +145,6 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
         seg_start, seg_len: int32 ``[B, H_kv]`` contiguous: each head's segment (slots).
         max_segment: Python int >= every ``seg_len`` (sizes the grid).
         scale: softmax scale.
-        wrap: launch through ``torch.library.wrap_triton`` (traceable by
-            ``torch.compile``); ``False`` for Triton's interpreter in tests.
         total_slots: Python int, the segments' total length (sizes the
             splits; default ``max_segment`` times the number of segments).
         block, programs, num_warps, num_stages: tuning knobs; ``None`` takes
@@ -165,22 +165,17 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
     split = split_size(total_slots, block, programs)
     num_splits = max(1, -(-max_segment // split))
     dev = q_bhd.device
-    o_part = torch.empty(bsz * hkv * num_splits * g_pad, d, dtype=torch.float32, device=dev)
-    m_part = torch.empty(bsz * hkv * num_splits * g_pad, dtype=torch.float32, device=dev)
+    o_part = torch.empty(bsz * hkv * num_splits * group, d, dtype=torch.float32, device=dev)
+    m_part = torch.empty(bsz * hkv * num_splits * group, dtype=torch.float32, device=dev)
     l_part = torch.empty_like(m_part)
     out = torch.empty(bsz, hq, d, dtype=q_bhd.dtype, device=dev)
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=dev)
-    split_kernel, combine_kernel = _split_kernel, _combine_kernel
-    if wrap:
-        from torch.library import wrap_triton
-
-        split_kernel, combine_kernel = wrap_triton(_split_kernel), wrap_triton(_combine_kernel)
-    split_kernel[(num_splits, bsz * hkv)](
+    _split_kernel[(num_splits, bsz * hkv)](
         q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, o_part, m_part, l_part,
         q_bhd.stride(0), q_bhd.stride(1), k_bsd.stride(0), k_bsd.stride(1), v_bsd.stride(0), v_bsd.stride(1),
         owner_bs.stride(0), scale, HKV=hkv, G=group, G_PAD=g_pad, D=d, SPLIT=split, NUM_SPLITS=num_splits,
         BLOCK=block, IEEE=q_bhd.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
-    combine_kernel[(bsz * hkv, group)](
-        o_part, m_part, l_part, out, lse, out.stride(0), out.stride(1), HKV=hkv, G=group, G_PAD=g_pad, D=d,
+    _combine_kernel[(bsz * hkv, group)](
+        o_part, m_part, l_part, out, lse, out.stride(0), out.stride(1), HKV=hkv, G=group, D=d,
         NUM_SPLITS=num_splits, CHUNK=COMBINE_CHUNK)
     return out, lse

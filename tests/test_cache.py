@@ -65,7 +65,7 @@ def interpreted_triton_decode(monkeypatch):
 
     def run(q_bhsd, k_bsd, v_bsd, owner_bs, segments, scale):
         out, lse = decode.triton_decode.launch(q_bhsd[:, :, 0], k_bsd, v_bsd, owner_bs, segments.start,
-                                               segments.length, segments.max_length, scale, wrap=False,
+                                               segments.length, segments.max_length, scale,
                                                total_slots=segments.total_length)
         return out.unsqueeze(2), lse
 

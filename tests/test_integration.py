@@ -117,7 +117,10 @@ def test_mask_function_is_none_only_when_plainly_causal():
     kw = dict(q_offset=0, kv_offset=0, mask_function=causal_mask_function, allow_is_causal_skip=True,
               device="cpu")
     assert tca_mask(1, 64, 64, attention_mask=None, **kw) is None
-    assert tca_mask(1, 1, 64, attention_mask=None, **{**kw, "kv_offset": 0}) is None
+    assert tca_mask(1, 1, 64, attention_mask=None, **{**kw, "q_offset": 63}) is None
+    # Decode over a preallocated cache of 64 slots holding 11 tokens: the empty slots stay masked.
+    static = tca_mask(1, 1, 64, attention_mask=None, **{**kw, "q_offset": 10, "allow_is_causal_skip": False})
+    assert static is not None and static[0, 0, 0, :11].all() and not static[0, 0, 0, 11:].any()
     # A chunked prefill (4 queries on 64 keys) needs the offset mask.
     chunk = tca_mask(1, 4, 64, attention_mask=None, **{**kw, "q_offset": 60, "allow_is_causal_skip": False})
     assert chunk is not None and chunk.shape[-2:] == (4, 64)
@@ -125,3 +128,21 @@ def test_mask_function_is_none_only_when_plainly_causal():
     padding[0, :5] = False
     padded = tca_mask(2, 64, 64, attention_mask=padding, **kw)
     assert padded is not None and not padded[0, 0, 10, :5].any() and padded[1, 0, 10, :11].all()
+
+
+@torch.no_grad()
+def test_static_cache_decode_matches_sdpa(tiny_llama):
+    """A preallocated StaticCache is longer than what it holds: its empty slots must stay masked."""
+    from transformers import StaticCache
+
+    x = ids(100)
+    step = dict(input_ids=torch.tensor([[3]]), position_ids=torch.tensor([[100]]), cache_position=torch.tensor([100]))
+
+    def decode_logits():
+        cache = StaticCache(config=tiny_llama.config, max_cache_len=160)
+        tiny_llama(x, past_key_values=cache, use_cache=True)
+        return tiny_llama(past_key_values=cache, use_cache=True, **step).logits
+
+    want = decode_logits()
+    tca_flex.apply(tiny_llama, SPARSE)
+    torch.testing.assert_close(decode_logits(), want, atol=1e-5, rtol=1e-5)

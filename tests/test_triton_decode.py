@@ -24,7 +24,7 @@ def run_kernels(q, k, v, owner, segments, scale, block=64):
         return decode_attention(q, k, v, owner, group=q.shape[1] // segments.start.shape[1], scale=scale,
                                 backend="triton", segments=segments)
     out, lse = decode.triton_decode.launch(q[:, :, 0], k, v, owner, segments.start, segments.length,
-                                           segments.max_length, scale, wrap=q.device.type == "cuda",
+                                           segments.max_length, scale,
                                            total_slots=segments.total_length, block=block)
     return out.unsqueeze(2), lse
 
