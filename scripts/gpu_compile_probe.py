@@ -6,8 +6,16 @@ import torch
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import _prefill_inputs, tca_prefill_attention
 from tca_flex.masks import tca_block_mask
-from tca_flex.selection import (block_budgets, budget_ladder, importance, keep_top_in_blocks, pack_positions,
-                                rank_of, redundancy_score, to_blocks)
+from tca_flex.selection import (
+    block_budgets,
+    budget_ladder,
+    importance,
+    keep_top_in_blocks,
+    pack_positions,
+    rank_of,
+    redundancy_score,
+    to_blocks,
+)
 
 dev = "cuda"
 L, W, B = 32768, 4096, 128

@@ -10,7 +10,7 @@ import torch
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.bench import timed
 from tca_flex.compile import flex
-from tca_flex.masks import KERNEL_BLOCK, tca_block_mask
+from tca_flex.masks import tca_block_mask
 from tca_flex.selection import select
 
 OPTIONS = [
@@ -40,8 +40,8 @@ for length in [int(a) for a in sys.argv[1:]] or [32768, 131072]:
             out = flex(q, k_all, v_all, bm, scale=128 ** -0.5, enable_gqa=True, kernel_options=opts)
             ref = out if ref is None else ref
             err = float((out.float() - ref.float()).norm() / ref.float().norm())
-            ms = timed(lambda o=opts: flex(q, k_all, v_all, bm, scale=128 ** -0.5, enable_gqa=True,
-                                           kernel_options=o), dev, reps=15)
+            ms = timed(lambda o=opts, a=(q, k_all, v_all, bm): flex(*a, scale=128 ** -0.5, enable_gqa=True,
+                                                                    kernel_options=o), dev, reps=15)
             results.append({"length": length, "options": opts, "ms": ms, "rel_diff_vs_default": err})
             print(f"SWEEP L={length} {ms:8.3f} ms err {err:.2e} {opts}", flush=True)
         except Exception as exc:  # noqa: BLE001 - a sweep records every failure

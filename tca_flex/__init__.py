@@ -5,17 +5,18 @@ Typical use::
     budgets = tca_flex.calibrate(model, input_ids, tca_flex.TCAConfig(window=4096))
     budgets.save("budgets.json")
     model = tca_flex.apply(model, budgets="budgets.json")
-    model = torch.compile(model)
+    model = tca_flex.compile(model)           # or torch.compile(model)
     out = model.generate(ids, past_key_values=tca_flex.TCACache(model), max_new_tokens=64)
 """
 
 from .budgets import HeadBudgets, shipped_budgets
 from .cache import TCACache
 from .calibration import calibrate
+from .compile import compile  # noqa: A004 - the public name the design asks for; the module stays importable
 from .config import TCAConfig
 from .fidelity import FidelityReport, report
 from .integration import apply, remove
 
-__all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "remove",
+__all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "compile", "remove",
            "report", "shipped_budgets"]
 __version__ = "0.1.0"

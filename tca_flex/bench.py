@@ -211,10 +211,11 @@ def head_fractions(target: float, length: int, window: int, hkv: int) -> list[fl
 
 
 def decode_rows(length: int, shape: dict[str, int], targets: list[float], device, dtype,
-                window: int) -> list[dict]:
+                window: int, compile_step: bool = False) -> list[dict]:
     """Per-layer decode: SDPA over the full cache, SDPA over a compact cache of the same
     kept size (the ideal), and TCA's head-packed cache with each decode kernel, plus the
-    whole TCA step (append + attention + compression) replayed from a CUDA graph."""
+    whole TCA step (append + attention + compression) replayed from a CUDA graph, eager and
+    (``compile_step``, CUDA only: each compile takes tens of seconds) compiled."""
     from .decode import decode_attention, triton_supported
 
     hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
@@ -237,32 +238,32 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
         layer = build_cache_layer(length, hq, hkv, d, head_fractions(target, length, config.window, hkv),
                                   config, dtype, device, reserve_tokens=512)
         mem = layer.memory()
-        tag = f"{mem.kept_fraction:.2f}"
-        rows.append(sdpa_row(f"sdpa_compact_{tag}", mem.kept_tokens // hkv))
+        tag = f"{round(100 * target)}%"  # by target, so a method's rows line up across lengths
+        rows.append({**sdpa_row(f"sdpa_compact@{tag}", mem.kept_tokens // hkv), "kept_fraction": mem.kept_fraction})
         for backend in backends:
-            us = graph_timed(lambda b=backend: decode_attention(q, layer.k_buf, layer.v_buf, layer.owner,
-                                                                group=hq // hkv, scale=scale, backend=b,
-                                                                segments=layer.segments), device)
-            rows.append({"phase": "decode", "length": length, "method": f"tca_{backend}_{tag}", "us": us,
+            us = graph_timed(lambda b=backend, c=layer: decode_attention(q, c.k_buf, c.v_buf, c.owner,
+                                                                         group=hq // hkv, scale=scale, backend=b,
+                                                                         segments=c.segments), device)
+            rows.append({"phase": "decode", "length": length, "method": f"tca_{backend}@{tag}", "us": us,
                          "kv_bytes": mem.bytes_used, "kept_tokens": mem.kept_tokens,
-                         "bytes_over_kept": mem.overhead})
+                         "kept_fraction": mem.kept_fraction, "bytes_over_kept": mem.overhead})
         new = torch.randn(1, hkv, 1, d, device=device, dtype=dtype, generator=gen)
 
         def step(layer=layer, new=new):
             layer.update(new, new)
             return layer.decode_step(q, scale)
 
-        rows.append({"phase": "decode", "length": length, "method": f"tca_step_{tag}",
+        rows.append({"phase": "decode", "length": length, "method": f"tca_step@{tag}",
                      "us": graph_timed(step, device), "kv_bytes": mem.bytes_used})
-        if device.type == "cuda":
+        if compile_step and device.type == "cuda":
             # Compiled, the step's ~40 small ops (append, importance, top-t, scatters) fuse into a few kernels.
             try:
                 us = graph_timed(torch.compile(step, dynamic=False), device)
-                rows.append({"phase": "decode", "length": length, "method": f"tca_step_compiled_{tag}", "us": us,
+                rows.append({"phase": "decode", "length": length, "method": f"tca_step_compiled@{tag}", "us": us,
                              "kv_bytes": mem.bytes_used})
             except Exception as err:  # recorded, not fatal: the other rows still stand
-                rows.append({"phase": "decode", "length": length, "method": f"tca_step_compiled_{tag}",
-                             "us": float("nan"), "error": repr(err)[:300]})
+                rows.append({"phase": "decode", "length": length, "method": f"tca_step_compiled@{tag}",
+                             "us": float("nan"), "error": repr(err)[-1500:]})
     return rows
 
 
@@ -413,7 +414,7 @@ def device_name(device: torch.device) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'phase':<8}{'L':>8}  {'method':<22}{'time':>12}{'speedup':>9}{'TFLOP/s':>9}  notes")
+    print(f"\n{'phase':<8}{'L':>8}  {'method':<24}{'time':>12}{'speedup':>9}{'TFLOP/s':>9}  notes")
     base: dict[tuple[str, int], float] = {}
     for r in rows:
         t = r.get("ms", r.get("us"))
@@ -429,8 +430,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             notes = f"max |logit - eager TCA| {r['max_abs_logit_diff_vs_eager']:.3g}"
         if "kv_bytes" in r:
             notes = f"KV {r['kv_bytes'] / 2**20:.0f} MiB"
+        if "kept_fraction" in r:
+            notes += f" kept {100 * r['kept_fraction']:.0f}%"
+        if "error" in r:
+            notes = f"failed: {r['error'][:60]}"
         tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
-        print(f"{r['phase']:<8}{r['length']:>8}  {r['method']:<22}{t:>9.3f} {unit}{speed:>8.2f}x{tf:>9}  {notes}")
+        print(f"{r['phase']:<8}{r['length']:>8}  {r['method']:<24}{t:>9.3f} {unit}{speed:>8.2f}x{tf:>9}  {notes}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -460,7 +465,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "prefill" in args.phases:
             rows += prefill_rows(length, shape, budgets, window, device, dtype, kernel_options)
         if "decode" in args.phases:
-            rows += decode_rows(length, shape, [0.39, 0.15], device, dtype, window)
+            rows += decode_rows(length, shape, [0.39, 0.15], device, dtype, window,
+                                compile_step=length == lengths[-1])
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.e2e_layers and "e2e" in args.phases:

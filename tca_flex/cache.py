@@ -347,8 +347,19 @@ class TCACacheLayer(CacheLayerMixin):
         group = query.shape[1] // self.num_heads
         out, lse = decode_attention(query, self.k_buf, self.v_buf, self.owner, group=group, scale=scale,
                                     backend=self.backend, segments=self.segments)
+        if self._host_knows_no_block_leaves():
+            return out
         self._compress(query, lse, scale)
         return out
+
+    def _host_knows_no_block_leaves(self) -> bool:
+        """Eager decode skips the compression ops on the ``b - 1`` of every ``b`` steps where no block
+        leaves the window (decided from Python ints: no sync). Compiled or captured steps keep the
+        branch-free form, so one graph serves every step."""
+        if torch.compiler.is_compiling() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return False
+        done = compressions_done(self._seen, self._base, self.window, self.block)
+        return done == compressions_done(self._seen - 1, self._base, self.window, self.block)
 
     def _compress(self, query: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
         """Branch-free: moves the top-t of the leaving block when a whole block has left the window."""

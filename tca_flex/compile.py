@@ -49,6 +49,28 @@ def compiled(fn: Any) -> Any:
     return _compiled_fns[fn]
 
 
+def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
+    """``torch.compile(model, **kwargs)`` for a model prepared by ``tca_flex.apply``.
+
+    Calling ``torch.compile`` yourself works too; this also raises dynamo's
+    recompile limit to at least 64 (every distinct prompt length compiles its
+    own FlexAttention kernels, and a ``TCACache`` growth re-traces the decode
+    step), which is process-wide and so is done here on request, not at
+    import. Pass ``TCACache(model, reserve_tokens=N)`` to ``generate`` so a
+    generation of up to ``N`` tokens never changes buffer shapes, and keep
+    ``use_cache=True`` (the default) in compiled forwards.
+
+    Raises:
+        ValueError: the model was not prepared by ``tca_flex.apply`` (compile after apply).
+    """
+    from .integration import is_applied
+
+    if not is_applied(model):
+        raise ValueError("tca_flex.compile: call tca_flex.apply(model) first, then compile")
+    _raise_recompile_limit()
+    return torch.compile(model, **kwargs)
+
+
 def kernel_options_for(device: torch.device) -> dict[str, Any] | None:
     """Kernel options for ``device``; ``None`` keeps FlexAttention's defaults.
 

@@ -9,7 +9,8 @@ def test_smoke_benchmark_runs_and_checks_correctness():
     result = bench.main(["--smoke", "--e2e-layers", "1"])
     methods = {(r["phase"], r["method"]) for r in result["rows"]}
     assert {("prefill", "sdpa_default"), ("prefill", "flex_causal"), ("prefill", "tca_25%+w"),
-            ("prefill", "tca_10%+w"), ("decode", "sdpa_compact_0.39"), ("ttft", "dense_sdpa")} <= methods
+            ("prefill", "tca_10%+w"), ("decode", "sdpa_compact@39%"), ("decode", "tca_auto@39%"),
+            ("tpot", "dense_tpot"), ("ttft", "dense_sdpa")} <= methods
     tca = [r for r in result["rows"] if "computed_fraction" in r]
     # Checked against masked SDPA before timing; sparser budgets compute fewer blocks.
     assert all(r["rel_err"] < 1e-4 for r in tca)

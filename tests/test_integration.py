@@ -146,3 +146,18 @@ def test_static_cache_decode_matches_sdpa(tiny_llama):
     want = decode_logits()
     tca_flex.apply(tiny_llama, SPARSE)
     torch.testing.assert_close(decode_logits(), want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_tca_flex_compile_wraps_torch_compile(tiny_llama):
+    from tca_flex.compile import compiled_flex_attention  # the module stays importable beside the function
+
+    assert callable(compiled_flex_attention)
+    with pytest.raises(ValueError, match="apply"):
+        tca_flex.compile(tiny_llama)
+    x = ids(300)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, SPARSE))
+    eager = tiny_llama(x).logits
+    compiled = tca_flex.compile(tiny_llama, backend="aot_eager")
+    assert torch._dynamo.config.recompile_limit >= 64
+    torch.testing.assert_close(compiled(x).logits, eager, atol=1e-4, rtol=1e-4)
