@@ -257,6 +257,30 @@ def test_given_budgets_plug_in_with_matching_baselines(tiny_llama):
     assert abs(kept[0] - kept[1]) <= 8  # the quantile ladder rounds per block (seen: <= 5)
 
 
+@torch.no_grad()
+def test_budgets_prefill_shares_the_sparse_prefill_but_decodes_over_the_full_cache(tiny_llama):
+    budgets = methods.spread_budgets(2, 2, random.SystemRandom().uniform(0.1, 0.4), CFG)
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
+    nxt = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(fresh_seed()))
+    logits, steps = {}, {}
+    for m in (methods.tca_budgets_prefill(budgets, "c"), methods.tca_budgets(budgets, "c")):
+        prepared = m.prepare(tiny_llama, 300)
+        try:
+            out = tiny_llama(ids, use_cache=True)
+            logits[m.name] = out.logits
+            steps[m.name] = tiny_llama(nxt, past_key_values=out.past_key_values, use_cache=True).logits
+            if m.family == "tca_prefill_budgets":
+                assert prepared.kept_fraction() is None  # nothing evicted
+                # A full-cache decode step is plain SDPA over every prompt key.
+                layer = attention_modules(tiny_llama)[0]
+                assert not hasattr(layer, "_tca_eval_kv")
+        finally:
+            prepared.cleanup()
+    torch.testing.assert_close(logits["tca_prefill[c]"], logits["tca[c]"])
+    assert (logits["tca[c]"] - tiny_llama(ids).logits).abs().max() > 1e-4  # the prefill is sparse
+    assert (steps["tca_prefill[c]"] - steps["tca[c]"]).abs().max() > 1e-4  # only the pruned cache drops keys
+
+
 def test_installing_twice_is_refused(tiny_llama):
     policy = baselines.SnapKVPolicy(lambda n: 100)
     cleanup = install_policy(tiny_llama, lambda layer: policy)

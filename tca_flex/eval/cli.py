@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from ..config import TCAConfig
-from .methods import FAMILIES, build_methods, mean_keep, tca_budgets
+from .methods import FAMILIES, build_methods, mean_keep, tca_budgets, tca_budgets_prefill
 from .perplexity import SOURCES
 from .report import markdown_tables, plot_accuracy_vs_kv, summarize, write_json
 from .runner import SuiteConfig, run_suite
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="TCA keep fractions per block; baselines get the same KV budget")
     p.add_argument("--budgets", nargs="+", default=[], metavar="FILE",
                    help="TCA budget files (HeadBudgets.load, e.g. calibrated at several tau); each adds "
-                        "a tca[FILE] method and the other families at its mean keep fraction")
+                        "a tca[FILE] method (pruned cache; with tca_prefill in --methods also "
+                        "tca_prefill[FILE], full-cache decode) and the other families at its mean keep fraction")
     p.add_argument("--block", type=int, default=64, help="TCA block size")
     p.add_argument("--window", type=int, default=512, help="TCA local window")
     p.add_argument("--tca-option", action="append", default=[], metavar="FIELD=VALUE",
@@ -114,7 +115,9 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
     for path in args.budgets:
         budgets = load_budgets(path)
         methods.append(tca_budgets(budgets, Path(path).stem))
-        others = [f for f in args.methods if f not in ("dense", "tca", "tca_spread")]
+        if "tca_prefill" in args.methods:  # the same budgets with a full-cache decode
+            methods.append(tca_budgets_prefill(budgets, Path(path).stem))
+        others = [f for f in args.methods if f not in ("dense", "tca", "tca_spread", "tca_prefill")]
         methods += build_methods(others, [mean_keep(budgets)], budgets.config)
     cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,
                       seed=args.seed, ppl_samples=args.ppl_samples, ppl_source=args.ppl_source,

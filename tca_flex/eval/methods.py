@@ -167,6 +167,20 @@ def tca_budgets(budgets: HeadBudgets, label: str) -> Method:
     return Method(f"tca[{label}]", "tca_budgets", mean_keep(budgets), prepare)
 
 
+def tca_budgets_prefill(budgets: HeadBudgets, label: str) -> Method:
+    """TCA prefill with given budgets, decode over the full cache (``tca_prefill[label]``).
+
+    Paired with ``tca_budgets`` it splits a calibrated configuration's loss
+    into the sparse prefill's share and the pruned cache's share.
+    """
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        tca_flex.apply(model, budgets=budgets)
+        return Prepared(cleanup=lambda: tca_flex.remove(model))
+
+    return Method(f"tca_prefill[{label}]", "tca_prefill_budgets", mean_keep(budgets), prepare)
+
+
 def mean_keep(budgets: HeadBudgets) -> float:
     """Mean over layers and KV heads of the expected per-block keep fraction."""
     return float(budgets.keep_fraction().mean())
