@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import transformers
 
-from ..config import TCAConfig
+from ..config import TCAConfig, parse_overrides
 from .methods import FAMILIES, build_methods, mean_keep, tca_budgets, tca_budgets_prefill
 from .perplexity import SOURCES
 from .report import markdown_tables, plot_accuracy_vs_kv, summarize, write_json
@@ -71,22 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def tca_options(items: list[str]) -> dict[str, Any]:
     """``["num_observation_queries=32", "normalize_redundancy=true"]`` -> TCAConfig kwargs."""
-    fields = TCAConfig.__dataclass_fields__
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep or name not in fields:
-            raise ValueError(f"--tca-option {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
-        default = getattr(TCAConfig(), name)
-        if isinstance(default, bool):
-            out[name] = raw.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)):
-            out[name] = type(default)(raw)
-        elif default is None:  # optional floats (mass_quantile, guard_floor)
-            out[name] = None if raw.lower() == "none" else float(raw)
-        else:
-            out[name] = raw
-    return out
+    return parse_overrides(items, "--tca-option")
 
 
 def load_budgets(path: str):
