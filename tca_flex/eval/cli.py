@@ -43,12 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=["dense", *FAMILIES],
                    help="kvpress:* families need the kvpress package (separate venv, see EVALUATION.md)")
-    p.add_argument("--keep", type=float, nargs="+", default=[0.1, 0.25, 0.5],
-                   help="TCA keep fractions per block; baselines get the same KV budget")
+    p.add_argument("--keep", type=float, nargs="*", default=[0.1, 0.25, 0.5],
+                   help="TCA keep fractions per block; baselines get the same KV budget (none: only the "
+                        "--budgets files' levels)")
     p.add_argument("--budgets", nargs="+", default=[], metavar="FILE",
                    help="TCA budget files (HeadBudgets.load, e.g. calibrated at several tau); each adds "
                         "a tca[FILE] method (pruned cache; with tca_prefill in --methods also "
                         "tca_prefill[FILE], full-cache decode) and the other families at its mean keep fraction")
+    p.add_argument("--tca-backend", default="flex", choices=["flex", "mask"],
+                   help="attention of the --budgets TCA methods: FlexAttention (compiles once per prompt "
+                        "length) or explicit-mask SDPA (same kept keys and accuracy, no compiles, timings "
+                        "not TCA's)")
     p.add_argument("--block", type=int, default=64, help="TCA block size")
     p.add_argument("--window", type=int, default=512, help="TCA local window")
     p.add_argument("--tca-option", action="append", default=[], metavar="FIELD=VALUE",
@@ -99,9 +104,9 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
     methods = build_methods(args.methods, args.keep, config)
     for path in args.budgets:
         budgets = load_budgets(path)
-        methods.append(tca_budgets(budgets, Path(path).stem))
+        methods.append(tca_budgets(budgets, Path(path).stem, args.tca_backend))
         if "tca_prefill" in args.methods:  # the same budgets with a full-cache decode
-            methods.append(tca_budgets_prefill(budgets, Path(path).stem))
+            methods.append(tca_budgets_prefill(budgets, Path(path).stem, args.tca_backend))
         others = [f for f in args.methods if f not in ("dense", "tca", "tca_spread", "tca_prefill")]
         methods += build_methods(others, [mean_keep(budgets)], budgets.config)
     cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,
