@@ -118,6 +118,27 @@ class TCAConfig:
     def replace(self, **changes: Any) -> TCAConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def accurate(cls, **overrides: Any) -> TCAConfig:
+        """The selection knobs that keep answers intact in the pruned KV cache.
+
+        The paper's selection (the class defaults) ranks by the last query
+        only and calibrated budgets then spread tokens almost evenly over
+        blocks, so a multi-token answer rarely survives pruning
+        (EVALUATION.md, 2026-12-02: 0-20% answer agreement with dense at 2K).
+        These settings keep TCA's structure and change only its knobs:
+        ``sigma=2.0`` (wide candidate ladders: top-ranked blocks keep many
+        tokens, low-ranked ones few), ``alpha=0`` (rank blocks by mass),
+        ``num_observation_queries=32`` (the question, not only its last token),
+        ``pool_kernel=7`` (keep spans) and ``spread_observation_queries=32``
+        (serve the whole prompt, which lets calibration pass with fewer
+        tokens). The shipped SmolLM2 budgets use them. Budgets must be
+        calibrated with the same knobs.
+        """
+        knobs: dict[str, Any] = dict(sigma=2.0, alpha=0.0, num_observation_queries=32, pool_kernel=7,
+                                     spread_observation_queries=32)
+        return cls(**{**knobs, **overrides})
+
 
 def parse_overrides(items: list[str], flag: str = "option") -> dict[str, Any]:
     """``["alpha=0", "normalize_redundancy=true", "mass_quantile=none"]`` -> TCAConfig kwargs.
