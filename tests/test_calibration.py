@@ -310,6 +310,10 @@ def test_shipped_smollm2_budgets():
     assert budgets.probs.shape == (30, 3, 65)
     assert (budgets.num_layers, budgets.num_kv_heads, budgets.fingerprint["head_dim"]) == (30, 3, 64)
     assert (budgets.config.block_size, budgets.config.window, budgets.config.tau) == (64, 512, 0.9)
+    assert budgets.config == TCAConfig.accurate(block_size=64, window=512, mass_criterion="lse",
+                                                mass_quantile=0.1)
+    # <= 50% of an 8K prompt's KV (global subset + window), EVALUATION.md's target
+    assert (budgets.keep_fraction().mean() * (8192 - 512) + 512) / 8192 <= 0.5
     sparse = budgets.candidate != DENSE
     assert (budgets.retained_mass[sparse] >= 0.9).all()
     assert budgets.keep_fraction().std() > 0.01  # heads differ
