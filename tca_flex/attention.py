@@ -58,7 +58,8 @@ def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
                   window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
                   num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
                   capacity_multiple=KERNEL_BLOCK, guard_floor=config.guard_floor,
-                  pool_kernel=config.pool_kernel, span=config.span)
+                  pool_kernel=config.pool_kernel, span=config.span,
+                  num_spread=config.spread_observation_queries)
 
 
 def _prefill_inputs(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,

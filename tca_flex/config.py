@@ -44,6 +44,12 @@ class TCAConfig:
             (SnapKV-style; 1 = the paper's raw ranking).
         span: every kept global token also keeps ``span`` neighbours on each
             side (whole phrases survive in the pruned cache; 0 = the paper's).
+        spread_observation_queries: this many extra observation queries, evenly
+            spread over the prompt, add the attention they pay to keys beyond
+            their local window to the importance (0 = the paper's last-query
+            importance). Why: the last queries' attention serves the end of
+            the prompt only; earlier queries then lose up to 99% of their
+            mass in the sparse prefill (EVALUATION.md, 2026-11-24 probe 4).
     """
 
     block_size: int = 128
@@ -61,6 +67,7 @@ class TCAConfig:
     guard_floor: float | None = None
     pool_kernel: int = 1
     span: int = 0
+    spread_observation_queries: int = 0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -83,6 +90,7 @@ class TCAConfig:
             _check_float("guard_floor", self.guard_floor, 0.0, 1.0)
         _check_int("pool_kernel", self.pool_kernel, 1, 1025)
         _check_int("span", self.span, 0, 512)
+        _check_int("spread_observation_queries", self.spread_observation_queries, 0, 65536)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"TCAConfig.pool_kernel={self.pool_kernel} must be odd (centred on the token)")
         if self.version != CONFIG_VERSION:
@@ -109,6 +117,51 @@ class TCAConfig:
 
     def replace(self, **changes: Any) -> TCAConfig:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def accurate(cls, **overrides: Any) -> TCAConfig:
+        """The selection knobs that keep answers intact in the pruned KV cache.
+
+        The paper's selection (the class defaults) ranks by the last query
+        only and calibrated budgets then spread tokens almost evenly over
+        blocks, so a multi-token answer rarely survives pruning
+        (EVALUATION.md, 2026-12-02: 0-20% answer agreement with dense at 2K).
+        These settings keep TCA's structure and change only its knobs:
+        ``sigma=2.0`` (wide candidate ladders: top-ranked blocks keep many
+        tokens, low-ranked ones few), ``alpha=0`` (rank blocks by mass),
+        ``num_observation_queries=32`` (the question, not only its last token),
+        ``pool_kernel=7`` (keep spans) and ``spread_observation_queries=32``
+        (serve the whole prompt, which lets calibration pass with fewer
+        tokens). The shipped SmolLM2 budgets use them. Budgets must be
+        calibrated with the same knobs.
+        """
+        knobs: dict[str, Any] = dict(sigma=2.0, alpha=0.0, num_observation_queries=32, pool_kernel=7,
+                                     spread_observation_queries=32)
+        return cls(**{**knobs, **overrides})
+
+
+def parse_overrides(items: list[str], flag: str = "option") -> dict[str, Any]:
+    """``["alpha=0", "normalize_redundancy=true", "mass_quantile=none"]`` -> TCAConfig kwargs.
+
+    Values take the type of the field's default (optional floats accept
+    ``none``). Command lines use it for ``FIELD=VALUE`` overrides.
+    """
+    fields = {f.name: f for f in dataclasses.fields(TCAConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
+        default = fields[name].default
+        if isinstance(default, bool):
+            out[name] = raw.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)):
+            out[name] = type(default)(raw)
+        elif default is None:  # optional floats (mass_quantile, guard_floor)
+            out[name] = None if raw.lower() == "none" else float(raw)
+        else:
+            out[name] = raw
+    return out
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None, hint: str = "") -> None:

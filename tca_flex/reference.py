@@ -10,22 +10,38 @@ import torch
 
 
 def reference_importance(q: torch.Tensor, k: torch.Tensor, scaling: float, num_queries: int = 1,
-                         aggregation: str = "mean") -> torch.Tensor:
-    """float64 ``[B, H_kv, L]``: mean softmax row of the last queries, per KV head."""
+                         aggregation: str = "mean", num_spread: int = 0, window: int = 0) -> torch.Tensor:
+    """float64 ``[B, H_kv, L]``: mean softmax row of the observation queries, per KV head.
+
+    The last ``num_queries`` queries count their whole causal row; ``num_spread``
+    queries at ``window + round_down((L - m - 1 - window) * t / (num_spread - 1))``,
+    ``t = 0..num_spread-1`` (duplicates once; the last one alone when ``num_spread = 1``)
+    count only keys ``<= i - window``. Rows are averaged over all observation queries.
+    """
     bsz, hq, length, _ = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     m = min(num_queries, length)
+    lo, hi = window, length - m - 1
+    spread = []
+    if num_spread == 1 and hi >= lo:
+        spread = [hi]
+    elif num_spread > 1 and hi >= lo:
+        spread = sorted({lo + (hi - lo) * t // (num_spread - 1) for t in range(num_spread)})
+    observers = [(i, False) for i in range(length - m, length)] + [(i, True) for i in spread]
     out = torch.zeros(bsz, hkv, length, dtype=torch.float64)
     for b in range(bsz):
         for kvh in range(hkv):
             rows = []
             for h in range(kvh * g, (kvh + 1) * g):
                 acc = torch.zeros(length, dtype=torch.float64)
-                for i in range(length - m, length):
+                for i, far_only in observers:
                     logits = (k[b, kvh, : i + 1].double() @ q[b, h, i].double()) * scaling
-                    acc[: i + 1] += torch.softmax(logits, 0)
-                rows.append(acc / m)
+                    row = torch.softmax(logits, 0)
+                    if far_only:
+                        row[max(i - window + 1, 0):] = 0.0
+                    acc[: i + 1] += row
+                rows.append(acc / len(observers))
             stacked = torch.stack(rows)
             out[b, kvh] = stacked.mean(0) if aggregation == "mean" else stacked.amax(0)
     return out

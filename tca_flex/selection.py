@@ -54,34 +54,68 @@ def global_region_length(seq_len: int, window: int) -> int:
     return max(seq_len - window, 0)
 
 
+def observation_positions(length: int, num_last: int, num_spread: int = 0, window: int = 0) -> list[int]:
+    """Positions of the observation queries: the last ``num_last``, then up to
+    ``num_spread`` evenly spaced over ``[window, length - num_last)``.
+
+    Python ints (a pure function of the shape), so compiled callers see a
+    static index. Spread positions that coincide are merged.
+    """
+    m = min(num_last, length)
+    last = list(range(length - m, length))
+    lo, hi = window, length - m - 1
+    if num_spread == 0 or hi < lo:
+        return last
+    if num_spread == 1:
+        return last + [hi]
+    spread = sorted({lo + (hi - lo) * i // (num_spread - 1) for i in range(num_spread)})
+    return last + spread
+
+
 def importance(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float,
-               num_queries: int = 1, aggregation: str = "mean") -> torch.Tensor:
-    """Attention row of the last ``num_queries`` queries, aggregated per KV head.
+               num_queries: int = 1, aggregation: str = "mean", num_spread: int = 0,
+               window: int = 0) -> torch.Tensor:
+    """Attention rows of the observation queries, averaged, aggregated per KV head.
+
+    The last ``num_queries`` queries contribute their softmax rows (the
+    paper's importance for ``num_queries = 1``). The ``num_spread`` queries
+    spread through the prompt (``observation_positions``) contribute only the
+    part of their row on their *far* keys (``<= i - window``): the mass query
+    ``i`` loses if those keys leave the global subset. They make the subset
+    serve the whole prompt, not only its end.
 
     Args:
         q_bhsd: ``[B, H_q, L, D]`` queries (RoPE applied).
         k_bhsd: ``[B, H_kv, L, D]`` keys; ``H_q = g * H_kv``, query head ``h``
             uses KV head ``h // g``.
         scaling: softmax scale (usually ``D ** -0.5``).
-        num_queries: ``m``; rows of the last ``m`` queries are averaged, each
-            under its own causal mask.
+        num_queries: ``m``; rows of the last ``m`` queries, each under its own
+            causal mask.
         aggregation: ``"mean"`` or ``"max"`` over the ``g`` query heads.
+        num_spread: queries spread over ``[window, L - m)`` (0: none).
+        window: local window ``w`` (only used with ``num_spread``).
 
     Returns:
-        float32 ``[B, H_kv, L]``; each row of a single query sums to 1.
+        float32 ``[B, H_kv, L]``; with ``num_spread = 0`` each row sums to 1.
     """
     b, hq, length, d = q_bhsd.shape
     hkv = k_bhsd.shape[1]
     g = hq // hkv
-    m = min(num_queries, length)
-    q_obs = q_bhsd[:, :, length - m:, :].reshape(b, hkv, g * m, d)
+    positions = observation_positions(length, num_queries, num_spread, window)
+    n, m = len(positions), min(num_queries, length)
+    q_pos = torch.tensor(positions, device=q_bhsd.device)
+    q_obs = q_bhsd[:, :, length - m:, :] if n == m else q_bhsd.index_select(2, q_pos)
+    q_obs = q_obs.reshape(b, hkv, g * n, d)
     scores = torch.matmul(q_obs.float(), k_bhsd.float().transpose(-1, -2)) * scaling
-    scores = scores.view(b, hkv, g, m, length)
-    # Observation query j sits at position L - m + j and sees keys <= it.
-    q_pos = torch.arange(length - m, length, device=q_bhsd.device)
+    scores = scores.view(b, hkv, g, n, length)
     k_pos = torch.arange(length, device=q_bhsd.device)
     scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-    probs = scores.softmax(-1).mean(dim=3)
+    probs = scores.softmax(-1)
+    if n > m:
+        # Spread rows (after the last m) count only their far keys.
+        far = (k_pos[None, :] <= q_pos[:, None] - window) | (torch.arange(n, device=k_pos.device) < m)[:, None]
+        probs = probs * far
+    probs = probs.mean(dim=3)
     if aggregation == "mean":
         return probs.mean(dim=2)
     if aggregation == "max":
@@ -289,7 +323,7 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
            block_size: int, window: int, alpha: float, normalize: bool = False,
            num_queries: int = 1, aggregation: str = "mean",
            capacity_multiple: int = 128, guard_floor: float | None = None,
-           pool_kernel: int = 1, span: int = 0) -> Selection:
+           pool_kernel: int = 1, span: int = 0, num_spread: int = 0) -> Selection:
     """TCA's online core-context selection for one layer.
 
     Args:
@@ -304,6 +338,8 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
             averaged over this many neighbours (``pool_importance``; 1: raw).
         span: after the per-block top-t, also keep ``span`` neighbours on
             each side of every kept token (``dilate_keep``; 0: off).
+        num_spread: observation queries spread through the prompt, far keys
+            only (``importance``; 0: the last ``num_queries`` only).
         guard_floor: opt-in runtime guard (``TCAConfig.guard_floor``): after
             the per-block top-t, ``guard_keep`` grows the subset until the last
             query of every query head retains at least this mass.
@@ -315,7 +351,7 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
     global_len = global_region_length(length, window)
     if global_len == 0:
         raise ValueError(f"selection needs more tokens ({length}) than the window ({window})")
-    s = importance(q_bhsd, k_bhsd, scaling, num_queries, aggregation)
+    s = importance(q_bhsd, k_bhsd, scaling, num_queries, aggregation, num_spread, window)
     s_blocks = to_blocks(s[..., :global_len], block_size, 0.0)
     scores = redundancy_score(s_blocks, alpha, normalize)
     ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2])

@@ -5,7 +5,7 @@ from torch.nn.attention.flex_attention import create_mask
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import tca_prefill_attention
 from tca_flex.masks import tca_block_mask
-from tca_flex.reference import reference_attention, reference_keep, reference_mask
+from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
 from tca_flex.selection import select
 
 # (bsz, H_q, H_kv, L, D, window, block, keep fraction): GQA and MHA, lengths
@@ -84,3 +84,22 @@ def test_block_mask_is_exact(case):
     all_visible = tiles(True).all(-1).all(-2)
     assert not (any_visible & ~(listed | full)).any(), "a visible key sits in an unlisted block"
     assert (all_visible | ~full).all(), "a block marked full hides a key"
+
+
+def test_prefill_with_spread_observers_matches_reference_end_to_end():
+    """The accuracy knobs (last-m + spread observers, pooling, normalised score) end to end vs float64."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv, length, d, window, block = CASES[0][1:7]  # a compiled shape: no extra compile
+    q, k, v = (torch.randn(1, h, length, d, generator=g) for h in (hq, hkv, hkv))
+    config = TCAConfig(block_size=block, window=window, num_observation_queries=8, pool_kernel=5,
+                       spread_observation_queries=6, normalize_redundancy=True)
+    budgets = HeadBudgets.uniform(1, hkv, 0.3, config)
+    scale = d ** -0.5
+    out = tca_prefill_attention(q, k, v, budgets.cdf(0), config, scale)
+    s_ref = reference_importance(q, k, scale, 8, "mean", 6, window)
+    keep = reference_keep(s_ref, budgets.probs[0], block_size=block, window=window, alpha=config.alpha,
+                          normalize=True, pool=5)
+    ref = reference_attention(q, k, v, reference_mask(keep, window, hq), scale)
+    err = (out.double() - ref).abs().max().item()
+    assert err < 2e-5, f"max abs error {err} (seed {seed})"

@@ -310,6 +310,10 @@ def test_shipped_smollm2_budgets():
     assert budgets.probs.shape == (30, 3, 65)
     assert (budgets.num_layers, budgets.num_kv_heads, budgets.fingerprint["head_dim"]) == (30, 3, 64)
     assert (budgets.config.block_size, budgets.config.window, budgets.config.tau) == (64, 512, 0.9)
+    assert budgets.config == TCAConfig.accurate(block_size=64, window=512, mass_criterion="lse",
+                                                mass_quantile=0.1)
+    # <= 50% of an 8K prompt's KV (global subset + window), EVALUATION.md's target
+    assert (budgets.keep_fraction().mean() * (8192 - 512) + 512) / 8192 <= 0.5
     sparse = budgets.candidate != DENSE
     assert (budgets.retained_mass[sparse] >= 0.9).all()
     assert budgets.keep_fraction().std() > 0.01  # heads differ
@@ -332,9 +336,11 @@ def test_cli_calibrates_a_local_model_directory(tmp_path, capsys):
     (tmp_path / "text.txt").write_text(" ".join(f"w{i}" for i in words.tolist()))
     out = tmp_path / "budgets.json"
     main(["--model", str(tmp_path / "model"), "--text", str(tmp_path / "text.txt"), "--tokens", "200",
-          "--out", str(out), "--block-size", "16", "--window", "64", "--tau", "0.8", "--criterion", "lse"])
+          "--out", str(out), "--block-size", "16", "--window", "64", "--tau", "0.8", "--criterion", "lse",
+          "--option", "spread_observation_queries=8", "--option", "alpha=0"])
     budgets = HeadBudgets.load(out)
-    assert budgets.notes["num_tokens"] == 200 and budgets.notes["command"].endswith("--criterion lse")
+    assert budgets.notes["num_tokens"] == 200 and budgets.notes["command"].endswith("--option alpha=0")
+    assert (budgets.config.spread_observation_queries, budgets.config.alpha) == (8, 0.0)
     assert (budgets.config.block_size, budgets.config.window, budgets.config.tau) == (16, 64, 0.8)
     assert budgets.fingerprint["num_layers"] == 2 and budgets.config.mass_criterion == "lse"
     table = capsys.readouterr().out

@@ -8,6 +8,14 @@ def test_defaults_are_the_papers():
     assert (c.block_size, c.window, c.tau, c.alpha, c.num_candidates) == (128, 4096, 0.9, 0.5, 14)
 
 
+def test_accurate_preset_changes_only_selection_knobs_and_round_trips():
+    c = TCAConfig.accurate(block_size=64, window=512, pool_kernel=5)
+    paper = TCAConfig(block_size=64, window=512)
+    changed = {k for k, v in c.to_dict().items() if paper.to_dict()[k] != v}
+    assert changed == {"sigma", "alpha", "num_observation_queries", "pool_kernel", "spread_observation_queries"}
+    assert c.pool_kernel == 5 and c.tau == paper.tau and TCAConfig.from_dict(c.to_dict()) == c
+
+
 def test_round_trip_through_dict():
     c = TCAConfig(block_size=64, window=512, tau=0.8, gqa_aggregation="max", normalize_redundancy=True,
                   mass_criterion="lse", mass_quantile=0.1)
@@ -21,6 +29,7 @@ def test_round_trip_through_dict():
     (dict(alpha=-0.1), "alpha"),
     (dict(gqa_aggregation="median"), "gqa_aggregation"),
     (dict(num_observation_queries=0), "num_observation_queries"),
+    (dict(spread_observation_queries=-1), "spread_observation_queries"),
     (dict(mass_criterion="kl"), "mass_criterion"),
     (dict(block_size=64.0), "block_size"),
     (dict(version=99), "version"),

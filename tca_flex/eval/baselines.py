@@ -21,6 +21,10 @@ of the full cache. ``install.py`` installs a policy on a model.
 - ``TCAPolicy``: tca_flex's own prefill (installed by ``tca_flex.apply``),
   kept set = global subset + final window, i.e. what the pruned decode cache
   (``TCACache``) will hold.
+- ``TCAMaskPolicy``: the same selection and kept keys, attention by SDPA
+  under the explicit mask instead of FlexAttention. Same accuracy, no
+  FlexAttention compile per distinct prompt length (which dominates a suite
+  of many prompt lengths); its timings are not TCA's.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import tca_prefill_attention, tca_select
+from ..config import TCAConfig
 from ..selection import Selection, importance
 
 PREFILL_CHUNK = 1024
@@ -194,6 +199,44 @@ class TCAPolicy:
         out = tca_prefill_attention(q, k, v, layer.cdf, cfg, scaling)
         sel = tca_select(q, k, layer.cdf, cfg, scaling)
         return out, tca_keep(sel.positions, sel.counts, length, cfg.window)
+
+    def decode_visible(self, keep, q_pos, k_len):
+        return keep_then_new(keep, q_pos, k_len)
+
+
+def tca_visible(global_keep: torch.Tensor, q_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """bool ``[B, H_kv, c, L]``: TCA prefill visibility, local window or kept far key.
+
+    ``global_keep`` is ``[B, H_kv, L]`` (``Selection.keep_mask``); query ``i``
+    sees keys ``(i - window, i]`` and kept keys ``<= i - window``.
+    """
+    j = torch.arange(global_keep.shape[-1], device=global_keep.device)[None, :]
+    i = q_pos[:, None]
+    local = (j <= i) & (j > i - window)
+    return local | ((j <= i - window) & global_keep[:, :, None, :])
+
+
+@dataclass(frozen=True)
+class TCAMaskPolicy:
+    """TCA with explicit-mask SDPA: ``TCAPolicy``'s kept keys without FlexAttention.
+
+    ``pruned``: decode over the kept set (what ``TCACache`` holds); otherwise
+    over the full cache (sparse prefill only).
+    """
+
+    config: TCAConfig
+    cdf: torch.Tensor
+    pruned: bool = True
+
+    def prefill(self, module, q, k, v, scaling):
+        cfg, length = self.config, k.shape[2]
+        full = torch.ones(k.shape[0], k.shape[1], length, dtype=torch.bool, device=k.device)
+        if length <= cfg.dense_up_to:
+            return dense_attention(q, k, v, scaling), full
+        sel = tca_select(q, k, self.cdf, cfg, scaling)
+        glob = sel.keep_mask(length)
+        out = masked_attention(q, k, v, lambda q_pos: tca_visible(glob, q_pos, cfg.window), scaling)
+        return out, (tca_keep(sel.positions, sel.counts, length, cfg.window) if self.pruned else full)
 
     def decode_visible(self, keep, q_pos, k_len):
         return keep_then_new(keep, q_pos, k_len)

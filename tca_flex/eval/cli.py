@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import transformers
 
-from ..config import TCAConfig
-from .methods import FAMILIES, build_methods, mean_keep, tca_budgets
+from ..config import TCAConfig, parse_overrides
+from .methods import FAMILIES, build_methods, mean_keep, tca_budgets, tca_budgets_prefill
 from .perplexity import SOURCES
 from .report import markdown_tables, plot_accuracy_vs_kv, summarize, write_json
 from .runner import SuiteConfig, run_suite
@@ -43,11 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=["dense", *FAMILIES],
                    help="kvpress:* families need the kvpress package (separate venv, see EVALUATION.md)")
-    p.add_argument("--keep", type=float, nargs="+", default=[0.1, 0.25, 0.5],
-                   help="TCA keep fractions per block; baselines get the same KV budget")
+    p.add_argument("--keep", type=float, nargs="*", default=[0.1, 0.25, 0.5],
+                   help="TCA keep fractions per block; baselines get the same KV budget (none: only the "
+                        "--budgets files' levels)")
     p.add_argument("--budgets", nargs="+", default=[], metavar="FILE",
                    help="TCA budget files (HeadBudgets.load, e.g. calibrated at several tau); each adds "
-                        "a tca[FILE] method and the other families at its mean keep fraction")
+                        "a tca[FILE] method (pruned cache; with tca_prefill in --methods also "
+                        "tca_prefill[FILE], full-cache decode) and the other families at its mean keep fraction")
+    p.add_argument("--tca-backend", default="flex", choices=["flex", "mask"],
+                   help="attention of the --budgets TCA methods: FlexAttention (compiles once per prompt "
+                        "length) or explicit-mask SDPA (same kept keys and accuracy, no compiles, timings "
+                        "not TCA's)")
     p.add_argument("--block", type=int, default=64, help="TCA block size")
     p.add_argument("--window", type=int, default=512, help="TCA local window")
     p.add_argument("--tca-option", action="append", default=[], metavar="FIELD=VALUE",
@@ -70,22 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def tca_options(items: list[str]) -> dict[str, Any]:
     """``["num_observation_queries=32", "normalize_redundancy=true"]`` -> TCAConfig kwargs."""
-    fields = TCAConfig.__dataclass_fields__
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep or name not in fields:
-            raise ValueError(f"--tca-option {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
-        default = getattr(TCAConfig(), name)
-        if isinstance(default, bool):
-            out[name] = raw.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)):
-            out[name] = type(default)(raw)
-        elif default is None:  # optional floats (mass_quantile, guard_floor)
-            out[name] = None if raw.lower() == "none" else float(raw)
-        else:
-            out[name] = raw
-    return out
+    return parse_overrides(items, "--tca-option")
 
 
 def load_budgets(path: str):
@@ -113,8 +104,10 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
     methods = build_methods(args.methods, args.keep, config)
     for path in args.budgets:
         budgets = load_budgets(path)
-        methods.append(tca_budgets(budgets, Path(path).stem))
-        others = [f for f in args.methods if f not in ("dense", "tca", "tca_spread")]
+        methods.append(tca_budgets(budgets, Path(path).stem, args.tca_backend))
+        if "tca_prefill" in args.methods:  # the same budgets with a full-cache decode
+            methods.append(tca_budgets_prefill(budgets, Path(path).stem, args.tca_backend))
+        others = [f for f in args.methods if f not in ("dense", "tca", "tca_spread", "tca_prefill")]
         methods += build_methods(others, [mean_keep(budgets)], budgets.config)
     cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,
                       seed=args.seed, ppl_samples=args.ppl_samples, ppl_source=args.ppl_source,

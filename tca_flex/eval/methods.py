@@ -36,7 +36,7 @@ from ..budgets import HeadBudgets
 from ..config import TCAConfig
 from ..integration import model_fingerprint
 from ..selection import global_region_length
-from .baselines import SnapKVPolicy, StreamingPolicy, TCAPolicy
+from .baselines import SnapKVPolicy, StreamingPolicy, TCAMaskPolicy, TCAPolicy
 from .install import install_policy, kept_fraction
 
 
@@ -153,18 +153,55 @@ def tca_spread(keep: float, config: TCAConfig, sigma: float = 1.0) -> Method:
     return Method(f"tca_spread-k{keep:g}", "tca_spread", keep, prepare)
 
 
-def tca_budgets(budgets: HeadBudgets, label: str) -> Method:
+def _mask_prepare(model: torch.nn.Module, budgets: HeadBudgets, pruned: bool) -> Prepared:
+    device = next(model.parameters()).device
+    uninstall = install_policy(model, lambda layer: TCAMaskPolicy(budgets.config, budgets.cdf(layer).to(device),
+                                                                  pruned))
+    return Prepared(cleanup=uninstall, kept_fraction=lambda: kept_fraction(model) if pruned else None)
+
+
+TCA_BACKENDS = ("flex", "mask")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in TCA_BACKENDS:
+        raise ValueError(f"TCA backend {backend!r} is not one of {list(TCA_BACKENDS)}")
+
+
+def tca_budgets(budgets: HeadBudgets, label: str, backend: str = "flex") -> Method:
     """TCA with given (e.g. calibrated) budgets; ``level`` is their mean keep fraction.
 
-    The CLI's ``--budgets FILE`` loads files with ``HeadBudgets.load`` (from
-    the calibration branch) and adds the baselines at the same mean keep
-    fraction, i.e. the same expected KV budget.
+    The CLI's ``--budgets FILE`` loads files with ``HeadBudgets.load`` and
+    adds the baselines at the same mean keep fraction, i.e. the same expected
+    KV budget. ``backend="mask"`` computes the same attention with explicit-mask
+    SDPA (``TCAMaskPolicy``): same accuracy, no FlexAttention compile per
+    prompt length, timings not TCA's.
     """
+    _check_backend(backend)
 
     def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        if backend == "mask":
+            return _mask_prepare(model, budgets, pruned=True)
         return _tca_prepare(model, budgets)
 
     return Method(f"tca[{label}]", "tca_budgets", mean_keep(budgets), prepare)
+
+
+def tca_budgets_prefill(budgets: HeadBudgets, label: str, backend: str = "flex") -> Method:
+    """TCA prefill with given budgets, decode over the full cache (``tca_prefill[label]``).
+
+    Paired with ``tca_budgets`` it splits a calibrated configuration's loss
+    into the sparse prefill's share and the pruned cache's share.
+    """
+    _check_backend(backend)
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        if backend == "mask":
+            return _mask_prepare(model, budgets, pruned=False)
+        tca_flex.apply(model, budgets=budgets)
+        return Prepared(cleanup=lambda: tca_flex.remove(model))
+
+    return Method(f"tca_prefill[{label}]", "tca_prefill_budgets", mean_keep(budgets), prepare)
 
 
 def mean_keep(budgets: HeadBudgets) -> float:
