@@ -41,6 +41,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(phases), figsize=(5.2 * len(phases), 4.4), squeeze=False)
     for ax, phase in zip(axes[0], phases, strict=True):
         unit, title = PHASES[phase]
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # decode has more than 10 lines
         for method, points in sorted(series[phase].items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)

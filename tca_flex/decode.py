@@ -74,7 +74,8 @@ if triton_decode is not None:
 
     @_decode_segments_op.register_fake
     def _(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, max_segment, total_slots, scale):
-        return torch.empty_like(q_bhd), q_bhd.new_empty(q_bhd.shape[:2], dtype=torch.float32)
+        # Contiguous, as the launcher allocates them (q may be a strided view).
+        return q_bhd.new_empty(q_bhd.shape), q_bhd.new_empty(q_bhd.shape[:2], dtype=torch.float32)
 
 
 def triton_supported(q_bhsd: torch.Tensor) -> bool:

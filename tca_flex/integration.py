@@ -47,8 +47,8 @@ def tca_mask(batch_size: int, q_length: int, kv_length: int, *args, **kwargs):
     """
     plain = (kwargs.get("attention_mask") is None
              and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
-             and not args and (q_length == kv_length or q_length == 1) and _last_query_is_last_key(q_length, kv_length,
-                                                                                                 kwargs))
+             and not args and (q_length == kv_length or q_length == 1)
+             and _last_query_is_last_key(q_length, kv_length, kwargs))
     return None if plain else sdpa_mask(batch_size, q_length, kv_length, *args, **kwargs)
 
 

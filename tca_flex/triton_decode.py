@@ -12,9 +12,9 @@ scoring it with the head's ``g`` query heads at once (one ``tl.dot`` of
 Flash-decoding in two passes: ``_split_kernel`` reduces each split of a
 segment to (max, sum, un-normalised output); ``_combine_kernel`` merges the
 splits of a (row, query head) and writes the output and the log-sum-exp that
-compression needs. Splits are sized from the layout's longest segment (a
-Python int), so the grid is fixed between layout growths and the launch can
-be captured in a CUDA graph.
+compression needs. Splits are sized from the layout's segment lengths
+(Python ints), so the grid is fixed between layout growths and the launch
+can be captured in a CUDA graph.
 
 This module holds the kernels and a plain launcher only; ``decode.py``
 registers the op. Without a GPU the tests run the same kernels on CPU
@@ -27,8 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64
-TARGET_PROGRAMS = 1024
+# Measured on an H200 (scripts/gpu_decode_sweep.py, BENCHMARKS.md 2026-12-02): at 128K with
+# 39% kept, 256 programs of 128-slot blocks took 67 us; 1024 programs 83-95 us, 2048 106-139 us
+# (more splits cost more partial writes and a longer combine than they add in parallelism).
+BLOCK_N = 128
+TARGET_PROGRAMS = 256
 NUM_WARPS = 4
 NUM_STAGES = 3
 COMBINE_CHUNK = 32
