@@ -20,8 +20,7 @@ from pathlib import Path
 
 from tca_flex.budgets import HeadBudgets, shipped_budgets
 from tca_flex.calibration import calibrate
-from tca_flex.config import TCAConfig
-from tca_flex.eval.cli import tca_options
+from tca_flex.config import TCAConfig, parse_overrides
 from tca_flex.eval.methods import build_methods, dense, mean_keep, tca_budgets, tca_budgets_prefill
 from tca_flex.eval.report import markdown_tables, summarize
 from tca_flex.eval.runner import SuiteConfig, run_suite
@@ -35,7 +34,7 @@ def variant_budgets(model, tok, spec: str, cache_dir: Path, max_queries: int | N
         return shipped_budgets("smollm2")
     items = [s for s in spec.split(",") if s]
     base = dict(block_size=64, window=512, tau=0.9, mass_criterion="lse", mass_quantile=0.1)
-    base.update(tca_options(items))
+    base.update(parse_overrides(items))
     config = TCAConfig(**base)
     key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir / f"{key}_{max_queries}.json"

@@ -204,7 +204,7 @@ HEAD_SPREAD = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.98]
 
 def head_fractions(target: float, length: int, window: int, hkv: int) -> list[float]:
     """Per-head global keep fractions whose cache keeps ``target`` of ``length`` tokens overall."""
-    spread = HEAD_SPREAD[:hkv] if hkv == len(HEAD_SPREAD) else [1.0] * hkv
+    spread = HEAD_SPREAD if hkv == len(HEAD_SPREAD) else [1.0] * hkv
     glob = max(0.0, (target * length - window) / max(1, length - window))
     mean = sum(spread) / len(spread)
     return [min(1.0, glob * f / mean) for f in spread]

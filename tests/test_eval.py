@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from tca_flex import HeadBudgets, TCAConfig
+from tca_flex.config import parse_overrides
 from tca_flex.eval import baselines, methods, perplexity, report, runner, tasks
-from tca_flex.eval.cli import evaluate, parse_args, tca_options
+from tca_flex.eval.cli import evaluate, parse_args
 from tca_flex.eval.install import install_policy
 from tca_flex.integration import attention_modules
 from tca_flex.selection import select
@@ -318,12 +319,12 @@ def test_installing_twice_is_refused(tiny_llama):
     cleanup()
 
 
-def test_tca_options_parse_into_config_fields():
-    opts = tca_options(["num_observation_queries=32", "normalize_redundancy=true", "gqa_aggregation=max"])
+def test_config_overrides_parse_into_config_fields():
+    opts = parse_overrides(["num_observation_queries=32", "normalize_redundancy=true", "gqa_aggregation=max"])
     assert TCAConfig(**opts).num_observation_queries == 32 and opts["normalize_redundancy"] is True
-    assert tca_options(["guard_floor=0.8"]) == {"guard_floor": 0.8}
+    assert parse_overrides(["guard_floor=0.8"]) == {"guard_floor": 0.8}
     with pytest.raises(ValueError, match="FIELD=VALUE"):
-        tca_options(["windw=3"])
+        parse_overrides(["windw=3"])
 
 
 def test_unknown_names_are_refused():

@@ -29,6 +29,7 @@ of the full cache. ``install.py`` installs a policy on a model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from ..attention import tca_prefill_attention, tca_select
 from ..config import TCAConfig
+from ..reference import reference_mask
 from ..selection import Selection, importance
 
 PREFILL_CHUNK = 1024
@@ -204,18 +206,6 @@ class TCAPolicy:
         return keep_then_new(keep, q_pos, k_len)
 
 
-def tca_visible(global_keep: torch.Tensor, q_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """bool ``[B, H_kv, c, L]``: TCA prefill visibility, local window or kept far key.
-
-    ``global_keep`` is ``[B, H_kv, L]`` (``Selection.keep_mask``); query ``i``
-    sees keys ``(i - window, i]`` and kept keys ``<= i - window``.
-    """
-    j = torch.arange(global_keep.shape[-1], device=global_keep.device)[None, :]
-    i = q_pos[:, None]
-    local = (j <= i) & (j > i - window)
-    return local | ((j <= i - window) & global_keep[:, :, None, :])
-
-
 @dataclass(frozen=True)
 class TCAMaskPolicy:
     """TCA with explicit-mask SDPA: ``TCAPolicy``'s kept keys without FlexAttention.
@@ -235,7 +225,8 @@ class TCAMaskPolicy:
             return dense_attention(q, k, v, scaling), full
         sel = tca_select(q, k, self.cdf, cfg, scaling)
         glob = sel.keep_mask(length)
-        out = masked_attention(q, k, v, lambda q_pos: tca_visible(glob, q_pos, cfg.window), scaling)
+        visible = functools.partial(reference_mask, glob, cfg.window, glob.shape[1])  # per KV head
+        out = masked_attention(q, k, v, visible, scaling)
         return out, (tca_keep(sel.positions, sel.counts, length, cfg.window) if self.pruned else full)
 
     def decode_visible(self, keep, q_pos, k_len):

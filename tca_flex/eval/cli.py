@@ -74,11 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def tca_options(items: list[str]) -> dict[str, Any]:
-    """``["num_observation_queries=32", "normalize_redundancy=true"]`` -> TCAConfig kwargs."""
-    return parse_overrides(items, "--tca-option")
-
-
 def load_budgets(path: str):
     """``HeadBudgets.load(path)`` (files from ``tca_flex.calibrate`` / ``HeadBudgets.save``)."""
     from ..budgets import HeadBudgets
@@ -100,7 +95,7 @@ def load_model(path: str | None, device: str, dtype: torch.dtype):
 
 def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], str]:
     """Run the suite described by ``args`` on a loaded model; write results into ``out``."""
-    config = TCAConfig(block_size=args.block, window=args.window, **tca_options(args.tca_option))
+    config = TCAConfig(block_size=args.block, window=args.window, **parse_overrides(args.tca_option, "--tca-option"))
     methods = build_methods(args.methods, args.keep, config)
     for path in args.budgets:
         budgets = load_budgets(path)
