@@ -250,7 +250,8 @@ def test_given_budgets_plug_in_with_matching_baselines(tiny_llama):
         prepared = m.prepare(tiny_llama, 300)
         try:
             tiny_llama(ids, use_cache=True)
-            kept.append(prepared.kept_fraction() * 300)
+            # A token count: the fraction times 300 can land at 219.99999999999997.
+            kept.append(round(prepared.kept_fraction() * 300))
         finally:
             prepared.cleanup()
     assert tca_m.name == "tca[calibrated]" and tca_m.level == pytest.approx(methods.mean_keep(budgets))
