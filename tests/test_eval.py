@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.config import parse_overrides
@@ -422,3 +424,66 @@ def test_cli_keep_may_be_empty_for_budget_files_only():
     args = parse_args(["--keep", "--budgets", "b.json", "--tca-backend", "mask", "--methods", "dense", "snapkv"])
     assert args.keep == [] and args.tca_backend == "mask"
     assert [m.name for m in methods.build_methods(args.methods, args.keep, CFG)] == ["dense"]
+
+
+# ---------------------------------------------------------------- sharded runs
+
+
+@given(samples=st.integers(0, 40), ppl=st.integers(0, 40), seed=st.integers(0, 10**6), workers=st.integers(1, 16))
+def test_shards_cover_every_seed_once(samples, ppl, seed, workers):
+    from tca_flex.eval.parallel import plan_shards
+
+    shards = plan_shards(samples, ppl, seed, workers)
+    assert len(shards) <= workers
+    task_seeds = [s.seed + i for s in shards for i in range(s.samples)]
+    ppl_seeds = [s.seed + i for s in shards for i in range(s.ppl_samples)]
+    assert task_seeds == list(range(seed, seed + samples))
+    assert ppl_seeds == list(range(seed, seed + ppl))
+
+
+def _comparable(records):
+    timing = {"prefill_s", "decode_s_per_token"}
+    return sorted(json.dumps({k: v for k, v in r.items() if k not in timing}, sort_keys=True) for r in records)
+
+
+@torch.no_grad()
+def test_merged_shards_equal_the_serial_run(tiny_llama, tmp_path):
+    from tca_flex.eval.parallel import merge_runs, plan_shards
+
+    base = ["--lengths", "300", "--tasks", "passkey", "niah_single", "--methods", "dense", "snapkv", "--keep",
+            "0.25", "--block", "32", "--window", "128", "--no-progress", "--seed", str(fresh_seed())]
+    serial = parse_args([*base, "--samples", "3", "--ppl-samples", "2"])
+    evaluate(tiny_llama, TOK, serial, tmp_path / "serial")
+    parts = []
+    for k, shard in enumerate(plan_shards(3, 2, serial.seed, 2)):
+        args = parse_args([*base, "--seed", str(shard.seed), "--samples", str(shard.samples),
+                           "--ppl-samples", str(shard.ppl_samples)])
+        evaluate(tiny_llama, TOK, args, tmp_path / str(k))
+        parts.append(tmp_path / str(k))
+    merged, meta = merge_runs(parts)
+    expected = json.loads((tmp_path / "serial" / "results.json").read_text())["records"]
+    assert len(merged) == 2 * (2 * 3 + 2)
+    assert _comparable(merged) == _comparable(expected)
+    assert [p["samples"] for p in meta["parts"]] == [2, 1]
+    with pytest.raises(ValueError, match="overlap"):
+        merge_runs([parts[0], parts[0]])
+    other = parse_args([*base, "--window", "64", "--seed", str(serial.seed + 10), "--samples", "1",
+                        "--ppl-samples", "0"])
+    evaluate(tiny_llama, TOK, other, tmp_path / "other")
+    with pytest.raises(ValueError, match="other settings"):
+        merge_runs([parts[0], tmp_path / "other"])
+
+
+def test_workers_run_the_cli_in_processes_and_merge(tmp_path):
+    from tca_flex.models import default_cache_dir
+
+    if not (default_cache_dir() / "model.safetensors").is_file():
+        pytest.skip("SmolLM2 not cached (run load_smollm2 once)")
+    from tca_flex.eval.cli import main
+
+    main(["--lengths", "256", "--tasks", "passkey", "--methods", "dense", "--keep", "--samples", "2",
+          "--ppl-samples", "0", "--workers", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["seed"] for r in data["records"]) == [0, 1]
+    assert data["meta"]["workers"] == 2 and len(data["meta"]["parts"]) == 2
+    assert (tmp_path / "parts" / "1" / "results.json").is_file()

@@ -4,6 +4,8 @@ Examples::
 
     python -m tca_flex.eval --smoke                      # CI: about a minute on an idle CPU
     python -m tca_flex.eval --lengths 2048 4096 8192 --samples 10 --keep 0.1 0.25 0.5
+    python -m tca_flex.eval --device cuda --samples 20 --workers 12   # processes share the GPU
+    python -m tca_flex.eval --merge runA runB --out both            # join runs over disjoint seeds
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import datetime as dt
 import importlib.metadata
 import logging
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,9 @@ import transformers
 
 from ..config import TCAConfig, parse_overrides
 from .methods import FAMILIES, build_methods, mean_keep, tca_budgets, tca_budgets_prefill
+from .parallel import merge_runs, plan_shards, run_workers
 from .perplexity import SOURCES
-from .report import markdown_tables, plot_accuracy_vs_kv, summarize, write_json
+from .report import write_reports
 from .runner import SuiteConfig, run_suite
 from .tasks import TASKS
 
@@ -65,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default eval_results/<UTC time>)")
     p.add_argument("--smoke", action="store_true", help="a few short samples (CI); overrides the sizes")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the device, each running a contiguous range of seeds "
+                        "(same records as one process; a small model's decode is CPU-bound, so use about "
+                        "one per free core)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="instead of running, merge the results of runs of the same settings over disjoint "
+                        "seeds (e.g. one per device call) into --out")
     p.add_argument("--gamma", type=int, default=0, metavar="N",
                    help="attach each TCA sample's dropped attention mass (N sampled queries; 0: off)")
     args = p.parse_args(argv)
@@ -109,7 +120,6 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
                       progress=not args.no_progress, gamma_queries=args.gamma)
     start = time.perf_counter()
     records = run_suite(model, tokenizer, methods, cfg)
-    rows = summarize(records)
     now = dt.datetime.now(dt.timezone.utc).isoformat()
     meta = {"args": vars(args), "tca_config": config.to_dict(), "date_utc": now,
             "device": str(next(model.parameters()).device), "platform": platform.platform(),
@@ -118,20 +128,34 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
     meta["transformers"] = transformers.__version__
     if any(m.family.startswith("kvpress") for m in methods):
         meta["kvpress"] = importlib.metadata.version("kvpress")
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown_tables(rows)
-    (out / "results.md").write_text(table)
-    write_json(out / "results.json", records, rows, meta)
-    plot_accuracy_vs_kv(out / "accuracy_vs_kv.png", rows)
-    return rows, table
+    return write_reports(out, records, meta)
+
+
+def run_parallel(argv: list[str], args: argparse.Namespace, out: Path) -> str:
+    """``args.workers`` processes over disjoint seed ranges, merged into ``out``; returns the table."""
+    shards = plan_shards(args.samples, args.ppl_samples, args.seed, args.workers)
+    if args.model is None:
+        from ..models import default_cache_dir, load_smollm2
+
+        if not (default_cache_dir() / "model.safetensors").is_file():
+            load_smollm2()  # dequantise the GGUF once, not in every worker
+    start = time.perf_counter()
+    records, meta = merge_runs(run_workers(argv, shards, out))
+    meta.update(wall_s=time.perf_counter() - start, workers=len(shards))
+    return write_reports(out, records, meta)[1]
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out or f"eval_results/{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}")
-    dtype = getattr(torch, args.dtype)
-    model, tok = load_model(args.model, args.device, dtype)
-    _, table = evaluate(model, tok, args, out)
+    if args.merge:
+        _, table = write_reports(out, *merge_runs(args.merge))
+    elif args.workers > 1:
+        table = run_parallel(argv, args, out)
+    else:
+        model, tok = load_model(args.model, args.device, getattr(torch, args.dtype))
+        _, table = evaluate(model, tok, args, out)
     print(table)
     print(f"wrote {out}/results.md, results.json, accuracy_vs_kv.png")

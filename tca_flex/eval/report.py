@@ -91,6 +91,23 @@ def write_json(path: str | Path, records: list[dict[str, Any]], rows: list[dict[
     Path(path).write_text(json.dumps(clean({"meta": meta, "summary": rows, "records": records}), indent=1))
 
 
+def write_reports(out: str | Path, records: list[dict[str, Any]],
+                  meta: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """Write ``results.md``, ``results.json`` and ``accuracy_vs_kv.png`` into ``out``.
+
+    Returns:
+        ``(summary rows, markdown table)``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(records)
+    table = markdown_tables(rows)
+    (out / "results.md").write_text(table)
+    write_json(out / "results.json", records, rows, meta)
+    plot_accuracy_vs_kv(out / "accuracy_vs_kv.png", rows)
+    return rows, table
+
+
 def plot_accuracy_vs_kv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """PNG: average accuracy vs KV kept fraction, one curve per method family, one panel per length."""
     import matplotlib

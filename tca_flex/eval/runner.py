@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -69,7 +69,8 @@ def make_samples(tokenizer, cfg: SuiteConfig, length: int) -> list[Sample]:
     out = []
     for name in cfg.tasks:
         probe = TASKS[name](tokenizer, 64, cfg.seed)
-        out.extend(TASKS[name](tokenizer, prompt_budget(length, probe.max_new_tokens), cfg.seed + i)
+        out.extend(replace(TASKS[name](tokenizer, prompt_budget(length, probe.max_new_tokens), cfg.seed + i),
+                           seed=cfg.seed + i)
                    for i in range(cfg.samples))
     return out
 
@@ -172,7 +173,7 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
         answer = tokenizer.decode(new, skip_special_tokens=True)
         records.append({
             "kind": "task", "length": length, "method": method.name, "family": method.family,
-            "level": method.level, "task": sample.task, "prompt_tokens": ids.shape[1],
+            "level": method.level, "task": sample.task, "seed": sample.seed, "prompt_tokens": ids.shape[1],
             "depth": sample.depth, "expected": list(sample.answers),
             "answer": answer, "score": score_fraction(answer, sample), "correct": score(answer, sample),
             "kv_kept": _kept(prepared, cache_kept), "prefill_s": prefill_s, "decode_s_per_token": decode_s,
@@ -198,7 +199,7 @@ def run_perplexity(model, tokenizer, method: Method, prepared: Prepared, token_i
         nlls = bucket_nll(logits, window[1:], cfg.bucket)
         records.append({
             "kind": "perplexity", "length": length, "method": method.name, "family": method.family,
-            "level": method.level, "task": "perplexity", "source": cfg.ppl_source,
+            "level": method.level, "task": "perplexity", "seed": cfg.seed + i, "source": cfg.ppl_source,
             "bucket": cfg.bucket, "bucket_nll": nlls,
             "ppl": perplexity(nlls, bucket_sizes(length, cfg.bucket)), "kv_kept": _kept(prepared, cache_kept),
             "prefill_s": prefill_s,

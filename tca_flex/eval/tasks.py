@@ -33,6 +33,8 @@ class Sample:
         task: generator name.
         depth: relative depth of the (first) needle, 0..1 (None if none).
         max_new_tokens: tokens to generate for this task.
+        seed: the generator's seed (set by the suite runner; records carry it so
+            that runs sharded over seeds can be merged without duplicates).
     """
 
     prompt: str
@@ -40,6 +42,7 @@ class Sample:
     task: str
     depth: float | None
     max_new_tokens: int = 16
+    seed: int | None = None
 
 
 def score(answer: str, sample: Sample) -> bool:
