@@ -7,8 +7,8 @@ sample seeds: sample ``i`` of every task uses seed ``seed + i`` and
 perplexity window ``i`` likewise, whichever process runs it, so a sharded run
 yields exactly the records of the serial run (timings aside).
 
-``merge_runs`` also joins runs made separately (e.g. one device call per
-length), refusing runs whose settings differ or whose records overlap.
+``merge_runs`` also joins runs made separately (e.g. one per length or per
+device call), refusing runs whose settings differ or whose records overlap.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Arguments that may differ between the runs being merged: how the seeds were
-# split and where each part went, not what was evaluated.
-SHARD_ARGS = frozenset({"seed", "samples", "ppl_samples", "out", "workers", "no_progress", "merge"})
+# Arguments that may differ between the runs being merged: which seeds and
+# lengths each part ran and where it went, not how samples were evaluated.
+SHARD_ARGS = frozenset({"seed", "samples", "ppl_samples", "lengths", "out", "workers", "no_progress", "merge"})
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,9 @@ def merge_runs(dirs: list[str | Path]) -> tuple[list[dict[str, Any]], dict[str, 
         metas.append(meta)
     meta = {k: v for k, v in metas[0].items() if k not in ("wall_s", "args")}
     meta["args"] = {k: v for k, v in metas[0]["args"].items() if k not in SHARD_ARGS}
-    meta["parts"] = [{"dir": str(d), "seed": m["args"]["seed"], "samples": m["args"]["samples"],
+    meta["args"]["lengths"] = sorted({n for m in metas for n in m["args"]["lengths"]})
+    meta["parts"] = [{"dir": str(d), "lengths": m["args"]["lengths"], "seed": m["args"]["seed"],
+                      "samples": m["args"]["samples"],
                       "ppl_samples": m["args"]["ppl_samples"], "wall_s": m.get("wall_s")}
                      for d, m in zip(dirs, metas, strict=True)]
     return records, meta
