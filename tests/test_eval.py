@@ -465,6 +465,9 @@ def test_merged_shards_equal_the_serial_run(tiny_llama, tmp_path):
     assert len(merged) == 2 * (2 * 3 + 2)
     assert _comparable(merged) == _comparable(expected)
     assert [p["samples"] for p in meta["parts"]] == [2, 1]
+    report.write_reports(tmp_path / "merged", merged, meta)
+    again, meta_again = merge_runs([tmp_path / "merged"])  # a merged run merges like its parts
+    assert _comparable(again) == _comparable(merged) and meta_again["parts"] == meta["parts"]
     with pytest.raises(ValueError, match="overlap"):
         merge_runs([parts[0], parts[0]])
     other = parse_args([*base, "--window", "64", "--seed", str(serial.seed + 10), "--samples", "1",

@@ -87,14 +87,20 @@ def merge_runs(dirs: list[str | Path]) -> tuple[list[dict[str, Any]], dict[str, 
             seen[key] = d
         records += data["records"]
         metas.append(meta)
-    meta = {k: v for k, v in metas[0].items() if k not in ("wall_s", "args")}
+    meta = {k: v for k, v in metas[0].items() if k not in ("wall_s", "args", "parts", "workers")}
     meta["args"] = {k: v for k, v in metas[0]["args"].items() if k not in SHARD_ARGS}
     meta["args"]["lengths"] = sorted({n for m in metas for n in m["args"]["lengths"]})
-    meta["parts"] = [{"dir": str(d), "lengths": m["args"]["lengths"], "seed": m["args"]["seed"],
-                      "samples": m["args"]["samples"],
-                      "ppl_samples": m["args"]["ppl_samples"], "wall_s": m.get("wall_s")}
-                     for d, m in zip(dirs, metas, strict=True)]
+    meta["parts"] = [part for d, m in zip(dirs, metas, strict=True) for part in _parts(d, m)]
     return records, meta
+
+
+def _parts(run: str | Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each process of a run covered (a merged run lists its own parts)."""
+    if "parts" in meta:
+        return meta["parts"]
+    a = meta["args"]
+    return [{"dir": str(run), "lengths": a["lengths"], "seed": a["seed"], "samples": a["samples"],
+             "ppl_samples": a["ppl_samples"], "wall_s": meta.get("wall_s"), "workers": meta.get("workers", 1)}]
 
 
 def run_workers(argv: list[str], shards: list[Shard], out: Path) -> list[Path]:
