@@ -59,7 +59,7 @@ def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
                   num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
                   capacity_multiple=KERNEL_BLOCK, guard_floor=config.guard_floor,
                   pool_kernel=config.pool_kernel, span=config.span,
-                  num_spread=config.spread_observation_queries)
+                  num_spread=config.spread_observation_queries, anchor_blocks=config.anchor_blocks)
 
 
 def _prefill_inputs(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,

@@ -50,6 +50,16 @@ class TCAConfig:
             importance). Why: the last queries' attention serves the end of
             the prompt only; earlier queries then lose up to 99% of their
             mass in the sparse prefill (EVALUATION.md, 2026-11-24 probe 4).
+        anchor_blocks: prompts with fewer global blocks than this take their
+            per-rank budgets from the ladder of ``anchor_blocks`` blocks, cut
+            from the bottom to the same total (``selection.budget_ladder``):
+            the top-ranked blocks keep what they would at the calibration
+            length. Set it to the calibration length's block count. Why: the
+            quantile ladder gives rank ``r`` the ``1 - (r + 0.5) / n``
+            quantile, so at 2K (``n = 24``) the second-ranked block keeps
+            ~20 of 64 tokens where at 8K (``n = 120``) it keeps ~63, and a
+            needle's digits are cut (EVALUATION.md, 2026-12-02). 0 = the
+            quantile ladder at every length (TCA_METHOD.md).
     """
 
     block_size: int = 128
@@ -68,6 +78,7 @@ class TCAConfig:
     pool_kernel: int = 1
     span: int = 0
     spread_observation_queries: int = 0
+    anchor_blocks: int = 0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -91,6 +102,7 @@ class TCAConfig:
         _check_int("pool_kernel", self.pool_kernel, 1, 1025)
         _check_int("span", self.span, 0, 512)
         _check_int("spread_observation_queries", self.spread_observation_queries, 0, 65536)
+        _check_int("anchor_blocks", self.anchor_blocks, 0, 1 << 20)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"TCAConfig.pool_kernel={self.pool_kernel} must be odd (centred on the token)")
         if self.version != CONFIG_VERSION:

@@ -48,7 +48,8 @@ def reference_importance(q: torch.Tensor, k: torch.Tensor, scaling: float, num_q
 
 
 def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_size: int, window: int,
-                   alpha: float, normalize: bool = False, pool: int = 1, span: int = 0) -> torch.Tensor:
+                   alpha: float, normalize: bool = False, pool: int = 1, span: int = 0,
+                   anchor_blocks: int = 0) -> torch.Tensor:
     """bool ``[B, H_kv, L]``: the global subset (final-window positions are False).
 
     Args:
@@ -58,6 +59,9 @@ def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_si
             the ``pool`` positions centred on them (zeros outside ``[0, L)``).
         span: every chosen token also keeps its ``span`` neighbours on each
             side that lie in the global region.
+        anchor_blocks: with more blocks than the prompt has, ranks take the
+            quantile ladder of that many blocks from the top until the prompt's
+            own ladder total is spent.
     """
     bsz, hkv, length = importance.shape
     global_len = max(length - window, 0)
@@ -69,10 +73,13 @@ def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_si
         for h in range(hkv):
             s = importance[b, h, :global_len].double()
             cdf = probs_hk[h].double().cumsum(0)
-            ladder = []
-            for r in range(n):
-                q = 1.0 - (r + 0.5) / n
-                ladder.append(next((kk for kk in range(block_size + 1) if cdf[kk] >= q), block_size))
+            ladder = _quantile_ladder(cdf, n, block_size)
+            if anchor_blocks > n:
+                left, anchored = sum(ladder), []
+                for cap in _quantile_ladder(cdf, anchor_blocks, block_size)[:n]:
+                    anchored.append(min(cap, left))
+                    left -= anchored[-1]
+                ladder = anchored
             blocks = [s[j * block_size: (j + 1) * block_size] for j in range(n)]
             mass = [float(blk.sum()) for blk in blocks]
             top = max(mass)
@@ -97,6 +104,11 @@ def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_si
                     for near in range(max(pos - span, 0), min(pos + span, global_len - 1) + 1):
                         keep[b, h, near] = True
     return keep
+
+
+def _quantile_ladder(cdf: torch.Tensor, count: int, block_size: int) -> list[int]:
+    return [next((kk for kk in range(block_size + 1) if cdf[kk] >= 1.0 - (r + 0.5) / count), block_size)
+            for r in range(count)]
 
 
 def reference_mask(keep: torch.Tensor, window: int, num_q_heads: int,

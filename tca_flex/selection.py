@@ -185,16 +185,32 @@ def redundancy_score(s_blocks: torch.Tensor, alpha: float, normalize: bool = Fal
     return (1.0 - alpha) * mass + alpha * spread
 
 
-def budget_ladder(cdf_hk: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def budget_ladder(cdf_hk: torch.Tensor, num_blocks: int, anchor_blocks: int = 0) -> torch.Tensor:
     """Per-rank budgets ``Psi``: rank ``r`` gets the ``1 - (r + 0.5) / n`` quantile.
+
+    With ``anchor_blocks > n`` the ranks instead take, from the top, the
+    ladder of ``anchor_blocks`` blocks while the running total stays within
+    the ``n``-block ladder's total: the same tokens per head, moved to the
+    top-ranked blocks (``TCAConfig.anchor_blocks``). Equal to the quantile
+    ladder when ``n >= anchor_blocks``.
 
     Args:
         cdf_hk: float64 ``[H_kv, b + 1]``, cumulative budget distribution.
         num_blocks: ``n``.
+        anchor_blocks: block count of the reference ladder (0: off).
 
     Returns:
         int64 ``[H_kv, n]``, non-increasing along the last dimension.
     """
+    ladder = _quantile_ladder(cdf_hk, num_blocks)
+    if anchor_blocks <= num_blocks:
+        return ladder
+    caps = _quantile_ladder(cdf_hk, anchor_blocks)[:, :num_blocks]
+    before = caps.cumsum(-1) - caps
+    return torch.minimum(caps, (ladder.sum(-1, keepdim=True) - before).clamp(min=0))
+
+
+def _quantile_ladder(cdf_hk: torch.Tensor, num_blocks: int) -> torch.Tensor:
     r = torch.arange(num_blocks, dtype=torch.float64, device=cdf_hk.device)
     q = (1.0 - (r + 0.5) / num_blocks).expand(cdf_hk.shape[0], num_blocks).contiguous()
     # Guard against cdf rows that end a hair below 1 through rounding.
@@ -323,7 +339,7 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
            block_size: int, window: int, alpha: float, normalize: bool = False,
            num_queries: int = 1, aggregation: str = "mean",
            capacity_multiple: int = 128, guard_floor: float | None = None,
-           pool_kernel: int = 1, span: int = 0, num_spread: int = 0) -> Selection:
+           pool_kernel: int = 1, span: int = 0, num_spread: int = 0, anchor_blocks: int = 0) -> Selection:
     """TCA's online core-context selection for one layer.
 
     Args:
@@ -340,6 +356,8 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
             each side of every kept token (``dilate_keep``; 0: off).
         num_spread: observation queries spread through the prompt, far keys
             only (``importance``; 0: the last ``num_queries`` only).
+        anchor_blocks: reference block count of the budget ladder
+            (``budget_ladder``; 0: the quantile ladder).
         guard_floor: opt-in runtime guard (``TCAConfig.guard_floor``): after
             the per-block top-t, ``guard_keep`` grows the subset until the last
             query of every query head retains at least this mass.
@@ -354,7 +372,7 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
     s = importance(q_bhsd, k_bhsd, scaling, num_queries, aggregation, num_spread, window)
     s_blocks = to_blocks(s[..., :global_len], block_size, 0.0)
     scores = redundancy_score(s_blocks, alpha, normalize)
-    ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2])
+    ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2], anchor_blocks)
     budgets = block_budgets(scores, ladder, global_len, block_size)
     ranked = to_blocks(pool_importance(s, pool_kernel)[..., :global_len], block_size, float("-inf"))
     keep = dilate_keep(keep_top_in_blocks(ranked, budgets).flatten(-2)[..., :global_len], span)

@@ -28,6 +28,7 @@ shapes = st.fixed_dictionaries({
     "pool": st.sampled_from([1, 3, 7]),
     "span": st.sampled_from([0, 0, 1, 3]),
     "spread": st.sampled_from([0, 0, 1, 4, 9]),
+    "anchor": st.sampled_from([0, 0, 2, 7, 40]),
     "seed": st.integers(0, 2**31 - 1),
 })
 
@@ -42,8 +43,15 @@ def draw_inputs(p, d=8):
     config = TCAConfig(block_size=p["block"], window=window, alpha=p["alpha"],
                        normalize_redundancy=p["normalize"], num_observation_queries=p["m"],
                        gqa_aggregation=p["agg"], pool_kernel=p.get("pool", 1), span=p.get("span", 0),
-                       spread_observation_queries=p.get("spread", 0))
+                       spread_observation_queries=p.get("spread", 0), anchor_blocks=p.get("anchor", 0))
     return q, k, config
+
+
+def random_budgets(p, config):
+    """Non-uniform per-head budget distributions (a uniform one makes every ladder flat)."""
+    g = torch.Generator().manual_seed(p["seed"] + 1)
+    probs = torch.rand(1, p["hkv"], config.block_size + 1, generator=g, dtype=torch.float64) ** 4
+    return HeadBudgets(probs=probs / probs.sum(-1, keepdim=True), config=config)
 
 
 def run_select(q, k, config, budgets):
@@ -51,7 +59,7 @@ def run_select(q, k, config, budgets):
                   window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
                   num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
                   capacity_multiple=16, pool_kernel=config.pool_kernel, span=config.span,
-                  num_spread=config.spread_observation_queries)
+                  num_spread=config.spread_observation_queries, anchor_blocks=config.anchor_blocks)
 
 
 @given(shapes)
@@ -59,7 +67,7 @@ def run_select(q, k, config, budgets):
           "alpha": 0.5, "normalize": False, "m": 1, "agg": "mean", "seed": 0})
 def test_select_matches_reference(p):
     q, k, config = draw_inputs(p)
-    budgets = HeadBudgets.uniform(1, p["hkv"], p["frac"], config)
+    budgets = random_budgets(p, config)
     sel = run_select(q, k, config, budgets)
     s_ref = reference_importance(q, k, q.shape[-1] ** -0.5, config.num_observation_queries, config.gqa_aggregation,
                                  config.spread_observation_queries, config.window)
@@ -68,7 +76,7 @@ def test_select_matches_reference(p):
     # compare against the reference run on the fast path's own importance.
     keep_ref = reference_keep(sel.importance.double(), budgets.probs[0], block_size=config.block_size,
                               window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
-                              pool=config.pool_kernel, span=config.span)
+                              pool=config.pool_kernel, span=config.span, anchor_blocks=config.anchor_blocks)
     assert torch.equal(sel.keep_mask(q.shape[2]), keep_ref)
 
 
@@ -88,7 +96,7 @@ def test_selection_invariants(p):
     assert torch.equal(keep.sum(-1), sel.counts)
     # Each block keeps exactly its ladder budget (capped by its size), in rank order.
     n = -(-global_len // b)
-    ladder = budget_ladder(budgets.cdf(0), n)
+    ladder = budget_ladder(budgets.cdf(0), n, config.anchor_blocks)
     per_block = torch.nn.functional.pad(keep[..., :global_len], (0, n * b - global_len)).view(*keep.shape[:2], n, b)
     counts = per_block.sum(-1)
     sizes = (global_len - torch.arange(n) * b).clamp(max=b)
@@ -164,3 +172,27 @@ def _wrapped(length, shift):
     """Positions that torch.roll filled from the other end."""
     idx = torch.arange(length)
     return idx < shift if shift > 0 else idx >= length + shift
+
+
+@given(n=st.integers(1, 60), anchor=st.integers(0, 200), b=st.sampled_from([4, 16, 64]), hkv=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_anchored_ladder_moves_the_same_tokens_to_the_top_ranks(n, anchor, b, hkv, seed):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(hkv, b + 1, generator=g, dtype=torch.float64) ** 4
+    cdf = (probs / probs.sum(-1, keepdim=True)).cumsum(-1)
+    plain = budget_ladder(cdf, n)
+    ladder = budget_ladder(cdf, n, anchor)
+    if anchor <= n:
+        assert torch.equal(ladder, plain)
+        return
+    caps = budget_ladder(cdf, anchor)[:, :n]
+    assert (ladder[:, 1:] <= ladder[:, :-1]).all() and (ladder >= 0).all() and (ladder <= caps).all()
+    assert torch.equal(ladder.sum(-1), torch.minimum(plain.sum(-1), caps.sum(-1)))
+    assert (ladder[:, 0] >= plain[:, 0]).all()  # the top-ranked block never keeps less
+    # A prefix of ranks keeps its anchored budget in full, then one partial rank, then nothing.
+    full = ladder == caps
+    partial = (ladder > 0) & ~full
+    assert (partial.sum(-1) <= 1).all()
+    for h in range(hkv):
+        first_short = int((~full[h]).nonzero()[0]) if (~full[h]).any() else n
+        assert (ladder[h, first_short + 1:] == 0).all()
