@@ -348,7 +348,24 @@ def test_summary_averages_tasks_and_keeps_ppl_apart():
     (row,) = report.summarize(recs)
     assert row["accuracy"] == {"a": 75.0, "b": 0.0} and row["average"] == 37.5
     assert row["ppl"] == pytest.approx(5.0) and row["prefill_s"] == 1.0
-    assert "| m | 75.0 | 0.0 | 37.5 | 5.00 | 0.400 |" in report.markdown_tables([row])
+    assert "| m | 75.0 | 0.0 | 37.5 | - | 5.00 | 0.400 |" in report.markdown_tables([row])
+
+
+def test_paired_difference_pairs_samples_by_seed():
+    rng = random.Random(fresh_seed())
+    scores = {(m, t, seed): rng.choice([0.0, 0.25, 0.5, 1.0]) for m in ("dense", "x") for t in "abc"
+              for seed in range(5)}
+    recs = [dict(kind="task", length=512, method=m, family=m, level=1.0, task=t, seed=seed, score=v, kv_kept=1.0,
+                 prefill_s=0.1, decode_s_per_token=0.01) for (m, t, seed), v in scores.items()]
+    recs.append({**recs[0], "method": "x", "seed": 99})  # unpaired: ignored
+    per_seed = [100 * sum(scores[("x", t, s)] - scores[("dense", t, s)] for t in "abc") / 3 for s in range(5)]
+    mean = sum(per_seed) / 5
+    sd = math.sqrt(sum((d - mean) ** 2 for d in per_seed) / 4)
+    got, half = report.paired_difference(recs, 512, "x")
+    assert got == pytest.approx(mean) and half == pytest.approx(1.96 * sd / math.sqrt(5))
+    assert report.paired_difference(recs, 512, "dense") == (None, None)
+    rows = {r["method"]: r for r in report.summarize(recs)}
+    assert rows["x"]["vs_dense"] == pytest.approx(mean) and rows["dense"]["vs_dense"] is None
 
 
 @torch.no_grad()

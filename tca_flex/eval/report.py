@@ -49,11 +49,48 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "decode_s_per_token": _mean([r["decode_s_per_token"] for r in tasks]),
             "samples": len(tasks),
         })
+    for row in rows:
+        row["vs_dense"], row["vs_dense_ci95"] = paired_difference(records, row["length"], row["method"])
     return sorted(rows, key=lambda r: (r["length"], r["family"] != "dense", r["family"], r["level"] or 0))
+
+
+def paired_difference(records: list[dict[str, Any]], length: int, method: str,
+                      reference: str = "dense") -> tuple[float | None, float | None]:
+    """Suite-average difference ``method - reference`` in points, with a 95% half-width.
+
+    Samples are paired by seed (the same prompts): per seed, the mean over
+    tasks of the score difference; then the mean over seeds and
+    ``1.96 * sd / sqrt(seeds)``. Why: with a few samples per task one answer
+    moves the average by several points, and the interval says whether a gap
+    is more than that. ``(None, None)`` without a paired reference; the
+    half-width is None with a single seed.
+    """
+    scores: dict[tuple[str, str, int], float] = {}
+    for r in records:
+        if r["kind"] == "task" and r["length"] == length and r["method"] in (method, reference):
+            scores[(r["method"], r["task"], r.get("seed"))] = 100.0 * r["score"]
+    pairs: dict[int, list[float]] = defaultdict(list)
+    for (m, task, seed), value in scores.items():
+        if m == method and (reference, task, seed) in scores and seed is not None:
+            pairs[seed].append(value - scores[(reference, task, seed)])
+    diffs = [sum(v) / len(v) for v in pairs.values()]
+    if method == reference or not diffs:
+        return None, None
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, None
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, 1.96 * math.sqrt(var / len(diffs))
 
 
 def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _delta(mean: float | None, half: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:+.1f}" + (f" ± {half:.1f}" if half is not None else "")
 
 
 def markdown_tables(rows: list[dict[str, Any]]) -> str:
@@ -62,13 +99,14 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
     for length in sorted({r["length"] for r in rows}):
         sel = [r for r in rows if r["length"] == length]
         tasks = sorted({t for r in sel for t in r["accuracy"]})
-        head = ["method", *tasks, "average", "ppl", "KV kept", "prefill s", "decode ms/tok"]
+        head = ["method", *tasks, "average", "vs dense (95% CI)", "ppl", "KV kept", "prefill s", "decode ms/tok"]
         out.append(f"### {length} tokens\n")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in sel:
             cells = [r["method"], *[_fmt(r["accuracy"].get(t), ".1f") for t in tasks],
-                     _fmt(r["average"], ".1f"), _fmt(r["ppl"], ".2f"), _fmt(r["kv_kept"], ".3f"),
+                     _fmt(r["average"], ".1f"), _delta(r.get("vs_dense"), r.get("vs_dense_ci95")),
+                     _fmt(r["ppl"], ".2f"), _fmt(r["kv_kept"], ".3f"),
                      _fmt(r["prefill_s"], ".2f"),
                      _fmt(1000 * r["decode_s_per_token"], ".1f")]
             out.append("| " + " | ".join(cells) + " |")
