@@ -387,7 +387,7 @@ def test_smoke_run_end_to_end(tiny_llama, tmp_path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("press", ["SnapKVPress", "StreamingLLMPress"])
+@pytest.mark.parametrize("press", ["SnapKVPress", "SnapKVPress-w32k7", "StreamingLLMPress"])
 def test_kvpress_keeps_tca_budget(tiny_llama, press):
     pytest.importorskip("kvpress", reason="kvpress runs from a separate venv (EVALUATION.md)")
     (method,) = methods.build_methods([f"kvpress:{press}"], [0.25], CFG)

@@ -250,14 +250,15 @@ def snapkv(keep: float, config: TCAConfig, obs: int = 32, kernel: int = 7) -> Me
                           lambda budget: SnapKVPolicy(budget, obs, kernel))
 
 
-def kvpress(press: str, keep: float, config: TCAConfig) -> Method:
+def kvpress(press: str, keep: float, config: TCAConfig, suffix: str = "", **press_kwargs: Any) -> Method:
     """A press of NVIDIA's ``kvpress`` package at the KV budget of ``tca(keep, config)``.
 
     ``press`` is a class name such as ``SnapKVPress``; its ``compression_ratio``
-    is ``1 - tca_kv_tokens(L) / L``, set for every prompt length ``L``. kvpress
-    0.5.x needs transformers < 5.3: run from a separate virtual environment
-    (see EVALUATION.md). The press compresses the cache after a dense
-    prefill; the kept fraction is measured on the cache.
+    is ``1 - tca_kv_tokens(L) / L``, set for every prompt length ``L``;
+    ``press_kwargs`` go to its constructor and ``suffix`` names that variant.
+    kvpress 0.5.x needs transformers < 5.3: run from a separate virtual
+    environment (see EVALUATION.md). The press compresses the cache after a
+    dense prefill; the kept fraction is measured on the cache.
     """
 
     def prepare(model: torch.nn.Module, length: int) -> Prepared:
@@ -266,7 +267,7 @@ def kvpress(press: str, keep: float, config: TCAConfig) -> Method:
         def ratio(n: int) -> float:
             return max(0.0, 1.0 - tca_kv_tokens(n, keep * config.block_size, config) / n)
 
-        instance = getattr(kvp, press)(compression_ratio=ratio(length))
+        instance = getattr(kvp, press)(compression_ratio=ratio(length), **press_kwargs)
         context = instance(model)
         context.__enter__()
 
@@ -275,7 +276,7 @@ def kvpress(press: str, keep: float, config: TCAConfig) -> Method:
 
         return Prepared(cleanup=lambda: context.__exit__(None, None, None), on_prompt=on_prompt)
 
-    return Method(f"kvpress:{press}-k{keep:g}", f"kvpress:{press}", keep, prepare)
+    return Method(f"kvpress:{press}{suffix}-k{keep:g}", f"kvpress:{press}{suffix}", keep, prepare)
 
 
 # family -> factory(level, config). Levels are keep fractions; a calibrated
@@ -287,6 +288,9 @@ FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
     "streaming": streaming,
     "snapkv": snapkv,
     "kvpress:SnapKVPress": lambda keep, config: kvpress("SnapKVPress", keep, config),
+    # kvpress's SnapKV with the in-library baseline's settings (its default window is 64).
+    "kvpress:SnapKVPress-w32k7": lambda keep, config: kvpress("SnapKVPress", keep, config, "-w32k7",
+                                                             window_size=32, kernel_size=7),
     "kvpress:StreamingLLMPress": lambda keep, config: kvpress("StreamingLLMPress", keep, config),
     "kvpress:ExpectedAttentionPress": lambda keep, config: kvpress("ExpectedAttentionPress", keep, config),
 }
