@@ -9,6 +9,7 @@ is non-increasing and its mean approaches ``E[k]`` as ``n`` grows.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import math
@@ -122,6 +123,24 @@ class HeadBudgets:
 
         return HeadBudgets(probs=cut(self.probs), config=self.config, retained_mass=cut(self.retained_mass),
                            candidate=cut(self.candidate), fingerprint=dict(self.fingerprint))
+
+    def anchored(self, blocks: int | None = None) -> HeadBudgets:
+        """These budgets with their rank ladder anchored (``TCAConfig.anchor_blocks``).
+
+        Args:
+            blocks: the anchor; default: the calibration text's number of
+                global blocks, from ``notes["num_tokens"]`` (written by
+                ``tca_flex.calibrate``), so that prompts shorter than the
+                calibration text give their top-ranked blocks what those
+                blocks got during calibration.
+        """
+        if blocks is None:
+            tokens = self.notes.get("num_tokens")
+            if tokens is None:
+                raise ValueError("these budgets do not record their calibration length (notes['num_tokens']); "
+                                 "pass anchored(blocks=...), the calibration text's (tokens - window) / block_size")
+            blocks = -(-max(int(tokens) - self.config.window, 0) // self.config.block_size)
+        return dataclasses.replace(self, config=self.config.replace(anchor_blocks=blocks))
 
     def cdf(self, layer: int) -> torch.Tensor:
         """float64 ``[num_kv_heads, block_size + 1]``: cumulative ``p`` of ``layer``."""

@@ -337,9 +337,10 @@ def test_cli_calibrates_a_local_model_directory(tmp_path, capsys):
     out = tmp_path / "budgets.json"
     main(["--model", str(tmp_path / "model"), "--text", str(tmp_path / "text.txt"), "--tokens", "200",
           "--out", str(out), "--block-size", "16", "--window", "64", "--tau", "0.8", "--criterion", "lse",
-          "--option", "spread_observation_queries=8", "--option", "alpha=0"])
+          "--option", "spread_observation_queries=8", "--option", "alpha=0", "--anchor"])
     budgets = HeadBudgets.load(out)
-    assert budgets.notes["num_tokens"] == 200 and budgets.notes["command"].endswith("--option alpha=0")
+    assert budgets.config.anchor_blocks == 9  # ceil((200 - 64) / 16): the calibration length's blocks
+    assert budgets.notes["num_tokens"] == 200 and budgets.notes["command"].endswith("--option alpha=0 --anchor")
     assert (budgets.config.spread_observation_queries, budgets.config.alpha) == (8, 0.0)
     assert (budgets.config.block_size, budgets.config.window, budgets.config.tau) == (16, 64, 0.8)
     assert budgets.fingerprint["num_layers"] == 2 and budgets.config.mass_criterion == "lse"
@@ -379,3 +380,27 @@ def test_batched_lse_mass_equals_mass_retained_mass(seed, extra, chunk, quantile
         expected = per_query.double().mean(-1) if quantile is None else torch.quantile(
             per_query.double(), quantile, dim=-1)
         torch.testing.assert_close(batched[:, m], expected, atol=1e-6, rtol=0)
+
+
+def test_anchored_budgets_select_as_calibrated_at_the_calibration_length():
+    from tca_flex.selection import select
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    config = TCAConfig(block_size=16, window=32, alpha=0.0)
+    probs = torch.rand(1, 2, 17, generator=g, dtype=torch.float64) ** 4
+    budgets = HeadBudgets(probs=probs / probs.sum(-1, keepdim=True), config=config, notes={"num_tokens": 32 + 16 * 12})
+    anchored = budgets.anchored()
+    assert anchored.config.anchor_blocks == 12 and budgets.config.anchor_blocks == 0
+
+    def kept(b, length):
+        q = torch.randn(1, 4, length, 8, generator=torch.Generator().manual_seed(seed))
+        k = torch.randn(1, 2, length, 8, generator=torch.Generator().manual_seed(seed + 1))
+        return select(q, k, b.cdf(0), scaling=8**-0.5, block_size=16, window=32, alpha=0.0,
+                      anchor_blocks=b.config.anchor_blocks).keep_mask(length)
+
+    assert torch.equal(kept(anchored, 32 + 16 * 12), kept(budgets, 32 + 16 * 12))
+    short_plain, short_anchored = kept(budgets, 32 + 16 * 4), kept(anchored, 32 + 16 * 4)
+    assert (short_anchored.sum(-1) <= short_plain.sum(-1)).all()
+    with pytest.raises(ValueError, match="calibration length"):
+        HeadBudgets(probs=budgets.probs, config=config).anchored()
