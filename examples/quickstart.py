@@ -27,6 +27,7 @@ import torch
 
 import tca_flex
 from tca_flex.eval.tasks import passkey, score
+from tca_flex.hfcompat import cache_kwargs
 from tca_flex.models import load_smollm2
 
 
@@ -35,8 +36,9 @@ def answer(model, tok, prompt: str, cache=None) -> tuple[str, float, int]:
     """Greedy answer, seconds, prompt tokens; ``cache`` is the KV cache generate fills."""
     ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
     start = time.perf_counter()
+    # transformers renamed the cache argument past_key_values= to cache=; this passes the one it takes.
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id,
-                         past_key_values=cache)
+                         **cache_kwargs(model, cache))
     elapsed = time.perf_counter() - start
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return " ".join(text.split()), elapsed, ids.shape[1]  # one line for the table

@@ -6,7 +6,7 @@ Typical use::
     budgets.save("budgets.json")
     model = tca_flex.apply(model, budgets="budgets.json")
     model = tca_flex.compile(model)           # or torch.compile(model)
-    out = model.generate(ids, past_key_values=tca_flex.TCACache(model), max_new_tokens=64)
+    out = model.generate(ids, cache=tca_flex.TCACache(model), max_new_tokens=64)  # or past_key_values=
 """
 
 from .budgets import HeadBudgets, shipped_budgets

@@ -28,6 +28,7 @@ from .attention import tca_prefill_attention
 from .budgets import HeadBudgets
 from .compile import flex
 from .config import TCAConfig
+from .hfcompat import cache_kwargs
 from .masks import KERNEL_BLOCK, causal_block_mask, tca_block_mask
 from .reference import reference_mask
 from .selection import (
@@ -290,7 +291,7 @@ def decode_step_ms(model, cache, length: int, device: torch.device) -> float:
     pos = torch.full((1, 1), length, device=device)
     cache_position = torch.full((1,), length, device=device)
     return graph_timed(lambda: model(input_ids=ids, position_ids=pos, cache_position=cache_position,
-                                     past_key_values=cache, use_cache=True, logits_to_keep=1).logits,
+                                     use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits,
                        device, reps=20) / 1e3
 
 
@@ -369,7 +370,7 @@ def e2e_rows(lengths: list[int], num_layers: int, keep: float, window: int, devi
 
         add("ttft", length, "dense_sdpa", timed(forward, device, warmup=1, reps=3))
         dynamic = DynamicCache(config=cfg)
-        model(ids, past_key_values=dynamic, use_cache=True, logits_to_keep=1)
+        model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dynamic))
         dense = one_step_dense(dynamic)
         add("tpot", length, "dense_tpot", decode_step_ms(model, dense, length, device),
             cache="preallocated, maskless SDPA")
@@ -379,7 +380,7 @@ def e2e_rows(lengths: list[int], num_layers: int, keep: float, window: int, devi
         apply(model, budgets=budgets)
         add("ttft", length, label, timed(forward, device, warmup=1, reps=3))
         cache = TCACache(model, reserve_tokens=512)
-        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         report = cache.memory_report()
         add("tpot", length, f"{label} TCACache", decode_step_ms(model, cache, length, device),
             kept_fraction=report.total.kept_fraction, bytes_fraction=report.total.bytes_fraction)

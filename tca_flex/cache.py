@@ -411,7 +411,7 @@ class TCACache(Cache):
 
     Pass it to ``generate`` or ``forward`` of a model prepared by ``tca_flex.apply``::
 
-        out = model.generate(ids, past_key_values=tca_flex.TCACache(model), max_new_tokens=64)
+        out = model.generate(ids, cache=tca_flex.TCACache(model), max_new_tokens=64)  # or past_key_values=
 
     transformers offers no sanctioned hook to change the default cache class
     of ``generate`` (it builds a ``DynamicCache`` itself), so the cache is

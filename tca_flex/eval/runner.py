@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..hfcompat import cache_kwargs, output_cache
 from .methods import Method, Prepared
 from .perplexity import bucket_nll, bucket_sizes, natural_text, perplexity, text_window
 from .tasks import TASKS, Sample, score, score_fraction
@@ -106,15 +107,15 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | No
     """
     length = input_ids.shape[1]
     start = time.perf_counter()
-    out = model(input_ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids, use_cache=True, **cache_kwargs(model, cache))
     prefill_s = time.perf_counter() - start
-    kept = cache_kept_fraction(out.past_key_values, length)
+    kept = cache_kept_fraction(output_cache(out), length)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     new = [token.item()]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] != eos_id:
         pos = torch.tensor([[length + len(new) - 1]], device=input_ids.device)
-        out = model(token, past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
+        out = model(token, position_ids=pos, use_cache=True, **cache_kwargs(model, output_cache(out)))
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         new.append(token.item())
     steps = len(new) - 1
@@ -195,7 +196,7 @@ def run_perplexity(model, tokenizer, method: Method, prepared: Prepared, token_i
         start = time.perf_counter()
         out = model(window[None, :-1], use_cache=True)  # kvpress hooks need a cache
         prefill_s = time.perf_counter() - start
-        logits, cache_kept = out.logits[0], cache_kept_fraction(out.past_key_values, length)
+        logits, cache_kept = out.logits[0], cache_kept_fraction(output_cache(out), length)
         nlls = bucket_nll(logits, window[1:], cfg.bucket)
         records.append({
             "kind": "perplexity", "length": length, "method": method.name, "family": method.family,
