@@ -6,7 +6,7 @@ and writes a table, a JSON file and an accuracy-vs-KV plot.
 
     python examples/evaluate.py                    # 2K tokens, 2 samples per task (CPU: ~1 h)
     python examples/evaluate.py --lengths 2048 4096 8192 --samples 20 --device cuda \
-        --dtype bfloat16 --workers 15      # the full suite: 15 processes share the GPU (~4 min per length)
+        --dtype bfloat16 --workers 15      # the full suite, 15 processes sharing the GPU (EVALUATION.md)
 
 The same options are available as ``python -m tca_flex.eval --help``.
 """
