@@ -59,13 +59,16 @@ def test_compiled_model_matches_eager(tiny_llama):
         tca_flex.apply(compiled)
 
 
-def test_prefill_compiles_without_graph_breaks():
+@pytest.mark.parametrize("anchor", [0, 20])
+def test_prefill_compiles_without_graph_breaks(anchor):
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
-    cdf = HeadBudgets.uniform(1, 2, 0.3, SPARSE).cdf(0)
+    config = SPARSE.replace(anchor_blocks=anchor)  # 20 > the prompt's 6 blocks: the anchored ladder
+    probs = torch.rand(1, 2, config.block_size + 1, dtype=torch.float64) ** 4
+    cdf = HeadBudgets(probs=probs / probs.sum(-1, keepdim=True), config=config).cdf(0)
     torch._dynamo.reset()
-    fn = torch.compile(lambda a, b, c: tca_prefill_attention(a, b, c, cdf, SPARSE, 0.25), fullgraph=True)
-    torch.testing.assert_close(fn(q, k, v), tca_prefill_attention(q, k, v, cdf, SPARSE, 0.25),
+    fn = torch.compile(lambda a, b, c: tca_prefill_attention(a, b, c, cdf, config, 0.25), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), tca_prefill_attention(q, k, v, cdf, config, 0.25),
                                atol=1e-5, rtol=1e-5)
 
 
