@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="queries sampled per head for the mass (default: all, exact)")
     parser.add_argument("--chunk", type=int, default=128, help="queries per step (memory O(chunk * L))")
     parser.add_argument("--anchor", action="store_true",
-                        help="anchor the budget ladder at the calibration length (HeadBudgets.anchored): prompts "
-                             "shorter than the text keep their top-ranked blocks whole; recommended below tau 0.9")
+                        help="anchor the budget ladder at the calibration length (HeadBudgets.anchored): "
+                             "prompts shorter than the text keep their top-ranked blocks whole; for sparse "
+                             "budgets (tau 0.5-0.7)")
     parser.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
                         help="any other TCAConfig field, e.g. num_observation_queries=32 (repeatable); "
                              "budgets are only valid for the selection knobs they were calibrated with")
