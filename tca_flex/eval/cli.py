@@ -140,7 +140,7 @@ def run_parallel(argv: list[str], args: argparse.Namespace, out: Path) -> str:
         if not (default_cache_dir() / "model.safetensors").is_file():
             load_smollm2()  # dequantise the GGUF once, not in every worker
     start = time.perf_counter()
-    records, meta = merge_runs(run_workers(argv, shards, out))
+    records, meta = merge_runs(run_workers(argv, shards, out, progress=not args.no_progress))
     meta.update(wall_s=time.perf_counter() - start, workers=len(shards))
     return write_reports(out, records, meta)[1]
 

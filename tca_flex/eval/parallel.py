@@ -17,9 +17,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+POLL_S = 0.5  # how often the parent looks for finished workers (seconds)
 
 # Arguments that may differ between the runs being merged: which seeds and
 # lengths each part ran and where it went, not how samples were evaluated.
@@ -103,11 +106,12 @@ def _parts(run: str | Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
              "ppl_samples": a["ppl_samples"], "wall_s": meta.get("wall_s"), "workers": meta.get("workers", 1)}]
 
 
-def run_workers(argv: list[str], shards: list[Shard], out: Path) -> list[Path]:
+def run_workers(argv: list[str], shards: list[Shard], out: Path, progress: bool = True) -> list[Path]:
     """Run ``python -m tca_flex.eval argv`` once per shard, concurrently; returns their folders.
 
     Each worker gets an equal share of the CPU threads and writes
-    ``out/parts/<k>/`` (``log.txt`` holds its output).
+    ``out/parts/<k>/`` (``log.txt`` holds its output); ``progress`` shows a bar
+    of finished workers (each worker's own bars would interleave).
 
     Raises:
         RuntimeError: a worker failed (the tail of its log is included).
@@ -125,11 +129,24 @@ def run_workers(argv: list[str], shards: list[Shard], out: Path) -> list[Path]:
         log = open(part / "log.txt", "w")  # noqa: SIM115 - closed below, after the worker exits
         procs.append((part, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
     failed = []
-    for part, log, proc in procs:
-        if proc.wait() != 0:
-            failed.append(part)
-        log.close()
+    pending = list(procs)
+    with _bar(len(procs), progress) as bar:
+        while pending:
+            for item in [it for it in pending if it[2].poll() is not None]:
+                part, log, proc = item
+                pending.remove(item)
+                log.close()
+                bar.update(1)
+                if proc.returncode != 0:
+                    failed.append(part)
+            time.sleep(POLL_S)
     if failed:
         tails = "\n".join(f"--- {p}/log.txt\n" + (p / "log.txt").read_text()[-2000:] for p in failed)
         raise RuntimeError(f"{len(failed)} of {len(procs)} workers failed:\n{tails}")
     return [p for p, _, _ in procs]
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="workers finished", disable=not enabled)
