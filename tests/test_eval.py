@@ -507,3 +507,12 @@ def test_workers_run_the_cli_in_processes_and_merge(tmp_path):
     assert sorted(r["seed"] for r in data["records"]) == [0, 1]
     assert data["meta"]["workers"] == 2 and len(data["meta"]["parts"]) == 2
     assert (tmp_path / "parts" / "1" / "results.json").is_file()
+
+
+def test_failed_workers_are_reported_with_their_log(tmp_path):
+    from tca_flex.eval.cli import main
+
+    with pytest.raises(RuntimeError, match=r"workers failed(.|\n)*log\.txt"):
+        main(["--model", str(tmp_path / "no-such-model"), "--lengths", "256", "--tasks", "passkey", "--methods",
+              "dense", "--keep", "--samples", "2", "--ppl-samples", "0", "--workers", "2", "--no-progress",
+              "--out", str(tmp_path / "out")])

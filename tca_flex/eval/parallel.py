@@ -139,10 +139,16 @@ def run_workers(argv: list[str], shards: list[Shard], out: Path, progress: bool 
                 bar.update(1)
                 if proc.returncode != 0:
                     failed.append(part)
+            if failed:  # the merge needs every part: stop the others now
+                for _, log, proc in pending:
+                    proc.terminate()
+                    proc.wait()
+                    log.close()
+                break
             time.sleep(POLL_S)
     if failed:
         tails = "\n".join(f"--- {p}/log.txt\n" + (p / "log.txt").read_text()[-2000:] for p in failed)
-        raise RuntimeError(f"{len(failed)} of {len(procs)} workers failed:\n{tails}")
+        raise RuntimeError(f"{len(failed)} of {len(procs)} workers failed (the others were stopped):\n{tails}")
     return [p for p, _, _ in procs]
 
 
