@@ -2,8 +2,8 @@
 
 transformers renamed ``past_key_values`` to ``cache`` (``forward``,
 ``generate`` and the model outputs; the old name is deprecated, due to go in
-5.40 for ``forward`` and 6.0 for ``generate``). We support transformers from
-5.0 on, so code that must run on both sides of the rename passes the cache
+5.40 for ``forward`` and 6.0 for ``generate``). 5.2 takes only the old name,
+5.24 warns on it, so code that must run across the rename passes the cache
 through ``cache_kwargs`` and reads it back with ``output_cache``.
 """
 

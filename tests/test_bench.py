@@ -3,6 +3,7 @@
 import torch
 
 from tca_flex import bench
+from tca_flex.hfcompat import cache_kwargs
 
 
 def test_smoke_benchmark_runs_and_checks_correctness():
@@ -28,11 +29,11 @@ def test_one_step_dense_baseline_decodes_like_a_dynamic_cache(tiny_llama):
     with torch.no_grad():
         caches = [DynamicCache(config=tiny_llama.config) for _ in range(2)]
         for cache in caches:
-            tiny_llama(ids, past_key_values=cache, use_cache=True)
-        want = tiny_llama(past_key_values=caches[0], **step).logits
+            tiny_llama(ids, **cache_kwargs(tiny_llama, cache), use_cache=True)
+        want = tiny_llama(**cache_kwargs(tiny_llama, caches[0]), **step).logits
         fast = bench.one_step_dense(caches[1])
-        got = tiny_llama(past_key_values=fast, **step).logits
-        static = tiny_llama(past_key_values=bench.static_copy(tiny_llama, fast, 300, torch.device("cpu")),
+        got = tiny_llama(**cache_kwargs(tiny_llama, fast), **step).logits
+        static = tiny_llama(**cache_kwargs(tiny_llama, bench.static_copy(tiny_llama, fast, 300, torch.device("cpu"))),
                             **step).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(static, want, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ import tca_flex
 from tca_flex import HeadBudgets, TCACache, TCAConfig
 from tca_flex.cache import TCACacheLayer
 from tca_flex.decode import decode_attention
+from tca_flex.hfcompat import cache_kwargs
 from tca_flex.selection import select
 
 from .conftest import tiny_llama_config
@@ -172,11 +173,11 @@ def test_window_covering_everything_generates_exactly_dense(tiny_llama):
     dense_beam = tiny_llama.generate(x[:1], max_new_tokens=8, do_sample=False, num_beams=2)
     tca_flex.apply(tiny_llama, TCAConfig(block_size=32, window=256))
     cache = TCACache(tiny_llama)
-    out = tiny_llama.generate(x, max_new_tokens=20, do_sample=False, past_key_values=cache)
+    out = tiny_llama.generate(x, max_new_tokens=20, do_sample=False, **cache_kwargs(tiny_llama, cache))
     assert torch.equal(out, dense)
     assert cache.get_seq_length() == 169
     beam = tiny_llama.generate(x[:1], max_new_tokens=8, do_sample=False, num_beams=2,
-                               past_key_values=TCACache(tiny_llama))
+                               **cache_kwargs(tiny_llama, TCACache(tiny_llama)))
     assert torch.equal(beam, dense_beam)
 
 
@@ -188,12 +189,12 @@ def test_full_budget_pruned_cache_decodes_like_a_full_cache(tiny_llama):
     x = ids(200, seed=4)
     steps = ids(40, seed=5)
     pruned, full = TCACache(tiny_llama), DynamicCache(config=tiny_llama.config)
-    torch.testing.assert_close(tiny_llama(x, past_key_values=pruned).logits,
-                               tiny_llama(x, past_key_values=full).logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tiny_llama(x, **cache_kwargs(tiny_llama, pruned)).logits,
+                               tiny_llama(x, **cache_kwargs(tiny_llama, full)).logits, atol=2e-5, rtol=1e-4)
     for i in range(steps.shape[1]):  # teacher-forced; crosses two block compressions (t = b keeps all)
         tok = steps[:, i: i + 1]
-        torch.testing.assert_close(tiny_llama(tok, past_key_values=pruned).logits,
-                                   tiny_llama(tok, past_key_values=full).logits, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(tiny_llama(tok, **cache_kwargs(tiny_llama, pruned)).logits,
+                                   tiny_llama(tok, **cache_kwargs(tiny_llama, full)).logits, atol=2e-5, rtol=1e-4)
     assert pruned.memory_report().total.kept_fraction == 1.0
 
 
@@ -202,10 +203,10 @@ def test_sparse_generation_rows_have_their_own_selection(tiny_llama):
     tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
     x = ids(200, bsz=2, seed=1)
     both = TCACache(tiny_llama)
-    logits = tiny_llama(x, past_key_values=both).logits
+    logits = tiny_llama(x, **cache_kwargs(tiny_llama, both)).logits
     alone = [TCACache(tiny_llama) for _ in range(2)]
     for row, cache in enumerate(alone):
-        single = tiny_llama(x[row: row + 1], past_key_values=cache).logits
+        single = tiny_llama(x[row: row + 1], **cache_kwargs(tiny_llama, cache)).logits
         torch.testing.assert_close(single, logits[row: row + 1], atol=1e-4, rtol=1e-4)
         for h in range(2):
             assert torch.equal(both.layers[1].kept_positions(row, h), cache.layers[1].kept_positions(0, h))
@@ -213,10 +214,10 @@ def test_sparse_generation_rows_have_their_own_selection(tiny_llama):
     row1 = both.layers[1].kept_positions(1, 1)
     both.batch_select_indices(torch.tensor([1]))
     assert torch.equal(both.layers[1].kept_positions(0, 1), row1)
-    out = tiny_llama.generate(x, max_new_tokens=40, do_sample=False, past_key_values=TCACache(tiny_llama))
+    out = tiny_llama.generate(x, max_new_tokens=40, do_sample=False, **cache_kwargs(tiny_llama, TCACache(tiny_llama)))
     assert out.shape == (2, 240)
     beam = tiny_llama.generate(x[:1], max_new_tokens=6, do_sample=False, num_beams=3,
-                               past_key_values=TCACache(tiny_llama))
+                               **cache_kwargs(tiny_llama, TCACache(tiny_llama)))
     assert beam.shape == (1, 206)
 
 
@@ -224,7 +225,7 @@ def test_sparse_generation_rows_have_their_own_selection(tiny_llama):
 def test_memory_report_shows_the_kept_fraction(tiny_llama):
     tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
     cache = TCACache(tiny_llama)
-    tiny_llama.generate(ids(200), max_new_tokens=50, do_sample=False, past_key_values=cache)
+    tiny_llama.generate(ids(200), max_new_tokens=50, do_sample=False, **cache_kwargs(tiny_llama, cache))
     report = cache.memory_report()
     seen = 249
     for i, m in enumerate(report.layers):
@@ -279,7 +280,7 @@ def test_compiled_decode_step_does_not_recompile():
     caches = [TCACache(tiny_llama, growth=0.0, min_chunk_blocks=2) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
-            first = tiny_llama(x, past_key_values=cache).logits[:, -1:].argmax(-1)
+            first = tiny_llama(x, **cache_kwargs(tiny_llama, cache)).logits[:, -1:].argmax(-1)
     torch._dynamo.reset()
     # aot_eager: recompiles and graph breaks are dynamo's business; inductor's C++ codegen
     # would triple the time on a CPU runner (the same test passed with inductor).
@@ -287,7 +288,7 @@ def test_compiled_decode_step_does_not_recompile():
 
     @torch.no_grad()
     def run(fn, cache, tok, pos):
-        return fn(input_ids=tok, position_ids=torch.tensor([[pos]]), past_key_values=cache).logits[:, -1]
+        return fn(input_ids=tok, position_ids=torch.tensor([[pos]]), **cache_kwargs(tiny_llama, cache)).logits[:, -1]
 
     def both(tok, pos):
         eager, compiled = run(tiny_llama, caches[0], tok, pos), run(step, caches[1], tok, pos)
@@ -314,9 +315,9 @@ def test_unsupported_uses_raise_clear_errors(tiny_llama):
     dense_short = tiny_llama(ids(50)).logits
     tca_flex.apply(tiny_llama, SPARSE)
     cache = TCACache(tiny_llama)
-    tiny_llama(ids(200), past_key_values=cache)
+    tiny_llama(ids(200), **cache_kwargs(tiny_llama, cache))
     with pytest.raises(NotImplementedError, match="only one token"):
-        tiny_llama(ids(5), past_key_values=cache)
+        tiny_llama(ids(5), **cache_kwargs(tiny_llama, cache))
     # The failed call left nothing behind: a plain forward (DynamicCache) still runs dense.
     torch.testing.assert_close(tiny_llama(ids(50)).logits, dense_short)
     with pytest.raises(NotImplementedError, match="cannot crop"):
@@ -324,9 +325,9 @@ def test_unsupported_uses_raise_clear_errors(tiny_llama):
     padded = torch.ones(2, 201, dtype=torch.long)
     padded[0, :3] = 0
     cache = TCACache(tiny_llama)
-    tiny_llama(ids(200, bsz=2), past_key_values=cache)
+    tiny_llama(ids(200, bsz=2), **cache_kwargs(tiny_llama, cache))
     with pytest.raises(ValueError, match="padded"):
-        tiny_llama(ids(1, bsz=2), attention_mask=padded, past_key_values=cache)
+        tiny_llama(ids(1, bsz=2), attention_mask=padded, **cache_kwargs(tiny_llama, cache))
     with pytest.raises(ValueError, match="0 <= t <= block_size"):
         TCACacheLayer(SPARSE, [3, 17])
     layer = TCACacheLayer(SPARSE, [4, 4])
@@ -352,7 +353,7 @@ def test_real_model_retrieves_the_passkey_with_the_pruned_cache(smollm2):
         sample = passkey(tok, 2000, seed=0)
         prompt = tok(sample.prompt, return_tensors="pt").input_ids
         cache = TCACache(model)
-        out = model.generate(prompt, max_new_tokens=8, do_sample=False, past_key_values=cache,
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False, **cache_kwargs(model, cache),
                              pad_token_id=tok.eos_token_id)
         assert score(tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True), sample)
         total = cache.memory_report().total

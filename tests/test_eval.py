@@ -16,6 +16,7 @@ from tca_flex.config import parse_overrides
 from tca_flex.eval import baselines, methods, perplexity, report, runner, tasks
 from tca_flex.eval.cli import evaluate, parse_args
 from tca_flex.eval.install import install_policy
+from tca_flex.hfcompat import cache_kwargs, output_cache
 from tca_flex.integration import attention_modules
 from tca_flex.selection import select
 
@@ -218,7 +219,7 @@ def test_methods_keep_equal_budgets_on_a_model(tiny_llama):
         try:
             out = tiny_llama(ids, use_cache=True)
             assert prepared.kept_fraction() == pytest.approx(expected, abs=1e-9), m.name
-            step = tiny_llama(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+            step = tiny_llama(ids[:, :1], **cache_kwargs(tiny_llama, output_cache(out)), use_cache=True)
             assert torch.isfinite(step.logits).all()
             if m.family != "snapkv":  # SnapKV prefills densely; the others change the prompt's logits
                 assert (out.logits - dense_logits).abs().max() > 1e-4, m.name
@@ -272,7 +273,7 @@ def test_budgets_prefill_shares_the_sparse_prefill_but_decodes_over_the_full_cac
         try:
             out = tiny_llama(ids, use_cache=True)
             logits[m.name] = out.logits
-            steps[m.name] = tiny_llama(nxt, past_key_values=out.past_key_values, use_cache=True).logits
+            steps[m.name] = tiny_llama(nxt, **cache_kwargs(tiny_llama, output_cache(out)), use_cache=True).logits
             if m.family == "tca_prefill_budgets":
                 assert prepared.kept_fraction() is None  # nothing evicted
                 # A full-cache decode step is plain SDPA over every prompt key.
@@ -298,11 +299,12 @@ def test_mask_backend_equals_flexattention(tiny_llama):
             prepared = factory(budgets, "c", backend).prepare(tiny_llama, 300)
             try:
                 out = tiny_llama(ids, use_cache=True)
-                cache, logits = out.past_key_values, [out.logits]
+                cache, logits = output_cache(out), [out.logits]
                 for i in range(nxt.shape[1]):
                     pos = torch.tensor([[300 + i]])
-                    step = tiny_llama(nxt[:, i:i + 1], past_key_values=cache, position_ids=pos, use_cache=True)
-                    cache = step.past_key_values
+                    step = tiny_llama(nxt[:, i:i + 1], position_ids=pos, use_cache=True,
+                                      **cache_kwargs(tiny_llama, cache))
+                    cache = output_cache(step)
                     logits.append(step.logits)
                 results.append((torch.cat(logits, 1), prepared.kept_fraction()))
             finally:

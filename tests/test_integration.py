@@ -5,6 +5,7 @@ from transformers import LlamaForCausalLM
 import tca_flex
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import tca_prefill_attention
+from tca_flex.hfcompat import cache_kwargs
 
 from .conftest import tiny_llama_config
 
@@ -143,8 +144,8 @@ def test_static_cache_decode_matches_sdpa(tiny_llama):
 
     def decode_logits():
         cache = StaticCache(config=tiny_llama.config, max_cache_len=160)
-        tiny_llama(x, past_key_values=cache, use_cache=True)
-        return tiny_llama(past_key_values=cache, use_cache=True, **step).logits
+        tiny_llama(x, **cache_kwargs(tiny_llama, cache), use_cache=True)
+        return tiny_llama(**cache_kwargs(tiny_llama, cache), use_cache=True, **step).logits
 
     want = decode_logits()
     tca_flex.apply(tiny_llama, SPARSE)
