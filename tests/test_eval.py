@@ -511,6 +511,12 @@ def test_workers_run_the_cli_in_processes_and_merge(tmp_path):
     assert (tmp_path / "parts" / "1" / "results.json").is_file()
 
 
+def test_workers_below_one_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--workers", "0"])
+    assert "--workers must be >= 1" in capsys.readouterr().err
+
+
 def test_failed_workers_are_reported_with_their_log(tmp_path):
     from tca_flex.eval.cli import main
 

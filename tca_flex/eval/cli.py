@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=int, default=0, metavar="N",
                    help="attach each TCA sample's dropped attention mass (N sampled queries; 0: off)")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
