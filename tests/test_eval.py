@@ -515,6 +515,12 @@ def test_workers_below_one_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--workers", "0"])
     assert "--workers must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--samples", "-1"])
+    from tca_flex.eval.cli import main
+
+    with pytest.raises(ValueError, match="nothing to run"):
+        main(["--samples", "0", "--ppl-samples", "0", "--workers", "2", "--model", "unused"])
 
 
 def test_failed_workers_are_reported_with_their_log(tmp_path):

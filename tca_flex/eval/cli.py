@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
+    if args.samples < 0 or args.ppl_samples < 0:
+        p.error("--samples and --ppl-samples must be >= 0")
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
@@ -136,6 +138,8 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
 def run_parallel(argv: list[str], args: argparse.Namespace, out: Path) -> str:
     """``args.workers`` processes over disjoint seed ranges, merged into ``out``; returns the table."""
     shards = plan_shards(args.samples, args.ppl_samples, args.seed, args.workers)
+    if not shards:
+        raise ValueError("nothing to run: --samples and --ppl-samples are both 0")
     if args.model is None:
         from ..models import default_cache_dir, load_smollm2
 
