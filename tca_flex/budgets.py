@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import TCAConfig
+from .selection import global_region_length
 
 BUDGETS_FORMAT = "tca_flex.head_budgets"
 BUDGETS_FORMAT_VERSION = 1
@@ -139,7 +140,7 @@ class HeadBudgets:
             if tokens is None:
                 raise ValueError("these budgets do not record their calibration length (notes['num_tokens']); "
                                  "pass anchored(blocks=...), the calibration text's (tokens - window) / block_size")
-            blocks = -(-max(int(tokens) - self.config.window, 0) // self.config.block_size)
+            blocks = -(-global_region_length(int(tokens), self.config.window) // self.config.block_size)
         return dataclasses.replace(self, config=self.config.replace(anchor_blocks=blocks))
 
     def cdf(self, layer: int) -> torch.Tensor:
