@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .cache import CacheLink
-from .compile import compiled, flex
+
+from .compile import kernel_options_for, length_generic
 from .config import TCAConfig
 from .masks import KERNEL_BLOCK, packed_block_mask, tca_block_indices
-from .selection import Selection, global_region_length, select
+from .selection import Selection, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -62,16 +64,43 @@ def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
                   num_spread=config.spread_observation_queries, anchor_blocks=config.anchor_blocks)
 
 
-def _prefill_inputs(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
-                    cdf_hk: torch.Tensor, config: TCAConfig, scaling: float
-                    ) -> tuple[Selection, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Selection, ``[packed; full]`` keys and values, and BlockMask indices for one layer."""
-    length, d = q_bhsd.shape[2], q_bhsd.shape[3]
+def _select_positions(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
+                      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection's ``(positions, counts)``; ``positions`` is ``KERNEL_BLOCK``-aligned in width."""
     sel = tca_select(q_bhsd, k_bhsd, cdf_hk, config, scaling)
-    gather_idx = sel.positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, -1, d)
+    return sel.positions, sel.counts
+
+
+def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, positions: torch.Tensor,
+                      window: int, scaling: float, return_lse: bool,
+                      kernel_options: dict[str, Any] | None) -> Any:
+    """Gather the packed keys, build the BlockMask, run FlexAttention (one graph).
+
+    Takes the prefill padded to whole ``KERNEL_BLOCK`` tiles (``_tiled``), with
+    the sequence dimension either flat or split as ``[..., n, KERNEL_BLOCK, ...]``
+    (``positions`` likewise). Split, both lengths are multiples of the tile
+    *as symbolic sizes*, so the one graph compiled for every prompt length still
+    gets FlexAttention's unmasked-load Triton kernel (``IS_DIVISIBLE``). Padding
+    queries sit after the real ones and padding keys after every real query,
+    so no real query sees them.
+    """
+    if q_bhsd.dim() == 5:
+        q_bhsd, k_bhsd, v_bhsd = (t.flatten(2, 3) for t in (q_bhsd, k_bhsd, v_bhsd))
+        positions = positions.flatten(-2)
+    hq, length, d = q_bhsd.shape[1], q_bhsd.shape[2], q_bhsd.shape[3]
+    gather_idx = positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, -1, d)
     k_all = torch.cat([k_bhsd.gather(2, gather_idx), k_bhsd], dim=2)
     v_all = torch.cat([v_bhsd.gather(2, gather_idx), v_bhsd], dim=2)
-    return sel, k_all, v_all, tca_block_indices(sel.positions, length, config.window, q_bhsd.shape[1])
+    block_mask = packed_block_mask(positions, tca_block_indices(positions, length, window, hq), length, window, hq)
+    return flex_attention(q_bhsd, k_all, v_all, block_mask=block_mask, scale=scaling,
+                          enable_gqa=hq != k_bhsd.shape[1], return_lse=return_lse, kernel_options=kernel_options)
+
+
+def _tiled(t: torch.Tensor, padded: int, split: bool) -> torch.Tensor:
+    """``t`` zero-padded along dim 2 to ``padded``; split into tiles there if ``split``."""
+    if t.shape[2] != padded:
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, padded - t.shape[2]))
+    return t.unflatten(2, (-1, KERNEL_BLOCK)) if split else t
 
 
 def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
@@ -79,6 +108,10 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
                           return_lse: bool = False, return_selection: bool = False,
                           kernel_options: dict[str, Any] | None = None) -> Any:
     """TCA prefill attention for one layer.
+
+    Compiled once for every prompt length: the selection and the attention
+    are two graphs with a symbolic sequence length (``compile.length_generic``),
+    so a new length runs without compiling (``docs/serving.md``).
 
     Args:
         q_bhsd: ``[B, H_q, L, D]`` queries; k_bhsd, v_bhsd: ``[B, H_kv, L, D]``.
@@ -97,18 +130,32 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
         ``[B, H_q, L, D]`` in the input dtype, ``(out, selection)`` or
         ``(out, lse, selection)``.
     """
-    hq, length = q_bhsd.shape[1], q_bhsd.shape[2]
-    hkv = k_bhsd.shape[1]
-    # On CUDA the selection and block-index build are ~60 small kernels whose
-    # launches cost more than their work (2.5 ms at 32K): compile them into a
-    # few. FlexAttention stays a separate compiled call (see prefill_attention_op).
-    prepare = _prefill_inputs
+    length = q_bhsd.shape[2]
+    if length <= config.window:
+        raise ValueError(f"TCA prefill needs more tokens ({length}) than the window ({config.window}); "
+                         "shorter prefills run dense")
+    options = kernel_options if kernel_options is not None else kernel_options_for(q_bhsd.device)
+    # On CUDA the selection is ~60 small kernels whose launches cost more than
+    # their work (2.5 ms at 32K): compiled, they fuse into a few. On the CPU it
+    # stays eager (cheap at CPU lengths, and no compile in every test process).
+    select_fn = _select_positions
     if q_bhsd.is_cuda and not torch.compiler.is_compiling():
-        prepare = compiled(_prefill_inputs)
-    sel, k_all, v_all, indices = prepare(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config, scaling)
-    block_mask = packed_block_mask(sel.positions, indices, length, config.window, hq)
-    result = flex(q_bhsd, k_all, v_all, block_mask, scale=scaling, enable_gqa=hq != hkv,
-                  return_lse=return_lse, kernel_options=kernel_options)
+        select_fn = length_generic(_select_positions, (0, 2), (1, 2))
+    positions, counts = select_fn(q_bhsd, k_bhsd, cdf_hk, config, scaling)
+    # The attention runs on whole tiles: a padded tail of < KERNEL_BLOCK queries and keys
+    # (causal: invisible to the real queries; computed only in the last tile).
+    padded = -(-length // KERNEL_BLOCK) * KERNEL_BLOCK
+    # The Triton lowering keeps its unmasked loads when lengths are visibly tile multiples
+    # (tiles split out); the CPU lowering accepts plain symbolic lengths only.
+    split = q_bhsd.is_cuda
+    args = [_tiled(t, padded, split) for t in (q_bhsd, k_bhsd, v_bhsd)]
+    args.append(positions.unflatten(-1, (-1, KERNEL_BLOCK)) if split else positions)
+    attend = _packed_attention
+    if not torch.compiler.is_compiling():
+        attend = length_generic(_packed_attention, (0, 2), (1, 2), (2, 2), (3, 2))
+    result = attend(*args, config.window, scaling, return_lse, options)
+    result = (result[0][:, :, :length], result[1][:, :, :length]) if return_lse else result[:, :, :length]
+    sel = Selection(positions=positions, counts=counts)
     if return_lse:
         out, lse = result
         return out, lse, sel
@@ -131,19 +178,24 @@ def prefill_attention_op(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: tor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tca_prefill_attention`` as a torch custom op.
 
-    ``config_json`` is ``json.dumps(config.to_dict())``. Returns the output and
-    the selection's ``positions`` and ``counts`` (the pruned cache needs them).
+    ``config_json`` is ``json.dumps(config.to_dict())``. Returns the output as
+    ``[B, L, H_q, D]`` contiguous (what transformers expects back), and the
+    selection's ``positions`` and ``counts`` (the pruned cache needs them).
     """
-    out, sel = tca_prefill_attention(q_bhsd, k_bhsd, v_bhsd, cdf_hk, _config_from_json(config_json), scaling,
-                                     return_selection=True)
-    return out, sel.positions, sel.counts
+    config = _config_from_json(config_json)
+    out, sel = tca_prefill_attention(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config, scaling, return_selection=True)
+    # Cut to the global region (every kept position lies there): a width that is a plain
+    # function of L keeps the fake below symbolic under an outer torch.compile.
+    out_blhd = out.transpose(1, 2).contiguous()
+    return out_blhd, sel.positions[..., :q_bhsd.shape[2] - config.window].contiguous(), sel.counts
 
 
 @prefill_attention_op.register_fake
 def _(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config_json, scaling):
     bsz, hkv, length = k_bhsd.shape[0], k_bhsd.shape[1], k_bhsd.shape[2]
-    capacity = -(-global_region_length(length, _config_from_json(config_json).window) // KERNEL_BLOCK) * KERNEL_BLOCK
-    return (torch.empty_like(q_bhsd), k_bhsd.new_empty((bsz, hkv, capacity), dtype=torch.long),
+    width = length - _config_from_json(config_json).window
+    out_blhd = q_bhsd.new_empty((bsz, length, q_bhsd.shape[1], q_bhsd.shape[3]))
+    return (out_blhd, k_bhsd.new_empty((bsz, hkv, width), dtype=torch.long),
             k_bhsd.new_empty((bsz, hkv), dtype=torch.long))
 
 
@@ -209,8 +261,8 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if dropout and module.training:
         raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out, positions, counts = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale)
+    out_blhd, positions, counts = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale)
     if cache_layer is not None:
         # prune now: peak memory never holds every layer in full
         cache_layer.finish_prefill(key, value, Selection(positions=positions, counts=counts))
-    return out.transpose(1, 2).contiguous(), None
+    return out_blhd, None

@@ -1,14 +1,20 @@
-"""torch.compile integration: compiled FlexAttention created once per process.
+"""torch.compile integration: the compiled graphs of the prefill, created once per process.
 
-Eager ``flex_attention`` materialises the full score matrix, so outside an
-outer ``torch.compile`` we call a lazily compiled copy; inside one we call the
-raw function and let the outer compile fuse it (as transformers' own
-``WrappedFlexAttention`` does). Nothing here touches torch globals at import.
+Compile once, serve any prompt length: the prefill's two graphs (selection,
+packed attention) are compiled with the sequence length as a *symbolic* size
+(``length_generic``), so every later prompt length reuses them; nothing here
+specialises on a Python int derived from the length (``docs/serving.md``).
+Outside an outer ``torch.compile`` we call these compiled copies (eager
+``flex_attention`` would materialise the full score matrix); inside one we
+call the raw functions and let the outer compile fuse them, as transformers'
+own ``WrappedFlexAttention`` does. Nothing here touches torch globals at import
+or on first use.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,49 +22,58 @@ from torch.nn.attention.flex_attention import flex_attention
 
 logger = logging.getLogger(__name__)
 
-# Dynamo caches every compiled flex wrapper (transformers' too) under one code
-# object, with a default limit of 8 entries; each (Q_LEN, KV_LEN) needs one.
+# What ``tca_flex.compile`` raises dynamo's recompile limit to (on request only):
+# a compiled *whole model* still re-traces its decode step when a TCACache grows.
 _MIN_RECOMPILE_LIMIT = 64
 
-_compiled_flex: Any = None
-_compiled_fns: dict[Any, Any] = {}
+_compiled_flex: dict[bool | None, Any] = {}
+_length_generic: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
-def _raise_recompile_limit() -> None:
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < _MIN_RECOMPILE_LIMIT:
-            logger.info("tca_flex: raising torch._dynamo.config.%s to %d", name, _MIN_RECOMPILE_LIMIT)
-            setattr(cfg, name, _MIN_RECOMPILE_LIMIT)
+def compiled_flex_attention(dynamic: bool | None = None) -> Any:
+    """A process-wide compiled ``flex_attention`` (created on first use).
+
+    ``dynamic=None`` (default) is torch's automatic dynamic shapes: a second
+    distinct length recompiles once as symbolic, then no more. ``False``
+    compiles per shape (benchmarks of one fixed shape).
+    """
+    if dynamic not in _compiled_flex:
+        _compiled_flex[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return _compiled_flex[dynamic]
 
 
-def compiled_flex_attention() -> Any:
-    """The process-wide compiled ``flex_attention`` (created on first use)."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        _raise_recompile_limit()
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+def length_generic(fn: Callable[..., Any], *dims: tuple[int, int]) -> Callable[..., Any]:
+    """``fn`` compiled once (``fullgraph=True``), with ``dims`` symbolic on every call.
 
+    Each ``(argument index, dimension)`` in ``dims`` is marked dynamic before
+    the call, so the first call compiles a graph for any size of those
+    dimensions and later sizes reuse it. Other shapes, dtypes and Python
+    arguments (the config's knobs) stay static: they do not change per request.
+    """
+    compiled_fn = _length_generic.get(fn)
+    if compiled_fn is None:
+        compiled_fn = _length_generic[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
 
-def compiled(fn: Any) -> Any:
-    """``torch.compile(fn, dynamic=False, fullgraph=True)``, created once per function."""
-    if fn not in _compiled_fns:
-        _raise_recompile_limit()
-        _compiled_fns[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return _compiled_fns[fn]
+    def call(*args: Any) -> Any:
+        for index, dim in dims:
+            torch._dynamo.mark_dynamic(args[index], dim)
+        return compiled_fn(*args)
+
+    return call
 
 
 def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
     """``torch.compile(model, **kwargs)`` for a model prepared by ``tca_flex.apply``.
 
-    Calling ``torch.compile`` yourself works too; this also raises dynamo's
-    recompile limit to at least 64 (every distinct prompt length compiles its
-    own FlexAttention kernels, and a ``TCACache`` growth re-traces the decode
-    step), which is process-wide and so is done here on request, not at
-    import. Pass ``TCACache(model, reserve_tokens=N)`` to ``generate`` so a
-    generation of up to ``N`` tokens never changes buffer shapes, and keep
-    ``use_cache=True`` (the default) in compiled forwards.
+    Calling ``torch.compile`` yourself works too. This also raises dynamo's
+    recompile limit (``torch._dynamo.config.recompile_limit``) to at least 64
+    for the process, because a compiled whole model re-traces its decode step
+    each time a ``TCACache`` grows; that is the one process-wide setting
+    tca_flex changes, and only here, on request. The prefill itself compiles
+    once for all prompt lengths and needs no limit change. Pass
+    ``TCACache(model, reserve_tokens=N)`` to ``generate`` so a generation of
+    up to ``N`` tokens never changes buffer shapes, and keep ``use_cache=True``
+    (the default) in compiled forwards.
 
     Raises:
         ValueError: the model was not prepared by ``tca_flex.apply`` (compile after apply).
@@ -67,7 +82,11 @@ def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
 
     if not is_applied(model):
         raise ValueError("tca_flex.compile: call tca_flex.apply(model) first, then compile")
-    _raise_recompile_limit()
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < _MIN_RECOMPILE_LIMIT:
+            logger.info("tca_flex.compile: raising torch._dynamo.config.%s to %d", name, _MIN_RECOMPILE_LIMIT)
+            setattr(cfg, name, _MIN_RECOMPILE_LIMIT)
     return torch.compile(model, **kwargs)
 
 
@@ -84,13 +103,15 @@ def kernel_options_for(device: torch.device) -> dict[str, Any] | None:
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, scale: float,
-         enable_gqa: bool, return_lse: bool = False, kernel_options: dict[str, Any] | None = None) -> Any:
+         enable_gqa: bool, return_lse: bool = False, kernel_options: dict[str, Any] | None = None,
+         dynamic: bool | None = None) -> Any:
     """FlexAttention that is compiled whether or not the caller is.
 
     Shapes: q ``[B, H_q, Lq, D]``, k/v ``[B, H_kv, Lk, D]``. ``kernel_options``
-    defaults to ``kernel_options_for(q.device)``.
+    defaults to ``kernel_options_for(q.device)``; ``dynamic`` as in
+    ``compiled_flex_attention``.
     """
-    fn = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+    fn = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(dynamic)
     options = kernel_options if kernel_options is not None else kernel_options_for(q.device)
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
               return_lse=return_lse, kernel_options=options)

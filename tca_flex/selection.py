@@ -54,22 +54,36 @@ def global_region_length(seq_len: int, window: int) -> int:
     return max(seq_len - window, 0)
 
 
-def observation_positions(length: int, num_last: int, num_spread: int = 0, window: int = 0) -> list[int]:
+def observation_queries(length, num_last: int, num_spread: int = 0, window: int = 0,
+                        device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Positions of the observation queries: the last ``num_last``, then up to
     ``num_spread`` evenly spaced over ``[window, length - num_last)``.
 
-    Python ints (a pure function of the shape), so compiled callers see a
-    static index. Spread positions that coincide are merged.
+    Tensor arithmetic on ``length`` (an int or a symbolic size under
+    ``torch.compile``), never a Python branch on it: one compiled selection
+    serves every prompt length. Slots that do not exist at this length (more
+    last queries than tokens, spread positions that coincide or fall outside
+    the range) get weight 0, so the weighted mean over slots is the mean over
+    the distinct observation queries.
+
+    Returns:
+        (int64 ``[num_last + num_spread]`` positions, float32 weights (1 or 0),
+        bool ``far_only``: True for the spread queries).
     """
-    m = min(num_last, length)
-    last = list(range(length - m, length))
-    lo, hi = window, length - m - 1
-    if num_spread == 0 or hi < lo:
-        return last
-    if num_spread == 1:
-        return last + [hi]
-    spread = sorted({lo + (hi - lo) * i // (num_spread - 1) for i in range(num_spread)})
-    return last + spread
+    last = torch.arange(num_last, device=device) + (length - num_last)
+    weight = last >= 0
+    far_only = torch.zeros(num_last, dtype=torch.bool, device=device)
+    if num_spread:
+        m = torch.clamp(torch.tensor(num_last, device=device), max=length)
+        lo, hi = window, length - 1 - m
+        i = torch.arange(num_spread, device=device)
+        spread = lo + (hi - lo) * i // max(num_spread - 1, 1) if num_spread > 1 else hi.expand(1)
+        distinct = torch.ones_like(i, dtype=torch.bool)
+        distinct[1:] = spread[1:] != spread[:-1]
+        last = torch.cat([last, spread])
+        weight = torch.cat([weight, distinct & (hi >= lo)])
+        far_only = torch.cat([far_only, torch.ones(num_spread, dtype=torch.bool, device=device)])
+    return torch.clamp(last, min=0), weight.float(), far_only
 
 
 def importance(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float,
@@ -101,21 +115,17 @@ def importance(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float,
     b, hq, length, d = q_bhsd.shape
     hkv = k_bhsd.shape[1]
     g = hq // hkv
-    positions = observation_positions(length, num_queries, num_spread, window)
-    n, m = len(positions), min(num_queries, length)
-    q_pos = torch.tensor(positions, device=q_bhsd.device)
-    q_obs = q_bhsd[:, :, length - m:, :] if n == m else q_bhsd.index_select(2, q_pos)
-    q_obs = q_obs.reshape(b, hkv, g * n, d)
+    q_pos, weight, far_only = observation_queries(length, num_queries, num_spread, window, q_bhsd.device)
+    n = q_pos.shape[0]
+    q_obs = q_bhsd.index_select(2, q_pos).reshape(b, hkv, g * n, d)
     scores = torch.matmul(q_obs.float(), k_bhsd.float().transpose(-1, -2)) * scaling
     scores = scores.view(b, hkv, g, n, length)
     k_pos = torch.arange(length, device=q_bhsd.device)
     scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
     probs = scores.softmax(-1)
-    if n > m:
-        # Spread rows (after the last m) count only their far keys.
-        far = (k_pos[None, :] <= q_pos[:, None] - window) | (torch.arange(n, device=k_pos.device) < m)[:, None]
-        probs = probs * far
-    probs = probs.mean(dim=3)
+    # Spread rows count only their far keys.
+    far = (k_pos[None, :] <= q_pos[:, None] - window) | ~far_only[:, None]
+    probs = (probs * (far * weight[:, None])).sum(dim=3) / weight.sum()
     if aggregation == "mean":
         return probs.mean(dim=2)
     if aggregation == "max":
@@ -127,9 +137,8 @@ def to_blocks(values: torch.Tensor, block_size: int, fill: float) -> torch.Tenso
     """``[..., N]`` -> ``[..., ceil(N / b), b]``, the tail padded with ``fill``."""
     n = values.shape[-1]
     num_blocks = -(-n // block_size)
-    pad = num_blocks * block_size - n
-    if pad:
-        values = torch.nn.functional.pad(values, (0, pad), value=fill)
+    # Always pad (possibly by 0): a branch on the length would specialise a compiled selection.
+    values = torch.nn.functional.pad(values, (0, num_blocks * block_size - n), value=fill)
     return values.view(*values.shape[:-1], num_blocks, block_size)
 
 
@@ -202,21 +211,26 @@ def budget_ladder(cdf_hk: torch.Tensor, num_blocks: int, anchor_blocks: int = 0)
     Returns:
         int64 ``[H_kv, n]``, non-increasing along the last dimension.
     """
-    ladder = _quantile_ladder(cdf_hk, num_blocks)
-    if anchor_blocks <= num_blocks:
+    ladder = _quantile_ladder(cdf_hk, num_blocks, num_blocks)
+    if anchor_blocks == 0:
         return ladder
-    caps = _quantile_ladder(cdf_hk, anchor_blocks)[:, :num_blocks]
+    # Branch-free in num_blocks (a symbolic size under torch.compile): ranks past
+    # anchor_blocks get the empty quantile, and the anchored ladder is chosen by a where.
+    caps = _quantile_ladder(cdf_hk, anchor_blocks, num_blocks)
     before = caps.cumsum(-1) - caps
-    return torch.minimum(caps, (ladder.sum(-1, keepdim=True) - before).clamp(min=0))
+    anchored = torch.minimum(caps, (ladder.sum(-1, keepdim=True) - before).clamp(min=0))
+    fewer = torch.full((), num_blocks, device=cdf_hk.device) < anchor_blocks
+    return torch.where(fewer, anchored, ladder)
 
 
-def _quantile_ladder(cdf_hk: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    r = torch.arange(num_blocks, dtype=torch.float64, device=cdf_hk.device)
-    q = (1.0 - (r + 0.5) / num_blocks).expand(cdf_hk.shape[0], num_blocks).contiguous()
+def _quantile_ladder(cdf_hk: torch.Tensor, num_blocks: int, width: int) -> torch.Tensor:
+    """Rank ``r < width`` gets the ``1 - (r + 0.5) / num_blocks`` quantile (0 past ``num_blocks``)."""
+    r = torch.arange(width, dtype=torch.float64, device=cdf_hk.device)
+    q = (1.0 - (r + 0.5) / num_blocks).expand(cdf_hk.shape[0], width).contiguous()
     # Guard against cdf rows that end a hair below 1 through rounding.
     cdf = cdf_hk.clone()
     cdf[:, -1] = 1.0
-    return torch.searchsorted(cdf, q, right=False)
+    return torch.where(q > 0, torch.searchsorted(cdf, q, right=False), 0)
 
 
 def rank_of(scores: torch.Tensor) -> torch.Tensor:
@@ -273,9 +287,11 @@ def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
     n = keep.shape[-1]
     pos = torch.arange(n, device=keep.device).expand(keep.shape)
     packed = torch.sort(torch.where(keep, pos, PAD_POSITION), dim=-1).values
-    if capacity > n:
-        packed = torch.nn.functional.pad(packed, (0, capacity - n), value=PAD_POSITION)
-    return packed[..., :capacity].contiguous(), keep.sum(-1)
+    # Read into a fresh [.., capacity] tensor rather than pad-and-slice: a slice's contiguity
+    # would depend on the length and specialise a compiled selection.
+    slot = torch.arange(capacity, device=keep.device)
+    taken = packed.gather(-1, slot.clamp(max=n - 1).expand(*keep.shape[:-1], capacity))
+    return torch.where(slot < n, taken, PAD_POSITION), keep.sum(-1)
 
 
 def last_query_probs(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -296,7 +312,7 @@ def last_query_probs(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float)
 
 
 def guard_keep(keep: torch.Tensor, order_key: torch.Tensor, probs_bhgl: torch.Tensor,
-               floor: float) -> torch.Tensor:
+               floor: float, global_len: int | None = None) -> torch.Tensor:
     """Runtime guard: grow each KV head's global subset until its last query keeps ``floor``.
 
     The last query sees the global subset plus the final window, so for query
@@ -310,23 +326,29 @@ def guard_keep(keep: torch.Tensor, order_key: torch.Tensor, probs_bhgl: torch.Te
     so any ``floor <= 1`` is reachable.
 
     Args:
-        keep: bool ``[B, H_kv, G]``, the global subset over the global region.
-        order_key: ``[B, H_kv, G]`` non-negative importance; higher joins first.
+        keep: bool ``[B, H_kv, N]``, the global subset; positions ``>= global_len``
+            (block padding, ``N >= global_len``) must be False.
+        order_key: ``[B, H_kv, N]`` non-negative importance; higher joins first.
         probs_bhgl: float32 ``[B, H_kv, g, L]`` from ``last_query_probs``, with
-            ``L - G`` the final window.
+            ``L - global_len`` the final window (``N < L``).
         floor: required retained mass in ``[0, 1]``.
+        global_len: ``G``, the global region's length (default ``N``).
 
     Returns:
-        bool ``[B, H_kv, G]``, a superset of ``keep``.
+        bool ``[B, H_kv, N]``, a superset of ``keep`` inside the global region.
     """
-    global_len = keep.shape[-1]
-    p_global = probs_bhgl[..., :global_len]
+    width = keep.shape[-1]
+    global_len = width if global_len is None else global_len
+    in_global = torch.arange(width, device=keep.device) < global_len
+    p_head = probs_bhgl[..., :width]
+    p_global = torch.where(in_global, p_head, 0.0)
     keep_g = keep.unsqueeze(2)
-    retained = probs_bhgl[..., global_len:].sum(-1) + torch.where(keep_g, p_global, 0.0).sum(-1)
+    outside = probs_bhgl[..., width:].sum(-1) + torch.where(in_global, 0.0, p_head).sum(-1)
+    retained = outside + torch.where(keep_g, p_global, 0.0).sum(-1)
     deficit = floor - retained
-    # Kept tokens rank after every candidate (importance >= 0 > -1), so a count
-    # of k tokens from the front of the order adds only new ones.
-    ranks = rank_of(torch.where(keep, -1.0, order_key.float()))
+    # Kept tokens rank after every candidate (importance >= 0 > -1), and positions past
+    # the region after those (-2), so a count of k tokens from the front adds only new ones.
+    ranks = rank_of(torch.where(keep, -1.0, torch.where(in_global, order_key.float(), -2.0)))
     order = ranks.argsort(-1).unsqueeze(2).expand_as(p_global)
     gained = torch.where(keep_g, 0.0, p_global).gather(-1, order).cumsum(-1)
     # Smallest prefix whose gain reaches the deficit: entries still short, plus one.
@@ -366,18 +388,23 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
         The ``Selection``; requires ``L > window``.
     """
     length = q_bhsd.shape[2]
-    global_len = global_region_length(length, window)
-    if global_len == 0:
+    if length <= window:
         raise ValueError(f"selection needs more tokens ({length}) than the window ({window})")
+    # Shape arithmetic only, and no view whose contiguity depends on the length: under
+    # torch.compile the length is symbolic and one graph serves every prompt length.
+    global_len = length - window
     s = importance(q_bhsd, k_bhsd, scaling, num_queries, aggregation, num_spread, window)
     s_blocks = to_blocks(s[..., :global_len], block_size, 0.0)
     scores = redundancy_score(s_blocks, alpha, normalize)
     ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2], anchor_blocks)
     budgets = block_budgets(scores, ladder, global_len, block_size)
     ranked = to_blocks(pool_importance(s, pool_kernel)[..., :global_len], block_size, float("-inf"))
-    keep = dilate_keep(keep_top_in_blocks(ranked, budgets).flatten(-2)[..., :global_len], span)
+    # Work on whole blocks (width n * b); the padding past the region is never kept.
+    in_global = torch.arange(s_blocks.shape[-2] * block_size, device=s.device) < global_len
+    keep = dilate_keep(keep_top_in_blocks(ranked, budgets).flatten(-2), span) & in_global
     if guard_floor is not None:
-        keep = guard_keep(keep, s[..., :global_len], last_query_probs(q_bhsd, k_bhsd, scaling), guard_floor)
+        keep = guard_keep(keep, s_blocks.flatten(-2), last_query_probs(q_bhsd, k_bhsd, scaling), guard_floor,
+                          global_len)
     capacity = -(-global_len // capacity_multiple) * capacity_multiple
     positions, counts = pack_positions(keep, capacity)
     return Selection(positions=positions, counts=counts, importance=s)
