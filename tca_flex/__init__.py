@@ -5,6 +5,7 @@ Typical use::
     budgets = tca_flex.calibrate(model, input_ids, tca_flex.TCAConfig(window=4096))
     budgets.save("budgets.json")
     model = tca_flex.apply(model, budgets="budgets.json")
+    tca_flex.warmup(model, max_length=131072)  # compile once, before the first request
     model = tca_flex.compile(model)           # or torch.compile(model)
     out = model.generate(ids, cache=tca_flex.TCACache(model), max_new_tokens=64)  # or past_key_values=
 """
@@ -16,7 +17,8 @@ from .compile import compile  # noqa: A004 - the public name the design asks for
 from .config import TCAConfig
 from .fidelity import FidelityReport, report
 from .integration import apply, remove
+from .warmup import load_compile_cache, save_compile_cache, warmup
 
-__all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "compile", "remove",
-           "report", "shipped_budgets"]
+__all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "compile",
+           "load_compile_cache", "remove", "report", "save_compile_cache", "shipped_budgets", "warmup"]
 __version__ = "0.1.0"

@@ -97,9 +97,14 @@ def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.
 
 
 def _tiled(t: torch.Tensor, padded: int, split: bool) -> torch.Tensor:
-    """``t`` zero-padded along dim 2 to ``padded``; split into tiles there if ``split``."""
+    """``t`` zero-padded along dim 2 to ``padded``, contiguous; split into tiles there if ``split``.
+
+    Contiguous always: the compiled graph guards on strides, and a model's
+    transposed projections or a padded copy must not give two graphs.
+    """
     if t.shape[2] != padded:
         t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, padded - t.shape[2]))
+    t = t.contiguous()
     return t.unflatten(2, (-1, KERNEL_BLOCK)) if split else t
 
 

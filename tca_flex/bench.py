@@ -2,6 +2,7 @@
 
     python -m tca_flex.bench                 # CUDA: LLaMA-3.1-8B attention shapes, 8K..128K
     python -m tca_flex.bench --smoke         # tiny CPU shapes: the same code paths, for CI
+    python -m tca_flex.bench --phases stream # per-request latency over distinct lengths (bench_stream.py)
 
 Every TCA variant is checked against SDPA with an explicit mask (on the last
 queries) before it is timed. Results go to ``benchmarks/results/<device>-<date>.json``
@@ -115,7 +116,7 @@ def stage_times(q, k, v, cdf, config: TCAConfig, scale: float, device, kernel_op
                                                   budgets), device),
         "pack": timed(lambda: pack_positions(keep, capacity), device) + timed(gather, device),
         "mask_build": timed(lambda: tca_block_mask(positions, length, config.window, hq), device),
-        "attention": timed(lambda: flex(q, k_all, v_all, bm, scale=scale, enable_gqa=True,
+        "attention": timed(lambda: flex(q, k_all, v_all, bm, scale=scale, enable_gqa=True, dynamic=False,
                                         kernel_options=kernel_options), device),
         "computed_blocks": int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()),
     }
@@ -157,7 +158,7 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
                                                                             enable_gqa=True), device),
                 causal_flops)
     cbm = causal_block_mask(length, device)
-    add("flex_causal", timed(lambda: flex(q, k, v, cbm, scale=scale, enable_gqa=True,
+    add("flex_causal", timed(lambda: flex(q, k, v, cbm, scale=scale, enable_gqa=True, dynamic=False,
                                           kernel_options=kernel_options), device), causal_flops)
     for name, frac in budgets:
         config = TCAConfig(block_size=128, window=window)
@@ -440,6 +441,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    # The fixed-shape baselines (flex causal, dynamic=False) compile once per length: a
+    # scoped limit, so importing or running tca_flex never changes the process's.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes (CI)")
     parser.add_argument("--lengths", type=int, nargs="*", default=None)
@@ -448,8 +456,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="FlexAttention defaults instead of USE_TMA (the default on Hopper)")
     parser.add_argument("--e2e-layers", type=int, default=2, help="layers of the 8B-shaped model (0: skip)")
     parser.add_argument("--compile-model", action="store_true", help="also time torch.compile(model) after apply")
-    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e"],
+    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e", "stream"],
                         default=["prefill", "decode", "e2e"])
+    parser.add_argument("--stream-count", type=int, default=24, help="requests in the stream phase")
+    parser.add_argument("--stream-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="prompt lengths of the stream phase (default 8192 131072; smoke 900 1500)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -470,6 +481,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 compile_step=length == lengths[-1])
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    stream = None
+    if "stream" in args.phases:
+        from .bench_stream import print_stream, run_stream
+
+        lo, hi = args.stream_range or ((900, 1500) if args.smoke else (8192, 131072))
+        stream = run_stream(args.smoke, args.stream_count, lo, hi, 0.25, window)
+        print_stream(stream)
     if args.e2e_layers and "e2e" in args.phases:
         e2e_lengths = [n for n in lengths if n >= 32768] or lengths[-1:]
         rows += e2e_rows(e2e_lengths, args.e2e_layers, 0.25, window, device, dtype, args.smoke,
@@ -480,11 +498,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shape": shape, "dtype": str(dtype), "window": window, "kernel_options": kernel_options,
         "triton_decode": triton_decode_settings(),
         "rows": rows,
+        **({"stream": stream} if stream else {}),
     }
     print_table(rows)
     if not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
-        suffix = ("-notma" if args.no_tma else "") + ("" if len(args.phases) == 3 else "-" + "-".join(args.phases))
+        suffix = ("-notma" if args.no_tma else "") + ("" if args.phases == ["prefill", "decode", "e2e"]
+                                                     else "-" + "-".join(args.phases))
         path = args.out / f"{result['device']}-{result['date'][:10]}{suffix}.json"
         path.write_text(json.dumps(result, indent=1))
         print(f"\nwrote {path}")

@@ -55,7 +55,11 @@ def length_generic(fn: Callable[..., Any], *dims: tuple[int, int]) -> Callable[.
         compiled_fn = _length_generic[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
 
     def call(*args: Any) -> Any:
+        args = list(args)
         for index, dim in dims:
+            # Mark an alias (same storage, new tensor object): the caller's own tensor stays
+            # unmarked, so passing it to another compiled function later is unaffected.
+            args[index] = args[index].detach()
             torch._dynamo.mark_dynamic(args[index], dim)
         return compiled_fn(*args)
 

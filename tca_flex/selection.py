@@ -167,7 +167,9 @@ def dilate_keep(keep: torch.Tensor, span: int) -> torch.Tensor:
     if span == 0:
         return keep
     flat = keep.reshape(-1, 1, keep.shape[-1]).float()
-    grown = torch.nn.functional.max_pool1d(flat, 2 * span + 1, stride=1, padding=span)
+    # A mean over the neighbourhood is > 0 iff a token in it is kept (max_pool1d would do
+    # the same, but specialises a compiled graph on the length).
+    grown = torch.nn.functional.avg_pool1d(flat, 2 * span + 1, stride=1, padding=span)
     return grown.reshape(keep.shape) > 0
 
 

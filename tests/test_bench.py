@@ -37,3 +37,16 @@ def test_one_step_dense_baseline_decodes_like_a_dynamic_cache(tiny_llama):
                             **step).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(static, want, atol=1e-5, rtol=1e-5)
+
+
+def test_smoke_stream_phase_compiles_nothing_after_the_warmup():
+    """Two fresh processes over distinct lengths: no request compiles after ``tca_flex.warmup``."""
+    result = bench.main(["--smoke", "--phases", "stream", "--stream-count", "3"])
+    stream = result["stream"]
+    assert len(set(stream["lengths"])) == 3
+    for run in stream["runs"]:
+        assert run["stream_graphs"] == 0, run["process"]
+        scopes = {(r["scope"], r["method"]) for r in run["rows"]}
+        assert scopes == {(s, m) for s in ("attention", "e2e") for m in ("dense_sdpa", "tca")}
+        assert all(r["ms"] > 0 for r in run["rows"])
+        assert set(run["summary"]) == {"attention", "e2e"}

@@ -1,0 +1,186 @@
+"""Benchmark phase ``stream``: what a server sees, compiles included.
+
+    python -m tca_flex.bench --phases stream            # CUDA: 24 lengths in 8K-128K, 8B layer shapes
+    python -m tca_flex.bench --phases stream --smoke    # tiny CPU shapes (CI)
+
+Two fresh processes run one after the other with one new, empty compile
+cache directory (``TORCHINDUCTOR_CACHE_DIR``): the first pays every compile,
+the second shows what the on-disk caches save. Each process times, request
+by request (wall clock, device synchronised), a stream of prompt lengths that
+never repeat, drawn uniformly (seeded) from the range:
+
+- ``attention``: one attention layer (cuDNN SDPA vs ``tca_prefill_attention``);
+- ``e2e``: a 2-layer model of the same shapes (transformers' SDPA vs
+  ``tca_flex.apply``), the whole forward.
+
+TCA runs ``tca_flex.warmup`` first (its time is reported); every request is
+then timed once as it comes and once more right after (the warm time at that
+length), and the number of graphs compiled during the stream is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"full": {"hq": 32, "hkv": 8, "d": 128, "hidden": 4096, "ffn": 14336, "vocab": 128256},
+          "smoke": {"hq": 4, "hkv": 2, "d": 16, "hidden": 64, "ffn": 128, "vocab": 256}}
+
+
+def stream_lengths(count: int, lo: int, hi: int, seed: int) -> list[int]:
+    """``count`` distinct lengths drawn uniformly from ``[lo, hi]``."""
+    rng = random.Random(seed)
+    seen: list[int] = []
+    while len(seen) < count:
+        n = rng.randint(lo, hi)
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def _wall(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _model(shape: dict[str, int], max_length: int, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+                      num_hidden_layers=2, num_attention_heads=shape["hq"], num_key_value_heads=shape["hkv"],
+                      head_dim=shape["d"], max_position_embeddings=max_length + 512, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def child(smoke: bool, lengths: list[int], keep: float, window: int) -> dict[str, Any]:
+    """One process's stream (see the module docstring); returns its rows and warm-up."""
+    from torch._dynamo.utils import counters
+
+    from .budgets import HeadBudgets
+    from .config import TCAConfig
+    from .integration import apply
+    from .warmup import warmup
+
+    start = time.perf_counter()
+    device = torch.device("cpu" if smoke else "cuda")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    shape = SHAPES["smoke" if smoke else "full"]
+    config = TCAConfig(block_size=32 if smoke else 128, window=window)
+    budgets = HeadBudgets.uniform(2, shape["hkv"], keep, config)
+    model = _model(shape, max(lengths), device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    rows: list[dict[str, Any]] = []
+
+    def qkv(length: int):
+        return [torch.randn(1, h, length, shape["d"], device=device, dtype=dtype, generator=gen)
+                for h in (shape["hq"], shape["hkv"], shape["hkv"])]
+
+    def ids(length: int):
+        return torch.randint(0, shape["vocab"], (1, length), device=device, generator=gen)
+
+    with torch.no_grad():
+        for length in lengths:
+            q, k, v = qkv(length)
+            ms = _wall(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device)
+            rows.append({"scope": "attention", "method": "dense_sdpa", "length": length, "ms": ms})
+            x = ids(length)
+            rows.append({"scope": "e2e", "method": "dense_sdpa", "length": length,
+                         "ms": _wall(lambda: model(x, logits_to_keep=1), device)})
+        apply(model, budgets=budgets)
+        report = warmup(model, max(lengths), progress=False)
+        before = counters["stats"]["unique_graphs"]
+        from .attention import tca_prefill_attention
+
+        cdf = budgets.cdf(0).to(device)
+        scale = shape["d"] ** -0.5
+        for length in lengths:
+            q, k, v = qkv(length)
+            first = _wall(lambda: tca_prefill_attention(q, k, v, cdf, config, scale), device)
+            warm = _wall(lambda: tca_prefill_attention(q, k, v, cdf, config, scale), device)
+            rows.append({"scope": "attention", "method": "tca", "length": length, "ms": first, "warm_ms": warm})
+            x = ids(length)
+            first = _wall(lambda: model(x, logits_to_keep=1), device)
+            warm = _wall(lambda: model(x, logits_to_keep=1), device)
+            rows.append({"scope": "e2e", "method": "tca", "length": length, "ms": first, "warm_ms": warm})
+    return {"warmup_s": report.seconds, "warmup_graphs": report.graphs, "warmup_lengths": list(report.lengths),
+            "stream_graphs": counters["stats"]["unique_graphs"] - before, "process_s": time.perf_counter() - start,
+            "rows": rows}
+
+
+def summarise(run: dict[str, Any]) -> dict[str, Any]:
+    """Per scope and method: p50 / p99 / max per request, stream total, TCA / dense and warm ratios."""
+    out: dict[str, Any] = {}
+    for scope in ("attention", "e2e"):
+        per: dict[str, Any] = {}
+        for method in ("dense_sdpa", "tca"):
+            ms = [r["ms"] for r in run["rows"] if r["scope"] == scope and r["method"] == method]
+            ms_sorted = sorted(ms)
+            per[method] = {"p50_ms": statistics.median(ms), "p99_ms": ms_sorted[min(len(ms) - 1, int(0.99 * len(ms)))],
+                           "max_ms": ms_sorted[-1], "total_s": sum(ms) / 1e3}
+        tca = [r for r in run["rows"] if r["scope"] == scope and r["method"] == "tca"]
+        per["tca"]["max_first_over_warm"] = max(r["ms"] / r["warm_ms"] for r in tca)
+        per["tca"]["median_first_over_warm"] = statistics.median(r["ms"] / r["warm_ms"] for r in tca)
+        per["tca_over_dense_total"] = per["tca"]["total_s"] / per["dense_sdpa"]["total_s"]
+        per["tca_over_dense_total_with_warmup"] = ((per["tca"]["total_s"] + run["warmup_s"])
+                                                   / per["dense_sdpa"]["total_s"])
+        out[scope] = per
+    return out
+
+
+def run_stream(smoke: bool, count: int, lo: int, hi: int, keep: float, window: int, seed: int = 0) -> dict[str, Any]:
+    """Two fresh processes over the same stream, sharing one new compile cache directory."""
+    lengths = stream_lengths(count, lo, hi, seed)
+    cache_dir = tempfile.mkdtemp(prefix="tca_flex_stream_cache_")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    spec = json.dumps({"smoke": smoke, "lengths": lengths, "keep": keep, "window": window})
+    runs = []
+    for name in ("fresh process", "second process, on-disk caches"):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+            out_path = Path(handle.name)
+        subprocess.run([sys.executable, "-m", "tca_flex.bench_stream", spec, str(out_path)], env=env, check=True)
+        run = json.loads(out_path.read_text())
+        out_path.unlink()
+        run["process"] = name
+        run["summary"] = summarise(run)
+        runs.append(run)
+    return {"lengths": lengths, "keep": keep, "window": window, "cache_dir": cache_dir, "runs": runs}
+
+
+def print_stream(result: dict[str, Any]) -> None:
+    print(f"\nstream: {len(result['lengths'])} distinct lengths {min(result['lengths'])}-{max(result['lengths'])}, "
+          f"TCA {int(100 * result['keep'])}% + window {result['window']}")
+    for run in result["runs"]:
+        print(f"  {run['process']}: warm-up {run['warmup_s']:.1f} s ({run['warmup_graphs']} graphs), "
+              f"graphs compiled during the stream: {run['stream_graphs']}")
+        for scope, per in run["summary"].items():
+            d, t = per["dense_sdpa"], per["tca"]
+            print(f"    {scope:<9} dense p50 {d['p50_ms']:.1f} p99 {d['p99_ms']:.1f} max {d['max_ms']:.1f} ms, "
+                  f"total {d['total_s']:.2f} s | TCA p50 {t['p50_ms']:.1f} p99 {t['p99_ms']:.1f} "
+                  f"max {t['max_ms']:.1f} ms, total {t['total_s']:.2f} s = {per['tca_over_dense_total']:.2f}x "
+                  f"dense ({per['tca_over_dense_total_with_warmup']:.2f}x with the warm-up); first/warm "
+                  f"max {t['max_first_over_warm']:.2f}")
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    Path(sys.argv[2]).write_text(json.dumps(child(spec["smoke"], spec["lengths"], spec["keep"], spec["window"])))

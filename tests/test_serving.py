@@ -1,0 +1,125 @@
+"""Compile once, serve any prompt length: graph counts, the warm-up, the on-disk caches."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import tca_flex
+from tca_flex import HeadBudgets, TCAConfig
+from tca_flex.hfcompat import cache_kwargs
+from tca_flex.integration import attention_routed
+from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
+
+CONFIG = TCAConfig(block_size=16, window=64)
+# Distinct lengths, none a multiple of the 128-wide kernel tile or of the block; every one
+# keeps each symbolic size >= 2 (dynamo specialises sizes 0 and 1).
+LENGTHS = [211, 250, 263, 301, 347, 389, 402, 455, 498, 541]
+
+
+def _reference_forward(budgets: HeadBudgets):
+    """An attention function computing TCA from the float64 reference, for ``attention_routed``."""
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        length = key.shape[2]
+        keep = torch.zeros(key.shape[0], key.shape[1], length, dtype=torch.bool)
+        if length > CONFIG.window:
+            s = reference_importance(query, key, scaling, CONFIG.num_observation_queries)
+            keep = reference_keep(s, budgets.probs[module.layer_idx], block_size=CONFIG.block_size,
+                                  window=CONFIG.window, alpha=CONFIG.alpha)
+        mask = reference_mask(keep, min(CONFIG.window, length), query.shape[1])
+        out = reference_attention(query, key, value, mask, scaling)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return forward
+
+
+@torch.no_grad()
+def test_ten_prompt_lengths_compile_one_graph_and_match_the_reference(tiny_llama):
+    budgets = HeadBudgets.uniform(2, 2, 0.3, CONFIG)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 256, (1, n), generator=gen) for n in LENGTHS]
+    with attention_routed(tiny_llama, "tca_test_reference", _reference_forward(budgets)):
+        want = [tiny_llama(x).logits for x in prompts]
+    tca_flex.apply(tiny_llama, budgets=budgets)
+    before = counters["stats"]["unique_graphs"]
+    got = [tiny_llama(prompts[0]).logits]
+    # On the CPU the selection runs eagerly: the first sparse prefill compiles the packed
+    # attention (one graph, or none if this process compiled it already); no later length
+    # compiles anything (docs/serving.md).
+    assert counters["stats"]["unique_graphs"] - before <= 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got += [tiny_llama(x).logits for x in prompts[1:]]
+    for n, g, w in zip(LENGTHS, got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"length {n}: {m}")
+
+
+def test_compiled_selection_is_length_generic():
+    """The CUDA path compiles the selection too: one graph for every length (checked on the CPU)."""
+    from tca_flex.attention import _select_positions
+    from tca_flex.compile import length_generic
+
+    config = TCAConfig.accurate(block_size=16, window=64, anchor_blocks=30, guard_floor=0.9, span=1)
+    probs = torch.rand(2, config.block_size + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cdf = HeadBudgets(probs=(probs / probs.sum(-1, keepdim=True)).unsqueeze(0), config=config).cdf(0)
+    select = length_generic(_select_positions, (0, 2), (1, 2))
+    gen = torch.Generator().manual_seed(4)
+    for i, n in enumerate(LENGTHS[:6]):
+        q, k = torch.randn(1, 4, n, 8, generator=gen), torch.randn(1, 2, n, 8, generator=gen)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            positions, counts = select(q, k, cdf, config, 8 ** -0.5)
+        want_positions, want_counts = _select_positions(q, k, cdf, config, 8 ** -0.5)
+        assert torch.equal(positions, want_positions) and torch.equal(counts, want_counts), n
+
+
+@torch.no_grad()
+def test_warmup_compiles_ahead_and_leaves_no_global_change(tiny_llama):
+    limit = torch._dynamo.config.recompile_limit
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, CONFIG))
+    report = tca_flex.warmup(tiny_llama, max_length=900, progress=False)
+    assert report.lengths[0] > CONFIG.window and report.lengths[-1] == 900 and report.seconds > 0
+    assert "decode step" in report.compiled and str(report).startswith("tca_flex warm-up")
+    gen = torch.Generator().manual_seed(9)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (333, 700, 871):
+            x = torch.randint(0, 256, (1, n), generator=gen)
+            out = tiny_llama.generate(x, max_new_tokens=3, do_sample=False,
+                                      **cache_kwargs(tiny_llama, tca_flex.TCACache(tiny_llama)))
+            assert out.shape == (1, n + 3)
+    assert torch._dynamo.config.recompile_limit == limit
+    with pytest.raises(ValueError, match="no room above the window"):
+        tca_flex.warmup(tiny_llama, max_length=100)
+
+
+def test_warmup_refuses_a_model_without_apply(tiny_llama):
+    with pytest.raises(ValueError, match="apply"):
+        tca_flex.warmup(tiny_llama, max_length=900)
+
+
+_SECOND_PROCESS = """
+import sys, torch, tca_flex
+from tca_flex import HeadBudgets, TCAConfig
+from transformers import LlamaForCausalLM
+from tests.conftest import tiny_llama_config
+tca_flex.load_compile_cache(sys.argv[1])
+torch.manual_seed(1234)
+model = LlamaForCausalLM(tiny_llama_config()).eval()
+tca_flex.apply(model, budgets=HeadBudgets.uniform(2, 2, 0.3, TCAConfig(block_size=16, window=64)))
+with torch.no_grad():
+    print(float(model(torch.arange(420).remainder(256)[None]).logits[0, -1, :4].sum()))
+"""
+
+
+@torch.no_grad()
+def test_saved_compile_cache_loads_in_a_second_process(tiny_llama, tmp_path):
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, CONFIG))
+    tca_flex.warmup(tiny_llama, max_length=700, decode=False, progress=False)
+    path = tca_flex.save_compile_cache(tmp_path / "compiled.bin")
+    assert path.stat().st_size > 0
+    want = float(tiny_llama(torch.arange(420).remainder(256)[None]).logits[0, -1, :4].sum())
+    done = subprocess.run([sys.executable, "-c", _SECOND_PROCESS, str(path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) == pytest.approx(want, rel=1e-4, abs=1e-4)
