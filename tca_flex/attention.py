@@ -22,7 +22,6 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .cache import CacheLink
-
 from .compile import kernel_options_for, length_generic
 from .config import TCAConfig
 from .masks import KERNEL_BLOCK, packed_block_mask, tca_block_indices

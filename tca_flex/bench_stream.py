@@ -49,11 +49,12 @@ def stream_lengths(count: int, lo: int, hi: int, seed: int) -> list[int]:
     return seen
 
 
-def _wall(fn, device: torch.device) -> float:
+def _wall(device: torch.device, fn, *args: Any, **kwargs: Any) -> float:
+    """Milliseconds of one call of ``fn(*args, **kwargs)``, device synchronised."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn()
+    fn(*args, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) * 1e3
@@ -101,11 +102,11 @@ def child(smoke: bool, lengths: list[int], keep: float, window: int) -> dict[str
     with torch.no_grad():
         for length in lengths:
             q, k, v = qkv(length)
-            ms = _wall(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device)
+            ms = _wall(device, F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
             rows.append({"scope": "attention", "method": "dense_sdpa", "length": length, "ms": ms})
             x = ids(length)
             rows.append({"scope": "e2e", "method": "dense_sdpa", "length": length,
-                         "ms": _wall(lambda: model(x, logits_to_keep=1), device)})
+                         "ms": _wall(device, model, x, logits_to_keep=1)})
         apply(model, budgets=budgets)
         report = warmup(model, max(lengths), progress=False)
         before = counters["stats"]["unique_graphs"]
@@ -115,12 +116,12 @@ def child(smoke: bool, lengths: list[int], keep: float, window: int) -> dict[str
         scale = shape["d"] ** -0.5
         for length in lengths:
             q, k, v = qkv(length)
-            first = _wall(lambda: tca_prefill_attention(q, k, v, cdf, config, scale), device)
-            warm = _wall(lambda: tca_prefill_attention(q, k, v, cdf, config, scale), device)
+            first = _wall(device, tca_prefill_attention, q, k, v, cdf, config, scale)
+            warm = _wall(device, tca_prefill_attention, q, k, v, cdf, config, scale)
             rows.append({"scope": "attention", "method": "tca", "length": length, "ms": first, "warm_ms": warm})
             x = ids(length)
-            first = _wall(lambda: model(x, logits_to_keep=1), device)
-            warm = _wall(lambda: model(x, logits_to_keep=1), device)
+            first = _wall(device, model, x, logits_to_keep=1)
+            warm = _wall(device, model, x, logits_to_keep=1)
             rows.append({"scope": "e2e", "method": "tca", "length": length, "ms": first, "warm_ms": warm})
     return {"warmup_s": report.seconds, "warmup_graphs": report.graphs, "warmup_lengths": list(report.lengths),
             "stream_graphs": counters["stats"]["unique_graphs"] - before, "process_s": time.perf_counter() - start,
