@@ -174,7 +174,7 @@ def _config_from_json(text: str) -> TCAConfig:
 # Inside an outer torch.compile the prefill runs as one opaque custom op, whose
 # body calls the separately compiled selection and FlexAttention. Tracing both
 # into one inductor graph failed on CUDA with torch 2.11 (codegen: "list
-# indices must be integers or slices, not NoneType"; scripts/gpu_compile_probe.py),
+# indices must be integers or slices, not NoneType"; BENCHMARKS.md, 2026-11-24 run 3),
 # the op keeps the outer graph free of that risk and costs no graph break.
 @torch.library.custom_op("tca_flex::prefill_attention", mutates_args=())
 def prefill_attention_op(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,

@@ -3,7 +3,7 @@
 A head's budget is a distribution ``p`` over per-block keep counts
 ``k in {0..b}`` (calibration picks it; see ``calibration.py``). For a sequence
 with ``n`` candidate blocks, the block of rank ``r`` keeps ``Psi[r]`` tokens,
-the ``1 - (r + 0.5) / n`` quantile of ``p`` (``TCA_METHOD.md``), so ``Psi``
+the ``1 - (r + 0.5) / n`` quantile of ``p`` (docs/method.md, "The budget ladder"), so ``Psi``
 is non-increasing and its mean approaches ``E[k]`` as ``n`` grows.
 """
 
@@ -264,7 +264,7 @@ def shipped_budgets(name: str) -> HeadBudgets:
             --criterion lse --quantile 0.1 --sigma 2.0 --option num_observation_queries=32 \
             --option pool_kernel=7 --option spread_observation_queries=32 --option alpha=0
 
-    The file's ``notes`` record the command, text hash and date (README, "Calibration").
+    The file's ``notes`` record the command, text hash and date (docs/calibration.md).
     """
     if name not in SHIPPED_BUDGETS:
         raise ValueError(f"no shipped budgets named {name!r}; available: {sorted(SHIPPED_BUDGETS)}")

@@ -1,6 +1,6 @@
 """TCACache: the pruned, head-packed KV cache used for decoding.
 
-What is kept (``TCA_METHOD.md``, "Decode and KV-cache pruning"): after the
+What is kept (docs/method.md, "Decode: the pruned cache and its compression"): after the
 prefill each KV head keeps its global subset plus the last ``w`` tokens. New
 tokens join an exact window; whenever a whole block of ``b`` tokens has left
 the window it is compressed to its top-``t`` tokens by the attention the

@@ -61,7 +61,7 @@ class TCAConfig:
             needle's digits are cut (EVALUATION.md, 2026-12-02). Helps sparse
             budgets (tau 0.5-0.7: +21 points at 2K and 4K); at tau 0.9 it empties
             too many low-ranked blocks. 0 = the quantile ladder at every length
-            (TCA_METHOD.md).
+            (docs/method.md, "The budget ladder").
     """
 
     block_size: int = 128

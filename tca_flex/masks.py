@@ -1,6 +1,6 @@
 """Selection -> FlexAttention inputs for TCA prefill.
 
-Layout (chosen by measurement, see ``GPU_NOTES.md``): per-block top-t leaves
+Layout (chosen by measurement, docs/method.md, section 3): per-block top-t leaves
 almost every 128-key block of the original key order partly used, so a
 BlockMask over the original order skips almost nothing and runs slower than
 dense. Instead each KV head's kept keys are gathered, in position order, into

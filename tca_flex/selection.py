@@ -277,7 +277,7 @@ def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
 
     A sort rather than a cumsum-and-scatter: inductor (torch 2.11, CUDA) fails
     to generate code when a split cumsum feeds the indirect loads that follow
-    (scripts/gpu_compile_probe.py), and sorting ``L`` int64 keys per head is cheap.
+    (scripts/gpu_compile_probe.py, in git history at fa7eae9), and sorting ``L`` int64 keys per head is cheap.
 
     Args:
         keep: bool ``[B, H, N]``.

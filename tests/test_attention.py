@@ -8,6 +8,8 @@ from tca_flex.masks import tca_block_mask
 from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
 from tca_flex.selection import select
 
+from .oracles import reference_selection
+
 # (bsz, H_q, H_kv, L, D, window, block, keep fraction): GQA and MHA, lengths
 # that are not multiples of any block, windows that are and are not multiples
 # of the 128-wide kernel tile.
@@ -27,27 +29,22 @@ def make(case, dtype, seed):
 
 
 def expected(q, k, v, config, budgets):
-    scale = q.shape[-1] ** -0.5
-    sel = select(q, k, budgets.cdf(0), scaling=scale, block_size=config.block_size, window=config.window,
-                 alpha=config.alpha)
-    keep = reference_keep(sel.importance.double(), budgets.probs[0], block_size=config.block_size,
-                          window=config.window, alpha=config.alpha)
-    return reference_attention(q, k, v, reference_mask(keep, config.window, q.shape[1]), scale), sel
+    """float64 output and kept set, from the reference's own importance and selection."""
+    keep = reference_selection(q, k, budgets.probs[0], config)[1]
+    return reference_attention(q, k, v, reference_mask(keep, config.window, q.shape[1]), q.shape[-1] ** -0.5), keep
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, None)])
 def test_prefill_matches_reference(case, dtype, tol):
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = 100 + CASES.index(case)  # fixed per case: never drawn from the global RNG
     q, k, v, config, budgets = make(case, dtype, seed)
     out = tca_prefill_attention(q, k, v, budgets.cdf(0), config, q.shape[-1] ** -0.5)
-    ref, sel = expected(q, k, v, config, budgets)
+    ref, keep = expected(q, k, v, config, budgets)
     assert out.dtype == dtype and torch.isfinite(out).all()
     err = (out.double() - ref).abs().max().item()
     if dtype != torch.float32:
         # Within twice the error of the same masked attention done by SDPA in this dtype.
-        keep = reference_keep(sel.importance.double(), budgets.probs[0], block_size=config.block_size,
-                              window=config.window, alpha=config.alpha)
         mask = reference_mask(keep, config.window, q.shape[1])
         g = q.shape[1] // k.shape[1]
         eager = torch.nn.functional.scaled_dot_product_attention(
@@ -60,7 +57,8 @@ def test_prefill_matches_reference(case, dtype, tol):
 def test_block_mask_is_exact(case):
     """Every visible key is in a listed block; full blocks are entirely visible."""
     q, k, v, config, budgets = make(case, torch.float32, 11)
-    _, sel = expected(q, k, v, config, budgets)
+    sel = select(q, k, budgets.cdf(0), scaling=q.shape[-1] ** -0.5, block_size=config.block_size,
+                 window=config.window, alpha=config.alpha)
     bsz, hq, length = q.shape[0], q.shape[1], q.shape[2]
     bm = tca_block_mask(sel.positions, length, config.window, hq)
     kv_len = sel.positions.shape[-1] + length
@@ -88,7 +86,7 @@ def test_block_mask_is_exact(case):
 
 def test_prefill_with_spread_observers_matches_reference_end_to_end():
     """The accuracy knobs (last-m + spread observers, pooling, normalised score) end to end vs float64."""
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = 7  # fixed: never drawn from the global RNG
     g = torch.Generator().manual_seed(seed)
     hq, hkv, length, d, window, block = CASES[0][1:7]  # a compiled shape: no extra compile
     q, k, v = (torch.randn(1, h, length, d, generator=g) for h in (hq, hkv, hkv))

@@ -11,6 +11,7 @@ from tca_flex.hfcompat import cache_kwargs
 from tca_flex.selection import select
 
 from .conftest import tiny_llama_config
+from .oracles import ReferenceModel
 
 SPARSE = TCAConfig(block_size=16, window=64)
 
@@ -200,7 +201,8 @@ def test_full_budget_pruned_cache_decodes_like_a_full_cache(tiny_llama):
 
 @torch.no_grad()
 def test_sparse_generation_rows_have_their_own_selection(tiny_llama):
-    tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    budgets = mixed_budgets([0.25, 0.5], SPARSE, layers=2)
+    tca_flex.apply(tiny_llama, budgets=budgets)
     x = ids(200, bsz=2, seed=1)
     both = TCACache(tiny_llama)
     logits = tiny_llama(x, **cache_kwargs(tiny_llama, both)).logits
@@ -214,11 +216,19 @@ def test_sparse_generation_rows_have_their_own_selection(tiny_llama):
     row1 = both.layers[1].kept_positions(1, 1)
     both.batch_select_indices(torch.tensor([1]))
     assert torch.equal(both.layers[1].kept_positions(0, 1), row1)
-    out = tiny_llama.generate(x, max_new_tokens=40, do_sample=False, **cache_kwargs(tiny_llama, TCACache(tiny_llama)))
-    assert out.shape == (2, 240)
-    beam = tiny_llama.generate(x[:1], max_new_tokens=6, do_sample=False, num_beams=3,
-                               **cache_kwargs(tiny_llama, TCACache(tiny_llama)))
-    assert beam.shape == (1, 206)
+    out = tiny_llama.generate(x, max_new_tokens=40, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                              **cache_kwargs(tiny_llama, TCACache(tiny_llama)))
+    # Every step of both rows (two block compressions each) against the float64 model that prunes by hand.
+    reference = ReferenceModel(budgets, pruned=True)
+    want = reference.logits(tiny_llama, out.sequences, 200)
+    torch.testing.assert_close(torch.stack(out.logits, 1), want.float(), atol=1e-4, rtol=1e-4)
+    beam = tiny_llama.generate(x[:1], max_new_tokens=20, do_sample=False, num_beams=3, return_dict_in_generate=True,
+                               output_logits=True, **cache_kwargs(tiny_llama, TCACache(tiny_llama)))
+    # Each step's logits, on the beam the token came from, equal the reference run on the final
+    # beam alone (its pruned cache rebuilt by hand): reorder_cache moved every row's kept set.
+    used = torch.stack([step[beam.beam_indices[0, i]] for i, step in enumerate(beam.logits)])
+    torch.testing.assert_close(used, reference.logits(tiny_llama, beam.sequences, 200)[0].float(), atol=1e-4,
+                               rtol=1e-4)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from tca_flex.attention import tca_prefill_attention
 from tca_flex.hfcompat import cache_kwargs
 
 from .conftest import tiny_llama_config
+from .oracles import ReferenceModel
 
 SPARSE = TCAConfig(block_size=32, window=128)
 
@@ -38,13 +39,16 @@ def test_full_budget_equals_dense(tiny_llama):
 def test_sparse_prefill_generate_and_remove(tiny_llama):
     x = ids(300)
     dense_logits = tiny_llama(x).logits
-    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.1, SPARSE))
+    budgets = HeadBudgets.uniform(2, 2, 0.1, SPARSE)
+    tca_flex.apply(tiny_llama, budgets=budgets)
     sparse_logits = tiny_llama(x).logits
     # Queries inside the first window see everything: identical there.
     torch.testing.assert_close(sparse_logits[:, :128], dense_logits[:, :128], atol=2e-5, rtol=1e-4)
     assert (sparse_logits[:, 200:] - dense_logits[:, 200:]).abs().max() > 1e-4
-    out = tiny_llama.generate(x, max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 304)
+    out = tiny_llama.generate(x, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    # Sparse prefill, then dense decode over the full cache: every step against the float64 reference.
+    want = ReferenceModel(budgets, pruned=False).logits(tiny_llama, out.sequences, 300)
+    torch.testing.assert_close(torch.stack(out.logits, 1), want.float(), atol=1e-4, rtol=1e-4)
     tca_flex.remove(tiny_llama)
     assert torch.equal(tiny_llama(x).logits, dense_logits)
 

@@ -3,7 +3,7 @@
 Calibration tries ``M`` candidate distributions over per-block keep counts
 ``k in {0..b}``, from very sparse to nearly dense, and keeps per head the
 cheapest one that retains at least ``tau`` of the attention mass
-(``TCA_METHOD.md``, "Offline head-specific calibration").
+(docs/method.md, "Budgets and calibration").
 """
 
 from __future__ import annotations
