@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ import torch
 from .config import TCAConfig
 from .selection import global_region_length
 
+logger = logging.getLogger(__name__)
+
 BUDGETS_FORMAT = "tca_flex.head_budgets"
 BUDGETS_FORMAT_VERSION = 1
 # Fingerprint entries that must match the model (name_or_path may differ:
@@ -30,6 +33,23 @@ BUDGETS_FORMAT_VERSION = 1
 FINGERPRINT_SHAPE_KEYS = ("model_type", "num_layers", "num_kv_heads", "head_dim")
 # Budgets shipped inside the package: name -> file in tca_flex/data.
 SHIPPED_BUDGETS = {"smollm2": "smollm2_budgets.json"}
+# Budgets stay bound to every TCAConfig field but these. Calibration runs the
+# run-time selection itself (every selection knob, calibration/scoring.py) and
+# picks each head's budget with the calibration knobs, so:
+# - block_size, window: what a budget counts (tokens per block outside the window);
+# - alpha, normalize_redundancy, gqa_aggregation, num_observation_queries,
+#   pool_kernel, span, spread_observation_queries, anchor_blocks: which tokens a
+#   budget keeps; the retained mass that chose it was measured with these;
+# - tau, num_candidates, sigma, mass_criterion, mass_quantile: how the budget was
+#   chosen; they do nothing at run time, so a config that differs would claim a
+#   target (say tau 0.5) that the budgets (say tau 0.9) were not made for.
+# Free at run time:
+# - min_sparse_length decides only which prompts run dense, not what a sparse
+#   prefill keeps;
+# - guard_floor may be raised, not lowered: the guard only adds tokens (a higher
+#   floor adds a longer prefix of the same order, selection.guard_keep), so every
+#   head keeps at least the mass it was calibrated for; a lower floor would not.
+RUNTIME_FIELDS = ("min_sparse_length",)
 
 
 @dataclass(frozen=True)
@@ -40,7 +60,9 @@ class HeadBudgets:
         probs: float64 ``[num_layers, num_kv_heads, block_size + 1]``; row
             ``(l, h)`` is ``p(k)``, the probability that a block keeps ``k``
             tokens. Rows sum to 1.
-        config: the TCAConfig the budgets were made for (block size, window).
+        config: the TCAConfig the budgets were calibrated with; they hold for
+            its knobs only (``apply`` refuses a config that differs, see
+            ``config_conflicts``; ``with_config`` overrides with a warning).
         retained_mass: optional float64 ``[num_layers, num_kv_heads]``, the
             mass each head retained during calibration (NaN where unknown).
         candidate: optional int64 ``[num_layers, num_kv_heads]``, index of the
@@ -143,6 +165,31 @@ class HeadBudgets:
             blocks = -(-global_region_length(int(tokens), self.config.window) // self.config.block_size)
         return dataclasses.replace(self, config=self.config.replace(anchor_blocks=blocks))
 
+    def with_config(self, config: TCAConfig | None = None, /, **changes: Any) -> HeadBudgets:
+        """These budgets with other knobs than they were calibrated with, on purpose.
+
+        ``apply`` refuses a config that differs from ``self.config`` in a knob
+        the budgets depend on (``config_conflicts``); this is the explicit way
+        to run them anyway. Logs a warning naming every such knob.
+
+        Args:
+            config: the config to run with (default ``self.config``).
+            **changes: TCAConfig fields to change on top, e.g. ``alpha=0.3``.
+
+        Raises:
+            ValueError: a different ``block_size`` (the probabilities count
+                tokens per block: calibrate again instead).
+        """
+        new = (config or self.config).replace(**changes)
+        if new.block_size != self.config.block_size:
+            raise ValueError(f"with_config(block_size={new.block_size}): these budgets count tokens per block of "
+                             f"{self.config.block_size}; calibrate again with the new block size")
+        conflicts = config_conflicts(self.config, new)
+        if conflicts:
+            logger.warning("running budgets with knobs they were not calibrated with: %s; their retained "
+                           "mass (tau=%s) no longer holds", describe_conflicts(conflicts), self.config.tau)
+        return dataclasses.replace(self, config=new)
+
     def cdf(self, layer: int) -> torch.Tensor:
         """float64 ``[num_kv_heads, block_size + 1]``: cumulative ``p`` of ``layer``."""
         return self.probs[layer].cumsum(-1)
@@ -224,6 +271,33 @@ class HeadBudgets:
     def load(cls, path: str | os.PathLike) -> HeadBudgets:
         """Read a file written by ``save``."""
         return cls.from_json(Path(path).read_text(encoding="utf-8"), source=str(path))
+
+
+def config_conflicts(calibrated: TCAConfig, config: TCAConfig) -> dict[str, tuple[Any, Any]]:
+    """Knobs in which ``config`` differs from the ``calibrated`` config of budgets.
+
+    Every field but ``RUNTIME_FIELDS`` counts; ``guard_floor`` only when lowered
+    (see ``RUNTIME_FIELDS`` for why).
+
+    Returns:
+        ``{field: (config's value, budgets' value)}``, empty when the budgets hold.
+    """
+    out = {}
+    for f in dataclasses.fields(TCAConfig):
+        new, old = getattr(config, f.name), getattr(calibrated, f.name)
+        if f.name in RUNTIME_FIELDS or new == old:
+            continue
+        if f.name == "guard_floor" and (new or 0.0) >= (old or 0.0):
+            continue
+        out[f.name] = (new, old)
+    return out
+
+
+def describe_conflicts(conflicts: dict[str, tuple[Any, Any]]) -> str:
+    """``"alpha (config 0.3, budgets 0.0), sigma (config 0.5, budgets 2.0)"``."""
+    hints = {"guard_floor": "; it may only be raised", "anchor_blocks": "; budgets.anchored(blocks) sets it"}
+    return ", ".join(f"{name} (config {new!r}, budgets {old!r}{hints.get(name, '')})"
+                     for name, (new, old) in conflicts.items())
 
 
 def describe_fingerprint(fingerprint: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .attention import TCALayer, tca_attention_forward
-from .budgets import HeadBudgets, check_fingerprint
+from .budgets import HeadBudgets, check_fingerprint, config_conflicts, describe_conflicts
 from .config import TCAConfig
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,14 @@ def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
                      budgets: HeadBudgets | str | os.PathLike | None, num_layers: int,
                      shard: tuple[int, int, int, bool]) -> tuple[HeadBudgets, tuple[int, int]]:
     local, rank, _, sharded = shard
+    if config is not None and not isinstance(config, TCAConfig):
+        hint = " (pass budgets=... by keyword)" if isinstance(config, HeadBudgets) else ""
+        raise TypeError(f"tca_flex.apply: config must be a TCAConfig or None, got {type(config).__name__}{hint}; "
+                        "TCAConfig.from_dict(d) makes one from a dict")
+    if budgets is not None and not isinstance(budgets, (HeadBudgets, str, os.PathLike)):
+        raise TypeError(f"tca_flex.apply: budgets= takes HeadBudgets, the path of a budget file or None, got "
+                        f"{type(budgets).__name__}; HeadBudgets.load(path) reads a file, "
+                        "HeadBudgets.from_json(text) its text")
     if isinstance(budgets, (str, os.PathLike)):
         budgets = HeadBudgets.load(budgets)
     if budgets is None:
@@ -169,9 +177,12 @@ def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
                        "calibrate with tca_flex.calibrate for per-head budgets", 100 * DEFAULT_KEEP_FRACTION)
         first = rank * local if sharded else 0
         return HeadBudgets.uniform(num_layers, local, DEFAULT_KEEP_FRACTION, config), (first, first + local)
-    if config is not None and config.block_size != budgets.config.block_size:
-        raise ValueError(f"config.block_size={config.block_size} differs from the budgets' block_size="
-                         f"{budgets.config.block_size}; calibrate again with this block size")
+    conflicts = {} if config is None else config_conflicts(budgets.config, config)
+    if conflicts:
+        raise ValueError(f"tca_flex.apply: the config differs from the one the budgets were calibrated with in "
+                         f"{describe_conflicts(conflicts)}; budgets hold only for the knobs they were calibrated "
+                         "with. Leave config out (the budgets carry theirs), calibrate again with this config, "
+                         "or run them anyway with budgets=budgets.with_config(config) (logs a warning)")
     if budgets.fingerprint:
         check_fingerprint(budgets.fingerprint, model_fingerprint(model))
     if budgets.num_layers != num_layers:
@@ -215,6 +226,10 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     Args:
         model: a transformers decoder-only model of a supported family.
         config: TCAConfig; defaults to the budgets' config, else ``TCAConfig()``.
+            With budgets, it may differ from theirs only in run-time knobs
+            (``budgets.RUNTIME_FIELDS``, a raised ``guard_floor``); anything
+            else is refused, naming the knob (override on purpose with
+            ``HeadBudgets.with_config``).
         budgets: per-head budgets (from ``calibrate``) for the full model, or
             the path of a budget file (``HeadBudgets.save``); defaults to a
             uniform 25% keep fraction. Budgets with a fingerprint must match
@@ -225,7 +240,8 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
 
     Raises:
         ValueError: compiled model, second application, unsupported family,
-            or budgets that do not match the model (or its sharded heads).
+            budgets that do not match the model (or its sharded heads), or a
+            config that differs from the budgets' in a knob they depend on.
     """
     _check_model(model)
     mods = attention_modules(model)

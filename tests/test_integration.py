@@ -1,5 +1,11 @@
+import dataclasses
+import logging
+import re
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 import tca_flex
@@ -87,6 +93,10 @@ def test_bad_models_and_inputs_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="block_size"):
         tca_flex.apply(tiny_llama, TCAConfig(block_size=64, window=128),
                        budgets=HeadBudgets.uniform(2, 2, 0.5, SPARSE))
+    with pytest.raises(TypeError, match="budgets=.*HeadBudgets.*dict"):
+        tca_flex.apply(tiny_llama, budgets={"probs": [[[1.0]]]})
+    with pytest.raises(TypeError, match="config must be a TCAConfig.*budgets="):
+        tca_flex.apply(tiny_llama, HeadBudgets.uniform(2, 2, 0.5, SPARSE))
     windowed = LlamaForCausalLM(tiny_llama_config())
     windowed.config.model_type = "gpt2"
     with pytest.raises(ValueError, match="does not support model_type"):
@@ -165,3 +175,59 @@ def test_tca_flex_compile_wraps_torch_compile(tiny_llama):
     compiled = tca_flex.compile(tiny_llama, backend="aot_eager")
     assert torch._dynamo.config.recompile_limit >= 64
     torch.testing.assert_close(compiled(x).logits, eager, atol=1e-4, rtol=1e-4)
+
+
+# The budgets' calibration config, and for each TCAConfig field a different valid value.
+CALIBRATED = TCAConfig(block_size=32, window=128, tau=0.8, mass_criterion="lse", mass_quantile=0.2,
+                       guard_floor=0.5)
+OTHER_VALUES = {
+    "block_size": st.sampled_from([16, 64]), "window": st.sampled_from([64, 256]), "tau": st.floats(0.0, 1.0),
+    "alpha": st.floats(0.0, 1.0), "num_candidates": st.integers(1, 64), "sigma": st.floats(0.01, 10.0),
+    "gqa_aggregation": st.just("max"), "num_observation_queries": st.integers(1, 64),
+    "normalize_redundancy": st.just(True), "min_sparse_length": st.integers(0, 10**5),
+    "mass_criterion": st.just("column_mean"), "mass_quantile": st.none() | st.floats(0.0, 1.0),
+    "guard_floor": st.none() | st.floats(0.0, 1.0), "pool_kernel": st.sampled_from([3, 5, 7]),
+    "span": st.integers(1, 8), "spread_observation_queries": st.integers(1, 64), "anchor_blocks": st.integers(1, 99),
+}
+
+
+def test_every_config_field_is_covered():
+    assert set(OTHER_VALUES) | {"version"} == {f.name for f in dataclasses.fields(TCAConfig)}
+
+
+@given(data=st.data())
+def test_apply_refuses_a_config_the_budgets_were_not_calibrated_with(data):
+    name = data.draw(st.sampled_from(sorted(OTHER_VALUES)))
+    value = data.draw(OTHER_VALUES[name].filter(lambda v: v != getattr(CALIBRATED, name)))
+    changes = {name: value, "window": max(128, value)} if name == "block_size" else {name: value}
+    config = CALIBRATED.replace(**changes)
+    budgets = HeadBudgets.uniform(2, 2, float(data.draw(st.floats(0.0, 1.0))), CALIBRATED)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    # Only the dense/sparse threshold and a higher guard leave what calibration measured intact.
+    free = name == "min_sparse_length" or (name == "guard_floor" and value is not None and value >= 0.5)
+    if free:
+        tca_flex.apply(model, config, budgets=budgets)
+        assert tca_flex.integration.applied_budgets(model).config == config
+        assert torch.equal(tca_flex.integration.applied_budgets(model).probs, budgets.probs)
+        tca_flex.remove(model)
+        return
+    named = re.escape(f"{name} (config {value!r}, budgets {getattr(CALIBRATED, name)!r}")
+    with pytest.raises(ValueError, match=named):
+        tca_flex.apply(model, config, budgets=budgets)
+    assert not tca_flex.integration.is_applied(model)
+
+
+def test_with_config_overrides_the_budgets_knobs_with_a_warning(tiny_llama, caplog):
+    budgets = HeadBudgets.uniform(2, 2, 0.3, CALIBRATED)
+    config = CALIBRATED.replace(alpha=0.25, sigma=3.0, min_sparse_length=7)
+    with caplog.at_level(logging.WARNING, logger="tca_flex.budgets"):
+        tca_flex.apply(tiny_llama, budgets=budgets.with_config(config))
+    assert "alpha (config 0.25, budgets 0.5)" in caplog.text and "sigma (config 3.0, budgets 0.5)" in caplog.text
+    assert "min_sparse_length" not in caplog.text  # a run-time knob: nothing to warn about
+    assert tca_flex.integration.applied_budgets(tiny_llama).config == config
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tca_flex.budgets"):
+        assert budgets.with_config(min_sparse_length=9).config.min_sparse_length == 9
+    assert not caplog.text
+    with pytest.raises(ValueError, match="block of 32"):
+        budgets.with_config(block_size=16)
