@@ -107,7 +107,7 @@ class TCAConfig:
         _check_int("anchor_blocks", self.anchor_blocks, 0, 1 << 20)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"TCAConfig.pool_kernel={self.pool_kernel} must be odd (centred on the token)")
-        if self.version != CONFIG_VERSION:
+        if isinstance(self.version, bool) or self.version != CONFIG_VERSION:
             raise ValueError(
                 f"TCAConfig.version={self.version} is not supported by this tca_flex "
                 f"(expects {CONFIG_VERSION}); re-create the config or re-run calibration."
