@@ -231,3 +231,30 @@ def test_with_config_overrides_the_budgets_knobs_with_a_warning(tiny_llama, capl
     assert not caplog.text
     with pytest.raises(ValueError, match="block of 32"):
         budgets.with_config(block_size=16)
+
+
+def test_forward_with_autograd_on_runs_detached_and_says_so(tiny_llama):
+    """TCA is inference-only: outside torch.no_grad() the sparse path still runs, detached, with a warning."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    x, steps = ids(300, seed=seed), ids(3, seed=seed + 1)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+
+    def run(cache):
+        logits = [tiny_llama(x, use_cache=True, **cache_kwargs(tiny_llama, cache)).logits]
+        for i in range(steps.shape[1]):  # pruned-cache decode steps
+            logits.append(tiny_llama(steps[:, i:i + 1], use_cache=True, **cache_kwargs(tiny_llama, cache)).logits)
+        return logits
+
+    with torch.no_grad():
+        want = run(tca_flex.TCACache(tiny_llama))
+    cache = tca_flex.TCACache(tiny_llama)
+    with pytest.warns(UserWarning, match="inference-only.*detached.*torch.no_grad"):
+        got = run(cache)
+    assert not any(t.requires_grad for layer in cache.layers for t in vars(layer).values()
+                   if isinstance(t, torch.Tensor))  # no autograd history kept across steps
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.detach(), w, atol=1e-6, rtol=1e-6)
+    got[0].sum().backward()
+    # Queries reach the output only through TCA attention, which is detached; the MLPs still learn.
+    assert all(layer.self_attn.q_proj.weight.grad is None for layer in tiny_llama.model.layers)
+    assert all(layer.mlp.up_proj.weight.grad.abs().sum() > 0 for layer in tiny_llama.model.layers)
