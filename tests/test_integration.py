@@ -258,3 +258,54 @@ def test_forward_with_autograd_on_runs_detached_and_says_so(tiny_llama):
     # Queries reach the output only through TCA attention, which is detached; the MLPs still learn.
     assert all(layer.self_attn.q_proj.weight.grad is None for layer in tiny_llama.model.layers)
     assert all(layer.mlp.up_proj.weight.grad.abs().sum() > 0 for layer in tiny_llama.model.layers)
+
+
+def registered(name):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return name in ALL_ATTENTION_FUNCTIONS.valid_keys(), name in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys()
+
+
+@pytest.fixture
+def no_other_applied_models(monkeypatch):
+    """Earlier tests' applied models may still be alive (torch.compile caches hold them), and "tca" rightly
+    stays registered while one is: track only this test's models."""
+    import weakref
+
+    monkeypatch.setattr(tca_flex.integration, "_APPLIED", weakref.WeakSet())
+
+
+@torch.no_grad()
+def test_models_sharing_a_config_object_stay_dense_and_remove_unregisters(no_other_applied_models):
+    shared = tiny_llama_config()
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    first, second, third = (LlamaForCausalLM(shared).eval() for _ in range(3))
+    assert first.config is second.config is shared  # what transformers does with one config object
+    x = ids(300, seed=int(torch.randint(0, 2**31 - 1, ())))
+    dense = [m(x).logits for m in (first, second)]
+    tca_flex.apply(first, budgets=HeadBudgets.uniform(2, 2, 0.1, SPARSE))
+    tca_flex.apply(third, budgets=HeadBudgets.uniform(2, 2, 0.1, SPARSE))
+    assert shared._attn_implementation == "sdpa" and first.config is not shared
+    assert torch.equal(second(x).logits, dense[1])  # untouched: its own dense attention
+    later = LlamaForCausalLM(shared).eval()  # built from the shared object after apply
+    later.load_state_dict(second.state_dict())
+    assert torch.equal(later(x).logits, dense[1])
+    assert (first(x).logits - dense[0]).abs().max() > 1e-4  # the sparse path ran
+    tca_flex.remove(first)
+    assert first.config is shared and all(m.config is shared for m in first.modules() if "config" in m.__dict__)
+    assert torch.equal(first(x).logits, dense[0])
+    assert registered("tca") == (True, True)  # the third model still runs TCA
+    third(x)
+    tca_flex.remove(third)
+    assert registered("tca") == (False, False)
+
+
+@torch.no_grad()
+def test_calibration_and_reports_leave_no_names_registered(tiny_llama, no_other_applied_models):
+    tca_flex.calibrate(tiny_llama, ids(128 + 4 * 32, seed=3), SPARSE, progress=False)
+    assert registered("tca_calibration") == (False, False)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    tca_flex.report(tiny_llama, ids(300, seed=4))
+    tca_flex.remove(tiny_llama)
+    assert registered("tca_fidelity") == (False, False) and registered("tca") == (False, False)
