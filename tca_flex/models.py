@@ -83,6 +83,19 @@ def _load_cache(cache: Path, dtype: torch.dtype):
     return model.to(dtype), AutoTokenizer.from_pretrained(cache)
 
 
+def load_smollm2_tokenizer(cache_dir: str | Path | None = None):
+    """The bundled model's tokenizer alone: from the cache, else from the GGUF (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if (cache / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cache)
+    path = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"loading the GGUF needs the gguf package: {INSTALL_HINT}")
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  cache_dir: str | Path | None = None, attn_implementation: str = "sdpa"):
     """Load SmolLM2-135M-Instruct offline.
