@@ -128,15 +128,27 @@ def _object(value: Any, where: str, required: tuple[str, ...], optional: tuple[s
     return value
 
 
-def _fingerprint(value: Any) -> dict[str, Any]:
-    if value == {}:
-        return {}
-    fp = _object(value, "fingerprint", tuple(FINGERPRINT_TYPES))
+def fingerprint_problem(fingerprint: Any) -> str | None:
+    """What is wrong with a fingerprint (``None``: nothing): empty, or every ``FINGERPRINT_TYPES`` field typed."""
+    if fingerprint == {}:
+        return None
+    try:
+        _object(fingerprint, "fingerprint", tuple(FINGERPRINT_TYPES))
+    except _Refused as err:
+        return str(err)
     for name, types in FINGERPRINT_TYPES.items():
-        if isinstance(fp[name], bool) or not isinstance(fp[name], types):
+        value = fingerprint[name]
+        if isinstance(value, bool) or not isinstance(value, types):
             allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise _Refused(f"field fingerprint.{name} must be {allowed}, got {_kind(fp[name])} {fp[name]!r}")
-    return dict(fp)
+            return f"field fingerprint.{name} must be {allowed}, got {_kind(value)} {value!r}"
+    return None
+
+
+def _fingerprint(value: Any) -> dict[str, Any]:
+    problem = fingerprint_problem(value)
+    if problem:
+        raise _Refused(problem)
+    return dict(value)
 
 
 def _config(value: Any) -> TCAConfig:

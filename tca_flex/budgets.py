@@ -97,6 +97,9 @@ class HeadBudgets:
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-6):
             raise ValueError("every HeadBudgets.probs row must sum to 1")
         object.__setattr__(self, "probs", self.probs.to(torch.float64).cpu())
+        problem = budget_file.fingerprint_problem(self.fingerprint)
+        if problem:  # the file could not be read back
+            raise ValueError(f"HeadBudgets: {problem}; use integration.model_fingerprint(model) or {{}}")
         for name in ("retained_mass", "candidate"):
             t = getattr(self, name)
             if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(self.probs.shape[:2])):

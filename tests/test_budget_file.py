@@ -177,5 +177,8 @@ def test_budgets_check_their_own_fields():
         HeadBudgets(probs=[[[1.0] * 9]], config=config)
     with pytest.raises(TypeError, match="config must be a TCAConfig"):
         HeadBudgets(probs=torch.full((1, 1, 9), 1 / 9, dtype=torch.float64), config={"block_size": 8})
+    with pytest.raises(ValueError, match=r"field fingerprint: missing \['architecture'"):
+        HeadBudgets(probs=torch.full((1, 1, 9), 1 / 9, dtype=torch.float64), config=config,
+                    fingerprint={"model_type": "llama"})
     with pytest.raises(ValueError, match=r"retained_mass must be a tensor \[layers, kv_heads\] = \(2, 1\)"):
         HeadBudgets(probs=torch.full((2, 1, 9), 1 / 9, dtype=torch.float64), config=config, retained_mass=torch.ones(2))
