@@ -19,7 +19,6 @@ and KV head, the attention mass dropped and Theorem 1's bound on the change.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import time
 
@@ -70,7 +69,7 @@ def main() -> None:
         budgets = tca_flex.HeadBudgets.uniform(model.config.num_hidden_layers,
                                                model.config.num_key_value_heads, args.keep, config)
         label = f"uniform keep {args.keep}"
-    budgets = dataclasses.replace(budgets, config=budgets.config.replace(span=args.span))
+    budgets = budgets.with_config(span=args.span)  # warns when the budgets were calibrated with another span
     label += f", span {args.span}"
     config = budgets.config
     tca_flex.apply(model, budgets=budgets)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +227,15 @@ def _check_decode_mask(attention_mask: torch.Tensor | None) -> None:
                          "or equal lengths without padding)")
 
 
+def _warn_if_detached(*tensors: torch.Tensor) -> None:
+    # Eager only: the condition is static under torch.compile, and a warning there would break the graph.
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(t.requires_grad for t in tensors):
+        warnings.warn("tca_flex is inference-only: its sparse attention ran under torch.no_grad(), so its output "
+                      "is detached and no gradient flows through TCA layers. Run inference under "
+                      "torch.no_grad() (or torch.inference_mode()) to silence this; call tca_flex.remove(model) "
+                      "before training", UserWarning, stacklevel=3)
+
+
 def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, attention_mask: torch.Tensor | None,
                           dropout: float = 0.0, scaling: float | None = None,
@@ -234,6 +244,12 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     Shapes: query ``[B, H_q, Lq, D]``, key/value ``[B, H_kv, Lk, D]`` (the
     cache already updated); returns ``([B, Lq, H_q, D], None)``.
+
+    TCA is inference-only: the sparse prefill and every ``TCACache`` step run
+    under ``torch.no_grad()`` whatever the caller's grad mode, so a forward
+    outside ``torch.no_grad()`` works (FlexAttention has no CPU backward), but
+    their output is detached: no gradient flows through a TCA layer, and a
+    ``UserWarning`` says so. Dense calls (short prompts) keep autograd.
     """
     layer: TCALayer | None = getattr(module, "_tca_layer", None)
     if layer is None:
@@ -245,14 +261,16 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if cache_layer is not None and cache_layer.prefilled:
         _check_decode_mask(attention_mask)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return cache_layer.decode_step(query, scale).transpose(1, 2).contiguous(), None
+        _warn_if_detached(query, key, value)
+        with torch.no_grad():  # inference-only; detached too: CPU FlexAttention refuses inputs requiring grad
+            return cache_layer.decode_step(query.detach(), scale).transpose(1, 2).contiguous(), None
     q_len, k_len = query.shape[2], key.shape[2]
     sparse = q_len == k_len and k_len > layer.config.dense_up_to
     if not sparse:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                      scaling=scaling, **kwargs)
         if cache_layer is not None:
-            cache_layer.finish_prefill(key, value, None)
+            cache_layer.finish_prefill(key.detach(), value.detach(), None)  # the cache keeps no autograd history
         return out
     _check_inputs(query, key, value)
     if attention_mask is not None:
@@ -265,8 +283,11 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if dropout and module.training:
         raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out_blhd, positions, counts = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale)
-    if cache_layer is not None:
-        # prune now: peak memory never holds every layer in full
-        cache_layer.finish_prefill(key, value, Selection(positions=positions, counts=counts))
+    _warn_if_detached(query, key, value)
+    with torch.no_grad():  # inference-only; detached too: CPU FlexAttention refuses inputs requiring grad
+        query, key, value = query.detach(), key.detach(), value.detach()
+        out_blhd, positions, counts = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale)
+        if cache_layer is not None:
+            # prune now: peak memory never holds every layer in full
+            cache_layer.finish_prefill(key, value, Selection(positions=positions, counts=counts))
     return out_blhd, None

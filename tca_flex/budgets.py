@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,16 +20,35 @@ from typing import Any
 
 import torch
 
+from . import budget_file
+from .budget_file import BUDGETS_FORMAT, BUDGETS_FORMAT_VERSION  # noqa: F401 - the public names
 from .config import TCAConfig
 from .selection import global_region_length
 
-BUDGETS_FORMAT = "tca_flex.head_budgets"
-BUDGETS_FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
 # Fingerprint entries that must match the model (name_or_path may differ:
 # the same weights load from different folders).
 FINGERPRINT_SHAPE_KEYS = ("model_type", "num_layers", "num_kv_heads", "head_dim")
 # Budgets shipped inside the package: name -> file in tca_flex/data.
 SHIPPED_BUDGETS = {"smollm2": "smollm2_budgets.json"}
+# Budgets stay bound to every TCAConfig field but these. Calibration runs the
+# run-time selection itself (every selection knob, calibration/scoring.py) and
+# picks each head's budget with the calibration knobs, so:
+# - block_size, window: what a budget counts (tokens per block outside the window);
+# - alpha, normalize_redundancy, gqa_aggregation, num_observation_queries,
+#   pool_kernel, span, spread_observation_queries, anchor_blocks: which tokens a
+#   budget keeps; the retained mass that chose it was measured with these;
+# - tau, num_candidates, sigma, mass_criterion, mass_quantile: how the budget was
+#   chosen; they do nothing at run time, so a config that differs would claim a
+#   target (say tau 0.5) that the budgets (say tau 0.9) were not made for.
+# Free at run time:
+# - min_sparse_length decides only which prompts run dense, not what a sparse
+#   prefill keeps;
+# - guard_floor may be raised, not lowered: the guard only adds tokens (a higher
+#   floor adds a longer prefix of the same order, selection.guard_keep), so every
+#   head keeps at least the mass it was calibrated for; a lower floor would not.
+RUNTIME_FIELDS = ("min_sparse_length",)
 
 
 @dataclass(frozen=True)
@@ -40,11 +59,14 @@ class HeadBudgets:
         probs: float64 ``[num_layers, num_kv_heads, block_size + 1]``; row
             ``(l, h)`` is ``p(k)``, the probability that a block keeps ``k``
             tokens. Rows sum to 1.
-        config: the TCAConfig the budgets were made for (block size, window).
+        config: the TCAConfig the budgets were calibrated with; they hold for
+            its knobs only (``apply`` refuses a config that differs, see
+            ``config_conflicts``; ``with_config`` overrides with a warning).
         retained_mass: optional float64 ``[num_layers, num_kv_heads]``, the
-            mass each head retained during calibration (NaN where unknown).
+            mass each head retained during calibration (NaN where unknown); a
+            record, never read by attention.
         candidate: optional int64 ``[num_layers, num_kv_heads]``, index of the
-            chosen calibration candidate (-1 for a dense head).
+            chosen calibration candidate (-1 for a dense head); a record too.
         fingerprint: description of the model the budgets belong to
             (``model_type``, ``architecture``, ``num_layers``, ``num_kv_heads``,
             ``head_dim``, ``name_or_path``; see ``integration.model_fingerprint``).
@@ -59,6 +81,10 @@ class HeadBudgets:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.config, TCAConfig):
+            raise TypeError(f"HeadBudgets.config must be a TCAConfig, got {type(self.config).__name__}")
+        if not isinstance(self.probs, torch.Tensor) or not self.probs.is_floating_point():
+            raise TypeError(f"HeadBudgets.probs must be a floating-point tensor, got {type(self.probs).__name__}")
         b = self.config.block_size
         if self.probs.dim() != 3 or self.probs.shape[-1] != b + 1:
             raise ValueError(
@@ -71,6 +97,15 @@ class HeadBudgets:
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-6):
             raise ValueError("every HeadBudgets.probs row must sum to 1")
         object.__setattr__(self, "probs", self.probs.to(torch.float64).cpu())
+        problem = budget_file.fingerprint_problem(self.fingerprint)
+        if problem:  # the file could not be read back
+            raise ValueError(f"HeadBudgets: {problem}; use integration.model_fingerprint(model) or {{}}")
+        for name in ("retained_mass", "candidate"):
+            t = getattr(self, name)
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(self.probs.shape[:2])):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"HeadBudgets.{name} must be a tensor [layers, kv_heads] = "
+                                 f"{tuple(self.probs.shape[:2])} or None, got {got}")
 
     @property
     def num_layers(self) -> int:
@@ -143,6 +178,31 @@ class HeadBudgets:
             blocks = -(-global_region_length(int(tokens), self.config.window) // self.config.block_size)
         return dataclasses.replace(self, config=self.config.replace(anchor_blocks=blocks))
 
+    def with_config(self, config: TCAConfig | None = None, /, **changes: Any) -> HeadBudgets:
+        """These budgets with other knobs than they were calibrated with, on purpose.
+
+        ``apply`` refuses a config that differs from ``self.config`` in a knob
+        the budgets depend on (``config_conflicts``); this is the explicit way
+        to run them anyway. Logs a warning naming every such knob.
+
+        Args:
+            config: the config to run with (default ``self.config``).
+            **changes: TCAConfig fields to change on top, e.g. ``alpha=0.3``.
+
+        Raises:
+            ValueError: a different ``block_size`` (the probabilities count
+                tokens per block: calibrate again instead).
+        """
+        new = (config or self.config).replace(**changes)
+        if new.block_size != self.config.block_size:
+            raise ValueError(f"with_config(block_size={new.block_size}): these budgets count tokens per block of "
+                             f"{self.config.block_size}; calibrate again with the new block size")
+        conflicts = config_conflicts(self.config, new)
+        if conflicts:
+            logger.warning("running budgets with knobs they were not calibrated with: %s; their retained "
+                           "mass (tau=%s) no longer holds", describe_conflicts(conflicts), self.config.tau)
+        return dataclasses.replace(self, config=new)
+
     def cdf(self, layer: int) -> torch.Tensor:
         """float64 ``[num_kv_heads, block_size + 1]``: cumulative ``p`` of ``layer``."""
         return self.probs[layer].cumsum(-1)
@@ -160,61 +220,23 @@ class HeadBudgets:
         """Versioned, human-readable JSON: a header, then one line per (layer, KV head).
 
         Floats are written with ``repr`` precision, so ``from_json`` restores
-        every tensor exactly; unknown retained mass / candidate is ``null``.
+        every tensor exactly; unknown retained mass / candidate is ``null``
+        (layout: ``budget_file``).
         """
-        expected = self.keep_fraction()
-        header = {"format": BUDGETS_FORMAT, "format_version": BUDGETS_FORMAT_VERSION,
-                  "fingerprint": self.fingerprint, "config": self.config.to_dict(), "notes": self.notes,
-                  "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads}
-        lines = [json.dumps(header, indent=2)[:-2] + ",", '  "heads": [']
-        rows = []
-        for layer in range(self.num_layers):
-            for head in range(self.num_kv_heads):
-                mass = None if self.retained_mass is None else float(self.retained_mass[layer, head])
-                cand = None if self.candidate is None else int(self.candidate[layer, head])
-                row = {"layer": layer, "kv_head": head, "candidate": cand,
-                       "expected_kept_fraction": float(expected[layer, head]),
-                       "retained_mass": None if mass is None or math.isnan(mass) else mass,
-                       "probs": self.probs[layer, head].tolist()}
-                rows.append("    " + json.dumps(row, allow_nan=False))
-        lines.append(",\n".join(rows))
-        lines.append("  ]\n}\n")
-        return "\n".join(lines)
+        return budget_file.dumps(self.probs, self.config, self.retained_mass, self.candidate, self.fingerprint,
+                                 self.notes)
 
     @classmethod
     def from_json(cls, text: str, source: str = "budget JSON") -> HeadBudgets:
-        """Inverse of ``to_json``; refuses other formats and versions with a clear message."""
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != BUDGETS_FORMAT:
-            raise ValueError(f"{source} is not a tca_flex budget file (expected format={BUDGETS_FORMAT!r})")
-        version = data.get("format_version")
-        if version != BUDGETS_FORMAT_VERSION:
-            raise ValueError(
-                f"{source} has budget format_version={version!r}, but this tca_flex reads only version "
-                f"{BUDGETS_FORMAT_VERSION}; re-run calibration (python -m tca_flex.calibration ...) "
-                "to make a current file")
-        try:
-            return cls._from_dict(data, source)
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{source} is a malformed budget file ({type(err).__name__}: {err})") from err
+        """Inverse of ``to_json``.
 
-    @classmethod
-    def _from_dict(cls, data: dict[str, Any], source: str) -> HeadBudgets:
-        layers, heads = data["num_layers"], data["num_kv_heads"]
-        rows = data["heads"]
-        if len(rows) != layers * heads or any(
-                (r["layer"], r["kv_head"]) != divmod(i, heads) for i, r in enumerate(rows)):
-            raise ValueError(f"{source}: expected {layers} x {heads} head entries in layer, head order")
-        probs = torch.tensor([r["probs"] for r in rows], dtype=torch.float64).view(layers, heads, -1)
-        masses = [r["retained_mass"] for r in rows]
-        cands = [r["candidate"] for r in rows]
-        mass = None if all(m is None for m in masses) else torch.tensor(
-            [math.nan if m is None else m for m in masses], dtype=torch.float64).view(layers, heads)
-        if any(c is None for c in cands) and not all(c is None for c in cands):
-            raise ValueError(f"{source}: candidate must be given for every head or for none")
-        cand = None if cands[0] is None else torch.tensor(cands, dtype=torch.int64).view(layers, heads)
-        return cls(probs=probs, config=TCAConfig.from_dict(data["config"]), retained_mass=mass,
-                   candidate=cand, fingerprint=dict(data["fingerprint"]), notes=dict(data["notes"]))
+        Raises:
+            ValueError: naming ``source`` and the field, for truncated or
+                corrupt JSON, another format or version, a missing, unknown or
+                mistyped field, wrong lengths, non-finite numbers, or an
+                ``expected_kept_fraction`` that does not match its ``probs``.
+        """
+        return cls(**budget_file.loads(text, source))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``to_json`` to ``path``."""
@@ -222,8 +244,40 @@ class HeadBudgets:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadBudgets:
-        """Read a file written by ``save``."""
-        return cls.from_json(Path(path).read_text(encoding="utf-8"), source=str(path))
+        """Read a file written by ``save``; errors as ``from_json`` (a missing file: ``OSError``)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not a UTF-8 text file ({err.reason} at byte {err.start}): not a "
+                             "budget file") from None
+        return cls.from_json(text, source=str(path))
+
+
+def config_conflicts(calibrated: TCAConfig, config: TCAConfig) -> dict[str, tuple[Any, Any]]:
+    """Knobs in which ``config`` differs from the ``calibrated`` config of budgets.
+
+    Every field but ``RUNTIME_FIELDS`` counts; ``guard_floor`` only when lowered
+    (see ``RUNTIME_FIELDS`` for why).
+
+    Returns:
+        ``{field: (config's value, budgets' value)}``, empty when the budgets hold.
+    """
+    out = {}
+    for f in dataclasses.fields(TCAConfig):
+        new, old = getattr(config, f.name), getattr(calibrated, f.name)
+        if f.name in RUNTIME_FIELDS or new == old:
+            continue
+        if f.name == "guard_floor" and (new or 0.0) >= (old or 0.0):
+            continue
+        out[f.name] = (new, old)
+    return out
+
+
+def describe_conflicts(conflicts: dict[str, tuple[Any, Any]]) -> str:
+    """``"alpha (config 0.3, budgets 0.0), sigma (config 0.5, budgets 2.0)"``."""
+    hints = {"guard_floor": "; it may only be raised", "anchor_blocks": "; budgets.anchored(blocks) sets it"}
+    return ", ".join(f"{name} (config {new!r}, budgets {old!r}{hints.get(name, '')})"
+                     for name, (new, old) in conflicts.items())
 
 
 def describe_fingerprint(fingerprint: dict[str, Any]) -> str:

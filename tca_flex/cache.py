@@ -327,8 +327,9 @@ class TCACacheLayer(CacheLayerMixin):
         bsz, hkv, _, d = key_states.shape
         slot = self.seg_start + (self.next_pos - self.base) % self.ring  # [B, H_kv]
         idx = slot.unsqueeze(-1).expand(bsz, hkv, d)
-        self.k_buf.scatter_(1, idx, key_states[:, :, 0])
-        self.v_buf.scatter_(1, idx, value_states[:, :, 0])
+        # Inference-only (attention.tca_attention_forward): the buffers keep no autograd history.
+        self.k_buf.scatter_(1, idx, key_states[:, :, 0].detach())
+        self.v_buf.scatter_(1, idx, value_states[:, :, 0].detach())
         self.owner.scatter_(1, slot, self._heads.expand(bsz, hkv))
         self.pos.scatter_(1, slot, self.next_pos.to(torch.int32).expand(bsz, hkv))
         self.next_pos += 1

@@ -107,7 +107,7 @@ class TCAConfig:
         _check_int("anchor_blocks", self.anchor_blocks, 0, 1 << 20)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"TCAConfig.pool_kernel={self.pool_kernel} must be odd (centred on the token)")
-        if self.version != CONFIG_VERSION:
+        if isinstance(self.version, bool) or self.version != CONFIG_VERSION:
             raise ValueError(
                 f"TCAConfig.version={self.version} is not supported by this tca_flex "
                 f"(expects {CONFIG_VERSION}); re-create the config or re-run calibration."
@@ -154,11 +154,27 @@ class TCAConfig:
         return cls(**{**knobs, **overrides})
 
 
-def parse_overrides(items: list[str], flag: str = "option") -> dict[str, Any]:
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_overrides(items: list[str], flag: str = "option", reserved: dict[str, str] | None = None
+                    ) -> dict[str, Any]:
     """``["alpha=0", "normalize_redundancy=true", "mass_quantile=none"]`` -> TCAConfig kwargs.
 
     Values take the type of the field's default (optional floats accept
-    ``none``). Command lines use it for ``FIELD=VALUE`` overrides.
+    ``none``; booleans ``true/false``, ``1/0``, ``yes/no``, ``on/off``).
+    Command lines use it for ``FIELD=VALUE`` overrides; ranges are checked
+    when the TCAConfig is built.
+
+    Args:
+        items: ``FIELD=VALUE`` strings.
+        flag: how errors name the option (``"--option"``).
+        reserved: fields that have their own flag (``{"tau": "--tau"}``):
+            refused here, so that the two cannot silently disagree.
+
+    Raises:
+        ValueError: naming ``flag`` and the item: an unknown field, one given
+            twice or reserved, or a value that does not parse as its type.
     """
     fields = {f.name: f for f in dataclasses.fields(TCAConfig)}
     out: dict[str, Any] = {}
@@ -166,16 +182,28 @@ def parse_overrides(items: list[str], flag: str = "option") -> dict[str, Any]:
         name, sep, raw = item.partition("=")
         if not sep or name not in fields:
             raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
-        default = fields[name].default
-        if isinstance(default, bool):
-            out[name] = raw.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)):
-            out[name] = type(default)(raw)
-        elif default is None:  # optional floats (mass_quantile, guard_floor)
-            out[name] = None if raw.lower() == "none" else float(raw)
-        else:
-            out[name] = raw
+        if reserved and name in reserved:
+            raise ValueError(f"{flag} {item!r}: {name} has its own flag, use {reserved[name]}")
+        if name in out:
+            raise ValueError(f"{flag} {item!r}: {name} is given twice")
+        out[name] = _parse_value(name, fields[name].default, raw.strip(), f"{flag} {item!r}")
     return out
+
+
+def _parse_value(name: str, default: Any, raw: str, where: str) -> Any:
+    """``raw`` as the type of the field's ``default``."""
+    low = raw.lower()
+    try:
+        if isinstance(default, bool):
+            if low not in _TRUE + _FALSE:
+                raise ValueError(raw)
+            return low in _TRUE
+        if default is None:  # optional floats (mass_quantile, guard_floor)
+            return None if low == "none" else float(raw)
+        return type(default)(raw)  # int, float, str
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a number or none")
+        raise ValueError(f"{where}: {name} takes {kind}, got {raw!r}") from None
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None, hint: str = "") -> None:

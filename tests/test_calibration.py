@@ -243,7 +243,7 @@ def test_unknown_or_old_versions_are_refused(calibrated, tmp_path, version):
     del data["heads"]
     data["format_version"] = BUDGETS_FORMAT_VERSION
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="malformed.*heads"):
+    with pytest.raises(ValueError, match=r"b.json: field \(top level\): missing \['heads'\]"):
         HeadBudgets.load(path)
 
 
@@ -342,6 +342,44 @@ def test_cli_calibrates_a_local_model_directory(tmp_path, capsys):
     assert budgets.fingerprint["num_layers"] == 2 and budgets.config.mass_criterion == "lse"
     table = capsys.readouterr().out
     assert table.count("\n    0 ") == 1 and "\n  all " in table and "wrote" in table
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--tokens", "-5"], "argument --tokens: must be >= 1, got -5"),
+    (["--tokens", "100"], "argument --tokens: 100 is too few; calibration needs at least 128"),
+    (["--option", "normalize_redundancy=ture"], "--option 'normalize_redundancy=ture': normalize_redundancy "
+                                                "takes true or false, got 'ture'"),
+    (["--option", "alpha=abc"], "--option 'alpha=abc': alpha takes a number, got 'abc'"),
+    (["--option", "alpha=2"], "argument --option: TCAConfig.alpha=2.0 is out of range"),
+    (["--option", "tau=0.5"], "--option 'tau=0.5': tau has its own flag, use --tau"),
+    (["--tau", "1.5"], "argument --tau: must be in [0.0, 1.0], got 1.5"),
+    (["--sigma", "nan"], "argument --sigma: must be >= 0.0, got nan"),
+    (["--quantile", "0.1"], "argument --quantile: applies to --criterion lse only"),
+    (["--window", "8"], "argument --window: TCAConfig.window=8 is out of range"),
+    (["--out", "{tmp}"], "argument --out: {tmp} is a directory"),
+    (["--out", "{tmp}/no/b.json"], "argument --out: the folder {tmp}/no does not exist"),
+    (["--text", "{tmp}/missing.txt"], "argument --text: cannot read {tmp}/missing.txt"),
+    (["--model", "gpt2"], "argument --model: 'gpt2' is neither 'smollm2' nor a local model directory"),
+])
+def test_cli_mistakes_end_in_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, args, error):
+    from tca_flex.calibration import __main__ as cli
+
+    def loaded(model):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", loaded)
+    (tmp_path / "text.txt").write_text("w1 w2 w3")
+    base = ["--model", str(tmp_path), "--text", str(tmp_path / "text.txt"), "--out", str(tmp_path / "b.json"),
+            "--block-size", "16", "--window", "64"]
+    with pytest.raises(AssertionError, match="model loaded"):  # the arguments themselves are fine
+        cli.main(base)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(base + [a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("python -m tca_flex.calibration: error: ")
+    assert error.format(tmp=tmp_path) in err.splitlines()[-1]
+    assert not (tmp_path / "b.json").exists()
 
 
 @pytest.mark.slow

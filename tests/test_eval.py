@@ -511,22 +511,74 @@ def test_workers_run_the_cli_in_processes_and_merge(tmp_path):
     assert (tmp_path / "parts" / "1" / "results.json").is_file()
 
 
-def test_workers_below_one_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        parse_args(["--workers", "0"])
-    assert "--workers must be >= 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse_args(["--samples", "-1"])
-    from tca_flex.eval.cli import main
-
-    with pytest.raises(ValueError, match="nothing to run"):
-        main(["--samples", "0", "--ppl-samples", "0", "--workers", "2", "--model", "unused"])
-
-
 def test_failed_workers_are_reported_with_their_log(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     from tca_flex.eval.cli import main
 
+    # A folder with a tokenizer (the lengths check passes) but no weights (every worker fails).
+    tok = Tokenizer(models.WordLevel({"w": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "no-weights")
     with pytest.raises(RuntimeError, match=r"workers failed(.|\n)*log\.txt"):
-        main(["--model", str(tmp_path / "no-such-model"), "--lengths", "256", "--tasks", "passkey", "--methods",
+        main(["--model", str(tmp_path / "no-weights"), "--lengths", "256", "--tasks", "passkey", "--methods",
               "dense", "--keep", "--samples", "2", "--ppl-samples", "0", "--workers", "2", "--no-progress",
               "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--lengths", "2048", "10"], "argument --lengths: [10] too short: the shortest passkey prompt plus its answer "
+                                  "takes {need} tokens"),
+    (["--lengths", "-5"], "argument --lengths: must be >= 1, got -5"),
+    (["--workers", "0"], "argument --workers: must be >= 1, got 0"),
+    (["--samples", "-1"], "argument --samples: must be >= 0, got -1"),
+    (["--samples", "0", "--ppl-samples", "0"], "nothing to run: --samples and --ppl-samples are both 0"),
+    (["--keep", "0.1", "1.5"], "argument --keep: must be in [0.0, 1.0], got 1.5"),
+    (["--tca-option", "alpha=abc"], "--tca-option 'alpha=abc': alpha takes a number, got 'abc'"),
+    (["--tca-option", "normalize_redundancy=ture"], "normalize_redundancy takes true or false, got 'ture'"),
+    (["--tca-option", "window=64"], "--tca-option 'window=64': window has its own flag, use --window"),
+    (["--window", "16", "--block", "32"], "argument --window: TCAConfig.window=16 is out of range"),
+    (["--device", "bogus"], "argument --device: "),
+    (["--out", "{tmp}/file"], "argument --out: {tmp}/file exists and is not a folder"),
+    (["--out", "{tmp}/file/sub"], "argument --out: {tmp}/file is a file, so {tmp}/file/sub cannot be created"),
+    (["--budgets", "{tmp}/missing.json"], "argument --budgets: "),
+    (["--budgets", "{tmp}/file"], "argument --budgets: {tmp}/file is not valid JSON"),
+    (["--model", "{tmp}/no-such-model"], "argument --model: {tmp}/no-such-model is not a folder"),
+    (["--merge", "{tmp}"], "argument --merge: no results.json in {tmp}"),
+])
+def test_cli_mistakes_end_in_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, args, error):
+    from tca_flex.eval import cli
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_model", loaded)
+    monkeypatch.setattr(cli, "load_tokenizer", lambda path: TOK)
+    (tmp_path / "file").write_text("{")
+    base = ["--lengths", "2048", "--tasks", "passkey", "--samples", "2", "--ppl-samples", "0", "--out",
+            str(tmp_path / "out"), "--seed", str(fresh_seed())]
+    with pytest.raises(AssertionError, match="model loaded"):  # the arguments themselves are fine
+        cli.main(base)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(base + [a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("python -m tca_flex.eval: error: ")
+    seed = int(base[-1])
+    need = max(tasks.count_tokens(TOK, s.prompt) + s.max_new_tokens
+               for s in (tasks.passkey(TOK, 1, seed + i) for i in range(2)))
+    assert error.format(tmp=tmp_path, need=need) in err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@given(task=st.sampled_from(sorted(tasks.TASKS)), seed=st.integers(0, 10**6), asked=st.integers(1, 4000))
+def test_no_task_makes_a_context_shorter_than_the_refused_lengths(task, seed, asked):
+    """Lengths below ``shortest_context`` are refused because no prompt of the task (plus answer) is that short."""
+    need, which = runner.shortest_context(TOK, [task], [seed])
+    sample = tasks.TASKS[task](TOK, asked, seed)
+    assert which == task and tasks.count_tokens(TOK, sample.prompt) + sample.max_new_tokens >= need
+    # Over several tasks and seeds: the longest of the minima.
+    other = sorted(tasks.TASKS)[seed % len(tasks.TASKS)]
+    both = runner.shortest_context(TOK, [task, other], [seed, seed + 1])
+    assert both == max(runner.shortest_context(TOK, [t], [s]) for t in (task, other) for s in (seed, seed + 1))

@@ -1,5 +1,11 @@
+import dataclasses
+import logging
+import re
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 import tca_flex
@@ -91,6 +97,10 @@ def test_bad_models_and_inputs_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="block_size"):
         tca_flex.apply(tiny_llama, TCAConfig(block_size=64, window=128),
                        budgets=HeadBudgets.uniform(2, 2, 0.5, SPARSE))
+    with pytest.raises(TypeError, match="budgets=.*HeadBudgets.*dict"):
+        tca_flex.apply(tiny_llama, budgets={"probs": [[[1.0]]]})
+    with pytest.raises(TypeError, match="config must be a TCAConfig.*budgets="):
+        tca_flex.apply(tiny_llama, HeadBudgets.uniform(2, 2, 0.5, SPARSE))
     windowed = LlamaForCausalLM(tiny_llama_config())
     windowed.config.model_type = "gpt2"
     with pytest.raises(ValueError, match="does not support model_type"):
@@ -169,3 +179,137 @@ def test_tca_flex_compile_wraps_torch_compile(tiny_llama):
     compiled = tca_flex.compile(tiny_llama, backend="aot_eager")
     assert torch._dynamo.config.recompile_limit >= 64
     torch.testing.assert_close(compiled(x).logits, eager, atol=1e-4, rtol=1e-4)
+
+
+# The budgets' calibration config, and for each TCAConfig field a different valid value.
+CALIBRATED = TCAConfig(block_size=32, window=128, tau=0.8, mass_criterion="lse", mass_quantile=0.2,
+                       guard_floor=0.5)
+OTHER_VALUES = {
+    "block_size": st.sampled_from([16, 64]), "window": st.sampled_from([64, 256]), "tau": st.floats(0.0, 1.0),
+    "alpha": st.floats(0.0, 1.0), "num_candidates": st.integers(1, 64), "sigma": st.floats(0.01, 10.0),
+    "gqa_aggregation": st.just("max"), "num_observation_queries": st.integers(1, 64),
+    "normalize_redundancy": st.just(True), "min_sparse_length": st.integers(0, 10**5),
+    "mass_criterion": st.just("column_mean"), "mass_quantile": st.none() | st.floats(0.0, 1.0),
+    "guard_floor": st.none() | st.floats(0.0, 1.0), "pool_kernel": st.sampled_from([3, 5, 7]),
+    "span": st.integers(1, 8), "spread_observation_queries": st.integers(1, 64), "anchor_blocks": st.integers(1, 99),
+}
+
+
+def test_every_config_field_is_covered():
+    assert set(OTHER_VALUES) | {"version"} == {f.name for f in dataclasses.fields(TCAConfig)}
+
+
+@given(data=st.data())
+def test_apply_refuses_a_config_the_budgets_were_not_calibrated_with(data):
+    name = data.draw(st.sampled_from(sorted(OTHER_VALUES)))
+    value = data.draw(OTHER_VALUES[name].filter(lambda v: v != getattr(CALIBRATED, name)))
+    changes = {name: value, "window": max(128, value)} if name == "block_size" else {name: value}
+    config = CALIBRATED.replace(**changes)
+    budgets = HeadBudgets.uniform(2, 2, float(data.draw(st.floats(0.0, 1.0))), CALIBRATED)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    # Only the dense/sparse threshold and a higher guard leave what calibration measured intact.
+    free = name == "min_sparse_length" or (name == "guard_floor" and value is not None and value >= 0.5)
+    if free:
+        tca_flex.apply(model, config, budgets=budgets)
+        assert tca_flex.integration.applied_budgets(model).config == config
+        assert torch.equal(tca_flex.integration.applied_budgets(model).probs, budgets.probs)
+        tca_flex.remove(model)
+        return
+    named = re.escape(f"{name} (config {value!r}, budgets {getattr(CALIBRATED, name)!r}")
+    with pytest.raises(ValueError, match=named):
+        tca_flex.apply(model, config, budgets=budgets)
+    assert not tca_flex.integration.is_applied(model)
+
+
+def test_with_config_overrides_the_budgets_knobs_with_a_warning(tiny_llama, caplog):
+    budgets = HeadBudgets.uniform(2, 2, 0.3, CALIBRATED)
+    config = CALIBRATED.replace(alpha=0.25, sigma=3.0, min_sparse_length=7)
+    with caplog.at_level(logging.WARNING, logger="tca_flex.budgets"):
+        tca_flex.apply(tiny_llama, budgets=budgets.with_config(config))
+    assert "alpha (config 0.25, budgets 0.5)" in caplog.text and "sigma (config 3.0, budgets 0.5)" in caplog.text
+    assert "min_sparse_length" not in caplog.text  # a run-time knob: nothing to warn about
+    assert tca_flex.integration.applied_budgets(tiny_llama).config == config
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tca_flex.budgets"):
+        assert budgets.with_config(min_sparse_length=9).config.min_sparse_length == 9
+    assert not caplog.text
+    with pytest.raises(ValueError, match="block of 32"):
+        budgets.with_config(block_size=16)
+
+
+def test_forward_with_autograd_on_runs_detached_and_says_so(tiny_llama):
+    """TCA is inference-only: outside torch.no_grad() the sparse path still runs, detached, with a warning."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    x, steps = ids(300, seed=seed), ids(3, seed=seed + 1)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+
+    def run(cache):
+        logits = [tiny_llama(x, use_cache=True, **cache_kwargs(tiny_llama, cache)).logits]
+        for i in range(steps.shape[1]):  # pruned-cache decode steps
+            logits.append(tiny_llama(steps[:, i:i + 1], use_cache=True, **cache_kwargs(tiny_llama, cache)).logits)
+        return logits
+
+    with torch.no_grad():
+        want = run(tca_flex.TCACache(tiny_llama))
+    cache = tca_flex.TCACache(tiny_llama)
+    with pytest.warns(UserWarning, match="inference-only.*detached.*torch.no_grad"):
+        got = run(cache)
+    assert not any(t.requires_grad for layer in cache.layers for t in vars(layer).values()
+                   if isinstance(t, torch.Tensor))  # no autograd history kept across steps
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.detach(), w, atol=1e-6, rtol=1e-6)
+    got[0].sum().backward()
+    # Queries reach the output only through TCA attention, which is detached; the MLPs still learn.
+    assert all(layer.self_attn.q_proj.weight.grad is None for layer in tiny_llama.model.layers)
+    assert all(layer.mlp.up_proj.weight.grad.abs().sum() > 0 for layer in tiny_llama.model.layers)
+
+
+def registered(name):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return name in ALL_ATTENTION_FUNCTIONS.valid_keys(), name in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys()
+
+
+@pytest.fixture
+def no_other_applied_models(monkeypatch):
+    """Earlier tests' applied models may still be alive (torch.compile caches hold them), and "tca" rightly
+    stays registered while one is: track only this test's models."""
+    import weakref
+
+    monkeypatch.setattr(tca_flex.integration, "_APPLIED", weakref.WeakSet())
+
+
+@torch.no_grad()
+def test_models_sharing_a_config_object_stay_dense_and_remove_unregisters(no_other_applied_models):
+    shared = tiny_llama_config()
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    first, second, third = (LlamaForCausalLM(shared).eval() for _ in range(3))
+    assert first.config is second.config is shared  # what transformers does with one config object
+    x = ids(300, seed=int(torch.randint(0, 2**31 - 1, ())))
+    dense = [m(x).logits for m in (first, second)]
+    tca_flex.apply(first, budgets=HeadBudgets.uniform(2, 2, 0.1, SPARSE))
+    tca_flex.apply(third, budgets=HeadBudgets.uniform(2, 2, 0.1, SPARSE))
+    assert shared._attn_implementation == "sdpa" and first.config is not shared
+    assert torch.equal(second(x).logits, dense[1])  # untouched: its own dense attention
+    later = LlamaForCausalLM(shared).eval()  # built from the shared object after apply
+    later.load_state_dict(second.state_dict())
+    assert torch.equal(later(x).logits, dense[1])
+    assert (first(x).logits - dense[0]).abs().max() > 1e-4  # the sparse path ran
+    tca_flex.remove(first)
+    assert first.config is shared and all(m.config is shared for m in first.modules() if "config" in m.__dict__)
+    assert torch.equal(first(x).logits, dense[0])
+    assert registered("tca") == (True, True)  # the third model still runs TCA
+    third(x)
+    tca_flex.remove(third)
+    assert registered("tca") == (False, False)
+
+
+@torch.no_grad()
+def test_calibration_and_reports_leave_no_names_registered(tiny_llama, no_other_applied_models):
+    tca_flex.calibrate(tiny_llama, ids(128 + 4 * 32, seed=3), SPARSE, progress=False)
+    assert registered("tca_calibration") == (False, False)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    tca_flex.report(tiny_llama, ids(300, seed=4))
+    tca_flex.remove(tiny_llama)
+    assert registered("tca_fidelity") == (False, False) and registered("tca") == (False, False)

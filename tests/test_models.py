@@ -64,3 +64,41 @@ def test_cache_kwargs_pass_the_cache_under_the_name_the_model_takes(tiny_llama):
         out = tiny_llama(ids, use_cache=True, **cache_kwargs(tiny_llama, cache))
     assert not [w for w in caught if "past_key_values" in str(w.message)]
     assert output_cache(out) is cache and cache.get_seq_length() == ids.shape[1]
+
+
+def test_the_first_load_says_where_it_writes_the_cache_and_how_big(tmp_path, monkeypatch, caplog):
+    """The cached copy is announced once (folder, size, how to move it), then read back silently."""
+    import logging
+    import re
+
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tca_flex import models
+
+    from .conftest import tiny_llama_config
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval()
+    words = Tokenizer(tok_models.WordLevel({"w": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "_load_from_gguf", lambda path: (model, tok))
+    monkeypatch.setenv("TCA_FLEX_CACHE", str(tmp_path / "relocated"))
+    cache = tmp_path / "relocated" / "smollm2-135m-instruct"
+    assert models.default_cache_dir() == cache
+    with caplog.at_level(logging.WARNING, logger="tca_flex.models"):
+        models.load_smollm2()
+    size_mb = (cache / "model.safetensors").stat().st_size / 1e6
+    (record,) = caplog.records
+    assert str(cache) in record.message and "TCA_FLEX_CACHE" in record.message and "docs/models.md" in record.message
+    assert abs(float(re.search(r"a (\d+) MB float32 copy", record.message).group(1)) - size_mb) <= 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tca_flex.models"):
+        again, _ = models.load_smollm2()
+    assert not caplog.records
+    x = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)

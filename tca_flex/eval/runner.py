@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from ..hfcompat import cache_kwargs, output_cache
 from .methods import Method, Prepared
 from .perplexity import bucket_nll, bucket_sizes, natural_text, perplexity, text_window
-from .tasks import TASKS, Sample, score, score_fraction
+from .tasks import TASKS, Sample, count_tokens, score, score_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,22 @@ class SuiteConfig:
 def prompt_budget(length: int, max_new_tokens: int) -> int:
     """Prompt tokens to ask a generator for so that prompt + answer fit ``length``."""
     return max(16, length - length // 32 - max_new_tokens)
+
+
+def shortest_context(tokenizer, tasks: Iterable[str], seeds: Iterable[int]) -> tuple[int, str]:
+    """``(tokens, task)``: the shortest context every sample fits, and the task that needs it.
+
+    A generator asked for fewer tokens still writes its header, needles,
+    question and one filler; that prompt plus ``max_new_tokens`` is the least
+    a length can mean. Shorter lengths would run longer prompts under their name.
+    """
+    need = (0, "")
+    seeds = list(seeds)
+    for name in tasks:
+        for seed in seeds:
+            sample = TASKS[name](tokenizer, 1, seed)
+            need = max(need, (count_tokens(tokenizer, sample.prompt) + sample.max_new_tokens, name))
+    return need
 
 
 def make_samples(tokenizer, cfg: SuiteConfig, length: int) -> list[Sample]:
@@ -211,6 +228,14 @@ def run_perplexity(model, tokenizer, method: Method, prepared: Prepared, token_i
 def run_suite(model, tokenizer, methods: list[Method], cfg: SuiteConfig) -> list[dict[str, Any]]:
     """Every method on every length; returns all records (see ``report.py``)."""
     text_ids = tokenizer(natural_text(cfg.ppl_source)).input_ids if cfg.ppl_samples else []
+    if cfg.ppl_samples and len(text_ids) < max(cfg.lengths) + 1:  # before any method runs
+        raise ValueError(f"the {cfg.ppl_source} text has {len(text_ids)} tokens; a perplexity window of "
+                         f"{max(cfg.lengths)} needs {max(cfg.lengths) + 1}")
+    if cfg.samples:
+        need, task = shortest_context(tokenizer, cfg.tasks, range(cfg.seed, cfg.seed + cfg.samples))
+        for length in (n for n in cfg.lengths if n < need):
+            logger.warning("length %d is shorter than the shortest %s prompt plus its answer (%d tokens): its "
+                           "prompts will be longer than %d", length, task, need, length)
     records: list[dict[str, Any]] = []
     for length in cfg.lengths:
         samples = make_samples(tokenizer, cfg, length)
