@@ -35,11 +35,16 @@ def tca_mask_mod(positions: torch.Tensor, capacity: int, window: int, group: int
         group: query heads per KV head (``h`` in a mask_mod is a query head).
     """
 
+    # Under a length-generic compile the capacity is a symbolic size. FlexAttention's CUDA
+    # lowering (torch 2.11) cannot take a symbolic size as a mask buffer, so there it travels
+    # as a tensor; the CPU lowering takes the size but no extra scalar tensor.
+    cap = torch.full((), capacity, dtype=torch.int64, device=positions.device) if positions.is_cuda else capacity
+
     def tca_prefill_mask(b, h, q_idx, kv_idx):
-        in_packed = kv_idx < capacity
-        pos = positions[b, h // group, torch.clamp(kv_idx, max=capacity - 1)]
+        in_packed = kv_idx < cap
+        pos = positions[b, h // group, torch.clamp(kv_idx, max=cap - 1)]
         packed_ok = pos <= q_idx - window
-        j = kv_idx - capacity
+        j = kv_idx - cap
         local_ok = (j <= q_idx) & (j > q_idx - window)
         return torch.where(in_packed, packed_ok, local_ok)
 

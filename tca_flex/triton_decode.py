@@ -14,7 +14,9 @@ segment to (max, sum, un-normalised output); ``_combine_kernel`` merges the
 splits of a (row, query head) and writes the output and the log-sum-exp that
 compression needs. Splits are sized from the layout's segment lengths
 (Python ints), so the grid is fixed between layout growths and the launch
-can be captured in a CUDA graph.
+can be captured in a CUDA graph. The split size and count are runtime
+arguments, not compile-time constants: every request has its own layout, and
+a constant would JIT-compile the kernels again for each (docs/serving.md).
 
 This module holds the kernels and a plain launcher only; ``decode.py``
 registers the op. Without a GPU the tests run the same kernels on CPU
@@ -41,7 +43,7 @@ COMBINE_CHUNK = 32
 def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, o_ptr, m_ptr, l_ptr,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
                   scale, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                  SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+                  SPLIT, NUM_SPLITS, BLOCK: tl.constexpr, IEEE: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -94,7 +96,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, o_ptr, 
 
 @triton.jit
 def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_outh,
-                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS,
                     CHUNK: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
