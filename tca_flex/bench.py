@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import platform
 import statistics
@@ -271,7 +272,7 @@ def compare_compressions(layer, q: torch.Tensor, lse: torch.Tensor, scale: float
 
 
 def decode_rows(length: int, shape: dict[str, int], targets: list[float], device, dtype,
-                window: int, compile_step: bool = False) -> list[dict]:
+                window: int, backends: tuple[str, ...] = ("triton", "flex"), compile_step: bool = False) -> list[dict]:
     """Per-layer decode: SDPA over the full cache, SDPA over a compact cache of the same
     kept size (the ideal), and TCA's head-packed cache with each decode kernel; the block
     compression alone (``compression_rows``); and the whole TCA step (append + attention +
@@ -296,7 +297,7 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
 
     rows = [sdpa_row("sdpa_full", length)]
     config = TCAConfig(block_size=128 if length > 4 * 128 else 32, window=min(window, length // 2))
-    backends = ["triton", "flex"] if device.type == "cuda" and triton_supported(q) else ["auto"]
+    backends = list(backends) if device.type == "cuda" and triton_supported(q) else ["auto"]
     for target in targets:
         # Room for every replay below (graph_timed replays ~250 steps per row; replays cannot grow).
         layer = build_cache_layer(length, hq, hkv, d, head_fractions(target, length, config.window, hkv),
@@ -544,9 +545,11 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
         def forward(fn=model, x=ids):
             return fn(x, logits_to_keep=1)
 
-        add("ttft", length, "dense_sdpa", timed(forward, device, warmup=1, reps=ttft_reps))
+        # Each method's first prefill fills the cache its TPOT rows decode over and warms TTFT up
+        # (compiles, cuDNN plans), so TTFT takes ``ttft_reps`` more prefills only.
         dynamic = DynamicCache(config=cfg)
         model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dynamic))
+        add("ttft", length, "dense_sdpa", timed(forward, device, warmup=0, reps=ttft_reps))
         dense = one_step_dense(dynamic)
         dense_bytes = 2 * num_layers * hkv * (length + 1) * d * elem
         add("tpot", length, "dense_tpot", cache="preallocated, maskless SDPA", kv_bytes=dense_bytes,
@@ -558,10 +561,10 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
         free()
         for label, keep in budgets:
             apply(model, budgets=HeadBudgets.uniform(num_layers, hkv, keep, config))
-            add("ttft", length, label, timed(forward, device, warmup=1, reps=ttft_reps))
             # Room for every variant's warm-up and replays (a replay cannot grow the cache).
             cache = TCACache(model, reserve_tokens=len(TPOT_VARIANTS) * (steps + 8))
             model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+            add("ttft", length, label, timed(forward, device, warmup=0, reps=ttft_reps))
             report = cache.memory_report().total
             for variant, (kernel, two_graphs) in TPOT_VARIANTS.items():
                 cache.set_compression(kernel)
@@ -642,6 +645,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ttft-reps", type=int, default=3, help="timed prefills per e2e TTFT row")
     parser.add_argument("--tpot-steps", type=int, default=None,
                         help="decode steps per e2e TPOT row (default: one block, i.e. one compression)")
+    parser.add_argument("--decode-backends", nargs="+", choices=["triton", "flex"], default=["triton", "flex"],
+                        help="decode kernels timed per layer on CUDA (flex compiles for tens of seconds)")
+    parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the torch.compile'd decode step at the longest length")
     parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e"],
                         default=["prefill", "decode", "e2e"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -656,19 +663,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kernel_options = {} if args.no_tma else None
     budgets = [("tca_25%+w", 0.25), ("tca_10%+w", 0.10)]
     rows: list[dict[str, Any]] = []
-    for length in lengths:
-        if "prefill" in args.phases:
-            rows += prefill_rows(length, shape, budgets, window, device, dtype, kernel_options)
-        if "decode" in args.phases:
-            rows += decode_rows(length, shape, [0.39, 0.15], device, dtype, window,
-                                compile_step=length == lengths[-1])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if args.e2e_layers and "e2e" in args.phases:
-        e2e_lengths = [n for n in lengths if n >= 32768] or lengths[-1:]
-        rows += e2e_rows(e2e_lengths, args.e2e_layers, budgets, window, device, dtype, args.smoke,
-                         args.compile_model, static_baseline=args.e2e_static, ttft_reps=args.ttft_reps,
-                         tpot_steps=args.tpot_steps)
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__,
@@ -676,12 +670,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "triton_decode": triton_decode_settings(),
         "rows": rows,
     }
-    print_table(rows)
+    e2e = bool(args.e2e_layers) and "e2e" in args.phases
+    suffix = ("-notma" if args.no_tma else "") + ("" if len(args.phases) == 3 else "-" + "-".join(args.phases))
+    suffix += f"-{args.e2e_layers}layers" if e2e and args.e2e_layers != 2 else ""
+    path = args.out / f"{result['device']}-{result['date'][:10]}{suffix}.json"
+
+    def measured(new: list[dict[str, Any]]) -> None:  # printed and saved per length: a run cut short keeps them
+        rows.extend(new)
+        print_table(new)
+        if not args.smoke:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1))
+
+    for length in lengths:
+        if "prefill" in args.phases:
+            measured(prefill_rows(length, shape, budgets, window, device, dtype, kernel_options))
+        if "decode" in args.phases:
+            measured(decode_rows(length, shape, [0.39, 0.15], device, dtype, window, tuple(args.decode_backends),
+                                 compile_step=args.compile_step and length == lengths[-1]))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if e2e:
+        for length in [n for n in lengths if n >= 32768] or lengths[-1:]:
+            # One model per length, freed in between (16 GB of weights at full depth, and the caches).
+            measured(e2e_rows([length], args.e2e_layers, budgets, window, device, dtype, args.smoke,
+                              args.compile_model, static_baseline=args.e2e_static, ttft_reps=args.ttft_reps,
+                              tpot_steps=args.tpot_steps))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
-        suffix = ("-notma" if args.no_tma else "") + ("" if len(args.phases) == 3 else "-" + "-".join(args.phases))
-        path = args.out / f"{result['device']}-{result['date'][:10]}{suffix}.json"
-        path.write_text(json.dumps(result, indent=1))
         print(f"\nwrote {path}")
     return result
 
