@@ -408,9 +408,14 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
     else:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # eager warm-up (advances host and device alike)
+        with torch.cuda.stream(stream):
+            # Eager warm-up with the compression kept (safe on every step: it decides on the device), so
+            # its kernels are compiled and loaded before a capture, which must not load modules.
             for _ in range(3):
-                step()
+                with captured(True):
+                    step()
+                if tca:
+                    cache.replayed()
         torch.cuda.current_stream().wait_stream(stream)
         graphs, pool = {}, None
         for compress in ((False, True) if two_graphs else (None,)):
