@@ -4,7 +4,8 @@ Builds one ``TCACacheLayer`` from a synthetic prefill (random K/V, the real TCA
 selection, heads keeping different fractions), then times, per decode step:
 
 - ``tca_attn``: ``decode.decode_attention`` over the head-packed kept set;
-- ``tca_step``: the whole step (append + attention + branch-free compression);
+- ``tca_step``: the whole step (append + attention + compression: the fused Triton kernel on CUDA,
+  branch-free tensor ops elsewhere);
 - ``sdpa_full``: SDPA over the dense cache of the same logical length;
 - ``sdpa_compact``: SDPA over a rectangular cache holding the mean kept length
   per head (the ideal a packed layout should approach).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import platform
 import statistics
@@ -212,13 +213,83 @@ def head_fractions(target: float, length: int, window: int, hkv: int) -> list[fl
     return [min(1.0, glob * f / mean) for f in spread]
 
 
-def decode_rows(length: int, shape: dict[str, int], targets: list[float], device, dtype,
-                window: int, compile_step: bool = False) -> list[dict]:
-    """Per-layer decode: SDPA over the full cache, SDPA over a compact cache of the same
-    kept size (the ideal), and TCA's head-packed cache with each decode kernel, plus the
-    whole TCA step (append + attention + compression) replayed from a CUDA graph, eager and
-    (``compile_step``, CUDA only: each compile takes tens of seconds) compiled."""
+def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, device, length: int,
+                     tag: str) -> list[dict]:
+    """Per-layer block compression alone, replayed from a CUDA graph (us): the Triton kernel on a step
+    where a block leaves and on one where none does (it exits at once), and the tensor form (branch-free:
+    the same work on every step). The kernel's result is checked against the tensor form's first.
+
+    Runs eager steps on ``layer`` until a block leaves (host counters stay exact: call it before any
+    graph replay of ``layer``)."""
     from .decode import decode_attention, triton_supported
+
+    while not layer._block_leaves_at(layer._seen):
+        layer.update(new, new)
+        layer.decode_step(q, scale)
+    layer.update(new, new)  # this step's append makes a whole block leave the window
+    _, lse = decode_attention(q, layer.k_buf, layer.v_buf, layer.owner, group=q.shape[1] // layer.num_heads,
+                              scale=scale, backend=layer.backend, segments=layer.segments)
+    saved = {name: getattr(layer, name).clone() for name in ("owner", "var_len", "ncs")}
+
+    def restore():  # back to "a block leaves now": every replay compresses the same block again
+        for name, value in saved.items():
+            getattr(layer, name).copy_(value)
+
+    def leaving(kernel: str) -> float:
+        layer.compression = kernel
+        return graph_timed(lambda: (restore(), layer._compress(q, lse, scale)), device) - graph_timed(restore, device)
+
+    def row(method: str, us: float, **extra: Any) -> dict:
+        return {"phase": "decode", "length": length, "method": f"{method}@{tag}", "us": us, **extra}
+
+    rows = [row("compress_math", leaving("math"))]
+    if triton_supported(q):
+        method = "compress_fused_leaving"
+        try:  # recorded, not fatal: the other rows still stand
+            restore()
+            check = compare_compressions(layer, q, lse, scale)
+            rows.append(row(method, leaving("triton"), **check))
+            method = "compress_fused_idle"
+            restore()
+            layer._compress(q, lse, scale)
+            layer.update(new, new)  # a step where no block leaves
+            rows.append(row(method, graph_timed(lambda: layer._compress(q, lse, scale), device)))
+        except Exception as err:
+            rows.append(row(method, float("nan"), error=repr(err)[-1500:]))
+    layer.compression = "auto"
+    return rows
+
+
+def compare_compressions(layer, q: torch.Tensor, lse: torch.Tensor, scale: float) -> dict[str, int]:
+    """Compress copies of ``layer`` with the Triton kernel and with the tensor form; the number of
+    (row, KV head) pairs whose kept set differs (a float tie at a block's cut may flip one; more
+    is a bug: raises)."""
+    import copy
+
+    fused, ref = copy.deepcopy(layer), copy.deepcopy(layer)
+    fused.compression, ref.compression = "triton", "math"
+    fused._compress(q, lse, scale)
+    ref._compress(q, lse, scale)
+    if torch.equal(ref.owner, layer.owner):
+        raise AssertionError("compare_compressions needs a step where a block leaves")
+    differ = sum(not torch.equal(fused.kept_positions(b, h), ref.kept_positions(b, h))
+                 for b in range(layer.batch_size) for h in range(layer.num_heads))
+    if differ > 1 or not torch.equal(fused.var_len, ref.var_len) or not torch.equal(fused.ncs, ref.ncs):
+        raise AssertionError(f"fused compression differs from the tensor form: {differ} heads' kept sets, "
+                             f"var_len {fused.var_len.tolist()} vs {ref.var_len.tolist()}")
+    return {"heads_differing_from_math": differ}
+
+
+def decode_rows(length: int, shape: dict[str, int], targets: list[float], device, dtype,
+                window: int, backends: tuple[str, ...] = ("triton", "flex"), compile_step: bool = False) -> list[dict]:
+    """Per-layer decode: SDPA over the full cache, SDPA over a compact cache of the same
+    kept size (the ideal), and TCA's head-packed cache with each decode kernel; the block
+    compression alone (``compression_rows``); and the whole TCA step (append + attention +
+    compression) replayed from a CUDA graph with the fused compression kernel (``tca_step``),
+    the tensor form (``tca_step_math``) and none (``tca_step_skip``: the graph a two-graph decode
+    replays on the steps where no block leaves), eager and (``compile_step``, CUDA only: each
+    compile takes tens of seconds) compiled."""
+    from .decode import LiveRanges, decode_attention, triton_supported
 
     hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
     gen = torch.Generator(device=device).manual_seed(length + 1)
@@ -235,30 +306,43 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
 
     rows = [sdpa_row("sdpa_full", length)]
     config = TCAConfig(block_size=128 if length > 4 * 128 else 32, window=min(window, length // 2))
-    backends = ["triton", "flex"] if triton_supported(q) else ["auto"]
+    backends = list(backends) if device.type == "cuda" and triton_supported(q) else ["auto"]
     for target in targets:
+        # Room for every replay below (graph_timed replays ~250 steps per row; replays cannot grow).
         layer = build_cache_layer(length, hq, hkv, d, head_fractions(target, length, config.window, hkv),
-                                  config, dtype, device, reserve_tokens=512)
+                                  config, dtype, device, reserve_tokens=8 * config.block_size + 2048)
         mem = layer.memory()
         tag = f"{round(100 * target)}%"  # by target, so a method's rows line up across lengths
         rows.append({**sdpa_row(f"sdpa_compact@{tag}", mem.kept_tokens // hkv), "kept_fraction": mem.kept_fraction})
         for backend in backends:
-            us = graph_timed(lambda b=backend, c=layer: decode_attention(q, c.k_buf, c.v_buf, c.owner,
-                                                                         group=hq // hkv, scale=scale, backend=b,
-                                                                         segments=c.segments), device)
+            us = graph_timed(lambda b=backend, c=layer: decode_attention(
+                q, c.k_buf, c.v_buf, c.owner, group=hq // hkv, scale=scale, backend=b, segments=c.segments,
+                live=LiveRanges(c.var_len, c.next_pos, c.base, c.ring)), device)
             rows.append({"phase": "decode", "length": length, "method": f"tca_{backend}@{tag}", "us": us,
                          "kv_bytes": mem.bytes_used, "kept_tokens": mem.kept_tokens,
                          "kept_fraction": mem.kept_fraction, "bytes_over_kept": mem.overhead})
         new = torch.randn(1, hkv, 1, d, device=device, dtype=dtype, generator=gen)
+        rows += compression_rows(layer, q, new, scale, device, length, tag)
 
         def step(layer=layer, new=new):
             layer.update(new, new)
             return layer.decode_step(q, scale)
 
-        rows.append({"phase": "decode", "length": length, "method": f"tca_step@{tag}",
-                     "us": graph_timed(step, device), "kv_bytes": mem.bytes_used})
+        def step_with(kernel: str, leaves: bool, layer=layer, step=step) -> float:
+            # Replays do not run the host's per-step decision: leaves=True keeps the compression in the
+            # graph (the device decides whether a block leaves), False leaves it out.
+            layer.compression, layer._assume_leaves = kernel, leaves
+            try:
+                return graph_timed(step, device)
+            finally:
+                layer.compression, layer._assume_leaves = "auto", None
+
+        for method, kernel, leaves in (("tca_step", "auto", True), ("tca_step_math", "math", True),
+                                       ("tca_step_skip", "auto", False)):
+            rows.append({"phase": "decode", "length": length, "method": f"{method}@{tag}",
+                         "us": step_with(kernel, leaves), "kv_bytes": mem.bytes_used})
         if compile_step and device.type == "cuda":
-            # Compiled, the step's ~40 small ops (append, importance, top-t, scatters) fuse into a few kernels.
+            # Compiled, the step's small ops (append, importance, top-t, scatters) fuse into a few kernels.
             try:
                 us = graph_timed(torch.compile(step, dynamic=False), device)
                 rows.append({"phase": "decode", "length": length, "method": f"tca_step_compiled@{tag}", "us": us,
@@ -285,15 +369,86 @@ def fastest_dense_sdpa() -> str:
     return "sdpa_maskless"
 
 
-def decode_step_ms(model, cache, length: int, device: torch.device) -> float:
-    """Milliseconds of one decode step (token ``length``) of ``model`` over ``cache``, replayed
-    from a CUDA graph (eager on CPU): static inputs, positions as tensors, no host sync."""
+def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs: bool = False) -> dict[str, Any]:
+    """Milliseconds per decode step over ``steps`` consecutive steps of ``model`` over ``cache``,
+    each replayed from a CUDA graph: static inputs (token 0 at position ``length``), no host sync.
+
+    With a ``TCACache``, one graph holds the block compression, which decides on the device whether a
+    block leaves (``two_graphs=False``), or two graphs are captured, with and without it, and the host
+    replays the one ``TCACache.block_leaves_next()`` names (``two_graphs=True``). Over ``b`` steps
+    exactly one block leaves, so ``steps = b`` gives the mean a long generation sees.
+
+    On CPU there are no graphs: each step runs eagerly inside ``graph_capture`` and is then counted
+    by ``replayed``, which is what a replay does to the cache (CI covers the bookkeeping).
+
+    Returns:
+        ``ms`` (mean), ``ms_median``, ``ms_leaving`` (mean of the steps where a block left; None if
+        none did or the cache is dense) and ``steps``.
+    """
+    import contextlib
+
+    from .cache import TCACache
+
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
     pos = torch.full((1, 1), length, device=device)
     cache_position = torch.full((1,), length, device=device)
-    return graph_timed(lambda: model(input_ids=ids, position_ids=pos, cache_position=cache_position,
-                                     use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits,
-                       device, reps=20) / 1e3
+    tca = isinstance(cache, TCACache)
+
+    def step():
+        return model(input_ids=ids, position_ids=pos, cache_position=cache_position, use_cache=True,
+                     logits_to_keep=1, **cache_kwargs(model, cache)).logits
+
+    def choice() -> bool | None:
+        return cache.block_leaves_next() if two_graphs else None
+
+    def captured(compress: bool | None):
+        return cache.graph_capture(compress) if tca else contextlib.nullcontext()
+
+    times, leaving = [], []
+    if device.type != "cuda":
+        for _ in range(steps):
+            leaving.append(tca and cache.block_leaves_next())
+            t0 = time.perf_counter()
+            with captured(choice()):
+                step()
+            if tca:
+                cache.replayed()
+            times.append((time.perf_counter() - t0) * 1e3)
+    else:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            # Eager warm-up with the compression kept (safe on every step: it decides on the device), so
+            # its kernels are compiled and loaded before a capture, which must not load modules.
+            for _ in range(3):
+                with captured(True):
+                    step()
+                if tca:
+                    cache.replayed()
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs, pool = {}, None
+        for compress in ((False, True) if two_graphs else (None,)):
+            graph = torch.cuda.CUDAGraph()
+            with captured(compress), torch.cuda.graph(graph, pool=pool):
+                step()
+            graphs[compress], pool = graph, graph.pool()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            if tca and cache.replayable_steps() < 1:
+                raise RuntimeError("tpot: the TCACache would grow during replays; raise reserve_tokens")
+            leaving.append(tca and cache.block_leaves_next())
+            graph = graphs[choice()]
+            start.record()
+            graph.replay()
+            end.record()
+            if tca:
+                cache.replayed()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
+        del graphs
+    at_leaving = [t for t, leaves in zip(times, leaving, strict=True) if leaves]
+    return {"ms": statistics.fmean(times), "ms_median": statistics.median(times),
+            "ms_leaving": statistics.fmean(at_leaving) if at_leaving else None, "steps": steps}
 
 
 def static_copy(model, dynamic, length: int, device: torch.device):
@@ -335,67 +490,117 @@ def one_step_dense(dynamic):
     return dynamic
 
 
-@torch.no_grad()
-def e2e_rows(lengths: list[int], num_layers: int, keep: float, window: int, device, dtype,
-             smoke: bool, compile_model: bool = False) -> list[dict[str, Any]]:
-    """A LLaMA-3.1-8B-shaped model (random weights, few layers), dense vs TCA: time to first
-    token, and time per output token (dense: StaticCache + SDPA; TCA: ``TCACache``)."""
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-    from .cache import TCACache
-    from .integration import apply, remove
+def llama_8b_shaped(num_layers: int, device: torch.device, dtype: torch.dtype, smoke: bool, max_len: int):
+    """A LLaMA-3.1-8B-shaped ``LlamaForCausalLM`` with random weights (tiny shapes with ``smoke``),
+    initialised on ``device`` directly in ``dtype``: no float32 copy, no CPU init of 16 GB at 32 layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if smoke:
         cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(lengths) + 512)
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len)
     else:
         cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                           num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=8,
-                          max_position_embeddings=131072 + 512, rope_theta=500000.0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+                          max_position_embeddings=max(131072, max_len), rope_theta=500000.0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
+
+
+# TPOT variants of the TCA cache: (compression kernel, two graphs). "fused-graph": one graph whose Triton
+# kernel exits on the device where no block leaves; "two-graph": the host replays a graph without
+# compression on those steps and one with the tensor-form compression on the others; "two-graph+fused":
+# the same with the kernel; "math-graph": one graph with the branch-free tensor form on every step.
+TPOT_VARIANTS = {"fused-graph": ("auto", False), "two-graph": ("math", True), "two-graph+fused": ("auto", True),
+                 "math-graph": ("math", False)}
+
+
+@torch.no_grad()
+def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float]], window: int, device, dtype,
+             smoke: bool, compile_model: bool = False, static_baseline: bool = True, ttft_reps: int = 3,
+             tpot_steps: int | None = None) -> list[dict[str, Any]]:
+    """A LLaMA-3.1-8B-shaped model (random weights, ``num_layers`` layers), dense vs TCA: time to first
+    token (dense: cuDNN causal SDPA), and time per output token over ``tpot_steps`` steps (default one
+    block: exactly one compression) replayed from CUDA graphs: dense over a preallocated cache with
+    maskless SDPA (and transformers' ``StaticCache`` with ``static_baseline``), TCA over ``TCACache`` in
+    each of ``TPOT_VARIANTS``. Rows carry ``layers`` and the KV bytes."""
+    from transformers import DynamicCache
+
+    from .cache import TCACache
+    from .decode import triton_supported
+    from .integration import apply, remove
+
+    model = llama_8b_shaped(num_layers, device, dtype, smoke, max(lengths) + 512)
+    cfg = model.config
     model.set_attn_implementation(fastest_dense_sdpa())
-    budgets = HeadBudgets.uniform(num_layers, cfg.num_key_value_heads, keep,
-                                  TCAConfig(block_size=128 if not smoke else 32, window=window))
-    label = f"tca_{int(keep * 100)}%+w"
+    config = TCAConfig(block_size=128 if not smoke else 32, window=window)
+    steps = tpot_steps or config.block_size
+    hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    elem = torch.finfo(dtype).bits // 8
+    fused = device.type == "cuda" and triton_supported(torch.empty(1, 1, 1, d, device=device, dtype=dtype))
     rows = []
 
     def add(phase: str, length: int, method: str, ms: float, **extra: Any) -> None:
         rows.append({"phase": phase, "length": length, "method": method, "ms": ms, "layers": num_layers,
                      **extra})
 
+    def free() -> None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     for length in lengths:
         ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
+
         def forward(fn=model, x=ids):
             return fn(x, logits_to_keep=1)
 
-        add("ttft", length, "dense_sdpa", timed(forward, device, warmup=1, reps=3))
+        # Each method's first prefill fills the cache its TPOT rows decode over and warms TTFT up
+        # (compiles, cuDNN plans), so TTFT takes ``ttft_reps`` more prefills only.
         dynamic = DynamicCache(config=cfg)
         model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dynamic))
+        add("ttft", length, "dense_sdpa", timed(forward, device, warmup=0, reps=ttft_reps))
         dense = one_step_dense(dynamic)
-        add("tpot", length, "dense_tpot", decode_step_ms(model, dense, length, device),
-            cache="preallocated, maskless SDPA")
-        add("tpot", length, "dense_static_tpot", decode_step_ms(model, static_copy(model, dense, length, device),
-                                                                length, device), cache="StaticCache")
+        dense_bytes = 2 * num_layers * hkv * (length + 1) * d * elem
+        add("tpot", length, "dense_tpot", cache="preallocated, maskless SDPA", kv_bytes=dense_bytes,
+            **tpot(model, dense, length, device, steps))
+        if static_baseline:
+            add("tpot", length, "dense_static_tpot", cache="StaticCache", kv_bytes=dense_bytes,
+                **tpot(model, static_copy(model, dense, length, device), length, device, steps))
         del dynamic, dense
-        apply(model, budgets=budgets)
-        add("ttft", length, label, timed(forward, device, warmup=1, reps=3))
-        cache = TCACache(model, reserve_tokens=512)
-        model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-        report = cache.memory_report()
-        add("tpot", length, f"{label} TCACache", decode_step_ms(model, cache, length, device),
-            kept_fraction=report.total.kept_fraction, bytes_fraction=report.total.bytes_fraction)
-        del cache
-        if compile_model:
-            eager_logits = model(ids, logits_to_keep=1).logits
-            compiled = torch.compile(model)
-            logits = compiled(ids, logits_to_keep=1).logits
-            err = float((logits.float() - eager_logits.float()).abs().max())
-            ms = timed(lambda fn=compiled, x=ids: fn(x, logits_to_keep=1), device, warmup=1, reps=3)
-            add("ttft", length, f"{label} compiled", ms, max_abs_logit_diff_vs_eager=err)
-        remove(model)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free()
+        for label, keep in budgets:
+            apply(model, budgets=HeadBudgets.uniform(num_layers, hkv, keep, config))
+            # Room for every variant's warm-up and replays (a replay cannot grow the cache).
+            cache = TCACache(model, reserve_tokens=len(TPOT_VARIANTS) * (steps + 8))
+            model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+            add("ttft", length, label, timed(forward, device, warmup=0, reps=ttft_reps))
+            report = cache.memory_report().total
+            for variant, (kernel, two_graphs) in TPOT_VARIANTS.items():
+                cache.set_compression(kernel)
+                try:
+                    timing = tpot(model, cache, length, device, steps, two_graphs)
+                except Exception as err:  # recorded, not fatal: the other rows still stand
+                    timing = {"ms": float("nan"), "error": repr(err)[-1500:]}
+                add("tpot", length, f"{label} TCACache {variant}", kv_bytes=report.bytes_used,
+                    kept_fraction=report.kept_fraction, bytes_fraction=report.bytes_fraction,
+                    compression="triton" if fused and kernel == "auto" else "math", two_graphs=two_graphs,
+                    **timing)
+            del cache
+            free()
+            if compile_model:
+                eager_logits = model(ids, logits_to_keep=1).logits
+                compiled = torch.compile(model)
+                logits = compiled(ids, logits_to_keep=1).logits
+                err = float((logits.float() - eager_logits.float()).abs().max())
+                ms = timed(lambda fn=compiled, x=ids: fn(x, logits_to_keep=1), device, warmup=1, reps=ttft_reps)
+                add("ttft", length, f"{label} compiled", ms, max_abs_logit_diff_vs_eager=err)
+            remove(model)
+            free()
     return rows
 
 
@@ -416,7 +621,7 @@ def device_name(device: torch.device) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'phase':<8}{'L':>8}  {'method':<24}{'time':>12}{'speedup':>9}{'TFLOP/s':>9}  notes")
+    print(f"\n{'phase':<8}{'L':>8}  {'method':<36}{'time':>12}{'speedup':>9}{'TFLOP/s':>9}  notes")
     base: dict[tuple[str, int], float] = {}
     for r in rows:
         t = r.get("ms", r.get("us"))
@@ -434,10 +639,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             notes = f"KV {r['kv_bytes'] / 2**20:.0f} MiB"
         if "kept_fraction" in r:
             notes += f" kept {100 * r['kept_fraction']:.0f}%"
+        if r.get("ms_leaving") is not None:
+            notes += f", {r['ms_leaving']:.3f} ms where a block leaves"
+        if "heads_differing_from_math" in r:
+            notes += f" ({r['heads_differing_from_math']} heads differ from math)"
         if "error" in r:
             notes = f"failed: {r['error'][:60]}"
         tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
-        print(f"{r['phase']:<8}{r['length']:>8}  {r['method']:<24}{t:>9.3f} {unit}{speed:>8.2f}x{tf:>9}  {notes}")
+        print(f"{r['phase']:<8}{r['length']:>8}  {r['method']:<36}{t:>9.3f} {unit}{speed:>8.2f}x{tf:>9}  {notes}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -456,6 +665,15 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                         help="FlexAttention defaults instead of USE_TMA (the default on Hopper)")
     parser.add_argument("--e2e-layers", type=int, default=2, help="layers of the 8B-shaped model (0: skip)")
     parser.add_argument("--compile-model", action="store_true", help="also time torch.compile(model) after apply")
+    parser.add_argument("--e2e-static", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time dense decode over transformers' StaticCache (slow at full depth)")
+    parser.add_argument("--ttft-reps", type=int, default=3, help="timed prefills per e2e TTFT row")
+    parser.add_argument("--tpot-steps", type=int, default=None,
+                        help="decode steps per e2e TPOT row (default: one block, i.e. one compression)")
+    parser.add_argument("--decode-backends", nargs="+", choices=["triton", "flex"], default=["triton", "flex"],
+                        help="decode kernels timed per layer on CUDA (flex compiles for tens of seconds)")
+    parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the torch.compile'd decode step at the last length given")
     parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e", "stream"],
                         default=["prefill", "decode", "e2e"])
     parser.add_argument("--stream-count", type=int, default=24, help="requests in the stream phase")
@@ -473,40 +691,51 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     kernel_options = {} if args.no_tma else None
     budgets = [("tca_25%+w", 0.25), ("tca_10%+w", 0.10)]
     rows: list[dict[str, Any]] = []
-    for length in lengths:
-        if "prefill" in args.phases:
-            rows += prefill_rows(length, shape, budgets, window, device, dtype, kernel_options)
-        if "decode" in args.phases:
-            rows += decode_rows(length, shape, [0.39, 0.15], device, dtype, window,
-                                compile_step=length == lengths[-1])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    stream = None
-    if "stream" in args.phases:
-        from .bench_stream import print_stream, run_stream
-
-        lo, hi = args.stream_range or ((900, 1500) if args.smoke else (8192, 131072))
-        stream = run_stream(args.smoke, args.stream_count, lo, hi, 0.25, window)
-        print_stream(stream)
-    if args.e2e_layers and "e2e" in args.phases:
-        e2e_lengths = [n for n in lengths if n >= 32768] or lengths[-1:]
-        rows += e2e_rows(e2e_lengths, args.e2e_layers, 0.25, window, device, dtype, args.smoke,
-                         args.compile_model)
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__,
         "shape": shape, "dtype": str(dtype), "window": window, "kernel_options": kernel_options,
         "triton_decode": triton_decode_settings(),
         "rows": rows,
-        **({"stream": stream} if stream else {}),
     }
-    print_table(rows)
+    e2e = bool(args.e2e_layers) and "e2e" in args.phases
+    suffix = ("-notma" if args.no_tma else "") + ("" if args.phases == ["prefill", "decode", "e2e"]
+                                                 else "-" + "-".join(args.phases))
+    suffix += f"-{args.e2e_layers}layers" if e2e and args.e2e_layers != 2 else ""
+    path = args.out / f"{result['device']}-{result['date'][:10]}{suffix}.json"
+
+    def measured(new: list[dict[str, Any]]) -> None:  # printed and saved per length: a run cut short keeps them
+        rows.extend(new)
+        print_table(new)
+        if not args.smoke:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1))
+
+    for length in lengths:
+        if "prefill" in args.phases:
+            measured(prefill_rows(length, shape, budgets, window, device, dtype, kernel_options))
+        if "decode" in args.phases:
+            measured(decode_rows(length, shape, [0.39, 0.15], device, dtype, window, tuple(args.decode_backends),
+                                 compile_step=args.compile_step and length == lengths[-1]))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if e2e:
+        for length in [n for n in lengths if n >= 32768] or lengths[-1:]:
+            # One model per length, freed in between (16 GB of weights at full depth, and the caches).
+            measured(e2e_rows([length], args.e2e_layers, budgets, window, device, dtype, args.smoke,
+                              args.compile_model, static_baseline=args.e2e_static, ttft_reps=args.ttft_reps,
+                              tpot_steps=args.tpot_steps))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if "stream" in args.phases:
+        from .bench_stream import print_stream, run_stream
+
+        lo, hi = args.stream_range or ((900, 1500) if args.smoke else (8192, 131072))
+        result["stream"] = run_stream(args.smoke, args.stream_count, lo, hi, 0.25, window)
+        print_stream(result["stream"])
+        measured([])
     if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
-        suffix = ("-notma" if args.no_tma else "") + ("" if args.phases == ["prefill", "decode", "e2e"]
-                                                     else "-" + "-".join(args.phases))
-        path = args.out / f"{result['device']}-{result['date'][:10]}{suffix}.json"
-        path.write_text(json.dumps(result, indent=1))
         print(f"\nwrote {path}")
     return result
 

@@ -32,7 +32,8 @@ steps through it. No class is patched and nothing goes on ``model.config``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,10 +42,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .config import TCAConfig
 from .decode import (
     DECODE_BACKENDS,
+    LiveRanges,
     Segments,
     block_importance,
+    compress_block,
     compress_targets,
     decode_attention,
+    resolve_backend,
     top_t_in_block,
 )
 from .layout import (
@@ -335,6 +339,15 @@ class TCACacheLayer(CacheLayerMixin):
         self.next_pos += 1
         self._seen += 1
 
+    # Block compression kernel: "auto" (the Triton kernel wherever the decode attention runs the
+    # "triton" backend, else tensor ops), "triton" or "math" (the tensor ops of ``_compress``, the
+    # reference). Set per layer, or on every layer with ``TCACache.set_compression``.
+    COMPRESSIONS = ("auto", "triton", "math")
+    compression = "auto"
+    # Set while a CUDA graph is captured (``TCACache.graph_capture``): True keeps the compression
+    # in the step, False leaves it out; None decides per step (eager) or keeps it (captured).
+    _assume_leaves: bool | None = None
+
     def decode_step(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of the newest token over the kept set, then compression.
 
@@ -346,24 +359,46 @@ class TCACacheLayer(CacheLayerMixin):
             ``[B, H_q, 1, D]``.
         """
         group = query.shape[1] // self.num_heads
+        live = LiveRanges(self.var_len, self.next_pos, self.base, self.ring)
         out, lse = decode_attention(query, self.k_buf, self.v_buf, self.owner, group=group, scale=scale,
-                                    backend=self.backend, segments=self.segments)
+                                    backend=self.backend, segments=self.segments, live=live)
         if self._host_knows_no_block_leaves():
             return out
         self._compress(query, lse, scale)
         return out
 
     def _host_knows_no_block_leaves(self) -> bool:
-        """Eager decode skips the compression ops on the ``b - 1`` of every ``b`` steps where no block
-        leaves the window (decided from Python ints: no sync). Compiled or captured steps keep the
-        branch-free form, so one graph serves every step."""
+        """Eager decode skips the compression on the ``b - 1`` of every ``b`` steps where no block
+        leaves the window (decided from Python ints: no sync). Compiled or captured steps keep it
+        (the Triton kernel exits at once on those steps, the tensor form is branch-free), so one
+        graph serves every step, unless ``TCACache.graph_capture`` says which of two graphs this is."""
+        if self._assume_leaves is not None:
+            return not self._assume_leaves
         if torch.compiler.is_compiling() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return False
         done = compressions_done(self._seen, self._base, self.window, self.block)
         return done == compressions_done(self._seen - 1, self._base, self.window, self.block)
 
+    def _fused_compression(self, query: torch.Tensor) -> bool:
+        if self.compression not in self.COMPRESSIONS:
+            raise ValueError(f"compression={self.compression!r} is not one of {list(self.COMPRESSIONS)}")
+        if self.compression == "auto":
+            return resolve_backend(query, self.segments, self.backend) == "triton"
+        if self.compression == "triton":
+            resolve_backend(query, self.segments, "triton")  # raises where the kernel cannot run
+        return self.compression == "triton"
+
     def _compress(self, query: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
-        """Branch-free: moves the top-t of the leaving block when a whole block has left the window."""
+        """Moves the top-t of the leaving block when a whole block has left the window (else no-op).
+
+        The Triton kernel (``decode.compress_block``) where it runs; otherwise
+        the branch-free tensor form below, which is also its reference.
+        """
+        if self._fused_compression(query):
+            compress_block(query, lse, self.k_buf, self.v_buf, self.owner, self.pos, self.seg_start, self.var_len,
+                           self.keep, self.ncs, self.next_pos, self.base, window=self.window, block=self.block,
+                           scale=scale, aggregation=self.aggregation)
+            return
         bsz, hkv, d = self.k_buf.shape[0], self.num_heads, self.head_dim
         newest = self.next_pos - 1
         do = newest - self.window + 1 - self.ncs >= self.block
@@ -386,6 +421,16 @@ class TCACacheLayer(CacheLayerMixin):
         self.owner.scatter_(1, dst, torch.where(moved, heads, self.owner.gather(1, dst)))
         self.var_len += torch.where(do, self.keep, 0)
         self.ncs += torch.where(do, self.block, 0)
+
+    # ------------------------------------------------------------- CUDA-graph replay (host bookkeeping)
+
+    def _block_leaves_at(self, seen: int) -> bool:
+        """Whether the step that appends token ``seen`` (0-based) compresses a block."""
+        return (compressions_done(seen + 1, self._base, self.window, self.block)
+                != compressions_done(seen, self._base, self.window, self.block))
+
+    def _steps_before_growth(self) -> int:
+        return self._grow_at - self._seen
 
     # ------------------------------------------------------------- observability
 
@@ -448,3 +493,58 @@ class TCACache(Cache):
     def memory_report(self) -> MemoryReport:
         """Bytes kept per layer and in total vs a dense cache of the same logical length."""
         return MemoryReport(layers=[layer.memory() for layer in self.layers])
+
+    def set_compression(self, kernel: str) -> None:
+        """Block compression on every layer: ``"auto"``, ``"triton"`` or ``"math"`` (``TCACacheLayer.compression``)."""
+        if kernel not in TCACacheLayer.COMPRESSIONS:
+            raise ValueError(f"compression={kernel!r} is not one of {list(TCACacheLayer.COMPRESSIONS)}")
+        for layer in self.layers:
+            layer.compression = kernel
+
+    # CUDA graphs: a replay runs the device work of one captured step, never the Python, so the
+    # host's counters (what ``_seen`` drives: growth, which steps compress) are advanced here.
+
+    def block_leaves_next(self) -> bool:
+        """Whether the next decode step compresses a block (host ints, no sync; the same for every layer)."""
+        return self.layers[0]._block_leaves_at(self.layers[0]._seen)
+
+    def replayable_steps(self) -> int:
+        """Decode steps a captured graph may still be replayed before a layer must grow its buffers
+        (replays cannot grow them: reserve capacity with ``reserve_tokens``)."""
+        return min(layer._steps_before_growth() for layer in self.layers)
+
+    @contextlib.contextmanager
+    def graph_capture(self, compress: bool | None = None) -> Iterator[None]:
+        """Around the capture of one decode step in a CUDA graph.
+
+        Args:
+            compress: ``None``: the step keeps the block compression, which
+                decides on the device whether a block leaves (one graph for
+                every step). ``True`` / ``False``: with / without it; replay
+                the graph without it on the steps where ``block_leaves_next()``
+                is False, the other one where it is True (two graphs, no
+                compression cost on the ``b - 1`` steps in ``b`` where none leaves).
+
+        The Python of the captured step runs once but its device work does not,
+        so the host counters are put back on exit; call ``replayed()`` after
+        each replay.
+        """
+        if self.replayable_steps() < 1:
+            raise RuntimeError("TCACache: the captured step would grow the cache; create it with a larger "
+                               "reserve_tokens")
+        seen = [layer._seen for layer in self.layers]
+        for layer in self.layers:
+            layer._assume_leaves = compress if compress is not None else True
+        try:
+            yield
+        finally:
+            for layer, n in zip(self.layers, seen, strict=True):
+                layer._seen, layer._assume_leaves = n, None
+
+    def replayed(self, steps: int = 1) -> None:
+        """Advance the host counters by ``steps`` replayed decode steps."""
+        if steps > self.replayable_steps():
+            raise RuntimeError(f"TCACache: {steps} replayed steps pass the cache's capacity "
+                               f"({self.replayable_steps()} left): reserve more tokens")
+        for layer in self.layers:
+            layer._seen += steps

@@ -22,15 +22,20 @@ Kernel decision (measured, ``BENCHMARKS.md``):
 So the CUDA default is ``"triton"`` (``triton_decode.py``): one program per
 (row, KV head, split of its segment) scores the segment with the head's own
 query heads only, flash-decoding style, so both bytes and FLOPs follow what
-each head keeps. ``"flex"`` stays as the fallback where Triton is missing
-or the head dimension is not a power of two. ``"math"`` is the same
+each head keeps, and stops at the head's live length (``LiveRanges``). With
+it, the block compression runs as one kernel too (``triton_compress.py``,
+``compress_block``), which exits at once on the steps where no block leaves.
+``"flex"`` stays as the fallback where Triton is missing or the head
+dimension is not a power of two. ``"math"`` is the same
 computation in plain tensor ops: the CPU path (compiled FlexAttention on CPU
 cannot return the log-sum-exp that compression needs) and the reference the
-other two are tested against.
+other two are tested against. Without a GPU, an explicit ``"triton"`` runs
+the same kernels in Triton's interpreter (``TRITON_INTERPRET=1``; tests only).
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -39,9 +44,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .selection import rank_of
 
 try:
-    from . import triton_decode
+    from . import triton_compress, triton_decode
 except ImportError:  # no Triton (e.g. a CPU-only install): the "flex" and "math" backends remain
-    triton_decode = None
+    triton_compress = triton_decode = None
 
 DECODE_BACKENDS = ("auto", "triton", "flex", "math")
 _KV_BLOCK = 128
@@ -61,28 +66,89 @@ class Segments(NamedTuple):
     total_length: int
 
 
+class LiveRanges(NamedTuple):
+    """Where a TCA cache's live slots lie inside each segment (read on the device every step).
+
+    Offsets ``[0, min(next_pos - base, ring))`` (the ring's filled part) and
+    ``[ring, ring + var_len)`` (the packed tokens); the rest of a segment is
+    free headroom, which the ``"triton"`` kernel does not read.
+
+    ``var_len``: int64 ``[B, H_kv]``; ``next_pos``, ``base``: int64 0-d;
+    ``ring``: Python int.
+    """
+
+    var_len: torch.Tensor
+    next_pos: torch.Tensor
+    base: torch.Tensor
+    ring: int
+
+
 if triton_decode is not None:
     @torch.library.custom_op("tca_flex::decode_segments", mutates_args=())
     def _decode_segments_op(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
-                            seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int,
+                            seg_start: torch.Tensor, seg_len: torch.Tensor, var_len: torch.Tensor | None,
+                            next_pos: torch.Tensor | None, base: torch.Tensor | None, ring: int, max_segment: int,
                             total_slots: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         # An opaque custom op, not a triton_op: on torch 2.11 + Triton 3.6 Inductor failed to
         # recompile these kernels inside a compiled graph (BENCHMARKS.md, 2026-12-02), while
         # an opaque op launches the same JIT kernels as eager and stays CUDA-graph capturable.
+        live = None if var_len is None else (var_len, next_pos, base, ring)
         return triton_decode.launch(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, max_segment, scale,
-                                    total_slots=total_slots)
+                                    total_slots=total_slots, live=live)
 
     @_decode_segments_op.register_fake
-    def _(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, max_segment, total_slots, scale):
+    def _(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, var_len, next_pos, base, ring, max_segment,
+          total_slots, scale):
         # Contiguous, as the launcher allocates them (q may be a strided view).
         return q_bhd.new_empty(q_bhd.shape), q_bhd.new_empty(q_bhd.shape[:2], dtype=torch.float32)
 
+    # Opaque for the same reason; it mutates the cache in place (declared, so a compiled graph
+    # orders it after the reads of these buffers and before the next step's).
+    @torch.library.custom_op("tca_flex::compress_block",
+                             mutates_args=("k_bsd", "v_bsd", "owner_bs", "pos_bs", "var_len", "ncs"))
+    def _compress_block_op(q_bhd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
+                           owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
+                           var_len: torch.Tensor, keep_h: torch.Tensor, ncs: torch.Tensor, next_pos: torch.Tensor,
+                           base: torch.Tensor, window: int, block: int, ring: int, scale: float,
+                           use_max: bool) -> None:
+        triton_compress.launch(q_bhd, lse_bh, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, var_len, keep_h, ncs,
+                               next_pos, base, window=window, block=block, ring=ring, scale=scale, use_max=use_max)
+
+    @_compress_block_op.register_fake
+    def _(q_bhd, lse_bh, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, var_len, keep_h, ncs, next_pos, base, window,
+          block, ring, scale, use_max):
+        return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
 
 def triton_supported(q_bhsd: torch.Tensor) -> bool:
-    """Whether the ``"triton"`` backend can run this query (CUDA, Triton, power-of-two head dim)."""
+    """Whether the ``"triton"`` backend can run this query: Triton, a power-of-two head dim, and CUDA
+    (or CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``: slow, for tests)."""
     d = q_bhsd.shape[-1]
-    return (triton_decode is not None and q_bhsd.device.type == "cuda" and d >= 16 and d & (d - 1) == 0
+    on_device = q_bhsd.device.type == "cuda" or (q_bhsd.device.type == "cpu" and _interpreting())
+    return (triton_decode is not None and on_device and d >= 16 and d & (d - 1) == 0
             and q_bhsd.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def resolve_backend(q_bhsd: torch.Tensor, segments: Segments | None, backend: str = "auto") -> str:
+    """The decode backend that runs for this query: ``"auto"`` resolved, an impossible one refused.
+
+    ``"auto"``: ``"math"`` off CUDA, ``"triton"`` on CUDA where it can run
+    (``triton_supported`` and ``segments`` given), else ``"flex"``.
+    """
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode backend={backend!r} is not one of {list(DECODE_BACKENDS)}")
+    if backend == "auto":
+        if q_bhsd.device.type != "cuda":
+            return "math"
+        return "triton" if segments is not None and triton_supported(q_bhsd) else "flex"
+    if backend == "triton" and (segments is None or not triton_supported(q_bhsd)):
+        raise ValueError("decode backend 'triton' needs a CUDA query with a power-of-two head dim, Triton "
+                         "installed and the cache's Segments; use backend='flex' or 'math' otherwise")
+    return backend
 
 
 def owner_mask_mod(owner_bs: torch.Tensor, group: int):
@@ -139,16 +205,17 @@ def _flex_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
 
 
 def _triton_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
-                   segments: Segments, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   segments: Segments, scale: float, live: LiveRanges | None) -> tuple[torch.Tensor, torch.Tensor]:
+    var_len, next_pos, base, ring = live if live is not None else (None, None, None, 0)
     out, lse = torch.ops.tca_flex.decode_segments(q_bhsd[:, :, 0], k_bsd, v_bsd, owner_bs, segments.start,
-                                                  segments.length, segments.max_length, segments.total_length,
-                                                  scale)
+                                                  segments.length, var_len, next_pos, base, ring,
+                                                  segments.max_length, segments.total_length, scale)
     return out.unsqueeze(2), lse
 
 
 def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
-                     *, group: int, scale: float, backend: str = "auto",
-                     segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     *, group: int, scale: float, backend: str = "auto", segments: Segments | None = None,
+                     live: LiveRanges | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of attention over the head-packed kept set.
 
     Args:
@@ -159,26 +226,21 @@ def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Ten
         group: query heads per KV head; query head ``h`` reads KV head ``h // group``.
         scale: softmax scale.
         backend: ``"triton"`` (CUDA default), ``"flex"`` (CUDA without
-            Triton), ``"math"`` (CPU default), or ``"auto"``.
+            Triton), ``"math"`` (CPU default), or ``"auto"`` (``resolve_backend``).
         segments: each KV head's slot range; needed by ``"triton"`` (``"auto"``
             picks ``"flex"`` without it).
+        live: where the live slots lie inside each segment (a TCA cache's
+            ring fill and packed lengths); lets ``"triton"`` skip the free
+            headroom. ``None``: read whole segments. Every backend masks free
+            slots by ``owner_bs`` either way.
 
     Returns:
         (``[B, H_q, 1, D]`` output in q's dtype, float32 ``[B, H_q]`` log-sum-exp
         of each query head's scores over its kept keys).
     """
-    if backend not in DECODE_BACKENDS:
-        raise ValueError(f"decode backend={backend!r} is not one of {list(DECODE_BACKENDS)}")
-    if backend == "auto":
-        if q_bhsd.device.type != "cuda":
-            backend = "math"
-        else:
-            backend = "triton" if segments is not None and triton_supported(q_bhsd) else "flex"
+    backend = resolve_backend(q_bhsd, segments, backend)
     if backend == "triton":
-        if segments is None or not triton_supported(q_bhsd):
-            raise ValueError("decode backend 'triton' needs a CUDA query with a power-of-two head dim, Triton "
-                             "installed and the cache's Segments; use backend='flex' or 'math' otherwise")
-        return _triton_decode(q_bhsd, k_bsd, v_bsd, owner_bs, segments, scale)
+        return _triton_decode(q_bhsd, k_bsd, v_bsd, owner_bs, segments, scale, live)
     fn = _flex_decode if backend == "flex" else _math_decode
     return fn(q_bhsd, k_bsd, v_bsd, owner_bs, group, scale)
 
@@ -237,3 +299,28 @@ def compress_targets(keep: torch.Tensor, ring_slots: torch.Tensor, var_end: torc
     """
     packed = var_end.unsqueeze(-1) + keep.long().cumsum(-1) - 1
     return torch.where(keep & do, packed, ring_slots)
+
+
+def compress_block(q_bhsd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
+                   owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor, var_len: torch.Tensor,
+                   keep_h: torch.Tensor, ncs: torch.Tensor, next_pos: torch.Tensor, base: torch.Tensor, *,
+                   window: int, block: int, scale: float, aggregation: str = "mean") -> None:
+    """The decode step's block compression as one Triton kernel, in place (``triton_compress.py``).
+
+    Does what ``TCACacheLayer._compress`` does with tensor ops, and nothing on
+    the steps where no block leaves the window (decided on the device, so one
+    CUDA graph serves every step). Needs ``triton_supported(q_bhsd)``.
+
+    Args:
+        q_bhsd: ``[B, H_q, 1, D]``; lse_bh: float32 ``[B, H_q]`` from ``decode_attention``.
+        k_bsd, v_bsd, owner_bs, pos_bs: the cache's flat buffers (updated).
+        seg_start, var_len: int64 ``[B, H_kv]`` (``var_len`` updated).
+        keep_h: int64 ``[H_kv]``, ``t`` per KV head.
+        ncs: int64 0-d, first position not yet compressed (updated);
+            next_pos, base: int64 0-d.
+        window, block: the cache's window and block size (ring = window + block).
+        scale: softmax scale; aggregation: ``"mean"`` or ``"max"`` over query heads.
+    """
+    torch.ops.tca_flex.compress_block(q_bhsd[:, :, 0], lse_bh.contiguous(), k_bsd, v_bsd, owner_bs, pos_bs,
+                                      seg_start, var_len, keep_h, ncs, next_pos, base, window, block,
+                                      window + block, scale, aggregation == "max")

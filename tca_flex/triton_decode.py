@@ -12,11 +12,14 @@ scoring it with the head's ``g`` query heads at once (one ``tl.dot`` of
 Flash-decoding in two passes: ``_split_kernel`` reduces each split of a
 segment to (max, sum, un-normalised output); ``_combine_kernel`` merges the
 splits of a (row, query head) and writes the output and the log-sum-exp that
-compression needs. Splits are sized from the layout's segment lengths
+compression needs. Splits are sized from the layout's segment capacities
 (Python ints), so the grid is fixed between layout growths and the launch
 can be captured in a CUDA graph. The split size and count are runtime
 arguments, not compile-time constants: every request has its own layout, and
 a constant would JIT-compile the kernels again for each (docs/serving.md).
+Each split's loop stops at the head's live
+length, read on the device (ring fill and packed tokens), so the free
+headroom of a segment costs a program that exits, not a read.
 
 This module holds the kernels and a plain launcher only; ``decode.py``
 registers the op. Without a GPU the tests run the same kernels on CPU
@@ -40,10 +43,46 @@ COMBINE_CHUNK = 32
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, o_ptr, m_ptr, l_ptr,
-                  stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
-                  scale, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                  SPLIT, NUM_SPLITS, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h, stride_ks, stride_vs, scale,
+                   D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax update of (m, l, acc) over segment offsets ``[lo, hi)``."""
+    d = tl.arange(0, D)
+    for n0 in range(lo, hi, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        # int64: slot * stride passes 2**31 elements at large batch x long context.
+        slot = (seg_start + n).to(tl.int64)
+        inside = n < hi
+        # Free slots (ring not yet filled, freed by a compression) are -1 and masked out
+        # of the scores; K/V loads do not wait on ``owner`` so they can be pipelined.
+        live = tl.load(own_row + slot, mask=inside, other=-1) == h
+        k = tl.load(k_row + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
+        # float32 caches get full-precision dots (Triton would use TF32 on the GPU).
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A split with no live slot so far keeps m = -inf; shift by 0 there to avoid inf - inf.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - shift)
+        p = tl.exp(s - shift[:, None])
+        v = tl.load(v_row + slot[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                  o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
+                  stride_ownb, scale, ring, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                  D: tl.constexpr, SPLIT, NUM_SPLITS, BLOCK: tl.constexpr,
+                  LIVE: tl.constexpr, IEEE: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -57,35 +96,25 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, o_ptr, 
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
                 mask=g[:, None] < G, other=0.0)
+    k_row = k_ptr + b.to(tl.int64) * stride_kb
+    v_row = v_ptr + b.to(tl.int64) * stride_vb
+    own_row = owner_ptr + b.to(tl.int64) * stride_ownb
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for n0 in range(lo, hi, BLOCK):
-        n = n0 + tl.arange(0, BLOCK)
-        slot = seg_start + n
-        inside = n < hi
-        # Free slots (ring not yet filled, headroom: a few percent) are -1 and masked out
-        # of the scores; K/V loads do not wait on ``owner`` so they can be pipelined.
-        live = tl.load(owner_ptr + b * stride_ownb + slot, mask=inside, other=-1) == h
-        k = tl.load(k_ptr + b * stride_kb + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
-        # float32 caches get full-precision dots (Triton would use TF32 on the GPU).
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A split with no live slot so far keeps m = -inf; shift by 0 there to avoid inf - inf.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - shift)
-        p = tl.exp(s - shift[:, None])
-        v = tl.load(v_ptr + b * stride_vb + slot[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    if LIVE:
+        # Live slots of a TCA segment: the ring's filled prefix and the packed prefix
+        # (``cache.py``); the headroom after the packed tokens is never read.
+        fill = tl.minimum(tl.load(next_pos_ptr) - tl.load(base_ptr), ring).to(tl.int32)
+        packed_end = (ring + tl.load(var_len_ptr + bh)).to(tl.int32)
+        m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo,
+                                       tl.minimum(hi, fill), h, stride_ks, stride_vs, scale, D, BLOCK, IEEE)
+        m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start,
+                                       tl.maximum(lo, ring), tl.minimum(hi, packed_end), h, stride_ks,
+                                       stride_vs, scale, D, BLOCK, IEEE)
+    else:
+        m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h,
+                                       stride_ks, stride_vs, scale, D, BLOCK, IEEE)
     # Only the G real query rows go out: the partials are a few percent of the K/V bytes.
     row = (bh * NUM_SPLITS + split) * G + g
     real = g < G
@@ -138,9 +167,9 @@ def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PR
 
 def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
            seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int, scale: float,
-           total_slots: int | None = None, block: int | None = None,
-           programs: int | None = None, num_warps: int | None = None, num_stages: int | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           total_slots: int | None = None, live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+           block: int | None = None, programs: int | None = None, num_warps: int | None = None,
+           num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run both kernels.
 
     Args:
@@ -152,6 +181,12 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
         scale: softmax scale.
         total_slots: Python int, the segments' total length (sizes the
             splits; default ``max_segment`` times the number of segments).
+        live: ``(var_len, next_pos, base, ring)`` of a TCA cache: int64
+            ``[B, H_kv]`` packed tokens per head, int64 0-d next position and
+            base position, and the ring size (Python int). Only offsets
+            ``[0, min(next_pos - base, ring))`` and ``[ring, ring + var_len)`` of
+            each segment are read (the live lengths, read on the device each
+            step); ``None``: the whole segment.
         block, programs, num_warps, num_stages: tuning knobs; ``None`` takes
             the module's ``BLOCK_N``, ``TARGET_PROGRAMS``, ``NUM_WARPS`` and
             ``NUM_STAGES`` (measured on an H200, ``scripts/gpu_decode_sweep.py``).
@@ -170,16 +205,19 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
     split = split_size(total_slots, block, programs)
     num_splits = max(1, -(-max_segment // split))
     dev = q_bhd.device
+    # Unused pointers when the whole segment is read (LIVE=False): any valid tensor will do.
+    var_len, next_pos, base, ring = live if live is not None else (seg_len, seg_len, seg_len, 0)
     o_part = torch.empty(bsz * hkv * num_splits * group, d, dtype=torch.float32, device=dev)
     m_part = torch.empty(bsz * hkv * num_splits * group, dtype=torch.float32, device=dev)
     l_part = torch.empty_like(m_part)
     out = torch.empty(bsz, hq, d, dtype=q_bhd.dtype, device=dev)
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=dev)
     _split_kernel[(num_splits, bsz * hkv)](
-        q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, o_part, m_part, l_part,
+        q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, var_len, next_pos, base, o_part, m_part, l_part,
         q_bhd.stride(0), q_bhd.stride(1), k_bsd.stride(0), k_bsd.stride(1), v_bsd.stride(0), v_bsd.stride(1),
-        owner_bs.stride(0), scale, HKV=hkv, G=group, G_PAD=g_pad, D=d, SPLIT=split, NUM_SPLITS=num_splits,
-        BLOCK=block, IEEE=q_bhd.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        owner_bs.stride(0), scale, ring, HKV=hkv, G=group, G_PAD=g_pad, D=d, SPLIT=split, NUM_SPLITS=num_splits,
+        BLOCK=block, LIVE=live is not None, IEEE=q_bhd.dtype == torch.float32, num_warps=num_warps,
+        num_stages=num_stages)
     _combine_kernel[(bsz * hkv, group)](
         o_part, m_part, l_part, out, lse, out.stride(0), out.stride(1), HKV=hkv, G=group, D=d,
         NUM_SPLITS=num_splits, CHUNK=COMBINE_CHUNK)

@@ -11,12 +11,29 @@ def test_smoke_benchmark_runs_and_checks_correctness():
     methods = {(r["phase"], r["method"]) for r in result["rows"]}
     assert {("prefill", "sdpa_default"), ("prefill", "flex_causal"), ("prefill", "tca_25%+w"),
             ("prefill", "tca_10%+w"), ("decode", "sdpa_compact@39%"), ("decode", "tca_auto@39%"),
-            ("tpot", "dense_tpot"), ("ttft", "dense_sdpa")} <= methods
+            ("decode", "compress_math@39%"), ("decode", "tca_step@39%"), ("decode", "tca_step_math@39%"),
+            ("decode", "tca_step_skip@39%"), ("tpot", "dense_tpot"), ("ttft", "dense_sdpa")} <= methods
+    for label in ("tca_25%+w", "tca_10%+w"):
+        assert ("ttft", label) in methods
+        assert {("tpot", f"{label} TCACache {variant}") for variant in bench.TPOT_VARIANTS} <= methods
+    e2e = [r for r in result["rows"] if r["phase"] in ("ttft", "tpot")]
+    assert all(r["layers"] == 1 for r in e2e)
+    assert all(r["kv_bytes"] > 0 for r in e2e if r["phase"] == "tpot")
+    if bench_decode_triton():  # the fused compression kernel, in Triton's interpreter on CPU
+        fused = [r for r in result["rows"] if r["method"].startswith("compress_fused_leaving")]
+        assert fused and all(r["heads_differing_from_math"] == 0 for r in fused)
+        assert ("decode", "compress_fused_idle@39%") in methods
     tca = [r for r in result["rows"] if "computed_fraction" in r]
     # Checked against masked SDPA before timing; sparser budgets compute fewer blocks.
     assert all(r["rel_err"] < 1e-4 for r in tca)
     assert tca[1]["computed_fraction"] < tca[0]["computed_fraction"] < 1.0
     assert all(r["ms"] > 0 for r in result["rows"] if "ms" in r)
+
+
+def bench_decode_triton():
+    from tca_flex.decode import triton_supported
+
+    return triton_supported(torch.empty(1, 1, 1, 32))
 
 
 def test_one_step_dense_baseline_decodes_like_a_dynamic_cache(tiny_llama):

@@ -53,33 +53,27 @@ def reference_importance(q, k_hist, kept, block_pos, kvh, b, scale):
     return probs[torch.searchsorted(pos, block_pos)]
 
 
-def interpreted_triton_decode(monkeypatch):
-    """Route ``backend="triton"`` on CPU tensors to the Triton kernels run by Triton's interpreter.
+def interpreted_triton():
+    """Skip unless ``backend="triton"`` can run on CPU tensors: Triton's interpreter.
 
     ``conftest.py`` sets ``TRITON_INTERPRET=1`` on machines without a GPU, so
-    the very kernels that run on the GPU run here; only the op wrapper (which
-    needs CUDA) is bypassed.
+    the very kernels (decode attention and block compression, through their
+    custom ops) that run on the GPU run here.
     """
     import tca_flex.decode as decode
 
     if decode.triton_decode is None or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs Triton in interpreter mode (a machine without a GPU)")
 
-    def run(q_bhsd, k_bsd, v_bsd, owner_bs, segments, scale):
-        out, lse = decode.triton_decode.launch(q_bhsd[:, :, 0], k_bsd, v_bsd, owner_bs, segments.start,
-                                               segments.length, segments.max_length, scale,
-                                               total_slots=segments.total_length)
-        return out.unsqueeze(2), lse
 
-    monkeypatch.setattr(decode, "_triton_decode", run)
-    monkeypatch.setattr(decode, "triton_supported", lambda q: True)
-
-
-@pytest.mark.parametrize("backend", ["math", "triton"])
+# "every step": the compression runs on every step, as in a captured or compiled step, so the
+# Triton kernel's on-device "no block leaves" exit and the tensor form's no-op are exercised too.
+@pytest.mark.parametrize("backend,every_step", [("math", False), ("triton", False), ("math", True),
+                                                ("triton", True)])
 @torch.no_grad()
-def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, monkeypatch):
+def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, every_step):
     if backend == "triton":
-        interpreted_triton_decode(monkeypatch)
+        interpreted_triton()
     torch.manual_seed(7)
     bsz, hq, hkv, d, length, steps = 2, 4, 2, 16, 150, 70
     cfg = TCAConfig(block_size=8, window=32)
@@ -92,6 +86,7 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, mon
     k_hist, v_hist = torch.randn(bsz, hkv, total, d), torch.randn(bsz, hkv, total, d)
     # growth=0 and one block of headroom: the packed region is re-laid out often.
     layer = TCACacheLayer(cfg, t.tolist(), growth=0.0, min_chunk_blocks=1, backend=backend)
+    layer._assume_leaves = True if every_step else None
     k0, v0 = k_hist[:, :, :length], v_hist[:, :, :length]
     assert layer.update(k0, v0)[0] is k0
     sel = select(q_hist[:, :, :length], k0, budgets.cdf(0), scaling=scale, block_size=8, window=32,
@@ -135,7 +130,9 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, mon
                 assert torch.equal(pos[~torch.isin(pos, block)], old[~torch.isin(old, block)])
         if leaving:
             ncs, compressions = ncs + 8, compressions + 1
+        assert int(layer.ncs) == ncs
     assert compressions == 8
+    assert layer._fused_compression(q[:, :, None]) == (backend == "triton")
     assert len(slots_seen) > 2, "the packed region should have grown in chunks"
 
 

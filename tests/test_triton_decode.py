@@ -12,20 +12,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tca_flex.decode as decode
-from tca_flex.decode import Segments, decode_attention
+from tca_flex.decode import LiveRanges, Segments, decode_attention
 
 pytestmark = pytest.mark.skipif(
     decode.triton_decode is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs Triton (compiled on a GPU, or its CPU interpreter)")
 
 
-def run_kernels(q, k, v, owner, segments, scale, block=64):
-    if q.device.type == "cuda" and block == 64:
+def run_kernels(q, k, v, owner, segments, scale, block=64, live=None):
+    if block == 64:  # through the op, as the cache calls it
         return decode_attention(q, k, v, owner, group=q.shape[1] // segments.start.shape[1], scale=scale,
-                                backend="triton", segments=segments)
+                                backend="triton", segments=segments, live=live)
     out, lse = decode.triton_decode.launch(q[:, :, 0], k, v, owner, segments.start, segments.length,
-                                           segments.max_length, scale,
-                                           total_slots=segments.total_length, block=block)
+                                           segments.max_length, scale, total_slots=segments.total_length,
+                                           live=live, block=block)
     return out.unsqueeze(2), lse
 
 
@@ -52,13 +52,16 @@ def random_cache(bsz, hkv, d, seg_lens, live_frac, dtype, device, gen):
     return k.to(device), v.to(device), owner.to(device), segments
 
 
-def reference(q, k, v, owner, group, scale):
+def reference(q, k, v, owner, group, scale, readable=None):
+    """float64 attention of each query head over the slots its KV head owns (and ``readable[b, slot]``)."""
     bsz, hq, _, _ = q.shape
     out = torch.empty(bsz, hq, q.shape[-1], dtype=torch.float64)
     lse = torch.empty(bsz, hq, dtype=torch.float64)
     for b in range(bsz):
         for h in range(hq):
             live = (owner[b] == h // group).cpu()
+            if readable is not None:
+                live &= readable[b]
             logits = k[b].cpu()[live].double() @ q[b, h, 0].cpu().double() * scale
             lse[b, h] = logits.logsumexp(0)
             out[b, h] = torch.softmax(logits, 0) @ v[b].cpu()[live].double()
@@ -84,6 +87,37 @@ def test_kernels_equal_float64_attention_over_live_slots(bsz, hkv, group, d, max
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out[:, :, 0].cpu().double(), ref_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=tol, rtol=tol)
+
+
+@given(bsz=st.integers(1, 2), hkv=st.integers(1, 3), group=st.sampled_from([1, 4]), ring=st.integers(1, 200),
+       fill=st.floats(0.0, 1.5), packed=st.lists(st.integers(0, 300), min_size=6, max_size=6),
+       block=st.sampled_from([16, 64]), seed=st.integers(0, 2**31 - 1))
+@torch.no_grad()
+def test_live_lengths_bound_what_the_kernel_reads(bsz, hkv, group, ring, fill, packed, block, seed):
+    """A TCA segment is [ring | packed | headroom]: only the ring's filled prefix and the packed prefix
+    count, even where ``owner`` claims other slots (stale owners past the live lengths must not be read)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    d, scale = 16, 0.25
+    var_len = torch.tensor(packed[: bsz * hkv]).view(bsz, hkv)
+    headroom = torch.randint(0, 40, (bsz, hkv), generator=gen)
+    seg_lens = (ring + var_len + headroom).tolist()
+    k, v, owner, segments = random_cache(bsz, hkv, d, seg_lens, 0.7, torch.float32, device, gen)
+    filled = min(ring, max(1, int(fill * ring)))  # the newest token is always in the ring
+    readable = torch.zeros(owner.shape, dtype=torch.bool)
+    for b in range(bsz):
+        for h in range(hkv):
+            s0 = int(segments.start[b, h])
+            owner[b, s0] = h  # every head holds at least one readable token
+            readable[b, s0: s0 + filled] = True
+            readable[b, s0 + ring: s0 + ring + int(var_len[b, h])] = True
+    next_pos = torch.tensor(1000 + filled, device=device)
+    live = LiveRanges(var_len.to(device), next_pos, torch.tensor(1000, device=device), ring)
+    q = torch.randn(bsz, hkv * group, 1, d, generator=gen).to(device)
+    out, lse = run_kernels(q, k, v, owner, segments, scale, block, live)
+    ref_out, ref_lse = reference(q, k, v, owner, group, scale, readable)
+    torch.testing.assert_close(out[:, :, 0].cpu().double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
 @given(total=st.integers(1, 10**6), block=st.sampled_from([16, 64, 128]), programs=st.integers(1, 4096))
