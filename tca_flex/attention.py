@@ -26,7 +26,7 @@ from .cache import CacheLink
 from .compile import kernel_options_for, length_generic
 from .config import TCAConfig
 from .masks import KERNEL_BLOCK, packed_block_mask, tca_block_indices
-from .selection import Selection, select
+from .selection import Selection, observed_queries, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,20 +54,21 @@ class TCALayer:
 
 
 def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
-               scaling: float) -> Selection:
+               scaling: float, observed: bool = False) -> Selection:
     """``select`` with every knob taken from ``config`` (shapes as in ``tca_prefill_attention``)."""
     return select(q_bhsd, k_bhsd, cdf_hk, scaling=scaling, block_size=config.block_size,
                   window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
                   num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
                   capacity_multiple=KERNEL_BLOCK, guard_floor=config.guard_floor,
                   pool_kernel=config.pool_kernel, span=config.span,
-                  num_spread=config.spread_observation_queries, anchor_blocks=config.anchor_blocks)
+                  num_spread=config.spread_observation_queries, anchor_blocks=config.anchor_blocks,
+                  observed=observed)
 
 
-def _select_positions(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
+def _select_positions(q_obs: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
                       scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selection's ``(positions, counts)``; ``positions`` is ``KERNEL_BLOCK``-aligned in width."""
-    sel = tca_select(q_bhsd, k_bhsd, cdf_hk, config, scaling)
+    """The selection's ``(positions, counts)`` from the observation queries' rows (``observed_queries``)."""
+    sel = tca_select(q_obs, k_bhsd, cdf_hk, config, scaling, observed=True)
     return sel.positions, sel.counts
 
 
@@ -145,8 +146,13 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     # stays eager (cheap at CPU lengths, and no compile in every test process).
     select_fn = _select_positions
     if q_bhsd.is_cuda and not torch.compiler.is_compiling():
-        select_fn = length_generic(_select_positions, (0, 2), (1, 2))
-    positions, counts = select_fn(q_bhsd, k_bhsd, cdf_hk, config, scaling)
+        select_fn = length_generic(_select_positions, (1, 2))
+    # The compiled selection sees the few observation rows and contiguous keys: one graph
+    # whatever layout the caller's tensors have (a model's transposed projections, a
+    # cache's concatenation), since compiled graphs are specialised on strides.
+    q_obs = observed_queries(q_bhsd, config.num_observation_queries, config.spread_observation_queries,
+                             config.window)
+    positions, counts = select_fn(q_obs, k_bhsd.contiguous(), cdf_hk, config, scaling)
     # The attention runs on whole tiles: a padded tail of < KERNEL_BLOCK queries and keys
     # (causal: invisible to the real queries; computed only in the last tile).
     padded = -(-length // KERNEL_BLOCK) * KERNEL_BLOCK

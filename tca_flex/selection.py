@@ -88,7 +88,7 @@ def observation_queries(length, num_last: int, num_spread: int = 0, window: int 
 
 def importance(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float,
                num_queries: int = 1, aggregation: str = "mean", num_spread: int = 0,
-               window: int = 0) -> torch.Tensor:
+               window: int = 0, observed: bool = False) -> torch.Tensor:
     """Attention rows of the observation queries, averaged, aggregated per KV head.
 
     The last ``num_queries`` queries contribute their softmax rows (the
@@ -108,16 +108,19 @@ def importance(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float,
         aggregation: ``"mean"`` or ``"max"`` over the ``g`` query heads.
         num_spread: queries spread over ``[window, L - m)`` (0: none).
         window: local window ``w`` (only used with ``num_spread``).
+        observed: ``q_bhsd`` already holds only the observation queries,
+            ``[B, H_q, num_queries + num_spread, D]`` in ``observation_queries``
+            order (``observed_queries``); ``L`` is then the keys' length.
 
     Returns:
         float32 ``[B, H_kv, L]``; with ``num_spread = 0`` each row sums to 1.
     """
-    b, hq, length, d = q_bhsd.shape
-    hkv = k_bhsd.shape[1]
+    b, hq, d = q_bhsd.shape[0], q_bhsd.shape[1], q_bhsd.shape[3]
+    hkv, length = k_bhsd.shape[1], k_bhsd.shape[2]
     g = hq // hkv
     q_pos, weight, far_only = observation_queries(length, num_queries, num_spread, window, q_bhsd.device)
     n = q_pos.shape[0]
-    q_obs = q_bhsd.index_select(2, q_pos).reshape(b, hkv, g * n, d)
+    q_obs = (q_bhsd if observed else q_bhsd.index_select(2, q_pos)).reshape(b, hkv, g * n, d)
     scores = torch.matmul(q_obs.float(), k_bhsd.float().transpose(-1, -2)) * scaling
     scores = scores.view(b, hkv, g, n, length)
     k_pos = torch.arange(length, device=q_bhsd.device)
@@ -296,6 +299,17 @@ def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
     return torch.where(slot < n, taken, PAD_POSITION), keep.sum(-1)
 
 
+def observed_queries(q_bhsd: torch.Tensor, num_queries: int, num_spread: int = 0, window: int = 0) -> torch.Tensor:
+    """``[B, H_q, num_queries + num_spread, D]``: the observation queries' rows (contiguous).
+
+    What a selection with ``observed=True`` takes instead of every query: the
+    selection reads no other query row, so a caller that compiles it passes
+    these few rows and the graph never depends on how the queries are laid out.
+    """
+    positions = observation_queries(q_bhsd.shape[2], num_queries, num_spread, window, q_bhsd.device)[0]
+    return q_bhsd.index_select(2, positions)
+
+
 def last_query_probs(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float) -> torch.Tensor:
     """Softmax row of the last query, per query head (the last query sees every key).
 
@@ -363,7 +377,8 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
            block_size: int, window: int, alpha: float, normalize: bool = False,
            num_queries: int = 1, aggregation: str = "mean",
            capacity_multiple: int = 128, guard_floor: float | None = None,
-           pool_kernel: int = 1, span: int = 0, num_spread: int = 0, anchor_blocks: int = 0) -> Selection:
+           pool_kernel: int = 1, span: int = 0, num_spread: int = 0, anchor_blocks: int = 0,
+           observed: bool = False) -> Selection:
     """TCA's online core-context selection for one layer.
 
     Args:
@@ -385,17 +400,19 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
         guard_floor: opt-in runtime guard (``TCAConfig.guard_floor``): after
             the per-block top-t, ``guard_keep`` grows the subset until the last
             query of every query head retains at least this mass.
+        observed: ``q_bhsd`` holds only the observation queries
+            (``observed_queries``); ``L`` is the keys' length.
 
     Returns:
         The ``Selection``; requires ``L > window``.
     """
-    length = q_bhsd.shape[2]
+    length = k_bhsd.shape[2]
     if length <= window:
         raise ValueError(f"selection needs more tokens ({length}) than the window ({window})")
     # Shape arithmetic only, and no view whose contiguity depends on the length: under
     # torch.compile the length is symbolic and one graph serves every prompt length.
     global_len = length - window
-    s = importance(q_bhsd, k_bhsd, scaling, num_queries, aggregation, num_spread, window)
+    s = importance(q_bhsd, k_bhsd, scaling, num_queries, aggregation, num_spread, window, observed)
     s_blocks = to_blocks(s[..., :global_len], block_size, 0.0)
     scores = redundancy_score(s_blocks, alpha, normalize)
     ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2], anchor_blocks)
@@ -405,7 +422,9 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, 
     in_global = torch.arange(s_blocks.shape[-2] * block_size, device=s.device) < global_len
     keep = dilate_keep(keep_top_in_blocks(ranked, budgets).flatten(-2), span) & in_global
     if guard_floor is not None:
-        keep = guard_keep(keep, s_blocks.flatten(-2), last_query_probs(q_bhsd, k_bhsd, scaling), guard_floor,
+        # The last query (position L - 1) ends the block of last observation queries.
+        q_last = q_bhsd[:, :, :num_queries] if observed else q_bhsd
+        keep = guard_keep(keep, s_blocks.flatten(-2), last_query_probs(q_last, k_bhsd, scaling), guard_floor,
                           global_len)
     capacity = -(-global_len // capacity_multiple) * capacity_multiple
     positions, counts = pack_positions(keep, capacity)

@@ -57,21 +57,25 @@ def test_ten_prompt_lengths_compile_one_graph_and_match_the_reference(tiny_llama
 
 
 def test_compiled_selection_is_length_generic():
-    """The CUDA path compiles the selection too: one graph for every length (checked on the CPU)."""
-    from tca_flex.attention import _select_positions
+    """The CUDA path compiles the selection too: one graph for every length (checked on the CPU),
+    fed only the observation queries' rows, and equal to the selection over every query."""
+    from tca_flex.attention import _select_positions, tca_select
     from tca_flex.compile import length_generic
+    from tca_flex.selection import observed_queries
 
     config = TCAConfig.accurate(block_size=16, window=64, anchor_blocks=30, guard_floor=0.9, span=1)
     probs = torch.rand(2, config.block_size + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     cdf = HeadBudgets(probs=(probs / probs.sum(-1, keepdim=True)).unsqueeze(0), config=config).cdf(0)
-    select = length_generic(_select_positions, (0, 2), (1, 2))
+    select = length_generic(_select_positions, (1, 2))
     gen = torch.Generator().manual_seed(4)
     for i, n in enumerate(LENGTHS[:6]):
         q, k = torch.randn(1, 4, n, 8, generator=gen), torch.randn(1, 2, n, 8, generator=gen)
+        q_obs = observed_queries(q, config.num_observation_queries, config.spread_observation_queries,
+                                 config.window)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            positions, counts = select(q, k, cdf, config, 8 ** -0.5)
-        want_positions, want_counts = _select_positions(q, k, cdf, config, 8 ** -0.5)
-        assert torch.equal(positions, want_positions) and torch.equal(counts, want_counts), n
+            positions, counts = select(q_obs, k, cdf, config, 8 ** -0.5)
+        want = tca_select(q, k, cdf, config, 8 ** -0.5)
+        assert torch.equal(positions, want.positions) and torch.equal(counts, want.counts), n
 
 
 @torch.no_grad()
