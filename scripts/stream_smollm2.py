@@ -25,7 +25,7 @@ import tca_flex
 from tca_flex.bench_stream import stream_lengths
 from tca_flex.eval import tasks
 from tca_flex.eval.runner import greedy
-from tca_flex.models import load_smollm2, load_smollm2_tokenizer
+from tca_flex.models import load_smollm2
 
 GENERATORS = [tasks.passkey, tasks.niah_single, tasks.niah_multikey, tasks.niah_multivalue]
 
@@ -40,8 +40,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_smollm2_tokenizer()
-    model = load_smollm2(dtype=getattr(torch, args.dtype), device=device).eval()
+    model, tokenizer = load_smollm2(dtype=getattr(torch, args.dtype), device=device)
     lengths = stream_lengths(args.count, args.lo, args.hi, seed=7)
     samples = [GENERATORS[i % len(GENERATORS)](tokenizer, n, seed=100 + i) for i, n in enumerate(lengths)]
     prompts = [torch.tensor([tokenizer(s.prompt).input_ids], device=device) for s in samples]
