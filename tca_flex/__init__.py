@@ -7,16 +7,21 @@ Typical use::
     model = tca_flex.apply(model, budgets="budgets.json")
     model = tca_flex.compile(model)           # or torch.compile(model)
     out = model.generate(ids, cache=tca_flex.TCACache(model), max_new_tokens=64)  # or past_key_values=
+
+Multi-turn: pass the same ``TCACache`` to the next ``generate`` with the
+conversation so far plus the new message; ``chunked_prefill`` runs a long
+prompt through the cache in chunks (``docs/chunked_prefill.md``).
 """
 
 from .budgets import HeadBudgets, shipped_budgets
 from .cache import TCACache
 from .calibration import calibrate
+from .chunked import chunked_prefill
 from .compile import compile  # noqa: A004 - the public name the design asks for; the module stays importable
 from .config import TCAConfig
 from .fidelity import FidelityReport, report
 from .integration import apply, remove
 
-__all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "compile", "remove",
-           "report", "shipped_budgets"]
+__all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "chunked_prefill",
+           "compile", "remove", "report", "shipped_budgets"]
 __version__ = "0.1.0"
