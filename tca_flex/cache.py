@@ -7,6 +7,10 @@ the window it is compressed to its top-``t`` tokens by the attention the
 current query gave them (GQA-aggregated), ``t = floor(E[k])`` of that head.
 Keys are cached after RoPE, so a kept token keeps its position for free.
 
+Several new tokens at once after the prefill (the next turn of a
+conversation, a piece of a chunked prefill) follow the same rule
+generalised to a chunk (``docs/chunked_prefill.md``, ``chunk_step``).
+
 Storage: one flat buffer per batch row, ``[B, S, D]``, in which every KV head
 owns a contiguous segment
 
@@ -543,8 +547,11 @@ class TCACache(Cache):
     passed explicitly; with a ``DynamicCache`` decode runs dense over the
     full cache, as before. Supported: greedy/sampling, beam search
     (``reorder_cache``), batches of unpadded sequences (each row its own
-    selection). Not supported (clear errors): padded batches, more than one
-    new token per step after the prefill, ``crop``.
+    selection), multi-turn conversations (pass the same cache to the next
+    ``generate`` with the conversation plus the new message) and chunked
+    prefill (``tca_flex.chunked_prefill``): chunks of new tokens follow
+    ``docs/chunked_prefill.md``. Not supported (clear errors): padded
+    batches, ``crop`` (assisted decoding, prompt lookup).
 
     Args:
         model: a model prepared by ``tca_flex.apply``.
