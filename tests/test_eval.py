@@ -410,6 +410,7 @@ def test_multi_turn_smoke_run_appends_and_reprefills(tiny_llama, tmp_path):
     by = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["records"]}
     assert set(by) == {"dense", "tca_cache-k1", "tca_reprefill-k1", "tca_cache-k0.25", "tca_reprefill-k0.25"}
     dense = by["dense"]
+    assert dense["kv_kept"] == 1.0
     assert 1200 < dense["prompt_tokens"] < 1800 and dense["task"] == "multi_turn"  # bytes: coarse sizing
     # Keeping every token, appending turn after turn and re-prefilling are both dense.
     for name in ("tca_cache-k1", "tca_reprefill-k1"):

@@ -164,6 +164,8 @@ def converse(model, tokenizer, sample: Sample, prepared: Prepared, device: torch
             ids, offset = history, 0
         tensor = torch.tensor([ids], dtype=torch.long, device=device)
         new, prefill_s, decode_s, kept = greedy(model, tensor, budget, tokenizer.eos_token_id, cache, offset)
+        if kept is not None:  # greedy measured the cache against the tokens it was fed, not the conversation
+            kept = kept * len(ids) / len(history)
         feed_s += prefill_s
         if len(new) > 1:
             decode_total += decode_s * (len(new) - 1)
