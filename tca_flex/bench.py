@@ -2,6 +2,7 @@
 
     python -m tca_flex.bench                 # CUDA: LLaMA-3.1-8B attention shapes, 8K..128K
     python -m tca_flex.bench --smoke         # tiny CPU shapes: the same code paths, for CI
+    python -m tca_flex.bench --phases chunks # chunked prefill and conversations (bench_chunks.py)
 
 Every TCA variant is checked against SDPA with an explicit mask (on the last
 queries) before it is timed. Results go to ``benchmarks/results/<device>-<date>.json``
@@ -420,9 +421,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         t = r.get("ms", r.get("us"))
         unit = "ms" if "ms" in r else "us"
-        if r["method"] in ("sdpa_default", "sdpa_full", "dense_sdpa", "dense_tpot"):
-            base[(r["phase"], r["length"])] = t
-        speed = base.get((r["phase"], r["length"]), t) / t
+        key = (r["phase"], r["length"], r["method"].split(" ")[0] if r["method"].startswith("turn") else "")
+        if r["method"] in ("sdpa_default", "sdpa_full", "dense_sdpa", "dense_tpot", "dense_chunked") or (
+                r["method"].endswith(" dense_append")):
+            base[key] = t
+        speed = base.get(key, t) / t
         notes = ""
         if "stages_ms" in r:
             notes = (f"attn {r['stages_ms']['attention']:.2f} ms @ {r['attention_tflops']:.0f} TF/s, "
@@ -448,8 +451,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="FlexAttention defaults instead of USE_TMA (the default on Hopper)")
     parser.add_argument("--e2e-layers", type=int, default=2, help="layers of the 8B-shaped model (0: skip)")
     parser.add_argument("--compile-model", action="store_true", help="also time torch.compile(model) after apply")
-    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e"],
+    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e", "chunks"],
                         default=["prefill", "decode", "e2e"])
+    parser.add_argument("--chunk-prompt", type=int, default=131072, help="chunks phase: prompt length")
+    parser.add_argument("--chunk-size", type=int, default=8192, help="chunks phase: tokens per chunk")
+    parser.add_argument("--turns", type=int, nargs="+", default=[32768, 2048, 2048, 2048],
+                        help="chunks phase: tokens of each user turn of the conversation")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -474,6 +481,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         e2e_lengths = [n for n in lengths if n >= 32768] or lengths[-1:]
         rows += e2e_rows(e2e_lengths, args.e2e_layers, 0.25, window, device, dtype, args.smoke,
                          args.compile_model)
+    if "chunks" in args.phases:
+        from .bench_chunks import chunk_bench_rows
+
+        sizes = ((512, 200, [300, 64]) if args.smoke
+                 else (args.chunk_prompt, args.chunk_size, args.turns))
+        rows += chunk_bench_rows(max(1, args.e2e_layers), 0.25, 128 if args.smoke else window, device, dtype,
+                                 args.smoke, *sizes, reply=8)
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__,
@@ -484,7 +498,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(rows)
     if not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
-        suffix = ("-notma" if args.no_tma else "") + ("" if len(args.phases) == 3 else "-" + "-".join(args.phases))
+        default = ["prefill", "decode", "e2e"]
+        suffix = ("-notma" if args.no_tma else "") + ("" if args.phases == default else "-" + "-".join(args.phases))
         path = args.out / f"{result['device']}-{result['date'][:10]}{suffix}.json"
         path.write_text(json.dumps(result, indent=1))
         print(f"\nwrote {path}")
