@@ -177,7 +177,7 @@ class TCACacheLayer(CacheLayerMixin):
             self._post(key_states)
             return key_states, value_states
         if key_states.shape[-2] != 1:
-            self._chunk = (key_states, value_states)
+            self._chunk = (key_states.detach(), value_states.detach())  # the buffers keep no autograd history
             self._post(key_states)
             return key_states, value_states
         self._append(key_states, value_states)
@@ -410,6 +410,7 @@ class TCACacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------- chunks (docs/chunked_prefill.md)
 
+    @torch.no_grad()
     def chunk_step(self, query: torch.Tensor, scale: float,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of a chunk of new tokens over the kept set plus the chunk, then compression.
@@ -426,7 +427,7 @@ class TCACacheLayer(CacheLayerMixin):
                 causal mask is accepted (``ValueError`` for padding).
 
         Returns:
-            ``[B, H_q, c, D]``.
+            ``[B, H_q, c, D]``, detached (inference only, like the rest of the cache).
         """
         if self._chunk is None:
             raise RuntimeError("chunk_step needs a chunk: call update with the new keys and values first")
@@ -440,6 +441,7 @@ class TCACacheLayer(CacheLayerMixin):
                for v, cap in zip(row, caps, strict=True)):
             self._grow(needed)
         past = gather_segments(self.k_buf, self.v_buf, self.owner, self.seg_start, self.segments.max_length)
+        query = query.detach()
         out, lse = chunk_attention(query, *past, key, value, scale)
         ncs = self._base + done * self.block
         if done_after > done:

@@ -228,3 +228,14 @@ def test_compiled_chunk_matches_eager():
         torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
     for h in range(2):
         assert torch.equal(caches[0].layers[0].kept_positions(0, h), caches[1].layers[0].kept_positions(0, h))
+
+
+def test_a_chunk_outside_no_grad_leaves_no_autograd_history_in_the_cache(tiny_llama):
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    cache = TCACache(tiny_llama)
+    with torch.no_grad():
+        tiny_llama(ids(100), **cache_kwargs(tiny_llama, cache))
+    out = tiny_llama(ids(90, seed=1), **cache_kwargs(tiny_llama, cache))  # grad mode on, as in a plain script
+    assert torch.isfinite(out.logits).all()
+    for layer in cache.layers:
+        assert not (layer.k_buf.requires_grad or layer.v_buf.requires_grad)
