@@ -8,17 +8,22 @@ Typical use::
     tca_flex.warmup(model, max_length=131072)  # compile once, before the first request
     model = tca_flex.compile(model)           # or torch.compile(model)
     out = model.generate(ids, cache=tca_flex.TCACache(model), max_new_tokens=64)  # or past_key_values=
+
+Multi-turn: pass the same ``TCACache`` to the next ``generate`` with the
+conversation so far plus the new message; ``chunked_prefill`` runs a long
+prompt through the cache in chunks (``docs/chunked_prefill.md``).
 """
 
 from .budgets import HeadBudgets, shipped_budgets
 from .cache import TCACache
 from .calibration import calibrate
+from .chunked import chunked_prefill
 from .compile import compile  # noqa: A004 - the public name the design asks for; the module stays importable
 from .config import TCAConfig
 from .fidelity import FidelityReport, report
 from .integration import apply, remove
 from .warmup import load_compile_cache, save_compile_cache, warmup
 
-__all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "compile",
-           "load_compile_cache", "remove", "report", "save_compile_cache", "shipped_budgets", "warmup"]
+__all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "chunked_prefill",
+           "compile", "load_compile_cache", "remove", "report", "save_compile_cache", "shipped_budgets", "warmup"]
 __version__ = "0.1.0"

@@ -6,8 +6,9 @@ Dispatch per call:
 - shorter prefills, decode and prefills on top of an existing cache run
   transformers' own SDPA attention, so they equal dense exactly;
 - with a ``TCACache``, the cache layer that ``update`` just used waits on the
-  module's ``CacheLink``: after a prefill it is pruned to the selection, and
-  a decode step attends over its kept set (``cache.py``).
+  module's ``CacheLink``: after a prefill it is pruned to the selection, a
+  decode step attends over its kept set (``cache.py``), and so does a chunk
+  of several new tokens (``docs/chunked_prefill.md``).
 """
 
 from __future__ import annotations
@@ -265,11 +266,15 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         )
     cache_layer = layer.link.take(key)
     if cache_layer is not None and cache_layer.prefilled:
-        _check_decode_mask(attention_mask)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         _warn_if_detached(query, key, value)
         with torch.no_grad():  # inference-only; detached too: CPU FlexAttention refuses inputs requiring grad
-            return cache_layer.decode_step(query.detach(), scale).transpose(1, 2).contiguous(), None
+            if cache_layer.chunk_pending:  # several new tokens on top of the pruned cache
+                out = cache_layer.chunk_step(query.detach(), scale, attention_mask)
+            else:
+                _check_decode_mask(attention_mask)
+                out = cache_layer.decode_step(query.detach(), scale)
+        return out.transpose(1, 2).contiguous(), None
     q_len, k_len = query.shape[2], key.shape[2]
     sparse = q_len == k_len and k_len > layer.config.dense_up_to
     if not sparse:

@@ -3,6 +3,7 @@
     python -m tca_flex.bench                 # CUDA: LLaMA-3.1-8B attention shapes, 8K..128K
     python -m tca_flex.bench --smoke         # tiny CPU shapes: the same code paths, for CI
     python -m tca_flex.bench --phases stream # per-request latency over distinct lengths (bench_stream.py)
+    python -m tca_flex.bench --phases chunks # chunked prefill and conversations (bench_chunks.py)
 
 Every TCA variant is checked against SDPA with an explicit mask (on the last
 queries) before it is timed. Results go to ``benchmarks/results/<device>-<date>.json``
@@ -626,9 +627,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         t = r.get("ms", r.get("us"))
         unit = "ms" if "ms" in r else "us"
-        if r["method"] in ("sdpa_default", "sdpa_full", "dense_sdpa", "dense_tpot"):
-            base[(r["phase"], r["length"])] = t
-        speed = base.get((r["phase"], r["length"]), t) / t
+        key = (r["phase"], r["length"], r["method"].split(" ")[0] if r["method"].startswith("turn") else "")
+        if r["method"] in ("sdpa_default", "sdpa_full", "dense_sdpa", "dense_tpot", "dense_chunked") or (
+                r["method"].endswith(" dense_append")):
+            base[key] = t
+        speed = base.get(key, t) / t
         notes = ""
         if "stages_ms" in r:
             notes = (f"attn {r['stages_ms']['attention']:.2f} ms @ {r['attention_tflops']:.0f} TF/s, "
@@ -674,11 +677,15 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                         help="decode kernels timed per layer on CUDA (flex compiles for tens of seconds)")
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the torch.compile'd decode step at the last length given")
-    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e", "stream"],
+    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e", "stream", "chunks"],
                         default=["prefill", "decode", "e2e"])
     parser.add_argument("--stream-count", type=int, default=24, help="requests in the stream phase")
     parser.add_argument("--stream-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                         help="prompt lengths of the stream phase (default 8192 131072; smoke 900 1500)")
+    parser.add_argument("--chunk-prompt", type=int, default=131072, help="chunks phase: prompt length")
+    parser.add_argument("--chunk-size", type=int, default=8192, help="chunks phase: tokens per chunk")
+    parser.add_argument("--turns", type=int, nargs="+", default=[32768, 2048, 2048, 2048],
+                        help="chunks phase: tokens of each user turn of the conversation")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -728,6 +735,13 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if "chunks" in args.phases:
+        from .bench_chunks import chunk_bench_rows
+
+        sizes = ((512, 200, [300, 64]) if args.smoke
+                 else (args.chunk_prompt, args.chunk_size, args.turns))
+        measured(chunk_bench_rows(max(1, args.e2e_layers), 0.25, 128 if args.smoke else window, device, dtype,
+                                  args.smoke, *sizes, reply=8))
     if "stream" in args.phases:
         from .bench_stream import print_stream, run_stream
 

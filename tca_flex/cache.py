@@ -7,6 +7,10 @@ the window it is compressed to its top-``t`` tokens by the attention the
 current query gave them (GQA-aggregated), ``t = floor(E[k])`` of that head.
 Keys are cached after RoPE, so a kept token keeps its position for free.
 
+Several new tokens at once after the prefill (the next turn of a
+conversation, a piece of a chunked prefill) follow the same rule
+generalised to a chunk (``docs/chunked_prefill.md``, ``chunk_step``).
+
 Storage: one flat buffer per batch row, ``[B, S, D]``, in which every KV head
 owns a contiguous segment
 
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .chunks import check_chunk_mask, chunk_attention, gather_segments, leaving_importance
 from .config import TCAConfig
 from .decode import (
     DECODE_BACKENDS,
@@ -62,7 +67,7 @@ from .layout import (
     slot_map,
 )
 from .memory import LayerMemory, MemoryReport
-from .selection import Selection
+from .selection import Selection, rank_of
 
 
 class CacheLink:
@@ -127,6 +132,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.window, self.block = config.window, config.block_size
         self.ring = config.window + config.block_size
         self.aggregation = config.gqa_aggregation
+        self.num_observation_queries = config.num_observation_queries
         self.keep_host = keep
         self._keep_list = keep.tolist()
         self.reserve_tokens = reserve_tokens
@@ -139,6 +145,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.is_initialized = False
         self.prefilled = False
         self._awaiting_prune = False
+        self._chunk: tuple[torch.Tensor, torch.Tensor] | None = None
         self._seen = 0
         self._grow_at = NEVER
 
@@ -158,22 +165,33 @@ class TCACacheLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill: returns the full K/V (the attention function prunes right after).
-        Decode: appends one token per sequence and returns the flat buffers ``[B, S, D]``."""
+        Decode: appends one token per sequence and returns the flat buffers ``[B, S, D]``.
+        A chunk of several tokens after the prefill: returns them; the attention
+        function then runs ``chunk_step``, which stores them."""
         if self._awaiting_prune:
             raise RuntimeError("TCACache: the previous prefill was never pruned. TCACache only works with a "
                                "model prepared by tca_flex.apply (attn_implementation 'tca')")
+        if self._chunk is not None:
+            raise RuntimeError("TCACache: the previous chunk of new tokens never reached the TCA attention. "
+                               "TCACache only works with a model prepared by tca_flex.apply (attn_implementation "
+                               "'tca'); after an error inside a forward, start again with a fresh cache")
         if not self.prefilled:
             self.lazy_initialization(key_states, value_states)
             self._awaiting_prune = True
             self._post(key_states)
             return key_states, value_states
         if key_states.shape[-2] != 1:
-            raise NotImplementedError(
-                f"TCACache got {key_states.shape[-2]} new tokens on top of a pruned cache; only one token "
-                "per step is supported after the prefill (no chunked prefill, assisted or multi-turn reuse)")
+            self._chunk = (key_states.detach(), value_states.detach())  # the buffers keep no autograd history
+            self._post(key_states)
+            return key_states, value_states
         self._append(key_states, value_states)
         self._post(self.keys)
         return self.keys, self.values
+
+    @property
+    def chunk_pending(self) -> bool:
+        """Whether ``update`` holds a chunk that ``chunk_step`` has to attend to and store."""
+        return self._chunk is not None
 
     def _post(self, key: torch.Tensor) -> None:
         if self.link is not None:
@@ -285,13 +303,17 @@ class TCACacheLayer(CacheLayerMixin):
                                  torch.tensor(seg_len, dtype=torch.int32, device=self.device),
                                  max(map(max, seg_len)), sum(map(sum, seg_len)))
         self.keys, self.values = self.k_buf, self.v_buf
+        self._refresh_grow_at()
+
+    def _refresh_grow_at(self) -> None:
         done, var_len = self._packed_lengths()
-        self._grow_at = next_growth(layout, var_len, self._keep_list, done, self._base, self.window,
+        self._grow_at = next_growth(self.layout, var_len, self._keep_list, done, self._base, self.window,
                                     self.block)
 
-    def _grow(self) -> None:
-        """Re-lay the buffers with fresh headroom (once per chunk of compressed blocks; no host sync)."""
-        new = self._plan(self._packed_lengths()[1])
+    def _grow(self, var_len: list[list[int]] | None = None) -> None:
+        """Re-lay the buffers with room for ``var_len`` packed tokens (default: what is packed now) plus
+        fresh headroom (once per chunk of compressed blocks; no host sync)."""
+        new = self._plan(self._packed_lengths()[1] if var_len is None else var_len)
         src, valid = slot_map(self.layout, new, self.ring, self.device)
         idx = src.unsqueeze(-1).expand(-1, -1, self.head_dim)
         self.k_buf = torch.where(valid.unsqueeze(-1), self.k_buf.gather(1, idx), 0)
@@ -422,6 +444,115 @@ class TCACacheLayer(CacheLayerMixin):
         self.var_len += torch.where(do, self.keep, 0)
         self.ncs += torch.where(do, self.block, 0)
 
+    # ------------------------------------------------------------- chunks (docs/chunked_prefill.md)
+
+    @torch.no_grad()
+    def chunk_step(self, query: torch.Tensor, scale: float,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of a chunk of new tokens over the kept set plus the chunk, then compression.
+
+        The chunk is the K/V the last ``update`` received. Blocks that leave the
+        window during the chunk keep each head's top-``t`` tokens, scored by the
+        chunk's last ``num_observation_queries`` queries; the rest of the chunk
+        joins the ring. With one token this is the decode step's rule.
+
+        Args:
+            query: ``[B, H_q, c, D]`` (RoPE applied).
+            scale: softmax scale.
+            attention_mask: transformers' mask for the chunk; only the plain
+                causal mask is accepted (``ValueError`` for padding).
+
+        Returns:
+            ``[B, H_q, c, D]``, detached (inference only, like the rest of the cache).
+        """
+        if self._chunk is None:
+            raise RuntimeError("chunk_step needs a chunk: call update with the new keys and values first")
+        (key, value), self._chunk = self._chunk, None  # a refused mask leaves the cache as it was
+        check_chunk_mask(attention_mask, self._seen)
+        n, c = self._seen, key.shape[-2]
+        done = compressions_done(n, self._base, self.window, self.block)
+        done_after = compressions_done(n + c, self._base, self.window, self.block)
+        needed = packed_lengths(self._counts0, self._keep_list, done_after)
+        if any(v > cap for row, caps in zip(needed, self.layout.var_cap, strict=True)
+               for v, cap in zip(row, caps, strict=True)):
+            self._grow(needed)
+        past = gather_segments(self.k_buf, self.v_buf, self.owner, self.seg_start, self.segments.max_length)
+        query = query.detach()
+        out, lse = chunk_attention(query, *past, key, value, scale)
+        ncs = self._base + done * self.block
+        if done_after > done:
+            self._compress_chunk(query, lse, key, value, scale, n, ncs, (done_after - done) * self.block)
+        # The chunk's tokens from ``first`` on have not left the window: they join the ring.
+        self._write_ring(key, value, n, max(n, self._base + done_after * self.block))
+        self.next_pos += c
+        self.ncs += (done_after - done) * self.block
+        self._seen += c
+        self._refresh_grow_at()
+        return out
+
+    def _write_ring(self, key: torch.Tensor, value: torch.Tensor, n: int, first: int) -> None:
+        """Store the chunk's tokens at positions ``[first, n + c)`` in their ring slots."""
+        bsz, hkv, c, d = key.shape
+        stay = torch.arange(first, n + c, device=self.device)
+        slots = (self.seg_start.unsqueeze(-1) + (stay - self._base) % self.ring).view(bsz, -1)
+        idx = slots.unsqueeze(-1).expand(-1, -1, d)
+        self.k_buf.scatter_(1, idx, key[:, :, first - n:].reshape(bsz, -1, d))
+        self.v_buf.scatter_(1, idx, value[:, :, first - n:].reshape(bsz, -1, d))
+        self.owner.scatter_(1, slots, self._heads.view(1, hkv, 1).expand(bsz, hkv, stay.numel()).reshape(bsz, -1))
+        self.pos.scatter_(1, slots, stay.to(torch.int32).expand(bsz, hkv, -1).reshape(bsz, -1))
+
+    def _compress_chunk(self, query: torch.Tensor, lse: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        scale: float, n: int, ncs: int, count: int) -> None:
+        """Keep the top-``t`` of every block in ``[ncs, ncs + count)``, packed after each head's packed region.
+
+        The leaving tokens come from the ring (positions ``< n``) or from the
+        chunk. Each (row, head) packs exactly ``blocks * t`` tokens; the scatter
+        is rectangular: columns past a head's count repeat its last kept token
+        (same slot, same data), and a head with ``t = 0`` writes its first ring
+        slot back unchanged.
+        """
+        bsz, hkv, d, c = self.batch_size, self.num_heads, self.head_dim, key.shape[-2]
+        positions = torch.arange(ncs, ncs + count, device=self.device)
+        ring_slots = self.seg_start.unsqueeze(-1) + (positions - self._base) % self.ring  # [B, H_kv, count]
+        from_ring = (positions < n).view(1, 1, count, 1)
+        in_chunk = (positions - n).clamp(min=0).view(1, 1, count, 1).expand(bsz, hkv, count, d)
+        rows = ring_slots.view(bsz, -1, 1).expand(-1, -1, d)
+        k_leave = torch.where(from_ring, self.k_buf.gather(1, rows).view(bsz, hkv, count, d), key.gather(2, in_chunk))
+        v_leave = torch.where(from_ring, self.v_buf.gather(1, rows).view(bsz, hkv, count, d),
+                              value.gather(2, in_chunk))
+        obs = min(self.num_observation_queries, c)
+        sees = positions[None, :] <= torch.arange(n + c - obs, n + c, device=self.device)[:, None]
+        importance = leaving_importance(query[:, :, c - obs:], k_leave, lse[:, :, c - obs:], sees, scale,
+                                        self.aggregation)
+        keep = rank_of(importance.view(bsz, hkv, -1, self.block)) < self.keep.view(1, hkv, 1, 1)
+        keep = keep.view(bsz, hkv, count)
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept first, oldest first
+        per_head = (count // self.block) * self.keep  # [H_kv]
+        width = (count // self.block) * max(self._keep_list)
+        if width:
+            col = torch.minimum(torch.arange(width, device=self.device), (per_head - 1).clamp(min=0)[:, None])
+            col = col.expand(bsz, hkv, width)
+            src = order.gather(-1, col)
+            real = (per_head > 0).view(1, hkv, 1)
+            packed = (self.seg_start + self.ring + self.var_len).unsqueeze(-1) + col
+            dst = torch.where(real, packed, self.seg_start.unsqueeze(-1)).view(bsz, -1)
+            idx = dst.unsqueeze(-1).expand(-1, -1, d)
+            k_new = k_leave.gather(2, src.unsqueeze(-1).expand(-1, -1, -1, d)).view(bsz, -1, d)
+            v_new = v_leave.gather(2, src.unsqueeze(-1).expand(-1, -1, -1, d)).view(bsz, -1, d)
+            real_f = real.expand(bsz, hkv, width).reshape(bsz, -1)
+            self.k_buf.scatter_(1, idx, torch.where(real_f.unsqueeze(-1), k_new, self.k_buf.gather(1, idx)))
+            self.v_buf.scatter_(1, idx, torch.where(real_f.unsqueeze(-1), v_new, self.v_buf.gather(1, idx)))
+            new_pos = positions.to(torch.int32)[src].view(bsz, -1)
+            self.pos.scatter_(1, dst, torch.where(real_f, new_pos, self.pos.gather(1, dst)))
+            heads = self._heads.view(1, hkv, 1).expand(bsz, hkv, width).reshape(bsz, -1)
+            self.owner.scatter_(1, dst, torch.where(real_f, heads, self.owner.gather(1, dst)))
+        # Free the ring slots of leaving tokens that were in the ring (the chunk's own never got one).
+        in_ring = min(max(n - ncs, 0), count)
+        if in_ring:
+            freed = ring_slots[..., :in_ring].reshape(bsz, -1)
+            self.owner.scatter_(1, freed, torch.full_like(freed, -1, dtype=self.owner.dtype))
+        self.var_len += per_head
+
     # ------------------------------------------------------------- CUDA-graph replay (host bookkeeping)
 
     def _block_leaves_at(self, seen: int) -> bool:
@@ -464,8 +595,11 @@ class TCACache(Cache):
     passed explicitly; with a ``DynamicCache`` decode runs dense over the
     full cache, as before. Supported: greedy/sampling, beam search
     (``reorder_cache``), batches of unpadded sequences (each row its own
-    selection). Not supported (clear errors): padded batches, more than one
-    new token per step after the prefill, ``crop``.
+    selection), multi-turn conversations (pass the same cache to the next
+    ``generate`` with the conversation plus the new message) and chunked
+    prefill (``tca_flex.chunked_prefill``): chunks of new tokens follow
+    ``docs/chunked_prefill.md``. Not supported (clear errors): padded
+    batches, ``crop`` (assisted decoding, prompt lookup).
 
     Args:
         model: a model prepared by ``tca_flex.apply``.

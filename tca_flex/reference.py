@@ -162,3 +162,75 @@ def reference_tca(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs_hk: t
                           normalize=normalize)
     mask = reference_mask(keep, window, q.shape[1])
     return reference_attention(q, k, v, mask, scaling), keep
+
+
+def reference_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_after_prefill: torch.Tensor,
+                     chunk_sizes: list[int], keep_per_block: list[int], *, scaling: float, block_size: int,
+                     window: int, num_queries: int = 1, aggregation: str = "mean"
+                     ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Chunks appended to a pruned cache, by the rule of ``docs/chunked_prefill.md``, in float64.
+
+    Sets of positions, one query at a time, no buffers. A chunk of one token
+    is a decode step.
+
+    Args:
+        q: ``[B, H_q, T, D]``; k, v: ``[B, H_kv, T, D]``, every position (RoPE applied).
+        kept_after_prefill: bool ``[B, H_kv, L0]``: what the cache holds after a
+            prefill of ``L0`` tokens (its global subset and its final window).
+        chunk_sizes: sizes of the chunks that follow; they sum to ``T - L0``.
+        keep_per_block: ``t`` per KV head.
+        scaling, block_size, window: softmax scale, ``b``, ``w``.
+        num_queries: ``m``; a chunk's last ``min(m, c)`` queries score the
+            blocks that leave the window.
+        aggregation: ``"mean"`` or ``"max"`` over a KV head's query heads.
+
+    Returns:
+        (float64 output ``[B, H_q, T - L0, D]``, bool ``[B, H_kv, T]`` kept set
+        after each chunk, the smallest gap between the ``t``-th and ``t + 1``-th
+        importance of any compressed block relative to the block's largest:
+        below float32 rounding the cut is a tie that either side may break.)
+    """
+    bsz, hq, total, _ = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    prefill = kept_after_prefill.shape[-1]
+    if sum(chunk_sizes) != total - prefill:
+        raise ValueError(f"chunks {chunk_sizes} do not cover positions {prefill}..{total - 1}")
+    kept = torch.zeros(bsz, hkv, total, dtype=torch.bool)
+    kept[..., :prefill] = kept_after_prefill
+    first_uncompressed = prefill - min(prefill, window)
+    out = torch.zeros(bsz, hq, total - prefill, q.shape[-1], dtype=torch.float64)
+    states, min_gap, n = [], float("inf"), prefill
+    for c in chunk_sizes:
+        observers = list(range(n + c - min(num_queries, c), n + c))
+        score = torch.zeros(bsz, hkv, g, total, dtype=torch.float64)
+        for b in range(bsz):
+            for h in range(hq):
+                kvh = h // g
+                for i in range(n, n + c):
+                    sees = kept[b, kvh].clone()
+                    sees[n: i + 1] = True
+                    sees[i + 1:] = False
+                    idx = sees.nonzero()[:, 0]
+                    probs = torch.softmax((k[b, kvh, idx].double() @ q[b, h, i].double()) * scaling, 0)
+                    out[b, h, i - prefill] = probs @ v[b, kvh, idx].double()
+                    if i in observers:
+                        score[b, kvh, h % g, idx] += probs / len(observers)
+        importance = score.mean(2) if aggregation == "mean" else score.amax(2)
+        kept[..., n: n + c] = True
+        n += c
+        while first_uncompressed + block_size - 1 <= n - 1 - window:
+            block = list(range(first_uncompressed, first_uncompressed + block_size))
+            for b in range(bsz):
+                for kvh in range(hkv):
+                    t = keep_per_block[kvh]
+                    ranked = sorted(block, key=lambda p, b=b, kvh=kvh: (-float(importance[b, kvh, p]), p))
+                    for p in ranked[t:]:
+                        kept[b, kvh, p] = False
+                    if 0 < t < block_size:
+                        top = float(importance[b, kvh, ranked[0]])
+                        gap = float(importance[b, kvh, ranked[t - 1]] - importance[b, kvh, ranked[t]])
+                        min_gap = min(min_gap, gap / top if top > 0 else 0.0)
+            first_uncompressed += block_size
+        states.append(kept.clone())
+    return out, states, min_gap

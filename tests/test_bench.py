@@ -67,3 +67,15 @@ def test_smoke_stream_phase_compiles_nothing_after_the_warmup():
         assert scopes == {(s, m) for s in ("attention", "e2e") for m in ("dense_sdpa", "tca")}
         assert all(r["ms"] > 0 for r in run["rows"])
         assert set(run["summary"]) == {"attention", "e2e"}
+
+
+def test_smoke_chunks_phase_times_chunked_prefill_and_conversations():
+    result = bench.main(["--smoke", "--phases", "chunks", "--e2e-layers", "1"])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert {"dense_chunked", "tca_chunked", "tca_one_shot"} <= set(rows)
+    assert all(r["ms"] > 0 for r in result["rows"])
+    assert 0 < rows["tca_chunked"]["kept_fraction"] < 1 and 0 < rows["tca_one_shot"]["kept_fraction"] < 1
+    # Appending feeds the new turn and the last reply token; re-prefilling feeds the whole conversation.
+    assert rows["turn2 tca_append"]["turn_tokens"] == rows["turn2 dense_append"]["turn_tokens"] == 64 + 1
+    assert rows["turn2 tca_reprefill"]["turn_tokens"] == 300 + 8 + 64
+    assert rows["turn2 tca_append"]["length"] == rows["turn2 tca_reprefill"]["length"] == 300 + 8 + 64 + 8

@@ -54,7 +54,7 @@ def test_generators_are_deterministic_per_seed(name):
     assert a.task == name and a.answers
     for answer in a.answers:
         assert answer in a.prompt
-    n = tasks.count_tokens(TOK, a.prompt)
+    n = tasks.sample_tokens(TOK, a)
     assert 0.85 * 3000 <= n <= 1.1 * 3000, n
 
 
@@ -107,6 +107,18 @@ def test_word_extraction_answers_are_the_most_frequent_words():
 
 
 # ---------------------------------------------------------------- scorers
+
+
+def test_multi_turn_states_facts_first_and_asks_one_last():
+    s = tasks.multi_turn(TOK, 3000, fresh_seed())
+    found = dict(re.findall(r"special magic number for ([a-z-]+) is (\d+)", s.prompt))
+    assert len(found) == 4 and s.answers[0] in found.values()
+    asked = re.search(r"What is the special magic number for ([a-z-]+)", s.turns[-1]).group(1)
+    assert found[asked] == s.answers[0]
+    for turn in s.turns[:-1]:  # distractors: other keys, never the answer
+        others = dict(re.findall(r"special magic number for ([a-z-]+) is (\d+)", turn))
+        assert len(others) == 2 and not set(others) & set(found) and s.answers[0] not in turn
+    assert s.reply_tokens > 0 and all(t.endswith("Assistant:") for t in s.turns[:-1])
 
 
 def test_scorers_on_right_wrong_and_partial_answers():
@@ -389,6 +401,41 @@ def test_smoke_run_end_to_end(tiny_llama, tmp_path):
 
 
 @torch.no_grad()
+def test_multi_turn_smoke_run_appends_and_reprefills(tiny_llama, tmp_path):
+    args = parse_args(["--smoke", "--no-progress", "--out", str(tmp_path)])
+    args.lengths, args.tasks, args.window, args.block = [1500], ["multi_turn"], 128, 32
+    args.methods, args.keep, args.ppl_samples = ["dense", "tca_cache", "tca_reprefill"], [1.0, 0.25], 0
+    args.seed = fresh_seed()
+    evaluate(tiny_llama, TOK, args, tmp_path)
+    by = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["records"]}
+    assert set(by) == {"dense", "tca_cache-k1", "tca_reprefill-k1", "tca_cache-k0.25", "tca_reprefill-k0.25"}
+    dense = by["dense"]
+    assert dense["kv_kept"] == 1.0
+    assert 1200 < dense["prompt_tokens"] < 1800 and dense["task"] == "multi_turn"  # bytes: coarse sizing
+    # Keeping every token, appending turn after turn and re-prefilling are both dense.
+    for name in ("tca_cache-k1", "tca_reprefill-k1"):
+        assert by[name]["answer"] == dense["answer"], name
+        assert by[name]["kv_kept"] == 1.0
+    assert by["tca_cache-k0.25"]["kv_kept"] < 0.7
+    assert by["tca_cache-k0.25"]["prompt_tokens"] == by["tca_reprefill-k0.25"]["prompt_tokens"] > 1200
+
+
+@torch.no_grad()
+def test_conversation_appended_to_a_dense_cache_equals_reprefilling(tiny_llama):
+    sample = tasks.multi_turn(TOK, 500, fresh_seed())
+    runs = [runner.converse(tiny_llama, TOK, sample, methods.Prepared(cleanup=lambda: None, conversation=mode),
+                            torch.device("cpu")) for mode in ("append", "reprefill")]
+    assert runs[0][0] == runs[1][0] and runs[0][4] == runs[1][4]
+    # The same conversation through generate, turn by turn, gives the same answer.
+    history, out = [], None
+    for text in (sample.prompt, *sample.turns):
+        history = (out[0].tolist() if out is not None else []) + TOK(text).input_ids
+        budget = sample.max_new_tokens if text is sample.turns[-1] else sample.reply_tokens
+        out = tiny_llama.generate(torch.tensor([history]), max_new_tokens=budget, do_sample=False)
+    assert out[0, len(history):].tolist() == runs[0][0]
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("press", ["SnapKVPress", "SnapKVPress-w32k7", "StreamingLLMPress"])
 def test_kvpress_keeps_tca_budget(tiny_llama, press):
     pytest.importorskip("kvpress", reason="kvpress runs from a separate venv (EVALUATION.md)")
@@ -416,8 +463,8 @@ def test_prompts_plus_answers_fit_the_context_with_the_real_tokenizer():
     samples = runner.make_samples(tok, cfg, 2048)
     assert [s.task for s in samples] == list(tasks.TASKS)
     for s in samples:
-        n = tasks.count_tokens(tok, s.prompt)
-        assert 0.85 * 2048 < n and n + s.max_new_tokens <= 2048, (s.task, n)
+        n = tasks.sample_tokens(tok, s)
+        assert 0.85 * 2048 < n <= 2048, (s.task, n)
 
 
 def test_gamma_summary_traces_dropped_mass_per_sample(tiny_llama):

@@ -6,6 +6,8 @@ Examples::
     python -m tca_flex.eval --lengths 2048 4096 8192 --samples 10 --keep 0.1 0.25 0.5
     python -m tca_flex.eval --device cuda --samples 20 --workers 12   # processes share the GPU
     python -m tca_flex.eval --merge runA runB --out both            # join runs over disjoint seeds
+    python -m tca_flex.eval --tasks multi_turn --methods dense tca_cache tca_reprefill --keep \
+        --budgets tca_flex/data/smollm2_budgets.json --lengths 2048   # conversations: append vs re-prefill
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..budgets import HeadBudgets, check_fingerprint
 from ..cli_args import config_or_error, float_in, int_at_least, output_dir_problem, overrides_or_error
 from ..config import TCAConfig, parse_overrides
 from ..integration import model_fingerprint
-from .methods import FAMILIES, build_methods, mean_keep, tca_budgets, tca_budgets_prefill
+from .methods import FAMILIES, build_methods, mean_keep, tca_budgets, tca_budgets_prefill, tca_cache_budgets
 from .parallel import merge_runs, plan_shards, run_workers
 from .perplexity import SOURCES, natural_text
 from .report import write_reports
@@ -185,7 +187,11 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
         methods.append(tca_budgets(budgets, Path(path).stem, args.tca_backend))
         if "tca_prefill" in args.methods:  # the same budgets with a full-cache decode
             methods.append(tca_budgets_prefill(budgets, Path(path).stem, args.tca_backend))
-        others = [f for f in args.methods if f not in ("dense", "tca", "tca_spread", "tca_prefill")]
+        for family, conversation in (("tca_cache", "append"), ("tca_reprefill", "reprefill")):
+            if family in args.methods:  # the same budgets with the real pruned cache
+                methods.append(tca_cache_budgets(budgets, Path(path).stem, conversation))
+        tca_families = ("dense", "tca", "tca_spread", "tca_prefill", "tca_cache", "tca_reprefill")
+        others = [f for f in args.methods if f not in tca_families]
         methods += build_methods(others, [mean_keep(budgets)], budgets.config)
     cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,
                       seed=args.seed, ppl_samples=args.ppl_samples, ppl_source=args.ppl_source,

@@ -19,7 +19,12 @@ their ``mean_keep``, so they match ``tca_kv_tokens`` of those budgets; a
 registry family that loads the shipped SmolLM2 budgets for a ``tau`` level
 is a three-line factory around it. The pruned decode cache plugs in through
 ``Prepared.make_cache`` (a ``TCACache`` factory) in place of the kept-set
-emulation of ``baselines.TCAPolicy``.
+emulation of ``baselines.TCAPolicy``: ``tca_cache`` and ``tca_reprefill``
+run the real ``TCACache``. They differ on conversations (``tasks.multi_turn``):
+``tca_cache`` appends every turn to one cache (``docs/chunked_prefill.md``),
+``tca_reprefill`` prefills the whole conversation again at every turn. Dense
+appends to a ``DynamicCache`` (exactly a re-prefill); the kept-set policies
+re-prefill, since their kept set is decided at a prefill.
 """
 
 from __future__ import annotations
@@ -51,12 +56,16 @@ class Prepared:
         make_cache: optional factory of the decode cache (None: DynamicCache).
         on_prompt: optional hook called with each prompt's length before its
             prefill (budgets that depend on the exact length).
+        conversation: how later turns of a conversation reach the model:
+            ``"append"`` (on top of one cache) or ``"reprefill"`` (the whole
+            conversation from a fresh cache at every turn).
     """
 
     cleanup: Callable[[], None]
     kept_fraction: Callable[[], float | None] = lambda: None
     make_cache: Callable[[], Any] | None = None
     on_prompt: Callable[[int], None] | None = None
+    conversation: str = "reprefill"
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,8 @@ def tca_kv_tokens(length: int, per_block: float, config: TCAConfig) -> int:
 
 def dense() -> Method:
     """The unmodified model (its own SDPA attention)."""
-    return Method("dense", "dense", 1.0, lambda model, length: Prepared(cleanup=lambda: None))
+    return Method("dense", "dense", 1.0, lambda model, length: Prepared(cleanup=lambda: None,
+                                                                       conversation="append"))
 
 
 def _tca_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
@@ -151,6 +161,53 @@ def tca_spread(keep: float, config: TCAConfig, sigma: float = 1.0) -> Method:
         return _tca_prepare(model, spread_budgets(layers, kv_heads, keep, config, sigma))
 
     return Method(f"tca_spread-k{keep:g}", "tca_spread", keep, prepare)
+
+
+CONVERSATIONS = ("append", "reprefill")
+
+
+def _tca_cache_prepare(model: torch.nn.Module, budgets: HeadBudgets, conversation: str) -> Prepared:
+    tca_flex.apply(model, budgets=budgets)
+    caches: list[tca_flex.TCACache] = []
+
+    def make_cache() -> tca_flex.TCACache:
+        caches[:] = [tca_flex.TCACache(model)]
+        return caches[0]
+
+    def kept() -> float | None:
+        return caches[0].memory_report().total.kept_fraction if caches else None
+
+    return Prepared(cleanup=lambda: tca_flex.remove(model), kept_fraction=kept, make_cache=make_cache,
+                    conversation=conversation)
+
+
+def _tca_cache_name(conversation: str) -> str:
+    if conversation not in CONVERSATIONS:
+        raise ValueError(f"conversation={conversation!r} is not one of {list(CONVERSATIONS)}")
+    return "tca_cache" if conversation == "append" else "tca_reprefill"
+
+
+def tca_cache(keep: float, config: TCAConfig, conversation: str = "append") -> Method:
+    """TCA prefill and the real pruned ``TCACache`` (uniform budgets ``keep``).
+
+    ``conversation="append"`` (``tca_cache``) appends each turn of a
+    conversation to the cache; ``"reprefill"`` (``tca_reprefill``) prefills the
+    whole conversation again at every turn. On single prompts both are the same.
+    """
+    family = _tca_cache_name(conversation)
+
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        layers, kv_heads = model_shape(model)
+        return _tca_cache_prepare(model, HeadBudgets.uniform(layers, kv_heads, keep, config), conversation)
+
+    return Method(f"{family}-k{keep:g}", family, keep, prepare)
+
+
+def tca_cache_budgets(budgets: HeadBudgets, label: str, conversation: str = "append") -> Method:
+    """``tca_cache`` / ``tca_reprefill`` with given (e.g. calibrated) budgets."""
+    family = _tca_cache_name(conversation)
+    return Method(f"{family}[{label}]", f"{family}_budgets", mean_keep(budgets),
+                  lambda model, length: _tca_cache_prepare(model, budgets, conversation))
 
 
 def _mask_prepare(model: torch.nn.Module, budgets: HeadBudgets, pruned: bool) -> Prepared:
@@ -285,6 +342,8 @@ FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
     "tca": tca,
     "tca_spread": tca_spread,
     "tca_prefill": tca_prefill,
+    "tca_cache": tca_cache,
+    "tca_reprefill": lambda keep, config: tca_cache(keep, config, "reprefill"),
     "streaming": streaming,
     "snapkv": snapkv,
     "kvpress:SnapKVPress": lambda keep, config: kvpress("SnapKVPress", keep, config),

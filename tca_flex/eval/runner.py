@@ -107,7 +107,7 @@ def cache_kept_fraction(cache: Any, prompt_len: int) -> float | None:
 
 @torch.no_grad()
 def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None,
-           cache: Any = None) -> tuple[list[int], float, float, float | None]:
+           cache: Any = None, offset: int = 0) -> tuple[list[int], float, float, float | None]:
     """Greedy decoding with separate prefill and decode timing.
 
     Decode steps pass explicit ``position_ids`` (prompt length + step), so a
@@ -117,6 +117,8 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | No
     Args:
         input_ids: int64 ``[1, L]``.
         cache: a transformers Cache for the prefill (None: the model's default).
+        offset: tokens ``cache`` already holds (a conversation's earlier
+            turns); ``input_ids`` continue from there.
 
     Returns:
         (new token ids, prefill seconds, mean seconds per decode step or NaN,
@@ -124,20 +126,72 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | No
     """
     length = input_ids.shape[1]
     start = time.perf_counter()
-    out = model(input_ids, use_cache=True, **cache_kwargs(model, cache))
+    positions = {"position_ids": torch.arange(offset, offset + length, device=input_ids.device)[None]} if offset else {}
+    out = model(input_ids, use_cache=True, **positions, **cache_kwargs(model, cache))
     prefill_s = time.perf_counter() - start
     kept = cache_kept_fraction(output_cache(out), length)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     new = [token.item()]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] != eos_id:
-        pos = torch.tensor([[length + len(new) - 1]], device=input_ids.device)
+        pos = torch.tensor([[offset + length + len(new) - 1]], device=input_ids.device)
         out = model(token, position_ids=pos, use_cache=True, **cache_kwargs(model, output_cache(out)))
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         new.append(token.item())
     steps = len(new) - 1
     decode_s = (time.perf_counter() - start) / steps if steps else float("nan")
     return new, prefill_s, decode_s, kept
+
+
+@torch.no_grad()
+def converse(model, tokenizer, sample: Sample, prepared: Prepared, device: torch.device
+             ) -> tuple[list[int], float, float, float | None, int]:
+    """Greedy replies to every turn of ``sample``; the last reply is the answer.
+
+    ``prepared.conversation`` says how a turn reaches the model: ``"append"``
+    feeds only the tokens the cache does not hold yet (the previous reply's last
+    token and the new turn) on top of one cache kept for the whole
+    conversation; ``"reprefill"`` runs the whole conversation so far from a
+    fresh cache. Turns are tokenized one by one, so every method sees the same
+    token ids for the same text.
+
+    Returns:
+        (answer token ids, seconds spent feeding turns, mean seconds per decode
+        step, physical cache length / conversation length after the last turn's
+        prefill or None, tokens in the conversation when the answer starts).
+    """
+    history: list[int] = []
+    cache, fed = None, 0
+    feed_s = decode_total = 0.0
+    steps = 0
+    for i, text in enumerate((sample.prompt, *sample.turns)):
+        last = i == len(sample.turns)
+        history += tokenizer(text).input_ids
+        budget = sample.max_new_tokens if last else sample.reply_tokens
+        if prepared.conversation == "append" and cache is not None:
+            ids, offset = history[fed:], fed
+        else:
+            cache = prepared.make_cache() if prepared.make_cache else None
+            if cache is None and prepared.conversation == "append":
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=model.config)
+            if prepared.on_prompt:
+                prepared.on_prompt(len(history))
+            ids, offset = history, 0
+        tensor = torch.tensor([ids], dtype=torch.long, device=device)
+        new, prefill_s, decode_s, kept = greedy(model, tensor, budget, tokenizer.eos_token_id, cache, offset)
+        if kept is not None:  # greedy measured the cache against the tokens it was fed, not the conversation
+            kept = kept * len(ids) / len(history)
+        feed_s += prefill_s
+        if len(new) > 1:
+            decode_total += decode_s * (len(new) - 1)
+            steps += len(new) - 1
+        answer_start = len(history)
+        fed = len(history) + len(new) - 1  # the last new token is not in the cache yet
+        history += new
+    decode_s = decode_total / steps if steps else float("nan")
+    return new, feed_s, decode_s, kept, answer_start
 
 
 def _kept(prepared: Prepared, from_cache: float | None = None) -> float:
@@ -182,16 +236,21 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
     records = []
     for sample in _progress(samples, f"{method.name} @ {length}", progress):
         ids = _encode(tokenizer, sample.prompt, device)
-        cache = prepared.make_cache() if prepared.make_cache else None
         if prepared.on_prompt:
             prepared.on_prompt(ids.shape[1])
         gamma = gamma_summary(model, ids, gamma_queries) if gamma_queries else None
-        new, prefill_s, decode_s, cache_kept = greedy(model, ids, sample.max_new_tokens,
-                                                      tokenizer.eos_token_id, cache)
+        if sample.turns:
+            new, prefill_s, decode_s, cache_kept, prompt_tokens = converse(model, tokenizer, sample, prepared,
+                                                                           device)
+        else:
+            cache = prepared.make_cache() if prepared.make_cache else None
+            new, prefill_s, decode_s, cache_kept = greedy(model, ids, sample.max_new_tokens,
+                                                          tokenizer.eos_token_id, cache)
+            prompt_tokens = ids.shape[1]
         answer = tokenizer.decode(new, skip_special_tokens=True)
         records.append({
             "kind": "task", "length": length, "method": method.name, "family": method.family,
-            "level": method.level, "task": sample.task, "seed": sample.seed, "prompt_tokens": ids.shape[1],
+            "level": method.level, "task": sample.task, "seed": sample.seed, "prompt_tokens": prompt_tokens,
             "depth": sample.depth, "expected": list(sample.answers),
             "answer": answer, "score": score_fraction(answer, sample), "correct": score(answer, sample),
             "kv_kept": _kept(prepared, cache_kept), "prefill_s": prefill_s, "decode_s_per_token": decode_s,

@@ -9,6 +9,10 @@ the tokenizer's tokens and are approximate (within a few filler sentences).
 
 Words are pseudo-words built from syllables, so nothing is downloaded and no
 word list ships with the package.
+
+``multi_turn`` is a conversation: its ``prompt`` is the first user turn and
+``turns`` the later ones; the runner lets the model reply between turns
+(``reply_tokens`` each) and scores the reply to the last one.
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ class Sample:
     """A prompt and the strings a correct answer must contain.
 
     Attributes:
-        prompt: the full prompt, ending where the model's answer starts.
+        prompt: the full prompt, ending where the model's answer starts (in a
+            conversation: the first user turn, ending where its reply starts).
         answers: every string the answer must contain (RULER's "match all").
         task: generator name.
         depth: relative depth of the (first) needle, 0..1 (None if none).
         max_new_tokens: tokens to generate for this task.
         seed: the generator's seed (set by the suite runner; records carry it so
             that runs sharded over seeds can be merged without duplicates).
+        turns: later user turns of a conversation, each ending where the
+            model's reply starts; the reply to the last one is scored.
+        reply_tokens: tokens the model replies to every turn but the last.
     """
 
     prompt: str
@@ -43,6 +51,8 @@ class Sample:
     depth: float | None
     max_new_tokens: int = 16
     seed: int | None = None
+    turns: tuple[str, ...] = ()
+    reply_tokens: int = 0
 
 
 def score(answer: str, sample: Sample) -> bool:
@@ -59,6 +69,12 @@ def score_fraction(answer: str, sample: Sample) -> float:
 def count_tokens(tokenizer, text: str) -> int:
     """Number of tokens of ``text`` (no special tokens added by us)."""
     return len(tokenizer(text).input_ids)
+
+
+def sample_tokens(tokenizer, sample: Sample) -> int:
+    """Tokens a sample's run needs: every turn, the replies between turns and the answer."""
+    text = sum(count_tokens(tokenizer, t) for t in (sample.prompt, *sample.turns))
+    return text + len(sample.turns) * sample.reply_tokens + sample.max_new_tokens
 
 
 def pseudo_words(rng: random.Random, count: int, syllables: int = 3) -> list[str]:
@@ -259,6 +275,46 @@ def frequent_words(tokenizer, num_tokens: int, seed: int, num_top: int = 3, alph
                   depth=None, max_new_tokens=6 * num_top + 4)
 
 
+def multi_turn(tokenizer, num_tokens: int, seed: int, distractor_turns: int = 2, reply_tokens: int = 8) -> Sample:
+    """A conversation: facts in the first turn, distractor turns, the question in the last.
+
+    Turn 1 (about 60% of the tokens) hides four key -> 7-digit-number facts in
+    filler and asks the model to acknowledge them. Each distractor turn is
+    another document with two facts of the same form about other keys, and
+    asks for a one-line reply. The last turn asks for one key of turn 1. A
+    pruned cache that appends turn after turn decides what it keeps of turn 1
+    before the question exists (``docs/chunked_prefill.md``); one that
+    re-prefills sees the question when it selects. ``num_tokens`` covers the
+    text, the replies (``reply_tokens`` each) and the answer.
+    """
+    rng = random.Random(seed)
+    keys = [f"{a}-{b}" for a, b in zip(pseudo_words(rng, 4 + 2 * distractor_turns, 2),
+                                      pseudo_words(rng, 4 + 2 * distractor_turns, 3), strict=True)]
+    values = [_number(rng) for _ in keys]
+    facts = [f" The special magic number for {k} is {v}. " for k, v in zip(keys, values, strict=True)]
+    asked = rng.randrange(4)
+    answer_tokens = 16
+    text_tokens = num_tokens - distractor_turns * reply_tokens - answer_tokens
+    first_head = ("User: Here is a document. Remember every special magic number in it; I will ask you about "
+                  "one of them later.\n")
+    first_tail = "\nReply with OK once you have read it.\nAssistant:"
+    first = first_head + haystack(tokenizer, int(0.6 * text_tokens), first_head + first_tail, facts[:4],
+                                  [rng.random() for _ in range(4)]) + first_tail
+    question = (f"\nUser: What is the special magic number for {keys[asked]} in the first document?\n"
+                f"Assistant: The special magic number for {keys[asked]} in the first document is")
+    per_turn = (text_tokens - count_tokens(tokenizer, first) - count_tokens(tokenizer, question)) // max(
+        1, distractor_turns)
+    turns = []
+    for i in range(distractor_turns):
+        head = "\nUser: Here is another document, about something else.\n"
+        tail = "\nSummarise it in one sentence.\nAssistant:"
+        pair = facts[4 + 2 * i: 6 + 2 * i]
+        turns.append(head + haystack(tokenizer, per_turn, head + tail, pair, [rng.random() for _ in pair]) + tail)
+    turns.append(question)
+    return Sample(prompt=first, answers=(values[asked],), task="multi_turn", depth=None,
+                  max_new_tokens=answer_tokens, turns=tuple(turns), reply_tokens=reply_tokens)
+
+
 Generator = Callable[..., Sample]
 
 TASKS: dict[str, Generator] = {
@@ -270,4 +326,5 @@ TASKS: dict[str, Generator] = {
     "variable_tracking": variable_tracking,
     "common_words": common_words,
     "frequent_words": frequent_words,
+    "multi_turn": multi_turn,
 }
