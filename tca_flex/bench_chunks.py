@@ -24,27 +24,13 @@ from typing import Any
 
 import torch
 
+from .bench import llama_8b_shaped
 from .budgets import HeadBudgets
 from .cache import TCACache
 from .chunked import chunked_prefill
 from .config import TCAConfig
 from .hfcompat import cache_kwargs
 from .integration import apply, remove
-
-
-def llama_8b_shaped(num_layers: int, max_len: int, smoke: bool, device: torch.device, dtype: torch.dtype):
-    """LLaMA-3.1-8B attention and MLP shapes with ``num_layers`` layers (tiny shapes with ``smoke``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if smoke:
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len)
-    else:
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                          num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=8,
-                          max_position_embeddings=max_len, rope_theta=500000.0)
-    with torch.device(device):
-        return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def measured(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float | None]:
@@ -169,7 +155,7 @@ def chunk_bench_rows(num_layers: int, keep: float, window: int, device: torch.de
     """Both measurements on one model (see the module docstring)."""
     from .bench import fastest_dense_sdpa
 
-    model = llama_8b_shaped(num_layers, max(prompt, sum(turns) + reply * len(turns)) + 512, smoke, device, dtype)
+    model = llama_8b_shaped(num_layers, device, dtype, smoke, max(prompt, sum(turns) + reply * len(turns)) + 512)
     config = TCAConfig(block_size=32 if smoke else 128, window=window)
     budgets = HeadBudgets.uniform(num_layers, model.config.num_key_value_heads, keep, config)
     dense_attn = fastest_dense_sdpa()
