@@ -22,8 +22,9 @@ from torch.nn.attention.flex_attention import flex_attention
 
 logger = logging.getLogger(__name__)
 
-# What ``tca_flex.compile`` raises dynamo's recompile limit to (on request only):
-# a compiled *whole model* still re-traces its decode step when a TCACache grows.
+# Dynamo's recompile limit inside the prefill's compiled calls, and what
+# ``tca_flex.compile`` raises it to for the process (on request only): a compiled
+# *whole model* still re-traces its decode step when a TCACache grows.
 _MIN_RECOMPILE_LIMIT = 64
 
 _compiled_flex: dict[bool | None, Any] = {}
@@ -61,7 +62,12 @@ def length_generic(fn: Callable[..., Any], *dims: tuple[int, int]) -> Callable[.
             # unmarked, so passing it to another compiled function later is unaffected.
             args[index] = args[index].detach()
             torch._dynamo.mark_dynamic(args[index], dim)
-        return compiled_fn(*args)
+        # One graph per static signature (batch size, heads, dtype, config), not per length;
+        # a process that serves several models or configs (an evaluation, a test suite) can
+        # pass dynamo's default 8 entries and would silently fall back to eager FlexAttention.
+        # The higher limit holds only during this call.
+        with torch._dynamo.config.patch(recompile_limit=_MIN_RECOMPILE_LIMIT):
+            return compiled_fn(*args)
 
     return call
 
