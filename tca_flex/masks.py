@@ -101,15 +101,12 @@ def packed_block_mask(positions: torch.Tensor, indices: tuple[torch.Tensor, ...]
 
 
 def tca_block_indices(positions: torch.Tensor, seq_len: int, window: int, num_q_heads: int,
-                      block: int = KERNEL_BLOCK, num_queries: int | None = None) -> tuple[torch.Tensor, ...]:
+                      block: int = KERNEL_BLOCK) -> tuple[torch.Tensor, ...]:
     """Block indices of the packed layout: ``(kv_num, kv_idx, full_num, full_idx)``.
 
     Shapes ``[B, H_q, n_q]`` (int32 counts) and ``[B, H_q, n_q, n_kv]`` (int32
     indices), as ``BlockMask.from_kv_blocks`` takes them; arguments as in
-    ``tca_block_mask``. ``num_queries`` (default ``seq_len``): only the first
-    ``num_queries`` queries are real; ``seq_len`` may round it up to a whole
-    number of tiles, and query tiles past the real ones get no blocks, so
-    padding costs no attention. Pure tensor code, so it can be compiled on its own.
+    ``tca_block_mask``. Pure tensor code, so it can be compiled on its own.
     """
     bsz, hkv, capacity = positions.shape
     if capacity % block:
@@ -119,9 +116,8 @@ def tca_block_indices(positions: torch.Tensor, seq_len: int, window: int, num_q_
     n_q = -(-seq_len // block)
     n_packed = capacity // block
     n_local = n_q
-    real = seq_len if num_queries is None else num_queries
     q0 = torch.arange(n_q, device=device) * block
-    q1 = torch.clamp(q0 + block - 1, max=real - 1)
+    q1 = torch.clamp(q0 + block - 1, max=seq_len - 1)
 
     # Packed part: keys visible to every query of the tile form a full prefix,
     # keys visible to some query end at ceil(hi / block).
@@ -155,10 +151,9 @@ def tca_block_indices(positions: torch.Tensor, seq_len: int, window: int, num_q_
     # in blocks, although at most a few partial blocks per row are used.
     width = n_packed + n_local
     kv_idx = _segments_to_indices(partial_starts, partial_lengths, width)
+    kv_num = sum(partial_lengths).to(torch.int32)
     full_idx = _segments_to_indices(full_starts, full_lengths, width)
-    active = q0 < real  # tiles made only of padding queries visit nothing
-    kv_num = torch.where(active, sum(partial_lengths), 0).to(torch.int32)
-    full_num = torch.where(active, sum(full_lengths), 0).to(torch.int32)
+    full_num = sum(full_lengths).to(torch.int32)
 
     def to_q_heads(x: torch.Tensor) -> torch.Tensor:
         return x.repeat_interleave(group, dim=1) if group > 1 else x
