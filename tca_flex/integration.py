@@ -26,7 +26,15 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .attention import TCALayer, tca_attention_forward
-from .budgets import HeadBudgets, check_fingerprint, config_conflicts, describe_conflicts
+from .budgets import (
+    FINGERPRINT_SHAPE_KEYS,
+    SHIPPED_BUDGETS,
+    HeadBudgets,
+    check_fingerprint,
+    config_conflicts,
+    describe_conflicts,
+    shipped_budgets,
+)
 from .config import TCAConfig
 
 logger = logging.getLogger(__name__)
@@ -218,10 +226,17 @@ def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
                         "HeadBudgets.from_json(text) its text")
     if isinstance(budgets, (str, os.PathLike)):
         budgets = HeadBudgets.load(budgets)
+    if budgets is None and config is None:
+        budgets = _matching_shipped_budgets(model)
     if budgets is None:
-        config = config or TCAConfig()
-        logger.warning("tca_flex.apply: no budgets given, every head keeps %.0f%% of each block; "
-                       "calibrate with tca_flex.calibrate for per-head budgets", 100 * DEFAULT_KEEP_FRACTION)
+        # Without budgets the selection knobs that measured best (TCAConfig.accurate()), not the
+        # paper's: with the paper's, the pruned cache kept dense's answer on 0-20% of needle prompts.
+        config = config or TCAConfig.accurate()
+        knobs = "TCAConfig.accurate()" if config == TCAConfig.accurate() else "the given config's"
+        logger.warning("tca_flex.apply: no budgets given, every head keeps %.0f%% of each block with %s "
+                       "selection knobs; calibrate per-head budgets (tca_flex.calibrate, docs/calibration.md) "
+                       "for accuracy at a given KV size. TCAConfig() gives the paper's knobs",
+                       100 * DEFAULT_KEEP_FRACTION, knobs)
         first = rank * local if sharded else 0
         return HeadBudgets.uniform(num_layers, local, DEFAULT_KEEP_FRACTION, config), (first, first + local)
     conflicts = {} if config is None else config_conflicts(budgets.config, config)
@@ -240,6 +255,18 @@ def _resolve_budgets(model: torch.nn.Module, config: TCAConfig | None,
     if (start, stop) != (0, budgets.num_kv_heads):
         budgets = budgets.slice_heads(start, stop)
     return (budgets if config is None else dataclasses.replace(budgets, config=config)), (start, stop)
+
+
+def _matching_shipped_budgets(model: torch.nn.Module) -> HeadBudgets | None:
+    """The shipped budgets whose fingerprint matches the model's family and attention shape, if any."""
+    mine = model_fingerprint(model)
+    for name in SHIPPED_BUDGETS:
+        budgets = shipped_budgets(name)
+        if all(budgets.fingerprint.get(key) == mine.get(key) for key in FINGERPRINT_SHAPE_KEYS):
+            logger.warning("tca_flex.apply: no budgets given; using the shipped budgets %r, calibrated for a "
+                           "model of this family and shape (%s)", name, budgets.fingerprint.get("name_or_path"))
+            return budgets
+    return None
 
 
 @contextlib.contextmanager
@@ -276,14 +303,18 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
 
     Args:
         model: a transformers decoder-only model of a supported family.
-        config: TCAConfig; defaults to the budgets' config, else ``TCAConfig()``.
+        config: TCAConfig; defaults to the budgets' config, else
+            ``TCAConfig.accurate()`` (the paper's knobs: pass ``TCAConfig()``).
             With budgets, it may differ from theirs only in run-time knobs
             (``budgets.RUNTIME_FIELDS``, a raised ``guard_floor``); anything
             else is refused, naming the knob (override on purpose with
             ``HeadBudgets.with_config``).
         budgets: per-head budgets (from ``calibrate``) for the full model, or
-            the path of a budget file (``HeadBudgets.save``); defaults to a
-            uniform 25% keep fraction. Budgets with a fingerprint must match
+            the path of a budget file (``HeadBudgets.save``). Without budgets
+            and config: the shipped budgets whose model family and attention
+            shape match (``shipped_budgets``), else a uniform 25% keep fraction;
+            a warning says which, and that calibrating is recommended.
+            Budgets with a fingerprint must match
             the model's family, layers, KV heads and head dim. Under tensor parallelism
             (transformers' ``tp_plan``, or heads sharded by hand in a process
             group) each rank keeps the slice of KV heads it holds: rank ``r``

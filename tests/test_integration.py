@@ -313,3 +313,26 @@ def test_calibration_and_reports_leave_no_names_registered(tiny_llama, no_other_
     tca_flex.report(tiny_llama, ids(300, seed=4))
     tca_flex.remove(tiny_llama)
     assert registered("tca_fidelity") == (False, False) and registered("tca") == (False, False)
+
+
+def test_apply_without_arguments_takes_the_best_known_defaults(tiny_llama, caplog):
+    """No budgets, no config: shipped budgets when the model's family and shape match them,
+    otherwise uniform budgets with the TCAConfig.accurate() knobs, and a warning either way."""
+    with caplog.at_level("WARNING", logger="tca_flex.integration"):
+        tca_flex.apply(tiny_llama)
+    budgets = tca_flex.integration.applied_budgets(tiny_llama)
+    assert budgets.config == TCAConfig.accurate()
+    assert "calibrate per-head budgets" in caplog.text
+    caplog.clear()
+    shipped = tca_flex.shipped_budgets("smollm2")
+    # SmolLM2's attention shape (30 layers, 9 query / 3 KV heads of 64) on a tiny random body.
+    lookalike = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=30, num_attention_heads=9,
+                                                   num_key_value_heads=3, head_dim=64, hidden_size=72)).eval()
+    with caplog.at_level("WARNING", logger="tca_flex.integration"):
+        tca_flex.apply(lookalike)
+    chosen = tca_flex.integration.applied_budgets(lookalike)
+    assert torch.equal(chosen.probs, shipped.probs) and chosen.config == shipped.config
+    assert "shipped budgets 'smollm2'" in caplog.text
+    tca_flex.remove(lookalike)
+    tca_flex.apply(lookalike, TCAConfig())  # an explicit config is never replaced
+    assert tca_flex.integration.applied_budgets(lookalike).config == TCAConfig()
