@@ -18,10 +18,9 @@ from .budgets import HeadBudgets, shipped_budgets
 from .cache import TCACache
 from .calibration import calibrate
 from .chunked import chunked_prefill
-from .compile import compile  # noqa: A004 - the public name the design asks for; the module stays importable
 from .config import TCAConfig
 from .fidelity import FidelityReport, report
-from .integration import apply, remove
+from .integration import apply, compile, remove  # noqa: A004 - the public name the design asks for
 from .warmup import load_compile_cache, save_compile_cache, warmup
 
 __all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "chunked_prefill",

@@ -16,42 +16,19 @@ from __future__ import annotations
 import functools
 import json
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .cache import CacheLink
 from .compile import kernel_options_for, length_generic
 from .config import TCAConfig
+from .layer import TCALayer, tca_layer
 from .masks import KERNEL_BLOCK, packed_block_mask, tca_block_indices
 from .selection import Selection, observed_queries, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass(frozen=True)
-class TCALayer:
-    """What one attention layer needs at run time (attached by ``apply``).
-
-    Attributes:
-        config: the TCAConfig.
-        cdf: float64 ``[H_kv, b + 1]``, cumulative budget distributions.
-        layer_idx: index of the layer.
-        link: mailbox through which a ``TCACache`` layer reaches this
-            module's attention call (transformers does not pass the cache).
-    """
-
-    config: TCAConfig
-    cdf: torch.Tensor
-    layer_idx: int
-    link: CacheLink = field(default_factory=CacheLink, compare=False, repr=False)
-    config_json: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "config_json", json.dumps(self.config.to_dict(), sort_keys=True))
 
 
 def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
@@ -258,7 +235,7 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     their output is detached: no gradient flows through a TCA layer, and a
     ``UserWarning`` says so. Dense calls (short prompts) keep autograd.
     """
-    layer: TCALayer | None = getattr(module, "_tca_layer", None)
+    layer: TCALayer | None = tca_layer(module)
     if layer is None:
         raise RuntimeError(
             f"{type(module).__name__} runs with attn_implementation='tca' but was not prepared by "

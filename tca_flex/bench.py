@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import tca_prefill_attention
+from .bench_models import fastest_dense_sdpa, llama_8b_shaped
 from .budgets import HeadBudgets
 from .compile import flex
 from .config import TCAConfig
@@ -354,22 +355,6 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
     return rows
 
 
-def fastest_dense_sdpa() -> str:
-    """Registers and names transformers' SDPA attention with no materialised mask for unpadded
-    causal shapes (``integration.tca_mask``): prefill takes SDPA's causal kernel (cuDNN on
-    Hopper) and decode its native-GQA path, instead of a ``[.., L]`` mask that pushes decode
-    to a slower kernel and repeats the KV heads. The dense baseline every e2e row is timed against."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface
-
-    from .integration import tca_mask
-
-    AttentionInterface.register("sdpa_maskless", sdpa_attention_forward)
-    AttentionMaskInterface.register("sdpa_maskless", tca_mask)
-    return "sdpa_maskless"
-
-
 def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs: bool = False) -> dict[str, Any]:
     """Milliseconds per decode step over ``steps`` consecutive steps of ``model`` over ``cache``,
     each replayed from a CUDA graph: static inputs (token 0 at position ``length``), no host sync.
@@ -489,28 +474,6 @@ def one_step_dense(dynamic):
 
     dynamic.layers = [OneStepDenseLayer(layer.keys, layer.values) for layer in dynamic.layers]
     return dynamic
-
-
-def llama_8b_shaped(num_layers: int, device: torch.device, dtype: torch.dtype, smoke: bool, max_len: int):
-    """A LLaMA-3.1-8B-shaped ``LlamaForCausalLM`` with random weights (tiny shapes with ``smoke``),
-    initialised on ``device`` directly in ``dtype``: no float32 copy, no CPU init of 16 GB at 32 layers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if smoke:
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len)
-    else:
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                          num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=8,
-                          max_position_embeddings=max(131072, max_len), rope_theta=500000.0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(dtype).eval()
 
 
 # TPOT variants of the TCA cache: (compression kernel, two graphs). "fused-graph": one graph whose Triton

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .bench import llama_8b_shaped
+from .bench_models import fastest_dense_sdpa, llama_8b_shaped
 from .budgets import HeadBudgets
 from .cache import TCACache
 from .chunked import chunked_prefill
@@ -153,7 +153,6 @@ def conversation_rows(model, budgets: HeadBudgets, turns: list[int], reply: int,
 def chunk_bench_rows(num_layers: int, keep: float, window: int, device: torch.device, dtype: torch.dtype,
                      smoke: bool, prompt: int, chunk: int, turns: list[int], reply: int) -> list[dict[str, Any]]:
     """Both measurements on one model (see the module docstring)."""
-    from .bench import fastest_dense_sdpa
 
     model = llama_8b_shaped(num_layers, device, dtype, smoke, max(prompt, sum(turns) + reply * len(turns)) + 512)
     config = TCAConfig(block_size=32 if smoke else 128, window=window)

@@ -56,6 +56,7 @@ from .decode import (
     resolve_backend,
     top_t_in_block,
 )
+from .layer import CacheLink, tca_layers
 from .layout import (
     NEVER,
     Layout,
@@ -68,30 +69,6 @@ from .layout import (
 )
 from .memory import LayerMemory, MemoryReport
 from .selection import Selection, rank_of
-
-
-class CacheLink:
-    """Per-module mailbox: ``update`` posts its cache layer with the key tensor it returned;
-    the attention call takes the layer back only if it received that very tensor.
-
-    The identity check makes a stale post harmless: if ``update`` raised, or
-    a later forward uses another cache, the attention call does not pick up a
-    layer whose K/V it was not given.
-    """
-
-    __slots__ = ("active", "key")
-
-    def __init__(self) -> None:
-        self.active: TCACacheLayer | None = None
-        self.key: torch.Tensor | None = None
-
-    def post(self, layer: TCACacheLayer, key: torch.Tensor) -> None:
-        self.active, self.key = layer, key
-
-    def take(self, key: torch.Tensor) -> TCACacheLayer | None:
-        layer = self.active if self.key is key else None
-        self.active = self.key = None
-        return layer
 
 
 class TCACacheLayer(CacheLayerMixin):
@@ -608,15 +585,13 @@ class TCACache(Cache):
 
     def __init__(self, model: torch.nn.Module, *, growth: float = 0.05, min_chunk_blocks: int = 4,
                  reserve_tokens: int = 0, backend: str = "auto") -> None:
-        from .integration import applied_budgets, attention_modules
-
-        budgets = applied_budgets(model)
-        # t = floor(E[k]); the epsilon keeps 8.0 from becoming 7 through rounding.
-        keep = torch.floor(budgets.expected_per_block() + 1e-9).long()
-        layers = [TCACacheLayer(budgets.config, keep[mod._tca_layer.layer_idx].tolist(),
-                                link=mod._tca_layer.link, growth=growth, min_chunk_blocks=min_chunk_blocks,
-                                reserve_tokens=reserve_tokens, backend=backend)
-                  for mod in attention_modules(model)]
+        records = tca_layers(model)
+        if not records:
+            raise ValueError("TCACache(model): this model was not prepared by tca_flex.apply; "
+                             "call tca_flex.apply(model) first")
+        layers = [TCACacheLayer(record.config, record.keep_per_block, link=record.link, growth=growth,
+                                min_chunk_blocks=min_chunk_blocks, reserve_tokens=reserve_tokens, backend=backend)
+                  for record in records]
         super().__init__(layers=layers)
 
     def mark_static(self) -> None:

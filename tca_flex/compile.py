@@ -13,19 +13,16 @@ or on first use.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-logger = logging.getLogger(__name__)
-
 # Dynamo's recompile limit inside the prefill's compiled calls, and what
-# ``tca_flex.compile`` raises it to for the process (on request only): a compiled
-# *whole model* still re-traces its decode step when a TCACache grows.
-_MIN_RECOMPILE_LIMIT = 64
+# ``tca_flex.compile`` (integration.py) raises it to for the process (on request
+# only): a compiled *whole model* still re-traces its decode step when a TCACache grows.
+MIN_RECOMPILE_LIMIT = 64
 
 _compiled_flex: dict[bool | None, Any] = {}
 _length_generic: dict[Callable[..., Any], Callable[..., Any]] = {}
@@ -66,38 +63,10 @@ def length_generic(fn: Callable[..., Any], *dims: tuple[int, int]) -> Callable[.
         # a process that serves several models or configs (an evaluation, a test suite) can
         # pass dynamo's default 8 entries and would silently fall back to eager FlexAttention.
         # The higher limit holds only during this call.
-        with torch._dynamo.config.patch(recompile_limit=_MIN_RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limit=MIN_RECOMPILE_LIMIT):
             return compiled_fn(*args)
 
     return call
-
-
-def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
-    """``torch.compile(model, **kwargs)`` for a model prepared by ``tca_flex.apply``.
-
-    Calling ``torch.compile`` yourself works too. This also raises dynamo's
-    recompile limit (``torch._dynamo.config.recompile_limit``) to at least 64
-    for the process, because a compiled whole model re-traces its decode step
-    each time a ``TCACache`` grows; that is the one process-wide setting
-    tca_flex changes, and only here, on request. The prefill itself compiles
-    once for all prompt lengths and needs no limit change. Pass
-    ``TCACache(model, reserve_tokens=N)`` to ``generate`` so a generation of
-    up to ``N`` tokens never changes buffer shapes, and keep ``use_cache=True``
-    (the default) in compiled forwards.
-
-    Raises:
-        ValueError: the model was not prepared by ``tca_flex.apply`` (compile after apply).
-    """
-    from .integration import is_applied
-
-    if not is_applied(model):
-        raise ValueError("tca_flex.compile: call tca_flex.apply(model) first, then compile")
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < _MIN_RECOMPILE_LIMIT:
-            logger.info("tca_flex.compile: raising torch._dynamo.config.%s to %d", name, _MIN_RECOMPILE_LIMIT)
-            setattr(cfg, name, _MIN_RECOMPILE_LIMIT)
-    return torch.compile(model, **kwargs)
 
 
 def kernel_options_for(device: torch.device) -> dict[str, Any] | None:

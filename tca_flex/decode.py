@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .compile import compiled_flex_attention
 from .selection import rank_of
 
 try:
@@ -193,8 +194,6 @@ def _math_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
 
 def _flex_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
                  group: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from .compile import compiled_flex_attention
-
     # Eager flex on CPU materialises only [B, H_q, 1, S] scores here (q_len 1), which is fine.
     on_cuda = q_bhsd.device.type == "cuda"
     fn = compiled_flex_attention() if on_cuda and not torch.compiler.is_compiling() else flex_attention

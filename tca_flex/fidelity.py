@@ -25,6 +25,7 @@ import torch
 from .attention import tca_attention_forward, tca_select
 from .fidelity_report import FidelityReport, LayerFidelity
 from .integration import applied_budgets, attention_modules, attention_routed
+from .layer import tca_layer
 from .mass import masked_scores
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class _Recorder:
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  out_blhd: torch.Tensor, scaling: float | None) -> None:
-        layer = module._tca_layer
+        layer = tca_layer(module)
         config = layer.config
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         length = key.shape[2]

@@ -25,7 +25,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from .attention import TCALayer, tca_attention_forward
+from .attention import tca_attention_forward
 from .budgets import (
     FINGERPRINT_SHAPE_KEYS,
     SHIPPED_BUDGETS,
@@ -35,7 +35,9 @@ from .budgets import (
     describe_conflicts,
     shipped_budgets,
 )
+from .compile import MIN_RECOMPILE_LIMIT
 from .config import TCAConfig
+from .layer import TCALayer, attach, detach
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
             "name_or_path": getattr(config, "_name_or_path", None) or None}
 
 
-def _check_model(model: torch.nn.Module) -> None:
+def check_model(model: torch.nn.Module) -> None:
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise ValueError("tca_flex.apply got a torch.compile'd model: call tca_flex.apply(model) first, "
                          "then torch.compile(model)")
@@ -325,7 +327,7 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
             budgets that do not match the model (or its sharded heads), or a
             config that differs from the budgets' in a knob they depend on.
     """
-    _check_model(model)
+    check_model(model)
     mods = attention_modules(model)
     if not mods:
         raise ValueError(f"found no attention modules with k_proj/layer_idx in {type(model).__name__}")
@@ -340,8 +342,12 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
         raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
                          "AttentionInterface, so TCA cannot be installed")
     device = next(model.parameters()).device
+    # t = floor(E[k]) per KV head (what the pruned cache keeps of a leaving block); the
+    # epsilon keeps 8.0 from becoming 7 through rounding.
+    keep = torch.floor(budgets.expected_per_block() + 1e-9).long()
     for layer_idx, mod in enumerate(mods):
-        mod._tca_layer = TCALayer(config=config, cdf=budgets.cdf(layer_idx).to(device), layer_idx=layer_idx)
+        attach(mod, TCALayer(config=config, cdf=budgets.cdf(layer_idx).to(device), layer_idx=layer_idx,
+                             keep_per_block=tuple(keep[layer_idx].tolist())))
     setattr(model, _STATE_ATTR, {"configs": configs, "budgets": budgets, "kv_heads": kv_heads})
     _APPLIED.add(model)
     return model
@@ -357,8 +363,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     if state is None:
         raise ValueError("tca_flex.remove: this model was not prepared by tca_flex.apply")
     for mod in attention_modules(model):
-        if hasattr(mod, "_tca_layer"):
-            del mod._tca_layer
+        detach(mod)
     delattr(model, _STATE_ATTR)
     _release(model, state["configs"])
     return model
@@ -392,3 +397,29 @@ def applied_budgets(model: torch.nn.Module) -> HeadBudgets:
 def applied_kv_heads(model: torch.nn.Module) -> tuple[int, int]:
     """``(start, stop)``: the full model's KV heads this process holds and applied budgets for."""
     return _state(model)["kv_heads"]
+
+
+def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
+    """``torch.compile(model, **kwargs)`` for a model prepared by ``tca_flex.apply``.
+
+    Calling ``torch.compile`` yourself works too. This also raises dynamo's
+    recompile limit (``torch._dynamo.config.recompile_limit``) to at least 64
+    for the process, because a compiled whole model re-traces its decode step
+    each time a ``TCACache`` grows; that is the one process-wide setting
+    tca_flex changes, and only here, on request. The prefill itself compiles
+    once for all prompt lengths and needs no limit change. Pass
+    ``TCACache(model, reserve_tokens=N)`` to ``generate`` so a generation of
+    up to ``N`` tokens never changes buffer shapes, and keep ``use_cache=True``
+    (the default) in compiled forwards.
+
+    Raises:
+        ValueError: the model was not prepared by ``tca_flex.apply`` (compile after apply).
+    """
+    if not is_applied(model):
+        raise ValueError("tca_flex.compile: call tca_flex.apply(model) first, then compile")
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < MIN_RECOMPILE_LIMIT:
+            logger.info("tca_flex.compile: raising torch._dynamo.config.%s to %d", name, MIN_RECOMPILE_LIMIT)
+            setattr(cfg, name, MIN_RECOMPILE_LIMIT)
+    return torch.compile(model, **kwargs)

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from .attention import TCALayer, prefill_attention_op, tca_prefill_attention
+from .attention import prefill_attention_op, tca_prefill_attention
 from .cache import TCACacheLayer
 from .integration import applied_budgets, attention_modules, is_applied
+from .layer import tca_layer
 from .selection import Selection
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
     dtype = dtype or param.dtype
     device = torch.device(device) if device is not None else param.device
     mod = attention_modules(model)[0]
-    layer: TCALayer = mod._tca_layer
+    layer = tca_layer(mod)
     config = layer.config
     hkv = layer.cdf.shape[0]
     hq = hkv * (model.config.num_attention_heads // model.config.num_key_value_heads)

@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM
 import tca_flex
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.integration import applied_budgets, applied_kv_heads, attention_modules
+from tca_flex.layer import tca_layer
 
 from .conftest import tiny_llama_config
 
@@ -74,7 +75,7 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         torch.save({
             "logits": logits, "tokens": tokens, "kv_heads": applied_kv_heads(model),
             "local_kv_heads": mods[0].k_proj.weight.to_local().shape[0] // mods[0].head_dim,
-            "probs": applied_budgets(model).probs, "cdfs": [m._tca_layer.cdf for m in mods],
+            "probs": applied_budgets(model).probs, "cdfs": [tca_layer(m).cdf for m in mods],
         }, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..budgets import HeadBudgets
 from ..config import TCAConfig
-from ..integration import _check_model, attention_modules, attention_routed, model_fingerprint
+from ..integration import attention_modules, attention_routed, check_model, model_fingerprint
 from .candidates import CandidateScores, budgets_from_scores, candidate_distributions
 from .scoring import score_layer
 
@@ -102,7 +102,7 @@ def score_candidates(model: torch.nn.Module, input_ids: torch.Tensor, config: TC
     """
     config = config or TCAConfig()
     ids = _check_input_ids(input_ids, config)
-    _check_model(model)
+    check_model(model)
     if model.training:
         raise ValueError("call model.eval() before calibrating (dropout would make budgets random)")
     mods = attention_modules(model)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..attention import tca_prefill_attention, tca_select
 from ..config import TCAConfig
+from ..layer import tca_layer
 from ..reference import reference_mask
 from ..selection import Selection, importance
 
@@ -193,7 +194,7 @@ class TCAPolicy:
     """TCA prefill from ``tca_flex.apply``'s layer record; kept set = global subset + window."""
 
     def prefill(self, module, q, k, v, scaling):
-        layer = module._tca_layer
+        layer = tca_layer(module)
         cfg, length = layer.config, k.shape[2]
         if length <= cfg.dense_up_to:
             keep = torch.ones(k.shape[0], k.shape[1], length, dtype=torch.bool, device=k.device)

@@ -1,0 +1,43 @@
+"""The models the benchmarks time: LLaMA-3.1-8B shapes with random weights, and the dense baseline's attention."""
+
+from __future__ import annotations
+
+import torch
+
+
+def fastest_dense_sdpa() -> str:
+    """Registers and names transformers' SDPA attention with no materialised mask for unpadded
+    causal shapes (``integration.tca_mask``): prefill takes SDPA's causal kernel (cuDNN on
+    Hopper) and decode its native-GQA path, instead of a ``[.., L]`` mask that pushes decode
+    to a slower kernel and repeats the KV heads. The dense baseline every e2e row is timed against."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from .integration import tca_mask
+
+    AttentionInterface.register("sdpa_maskless", sdpa_attention_forward)
+    AttentionMaskInterface.register("sdpa_maskless", tca_mask)
+    return "sdpa_maskless"
+
+
+def llama_8b_shaped(num_layers: int, device: torch.device, dtype: torch.dtype, smoke: bool, max_len: int):
+    """A LLaMA-3.1-8B-shaped ``LlamaForCausalLM`` with random weights (tiny shapes with ``smoke``),
+    initialised on ``device`` directly in ``dtype``: no float32 copy, no CPU init of 16 GB at 32 layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if smoke:
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len)
+    else:
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=8,
+                          max_position_embeddings=max(131072, max_len), rope_theta=500000.0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
