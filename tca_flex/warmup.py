@@ -24,8 +24,8 @@ from torch._dynamo.utils import counters
 
 from .attention import prefill_attention_op, tca_prefill_attention
 from .cache import TCACacheLayer
-from .integration import applied_budgets, attention_modules, is_applied
-from .layer import tca_layer
+from .integration import attention_modules, is_applied
+from .layer import TCALayer, tca_layer
 from .selection import Selection
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
             prefill_attention_op(q, k, v, cdf, layer.config_json, d ** -0.5)
             _, sel = tca_prefill_attention(q, k, v, cdf, config, d ** -0.5, return_selection=True)
             if decode:
-                _decode_once(model, k, v, sel, q.shape[1], d)
+                _decode_once(layer, k, v, sel, q.shape[1], d)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             per_length.append(time.perf_counter() - t0)
@@ -141,15 +141,12 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
     return report
 
 
-def _decode_once(model: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, sel: Selection, hq: int,
-                 d: int) -> None:
+def _decode_once(layer: TCALayer, key: torch.Tensor, value: torch.Tensor, sel: Selection, hq: int, d: int) -> None:
     """A pruned cache filled from the prefill, then ``block_size`` decode steps (one compression)."""
-    budgets = applied_budgets(model)
-    keep = torch.floor(budgets.expected_per_block()[0] + 1e-9).long().tolist()
-    cache = TCACacheLayer(budgets.config, keep)
+    cache = TCACacheLayer(layer.config, layer.keep_per_block)
     cache.lazy_initialization(key, value)
     cache.finish_prefill(key, value, sel)
-    for _ in range(budgets.config.block_size):
+    for _ in range(layer.config.block_size):
         new_k = torch.randn_like(key[:, :, :1])
         cache.update(new_k, torch.randn_like(new_k))
         cache.decode_step(torch.randn(key.shape[0], hq, 1, d, device=key.device, dtype=key.dtype), d ** -0.5)
