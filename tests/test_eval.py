@@ -54,7 +54,9 @@ def test_generators_are_deterministic_per_seed(name):
     assert a.task == name and a.answers
     for answer in a.answers:
         assert answer in a.prompt
-    n = tasks.sample_tokens(TOK, a)
+    # A conversation's budget covers every turn, reply and the answer; a single prompt's
+    # covers the prompt (the suite leaves room for the answer, which can be long).
+    n = tasks.sample_tokens(TOK, a) - (0 if a.turns else a.max_new_tokens)
     assert 0.85 * 3000 <= n <= 1.1 * 3000, n
 
 
@@ -629,3 +631,15 @@ def test_no_task_makes_a_context_shorter_than_the_refused_lengths(task, seed, as
     other = sorted(tasks.TASKS)[seed % len(tasks.TASKS)]
     both = runner.shortest_context(TOK, [task, other], [seed, seed + 1])
     assert both == max(runner.shortest_context(TOK, [t], [s]) for t in (task, other) for s in (seed, seed + 1))
+
+
+def test_long_recall_lists_entries_in_order_and_asks_a_long_answer():
+    s = tasks.long_recall(TOK, 3000, fresh_seed())
+    entries = re.findall(r"Inventory entry (\d+): ([a-z]+)\. ", s.prompt)
+    assert [int(n) for n, _ in entries] == list(range(1, 41))
+    assert tuple(w for _, w in entries) == s.answers and len(set(s.answers)) == 40
+    assert 256 <= s.max_new_tokens <= 512
+    assert s.prompt.endswith("Inventory entry 1:")
+    # Scored by the fraction recalled: half the entries give half the score.
+    half = " ".join(f"Inventory entry {i + 1}: {w}." for i, w in enumerate(s.answers[:20]))
+    assert tasks.score_fraction(half, s) == 0.5 and not tasks.score(half, s)
