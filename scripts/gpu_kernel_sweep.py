@@ -30,7 +30,7 @@ for length in [int(a) for a in sys.argv[1:]] or [32768, 131072]:
     v = torch.randn_like(k)
     cfg = TCAConfig(window=4096)
     cdf = HeadBudgets.uniform(1, 8, 0.25, cfg).cdf(0).to(dev)
-    sel = select(q, k, cdf, scaling=128 ** -0.5, block_size=128, window=4096, alpha=0.5)
+    sel = select(q, k, cdf, cfg.selection, scaling=128 ** -0.5)
     idx = sel.positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, -1, 128)
     k_all, v_all = torch.cat([k.gather(2, idx), k], 2), torch.cat([v.gather(2, idx), v], 2)
     bm = tca_block_mask(sel.positions, length, 4096, 32)

@@ -34,12 +34,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
                scaling: float, observed: bool = False) -> Selection:
     """``select`` with every knob taken from ``config`` (shapes as in ``tca_prefill_attention``)."""
-    return select(q_bhsd, k_bhsd, cdf_hk, scaling=scaling, block_size=config.block_size,
-                  window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
-                  num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
-                  capacity_multiple=KERNEL_BLOCK, guard_floor=config.guard_floor,
-                  pool_kernel=config.pool_kernel, span=config.span,
-                  num_spread=config.spread_observation_queries, anchor_blocks=config.anchor_blocks,
+    return select(q_bhsd, k_bhsd, cdf_hk, config.selection, scaling=scaling, capacity_multiple=KERNEL_BLOCK,
                   observed=observed)
 
 

@@ -129,8 +129,7 @@ def check_against_sdpa(q, k, v, cdf, config: TCAConfig, scale: float, out: torch
                        rows: int = 256) -> float:
     """Relative error of TCA's last ``rows`` queries vs SDPA with the explicit TCA mask."""
     length = q.shape[2]
-    sel = select(q, k, cdf, scaling=scale, block_size=config.block_size, window=config.window,
-                 alpha=config.alpha)
+    sel = select(q, k, cdf, config.selection, scaling=scale)
     queries = torch.arange(length - rows, length, device=q.device)
     mask = reference_mask(sel.keep_mask(length), config.window, q.shape[1], queries)
     g = q.shape[1] // k.shape[1]
@@ -194,8 +193,7 @@ def build_cache_layer(length: int, hq: int, hkv: int, d: int, fractions: list[fl
     keep = torch.floor(budgets.expected_per_block()[0] + 1e-9).long().tolist()
     q = torch.randn(1, hq, length, d, dtype=dtype, device=device)
     k = torch.randn(1, hkv, length, d, dtype=dtype, device=device)
-    sel = select(q, k, budgets.cdf(0).to(device), scaling=d**-0.5, block_size=config.block_size,
-                 window=config.window, alpha=config.alpha)
+    sel = select(q, k, budgets.cdf(0).to(device), config.selection, scaling=d**-0.5)
     layer = TCACacheLayer(config, keep, reserve_tokens=reserve_tokens, backend=backend)
     layer.update(k, k)
     layer.finish_prefill(k, k, sel)

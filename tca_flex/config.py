@@ -13,6 +13,28 @@ _MASS_CRITERIA = ("column_mean", "lse")
 
 
 @dataclass(frozen=True)
+class SelectionConfig:
+    """The knobs of the online selection, as one object: what ``selection.select``, the
+    float64 reference (``reference.reference_keep``) and the tests take.
+
+    ``TCAConfig.selection`` makes one from a validated config (the names are
+    the selection's own; ``TCAConfig``'s docstring explains each knob).
+    """
+
+    block_size: int = 128
+    window: int = 4096
+    alpha: float = 0.5
+    normalize: bool = False
+    num_queries: int = 1
+    aggregation: str = "mean"
+    guard_floor: float | None = None
+    pool_kernel: int = 1
+    span: int = 0
+    num_spread: int = 0
+    anchor_blocks: int = 0
+
+
+@dataclass(frozen=True)
 class TCAConfig:
     """Settings of TCA-Attention; defaults are the paper's (LLaMA-3.1-8B at 128K).
 
@@ -112,6 +134,15 @@ class TCAConfig:
                 f"TCAConfig.version={self.version} is not supported by this tca_flex "
                 f"(expects {CONFIG_VERSION}); re-create the config or re-run calibration."
             )
+
+    @property
+    def selection(self) -> SelectionConfig:
+        """The selection knobs (everything but calibration's and the version)."""
+        return SelectionConfig(block_size=self.block_size, window=self.window, alpha=self.alpha,
+                               normalize=self.normalize_redundancy, num_queries=self.num_observation_queries,
+                               aggregation=self.gqa_aggregation, guard_floor=self.guard_floor,
+                               pool_kernel=self.pool_kernel, span=self.span,
+                               num_spread=self.spread_observation_queries, anchor_blocks=self.anchor_blocks)
 
     @property
     def dense_up_to(self) -> int:

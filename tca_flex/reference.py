@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import SelectionConfig
+
 
 def reference_importance(q: torch.Tensor, k: torch.Tensor, scaling: float, num_queries: int = 1,
                          aggregation: str = "mean", num_spread: int = 0, window: int = 0) -> torch.Tensor:
@@ -47,22 +49,23 @@ def reference_importance(q: torch.Tensor, k: torch.Tensor, scaling: float, num_q
     return out
 
 
-def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, *, block_size: int, window: int,
-                   alpha: float, normalize: bool = False, pool: int = 1, span: int = 0,
-                   anchor_blocks: int = 0) -> torch.Tensor:
+def reference_keep(importance: torch.Tensor, probs_hk: torch.Tensor, knobs: SelectionConfig) -> torch.Tensor:
     """bool ``[B, H_kv, L]``: the global subset (final-window positions are False).
 
     Args:
         importance: ``[B, H_kv, L]`` importance rows.
         probs_hk: ``[H_kv, b + 1]`` budget distributions of the layer.
-        pool: odd; tokens inside a block are ranked by the mean importance of
-            the ``pool`` positions centred on them (zeros outside ``[0, L)``).
-        span: every chosen token also keeps its ``span`` neighbours on each
-            side that lie in the global region.
-        anchor_blocks: with more blocks than the prompt has, ranks take the
-            quantile ladder of that many blocks from the top until the prompt's
-            own ladder total is spent.
+        knobs: the selection's knobs; of them this reads the block size, window,
+            ``alpha``, ``normalize``, ``pool_kernel`` (tokens inside a block are
+            ranked by the mean importance of that many positions centred on them,
+            zeros outside ``[0, L)``), ``span`` (every chosen token also keeps its
+            ``span`` neighbours on each side that lie in the global region) and
+            ``anchor_blocks`` (with more blocks than the prompt has, ranks take the
+            quantile ladder of that many blocks from the top until the prompt's own
+            ladder total is spent). The guard floor is not modelled.
     """
+    block_size, window, alpha, normalize = knobs.block_size, knobs.window, knobs.alpha, knobs.normalize
+    pool, span, anchor_blocks = knobs.pool_kernel, knobs.span, knobs.anchor_blocks
     bsz, hkv, length = importance.shape
     global_len = max(length - window, 0)
     keep = torch.zeros(bsz, hkv, length, dtype=torch.bool)
@@ -152,15 +155,12 @@ def causal_mask(q_len: int, k_len: int) -> torch.Tensor:
     return torch.arange(k_len)[None, :] <= (torch.arange(q_len)[:, None] + offset)
 
 
-def reference_tca(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs_hk: torch.Tensor, *,
-                  scaling: float, block_size: int, window: int, alpha: float,
-                  normalize: bool = False, num_queries: int = 1, aggregation: str = "mean"
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_tca(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs_hk: torch.Tensor,
+                  knobs: SelectionConfig, *, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """TCA prefill end to end: (float64 output ``[B, H_q, L, D]``, keep ``[B, H_kv, L]``)."""
-    s = reference_importance(q, k, scaling, num_queries, aggregation)
-    keep = reference_keep(s, probs_hk, block_size=block_size, window=window, alpha=alpha,
-                          normalize=normalize)
-    mask = reference_mask(keep, window, q.shape[1])
+    s = reference_importance(q, k, scaling, knobs.num_queries, knobs.aggregation, knobs.num_spread, knobs.window)
+    keep = reference_keep(s, probs_hk, knobs)
+    mask = reference_mask(keep, knobs.window, q.shape[1])
     return reference_attention(q, k, v, mask, scaling), keep
 
 

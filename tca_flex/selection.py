@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import SelectionConfig
+
 # Position used for unused slots of the packed index list. Large enough that
 # "position <= q - window" is never true for it, small enough for int32 math.
 PAD_POSITION = 1 << 30
@@ -373,58 +375,50 @@ def guard_keep(keep: torch.Tensor, order_key: torch.Tensor, probs_bhgl: torch.Te
     return keep | (ranks < take.unsqueeze(-1))
 
 
-def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, *, scaling: float,
-           block_size: int, window: int, alpha: float, normalize: bool = False,
-           num_queries: int = 1, aggregation: str = "mean",
-           capacity_multiple: int = 128, guard_floor: float | None = None,
-           pool_kernel: int = 1, span: int = 0, num_spread: int = 0, anchor_blocks: int = 0,
-           observed: bool = False) -> Selection:
+def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, knobs: SelectionConfig, *,
+           scaling: float, capacity_multiple: int = 128, observed: bool = False) -> Selection:
     """TCA's online core-context selection for one layer.
 
     Args:
         q_bhsd: ``[B, H_q, L, D]`` queries; ``k_bhsd``: ``[B, H_kv, L, D]`` keys.
         cdf_hk: float64 ``[H_kv, b + 1]``, the layer's budget distributions.
+        knobs: the selection's knobs (``TCAConfig.selection``): block size,
+            window, redundancy balance, observation queries, GQA aggregation,
+            and the options: ``pool_kernel`` (tokens inside a block ranked by
+            importance averaged over that many neighbours, ``pool_importance``),
+            ``span`` (``dilate_keep``), ``num_spread`` (spread observation
+            queries, ``importance``), ``anchor_blocks`` (``budget_ladder``) and
+            ``guard_floor`` (``guard_keep``: the last query of every query head
+            retains at least this mass).
         scaling: softmax scale.
-        block_size, window, alpha, normalize, num_queries, aggregation: see
-            ``TCAConfig``.
         capacity_multiple: the packed width is the global-region length
             rounded up to this (the attention kernel's KV tile).
-        pool_kernel: tokens inside a block are ranked by their importance
-            averaged over this many neighbours (``pool_importance``; 1: raw).
-        span: after the per-block top-t, also keep ``span`` neighbours on
-            each side of every kept token (``dilate_keep``; 0: off).
-        num_spread: observation queries spread through the prompt, far keys
-            only (``importance``; 0: the last ``num_queries`` only).
-        anchor_blocks: reference block count of the budget ladder
-            (``budget_ladder``; 0: the quantile ladder).
-        guard_floor: opt-in runtime guard (``TCAConfig.guard_floor``): after
-            the per-block top-t, ``guard_keep`` grows the subset until the last
-            query of every query head retains at least this mass.
         observed: ``q_bhsd`` holds only the observation queries
             (``observed_queries``); ``L`` is the keys' length.
 
     Returns:
         The ``Selection``; requires ``L > window``.
     """
+    block_size, window, num_queries = knobs.block_size, knobs.window, knobs.num_queries
     length = k_bhsd.shape[2]
     if length <= window:
         raise ValueError(f"selection needs more tokens ({length}) than the window ({window})")
     # Shape arithmetic only, and no view whose contiguity depends on the length: under
     # torch.compile the length is symbolic and one graph serves every prompt length.
     global_len = length - window
-    s = importance(q_bhsd, k_bhsd, scaling, num_queries, aggregation, num_spread, window, observed)
+    s = importance(q_bhsd, k_bhsd, scaling, num_queries, knobs.aggregation, knobs.num_spread, window, observed)
     s_blocks = to_blocks(s[..., :global_len], block_size, 0.0)
-    scores = redundancy_score(s_blocks, alpha, normalize)
-    ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2], anchor_blocks)
+    scores = redundancy_score(s_blocks, knobs.alpha, knobs.normalize)
+    ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2], knobs.anchor_blocks)
     budgets = block_budgets(scores, ladder, global_len, block_size)
-    ranked = to_blocks(pool_importance(s, pool_kernel)[..., :global_len], block_size, float("-inf"))
+    ranked = to_blocks(pool_importance(s, knobs.pool_kernel)[..., :global_len], block_size, float("-inf"))
     # Work on whole blocks (width n * b); the padding past the region is never kept.
     in_global = torch.arange(s_blocks.shape[-2] * block_size, device=s.device) < global_len
-    keep = dilate_keep(keep_top_in_blocks(ranked, budgets).flatten(-2), span) & in_global
-    if guard_floor is not None:
+    keep = dilate_keep(keep_top_in_blocks(ranked, budgets).flatten(-2), knobs.span) & in_global
+    if knobs.guard_floor is not None:
         # The last query (position L - 1) ends the block of last observation queries.
         q_last = q_bhsd[:, :, :num_queries] if observed else q_bhsd
-        keep = guard_keep(keep, s_blocks.flatten(-2), last_query_probs(q_last, k_bhsd, scaling), guard_floor,
+        keep = guard_keep(keep, s_blocks.flatten(-2), last_query_probs(q_last, k_bhsd, scaling), knobs.guard_floor,
                           global_len)
     capacity = -(-global_len // capacity_multiple) * capacity_multiple
     positions, counts = pack_positions(keep, capacity)

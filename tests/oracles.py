@@ -9,6 +9,8 @@ of every decode step by hand.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import AttentionInterface, DynamicCache
 
@@ -22,9 +24,8 @@ def reference_selection(q: torch.Tensor, k: torch.Tensor, probs_hk: torch.Tensor
     """(float64 importance ``[B, H_kv, L]``, bool keep ``[B, H_kv, L]``) from the float64 reference alone."""
     s = reference_importance(q, k, q.shape[-1] ** -0.5, config.num_observation_queries, config.gqa_aggregation,
                              config.spread_observation_queries, config.window)
-    keep = reference_keep(s, probs_hk, block_size=config.block_size, window=config.window, alpha=config.alpha,
-                          normalize=config.normalize_redundancy, pool=config.pool_kernel,
-                          span=config.span if span is None else span, anchor_blocks=config.anchor_blocks)
+    knobs = config.selection
+    keep = reference_keep(s, probs_hk, knobs if span is None else dataclasses.replace(knobs, span=span))
     return s, keep
 
 

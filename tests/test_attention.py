@@ -4,6 +4,7 @@ from torch.nn.attention.flex_attention import create_mask
 
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import tca_prefill_attention
+from tca_flex.config import SelectionConfig
 from tca_flex.masks import tca_block_mask
 from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
 from tca_flex.selection import select
@@ -57,8 +58,8 @@ def test_prefill_matches_reference(case, dtype, tol):
 def test_block_mask_is_exact(case):
     """Every visible key is in a listed block; full blocks are entirely visible."""
     q, k, v, config, budgets = make(case, torch.float32, 11)
-    sel = select(q, k, budgets.cdf(0), scaling=q.shape[-1] ** -0.5, block_size=config.block_size,
-                 window=config.window, alpha=config.alpha)
+    sel = select(q, k, budgets.cdf(0), SelectionConfig(block_size=config.block_size, window=config.window,
+                                                        alpha=config.alpha), scaling=q.shape[-1] ** -0.5)
     bsz, hq, length = q.shape[0], q.shape[1], q.shape[2]
     bm = tca_block_mask(sel.positions, length, config.window, hq)
     kv_len = sel.positions.shape[-1] + length
@@ -96,8 +97,8 @@ def test_prefill_with_spread_observers_matches_reference_end_to_end():
     scale = d ** -0.5
     out = tca_prefill_attention(q, k, v, budgets.cdf(0), config, scale)
     s_ref = reference_importance(q, k, scale, 8, "mean", 6, window)
-    keep = reference_keep(s_ref, budgets.probs[0], block_size=block, window=window, alpha=config.alpha,
-                          normalize=True, pool=5)
+    keep = reference_keep(s_ref, budgets.probs[0], SelectionConfig(block_size=block, window=window,
+                                                                    alpha=config.alpha, normalize=True, pool_kernel=5))
     ref = reference_attention(q, k, v, reference_mask(keep, window, hq), scale)
     err = (out.double() - ref).abs().max().item()
     assert err < 2e-5, f"max abs error {err} (seed {seed})"

@@ -6,6 +6,7 @@ import torch
 import tca_flex
 from tca_flex import HeadBudgets, TCACache, TCAConfig
 from tca_flex.cache import TCACacheLayer
+from tca_flex.config import SelectionConfig
 from tca_flex.decode import decode_attention
 from tca_flex.hfcompat import cache_kwargs
 from tca_flex.selection import select
@@ -89,8 +90,8 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, eve
     layer._assume_leaves = True if every_step else None
     k0, v0 = k_hist[:, :, :length], v_hist[:, :, :length]
     assert layer.update(k0, v0)[0] is k0
-    sel = select(q_hist[:, :, :length], k0, budgets.cdf(0), scaling=scale, block_size=8, window=32,
-                 alpha=cfg.alpha)
+    sel = select(q_hist[:, :, :length], k0, budgets.cdf(0), SelectionConfig(block_size=8, window=32, alpha=cfg.alpha),
+                 scaling=scale)
     layer.finish_prefill(k0, v0, sel)
     kept = kept_sets(layer, bsz, hkv)
     for b in range(bsz):
@@ -255,12 +256,11 @@ def test_storage_stays_within_ten_percent_of_what_is_kept():
     t = torch.floor(budgets.expected_per_block()[0] + 1e-9).long().tolist()
     layer = TCACacheLayer(cfg, t, backend="math")
     layer.update(k, v)
-    layer.finish_prefill(k, v, select(q, k, budgets.cdf(0), scaling=d**-0.5, block_size=32, window=256,
-                                      alpha=0.5))
+    knobs = SelectionConfig(block_size=32, window=256, alpha=0.5)
+    layer.finish_prefill(k, v, select(q, k, budgets.cdf(0), knobs, scaling=d**-0.5))
     reserved = TCACacheLayer(cfg, t, reserve_tokens=100, backend="math")
     reserved.update(k, k)
-    reserved.finish_prefill(k, k, select(q, k, budgets.cdf(0), scaling=d**-0.5, block_size=32, window=256,
-                                         alpha=0.5))
+    reserved.finish_prefill(k, k, select(q, k, budgets.cdf(0), knobs, scaling=d**-0.5))
     slots = reserved.k_buf.shape[1]
     for _ in range(100):  # three blocks leave the window
         step = torch.randn(1, 4, 1, d)

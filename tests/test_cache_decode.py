@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import tca_flex
 from tca_flex import HeadBudgets, TCACache, TCAConfig, bench
+from tca_flex.config import SelectionConfig
 from tca_flex.hfcompat import cache_kwargs
 from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
 
@@ -56,8 +57,8 @@ class KeptSetReference:
         if q_len == total:  # prefill
             assert total > cfg.dense_up_to, "the reference covers sparse prefills only"
             imp = reference_importance(query, key, scale, cfg.num_observation_queries, cfg.gqa_aggregation)
-            glob = reference_keep(imp, self.probs[layer], block_size=b, window=w, alpha=cfg.alpha,
-                                  normalize=cfg.normalize_redundancy)
+            glob = reference_keep(imp, self.probs[layer], SelectionConfig(block_size=b, window=w, alpha=cfg.alpha,
+                                                                          normalize=cfg.normalize_redundancy))
             out = reference_attention(query, key, value, reference_mask(glob, w, hq), scale)
             glob[..., total - w:] = True  # the final window
             self.kept[layer], self.first_uncompressed[layer] = glob, total - w

@@ -21,6 +21,7 @@ from tca_flex.calibration import (
     score_candidates,
 )
 from tca_flex.calibration.scoring import score_layer
+from tca_flex.config import SelectionConfig
 from tca_flex.reference import reference_mask
 from tca_flex.selection import select
 
@@ -120,8 +121,8 @@ def reference_retained(q, k, probs_hk, config, scaling):
     # test_selection): random tiny models attend almost uniformly, so block
     # scores tie to ~1e-7 and float32 / float64 rankings may legitimately
     # differ (seed 2139784369). What is checked here is the mass, in float64.
-    keep = select(q, k, probs_hk.cumsum(-1), scaling=scaling, block_size=config.block_size,
-                  window=config.window, alpha=config.alpha).keep_mask(length)
+    knobs = SelectionConfig(block_size=config.block_size, window=config.window, alpha=config.alpha)
+    keep = select(q, k, probs_hk.cumsum(-1), knobs, scaling=scaling).keep_mask(length)
     mask = reference_mask(keep, config.window, hq)[0]  # [H_q, L, L]
     logits = (q[0].double() @ k[0].double().repeat_interleave(hq // hkv, 0).transpose(-1, -2)) * scaling
     causal = torch.ones(length, length, dtype=torch.bool).tril()
@@ -430,8 +431,8 @@ def test_anchored_budgets_select_as_calibrated_at_the_calibration_length():
     def kept(b, length):
         q = torch.randn(1, 4, length, 8, generator=torch.Generator().manual_seed(seed))
         k = torch.randn(1, 2, length, 8, generator=torch.Generator().manual_seed(seed + 1))
-        return select(q, k, b.cdf(0), scaling=8**-0.5, block_size=16, window=32, alpha=0.0,
-                      anchor_blocks=b.config.anchor_blocks).keep_mask(length)
+        knobs = SelectionConfig(block_size=16, window=32, alpha=0.0, anchor_blocks=b.config.anchor_blocks)
+        return select(q, k, b.cdf(0), knobs, scaling=8**-0.5).keep_mask(length)
 
     assert torch.equal(kept(anchored, 32 + 16 * 12), kept(budgets, 32 + 16 * 12))
     short_plain, short_anchored = kept(budgets, 32 + 16 * 4), kept(anchored, 32 + 16 * 4)

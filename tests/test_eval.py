@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tca_flex import HeadBudgets, TCAConfig
-from tca_flex.config import parse_overrides
+from tca_flex.config import SelectionConfig, parse_overrides
 from tca_flex.eval import baselines, methods, perplexity, report, runner, tasks
 from tca_flex.eval.cli import evaluate, parse_args
 from tca_flex.eval.install import install_policy
@@ -203,7 +203,7 @@ def test_tca_keep_is_selection_plus_final_window():
     length = 300
     q, k, _ = rand_qk(length)
     cdf = HeadBudgets.uniform(1, 2, 0.25, CFG).cdf(0)
-    sel = select(q, k, cdf, scaling=0.25, block_size=32, window=128, alpha=0.5)
+    sel = select(q, k, cdf, SelectionConfig(block_size=32, window=128, alpha=0.5), scaling=0.25)
     keep = baselines.tca_keep(sel.positions, sel.counts, length, 128)
     assert torch.equal(keep.sum(-1), sel.counts + 128)
     assert torch.equal(keep.sum(-1), torch.full((1, 2), methods.tca_kv_tokens(length, 8, CFG)))

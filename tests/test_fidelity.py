@@ -11,6 +11,7 @@ from transformers import AttentionInterface, LlamaForCausalLM
 import tca_flex
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import tca_attention_forward, tca_prefill_attention
+from tca_flex.config import SelectionConfig
 from tca_flex.fidelity import FidelityReport, layer_fidelity, query_positions
 from tca_flex.reference import causal_mask, reference_attention, reference_importance, reference_mask
 from tca_flex.selection import guard_keep, last_query_probs, select
@@ -46,8 +47,9 @@ def random_layer(seed, hkv, group, length, d, spread=2.0):
 
 def run_select(q, k, config, frac, guard_floor=None):
     budgets = HeadBudgets.uniform(1, k.shape[1], frac, config)
-    return select(q, k, budgets.cdf(0), scaling=q.shape[-1] ** -0.5, block_size=config.block_size,
-                  window=config.window, alpha=config.alpha, capacity_multiple=16, guard_floor=guard_floor)
+    knobs = SelectionConfig(block_size=config.block_size, window=config.window, alpha=config.alpha,
+                            guard_floor=guard_floor)
+    return select(q, k, budgets.cdf(0), knobs, scaling=q.shape[-1] ** -0.5, capacity_multiple=16)
 
 
 layers = st.fixed_dictionaries({

@@ -56,11 +56,7 @@ def random_budgets(p, config):
 
 
 def run_select(q, k, config, budgets):
-    return select(q, k, budgets.cdf(0), scaling=q.shape[-1] ** -0.5, block_size=config.block_size,
-                  window=config.window, alpha=config.alpha, normalize=config.normalize_redundancy,
-                  num_queries=config.num_observation_queries, aggregation=config.gqa_aggregation,
-                  capacity_multiple=16, pool_kernel=config.pool_kernel, span=config.span,
-                  num_spread=config.spread_observation_queries, anchor_blocks=config.anchor_blocks)
+    return select(q, k, budgets.cdf(0), config.selection, scaling=q.shape[-1] ** -0.5, capacity_multiple=16)
 
 
 @given(shapes)

@@ -27,8 +27,7 @@ def _reference_forward(budgets: HeadBudgets):
         keep = torch.zeros(key.shape[0], key.shape[1], length, dtype=torch.bool)
         if length > CONFIG.window:
             s = reference_importance(query, key, scaling, CONFIG.num_observation_queries)
-            keep = reference_keep(s, budgets.probs[module.layer_idx], block_size=CONFIG.block_size,
-                                  window=CONFIG.window, alpha=CONFIG.alpha)
+            keep = reference_keep(s, budgets.probs[module.layer_idx], CONFIG.selection)
         mask = reference_mask(keep, min(CONFIG.window, length), query.shape[1])
         out = reference_attention(query, key, value, mask, scaling)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import tca_flex.decode as decode
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.cache import TCACacheLayer
+from tca_flex.config import SelectionConfig
 from tca_flex.decode import decode_attention
 from tca_flex.selection import Selection, select
 
@@ -44,8 +45,8 @@ def fresh_cache(bsz, hkv, group, d, block, window, keep, length, dtype, aggregat
     v = torch.randn(bsz, hkv, length, d, generator=gen)
     sel = None  # a prompt within the window is kept whole (the prefill ran dense)
     if length > window:
-        sel = select(q, k, HeadBudgets.uniform(1, hkv, 0.3, cfg).cdf(0), scaling=d**-0.5, block_size=block,
-                     window=window, alpha=cfg.alpha)
+        sel = select(q, k, HeadBudgets.uniform(1, hkv, 0.3, cfg).cdf(0),
+                     SelectionConfig(block_size=block, window=window, alpha=cfg.alpha), scaling=d**-0.5)
         sel = Selection(positions=sel.positions.to(DEVICE), counts=sel.counts.to(DEVICE))
     layer = TCACacheLayer(cfg, keep, growth=0.0, min_chunk_blocks=1, backend="math")
     k, v = k.to(DEVICE, dtype), v.to(DEVICE, dtype)
