@@ -1,10 +1,10 @@
 """Long generations with TCACache against an independent float64 implementation of the decode rule,
 and the host bookkeeping that CUDA-graph replays of a decode step rely on.
 
-The reference (``KeptSetReference``) is written from ``TCA_METHOD.md`` ("Decode and KV-cache
-pruning") alone: a float64 copy of the model runs over a plain ``DynamicCache`` (every token's
-K/V), and per layer a boolean kept mask decides what decode attends to. Prefill selection comes
-from ``reference.py``; the window stays exact; whenever a whole block has left it, the block keeps
+The reference (``KeptSetReference``) is written from docs/method.md (section 5) alone: a
+float64 copy of the model runs over a plain ``DynamicCache`` (every token's K/V), and per
+layer a boolean kept mask decides what decode attends to. Prefill selection comes from
+``reference.py``; the window stays exact; whenever a whole block has left it, the block keeps
 its top-``t`` tokens by the current query's attention over the kept set, averaged over the KV
 head's query heads, ``t = floor(E[k])``. Nothing of the implementation's state feeds it.
 """
