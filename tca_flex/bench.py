@@ -223,7 +223,7 @@ def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, de
     graph replay of ``layer``)."""
     from .decode import decode_attention, triton_supported
 
-    while not layer._block_leaves_at(layer._seen):
+    while not layer.block_leaves_at(layer.get_seq_length()):
         layer.update(new, new)
         layer.decode_step(q, scale)
     layer.update(new, new)  # this step's append makes a whole block leave the window
@@ -237,7 +237,7 @@ def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, de
 
     def leaving(kernel: str) -> float:
         layer.compression = kernel
-        return graph_timed(lambda: (restore(), layer._compress(q, lse, scale)), device) - graph_timed(restore, device)
+        return graph_timed(lambda: (restore(), layer.compress(q, lse, scale)), device) - graph_timed(restore, device)
 
     def row(method: str, us: float, **extra: Any) -> dict:
         return {"phase": "decode", "length": length, "method": f"{method}@{tag}", "us": us, **extra}
@@ -251,9 +251,9 @@ def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, de
             rows.append(row(method, leaving("triton"), **check))
             method = "compress_fused_idle"
             restore()
-            layer._compress(q, lse, scale)
+            layer.compress(q, lse, scale)
             layer.update(new, new)  # a step where no block leaves
-            rows.append(row(method, graph_timed(lambda: layer._compress(q, lse, scale), device)))
+            rows.append(row(method, graph_timed(lambda: layer.compress(q, lse, scale), device)))
         except Exception as err:
             rows.append(row(method, float("nan"), error=repr(err)[-1500:]))
     layer.compression = "auto"
@@ -268,8 +268,8 @@ def compare_compressions(layer, q: torch.Tensor, lse: torch.Tensor, scale: float
 
     fused, ref = copy.deepcopy(layer), copy.deepcopy(layer)
     fused.compression, ref.compression = "triton", "math"
-    fused._compress(q, lse, scale)
-    ref._compress(q, lse, scale)
+    fused.compress(q, lse, scale)
+    ref.compress(q, lse, scale)
     if torch.equal(ref.owner, layer.owner):
         raise AssertionError("compare_compressions needs a step where a block leaves")
     differ = sum(not torch.equal(fused.kept_positions(b, h), ref.kept_positions(b, h))
@@ -331,11 +331,11 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
         def step_with(kernel: str, leaves: bool, layer=layer, step=step) -> float:
             # Replays do not run the host's per-step decision: leaves=True keeps the compression in the
             # graph (the device decides whether a block leaves), False leaves it out.
-            layer.compression, layer._assume_leaves = kernel, leaves
+            layer.compression, layer.assume_leaves = kernel, leaves
             try:
                 return graph_timed(step, device)
             finally:
-                layer.compression, layer._assume_leaves = "auto", None
+                layer.compression, layer.assume_leaves = "auto", None
 
         for method, kernel, leaves in (("tca_step", "auto", True), ("tca_step_math", "math", True),
                                        ("tca_step_skip", "auto", False)):

@@ -339,13 +339,13 @@ class TCACacheLayer(CacheLayerMixin):
         self._seen += 1
 
     # Block compression kernel: "auto" (the Triton kernel wherever the decode attention runs the
-    # "triton" backend, else tensor ops), "triton" or "math" (the tensor ops of ``_compress``, the
+    # "triton" backend, else tensor ops), "triton" or "math" (the tensor ops of ``compress``, the
     # reference). Set per layer, or on every layer with ``TCACache.set_compression``.
     COMPRESSIONS = ("auto", "triton", "math")
     compression = "auto"
     # Set while a CUDA graph is captured (``TCACache.graph_capture``): True keeps the compression
     # in the step, False leaves it out; None decides per step (eager) or keeps it (captured).
-    _assume_leaves: bool | None = None
+    assume_leaves: bool | None = None
 
     def decode_step(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of the newest token over the kept set, then compression.
@@ -363,7 +363,7 @@ class TCACacheLayer(CacheLayerMixin):
                                     backend=self.backend, segments=self.segments, live=live)
         if self._host_knows_no_block_leaves():
             return out
-        self._compress(query, lse, scale)
+        self.compress(query, lse, scale)
         return out
 
     def _host_knows_no_block_leaves(self) -> bool:
@@ -371,8 +371,8 @@ class TCACacheLayer(CacheLayerMixin):
         leaves the window (decided from Python ints: no sync). Compiled or captured steps keep it
         (the Triton kernel exits at once on those steps, the tensor form is branch-free), so one
         graph serves every step, unless ``TCACache.graph_capture`` says which of two graphs this is."""
-        if self._assume_leaves is not None:
-            return not self._assume_leaves
+        if self.assume_leaves is not None:
+            return not self.assume_leaves
         if torch.compiler.is_compiling() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return False
         done = compressions_done(self._seen, self._base, self.window, self.block)
@@ -387,7 +387,7 @@ class TCACacheLayer(CacheLayerMixin):
             resolve_backend(query, self.segments, "triton")  # raises where the kernel cannot run
         return self.compression == "triton"
 
-    def _compress(self, query: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+    def compress(self, query: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
         """Moves the top-t of the leaving block when a whole block has left the window (else no-op).
 
         The Triton kernel (``decode.compress_block``) where it runs; otherwise
@@ -532,7 +532,7 @@ class TCACacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------- CUDA-graph replay (host bookkeeping)
 
-    def _block_leaves_at(self, seen: int) -> bool:
+    def block_leaves_at(self, seen: int) -> bool:
         """Whether the step that appends token ``seen`` (0-based) compresses a block."""
         return (compressions_done(seen + 1, self._base, self.window, self.block)
                 != compressions_done(seen, self._base, self.window, self.block))
@@ -615,7 +615,7 @@ class TCACache(Cache):
 
     def block_leaves_next(self) -> bool:
         """Whether the next decode step compresses a block (host ints, no sync; the same for every layer)."""
-        return self.layers[0]._block_leaves_at(self.layers[0]._seen)
+        return self.layers[0].block_leaves_at(self.layers[0].get_seq_length())
 
     def replayable_steps(self) -> int:
         """Decode steps a captured graph may still be replayed before a layer must grow its buffers
@@ -643,12 +643,12 @@ class TCACache(Cache):
                                "reserve_tokens")
         seen = [layer._seen for layer in self.layers]
         for layer in self.layers:
-            layer._assume_leaves = compress if compress is not None else True
+            layer.assume_leaves = compress if compress is not None else True
         try:
             yield
         finally:
             for layer, n in zip(self.layers, seen, strict=True):
-                layer._seen, layer._assume_leaves = n, None
+                layer._seen, layer.assume_leaves = n, None
 
     def replayed(self, steps: int = 1) -> None:
         """Advance the host counters by ``steps`` replayed decode steps."""

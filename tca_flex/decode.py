@@ -306,7 +306,7 @@ def compress_block(q_bhsd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tens
                    window: int, block: int, scale: float, aggregation: str = "mean") -> None:
     """The decode step's block compression as one Triton kernel, in place (``triton_compress.py``).
 
-    Does what ``TCACacheLayer._compress`` does with tensor ops, and nothing on
+    Does what ``TCACacheLayer.compress`` does with tensor ops, and nothing on
     the steps where no block leaves the window (decided on the device, so one
     CUDA graph serves every step). Needs ``triton_supported(q_bhsd)``.
 

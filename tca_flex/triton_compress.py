@@ -1,7 +1,7 @@
 """Triton kernel: the decode step's block compression of the TCA cache, in one launch.
 
 The rule (docs/method.md, section 5; the reference is the plain tensor form
-``TCACacheLayer._compress`` in ``cache.py``): when a whole block of ``b`` tokens
+``TCACacheLayer.compress`` in ``cache.py``): when a whole block of ``b`` tokens
 has left the exact window, each KV head keeps the block's top-``t`` tokens by
 the attention the current query gave them (probabilities under the step's
 log-sum-exp, mean or max over the head's ``g`` query heads; ties keep the

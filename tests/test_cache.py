@@ -87,7 +87,7 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, eve
     k_hist, v_hist = torch.randn(bsz, hkv, total, d), torch.randn(bsz, hkv, total, d)
     # growth=0 and one block of headroom: the packed region is re-laid out often.
     layer = TCACacheLayer(cfg, t.tolist(), growth=0.0, min_chunk_blocks=1, backend=backend)
-    layer._assume_leaves = True if every_step else None
+    layer.assume_leaves = True if every_step else None
     k0, v0 = k_hist[:, :, :length], v_hist[:, :, :length]
     assert layer.update(k0, v0)[0] is k0
     sel = select(q_hist[:, :, :length], k0, budgets.cdf(0), SelectionConfig(block_size=8, window=32, alpha=cfg.alpha),

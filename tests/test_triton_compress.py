@@ -1,4 +1,4 @@
-"""The Triton block-compression kernel against the tensor form it replaces (``TCACacheLayer._compress``).
+"""The Triton block-compression kernel against the tensor form it replaces (``TCACacheLayer.compress``).
 
 Fresh random caches, built by a real prefill selection and driven by eager
 decode steps to a step where a block leaves the window or one where none does;
@@ -104,7 +104,7 @@ def test_kernel_leaves_the_cache_as_the_tensor_form(bsz, hkv, group, d, block, w
                         dup)
     for _ in range(warm):
         step(layer, group, gen, scale, dup)
-    while layer._block_leaves_at(layer._seen) != leaves:
+    while layer.block_leaves_at(layer.get_seq_length()) != leaves:
         step(layer, group, gen, scale, dup)
     kv = new_kv(bsz, hkv, d, gen, dup).to(DEVICE, dtype)
     layer.update(kv, -kv)
@@ -114,15 +114,15 @@ def test_kernel_leaves_the_cache_as_the_tensor_form(bsz, hkv, group, d, block, w
         assume(cut_gap(layer, q, lse, scale) > 1e-5)
     ref, got = copy.deepcopy(layer), copy.deepcopy(layer)
     ref.compression, got.compression, got.backend = "math", "triton", "triton"
-    ref._compress(q, lse, scale)
-    got._compress(q, lse, scale)
+    ref.compress(q, lse, scale)
+    got.compress(q, lse, scale)
     for name in STATE:
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
     changed = not torch.equal(ref.owner, layer.owner)
     assert changed == leaves, "a block is compressed exactly at the steps where one leaves the window"
     # A second call at the same position does nothing, as the tensor form's second call does.
-    got._compress(q, lse, scale)
-    ref._compress(q, lse, scale)
+    got.compress(q, lse, scale)
+    ref.compress(q, lse, scale)
     for name in STATE:
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
@@ -134,7 +134,7 @@ def test_compress_op_declares_what_it_mutates():
     gen = torch.Generator().manual_seed(3)
     group, scale = 2, 0.25
     layer = fresh_cache(1, 2, group, 16, 8, 16, [3, 8], 40, torch.float32, "mean", gen)
-    while not layer._block_leaves_at(layer._seen):
+    while not layer.block_leaves_at(layer.get_seq_length()):
         step(layer, group, gen, scale)
     kv = torch.randn(1, 2, 1, 16, generator=gen).to(DEVICE)
     layer.update(kv, kv)
