@@ -25,6 +25,7 @@ from tca_flex.config import SelectionConfig
 from tca_flex.reference import reference_mask
 from tca_flex.selection import select
 
+from .cli_checks import refused_before_loading
 from .conftest import tiny_llama_config
 
 CONFIG = TCAConfig(block_size=16, window=64, tau=0.8)
@@ -372,14 +373,9 @@ def test_cli_mistakes_end_in_one_line_before_the_model_loads(tmp_path, monkeypat
     (tmp_path / "text.txt").write_text("w1 w2 w3")
     base = ["--model", str(tmp_path), "--text", str(tmp_path / "text.txt"), "--out", str(tmp_path / "b.json"),
             "--block-size", "16", "--window", "64"]
-    with pytest.raises(AssertionError, match="model loaded"):  # the arguments themselves are fine
-        cli.main(base)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(base + [a.format(tmp=tmp_path) for a in args])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err
-    assert err.splitlines()[-1].startswith("python -m tca_flex.calibration: error: ")
-    assert error.format(tmp=tmp_path) in err.splitlines()[-1]
+    line = refused_before_loading(cli.main, base, [a.format(tmp=tmp_path) for a in args], "tca_flex.calibration",
+                                  capsys)
+    assert error.format(tmp=tmp_path) in line
     assert not (tmp_path / "b.json").exists()
 
 

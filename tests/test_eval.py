@@ -20,6 +20,8 @@ from tca_flex.hfcompat import cache_kwargs, output_cache
 from tca_flex.integration import attention_modules
 from tca_flex.selection import select
 
+from .cli_checks import refused_before_loading
+
 
 class ByteTokenizer:
     """Tokenizer-free path for the tiny random Llama (vocab 256): one token per byte."""
@@ -607,17 +609,11 @@ def test_cli_mistakes_end_in_one_line_before_the_model_loads(tmp_path, monkeypat
     (tmp_path / "file").write_text("{")
     base = ["--lengths", "2048", "--tasks", "passkey", "--samples", "2", "--ppl-samples", "0", "--out",
             str(tmp_path / "out"), "--seed", str(fresh_seed())]
-    with pytest.raises(AssertionError, match="model loaded"):  # the arguments themselves are fine
-        cli.main(base)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(base + [a.format(tmp=tmp_path) for a in args])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err
-    assert err.splitlines()[-1].startswith("python -m tca_flex.eval: error: ")
+    line = refused_before_loading(cli.main, base, [a.format(tmp=tmp_path) for a in args], "tca_flex.eval", capsys)
     seed = int(base[-1])
     need = max(tasks.count_tokens(TOK, s.prompt) + s.max_new_tokens
                for s in (tasks.passkey(TOK, 1, seed + i) for i in range(2)))
-    assert error.format(tmp=tmp_path, need=need) in err.splitlines()[-1]
+    assert error.format(tmp=tmp_path, need=need) in line
     assert not (tmp_path / "out").exists()
 
 
