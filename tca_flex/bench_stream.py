@@ -34,9 +34,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"full": {"hq": 32, "hkv": 8, "d": 128, "hidden": 4096, "ffn": 14336, "vocab": 128256},
-          "smoke": {"hq": 4, "hkv": 2, "d": 16, "hidden": 64, "ffn": 128, "vocab": 256}}
-
 
 def stream_lengths(count: int, lo: int, hi: int, seed: int) -> list[int]:
     """``count`` distinct lengths drawn uniformly from ``[lo, hi]``."""
@@ -60,23 +57,11 @@ def _wall(device: torch.device, fn, *args: Any, **kwargs: Any) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _model(shape: dict[str, int], max_length: int, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
-                      num_hidden_layers=2, num_attention_heads=shape["hq"], num_key_value_heads=shape["hkv"],
-                      head_dim=shape["d"], max_position_embeddings=max_length + 512, rope_theta=500000.0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    model.set_attn_implementation("sdpa")
-    return model
-
-
 def child(smoke: bool, lengths: list[int], keep: float, window: int) -> dict[str, Any]:
     """One process's stream (see the module docstring); returns its rows and warm-up."""
     from torch._dynamo.utils import counters
 
+    from .bench_models import llama_8b_shaped
     from .budgets import HeadBudgets
     from .config import TCAConfig
     from .integration import apply
@@ -85,19 +70,20 @@ def child(smoke: bool, lengths: list[int], keep: float, window: int) -> dict[str
     start = time.perf_counter()
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
-    shape = SHAPES["smoke" if smoke else "full"]
+    model = llama_8b_shaped(2, device, dtype, smoke, max(lengths) + 512)
+    model.set_attn_implementation("sdpa")
+    cfg = model.config
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     config = TCAConfig(block_size=32 if smoke else 128, window=window)
-    budgets = HeadBudgets.uniform(2, shape["hkv"], keep, config)
-    model = _model(shape, max(lengths), device, dtype)
+    budgets = HeadBudgets.uniform(2, hkv, keep, config)
     gen = torch.Generator(device=device).manual_seed(1)
     rows: list[dict[str, Any]] = []
 
     def qkv(length: int):
-        return [torch.randn(1, h, length, shape["d"], device=device, dtype=dtype, generator=gen)
-                for h in (shape["hq"], shape["hkv"], shape["hkv"])]
+        return [torch.randn(1, h, length, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv)]
 
     def ids(length: int):
-        return torch.randint(0, shape["vocab"], (1, length), device=device, generator=gen)
+        return torch.randint(0, cfg.vocab_size, (1, length), device=device, generator=gen)
 
     with torch.no_grad():
         for length in lengths:
@@ -113,7 +99,7 @@ def child(smoke: bool, lengths: list[int], keep: float, window: int) -> dict[str
         from .attention import tca_prefill_attention
 
         cdf = budgets.cdf(0).to(device)
-        scale = shape["d"] ** -0.5
+        scale = d ** -0.5
         for length in lengths:
             q, k, v = qkv(length)
             first = _wall(device, tca_prefill_attention, q, k, v, cdf, config, scale)
