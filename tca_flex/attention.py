@@ -125,7 +125,8 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     # cache's concatenation), since compiled graphs are specialised on strides.
     q_obs = observed_queries(q_bhsd, config.num_observation_queries, config.spread_observation_queries,
                              config.window)
-    positions, counts = select_fn(q_obs, k_bhsd.contiguous(), cdf_hk, config, scaling)
+    k_bhsd = k_bhsd.contiguous()  # once: the attention's tiles below reuse it when no padding is needed
+    positions, counts = select_fn(q_obs, k_bhsd, cdf_hk, config, scaling)
     # The attention runs on whole tiles: a padded tail of < KERNEL_BLOCK queries and keys
     # (causal: invisible to the real queries; computed only in the last tile).
     padded = -(-length // KERNEL_BLOCK) * KERNEL_BLOCK
