@@ -190,7 +190,7 @@ def build_cache_layer(length: int, hq: int, hkv: int, d: int, fractions: list[fl
 
     probs = torch.cat([HeadBudgets.uniform(1, 1, f, config).probs for f in fractions], dim=1)
     budgets = HeadBudgets(probs=probs, config=config)
-    keep = torch.floor(budgets.expected_per_block()[0] + 1e-9).long().tolist()
+    keep = budgets.keep_per_block()[0].tolist()
     q = torch.randn(1, hq, length, d, dtype=dtype, device=device)
     k = torch.randn(1, hkv, length, d, dtype=dtype, device=device)
     sel = select(q, k, budgets.cdf(0).to(device), config.selection, scaling=d**-0.5)

@@ -212,6 +212,11 @@ class HeadBudgets:
         k = torch.arange(self.config.block_size + 1, dtype=torch.float64)
         return (self.probs * k).sum(-1)
 
+    def keep_per_block(self) -> torch.Tensor:
+        """int64 ``[layers, kv_heads]``: ``t = floor(E[k])``, what the pruned cache keeps of each block
+        that leaves the window (the epsilon keeps an exact 8.0 from becoming 7 through rounding)."""
+        return torch.floor(self.expected_per_block() + 1e-9).long()
+
     def keep_fraction(self) -> torch.Tensor:
         """float64 ``[layers, kv_heads]``: expected fraction of global-region tokens kept."""
         return self.expected_per_block() / self.config.block_size

@@ -342,9 +342,7 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
         raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
                          "AttentionInterface, so TCA cannot be installed")
     device = next(model.parameters()).device
-    # t = floor(E[k]) per KV head (what the pruned cache keeps of a leaving block); the
-    # epsilon keeps 8.0 from becoming 7 through rounding.
-    keep = torch.floor(budgets.expected_per_block() + 1e-9).long()
+    keep = budgets.keep_per_block()
     for layer_idx, mod in enumerate(mods):
         attach(mod, TCALayer(config=config, cdf=budgets.cdf(layer_idx).to(device), layer_idx=layer_idx,
                              keep_per_block=tuple(keep[layer_idx].tolist())))

@@ -79,7 +79,7 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, eve
     bsz, hq, hkv, d, length, steps = 2, 4, 2, 16, 150, 70
     cfg = TCAConfig(block_size=8, window=32)
     budgets = mixed_budgets([0.25, 0.625], cfg)
-    t = torch.floor(budgets.expected_per_block()[0] + 1e-9).long()
+    t = budgets.keep_per_block()[0]
     assert t.tolist() == [2, 5]
     scale = d**-0.5
     total = length + steps
@@ -253,7 +253,7 @@ def test_storage_stays_within_ten_percent_of_what_is_kept():
     budgets = mixed_budgets([0.1, 0.3, 0.6, 0.9], cfg)
     length, d = 3000, 128
     q, k, v = (torch.randn(1, 4, length, d) for _ in range(3))
-    t = torch.floor(budgets.expected_per_block()[0] + 1e-9).long().tolist()
+    t = budgets.keep_per_block()[0].tolist()
     layer = TCACacheLayer(cfg, t, backend="math")
     layer.update(k, v)
     knobs = SelectionConfig(block_size=32, window=256, alpha=0.5)
