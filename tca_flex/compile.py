@@ -7,8 +7,9 @@ specialises on a Python int derived from the length (``docs/serving.md``).
 Outside an outer ``torch.compile`` we call these compiled copies (eager
 ``flex_attention`` would materialise the full score matrix); inside one we
 call the raw functions and let the outer compile fuse them, as transformers'
-own ``WrappedFlexAttention`` does. Nothing here touches torch globals at import
-or on first use.
+own ``WrappedFlexAttention`` does. Nothing here changes torch globals at import
+or on first use (the prefill's calls raise dynamo's recompile limit for their
+own duration only).
 """
 
 from __future__ import annotations
