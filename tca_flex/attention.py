@@ -22,7 +22,7 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .compile import kernel_options_for, length_generic
+from .compile import kernel_options_for, length_generic, prefill_kernel_options
 from .config import TCAConfig
 from .layer import TCALayer, tca_layer
 from .masks import KERNEL_BLOCK, packed_block_mask, tca_block_indices
@@ -103,7 +103,8 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
             (FlexAttention supports this on CUDA only; ``mass.py`` has the
             device-independent computation).
         return_selection: return ``(out, selection)`` (ignored with return_lse).
-        kernel_options: FlexAttention kernel options (default: per device).
+        kernel_options: FlexAttention kernel options (default: ``compile.prefill_kernel_options``,
+            the FLASH backend on Hopper when FlashAttention-4 is installed, else Triton).
 
     Returns:
         ``[B, H_q, L, D]`` in the input dtype, ``(out, selection)`` or
@@ -113,7 +114,11 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     if length <= config.window:
         raise ValueError(f"TCA prefill needs more tokens ({length}) than the window ({config.window}); "
                          "shorter prefills run dense")
-    options = kernel_options if kernel_options is not None else kernel_options_for(q_bhsd.device)
+    # The log-sum-exp comes from the Triton kernel: FLASH's differed from it (H200, torch 2.11).
+    if kernel_options is not None:
+        options = kernel_options
+    else:
+        options = kernel_options_for(q_bhsd.device) if return_lse else prefill_kernel_options(q_bhsd.device)
     # On CUDA the selection is ~60 small kernels whose launches cost more than
     # their work (2.5 ms at 32K): compiled, they fuse into a few. On the CPU it
     # stays eager (cheap at CPU lengths, and no compile in every test process).

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .attention import tca_prefill_attention
 from .bench_models import fastest_dense_sdpa, llama_8b_shaped
 from .budgets import HeadBudgets
-from .compile import flex
+from .compile import flex, kernel_options_for, prefill_backend, prefill_kernel_options
 from .config import TCAConfig
 from .hfcompat import cache_kwargs
 from .masks import KERNEL_BLOCK, causal_block_mask, tca_block_mask
@@ -140,7 +140,11 @@ def check_against_sdpa(q, k, v, cdf, config: TCAConfig, scale: float, out: torch
 
 
 def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, float]], window: int,
-                 device: torch.device, dtype: torch.dtype, kernel_options) -> list[dict[str, Any]]:
+                 device: torch.device, dtype: torch.dtype, kernel_options, backend: str = "triton",
+                 dense_rows: bool = True) -> list[dict[str, Any]]:
+    """Prefill attention rows at ``length``: dense SDPA (if ``dense_rows``), causal flex and TCA on
+    FlexAttention's ``backend`` (``kernel_options``; methods get a ``[flash]`` suffix on FLASH)."""
+    tag = "" if backend == "triton" else f"[{backend}]"
     hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
     gen = torch.Generator(device=device).manual_seed(length)
     q, k, v = (torch.randn(1, h, length, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv))
@@ -150,17 +154,18 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
 
     def add(name: str, ms: float, flops: float, **extra: Any) -> None:
         rows.append({"phase": "prefill", "length": length, "method": name, "ms": ms,
-                     "tflops": flops / ms / 1e9, **extra})
+                     "tflops": flops / ms / 1e9, "backend": backend, **extra})
 
-    add("sdpa_default", timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+    if dense_rows:
+        add("sdpa_default", timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                               device), causal_flops)
-    if device.type == "cuda":
+    if device.type == "cuda" and dense_rows:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             add("sdpa_flash2", timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                             enable_gqa=True), device),
                 causal_flops)
     cbm = causal_block_mask(length, device)
-    add("flex_causal", timed(lambda: flex(q, k, v, cbm, scale=scale, enable_gqa=True, dynamic=False,
+    add("flex_causal" + tag, timed(lambda: flex(q, k, v, cbm, scale=scale, enable_gqa=True, dynamic=False,
                                           kernel_options=kernel_options), device), causal_flops)
     for name, frac in budgets:
         config = TCAConfig(block_size=128, window=window)
@@ -175,7 +180,7 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
         blocks = stages.pop("computed_blocks")
         flops = blocks * KERNEL_BLOCK * KERNEL_BLOCK * d * 4
         overhead = total - stages["attention"]
-        add(name, total, causal_flops, rel_err=err, stages_ms=stages,
+        add(name + tag, total, causal_flops, rel_err=err, stages_ms=stages,
             attention_tflops=flops / stages["attention"] / 1e9,
             computed_fraction=blocks / (hq * (-(-length // 128)) * (-(-length // 128) + 1) / 2),
             overhead_ms=overhead)
@@ -627,6 +632,9 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--no-tma", action="store_true",
                         help="FlexAttention defaults instead of USE_TMA (the default on Hopper)")
+    parser.add_argument("--prefill-backends", nargs="+", choices=["triton", "flash"], default=None,
+                        help="FlexAttention backends of the prefill phase (default: triton, and flash where "
+                             "FlashAttention-4 is installed on a Hopper GPU)")
     parser.add_argument("--e2e-layers", type=int, default=2, help="layers of the 8B-shaped model (0: skip)")
     parser.add_argument("--compile-model", action="store_true", help="also time torch.compile(model) after apply")
     parser.add_argument("--e2e-static", action=argparse.BooleanOptionalAction, default=True,
@@ -656,13 +664,15 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     else:
         shape, dtype, window = {"hq": 32, "hkv": 8, "d": 128}, torch.bfloat16, args.window
         lengths = args.lengths or [8192, 32768, 65536, 131072]
-    kernel_options = {} if args.no_tma else None
+    kernel_options = {} if args.no_tma else kernel_options_for(device)
+    backends = args.prefill_backends or ["triton"] + (["flash"] if prefill_backend(device) == "flash" else [])
     budgets = [("tca_25%+w", 0.25), ("tca_10%+w", 0.10)]
     rows: list[dict[str, Any]] = []
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__,
         "shape": shape, "dtype": str(dtype), "window": window, "kernel_options": kernel_options,
+        "prefill_backends": backends,
         "triton_decode": triton_decode_settings(),
         "rows": rows,
     }
@@ -681,7 +691,10 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
 
     for length in lengths:
         if "prefill" in args.phases:
-            measured(prefill_rows(length, shape, budgets, window, device, dtype, kernel_options))
+            for i, backend in enumerate(backends):
+                options = kernel_options if backend == "triton" else prefill_kernel_options(device, backend)
+                measured(prefill_rows(length, shape, budgets, window, device, dtype, options, backend,
+                                      dense_rows=i == 0))
         if "decode" in args.phases:
             measured(decode_rows(length, shape, [0.39, 0.15], device, dtype, window, tuple(args.decode_backends),
                                  compile_step=args.compile_step and length == lengths[-1]))

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .chunk_flex import flex_chunk_attention
 from .chunks import check_chunk_mask, chunk_attention, gather_segments, leaving_importance
 from .config import TCAConfig
 from .decode import (
@@ -455,7 +456,9 @@ class TCACacheLayer(CacheLayerMixin):
             self._grow(needed)
         past = gather_segments(self.k_buf, self.v_buf, self.owner, self.seg_start, self.segments.max_length)
         query = query.detach()
-        out, lse = chunk_attention(query, *past, key, value, scale)
+        # FlexAttention on CUDA (work follows the kept tokens); the tensor-op reference elsewhere.
+        attend = flex_chunk_attention if query.is_cuda and query.dtype != torch.float64 else chunk_attention
+        out, lse = attend(query, *past, key, value, scale)
         ncs = self._base + done * self.block
         if done_after > done:
             self._compress_chunk(query, lse, key, value, scale, n, ncs, (done_after - done) * self.block)

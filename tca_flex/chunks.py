@@ -7,7 +7,7 @@ chunk attends to the kept set plus the chunk itself, causally; the blocks that
 leave the window keep each KV head's ``t`` most important tokens, importance
 being the attention the chunk's last ``m`` queries gave them.
 
-Here the attention is plain tensor ops, exact rather than fast: the kept set is
+Here the attention is plain tensor ops, the reference (CUDA runs ``chunk_flex``): the kept set is
 gathered per KV head (each head's segment of the flat buffer, ``cache.py``),
 and the queries are processed in tiles so that one score tile stays small.
 Everything computes in float32, or in float64 for float64 inputs.

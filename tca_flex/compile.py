@@ -14,6 +14,9 @@ own duration only).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +83,50 @@ def kernel_options_for(device: torch.device) -> dict[str, Any] | None:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
         return {"USE_TMA": True}
     return None
+
+
+# FlexAttention backends of the sparse prefill. "flash" is FlexAttention's FLASH backend,
+# FlashAttention-4's CuTe-DSL kernels (the optional extra ``tca_flex[fa4]``); "triton" its
+# default Triton kernel; "auto" takes FLASH on Hopper when the extra is installed, where it
+# measured faster (BENCHMARKS.md), else Triton.
+PREFILL_BACKENDS = ("auto", "triton", "flash")
+PREFILL_BACKEND_ENV = "TCA_FLEX_PREFILL_BACKEND"
+
+
+@functools.cache
+def flash_available() -> bool:
+    """Whether FlashAttention-4's CuTe-DSL package (``flash_attn.cute``) is importable."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def prefill_backend(device: torch.device, backend: str | None = None) -> str:
+    """The FlexAttention backend the sparse prefill runs on ``device``: ``"triton"`` or ``"flash"``.
+
+    ``backend`` defaults to the environment variable ``TCA_FLEX_PREFILL_BACKEND``
+    (``auto`` if unset). Asking for ``flash`` where it cannot run is an error,
+    never a silent fallback.
+    """
+    backend = backend or os.environ.get(PREFILL_BACKEND_ENV, "auto")
+    if backend not in PREFILL_BACKENDS:
+        raise ValueError(f"prefill backend {backend!r} (from {PREFILL_BACKEND_ENV} or the argument) is not one of "
+                         f"{list(PREFILL_BACKENDS)}")
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    if backend == "flash" and not (hopper and flash_available()):
+        raise RuntimeError("the FLASH prefill backend needs an NVIDIA Hopper GPU (H100/H200) and FlashAttention-4: "
+                           "pip install 'tca_flex[fa4]'; or set TCA_FLEX_PREFILL_BACKEND=triton (or auto)")
+    if backend == "auto":
+        backend = "flash" if hopper and flash_available() else "triton"
+    return backend
+
+
+def prefill_kernel_options(device: torch.device, backend: str | None = None) -> dict[str, Any] | None:
+    """FlexAttention ``kernel_options`` of the sparse prefill (``prefill_backend``)."""
+    if prefill_backend(device, backend) == "flash":
+        return {"BACKEND": "FLASH"}
+    return kernel_options_for(device)
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, scale: float,

@@ -25,28 +25,60 @@ from torch.nn.attention.flex_attention import BlockMask
 KERNEL_BLOCK = 128
 
 
-def tca_mask_mod(positions: torch.Tensor, capacity: int, window: int, group: int):
-    """mask_mod of the packed layout.
+def key_positions(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Each key's position in the packed layout, int32 ``[capacity + L, B, H_kv]``.
+
+    Packed keys hold their position (``PAD_POSITION`` past a head's count),
+    local key ``j`` holds ``-(j + 1)``: the sign tells the two parts apart, so
+    the mask never compares ``kv_idx`` with the capacity. Key-major with static
+    strides: FlexAttention's FLASH (CuTe-DSL) lowering cannot index with a
+    symbolic size, which a length-generic graph's capacity is (torch 2.11).
+    """
+    bsz, hkv, _ = positions.shape
+    local = -1 - torch.arange(seq_len, device=positions.device, dtype=torch.int32)
+    table = torch.cat([positions.to(torch.int32), local.expand(bsz, hkv, seq_len)], dim=-1)
+    return table.permute(2, 0, 1).contiguous()
+
+
+def tca_mask_mod(positions: torch.Tensor, seq_len: int, window: int, group: int):
+    """mask_mod of the packed layout: ``table_mask_mod`` on CUDA, ``capacity_mask_mod`` elsewhere.
 
     Args:
         positions: int64 ``[B, H_kv, capacity]`` from ``Selection``.
-        capacity: width of the packed prefix.
+        seq_len: ``L``, the queries and the original (local) keys.
         window: local window ``w``.
         group: query heads per KV head (``h`` in a mask_mod is a query head).
     """
+    if positions.is_cuda:
+        return table_mask_mod(positions, seq_len, window, group)
+    return capacity_mask_mod(positions, window, group)
 
-    # Under a length-generic compile the capacity is a symbolic size. FlexAttention's CUDA
-    # lowering (torch 2.11) cannot take a symbolic size as a mask buffer, so there it travels
-    # as a tensor; the CPU lowering takes the size but no extra scalar tensor.
-    cap = torch.full((), capacity, dtype=torch.int64, device=positions.device) if positions.is_cuda else capacity
+
+def table_mask_mod(positions: torch.Tensor, seq_len: int, window: int, group: int):
+    """The packed mask read from ``key_positions``: compares, ``&`` and ``|`` only, which every
+    FlexAttention backend lowers (FLASH has no min/max and no symbolic index, torch 2.11)."""
+    table = key_positions(positions, seq_len)
 
     def tca_prefill_mask(b, h, q_idx, kv_idx):
-        in_packed = kv_idx < cap
-        pos = positions[b, h // group, torch.clamp(kv_idx, max=cap - 1)]
-        packed_ok = pos <= q_idx - window
-        j = kv_idx - cap
-        local_ok = (j <= q_idx) & (j > q_idx - window)
-        return torch.where(in_packed, packed_ok, local_ok)
+        p = table[kv_idx, b, h // group]
+        packed_ok = (p >= 0) & (p <= q_idx - window)
+        j = -1 - p
+        local_ok = (p < 0) & (j <= q_idx) & (j > q_idx - window)
+        return packed_ok | local_ok
+
+    return tca_prefill_mask
+
+
+def capacity_mask_mod(positions: torch.Tensor, window: int, group: int):
+    """The packed mask split at the capacity. Inductor's CPU FlexAttention takes the capacity as
+    a (symbolic) size, but found no kernel for ``table_mask_mod`` in a length-generic graph (torch 2.13)."""
+    capacity = positions.shape[-1]
+
+    def tca_prefill_mask(b, h, q_idx, kv_idx):
+        in_packed = kv_idx < capacity
+        pos = positions[b, h // group, torch.where(in_packed, kv_idx, 0)]
+        j = kv_idx - capacity
+        return torch.where(in_packed, pos <= q_idx - window, (j <= q_idx) & (j > q_idx - window))
 
     return tca_prefill_mask
 
@@ -94,7 +126,7 @@ def packed_block_mask(positions: torch.Tensor, indices: tuple[torch.Tensor, ...]
     return BlockMask.from_kv_blocks(
         *indices,
         BLOCK_SIZE=block,
-        mask_mod=tca_mask_mod(positions, capacity, window, num_q_heads // hkv),
+        mask_mod=tca_mask_mod(positions, seq_len, window, num_q_heads // hkv),
         seq_lengths=(seq_len, capacity + seq_len),
         compute_q_blocks=False,
     )
