@@ -207,6 +207,9 @@ def test_decode_and_chunk_masks_must_hide_exactly_the_padding():
     with pytest.raises(ValueError, match="left padding of the prefill"):
         model(torch.randint(1, 256, (2, 4)), attention_mask=torch.cat([bad, torch.ones(2, 3, dtype=torch.long)], 1),
               **cache_kwargs(model, cache))
+    # A refused decode step has already appended its token (update runs before the attention): start again.
+    cache = TCACache(model)
+    model(ids, attention_mask=mask, **cache_kwargs(model, cache))
     good = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
     assert torch.isfinite(model(step, attention_mask=good, **cache_kwargs(model, cache)).logits).all()
 
