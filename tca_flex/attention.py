@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from .compile import kernel_options_for, length_generic, prefill_kernel_options
 from .config import TCAConfig
 from .layer import TCALayer, tca_layer
 from .masks import KERNEL_BLOCK, packed_block_mask, tca_block_indices
-from .selection import Selection, observed_queries, select
+from .selection import PAD_POSITION, Selection, observed_queries, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -157,22 +158,68 @@ def _config_from_json(text: str) -> TCAConfig:
     return TCAConfig.from_dict(json.loads(text))
 
 
+def _padded_prefill(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
+                    config: TCAConfig, scaling: float, pads: list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefill of a left-padded batch: each row alone on its real tokens, in padded coordinates.
+
+    Row ``r`` has ``pads[r]`` leading padding tokens. Its real tokens run
+    exactly what they would unpadded (TCA past ``config.dense_up_to``, dense
+    causal attention otherwise, whose cache then keeps everything before the
+    window), so padding never enters a selection, a budget or a window and
+    costs no attention compute. The length-generic graphs serve every row's
+    length without compiling. Padding queries get zeros (finite; nothing
+    reads them). Returns ``out [B, H_q, L, D]`` and the selection, positions
+    shifted to padded coordinates and cut to ``L - window`` like the batched path.
+    """
+    bsz, hq, length, d = q_bhsd.shape
+    hkv, window = k_bhsd.shape[1], config.window
+    width = length - window
+    out = q_bhsd.new_zeros(bsz, hq, length, d)
+    positions = torch.full((bsz, hkv, width), PAD_POSITION, dtype=torch.long, device=q_bhsd.device)
+    counts = torch.zeros(bsz, hkv, dtype=torch.long, device=q_bhsd.device)
+    for r, pad in enumerate(pads):
+        n = length - pad
+        q, k, v = (t[r: r + 1, :, pad:] for t in (q_bhsd, k_bhsd, v_bhsd))
+        if n > config.dense_up_to:
+            o, sel = tca_prefill_attention(q, k, v, cdf_hk, config, scaling, return_selection=True)
+            j = torch.arange(n - window, device=q.device)
+            kept = sel.positions[0, :, : n - window]
+            positions[r, :, : n - window] = torch.where(j < sel.counts[0, :, None], kept + pad, PAD_POSITION)
+            counts[r] = sel.counts[0]
+        else:  # what a short prompt runs alone: exact dense attention, and the cache keeps all before the window
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                                 enable_gqa=hq != hkv)
+            before = n - min(n, window)
+            positions[r, :, :before] = torch.arange(pad, pad + before, device=q.device)
+            counts[r] = before
+        out[r, :, pad:] = o[0]
+    return out, positions, counts
+
+
 # Inside an outer torch.compile the prefill runs as one opaque custom op, whose
 # body calls the separately compiled selection and FlexAttention. Tracing both
 # into one inductor graph failed on CUDA with torch 2.11 (codegen: "list
 # indices must be integers or slices, not NoneType"; BENCHMARKS.md, 2026-11-24 run 3),
 # the op keeps the outer graph free of that risk and costs no graph break.
+# Being opaque, its body may read ``pads`` on the host even under compile.
 @torch.library.custom_op("tca_flex::prefill_attention", mutates_args=())
 def prefill_attention_op(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
-                         cdf_hk: torch.Tensor, config_json: str, scaling: float
+                         cdf_hk: torch.Tensor, config_json: str, scaling: float, pads: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tca_prefill_attention`` as a torch custom op.
 
-    ``config_json`` is ``json.dumps(config.to_dict())``. Returns the output as
-    ``[B, L, H_q, D]`` contiguous (what transformers expects back), and the
-    selection's ``positions`` and ``counts`` (the pruned cache needs them).
+    ``config_json`` is ``json.dumps(config.to_dict())``. ``pads``: int64
+    ``[B]`` leading padding tokens per row (``left_pads``), or ``None``.
+    Returns the output as ``[B, L, H_q, D]`` contiguous (what transformers
+    expects back), and the selection's ``positions`` (padded coordinates) and
+    ``counts`` (the pruned cache needs them).
     """
     config = _config_from_json(config_json)
+    pad_list = pads.tolist() if pads is not None else []
+    if any(pad_list):
+        out, positions, counts = _padded_prefill(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config, scaling, pad_list)
+        return out.transpose(1, 2).contiguous(), positions, counts
     out, sel = tca_prefill_attention(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config, scaling, return_selection=True)
     # Cut to the global region (every kept position lies there): a width that is a plain
     # function of L keeps the fake below symbolic under an outer torch.compile.
@@ -181,12 +228,70 @@ def prefill_attention_op(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: tor
 
 
 @prefill_attention_op.register_fake
-def _(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config_json, scaling):
+def _(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config_json, scaling, pads=None):
     bsz, hkv, length = k_bhsd.shape[0], k_bhsd.shape[1], k_bhsd.shape[2]
     width = length - _config_from_json(config_json).window
     out_blhd = q_bhsd.new_empty((bsz, length, q_bhsd.shape[1], q_bhsd.shape[3]))
     return (out_blhd, k_bhsd.new_empty((bsz, hkv, width), dtype=torch.long),
             k_bhsd.new_empty((bsz, hkv), dtype=torch.long))
+
+
+LEFT_PADDING_ONLY = (
+    "tca_flex supports padded batches with left padding only: each row is its padding, then its tokens, "
+    "attended causally. This mask is not that (right padding, a hole, or packed sequences). Pad on the "
+    "left (tokenizer.padding_side = 'left') or run the rows separately. Under torch.compile, a forward "
+    "with use_cache=False makes transformers assume packed sequences: keep use_cache=True (the default)."
+)
+
+
+def visible_keys(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool, True where a key is attended: a 2-D padding mask (nonzero = token), a 4-D bool mask, or a
+    4-D additive float mask (0 = attend)."""
+    if attention_mask.dim() == 2 or attention_mask.dtype == torch.bool:
+        return attention_mask.bool()
+    return attention_mask == 0
+
+
+def check_left_padded(visible: torch.Tensor) -> list[int]:
+    """Leading padding tokens per row of a prefill mask; ``ValueError`` unless it is exactly left padding + causal.
+
+    Args:
+        visible: bool ``[B, L]`` (a padding mask) or ``[B, H, L, L]`` (the
+            causal mask of a prefill from scratch; padding query rows, which
+            nothing reads, may hold anything).
+    """
+    length = visible.shape[-1]
+    if visible.dim() == 4 and visible.shape[-2] != length:
+        raise ValueError(f"a prefill mask must be square, got {tuple(visible.shape)}; " + LEFT_PADDING_ONLY)
+    last = visible if visible.dim() == 2 else visible[:, :, -1]
+    pads = (length - last.sum(-1)).reshape(visible.shape[0], -1)
+    if visible.dim() == 4 and not bool((pads == pads[:, :1]).all()):
+        raise ValueError("the mask differs between heads; " + LEFT_PADDING_ONLY)
+    pads = pads[:, 0].tolist()
+    idx = torch.arange(length, device=visible.device)
+    causal = idx[None, :] <= idx[:, None]
+    for r, pad in enumerate(pads):
+        if pad >= length:
+            raise ValueError(f"row {r} of the batch has no token (all padding): remove it from the batch")
+        if visible.dim() == 2:
+            ok = torch.equal(visible[r], idx >= pad)
+        else:
+            ok = bool((visible[r, :, pad:] == (causal[pad:] & (idx >= pad))).all())
+        if not ok:
+            raise ValueError(LEFT_PADDING_ONLY)
+    return pads
+
+
+@torch.library.custom_op("tca_flex::left_pads", mutates_args=())
+def left_pads_op(visible: torch.Tensor) -> torch.Tensor:
+    """``check_left_padded`` as an opaque op: int64 ``[B]`` pads, and a ``ValueError`` for any other mask,
+    eager or under torch.compile (a compiled graph cannot branch on mask values; this body runs eagerly)."""
+    return torch.tensor(check_left_padded(visible), dtype=torch.long, device=visible.device)
+
+
+@left_pads_op.register_fake
+def _(visible):
+    return visible.new_empty((visible.shape[0],), dtype=torch.long)
 
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -200,16 +305,25 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
 
 
-def _check_decode_mask(attention_mask: torch.Tensor | None) -> None:
-    # The pruned cache has no padding slots, so a mask that hides tokens
-    # cannot be honoured. Checked eagerly only: reading mask values inside a
-    # compiled step would be a data-dependent branch.
+def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> None:
+    """Refuse a decode mask that hides anything but each row's leading ``pads`` (the prefill's padding).
+
+    The pruned cache stores no padding and no other hole, so such a mask
+    cannot be honoured. Checked eagerly only: reading mask values inside a
+    compiled step would be a data-dependent branch; there the prefill's
+    ``left_pads`` has checked the pattern, and generate's masks only append
+    visible tokens to it.
+    """
     if attention_mask is None or torch.compiler.is_compiling():
         return
-    hides = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
-    if hides.any():
-        raise ValueError("TCACache does not support padded batches: run unpadded sequences (batch size 1, "
-                         "or equal lengths without padding)")
+    visible = visible_keys(attention_mask)
+    visible = visible.reshape(visible.shape[0], -1, visible.shape[-1])
+    idx = torch.arange(visible.shape[-1], device=visible.device)
+    want = idx[None, :] >= torch.tensor(pads, device=visible.device)[:, None]
+    if len(pads) != visible.shape[0] or not torch.equal(visible, want[:, None, :].expand_as(visible)):
+        raise ValueError("TCACache decodes left-padded batches only: this decode mask hides other tokens than "
+                         "each row's leading padding of the prefill. Pad on the left (tokenizer.padding_side = "
+                         "'left') and pass generate the same attention_mask for the whole batch")
 
 
 def _warn_if_detached(*tensors: torch.Tensor) -> None:
@@ -250,33 +364,39 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             if cache_layer.chunk_pending:  # several new tokens on top of the pruned cache
                 out = cache_layer.chunk_step(query.detach(), scale, attention_mask)
             else:
-                _check_decode_mask(attention_mask)
+                check_decode_mask(attention_mask, cache_layer.pads)
                 out = cache_layer.decode_step(query.detach(), scale)
         return out.transpose(1, 2).contiguous(), None
     q_len, k_len = query.shape[2], key.shape[2]
     sparse = q_len == k_len and k_len > layer.config.dense_up_to
+    pads = None
+    if attention_mask is not None and q_len == k_len:  # a prefill: only left padding can be honoured
+        pads = torch.ops.tca_flex.left_pads(visible_keys(attention_mask))
     if not sparse:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if q_len != k_len:
+                raise ValueError(f"tca_flex got a 2-D attention mask for {q_len} queries over {k_len} keys; "
+                                 "let transformers build the mask (pass the 2-D mask to the model, not here)")
+            # tca_mask hands a prefill its padding mask only (the 4-D one is L^2 bytes per row)
+            attention_mask = sdpa_mask(batch_size=query.shape[0], q_length=q_len, kv_length=k_len,
+                                       attention_mask=attention_mask, allow_is_causal_skip=False,
+                                       device=query.device)
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                      scaling=scaling, **kwargs)
         if cache_layer is not None:
-            cache_layer.finish_prefill(key.detach(), value.detach(), None)  # the cache keeps no autograd history
+            # the cache keeps no autograd history
+            cache_layer.finish_prefill(key.detach(), value.detach(), None, pads=pads)
         return out
     _check_inputs(query, key, value)
-    if attention_mask is not None:
-        raise ValueError(
-            "tca_flex got an attention mask for a sparse prefill: padded or packed batches are not "
-            "supported by TCA selection. Run unpadded sequences (batch size 1, or equal lengths "
-            "without padding). Under torch.compile, a forward with use_cache=False makes transformers "
-            "assume packed sequences: keep use_cache=True (the default)."
-        )
     if dropout and module.training:
         raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     _warn_if_detached(query, key, value)
     with torch.no_grad():  # inference-only; detached too: CPU FlexAttention refuses inputs requiring grad
         query, key, value = query.detach(), key.detach(), value.detach()
-        out_blhd, positions, counts = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale)
+        out_blhd, positions, counts = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale,
+                                                           pads)
         if cache_layer is not None:
             # prune now: peak memory never holds every layer in full
-            cache_layer.finish_prefill(key, value, Selection(positions=positions, counts=counts))
+            cache_layer.finish_prefill(key, value, Selection(positions=positions, counts=counts), pads=pads)
     return out_blhd, None

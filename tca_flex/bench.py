@@ -4,6 +4,7 @@
     python -m tca_flex.bench --smoke         # tiny CPU shapes: the same code paths, for CI
     python -m tca_flex.bench --phases stream # per-request latency over distinct lengths (bench_stream.py)
     python -m tca_flex.bench --phases chunks # chunked prefill and conversations (bench_chunks.py)
+    python -m tca_flex.bench --phases batch  # left-padded mixed-length batches (bench_batch.py)
 
 Every TCA variant is checked against SDPA with an explicit mask (on the last
 queries) before it is timed. Results go to ``benchmarks/results/<device>-<date>.json``
@@ -646,7 +647,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                         help="decode kernels timed per layer on CUDA (flex compiles for tens of seconds)")
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the torch.compile'd decode step at the last length given")
-    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e", "stream", "chunks"],
+    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e", "stream", "chunks", "batch"],
                         default=["prefill", "decode", "e2e"])
     parser.add_argument("--stream-count", type=int, default=24, help="requests in the stream phase")
     parser.add_argument("--stream-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
@@ -655,6 +656,11 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--chunk-size", type=int, default=8192, help="chunks phase: tokens per chunk")
     parser.add_argument("--turns", type=int, nargs="+", default=[32768, 2048, 2048, 2048],
                         help="chunks phase: tokens of each user turn of the conversation")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8], help="batch phase: rows per batch")
+    parser.add_argument("--batch-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="batch phase: row lengths drawn from this range (default 16384 65536; smoke 300 700)")
+    parser.add_argument("--batch-decode-steps", type=int, default=None,
+                        help="batch phase: decode steps timed per batch (default 128; smoke 40)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -716,6 +722,16 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                  else (args.chunk_prompt, args.chunk_size, args.turns))
         measured(chunk_bench_rows(max(1, args.e2e_layers), 0.25, 128 if args.smoke else window, device, dtype,
                                   args.smoke, *sizes, reply=8))
+    if "batch" in args.phases:
+        from .bench_batch import batch_bench_rows, print_batch
+
+        lo, hi = args.batch_range or ((300, 700) if args.smoke else (16384, 65536))
+        steps = args.batch_decode_steps or (40 if args.smoke else 128)
+        new = batch_bench_rows(args.batch_sizes, lo, hi, max(1, args.e2e_layers), 0.25, 128 if args.smoke else window,
+                               device, dtype, args.smoke, steps)
+        rows.extend(new)
+        print_batch(new)
+        measured([])
     if "stream" in args.phases:
         from .bench_stream import print_stream, run_stream
 

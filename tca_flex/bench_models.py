@@ -14,10 +14,17 @@ def fastest_dense_sdpa() -> str:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
 
+    from transformers.masking_utils import sdpa_mask
+
     from .integration import tca_mask
 
+    def maskless_mask(*args, **kwargs):
+        # tca_mask hands a padded prefill its 2-D padding mask (TCA's attention reads it); SDPA needs 4-D
+        mask = tca_mask(*args, **kwargs)
+        return sdpa_mask(*args, **kwargs) if mask is not None and mask.dim() == 2 else mask
+
     AttentionInterface.register("sdpa_maskless", sdpa_attention_forward)
-    AttentionMaskInterface.register("sdpa_maskless", tca_mask)
+    AttentionMaskInterface.register("sdpa_maskless", maskless_mask)
     return "sdpa_maskless"
 
 

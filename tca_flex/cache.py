@@ -11,6 +11,12 @@ Several new tokens at once after the prefill (the next turn of a
 conversation, a piece of a chunked prefill) follow the same rule
 generalised to a chunk (``docs/chunked_prefill.md``, ``chunk_step``).
 
+Left-padded batches (``generate`` with ``attention_mask``): positions are the
+padded ones, and row ``r`` (``pads[r]`` padding tokens) holds exactly what it
+would alone, shifted by ``pads[r]``: its ring base ``base[r]`` is the start of
+its own window, so its compression schedule (``ncs[r]``, the host's
+``_base[r]``) is its own; padding positions are never stored.
+
 Storage: one flat buffer per batch row, ``[B, S, D]``, in which every KV head
 owns a contiguous segment
 
@@ -126,6 +132,7 @@ class TCACacheLayer(CacheLayerMixin):
         self._chunk: tuple[torch.Tensor, torch.Tensor] | None = None
         self._seen = 0
         self._grow_at = NEVER
+        self.pads: list[int] = []
 
     # ----------------------------------------------------------- transformers API
 
@@ -206,36 +213,53 @@ class TCACacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------- prefill
 
-    def finish_prefill(self, key: torch.Tensor, value: torch.Tensor, selection: Selection | None) -> None:
+    def finish_prefill(self, key: torch.Tensor, value: torch.Tensor, selection: Selection | None,
+                       pads: torch.Tensor | Sequence[int] | None = None) -> None:
         """Keep each head's global subset plus the final window of the prefill.
 
         Args:
             key, value: ``[B, H_kv, L, D]`` the full prefill K/V (RoPE applied).
             selection: the prefill's ``Selection``; ``None`` after a dense
                 prefill (then everything before the window is kept).
+            pads: leading padding tokens per row (a left-padded batch), ``None``
+                for none. Row ``r`` then holds what it would alone, shifted by
+                ``pads[r]``: its window is the last ``min(n_r, w)`` of its
+                ``n_r = L - pads[r]`` tokens, its compression schedule its own,
+                and no padding position is ever stored.
         """
         bsz, hkv, length, _ = key.shape
         dev = key.device
-        win = min(length, self.window)
-        base = length - win
+        pad_list = [0] * bsz if pads is None else [int(p) for p in (pads.tolist() if isinstance(pads, torch.Tensor)
+                                                                  else pads)]
+        if len(pad_list) != bsz or not all(0 <= p < length for p in pad_list):
+            raise ValueError(f"pads must give 0 <= pad < {length} for each of the {bsz} rows, got {pad_list}")
+        # Per row: the first position of its window (``base``), in padded coordinates.
+        bases = [length - min(length - p, self.window) for p in pad_list]
         if selection is None:
-            positions = torch.arange(base, device=dev).expand(bsz, hkv, base)
-            counts = torch.full((bsz, hkv), base, dtype=torch.long, device=dev)
+            width = max(b - p for b, p in zip(bases, pad_list, strict=True))
+            pad_t = torch.tensor(pad_list, device=dev)
+            positions = (pad_t.view(bsz, 1, 1) + torch.arange(width, device=dev)).expand(bsz, hkv, width)
+            counts = torch.tensor([b - p for b, p in zip(bases, pad_list, strict=True)], device=dev)
+            counts = counts.view(bsz, 1).expand(bsz, hkv)
         else:
             positions, counts = selection.positions, selection.counts
         self._counts0 = counts.tolist()  # one sync per layer per prefill: sizes the buffers
-        self._base, self._seen = base, length
+        self._base, self._seen, self.pads = bases, length, pad_list
         extra = -(-self.reserve_tokens // self.block) if self.reserve_tokens else 0
         self._allocate(self._plan(self._counts0, extra), bsz)
-        ring_pos = torch.arange(base, length, device=dev).expand(bsz, hkv, win)
-        self._place(ring_pos, self.seg_start[..., None] + torch.arange(win, device=dev), key, value)
+        win = min(length, self.window)
+        base_t = torch.tensor(bases, device=dev)
+        ring_pos = torch.arange(length - win, length, device=dev).expand(bsz, hkv, win)
+        in_window = (ring_pos >= base_t.view(bsz, 1, 1)).expand(bsz, hkv, win)
+        ring_slot = self.seg_start[..., None] + (ring_pos - base_t.view(bsz, 1, 1)) % self.ring
+        self._place(ring_pos, ring_slot, key, value, in_window)
         j = torch.arange(positions.shape[-1], device=dev)
         valid = j < counts[..., None]
         dst = self.seg_start[..., None] + self.ring + j
         self._place(positions.clamp(max=max(length - 1, 0)), dst, key, value, valid)
-        self.var_len = counts.to(dev, torch.long).clone()
-        self.base = torch.tensor(base, device=dev)
-        self.ncs = torch.tensor(base, device=dev)  # first position not yet compressed
+        self.var_len = counts.to(dev, torch.long).clone(memory_format=torch.contiguous_format)
+        self.base = base_t
+        self.ncs = base_t.clone()  # first position not yet compressed, per row
         self.next_pos = torch.tensor(length, device=dev)
         self.prefilled, self._awaiting_prune = True, False
 
@@ -254,9 +278,15 @@ class TCACacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------- storage (sizes: layout.py)
 
-    def _packed_lengths(self) -> tuple[int, list[list[int]]]:
-        done = compressions_done(self._seen, self._base, self.window, self.block)
-        return done, packed_lengths(self._counts0, self._keep_list, done)
+    def _done(self, seen: int) -> list[int]:
+        """Blocks each row has compressed once every position ``< seen`` was decoded (rows of a padded
+        batch have their own windows, so their own schedules)."""
+        return [compressions_done(seen, base, self.window, self.block) for base in self._base]
+
+    def _packed_lengths(self) -> tuple[list[int], list[list[int]]]:
+        done = self._done(self._seen)
+        return done, [packed_lengths([row], self._keep_list, d)[0]
+                      for row, d in zip(self._counts0, done, strict=True)]
 
     def _plan(self, var_len: list[list[int]], extra_blocks: int = 0) -> Layout:
         blocks = headroom_blocks(var_len, self._keep_list, self.ring, self.growth, self.min_chunk_blocks,
@@ -285,8 +315,8 @@ class TCACacheLayer(CacheLayerMixin):
 
     def _refresh_grow_at(self) -> None:
         done, var_len = self._packed_lengths()
-        self._grow_at = next_growth(self.layout, var_len, self._keep_list, done, self._base, self.window,
-                                    self.block)
+        self._grow_at = min(next_growth(self.layout.rows([r]), [var_len[r]], self._keep_list, done[r],
+                                        self._base[r], self.window, self.block) for r in range(len(done)))
 
     def _grow(self, var_len: list[list[int]] | None = None) -> None:
         """Re-lay the buffers with room for ``var_len`` packed tokens (default: what is packed now) plus
@@ -305,9 +335,11 @@ class TCACacheLayer(CacheLayerMixin):
             return
         order = [int(r) for r in rows.tolist()]
         rows = rows.to(self.device)
-        for name in ("k_buf", "v_buf", "owner", "pos", "var_len"):
+        for name in ("k_buf", "v_buf", "owner", "pos", "var_len", "base", "ncs"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self._counts0 = [self._counts0[r] for r in order]
+        self._base = [self._base[r] for r in order]
+        self.pads = [self.pads[r] for r in order]
         self.batch_size = len(order)
         self._set_layout(self.layout.rows(order))
 
@@ -329,7 +361,7 @@ class TCACacheLayer(CacheLayerMixin):
         if self._seen >= self._grow_at:
             self._grow()
         bsz, hkv, _, d = key_states.shape
-        slot = self.seg_start + (self.next_pos - self.base) % self.ring  # [B, H_kv]
+        slot = self.seg_start + (self.next_pos - self.base.unsqueeze(-1)) % self.ring  # [B, H_kv]
         idx = slot.unsqueeze(-1).expand(bsz, hkv, d)
         # Inference-only (attention.tca_attention_forward): the buffers keep no autograd history.
         self.k_buf.scatter_(1, idx, key_states[:, :, 0].detach())
@@ -376,8 +408,7 @@ class TCACacheLayer(CacheLayerMixin):
             return not self.assume_leaves
         if torch.compiler.is_compiling() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return False
-        done = compressions_done(self._seen, self._base, self.window, self.block)
-        return done == compressions_done(self._seen - 1, self._base, self.window, self.block)
+        return self._done(self._seen) == self._done(self._seen - 1)
 
     def _fused_compression(self, query: torch.Tensor) -> bool:
         if self.compression not in self.COMPRESSIONS:
@@ -401,8 +432,9 @@ class TCACacheLayer(CacheLayerMixin):
             return
         bsz, hkv, d = self.k_buf.shape[0], self.num_heads, self.head_dim
         newest = self.next_pos - 1
-        do = newest - self.window + 1 - self.ncs >= self.block
-        ring_slots = self.seg_start.unsqueeze(-1) + (self.ncs - self.base + self._block_offsets) % self.ring
+        do = (newest - self.window + 1 - self.ncs >= self.block).view(bsz, 1, 1)  # per row
+        ring_slots = self.seg_start.unsqueeze(-1) + ((self.ncs - self.base).view(bsz, 1, 1)
+                                                     + self._block_offsets) % self.ring
         flat = ring_slots.view(bsz, -1)
         k_blk = self.k_buf.gather(1, flat.unsqueeze(-1).expand(-1, -1, d))
         v_blk = self.v_buf.gather(1, flat.unsqueeze(-1).expand(-1, -1, d))
@@ -415,12 +447,12 @@ class TCACacheLayer(CacheLayerMixin):
         self.v_buf.scatter_(1, dst.unsqueeze(-1).expand(-1, -1, d), v_blk)
         self.pos.scatter_(1, dst, self.pos.gather(1, flat))
         # Free the block's ring slots, then let the moved tokens claim their new ones.
-        self.owner.scatter_(1, flat, torch.where(do, -1, self.owner.gather(1, flat)))
+        self.owner.scatter_(1, flat, torch.where(do.view(bsz, 1), -1, self.owner.gather(1, flat)))
         moved = (keep & do).view(bsz, -1)
         heads = self._heads.view(1, hkv, 1).expand(bsz, hkv, self.block).reshape(bsz, -1)
         self.owner.scatter_(1, dst, torch.where(moved, heads, self.owner.gather(1, dst)))
-        self.var_len += torch.where(do, self.keep, 0)
-        self.ncs += torch.where(do, self.block, 0)
+        self.var_len += torch.where(do.view(bsz, 1), self.keep, 0)
+        self.ncs += torch.where(do.view(bsz), self.block, 0)
 
     # ------------------------------------------------------------- chunks (docs/chunked_prefill.md)
 
@@ -446,10 +478,15 @@ class TCACacheLayer(CacheLayerMixin):
         if self._chunk is None:
             raise RuntimeError("chunk_step needs a chunk: call update with the new keys and values first")
         (key, value), self._chunk = self._chunk, None  # a refused mask leaves the cache as it was
-        check_chunk_mask(attention_mask, self._seen)
+        check_chunk_mask(attention_mask, self._seen, self.pads)
+        if len(set(self._base)) > 1:
+            raise ValueError("TCACache: new tokens on top of a padded batch need every row at least as long as "
+                             f"the window ({self.window} tokens) after its padding (the rows' windows, hence "
+                             "their compression schedules, differ otherwise); run shorter rows separately")
+        base = self._base[0]
         n, c = self._seen, key.shape[-2]
-        done = compressions_done(n, self._base, self.window, self.block)
-        done_after = compressions_done(n + c, self._base, self.window, self.block)
+        done = compressions_done(n, base, self.window, self.block)
+        done_after = compressions_done(n + c, base, self.window, self.block)
         needed = packed_lengths(self._counts0, self._keep_list, done_after)
         if any(v > cap for row, caps in zip(needed, self.layout.var_cap, strict=True)
                for v, cap in zip(row, caps, strict=True)):
@@ -459,22 +496,22 @@ class TCACacheLayer(CacheLayerMixin):
         # FlexAttention on CUDA (work follows the kept tokens); the tensor-op reference elsewhere.
         attend = flex_chunk_attention if query.is_cuda and query.dtype != torch.float64 else chunk_attention
         out, lse = attend(query, *past, key, value, scale)
-        ncs = self._base + done * self.block
+        ncs = base + done * self.block
         if done_after > done:
-            self._compress_chunk(query, lse, key, value, scale, n, ncs, (done_after - done) * self.block)
+            self._compress_chunk(query, lse, key, value, scale, n, ncs, (done_after - done) * self.block, base)
         # The chunk's tokens from ``first`` on have not left the window: they join the ring.
-        self._write_ring(key, value, n, max(n, self._base + done_after * self.block))
+        self._write_ring(key, value, n, max(n, base + done_after * self.block), base)
         self.next_pos += c
         self.ncs += (done_after - done) * self.block
         self._seen += c
         self._refresh_grow_at()
         return out
 
-    def _write_ring(self, key: torch.Tensor, value: torch.Tensor, n: int, first: int) -> None:
+    def _write_ring(self, key: torch.Tensor, value: torch.Tensor, n: int, first: int, base: int) -> None:
         """Store the chunk's tokens at positions ``[first, n + c)`` in their ring slots."""
         bsz, hkv, c, d = key.shape
         stay = torch.arange(first, n + c, device=self.device)
-        slots = (self.seg_start.unsqueeze(-1) + (stay - self._base) % self.ring).view(bsz, -1)
+        slots = (self.seg_start.unsqueeze(-1) + (stay - base) % self.ring).view(bsz, -1)
         idx = slots.unsqueeze(-1).expand(-1, -1, d)
         self.k_buf.scatter_(1, idx, key[:, :, first - n:].reshape(bsz, -1, d))
         self.v_buf.scatter_(1, idx, value[:, :, first - n:].reshape(bsz, -1, d))
@@ -482,7 +519,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.pos.scatter_(1, slots, stay.to(torch.int32).expand(bsz, hkv, -1).reshape(bsz, -1))
 
     def _compress_chunk(self, query: torch.Tensor, lse: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        scale: float, n: int, ncs: int, count: int) -> None:
+                        scale: float, n: int, ncs: int, count: int, base: int) -> None:
         """Keep the top-``t`` of every block in ``[ncs, ncs + count)``, packed after each head's packed region.
 
         The leaving tokens come from the ring (positions ``< n``) or from the
@@ -493,7 +530,7 @@ class TCACacheLayer(CacheLayerMixin):
         """
         bsz, hkv, d, c = self.batch_size, self.num_heads, self.head_dim, key.shape[-2]
         positions = torch.arange(ncs, ncs + count, device=self.device)
-        ring_slots = self.seg_start.unsqueeze(-1) + (positions - self._base) % self.ring  # [B, H_kv, count]
+        ring_slots = self.seg_start.unsqueeze(-1) + (positions - base) % self.ring  # [B, H_kv, count]
         from_ring = (positions < n).view(1, 1, count, 1)
         in_chunk = (positions - n).clamp(min=0).view(1, 1, count, 1).expand(bsz, hkv, count, d)
         rows = ring_slots.view(bsz, -1, 1).expand(-1, -1, d)
@@ -537,8 +574,7 @@ class TCACacheLayer(CacheLayerMixin):
 
     def block_leaves_at(self, seen: int) -> bool:
         """Whether the step that appends token ``seen`` (0-based) compresses a block."""
-        return (compressions_done(seen + 1, self._base, self.window, self.block)
-                != compressions_done(seen, self._base, self.window, self.block))
+        return self._done(seen + 1) != self._done(seen)
 
     def _steps_before_growth(self) -> int:
         return self._grow_at - self._seen
@@ -575,11 +611,15 @@ class TCACache(Cache):
     passed explicitly; with a ``DynamicCache`` decode runs dense over the
     full cache, as before. Supported: greedy/sampling, beam search
     (``reorder_cache``), batches of unpadded sequences (each row its own
-    selection), multi-turn conversations (pass the same cache to the next
-    ``generate`` with the conversation plus the new message) and chunked
-    prefill (``tca_flex.chunked_prefill``): chunks of new tokens follow
-    ``docs/chunked_prefill.md``. Not supported (clear errors): padded
-    batches, ``crop`` (assisted decoding, prompt lookup).
+    selection), left-padded batches of different lengths (``generate`` with
+    ``attention_mask``: each row keeps, compresses and decodes exactly what it
+    would alone, shifted by its padding; no padding token is stored),
+    multi-turn conversations (pass the same cache to the next ``generate``
+    with the conversation plus the new message) and chunked prefill
+    (``tca_flex.chunked_prefill``): chunks of new tokens follow
+    ``docs/chunked_prefill.md`` (on a padded batch, only when every row fills
+    the window). Not supported (clear errors): right padding or any mask
+    with holes, ``crop`` (assisted decoding, prompt lookup).
 
     Args:
         model: a model prepared by ``tca_flex.apply``.

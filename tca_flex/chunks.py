@@ -124,22 +124,28 @@ def leaving_importance(q_obs: torch.Tensor, k_leave: torch.Tensor, lse_obs: torc
     return probs.mean(2) if aggregation == "mean" else probs.amax(2)
 
 
-def check_chunk_mask(attention_mask: torch.Tensor | None, past_length: int) -> None:
-    """Refuse any mask but the plain causal one for a chunk after ``past_length`` tokens.
+def check_chunk_mask(attention_mask: torch.Tensor | None, past_length: int, pads: list[int] | None = None) -> None:
+    """Refuse any mask but the causal one (hiding each row's leading ``pads``) for a chunk after ``past_length``.
 
-    The pruned cache has no padding slots, so a mask that hides a token (a
-    padded batch) cannot be honoured. transformers materialises the causal
-    mask of a chunk on top of a cache (``[B, 1, c, past + c]``, bool, or float
-    with 0 where visible). Checked eagerly only: reading mask values inside a
-    compiled graph would be a data-dependent branch.
+    The pruned cache stores neither padding nor holes: a mask that hides a
+    token other than a row's left padding of the prefill cannot be honoured.
+    transformers materialises the causal mask of a chunk on top of a cache
+    (``[B, 1, c, past + c]``, bool, or float with 0 where visible). Checked
+    eagerly only: reading mask values inside a compiled graph would be a
+    data-dependent branch.
     """
     if attention_mask is None or torch.compiler.is_compiling():
         return
     visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     c, kv = visible.shape[-2], visible.shape[-1]
-    causal = (torch.arange(kv, device=visible.device)[None, :]
-              <= torch.arange(past_length, past_length + c, device=visible.device)[:, None])
-    if kv != past_length + c or not torch.equal(visible, causal.expand_as(visible)):
-        raise ValueError("TCACache does not support padded batches (or any mask but the causal one) for new "
-                         "tokens on top of the cache: run unpadded sequences (batch size 1, or equal lengths "
-                         "without padding)")
+    dev = visible.device
+    key = torch.arange(kv, device=dev)
+    want = (key[None, :] <= torch.arange(past_length, past_length + c, device=dev)[:, None]).expand(
+        visible.shape[0], c, kv)
+    if pads:
+        want = want & (key >= torch.tensor(pads, device=dev)[:, None])[:, None, :]
+    if (kv != past_length + c or (pads and len(pads) != visible.shape[0])
+            or not torch.equal(visible, want.unsqueeze(1).expand_as(visible))):
+        raise ValueError("TCACache does not support this mask for new tokens on top of the cache: it hides "
+                         "tokens other than each row's left padding of the prefill (a padded chunk, right "
+                         "padding or a hole). Pass the conversation with the prompt's left padding only")

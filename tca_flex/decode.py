@@ -74,7 +74,8 @@ class LiveRanges(NamedTuple):
     ``[ring, ring + var_len)`` (the packed tokens); the rest of a segment is
     free headroom, which the ``"triton"`` kernel does not read.
 
-    ``var_len``: int64 ``[B, H_kv]``; ``next_pos``, ``base``: int64 0-d;
+    ``var_len``: int64 ``[B, H_kv]``; ``next_pos``: int64 0-d; ``base``: int64
+    ``[B]`` (each row's first ring position: rows of a padded batch differ) or 0-d;
     ``ring``: Python int.
     """
 
@@ -315,8 +316,9 @@ def compress_block(q_bhsd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tens
         k_bsd, v_bsd, owner_bs, pos_bs: the cache's flat buffers (updated).
         seg_start, var_len: int64 ``[B, H_kv]`` (``var_len`` updated).
         keep_h: int64 ``[H_kv]``, ``t`` per KV head.
-        ncs: int64 0-d, first position not yet compressed (updated);
-            next_pos, base: int64 0-d.
+        ncs: int64 ``[B]`` (or 0-d), first position not yet compressed per row
+            (updated); next_pos: int64 0-d; base: int64 ``[B]`` (or 0-d), each
+            row's first ring position.
         window, block: the cache's window and block size (ring = window + block).
         scale: softmax scale; aggregation: ``"mean"`` or ``"max"`` over query heads.
     """

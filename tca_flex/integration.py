@@ -58,14 +58,28 @@ def tca_mask(batch_size: int, q_length: int, kv_length: int, *args, **kwargs):
     SDPA's own mask function keeps a materialised causal mask under
     ``torch.compile`` in some cases; a sparse prefill would then see a mask and
     refuse it as padding. With no padding mask, a plain causal mask function and
-    a square (prefill) or single-query (decode) shape, ``None`` is exact. Every
-    other case (padding, packed sequences, chunked prefill) gets SDPA's mask.
+    a square (prefill) or single-query (decode) shape, ``None`` is exact.
+
+    A padded prefill from scratch gets its bool ``[B, L]`` padding mask
+    itself, not the 4-D one (``B * L^2`` bytes: 32 GiB for 8 rows of 64K):
+    the attention function checks it is left padding, runs each row on its
+    own tokens, and builds the 4-D mask only for prompts short enough to run
+    dense. Every other case (decode and chunks over a padded cache, packed
+    sequences) gets SDPA's mask.
     """
-    plain = (kwargs.get("attention_mask") is None
-             and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
-             and not args and (q_length == kv_length or q_length == 1)
-             and _last_query_is_last_key(q_length, kv_length, kwargs))
-    return None if plain else sdpa_mask(batch_size, q_length, kv_length, *args, **kwargs)
+    padding = kwargs.get("attention_mask")
+    causal = (kwargs.get("mask_function", causal_mask_function) is causal_mask_function and not args
+              and _last_query_is_last_key(q_length, kv_length, kwargs))
+    if padding is None:
+        plain = causal and (q_length == kv_length or q_length == 1)
+        return None if plain else sdpa_mask(batch_size, q_length, kv_length, *args, **kwargs)
+    if (causal and q_length == kv_length and padding.dim() == 2 and padding.shape[-1] == kv_length
+            and not isinstance(kwargs.get("kv_offset", 0), torch.Tensor) and kwargs.get("kv_offset", 0) == 0):
+        # Nothing hidden: no mask (as SDPA's own skip). Eager only: reading values would break a graph.
+        if not torch.compiler.is_compiling() and bool(padding.all()):
+            return None
+        return padding.bool()
+    return sdpa_mask(batch_size, q_length, kv_length, *args, **kwargs)
 
 
 def _last_query_is_last_key(q_length: int, kv_length: int, kwargs: dict) -> bool:

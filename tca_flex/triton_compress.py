@@ -20,8 +20,9 @@ When a block leaves is derived from ``next_pos`` and ``base``, not read from
 ``ncs`` while one of them advances it, a race across programs of one launch.
 One token per step (and whole chunks, which compress every block they pass)
 keep ``ncs == next_pos - window - b`` at every step where a block leaves, so
-the two agree; program 0 still writes ``ncs`` for the tensor form and the
-host. A second call at the same position finds the block's first ring slot
+the two agree; each row's program of head 0 still writes the row's ``ncs``
+for the tensor form and the host. ``base`` and ``ncs`` are per row: the rows
+of a left-padded batch each follow their own window (``cache.py``). A second call at the same position finds the block's first ring slot
 already freed and does nothing, as the tensor form does.
 
 Without a GPU the tests run this kernel in Triton's interpreter.
@@ -39,14 +40,14 @@ NUM_WARPS = 4
 @triton.jit
 def _compress_kernel(q_ptr, lse_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr, var_len_ptr, keep_ptr,
                      ncs_ptr, next_pos_ptr, base_ptr, stride_qb, stride_qh, stride_lseb, stride_kb, stride_ks,
-                     stride_vb, stride_vs, stride_ownb, stride_posb, scale, window, ring,
+                     stride_vb, stride_vs, stride_ownb, stride_posb, stride_ncs, stride_base, scale, window, ring,
                      HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                      BLOCK: tl.constexpr, B_PAD: tl.constexpr, USE_MAX: tl.constexpr, IEEE: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
     next_pos = tl.load(next_pos_ptr)
-    base = tl.load(base_ptr)
+    base = tl.load(base_ptr + b * stride_base)  # per row: the rows of a padded batch have their own windows
     past_window = next_pos - base - window  # tokens that have left the window since the prefill
     if (past_window > 0) & (past_window % BLOCK == 0):
         first = next_pos - window - BLOCK  # position of the leaving block's first token
@@ -93,8 +94,8 @@ def _compress_kernel(q_ptr, lse_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr
             tl.store(own_row + ring_slot, tl.full([B_PAD], -1, tl.int32), mask=in_block)
             tl.store(own_row + dst, tl.zeros([B_PAD], tl.int32) + h, mask=kept)
             tl.store(var_len_ptr + bh, var_len + t)
-        if bh == 0:
-            tl.store(ncs_ptr, first + BLOCK)
+        if h == 0:
+            tl.store(ncs_ptr + b * stride_ncs, first + BLOCK)
 
 
 def launch(q_bhd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
@@ -114,8 +115,9 @@ def launch(q_bhd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tensor, v_bsd
         var_len: int64 ``[B, H_kv]`` contiguous: tokens in each packed region
             (advanced by ``t`` where a block is compressed).
         keep_h: int64 ``[H_kv]``: ``t`` per head, ``0 <= t <= block``.
-        ncs, next_pos, base: int64 0-d: first position not yet compressed
-            (written), next position to decode and first ring position (read).
+        ncs, base: int64 ``[B]`` (or 0-d, shared by every row): first position
+            not yet compressed (written) and first ring position (read), per
+            row; next_pos: int64 0-d, the next position to decode (read).
         window, block, ring: the cache's window, block size and ring slots.
         scale: softmax scale.
         use_max: aggregate query heads by max instead of mean.
@@ -126,7 +128,8 @@ def launch(q_bhd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tensor, v_bsd
     _compress_kernel[(bsz * hkv,)](
         q_bhd, lse_bh, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, var_len, keep_h, ncs, next_pos, base,
         q_bhd.stride(0), q_bhd.stride(1), lse_bh.stride(0), k_bsd.stride(0), k_bsd.stride(1), v_bsd.stride(0),
-        v_bsd.stride(1), owner_bs.stride(0), pos_bs.stride(0), scale, window, ring,
+        v_bsd.stride(1), owner_bs.stride(0), pos_bs.stride(0), ncs.stride(0) if ncs.dim() else 0,
+        base.stride(0) if base.dim() else 0, scale, window, ring,
         HKV=hkv, G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block,
         B_PAD=max(16, triton.next_power_of_2(block)), USE_MAX=use_max, IEEE=q_bhd.dtype == torch.float32,
         num_warps=num_warps or NUM_WARPS)

@@ -80,7 +80,7 @@ def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                   o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
-                  stride_ownb, scale, ring, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                  stride_ownb, stride_base, scale, ring, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                   D: tl.constexpr, SPLIT, NUM_SPLITS, BLOCK: tl.constexpr,
                   LIVE: tl.constexpr, IEEE: tl.constexpr):
     split = tl.program_id(0)
@@ -105,7 +105,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
     if LIVE:
         # Live slots of a TCA segment: the ring's filled prefix and the packed prefix
         # (``cache.py``); the headroom after the packed tokens is never read.
-        fill = tl.minimum(tl.load(next_pos_ptr) - tl.load(base_ptr), ring).to(tl.int32)
+        fill = tl.minimum(tl.load(next_pos_ptr) - tl.load(base_ptr + b * stride_base), ring).to(tl.int32)
         packed_end = (ring + tl.load(var_len_ptr + bh)).to(tl.int32)
         m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo,
                                        tl.minimum(hi, fill), h, stride_ks, stride_vs, scale, D, BLOCK, IEEE)
@@ -182,8 +182,9 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
         total_slots: Python int, the segments' total length (sizes the
             splits; default ``max_segment`` times the number of segments).
         live: ``(var_len, next_pos, base, ring)`` of a TCA cache: int64
-            ``[B, H_kv]`` packed tokens per head, int64 0-d next position and
-            base position, and the ring size (Python int). Only offsets
+            ``[B, H_kv]`` packed tokens per head, int64 0-d next position,
+            int64 ``[B]`` (or 0-d: shared) base position of each row's ring,
+            and the ring size (Python int). Only offsets
             ``[0, min(next_pos - base, ring))`` and ``[ring, ring + var_len)`` of
             each segment are read (the live lengths, read on the device each
             step); ``None``: the whole segment.
@@ -215,7 +216,7 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
     _split_kernel[(num_splits, bsz * hkv)](
         q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, var_len, next_pos, base, o_part, m_part, l_part,
         q_bhd.stride(0), q_bhd.stride(1), k_bsd.stride(0), k_bsd.stride(1), v_bsd.stride(0), v_bsd.stride(1),
-        owner_bs.stride(0), scale, ring, HKV=hkv, G=group, G_PAD=g_pad, D=d, SPLIT=split, NUM_SPLITS=num_splits,
+        owner_bs.stride(0), base.stride(0) if live is not None and base.dim() else 0, scale, ring, HKV=hkv, G=group, G_PAD=g_pad, D=d, SPLIT=split, NUM_SPLITS=num_splits,
         BLOCK=block, LIVE=live is not None, IEEE=q_bhd.dtype == torch.float32, num_warps=num_warps,
         num_stages=num_stages)
     _combine_kernel[(bsz * hkv, group)](

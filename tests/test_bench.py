@@ -79,3 +79,17 @@ def test_smoke_chunks_phase_times_chunked_prefill_and_conversations():
     assert rows["turn2 tca_append"]["turn_tokens"] == rows["turn2 dense_append"]["turn_tokens"] == 64 + 1
     assert rows["turn2 tca_reprefill"]["turn_tokens"] == 300 + 8 + 64
     assert rows["turn2 tca_append"]["length"] == rows["turn2 tca_reprefill"]["length"] == 300 + 8 + 64 + 8
+
+
+def test_smoke_batch_phase_times_padded_batches_against_rows_and_dense():
+    result = bench.main(["--smoke", "--phases", "batch", "--e2e-layers", "1", "--batch-sizes", "2", "3",
+                         "--batch-decode-steps", "6"])
+    rows = {(r["batch"], r["method"]): r for r in result["rows"]}
+    for size in (2, 3):
+        for method in ("tca_padded", "tca_rows_sum", "dense_sdpa_padded", "dense_sdpa_rows_sum"):
+            r = rows[(size, method)]
+            assert "error" not in r and r["ms"] > 0, (size, method, r.get("error"))
+            assert len(r["lengths"]) == size and all(300 <= n <= 700 for n in r["lengths"])
+        tca, dense = rows[(size, "tca_padded")], rows[(size, "dense_sdpa_padded")]
+        assert tca["decode_tokens_per_s"] > 0 and dense["decode_tokens_per_s"] > 0
+        assert 0 < tca["kv_bytes"] < dense["kv_bytes"] and 0 < tca["kept_fraction"] < 1

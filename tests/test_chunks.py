@@ -88,7 +88,8 @@ def test_chunks_follow_the_written_rule(seed, bsz, prefill, chunks, keep, num_qu
         assert layer.get_seq_length() == n
         assert torch.equal(kept_mask(layer, bsz, hkv, n), state[..., :n])
         assert layer.var_len.tolist() == layer._packed_lengths()[1]
-        assert int(layer.ncs) == layer._base + layer._packed_lengths()[0] * block
+        assert layer.ncs.tolist() == [base + done * block
+                                      for base, done in zip(layer._base, layer._packed_lengths()[0], strict=True)]
         for b in range(bsz):
             assert (layer.owner[b] >= 0).sum() == sum(layer.kept_positions(b, h).numel() for h in range(hkv))
             for h in range(hkv):
@@ -121,7 +122,7 @@ def test_keep_all_conversation_generates_exactly_dense(tiny_llama):
     assert torch.equal(out, dense)
     assert cache.get_seq_length() == out.shape[1] - 1
     assert cache.memory_report().total.kept_fraction == 1.0
-    assert cache.layers[0]._packed_lengths()[0] >= 12, "blocks should have left the window turn after turn"
+    assert min(cache.layers[0]._packed_lengths()[0]) >= 12, "blocks should have left the window turn after turn"
 
 
 @torch.no_grad()
@@ -146,7 +147,7 @@ def test_sparse_conversation_keeps_window_and_budget(tiny_llama):
     seen = out.shape[1] - 1
     assert cache.get_seq_length() == seen
     for layer in cache.layers:
-        done, packed = layer._packed_lengths()
+        (done,), packed = layer._packed_lengths()  # one row
         assert done == (seen - 36 - 64) // 16  # base = 100 - 64
         for h in range(2):
             pos = layer.kept_positions(0, h)

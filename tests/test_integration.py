@@ -88,8 +88,8 @@ def test_bad_models_and_inputs_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="already applied"):
         tca_flex.apply(tiny_llama, SPARSE)
     padded = torch.ones(2, 300, dtype=torch.long)
-    padded[0, :7] = 0
-    with torch.no_grad(), pytest.raises(ValueError, match="padded"):
+    padded[0, -7:] = 0  # right padding (left padding is supported: test_batch.py)
+    with torch.no_grad(), pytest.raises(ValueError, match="left padding only"):
         tiny_llama(ids(300, bsz=2), attention_mask=padded)
     tca_flex.remove(tiny_llama)
     with pytest.raises(ValueError, match="3 layers x 2 KV heads"):
@@ -144,8 +144,12 @@ def test_mask_function_is_none_only_when_plainly_causal():
     assert chunk is not None and chunk.shape[-2:] == (4, 64)
     padding = torch.ones(2, 64, dtype=torch.bool)
     padding[0, :5] = False
-    padded = tca_mask(2, 64, 64, attention_mask=padding, **kw)
-    assert padded is not None and not padded[0, 0, 10, :5].any() and padded[1, 0, 10, :11].all()
+    # A padded prefill gets its 2-D padding mask (the attention checks it is left padding); a
+    # decode step over it the 4-D mask.
+    assert torch.equal(tca_mask(2, 64, 64, attention_mask=padding, **kw), padding)
+    assert tca_mask(2, 64, 64, attention_mask=torch.ones(2, 64, dtype=torch.bool), **kw) is None
+    step = tca_mask(2, 1, 64, attention_mask=padding, **{**kw, "q_offset": 63})
+    assert step.shape == (2, 1, 1, 64) and not step[0, 0, 0, :5].any() and step[1, 0, 0].all()
 
 
 @torch.no_grad()

@@ -1,0 +1,264 @@
+"""Mixed-length batches: left padding plus ``attention_mask``, as ``generate`` gives them.
+
+The reference for every row is that row run alone (unpadded, batch size 1) through the same
+model, itself tested against the float64 references elsewhere (test_cache_decode.py,
+test_serving.py): a padded batch must give each row the prefill logits, the kept sets (shifted
+by the row's padding) and the greedy tokens of its solo run. Masks the pruned cache cannot
+honour (right padding, holes) must raise, eagerly and under torch.compile.
+"""
+
+import random
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from transformers import LlamaForCausalLM
+
+import tca_flex
+from tca_flex import HeadBudgets, TCACache, TCAConfig
+from tca_flex.attention import check_left_padded
+from tca_flex.hfcompat import cache_kwargs
+
+from .conftest import tiny_llama_config
+
+# Window 16, block 8: rows of 3-60 tokens lie below and above the window, and a few dozen new
+# tokens cross several compressions. dense_up_to = 16: rows of 17+ tokens run TCA.
+SMALL = TCAConfig(block_size=8, window=16)
+HEADS = [(4, 2), (4, 1), (2, 2)]  # (query heads, KV heads): GQA 2, MQA, MHA
+
+
+def fresh_seed():
+    return random.SystemRandom().randrange(1, 10**6)
+
+
+def tiny_model(heads, seed, config=SMALL, fraction=0.4):
+    hq, hkv = heads
+    torch.manual_seed(seed)
+    # std 0.2: greedy tokens vary (the default init repeats one token); no EOS, so every row
+    # generates the same number of tokens alone and in the batch.
+    model = LlamaForCausalLM(tiny_llama_config(num_attention_heads=hq, num_key_value_heads=hkv,
+                                               initializer_range=0.2)).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return tca_flex.apply(model, budgets=HeadBudgets.uniform(2, hkv, fraction, config))
+
+
+def left_padded(lengths, seed):
+    """Random rows of ``lengths`` tokens, left-padded to the longest: (rows, ids, mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(1, 256, (1, n), generator=gen) for n in lengths]
+    width = max(lengths)
+    ids = torch.randint(1, 256, (len(lengths), width), generator=gen)  # padding ids: never read
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for r, x in enumerate(rows):
+        ids[r, width - x.shape[1]:] = x[0]
+        mask[r, width - x.shape[1]:] = 1
+    return rows, ids, mask
+
+
+def kept_sets(cache, row):
+    return [[layer.kept_positions(row, h) for h in range(layer.num_heads)] for layer in cache.layers]
+
+
+lengths_st = st.lists(st.integers(3, 60), min_size=1, max_size=4)
+
+
+@given(seed=st.integers(0, 10**6), lengths=lengths_st, heads=st.sampled_from(HEADS))
+@example(seed=1, lengths=[45, 10, 29, 17], heads=(4, 2))  # below, at, above the window; one row unpadded
+@example(seed=2, lengths=[5, 3], heads=(2, 2))  # every row below the window: the dense path
+@torch.no_grad()
+def test_padded_prefill_gives_each_row_its_solo_logits_and_kept_set(seed, lengths, heads):
+    model = tiny_model(heads, seed)
+    rows, ids, mask = left_padded(lengths, seed)
+    cache = TCACache(model)
+    logits = model(ids, attention_mask=mask, **cache_kwargs(model, cache)).logits
+    width = ids.shape[1]
+    for r, x in enumerate(rows):
+        pad = width - x.shape[1]
+        alone_cache = TCACache(model)
+        alone = model(x, **cache_kwargs(model, alone_cache)).logits
+        torch.testing.assert_close(logits[r:r + 1, pad:], alone, atol=2e-5, rtol=1e-4)
+        for got, want in zip(kept_sets(cache, r), kept_sets(alone_cache, 0), strict=True):
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w + pad), (r, pad)
+        for layer in cache.layers:  # no padding slot is ever stored
+            live = layer.owner[r] >= 0
+            assert (layer.pos[r][live] >= pad).all()
+    assert torch.isfinite(logits).all()
+
+
+@settings(max_examples=6)
+@given(seed=st.integers(0, 10**6), lengths=lengths_st, heads=st.sampled_from(HEADS),
+       backend=st.sampled_from(["math", "flex"]))
+@example(seed=3, lengths=[40, 4, 23, 17], heads=(4, 1), backend="math")
+@torch.no_grad()
+def test_padded_greedy_generation_equals_each_row_alone(seed, lengths, heads, backend):
+    """At least 3 block compressions in every row (the short rows' schedules start later)."""
+    model = tiny_model(heads, seed)
+    rows, ids, mask = left_padded(lengths, seed)
+    new = 3 * SMALL.block_size + SMALL.window + 8  # >= 3 compressions even for a 3-token row
+    cache = TCACache(model, backend=backend)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, **cache_kwargs(model, cache))
+    width = ids.shape[1]
+    for r, x in enumerate(rows):
+        alone_cache = TCACache(model, backend=backend)
+        want = model.generate(x, max_new_tokens=new, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, **cache_kwargs(model, alone_cache))
+        assert got.sequences[r, width:].tolist() == want.sequences[0, x.shape[1]:].tolist(), r
+        torch.testing.assert_close(torch.stack(got.logits)[:, r], torch.stack(want.logits)[:, 0],
+                                   atol=1e-4, rtol=1e-4)
+        pad = width - x.shape[1]
+        for g_layer, w_layer in zip(cache.layers, alone_cache.layers, strict=True):
+            assert g_layer._done(g_layer.get_seq_length())[r] >= 3
+            for h in range(g_layer.num_heads):
+                assert torch.equal(g_layer.kept_positions(r, h), w_layer.kept_positions(0, h) + pad)
+
+
+@torch.no_grad()
+def test_padded_decode_with_the_triton_kernels_equals_math():
+    """The Triton decode and compression kernels (Triton's interpreter on the CPU) read each row's
+    own ring base and compression schedule."""
+    pytest.importorskip("triton")
+    from tca_flex.decode import triton_supported
+
+    model = tiny_model((4, 2), fresh_seed(), config=TCAConfig(block_size=16, window=16))
+    if not triton_supported(torch.zeros(1, 1, 1, model.config.head_dim)):
+        pytest.skip("the Triton kernels cannot run here (no GPU and no TRITON_INTERPRET=1)")
+    _, ids, mask = left_padded([40, 9, 21], fresh_seed())
+    outs, caches = [], []
+    for backend in ("math", "triton"):
+        cache = TCACache(model, backend=backend)
+        if backend == "triton":
+            cache.set_compression("triton")
+        outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                                   **cache_kwargs(model, cache)))
+        caches.append(cache)
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*(c.layers for c in caches), strict=True):
+        for name in ("owner", "pos", "var_len", "ncs"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@torch.no_grad()
+def test_padded_beam_search_follows_each_row_alone():
+    model = tiny_model((4, 2), fresh_seed())
+    rows, ids, mask = left_padded([33, 12, 20], fresh_seed())
+    kw = dict(max_new_tokens=30, do_sample=False, num_beams=3, num_return_sequences=3)
+    got = model.generate(ids, attention_mask=mask, **kw, **cache_kwargs(model, TCACache(model)))
+    width = ids.shape[1]
+    for r, x in enumerate(rows):
+        want = model.generate(x, **kw, **cache_kwargs(model, TCACache(model)))
+        assert got[3 * r: 3 * r + 3, width:].tolist() == want[:, x.shape[1]:].tolist(), r
+
+
+@torch.no_grad()
+def test_compiled_padded_generation_equals_eager():
+    """torch.compile of the whole model: the padded prefill runs through the custom ops (the left
+    padding is checked inside ``tca_flex::left_pads``), the decode step is traced."""
+    torch._dynamo.reset()
+    model = tiny_model((4, 2), fresh_seed())
+    _, ids, mask = left_padded([37, 8, 22], fresh_seed())
+    kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False)
+    want = model.generate(ids, **kw, **cache_kwargs(model, TCACache(model)))
+    model.forward = torch.compile(model.forward, backend="aot_eager")  # what generate calls
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = model.generate(ids, **kw, **cache_kwargs(model, TCACache(model)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames, "nothing was compiled"
+    assert torch.equal(got, want)
+
+
+def holes_and_right_padding(width):
+    right = torch.ones(2, width, dtype=torch.long)
+    right[1, -5:] = 0
+    hole = torch.ones(2, width, dtype=torch.long)
+    hole[0, 10:13] = 0
+    return {"right padding": right, "a hole": hole}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("length", [12, 40])  # dense prefill, sparse prefill
+@torch.no_grad()
+def test_masks_the_cache_cannot_honour_raise(compiled, length):
+    torch._dynamo.reset()
+    model = tiny_model((4, 2), fresh_seed())
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    ids = torch.randint(1, 256, (2, length))
+    for what, mask in holes_and_right_padding(length).items():
+        with pytest.raises(ValueError, match="left padding only"):
+            run(ids, attention_mask=mask, **cache_kwargs(model, TCACache(model)))
+        if length > SMALL.dense_up_to:  # the sparse prefill refuses it without a cache too
+            with pytest.raises(ValueError, match="left padding only"):
+                run(ids, attention_mask=mask)
+
+
+@torch.no_grad()
+def test_decode_and_chunk_masks_must_hide_exactly_the_padding():
+    model = tiny_model((4, 2), fresh_seed())
+    _, ids, mask = left_padded([30, 24], fresh_seed())
+    cache = TCACache(model)
+    model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+    bad = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    bad[0, 0] = 0  # hides a real token of row 0
+    step = torch.randint(1, 256, (2, 1))
+    with pytest.raises(ValueError, match="left-padded batches only"):
+        model(step, attention_mask=bad, **cache_kwargs(model, cache))
+    with pytest.raises(ValueError, match="left padding of the prefill"):
+        model(torch.randint(1, 256, (2, 4)), attention_mask=torch.cat([bad, torch.ones(2, 3, dtype=torch.long)], 1),
+              **cache_kwargs(model, cache))
+    # A refused decode step has already appended its token (update runs before the attention): start again.
+    cache = TCACache(model)
+    model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+    good = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    assert torch.isfinite(model(step, attention_mask=good, **cache_kwargs(model, cache)).logits).all()
+
+
+@torch.no_grad()
+def test_next_turn_of_a_padded_batch_equals_each_row_alone():
+    """A chunk of new tokens on a padded cache whose rows all fill the window (same schedule);
+    with a row shorter than the window the chunk is refused with a message."""
+    model = tiny_model((4, 2), fresh_seed())
+    rows, ids, mask = left_padded([41, 26], fresh_seed())
+    turn = torch.randint(1, 256, (2, 13))
+    cache = TCACache(model)
+    model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+    full_mask = torch.cat([mask, torch.ones_like(turn)], 1)
+    got = model(turn, attention_mask=full_mask, **cache_kwargs(model, cache)).logits
+    width = ids.shape[1]
+    for r, x in enumerate(rows):
+        alone_cache = TCACache(model)
+        model(x, **cache_kwargs(model, alone_cache))
+        want = model(turn[r:r + 1], **cache_kwargs(model, alone_cache)).logits
+        torch.testing.assert_close(got[r:r + 1], want, atol=2e-5, rtol=1e-4)
+        for g, w in zip(kept_sets(cache, r), kept_sets(alone_cache, 0), strict=True):
+            for a, b in zip(g, w, strict=True):
+                assert torch.equal(a, b + width - x.shape[1])
+    _, ids, mask = left_padded([41, 9], fresh_seed())
+    cache = TCACache(model)
+    model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+    with pytest.raises(ValueError, match="at least as long as the window"):
+        model(turn, attention_mask=torch.cat([mask, torch.ones_like(turn)], 1), **cache_kwargs(model, cache))
+
+
+def test_left_padding_check_reads_2d_bool_and_additive_masks():
+    pads = [0, 3, 6]
+    width = 9
+    idx = torch.arange(width)
+    two_d = idx[None, :] >= torch.tensor(pads)[:, None]
+    assert check_left_padded(two_d) == pads
+    four_d = (idx[None, :] <= idx[:, None]) & two_d[:, None, :]
+    four_d = four_d[:, None]
+    assert check_left_padded(four_d) == pads
+    additive = torch.where(four_d, 0.0, torch.finfo(torch.float32).min)
+    from tca_flex.attention import visible_keys
+    assert check_left_padded(visible_keys(additive)) == pads
+    # padding query rows may hold anything (transformers may unmask them for SDPA)
+    four_d_unmasked = four_d.clone()
+    four_d_unmasked[1, 0, :3] = True
+    assert check_left_padded(four_d_unmasked) == pads
+    for bad in (two_d.flip(-1), torch.ones(3, 1, width, width, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="left padding only"):
+            check_left_padded(bad)
+    with pytest.raises(ValueError, match="no token"):
+        check_left_padded(torch.zeros(1, width, dtype=torch.bool))
