@@ -55,8 +55,9 @@ class Prepared:
     Attributes:
         cleanup: restores the model.
         kept_fraction: fraction of prompt KV kept after the last prefill
-            (None: the full cache, i.e. 1.0).
-        make_cache: optional factory of the decode cache (None: DynamicCache).
+            (None: measured on the decode cache, 1.0 for a full cache).
+        make_cache: optional factory of the decode cache (None: the model's
+            default, a DynamicCache).
         on_prompt: optional hook called with each prompt's length before its
             prefill (budgets that depend on the exact length).
         conversation: how later turns of a conversation reach the model:
