@@ -104,7 +104,8 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
     for length in sorted({r["length"] for r in rows}):
         sel = [r for r in rows if r["length"] == length]
         tasks = sorted({t for r in sel for t in r["accuracy"]})
-        head = ["method", *tasks, "average", "vs dense (95% CI)", "ppl", "KV kept", "prefill s", "decode ms/tok", "cache"]
+        head = ["method", *tasks, "average", "vs dense (95% CI)", "ppl", "KV kept", "prefill s", "decode ms/tok",
+                "cache"]
         out.append(f"### {length} tokens\n")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
