@@ -225,27 +225,78 @@ def test_decode_attends_to_exactly_the_kept_keys():
         torch.testing.assert_close(out[:, h], ref, atol=1e-5, rtol=1e-5)
 
 
+def run_method(model, prepared, ids, forced=None):
+    """Prefill ``ids`` into the method's own cache, then feed ``forced`` ``[1, n]`` one token a step.
+
+    Returns ``(logits [1, L + n, V], kept fraction after the prefill, the cache,
+    per step whether the cache said a block leaves the window on it)``, as
+    ``runner.greedy`` runs a method.
+    """
+    forced = ids[:, :0] if forced is None else forced
+    cache = prepared.make_cache() if prepared.make_cache else None
+    out = model(ids, use_cache=True, **cache_kwargs(model, cache))
+    cache, logits, leaves = output_cache(out), [out.logits], []
+    kept = runner._kept(prepared, runner.cache_kept_fraction(cache, ids.shape[1]))
+    for i in range(forced.shape[1]):
+        leaves.append(cache.block_leaves_next() if hasattr(cache, "block_leaves_next") else None)
+        pos = torch.tensor([[ids.shape[1] + i]])
+        step = model(forced[:, i:i + 1], position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+        cache = output_cache(step)
+        logits.append(step.logits)
+    return torch.cat(logits, 1), kept, cache, leaves
+
+
 @torch.no_grad()
 def test_methods_keep_equal_budgets_on_a_model(tiny_llama):
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
     dense_logits = tiny_llama(ids).logits
     expected = methods.tca_kv_tokens(300, 0.25 * 32, CFG) / 300
-    for m in methods.build_methods(["tca", "streaming", "snapkv"], [0.25], CFG):
+    for m in methods.build_methods(["tca", "tca_emulated", "streaming", "snapkv"], [0.25], CFG):
         prepared = m.prepare(tiny_llama, 300)
         try:
-            out = tiny_llama(ids, use_cache=True)
-            assert prepared.kept_fraction() == pytest.approx(expected, abs=1e-9), m.name
-            step = tiny_llama(ids[:, :1], **cache_kwargs(tiny_llama, output_cache(out)), use_cache=True)
-            assert torch.isfinite(step.logits).all()
+            logits, kept, cache, _ = run_method(tiny_llama, prepared, ids, ids[:, :1])
+            assert kept == pytest.approx(expected, abs=1e-9), m.name
+            assert type(cache).__name__ == ("TCACache" if m.family == "tca" else "DynamicCache"), m.name
+            assert torch.isfinite(logits).all()
             if m.family != "snapkv":  # SnapKV prefills densely; the others change the prompt's logits
-                assert (out.logits - dense_logits).abs().max() > 1e-4, m.name
+                assert (logits[:, :300] - dense_logits).abs().max() > 1e-4, m.name
             else:
-                torch.testing.assert_close(out.logits, dense_logits, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(logits[:, :300], dense_logits, atol=1e-4, rtol=1e-4)
         finally:
             prepared.cleanup()
         assert tiny_llama.config._attn_implementation == "sdpa"
         assert not any(hasattr(mod, "_tca_eval_kv") for mod in attention_modules(tiny_llama))
     torch.testing.assert_close(tiny_llama(ids).logits, dense_logits)
+
+
+@torch.no_grad()
+def test_tca_runs_the_real_cache_and_the_emulation_only_until_a_block_leaves(tiny_llama):
+    """``tca`` decodes with ``TCACache``: the emulation's logits (kept set fixed at the prefill)
+    until the first block leaves the window, then the cache compresses that block and holds fewer keys."""
+    rng = random.SystemRandom()
+    budgets = methods.spread_budgets(2, 2, rng.uniform(0.1, 0.4), CFG)
+    length = rng.randrange(260, 420)
+    g = torch.Generator().manual_seed(fresh_seed())
+    ids, forced = torch.randint(0, 256, (1, length), generator=g), torch.randint(0, 256, (1, 70), generator=g)
+    runs = {}
+    for m in (methods.tca_budgets(budgets, "c"), methods.tca_file("tca_emulated", budgets, "c")):
+        prepared = m.prepare(tiny_llama, length)
+        try:
+            runs[m.name] = run_method(tiny_llama, prepared, ids, forced)
+        finally:
+            prepared.cleanup()
+    (real, real_kept, cache, leaves), (emul, emul_kept, dyn, _) = runs["tca[c]"], runs["tca_emulated[c]"]
+    assert type(cache).__name__ == "TCACache" and type(dyn).__name__ == "DynamicCache"
+    assert real_kept == emul_kept < 0.8
+    first = leaves.index(True)  # a block leaves within b + 1 steps of any prompt length
+    assert first <= 33 and sum(leaves) >= 2
+    # Prefill and the steps before any block leaves: the same keys, the same logits.
+    torch.testing.assert_close(real[:, :length + first], emul[:, :length + first], atol=1e-4, rtol=1e-4)
+    assert (real[:, length + first + 1:] - emul[:, length + first + 1:]).abs().max() > 1e-3
+    # The emulation still sees every prompt token it kept plus all 70 new ones; the cache compressed blocks.
+    emulated_keys = round(emul_kept * length) + 70
+    assert cache.memory_report().total.kept_tokens / (2 * 2) < emulated_keys - 8
+    assert dyn.get_seq_length() == cache.get_seq_length() == length + 70
 
 
 def test_spread_budgets_match_the_uniform_mean_but_rank_blocks():
@@ -268,9 +319,8 @@ def test_given_budgets_plug_in_with_matching_baselines(tiny_llama):
     for m in (tca_m, snap):
         prepared = m.prepare(tiny_llama, 300)
         try:
-            tiny_llama(ids, use_cache=True)
             # A token count: the fraction times 300 can land at 219.99999999999997.
-            kept.append(round(prepared.kept_fraction() * 300))
+            kept.append(round(run_method(tiny_llama, prepared, ids)[1] * 300))
         finally:
             prepared.cleanup()
     assert tca_m.name == "tca[calibrated]" and tca_m.level == pytest.approx(methods.mean_keep(budgets))
@@ -287,14 +337,15 @@ def test_budgets_prefill_shares_the_sparse_prefill_but_decodes_over_the_full_cac
     for m in (methods.tca_budgets_prefill(budgets, "c"), methods.tca_budgets(budgets, "c")):
         prepared = m.prepare(tiny_llama, 300)
         try:
-            out = tiny_llama(ids, use_cache=True)
-            logits[m.name] = out.logits
-            steps[m.name] = tiny_llama(nxt, **cache_kwargs(tiny_llama, output_cache(out)), use_cache=True).logits
+            out, kept, cache, _ = run_method(tiny_llama, prepared, ids, nxt)
+            logits[m.name], steps[m.name] = out[:, :300], out[:, 300:]
             if m.family == "tca_prefill_budgets":
-                assert prepared.kept_fraction() is None  # nothing evicted
+                assert kept == 1.0 and type(cache).__name__ == "DynamicCache"  # nothing evicted
                 # A full-cache decode step is plain SDPA over every prompt key.
                 layer = attention_modules(tiny_llama)[0]
                 assert not hasattr(layer, "_tca_eval_kv")
+            else:
+                assert kept < 0.9 and type(cache).__name__ == "TCACache"
         finally:
             prepared.cleanup()
     torch.testing.assert_close(logits["tca_prefill[c]"], logits["tca[c]"])
@@ -304,30 +355,26 @@ def test_budgets_prefill_shares_the_sparse_prefill_but_decodes_over_the_full_cac
 
 @torch.no_grad()
 def test_mask_backend_equals_flexattention(tiny_llama):
-    """Explicit-mask TCA (no compiles) gives the flex path's logits, prefill and decode, both caches."""
+    """Explicit-mask TCA (no compiles) gives the flex emulation's and the flex prefill's logits, prefill and decode."""
     config = CFG.replace(num_observation_queries=4, spread_observation_queries=5, pool_kernel=3)
     budgets = methods.spread_budgets(2, 2, random.SystemRandom().uniform(0.1, 0.5), config)
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
     nxt = torch.randint(0, 256, (1, 2), generator=torch.Generator().manual_seed(fresh_seed()))
-    for factory in (methods.tca_budgets, methods.tca_budgets_prefill):
+    pairs = [(methods.tca_file("tca_emulated", budgets, "c"), methods.tca_budgets(budgets, "c", "mask")),
+             (methods.tca_budgets_prefill(budgets, "c"), methods.tca_budgets_prefill(budgets, "c", "mask"))]
+    assert [m.name for _, m in pairs] == ["tca_mask[c]", "tca_prefill_mask[c]"]  # labelled as what they run
+    for pair in pairs:
         results = []
-        for backend in ("flex", "mask"):
-            prepared = factory(budgets, "c", backend).prepare(tiny_llama, 300)
+        for m in pair:
+            prepared = m.prepare(tiny_llama, 300)
             try:
-                out = tiny_llama(ids, use_cache=True)
-                cache, logits = output_cache(out), [out.logits]
-                for i in range(nxt.shape[1]):
-                    pos = torch.tensor([[300 + i]])
-                    step = tiny_llama(nxt[:, i:i + 1], position_ids=pos, use_cache=True,
-                                      **cache_kwargs(tiny_llama, cache))
-                    cache = output_cache(step)
-                    logits.append(step.logits)
-                results.append((torch.cat(logits, 1), prepared.kept_fraction()))
+                logits, kept, cache, _ = run_method(tiny_llama, prepared, ids, nxt)
+                results.append((logits, kept, type(cache).__name__))
             finally:
                 prepared.cleanup()
-        (flex_logits, flex_kept), (mask_logits, mask_kept) = results
+        (flex_logits, flex_kept, flex_cache), (mask_logits, mask_kept, mask_cache) = results
         torch.testing.assert_close(mask_logits, flex_logits, atol=1e-4, rtol=1e-4)
-        assert flex_kept == mask_kept
+        assert flex_kept == mask_kept and flex_cache == mask_cache == "DynamicCache"
     with pytest.raises(ValueError, match="backend"):
         methods.tca_budgets(budgets, "c", "sdpa")
 
@@ -367,6 +414,13 @@ def test_summary_averages_tasks_and_keeps_ppl_apart():
     assert row["accuracy"] == {"a": 75.0, "b": 0.0} and row["average"] == 37.5
     assert row["ppl"] == pytest.approx(5.0) and row["prefill_s"] == 1.0
     assert "| m | 75.0 | 0.0 | 37.5 | - | 5.00 | 0.400 |" in report.markdown_tables([row])
+    # Records from before the cache field: unknown; otherwise the classes that decoded.
+    assert row["cache"] == "unknown" and report.markdown_tables([row]).rstrip().endswith("| 100.0 | unknown |")
+    recs[0]["cache"] = recs[1]["cache"] = "TCACache"
+    assert report.summarize(recs)[0]["cache"] == "TCACache+unknown"
+    for r in recs:
+        r["cache"] = "TCACache"
+    assert "| 100.0 | TCACache |" in report.markdown_tables(report.summarize(recs))
 
 
 def test_paired_difference_pairs_samples_by_seed():
@@ -402,26 +456,35 @@ def test_smoke_run_end_to_end(tiny_llama, tmp_path):
     assert ppl["snapkv-k0.25"] == pytest.approx(ppl["dense"], rel=1e-4)
     assert (tmp_path / "accuracy_vs_kv.png").stat().st_size > 1000
     assert "tca-k0.25" in table and (tmp_path / "results.md").read_text() == table
+    # The TCA method ran the shipped path: its records, task and perplexity, decoded with TCACache.
+    caches = {(r["method"], r["kind"]): r["cache"] for r in data["records"]}
+    assert len(caches) == 4 * 2
+    for (method, kind), cache in caches.items():
+        assert cache == ("TCACache" if method == "tca-k0.25" else "DynamicCache"), (method, kind)
+    assert {r["method"]: r["cache"] for r in data["summary"]}["tca-k0.25"] == "TCACache"
+    assert "| TCACache |" in table
 
 
 @torch.no_grad()
 def test_multi_turn_smoke_run_appends_and_reprefills(tiny_llama, tmp_path):
     args = parse_args(["--smoke", "--no-progress", "--out", str(tmp_path)])
     args.lengths, args.tasks, args.window, args.block = [1500], ["multi_turn"], 128, 32
-    args.methods, args.keep, args.ppl_samples = ["dense", "tca_cache", "tca_reprefill"], [1.0, 0.25], 0
+    args.methods, args.keep, args.ppl_samples = ["dense", "tca", "tca_reprefill"], [1.0, 0.25], 0
     args.seed = fresh_seed()
     evaluate(tiny_llama, TOK, args, tmp_path)
     by = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["records"]}
-    assert set(by) == {"dense", "tca_cache-k1", "tca_reprefill-k1", "tca_cache-k0.25", "tca_reprefill-k0.25"}
+    assert set(by) == {"dense", "tca-k1", "tca_reprefill-k1", "tca-k0.25", "tca_reprefill-k0.25"}
+    assert {name: r["cache"] for name, r in by.items()} == {name: "DynamicCache" if name == "dense" else "TCACache"
+                                                           for name in by}
     dense = by["dense"]
     assert dense["kv_kept"] == 1.0
     assert 1200 < dense["prompt_tokens"] < 1800 and dense["task"] == "multi_turn"  # bytes: coarse sizing
     # Keeping every token, appending turn after turn and re-prefilling are both dense.
-    for name in ("tca_cache-k1", "tca_reprefill-k1"):
+    for name in ("tca-k1", "tca_reprefill-k1"):
         assert by[name]["answer"] == dense["answer"], name
         assert by[name]["kv_kept"] == 1.0
-    assert by["tca_cache-k0.25"]["kv_kept"] < 0.7
-    assert by["tca_cache-k0.25"]["prompt_tokens"] == by["tca_reprefill-k0.25"]["prompt_tokens"] > 1200
+    assert by["tca-k0.25"]["kv_kept"] < 0.7
+    assert by["tca-k0.25"]["prompt_tokens"] == by["tca_reprefill-k0.25"]["prompt_tokens"] > 1200
 
 
 @torch.no_grad()
@@ -430,6 +493,7 @@ def test_conversation_appended_to_a_dense_cache_equals_reprefilling(tiny_llama):
     runs = [runner.converse(tiny_llama, TOK, sample, methods.Prepared(cleanup=lambda: None, conversation=mode),
                             torch.device("cpu")) for mode in ("append", "reprefill")]
     assert runs[0][0] == runs[1][0] and runs[0][4] == runs[1][4]
+    assert runs[0][5] == runs[1][5] == "DynamicCache"
     # The same conversation through generate, turn by turn, gives the same answer.
     history, out = [], None
     for text in (sample.prompt, *sample.turns):
@@ -448,10 +512,10 @@ def test_kvpress_keeps_tca_budget(tiny_llama, press):
     prepared = method.prepare(tiny_llama, 300)
     try:
         prepared.on_prompt(290)
-        new, _, _, kept = runner.greedy(tiny_llama, ids, 3, None)
+        new, _, _, kept, cache = runner.greedy(tiny_llama, ids, 3, None)
     finally:
         prepared.cleanup()
-    assert len(new) == 3
+    assert len(new) == 3 and cache.endswith("Cache")  # the class of the cache the press leaves
     assert abs(kept * 290 - methods.tca_kv_tokens(290, 8, CFG)) <= 1
 
 
@@ -538,6 +602,14 @@ def test_merged_shards_equal_the_serial_run(tiny_llama, tmp_path):
     report.write_reports(tmp_path / "merged", merged, meta)
     again, meta_again = merge_runs([tmp_path / "merged"])  # a merged run merges like its parts
     assert _comparable(again) == _comparable(merged) and meta_again["parts"] == meta["parts"]
+    assert {r["cache"] for r in again} == {"DynamicCache"}
+    # A part written before the cache field merges too; its records count as unknown.
+    old = json.loads((parts[1] / "results.json").read_text())
+    for r in old["records"]:
+        del r["cache"]
+    (parts[1] / "results.json").write_text(json.dumps(old))
+    rows, table = report.write_reports(tmp_path / "mixed", *merge_runs(parts))
+    assert {r["cache"] for r in rows} == {"DynamicCache+unknown"} and "| DynamicCache+unknown |" in table
     with pytest.raises(ValueError, match="overlap"):
         merge_runs([parts[0], parts[0]])
     other = parse_args([*base, "--window", "64", "--seed", str(serial.seed + 10), "--samples", "1",
@@ -554,10 +626,13 @@ def test_workers_run_the_cli_in_processes_and_merge(tmp_path):
         pytest.skip("SmolLM2 not cached (run load_smollm2 once)")
     from tca_flex.eval.cli import main
 
-    main(["--lengths", "256", "--tasks", "passkey", "--methods", "dense", "--keep", "--samples", "2",
+    main(["--lengths", "256", "--tasks", "passkey", "--methods", "dense", "tca", "--keep", "0.25", "--samples", "2",
           "--ppl-samples", "0", "--workers", "2", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
-    assert sorted(r["seed"] for r in data["records"]) == [0, 1]
+    assert sorted(r["seed"] for r in data["records"] if r["method"] == "dense") == [0, 1]
+    assert {(r["method"], r["cache"]) for r in data["records"]} == {("dense", "DynamicCache"),
+                                                                  ("tca-k0.25", "TCACache")}
+    assert {r["method"]: r["cache"] for r in data["summary"]} == {"dense": "DynamicCache", "tca-k0.25": "TCACache"}
     assert data["meta"]["workers"] == 2 and len(data["meta"]["parts"]) == 2
     assert (tmp_path / "parts" / "1" / "results.json").is_file()
 

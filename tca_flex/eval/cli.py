@@ -6,7 +6,7 @@ Examples::
     python -m tca_flex.eval --lengths 2048 4096 8192 --samples 10 --keep 0.1 0.25 0.5
     python -m tca_flex.eval --device cuda --samples 20 --workers 12   # processes share the GPU
     python -m tca_flex.eval --merge runA runB --out both            # join runs over disjoint seeds
-    python -m tca_flex.eval --tasks multi_turn --methods dense tca_cache tca_reprefill --keep \
+    python -m tca_flex.eval --tasks multi_turn --methods dense tca tca_reprefill --keep \
         --budgets tca_flex/data/smollm2_budgets.json --lengths 2048   # conversations: append vs re-prefill
 """
 
@@ -29,7 +29,7 @@ from ..budgets import HeadBudgets, check_fingerprint
 from ..cli_args import config_or_error, float_in, int_at_least, output_dir_problem, overrides_or_error
 from ..config import TCAConfig, parse_overrides
 from ..integration import model_fingerprint
-from .methods import FAMILIES, build_methods, mean_keep, tca_budgets, tca_budgets_prefill, tca_cache_budgets
+from .methods import FAMILIES, TCA_VARIANTS, build_methods, mean_keep, tca_budgets, tca_budgets_prefill, tca_file
 from .parallel import merge_runs, plan_shards, run_workers
 from .perplexity import SOURCES, natural_text
 from .report import write_reports
@@ -60,12 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--budgets files' levels)")
     p.add_argument("--budgets", nargs="+", default=[], metavar="FILE",
                    help="TCA budget files (HeadBudgets.load, e.g. calibrated at several tau); each adds "
-                        "a tca[FILE] method (pruned cache; with tca_prefill in --methods also "
-                        "tca_prefill[FILE], full-cache decode) and the other families at its mean keep fraction")
+                        "a tca[FILE] method (the shipped path: sparse prefill, TCACache), tca_prefill[FILE], "
+                        "tca_reprefill[FILE] and tca_emulated[FILE] when those families are in --methods, and "
+                        "the other families at its mean keep fraction")
     p.add_argument("--tca-backend", default="flex", choices=["flex", "mask"],
-                   help="attention of the --budgets TCA methods: FlexAttention (compiles once per prompt "
-                        "length) or explicit-mask SDPA (same kept keys and accuracy, no compiles, timings "
-                        "not TCA's)")
+                   help="attention of the --budgets TCA methods: FlexAttention (the shipped path, with "
+                        "TCACache) or explicit-mask SDPA, labelled tca_mask[FILE] / tca_prefill_mask[FILE] "
+                        "(the same selection, decode over the kept set in a DynamicCache: no block compression "
+                        "during decode, no compiles, timings not TCA's)")
     p.add_argument("--block", type=int_at_least(1), default=64, help="TCA block size")
     p.add_argument("--window", type=int_at_least(1), default=512, help="TCA local window")
     p.add_argument("--tca-option", action="append", default=[], metavar="FIELD=VALUE",
@@ -181,16 +183,16 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
     config = TCAConfig(block_size=args.block, window=args.window, **parse_overrides(args.tca_option, "--tca-option"))
     methods = build_methods(args.methods, args.keep, config)
     for path in args.budgets:
-        budgets = load_budgets(path)
+        budgets, label = load_budgets(path), Path(path).stem
         if budgets.fingerprint:  # before any compute, not when the method's turn comes
             check_fingerprint(budgets.fingerprint, model_fingerprint(model))
-        methods.append(tca_budgets(budgets, Path(path).stem, args.tca_backend))
+        methods.append(tca_budgets(budgets, label, args.tca_backend))  # tca[FILE] (mask: tca_mask[FILE])
         if "tca_prefill" in args.methods:  # the same budgets with a full-cache decode
-            methods.append(tca_budgets_prefill(budgets, Path(path).stem, args.tca_backend))
-        for family, conversation in (("tca_cache", "append"), ("tca_reprefill", "reprefill")):
-            if family in args.methods:  # the same budgets with the real pruned cache
-                methods.append(tca_cache_budgets(budgets, Path(path).stem, conversation))
-        tca_families = ("dense", "tca", "tca_spread", "tca_prefill", "tca_cache", "tca_reprefill")
+            methods.append(tca_budgets_prefill(budgets, label, args.tca_backend))
+        for variant in ("tca_reprefill", "tca_emulated"):  # the same budgets, listed variants
+            if variant in args.methods:
+                methods.append(tca_file(variant, budgets, label))
+        tca_families = ("dense", "tca_spread", *TCA_VARIANTS)
         others = [f for f in args.methods if f not in tca_families]
         methods += build_methods(others, [mean_keep(budgets)], budgets.config)
     cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,

@@ -6,29 +6,32 @@ point. ``Method.prepare(model, length)`` changes the model in place and returns 
 ``Prepared`` whose ``cleanup()`` undoes it, so methods run one after another
 on one loaded model.
 
-Budgets: ``tca`` uses ``HeadBudgets.uniform`` at keep fraction ``level``;
-``tca_spread`` a log-Gaussian ladder with the same mean (``spread_budgets``).
-The baselines get, per KV head, exactly as many prompt tokens as TCA keeps
-on the same prompt length (``tca_kv_tokens``: expected global subset +
-final window), so the curves compare at equal KV budget.
+TCA methods (``TCA_VARIANTS``): ``tca`` runs the path users run,
+``tca_flex.apply`` (FlexAttention sparse prefill) and a real ``TCACache`` for
+decode, which compresses every block that leaves the window; a
+conversation's turns (``tasks.multi_turn``) are appended to that one cache
+(``docs/chunked_prefill.md``), while ``tca_reprefill`` prefills the whole
+conversation again into a fresh ``TCACache`` at every turn. Labelled
+baselines: ``tca_emulated`` (TCA's prefill, then decode over the kept set
+fixed at the prefill, masked in a full ``DynamicCache``; ``baselines.TCAPolicy``),
+``tca_prefill`` (sparse prefill, decode over the full cache), and with the
+CLI's ``--tca-backend mask`` ``tca_mask`` / ``tca_prefill_mask`` (the same
+as the emulation / the prefill alone with explicit-mask SDPA).
 
-Extending (once the ``calib`` and ``cache`` branches are merged): calibrated
-budgets (``tca_flex.calibrate``'s, one file per ``tau``) go through
-``tca_budgets`` (the CLI's ``--budgets FILE``), and the baselines run at
-their ``mean_keep``, so they match ``tca_kv_tokens`` of those budgets; a
-registry family that loads the shipped SmolLM2 budgets for a ``tau`` level
-is a three-line factory around it. The pruned decode cache plugs in through
-``Prepared.make_cache`` (a ``TCACache`` factory) in place of the kept-set
-emulation of ``baselines.TCAPolicy``: ``tca_cache`` and ``tca_reprefill``
-run the real ``TCACache``. They differ on conversations (``tasks.multi_turn``):
-``tca_cache`` appends every turn to one cache (``docs/chunked_prefill.md``),
-``tca_reprefill`` prefills the whole conversation again at every turn. Dense
-appends to a ``DynamicCache`` (exactly a re-prefill); the kept-set policies
-re-prefill, since their kept set is decided at a prefill.
+Budgets: ``tca`` uses ``HeadBudgets.uniform`` at keep fraction ``level``;
+``tca_spread`` a log-Gaussian ladder with the same mean (``spread_budgets``);
+``tca_file`` takes given (e.g. calibrated) budgets (the CLI's ``--budgets
+FILE``: ``tca[FILE]``). The baselines get, per KV head, exactly as many
+prompt tokens as TCA keeps on the same prompt length (``tca_kv_tokens``:
+expected global subset + final window), so the curves compare at equal KV
+budget. Every record names the cache class that decoded (``cache``). Dense
+appends conversations to a ``DynamicCache`` (exactly a re-prefill); the
+kept-set policies re-prefill, since their kept set is decided at a prefill.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,8 +55,9 @@ class Prepared:
     Attributes:
         cleanup: restores the model.
         kept_fraction: fraction of prompt KV kept after the last prefill
-            (None: the full cache, i.e. 1.0).
-        make_cache: optional factory of the decode cache (None: DynamicCache).
+            (None: measured on the decode cache, 1.0 for a full cache).
+        make_cache: optional factory of the decode cache (None: the model's
+            default, a DynamicCache).
         on_prompt: optional hook called with each prompt's length before its
             prefill (budgets that depend on the exact length).
         conversation: how later turns of a conversation reach the model:
@@ -106,7 +110,22 @@ def dense() -> Method:
                                                                        conversation="append"))
 
 
-def _tca_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
+def _real_prepare(model: torch.nn.Module, budgets: HeadBudgets, conversation: str) -> Prepared:
+    """The shipped path: ``tca_flex.apply`` (FlexAttention sparse prefill) and a real ``TCACache``.
+
+    The KV kept fraction is measured on the cache after each prefill (``runner.cache_kept_fraction``).
+    """
+    tca_flex.apply(model, budgets=budgets)
+    return Prepared(cleanup=lambda: tca_flex.remove(model), make_cache=lambda: tca_flex.TCACache(model),
+                    conversation=conversation)
+
+
+def _emulated_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
+    """Baseline: TCA's prefill, then decode over its kept set masked in a full ``DynamicCache``.
+
+    The kept set (global subset + final window) is fixed at the prefill; the
+    ``TCACache`` instead compresses each block that leaves the window during decode.
+    """
     tca_flex.apply(model, budgets=budgets)
     uninstall = install_policy(model, lambda layer: TCAPolicy())
 
@@ -117,14 +136,60 @@ def _tca_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
     return Prepared(cleanup=cleanup, kept_fraction=lambda: kept_fraction(model))
 
 
-def tca(keep: float, config: TCAConfig) -> Method:
-    """TCA with uniform budgets: every head keeps ``keep`` of each global block."""
+def _prefill_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
+    tca_flex.apply(model, budgets=budgets)
+    return Prepared(cleanup=lambda: tca_flex.remove(model))
+
+
+def _mask_prepare(model: torch.nn.Module, budgets: HeadBudgets, pruned: bool) -> Prepared:
+    device = next(model.parameters()).device
+    uninstall = install_policy(model, lambda layer: TCAMaskPolicy(budgets.config, budgets.cdf(layer).to(device),
+                                                                  pruned))
+    return Prepared(cleanup=uninstall, kept_fraction=lambda: kept_fraction(model) if pruned else None)
+
+
+# TCA variant -> how it prepares a model for given budgets. Each is a method family
+# (``tca-k0.25``, ``tca[FILE]``, ...); EVALUATION.md's table says what each runs.
+TCA_VARIANTS: dict[str, Callable[[torch.nn.Module, HeadBudgets], Prepared]] = {
+    # The shipped path: sparse prefill, real TCACache; a conversation's turns are appended to it.
+    "tca": functools.partial(_real_prepare, conversation="append"),
+    # The same, but every turn prefills the whole conversation again into a fresh TCACache.
+    "tca_reprefill": functools.partial(_real_prepare, conversation="reprefill"),
+    # Labelled baselines: the kept-set emulation (DynamicCache), the sparse prefill alone
+    # (full DynamicCache), and both with explicit-mask SDPA instead of FlexAttention.
+    "tca_emulated": _emulated_prepare,
+    "tca_prefill": _prefill_prepare,
+    "tca_mask": functools.partial(_mask_prepare, pruned=True),
+    "tca_prefill_mask": functools.partial(_mask_prepare, pruned=False),
+}
+
+
+def tca_uniform(variant: str, keep: float, config: TCAConfig, budgets: Callable[..., HeadBudgets] | None = None,
+                family: str | None = None) -> Method:
+    """TCA ``variant`` (``TCA_VARIANTS``) with budgets built for the model: uniform ``keep`` by default.
+
+    Args:
+        budgets: ``(num_layers, num_kv_heads, keep, config) -> HeadBudgets`` (default ``HeadBudgets.uniform``).
+        family: the method's family name (default ``variant``).
+    """
+    make = budgets or HeadBudgets.uniform
+    family = family or variant
 
     def prepare(model: torch.nn.Module, length: int) -> Prepared:
-        layers, kv_heads = model_shape(model)
-        return _tca_prepare(model, HeadBudgets.uniform(layers, kv_heads, keep, config))
+        return TCA_VARIANTS[variant](model, make(*model_shape(model), keep, config))
 
-    return Method(f"tca-k{keep:g}", "tca", keep, prepare)
+    return Method(f"{family}-k{keep:g}", family, keep, prepare)
+
+
+def tca_file(variant: str, budgets: HeadBudgets, label: str) -> Method:
+    """TCA ``variant`` with given (e.g. calibrated) budgets: ``variant[label]``, level = their mean keep."""
+    return Method(f"{variant}[{label}]", f"{variant}_budgets", mean_keep(budgets),
+                  lambda model, length: TCA_VARIANTS[variant](model, budgets))
+
+
+def tca(keep: float, config: TCAConfig) -> Method:
+    """The shipped path with uniform budgets: every head keeps ``keep`` of each global block."""
+    return tca_uniform("tca", keep, config)
 
 
 def spread_budgets(num_layers: int, num_kv_heads: int, keep: float, config: TCAConfig,
@@ -154,67 +219,8 @@ def spread_budgets(num_layers: int, num_kv_heads: int, keep: float, config: TCAC
 
 
 def tca_spread(keep: float, config: TCAConfig, sigma: float = 1.0) -> Method:
-    """TCA with ``spread_budgets`` (same expected KV as ``tca(keep)``, ranked blocks)."""
-
-    def prepare(model: torch.nn.Module, length: int) -> Prepared:
-        layers, kv_heads = model_shape(model)
-        return _tca_prepare(model, spread_budgets(layers, kv_heads, keep, config, sigma))
-
-    return Method(f"tca_spread-k{keep:g}", "tca_spread", keep, prepare)
-
-
-CONVERSATIONS = ("append", "reprefill")
-
-
-def _tca_cache_prepare(model: torch.nn.Module, budgets: HeadBudgets, conversation: str) -> Prepared:
-    tca_flex.apply(model, budgets=budgets)
-    caches: list[tca_flex.TCACache] = []
-
-    def make_cache() -> tca_flex.TCACache:
-        caches[:] = [tca_flex.TCACache(model)]
-        return caches[0]
-
-    def kept() -> float | None:
-        return caches[0].memory_report().total.kept_fraction if caches else None
-
-    return Prepared(cleanup=lambda: tca_flex.remove(model), kept_fraction=kept, make_cache=make_cache,
-                    conversation=conversation)
-
-
-def _tca_cache_name(conversation: str) -> str:
-    if conversation not in CONVERSATIONS:
-        raise ValueError(f"conversation={conversation!r} is not one of {list(CONVERSATIONS)}")
-    return "tca_cache" if conversation == "append" else "tca_reprefill"
-
-
-def tca_cache(keep: float, config: TCAConfig, conversation: str = "append") -> Method:
-    """TCA prefill and the real pruned ``TCACache`` (uniform budgets ``keep``).
-
-    ``conversation="append"`` (``tca_cache``) appends each turn of a
-    conversation to the cache; ``"reprefill"`` (``tca_reprefill``) prefills the
-    whole conversation again at every turn. On single prompts both are the same.
-    """
-    family = _tca_cache_name(conversation)
-
-    def prepare(model: torch.nn.Module, length: int) -> Prepared:
-        layers, kv_heads = model_shape(model)
-        return _tca_cache_prepare(model, HeadBudgets.uniform(layers, kv_heads, keep, config), conversation)
-
-    return Method(f"{family}-k{keep:g}", family, keep, prepare)
-
-
-def tca_cache_budgets(budgets: HeadBudgets, label: str, conversation: str = "append") -> Method:
-    """``tca_cache`` / ``tca_reprefill`` with given (e.g. calibrated) budgets."""
-    family = _tca_cache_name(conversation)
-    return Method(f"{family}[{label}]", f"{family}_budgets", mean_keep(budgets),
-                  lambda model, length: _tca_cache_prepare(model, budgets, conversation))
-
-
-def _mask_prepare(model: torch.nn.Module, budgets: HeadBudgets, pruned: bool) -> Prepared:
-    device = next(model.parameters()).device
-    uninstall = install_policy(model, lambda layer: TCAMaskPolicy(budgets.config, budgets.cdf(layer).to(device),
-                                                                  pruned))
-    return Prepared(cleanup=uninstall, kept_fraction=lambda: kept_fraction(model) if pruned else None)
+    """The shipped path with ``spread_budgets`` (same expected KV as ``tca(keep)``, ranked blocks)."""
+    return tca_uniform("tca", keep, config, functools.partial(spread_budgets, sigma=sigma), family="tca_spread")
 
 
 TCA_BACKENDS = ("flex", "mask")
@@ -226,22 +232,17 @@ def _check_backend(backend: str) -> None:
 
 
 def tca_budgets(budgets: HeadBudgets, label: str, backend: str = "flex") -> Method:
-    """TCA with given (e.g. calibrated) budgets; ``level`` is their mean keep fraction.
+    """TCA with given (e.g. calibrated) budgets: ``tca[label]``, the shipped path.
 
     The CLI's ``--budgets FILE`` loads files with ``HeadBudgets.load`` and
     adds the baselines at the same mean keep fraction, i.e. the same expected
-    KV budget. ``backend="mask"`` computes the same attention with explicit-mask
-    SDPA (``TCAMaskPolicy``): same accuracy, no FlexAttention compile per
-    prompt length, timings not TCA's.
+    KV budget. ``backend="mask"`` gives ``tca_mask[label]`` instead: the same
+    selection with explicit-mask SDPA (``TCAMaskPolicy``) and the kept-set
+    emulation over a ``DynamicCache`` (no FlexAttention, no ``TCACache``;
+    timings not TCA's).
     """
     _check_backend(backend)
-
-    def prepare(model: torch.nn.Module, length: int) -> Prepared:
-        if backend == "mask":
-            return _mask_prepare(model, budgets, pruned=True)
-        return _tca_prepare(model, budgets)
-
-    return Method(f"tca[{label}]", "tca_budgets", mean_keep(budgets), prepare)
+    return tca_file("tca" if backend == "flex" else "tca_mask", budgets, label)
 
 
 def tca_budgets_prefill(budgets: HeadBudgets, label: str, backend: str = "flex") -> Method:
@@ -249,36 +250,15 @@ def tca_budgets_prefill(budgets: HeadBudgets, label: str, backend: str = "flex")
 
     Paired with ``tca_budgets`` it splits a calibrated configuration's loss
     into the sparse prefill's share and the pruned cache's share.
+    ``backend="mask"``: ``tca_prefill_mask[label]``, the same with explicit-mask SDPA.
     """
     _check_backend(backend)
-
-    def prepare(model: torch.nn.Module, length: int) -> Prepared:
-        if backend == "mask":
-            return _mask_prepare(model, budgets, pruned=False)
-        tca_flex.apply(model, budgets=budgets)
-        return Prepared(cleanup=lambda: tca_flex.remove(model))
-
-    return Method(f"tca_prefill[{label}]", "tca_prefill_budgets", mean_keep(budgets), prepare)
+    return tca_file("tca_prefill" if backend == "flex" else "tca_prefill_mask", budgets, label)
 
 
 def mean_keep(budgets: HeadBudgets) -> float:
     """Mean over layers and KV heads of the expected per-block keep fraction."""
     return float(budgets.keep_fraction().mean())
-
-
-def tca_prefill(keep: float, config: TCAConfig) -> Method:
-    """The library as it is today: TCA prefill, decode over the full (unpruned) cache.
-
-    Its KV kept fraction is 1.0 (nothing is evicted); compare with ``tca``,
-    which emulates the pruned decode cache, to see what pruning costs.
-    """
-
-    def prepare(model: torch.nn.Module, length: int) -> Prepared:
-        layers, kv_heads = model_shape(model)
-        tca_flex.apply(model, budgets=HeadBudgets.uniform(layers, kv_heads, keep, config))
-        return Prepared(cleanup=lambda: tca_flex.remove(model))
-
-    return Method(f"tca_prefill-k{keep:g}", "tca_prefill", keep, prepare)
 
 
 def _policy_method(name: str, family: str, keep: float, config: TCAConfig,
@@ -341,9 +321,9 @@ def kvpress(press: str, keep: float, config: TCAConfig, suffix: str = "", **pres
 FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
     "tca": tca,
     "tca_spread": tca_spread,
-    "tca_prefill": tca_prefill,
-    "tca_cache": tca_cache,
-    "tca_reprefill": lambda keep, config: tca_cache(keep, config, "reprefill"),
+    "tca_reprefill": functools.partial(tca_uniform, "tca_reprefill"),
+    "tca_emulated": functools.partial(tca_uniform, "tca_emulated"),
+    "tca_prefill": functools.partial(tca_uniform, "tca_prefill"),
     "streaming": streaming,
     "snapkv": snapkv,
     "kvpress:SnapKVPress": lambda keep, config: kvpress("SnapKVPress", keep, config),

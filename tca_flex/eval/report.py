@@ -44,7 +44,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ppl": perplexity(nll_by_bucket, bucket_sizes(length, ppls[0]["bucket"])[:len(nll_by_bucket)])
             if nll_by_bucket else None,
             "bucket_nll": nll_by_bucket,
-            "kv_kept": _mean([r["kv_kept"] for r in recs]),
+            "kv_kept": _mean([r["kv_kept"] for r in recs]), "cache": cache_names(recs),
             "prefill_s": _mean([r["prefill_s"] for r in tasks]),
             "decode_s_per_token": _mean([r["decode_s_per_token"] for r in tasks]),
             "samples": len(tasks),
@@ -52,6 +52,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         row["vs_dense"], row["vs_dense_ci95"] = paired_difference(records, row["length"], row["method"])
     return sorted(rows, key=lambda r: (r["length"], r["family"] != "dense", r["family"], r["level"] or 0))
+
+
+def cache_names(records: list[dict[str, Any]]) -> str:
+    """The decode cache classes of ``records``, joined by ``+`` (``unknown``: a record from before the field)."""
+    return "+".join(sorted({r.get("cache") or "unknown" for r in records}))
 
 
 def paired_difference(records: list[dict[str, Any]], length: int, method: str,
@@ -94,12 +99,13 @@ def _delta(mean: float | None, half: float | None) -> str:
 
 
 def markdown_tables(rows: list[dict[str, Any]]) -> str:
-    """A markdown table per length: accuracy per task (%), average, ppl, KV kept, times."""
+    """A markdown table per length: accuracy per task (%), average, ppl, KV kept, times, decode cache."""
     out = []
     for length in sorted({r["length"] for r in rows}):
         sel = [r for r in rows if r["length"] == length]
         tasks = sorted({t for r in sel for t in r["accuracy"]})
-        head = ["method", *tasks, "average", "vs dense (95% CI)", "ppl", "KV kept", "prefill s", "decode ms/tok"]
+        head = ["method", *tasks, "average", "vs dense (95% CI)", "ppl", "KV kept", "prefill s", "decode ms/tok",
+                "cache"]
         out.append(f"### {length} tokens\n")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
@@ -108,7 +114,7 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
                      _fmt(r["average"], ".1f"), _delta(r.get("vs_dense"), r.get("vs_dense_ci95")),
                      _fmt(r["ppl"], ".2f"), _fmt(r["kv_kept"], ".3f"),
                      _fmt(r["prefill_s"], ".2f"),
-                     _fmt(1000 * r["decode_s_per_token"], ".1f")]
+                     _fmt(1000 * r["decode_s_per_token"], ".1f"), r.get("cache") or "unknown"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

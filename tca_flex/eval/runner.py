@@ -98,7 +98,14 @@ def _encode(tokenizer, text: str, device: torch.device) -> torch.Tensor:
 
 
 def cache_kept_fraction(cache: Any, prompt_len: int) -> float | None:
-    """Physical KV length / prompt length, averaged over layers (None: unknown cache)."""
+    """Physical KV length / prompt length, averaged over layers and KV heads (None: unknown cache).
+
+    A ``TCACache`` counts the entries it holds (``memory_report``); other caches
+    the length of their key tensors.
+    """
+    if hasattr(cache, "memory_report"):
+        total = cache.memory_report().total
+        return total.kept_fraction * cache.get_seq_length() / prompt_len
     layers = getattr(cache, "layers", None)
     if not layers or getattr(layers[0], "keys", None) is None:
         return None
@@ -107,7 +114,7 @@ def cache_kept_fraction(cache: Any, prompt_len: int) -> float | None:
 
 @torch.no_grad()
 def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None,
-           cache: Any = None, offset: int = 0) -> tuple[list[int], float, float, float | None]:
+           cache: Any = None, offset: int = 0) -> tuple[list[int], float, float, float | None, str]:
     """Greedy decoding with separate prefill and decode timing.
 
     Decode steps pass explicit ``position_ids`` (prompt length + step), so a
@@ -122,7 +129,8 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | No
 
     Returns:
         (new token ids, prefill seconds, mean seconds per decode step or NaN,
-        physical cache length / L after the prefill or None).
+        physical cache length / L after the prefill or None, class name of
+        the cache the decode ran on).
     """
     length = input_ids.shape[1]
     start = time.perf_counter()
@@ -130,6 +138,7 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | No
     out = model(input_ids, use_cache=True, **positions, **cache_kwargs(model, cache))
     prefill_s = time.perf_counter() - start
     kept = cache_kept_fraction(output_cache(out), length)
+    cache_name = type(output_cache(out)).__name__
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     new = [token.item()]
     start = time.perf_counter()
@@ -140,12 +149,12 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | No
         new.append(token.item())
     steps = len(new) - 1
     decode_s = (time.perf_counter() - start) / steps if steps else float("nan")
-    return new, prefill_s, decode_s, kept
+    return new, prefill_s, decode_s, kept, cache_name
 
 
 @torch.no_grad()
 def converse(model, tokenizer, sample: Sample, prepared: Prepared, device: torch.device
-             ) -> tuple[list[int], float, float, float | None, int]:
+             ) -> tuple[list[int], float, float, float | None, int, str]:
     """Greedy replies to every turn of ``sample``; the last reply is the answer.
 
     ``prepared.conversation`` says how a turn reaches the model: ``"append"``
@@ -158,7 +167,8 @@ def converse(model, tokenizer, sample: Sample, prepared: Prepared, device: torch
     Returns:
         (answer token ids, seconds spent feeding turns, mean seconds per decode
         step, physical cache length / conversation length after the last turn's
-        prefill or None, tokens in the conversation when the answer starts).
+        prefill or None, tokens in the conversation when the answer starts,
+        class name of the cache of the last turn).
     """
     history: list[int] = []
     cache, fed = None, 0
@@ -180,7 +190,8 @@ def converse(model, tokenizer, sample: Sample, prepared: Prepared, device: torch
                 prepared.on_prompt(len(history))
             ids, offset = history, 0
         tensor = torch.tensor([ids], dtype=torch.long, device=device)
-        new, prefill_s, decode_s, kept = greedy(model, tensor, budget, tokenizer.eos_token_id, cache, offset)
+        new, prefill_s, decode_s, kept, cache_name = greedy(model, tensor, budget, tokenizer.eos_token_id, cache,
+                                                            offset)
         if kept is not None:  # greedy measured the cache against the tokens it was fed, not the conversation
             kept = kept * len(ids) / len(history)
         feed_s += prefill_s
@@ -191,7 +202,7 @@ def converse(model, tokenizer, sample: Sample, prepared: Prepared, device: torch
         fed = len(history) + len(new) - 1  # the last new token is not in the cache yet
         history += new
     decode_s = decode_total / steps if steps else float("nan")
-    return new, feed_s, decode_s, kept, answer_start
+    return new, feed_s, decode_s, kept, answer_start, cache_name
 
 
 def _kept(prepared: Prepared, from_cache: float | None = None) -> float:
@@ -240,12 +251,12 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
             prepared.on_prompt(ids.shape[1])
         gamma = gamma_summary(model, ids, gamma_queries) if gamma_queries else None
         if sample.turns:
-            new, prefill_s, decode_s, cache_kept, prompt_tokens = converse(model, tokenizer, sample, prepared,
-                                                                           device)
+            new, prefill_s, decode_s, cache_kept, prompt_tokens, cache_name = converse(
+                model, tokenizer, sample, prepared, device)
         else:
             cache = prepared.make_cache() if prepared.make_cache else None
-            new, prefill_s, decode_s, cache_kept = greedy(model, ids, sample.max_new_tokens,
-                                                          tokenizer.eos_token_id, cache)
+            new, prefill_s, decode_s, cache_kept, cache_name = greedy(model, ids, sample.max_new_tokens,
+                                                                      tokenizer.eos_token_id, cache)
             prompt_tokens = ids.shape[1]
         answer = tokenizer.decode(new, skip_special_tokens=True)
         records.append({
@@ -253,8 +264,8 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
             "level": method.level, "task": sample.task, "seed": sample.seed, "prompt_tokens": prompt_tokens,
             "depth": sample.depth, "expected": list(sample.answers),
             "answer": answer, "score": score_fraction(answer, sample), "correct": score(answer, sample),
-            "kv_kept": _kept(prepared, cache_kept), "prefill_s": prefill_s, "decode_s_per_token": decode_s,
-            "gamma": gamma,
+            "kv_kept": _kept(prepared, cache_kept), "cache": cache_name, "prefill_s": prefill_s,
+            "decode_s_per_token": decode_s, "gamma": gamma,
         })
     return records
 
@@ -269,17 +280,19 @@ def run_perplexity(model, tokenizer, method: Method, prepared: Prepared, token_i
         window = torch.tensor(text_window(token_ids, length, cfg.seed + i), device=device)
         if prepared.on_prompt:
             prepared.on_prompt(length)
+        cache = prepared.make_cache() if prepared.make_cache else None
         start = time.perf_counter()
-        out = model(window[None, :-1], use_cache=True)  # kvpress hooks need a cache
+        out = model(window[None, :-1], use_cache=True, **cache_kwargs(model, cache))  # kvpress hooks need a cache
         prefill_s = time.perf_counter() - start
-        logits, cache_kept = out.logits[0], cache_kept_fraction(output_cache(out), length)
+        logits, cache = out.logits[0], output_cache(out)
+        cache_kept = cache_kept_fraction(cache, length)
         nlls = bucket_nll(logits, window[1:], cfg.bucket)
         records.append({
             "kind": "perplexity", "length": length, "method": method.name, "family": method.family,
             "level": method.level, "task": "perplexity", "seed": cfg.seed + i, "source": cfg.ppl_source,
             "bucket": cfg.bucket, "bucket_nll": nlls,
             "ppl": perplexity(nlls, bucket_sizes(length, cfg.bucket)), "kv_kept": _kept(prepared, cache_kept),
-            "prefill_s": prefill_s,
+            "cache": type(cache).__name__, "prefill_s": prefill_s,
         })
     return records
 
