@@ -26,7 +26,7 @@ from transformers.masking_utils import sdpa_mask
 from .compile import kernel_options_for, length_generic, prefill_kernel_options
 from .config import TCAConfig
 from .layer import TCALayer, tca_layer
-from .masks import KERNEL_BLOCK, packed_block_mask, tca_block_indices
+from .masks import KERNEL_BLOCK, key_positions, packed_block_mask, tca_block_indices
 from .selection import PAD_POSITION, Selection, observed_queries, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -47,7 +47,7 @@ def _select_positions(q_obs: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.T
 
 
 def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, positions: torch.Tensor,
-                      window: int, scaling: float, return_lse: bool,
+                      table: torch.Tensor, window: int, scaling: float, return_lse: bool,
                       kernel_options: dict[str, Any] | None) -> Any:
     """Gather the packed keys, build the BlockMask, run FlexAttention (one graph).
 
@@ -57,7 +57,8 @@ def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.
     *as symbolic sizes*, so the one graph compiled for every prompt length still
     gets FlexAttention's unmasked-load Triton kernel (``IS_DIVISIBLE``). Padding
     queries sit after the real ones and padding keys after every real query,
-    so no real query sees them.
+    so no real query sees them. ``table``: the mask's ``masks.key_positions``,
+    made outside this graph.
     """
     if q_bhsd.dim() == 5:
         q_bhsd, k_bhsd, v_bhsd = (t.flatten(2, 3) for t in (q_bhsd, k_bhsd, v_bhsd))
@@ -66,7 +67,8 @@ def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.
     gather_idx = positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, -1, d)
     k_all = torch.cat([k_bhsd.gather(2, gather_idx), k_bhsd], dim=2)
     v_all = torch.cat([v_bhsd.gather(2, gather_idx), v_bhsd], dim=2)
-    block_mask = packed_block_mask(positions, tca_block_indices(positions, length, window, hq), length, window, hq)
+    block_mask = packed_block_mask(positions, tca_block_indices(positions, length, window, hq), length, window, hq,
+                                   table=table)
     return flex_attention(q_bhsd, k_all, v_all, block_mask=block_mask, scale=scaling,
                           enable_gqa=hq != k_bhsd.shape[1], return_lse=return_lse, kernel_options=kernel_options)
 
@@ -141,9 +143,11 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     split = q_bhsd.is_cuda
     args = [_tiled(t, padded, split) for t in (q_bhsd, k_bhsd, v_bhsd)]
     args.append(positions.unflatten(-1, (-1, KERNEL_BLOCK)) if split else positions)
+    # The mask reads a key-position table, made here so that it enters the graph as an input.
+    args.append(key_positions(positions, padded))
     attend = _packed_attention
     if not torch.compiler.is_compiling():
-        attend = length_generic(_packed_attention, (0, 2), (1, 2), (2, 2), (3, 2))
+        attend = length_generic(_packed_attention, (0, 2), (1, 2), (2, 2), (3, 2), (4, 0))
     result = attend(*args, config.window, scaling, return_lse, options)
     result = (result[0][:, :, :length], result[1][:, :, :length]) if return_lse else result[:, :, :length]
     sel = Selection(positions=positions, counts=counts)

@@ -72,28 +72,31 @@ def chunk_block_indices(live_past: torch.Tensor, chunk_tiles: int, group: int) -
     return to_q_heads(kv_num), to_q_heads(kv_idx), to_q_heads(full_num), to_q_heads(full_idx)
 
 
-def _chunk_mask_mod(live_past: torch.Tensor, group: int):
-    past = live_past.shape[-1]
-    live = live_past.to(torch.int8)
+def chunk_key_table(live_past: torch.Tensor, chunk: int) -> torch.Tensor:
+    """What each key of ``[past | chunk]`` is, int32 ``[P + C, B, H_kv]``: ``1`` a live past
+    slot, ``0`` a free one, ``-(j + 1)`` chunk key ``j``. Key-major with static strides, and
+    made outside the compiled graph, like the prefill's ``masks.key_positions``."""
+    bsz, hkv, _ = live_past.shape
+    own = -1 - torch.arange(chunk, device=live_past.device, dtype=torch.int32)
+    table = torch.cat([live_past.to(torch.int32), own.expand(bsz, hkv, chunk)], dim=-1)
+    return table.permute(2, 0, 1).contiguous()
 
+
+def _chunk_mask_mod(table: torch.Tensor, group: int):
     def mask(b, h, q_idx, kv_idx):
-        in_past = kv_idx < past
-        seen = live[b, h // group, torch.where(in_past, kv_idx, 0)] != 0
-        return torch.where(in_past, seen, kv_idx - past <= q_idx)
+        v = table[kv_idx, b, h // group]
+        return (v == 1) | ((v < 0) & (-1 - v <= q_idx))
     return mask
 
 
-def _chunk_flex(q: torch.Tensor, k_past: torch.Tensor, v_past: torch.Tensor, live_past: torch.Tensor,
-                k_chunk: torch.Tensor, v_chunk: torch.Tensor, scale: float, kernel_options) -> tuple[torch.Tensor, ...]:
+def _chunk_flex(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, table: torch.Tensor,
+                kv_num: torch.Tensor, kv_idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
+                scale: float, kernel_options) -> tuple[torch.Tensor, ...]:
     """One graph: the BlockMask and FlexAttention over ``[past | chunk]`` (all padded to tiles)."""
-    hq, hkv = q.shape[1], k_past.shape[1]
-    group = hq // hkv
-    chunk = q.shape[2]
-    k_all = torch.cat([k_past, k_chunk], dim=2)
-    v_all = torch.cat([v_past, v_chunk], dim=2)
-    indices = chunk_block_indices(live_past, chunk // KERNEL_BLOCK, group)
-    block_mask = BlockMask.from_kv_blocks(*indices, BLOCK_SIZE=KERNEL_BLOCK, mask_mod=_chunk_mask_mod(live_past, group),
-                                          seq_lengths=(chunk, k_all.shape[2]), compute_q_blocks=False)
+    group = q.shape[1] // k_all.shape[1]
+    block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=KERNEL_BLOCK,
+                                          mask_mod=_chunk_mask_mod(table, group),
+                                          seq_lengths=(q.shape[2], k_all.shape[2]), compute_q_blocks=False)
     return flex_attention(q, k_all, v_all, block_mask=block_mask, scale=scale, enable_gqa=group > 1,
                           return_lse=True, kernel_options=kernel_options)
 
@@ -112,15 +115,26 @@ def flex_chunk_attention(q_bhcd: torch.Tensor, k_bhmd: torch.Tensor, v_bhmd: tor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """``chunks.chunk_attention`` on FlexAttention: same arguments, same results (lse in float32).
 
-    On CUDA with half or float32 inputs.
+    On CUDA with half or float32 inputs. The block indices and the key table are built
+    eagerly (a few small kernels): Inductor could not split their symbolic tile counts
+    (``CantSplit``, torch 2.11), and the graph then takes them as inputs.
     """
     c = q_bhcd.shape[2]
-    args = (_pad_to_tiles(q_bhcd, 2), _pad_to_tiles(k_bhmd, 2), _pad_to_tiles(v_bhmd, 2),
-            _pad_to_tiles(live_bhm, 2, False), _pad_to_tiles(k_chunk, 2), _pad_to_tiles(v_chunk, 2))
+    q = _pad_to_tiles(q_bhcd, 2)
+    live = _pad_to_tiles(live_bhm, 2, False)
+    k_new, v_new = _pad_to_tiles(k_chunk, 2), _pad_to_tiles(v_chunk, 2)
+    k_all = torch.cat([_pad_to_tiles(k_bhmd, 2), k_new], dim=2)
+    v_all = torch.cat([_pad_to_tiles(v_bhmd, 2), v_new], dim=2)
+    chunk = q.shape[2]
+    indices = chunk_block_indices(live, chunk // KERNEL_BLOCK, q.shape[1] // k_all.shape[1])
+    args = (q, k_all, v_all, chunk_key_table(live, chunk), *indices)
     attend = _chunk_flex
     # Compiled on CUDA (the cache's chunks use this there). Inductor's CPU FlexAttention has no
     # log-sum-exp (torch 2.13), so on the CPU this runs eagerly: only the tests call it there.
     if q_bhcd.is_cuda and not torch.compiler.is_compiling():
-        attend = length_generic(_chunk_flex, (0, 2), (1, 2), (2, 2), (3, 2), (4, 2), (5, 2))
+        # A tile count of 1 (a chunk of <= 128 tokens) stays static: dynamo specialises sizes 0 and 1.
+        dims = [(i, d) for i, d in ((0, 2), (1, 2), (2, 2), (3, 0), (4, 2), (5, 2), (5, 3), (6, 2), (7, 2), (7, 3))
+                if args[i].shape[d] > 1]
+        attend = length_generic(_chunk_flex, *dims)
     out, lse = attend(*args, scale, kernel_options_for(q_bhcd.device))
     return out[:, :, :c], lse[:, :, :c]

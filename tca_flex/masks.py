@@ -41,7 +41,7 @@ def key_positions(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def tca_mask_mod(positions: torch.Tensor, seq_len: int, window: int, group: int):
-    """mask_mod of the packed layout: ``table_mask_mod`` on CUDA, ``capacity_mask_mod`` elsewhere.
+    """mask_mod of the packed layout (``table_mask_mod`` over ``key_positions``).
 
     Args:
         positions: int64 ``[B, H_kv, capacity]`` from ``Selection``.
@@ -49,15 +49,17 @@ def tca_mask_mod(positions: torch.Tensor, seq_len: int, window: int, group: int)
         window: local window ``w``.
         group: query heads per KV head (``h`` in a mask_mod is a query head).
     """
-    if positions.is_cuda:
-        return table_mask_mod(positions, seq_len, window, group)
-    return capacity_mask_mod(positions, window, group)
+    return table_mask_mod(key_positions(positions, seq_len), window, group)
 
 
-def table_mask_mod(positions: torch.Tensor, seq_len: int, window: int, group: int):
-    """The packed mask read from ``key_positions``: compares, ``&`` and ``|`` only, which every
-    FlexAttention backend lowers (FLASH has no min/max and no symbolic index, torch 2.11)."""
-    table = key_positions(positions, seq_len)
+def table_mask_mod(table: torch.Tensor, window: int, group: int):
+    """The packed mask read from a ``key_positions`` table: compares, ``&`` and ``|`` only, which
+    every FlexAttention backend lowers (FLASH has no min/max and no symbolic index, torch 2.11).
+
+    Inside a compiled graph the table must be a graph input: Inductor inlines a table computed
+    in the graph into the mask's loads, which no lowering could generate (CUDA: torch 2.11;
+    CPU: torch 2.13).
+    """
 
     def tca_prefill_mask(b, h, q_idx, kv_idx):
         p = table[kv_idx, b, h // group]
@@ -65,20 +67,6 @@ def table_mask_mod(positions: torch.Tensor, seq_len: int, window: int, group: in
         j = -1 - p
         local_ok = (p < 0) & (j <= q_idx) & (j > q_idx - window)
         return packed_ok | local_ok
-
-    return tca_prefill_mask
-
-
-def capacity_mask_mod(positions: torch.Tensor, window: int, group: int):
-    """The packed mask split at the capacity. Inductor's CPU FlexAttention takes the capacity as
-    a (symbolic) size, but found no kernel for ``table_mask_mod`` in a length-generic graph (torch 2.13)."""
-    capacity = positions.shape[-1]
-
-    def tca_prefill_mask(b, h, q_idx, kv_idx):
-        in_packed = kv_idx < capacity
-        pos = positions[b, h // group, torch.where(in_packed, kv_idx, 0)]
-        j = kv_idx - capacity
-        return torch.where(in_packed, pos <= q_idx - window, (j <= q_idx) & (j > q_idx - window))
 
     return tca_prefill_mask
 
@@ -120,13 +108,17 @@ def tca_block_mask(positions: torch.Tensor, seq_len: int, window: int, num_q_hea
 
 
 def packed_block_mask(positions: torch.Tensor, indices: tuple[torch.Tensor, ...], seq_len: int, window: int,
-                      num_q_heads: int, block: int = KERNEL_BLOCK) -> BlockMask:
-    """Wrap ``tca_block_indices``' output and the packed mask_mod into a BlockMask."""
+                      num_q_heads: int, block: int = KERNEL_BLOCK, table: torch.Tensor | None = None) -> BlockMask:
+    """Wrap ``tca_block_indices``' output and the packed mask_mod into a BlockMask
+    (over ``table``, the ``key_positions``, when given: pass it into a compiled graph)."""
     hkv, capacity = positions.shape[1], positions.shape[2]
+    group = num_q_heads // hkv
+    mask_mod = (table_mask_mod(table, window, group) if table is not None
+                else tca_mask_mod(positions, seq_len, window, group))
     return BlockMask.from_kv_blocks(
         *indices,
         BLOCK_SIZE=block,
-        mask_mod=tca_mask_mod(positions, seq_len, window, num_q_heads // hkv),
+        mask_mod=mask_mod,
         seq_lengths=(seq_len, capacity + seq_len),
         compute_q_blocks=False,
     )
