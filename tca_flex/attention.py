@@ -47,7 +47,7 @@ def _select_positions(q_obs: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.T
 
 
 def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, positions: torch.Tensor,
-                      table: torch.Tensor, window: int, scaling: float, return_lse: bool,
+                      table: torch.Tensor | None, window: int, scaling: float, return_lse: bool,
                       kernel_options: dict[str, Any] | None) -> Any:
     """Gather the packed keys, build the BlockMask, run FlexAttention (one graph).
 
@@ -58,7 +58,7 @@ def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.
     gets FlexAttention's unmasked-load Triton kernel (``IS_DIVISIBLE``). Padding
     queries sit after the real ones and padding keys after every real query,
     so no real query sees them. ``table``: the mask's ``masks.key_positions``,
-    made outside this graph.
+    made outside this graph (``None`` inside a caller's graph: ``masks.capacity_mask_mod``).
     """
     if q_bhsd.dim() == 5:
         q_bhsd, k_bhsd, v_bhsd = (t.flatten(2, 3) for t in (q_bhsd, k_bhsd, v_bhsd))
@@ -143,10 +143,13 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     split = q_bhsd.is_cuda
     args = [_tiled(t, padded, split) for t in (q_bhsd, k_bhsd, v_bhsd)]
     args.append(positions.unflatten(-1, (-1, KERNEL_BLOCK)) if split else positions)
-    # The mask reads a key-position table, made here so that it enters the graph as an input.
-    args.append(key_positions(positions, padded))
+    # The mask reads a key-position table, made here so that it enters the graph as an input;
+    # inside a caller's compiled graph there is no such input and the mask splits at the capacity.
     attend = _packed_attention
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        args.append(None)
+    else:
+        args.append(key_positions(positions, padded))
         attend = length_generic(_packed_attention, (0, 2), (1, 2), (2, 2), (3, 2), (4, 0))
     result = attend(*args, config.window, scaling, return_lse, options)
     result = (result[0][:, :, :length], result[1][:, :, :length]) if return_lse else result[:, :, :length]

@@ -12,9 +12,7 @@ def fastest_dense_sdpa() -> str:
     to a slower kernel and repeats the KV heads. The dense baseline every e2e row is timed against."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface
-
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     from .integration import tca_mask
 

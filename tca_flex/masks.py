@@ -71,6 +71,21 @@ def table_mask_mod(table: torch.Tensor, window: int, group: int):
     return tca_prefill_mask
 
 
+def capacity_mask_mod(positions: torch.Tensor, window: int, group: int):
+    """The packed mask split at the capacity, for a BlockMask built inside a caller's compiled
+    graph, where no table can enter as an input (``table_mask_mod``); the shipped path, an opaque
+    custom op, always passes the table."""
+    capacity = positions.shape[-1]
+
+    def tca_prefill_mask(b, h, q_idx, kv_idx):
+        in_packed = kv_idx < capacity
+        pos = positions[b, h // group, torch.where(in_packed, kv_idx, 0)]
+        j = kv_idx - capacity
+        return torch.where(in_packed, pos <= q_idx - window, (j <= q_idx) & (j > q_idx - window))
+
+    return tca_prefill_mask
+
+
 def _segments_to_indices(starts: list[torch.Tensor], lengths: list[torch.Tensor], width: int) -> torch.Tensor:
     """Concatenate contiguous index ranges per row into ``[..., width]`` int32.
 
@@ -109,12 +124,13 @@ def tca_block_mask(positions: torch.Tensor, seq_len: int, window: int, num_q_hea
 
 def packed_block_mask(positions: torch.Tensor, indices: tuple[torch.Tensor, ...], seq_len: int, window: int,
                       num_q_heads: int, block: int = KERNEL_BLOCK, table: torch.Tensor | None = None) -> BlockMask:
-    """Wrap ``tca_block_indices``' output and the packed mask_mod into a BlockMask
-    (over ``table``, the ``key_positions``, when given: pass it into a compiled graph)."""
+    """Wrap ``tca_block_indices``' output and the packed mask_mod into a BlockMask: over
+    ``table`` (``key_positions``, made outside the compiled graph) when given, else split at
+    the capacity (``capacity_mask_mod``)."""
     hkv, capacity = positions.shape[1], positions.shape[2]
     group = num_q_heads // hkv
     mask_mod = (table_mask_mod(table, window, group) if table is not None
-                else tca_mask_mod(positions, seq_len, window, group))
+                else capacity_mask_mod(positions, window, group))
     return BlockMask.from_kv_blocks(
         *indices,
         BLOCK_SIZE=block,

@@ -5,7 +5,7 @@ from torch.nn.attention.flex_attention import create_mask
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import tca_prefill_attention
 from tca_flex.config import SelectionConfig
-from tca_flex.masks import tca_block_mask, tca_mask_mod
+from tca_flex.masks import capacity_mask_mod, tca_block_mask, tca_mask_mod
 from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
 from tca_flex.selection import select
 
@@ -87,8 +87,8 @@ def test_block_mask_is_exact(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_packed_mask_function_gives_the_reference_mask(case):
-    """The packed mask function, evaluated on every (query, packed or local key), sees exactly
-    the keys of the explicit reference mask, each once."""
+    """Both packed mask functions (key-position table; capacity split), evaluated on every
+    (query, packed or local key), see exactly the keys of the explicit reference mask, each once."""
     q, k, v, config, budgets = make(case, torch.float32, 5)
     sel = select(q, k, budgets.cdf(0), SelectionConfig(block_size=config.block_size, window=config.window,
                                                         alpha=config.alpha), scaling=q.shape[-1] ** -0.5)
@@ -96,16 +96,17 @@ def test_packed_mask_function_gives_the_reference_mask(case):
     hkv = k.shape[1]
     capacity = sel.positions.shape[-1]
     ref = reference_mask(sel.keep_mask(length), config.window, hq, torch.arange(length))  # [B, H_q, L, L]
-    dense = create_mask(tca_mask_mod(sel.positions, length, config.window, hq // hkv), bsz, hq, length,
-                        capacity + length, device="cpu")
-    # Fold the packed keys back onto their positions: each position is seen at most once.
     pos = sel.positions.repeat_interleave(hq // hkv, 1)[:, :, None, :].expand(-1, -1, length, -1)
-    packed = dense[..., :capacity]
-    assert not (packed & (pos >= length)).any(), "a padding slot of the packed prefix is visible"
-    folded = dense[..., capacity:].to(torch.int32)
-    folded.scatter_add_(-1, pos.clamp(max=length - 1), packed.to(torch.int32))
-    assert folded.max() <= 1, "a key is visible twice (packed and local)"
-    assert torch.equal(folded.bool(), ref.expand_as(folded))
+    for mod in (tca_mask_mod(sel.positions, length, config.window, hq // hkv),
+                capacity_mask_mod(sel.positions, config.window, hq // hkv)):
+        dense = create_mask(mod, bsz, hq, length, capacity + length, device="cpu")
+        # Fold the packed keys back onto their positions: each position is seen at most once.
+        packed = dense[..., :capacity]
+        assert not (packed & (pos >= length)).any(), "a padding slot of the packed prefix is visible"
+        folded = dense[..., capacity:].to(torch.int32)
+        folded.scatter_add_(-1, pos.clamp(max=length - 1), packed.to(torch.int32))
+        assert folded.max() <= 1, "a key is visible twice (packed and local)"
+        assert torch.equal(folded.bool(), ref.expand_as(folded))
 
 
 def test_prefill_with_spread_observers_matches_reference_end_to_end():
