@@ -504,7 +504,8 @@ def test_conversation_appended_to_a_dense_cache_equals_reprefilling(tiny_llama):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("press", ["SnapKVPress", "SnapKVPress-w32k7", "StreamingLLMPress"])
+@pytest.mark.parametrize("press", ["SnapKVPress", "SnapKVPress-w32k7", "StreamingLLMPress", "TOVAPress", "KnormPress",
+                                   "PyramidKVPress-w32k7"])
 def test_kvpress_keeps_tca_budget(tiny_llama, press):
     pytest.importorskip("kvpress", reason="kvpress runs from a separate venv (EVALUATION.md)")
     (method,) = methods.build_methods([f"kvpress:{press}"], [0.25], CFG)

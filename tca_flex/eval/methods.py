@@ -332,6 +332,12 @@ FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
                                                              window_size=32, kernel_size=7),
     "kvpress:StreamingLLMPress": lambda keep, config: kvpress("StreamingLLMPress", keep, config),
     "kvpress:ExpectedAttentionPress": lambda keep, config: kvpress("ExpectedAttentionPress", keep, config),
+    "kvpress:TOVAPress": lambda keep, config: kvpress("TOVAPress", keep, config),
+    "kvpress:KnormPress": lambda keep, config: kvpress("KnormPress", keep, config),
+    "kvpress:PyramidKVPress": lambda keep, config: kvpress("PyramidKVPress", keep, config),
+    # PyramidKV (per-layer budgets, SnapKV scores) with the in-library SnapKV's window and kernel.
+    "kvpress:PyramidKVPress-w32k7": lambda keep, config: kvpress("PyramidKVPress", keep, config, "-w32k7",
+                                                                window_size=32, kernel_size=7),
 }
 
 
