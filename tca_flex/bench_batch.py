@@ -28,6 +28,7 @@ first shapes it meets). A method that fails (e.g. the dense padded prefill's
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -84,20 +85,22 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, cache: Any) ->
 
 def _decode_ms(model, cache: Any, logits: torch.Tensor, mask: torch.Tensor, lengths: list[int], steps: int,
                device: torch.device) -> float:
-    """Milliseconds of ``steps`` eager decode steps of the padded batch (greedy tokens, row positions)."""
+    """Milliseconds of ``steps`` eager decode steps of the padded batch (greedy tokens, row positions):
+    ``steps`` times the median step, so that a one-time cost (the first step JIT-compiles the Triton
+    decode and compression kernels: seconds) does not count as decode time."""
     positions = torch.tensor(lengths, device=device).unsqueeze(1)
     width = mask.shape[1]
     token = logits.argmax(-1, keepdim=True)
     ones = torch.ones(mask.shape[0], steps, dtype=mask.dtype, device=device)
-    total = 0.0
+    times = []
     for i in range(steps):
         step_mask = torch.cat([mask, ones[:, : i + 1]], 1)
         out, ms = _ms(lambda: model(token, attention_mask=step_mask, position_ids=positions + i,
                                     cache_position=torch.tensor([width + i], device=device), use_cache=True,
                                     **cache_kwargs(model, cache)).logits[:, -1], device)
         token = out.argmax(-1, keepdim=True)
-        total += ms
-    return total
+        times.append(ms)
+    return statistics.median(times) * steps
 
 
 def _dense_bytes(cache: Any) -> int:
