@@ -23,6 +23,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .chunks import is_causal_left_padded
 from .compile import kernel_options_for, length_generic, prefill_kernel_options
 from .config import TCAConfig
 from .layer import TCALayer, tca_layer
@@ -324,10 +325,8 @@ def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> N
     if attention_mask is None or torch.compiler.is_compiling():
         return
     visible = visible_keys(attention_mask)
-    visible = visible.reshape(visible.shape[0], -1, visible.shape[-1])
-    idx = torch.arange(visible.shape[-1], device=visible.device)
-    want = idx[None, :] >= torch.tensor(pads, device=visible.device)[:, None]
-    if len(pads) != visible.shape[0] or not torch.equal(visible, want[:, None, :].expand_as(visible)):
+    visible = visible.reshape(visible.shape[0], -1, 1, visible.shape[-1])  # one query: [B, H, 1, kv]
+    if len(pads) != visible.shape[0] or not is_causal_left_padded(visible, visible.shape[-1] - 1, pads):
         raise ValueError("TCACache decodes left-padded batches only: this decode mask hides other tokens than "
                          "each row's leading padding of the prefill. Pad on the left (tokenizer.padding_side = "
                          "'left') and pass generate the same attention_mask for the whole batch")

@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .compile import kernel_options_for, length_generic
-from .masks import KERNEL_BLOCK
+from .masks import KERNEL_BLOCK, key_positions
 
 
 def _first(flags: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,17 +72,10 @@ def chunk_block_indices(live_past: torch.Tensor, chunk_tiles: int, group: int) -
     return to_q_heads(kv_num), to_q_heads(kv_idx), to_q_heads(full_num), to_q_heads(full_idx)
 
 
-def chunk_key_table(live_past: torch.Tensor, chunk: int) -> torch.Tensor:
-    """What each key of ``[past | chunk]`` is, int32 ``[P + C, B, H_kv]``: ``1`` a live past
-    slot, ``0`` a free one, ``-(j + 1)`` chunk key ``j``. Key-major with static strides, and
-    made outside the compiled graph, like the prefill's ``masks.key_positions``."""
-    bsz, hkv, _ = live_past.shape
-    own = -1 - torch.arange(chunk, device=live_past.device, dtype=torch.int32)
-    table = torch.cat([live_past.to(torch.int32), own.expand(bsz, hkv, chunk)], dim=-1)
-    return table.permute(2, 0, 1).contiguous()
-
-
 def _chunk_mask_mod(table: torch.Tensor, group: int):
+    """Over ``masks.key_positions(live, chunk)``: ``1`` a live past slot, ``0`` a free one,
+    ``-(j + 1)`` chunk key ``j`` (key-major, made outside the compiled graph, as for the prefill)."""
+
     def mask(b, h, q_idx, kv_idx):
         v = table[kv_idx, b, h // group]
         return (v == 1) | ((v < 0) & (-1 - v <= q_idx))
@@ -127,7 +120,7 @@ def flex_chunk_attention(q_bhcd: torch.Tensor, k_bhmd: torch.Tensor, v_bhmd: tor
     v_all = torch.cat([_pad_to_tiles(v_bhmd, 2), v_new], dim=2)
     chunk = q.shape[2]
     indices = chunk_block_indices(live, chunk // KERNEL_BLOCK, q.shape[1] // k_all.shape[1])
-    args = (q, k_all, v_all, chunk_key_table(live, chunk), *indices)
+    args = (q, k_all, v_all, key_positions(live, chunk), *indices)
     attend = _chunk_flex
     # Compiled on CUDA (the cache's chunks use this there). Inductor's CPU FlexAttention has no
     # log-sum-exp (torch 2.13), so on the CPU this runs eagerly: only the tests call it there.

@@ -124,6 +124,22 @@ def leaving_importance(q_obs: torch.Tensor, k_leave: torch.Tensor, lse_obs: torc
     return probs.mean(2) if aggregation == "mean" else probs.amax(2)
 
 
+def is_causal_left_padded(visible: torch.Tensor, past_length: int, pads: list[int] | None) -> bool:
+    """Whether bool ``visible [B, H, c, past_length + c]`` is exactly the causal mask of ``c`` new
+    queries after ``past_length`` tokens, with each row's leading ``pads`` tokens hidden (none if
+    ``pads`` is empty). The one rule the pruned cache can honour, for chunks and decode steps."""
+    c, kv = visible.shape[-2], visible.shape[-1]
+    if kv != past_length + c or (pads and len(pads) != visible.shape[0]):
+        return False
+    dev = visible.device
+    key = torch.arange(kv, device=dev)
+    want = (key[None, :] <= torch.arange(past_length, past_length + c, device=dev)[:, None]).expand(
+        visible.shape[0], c, kv)
+    if pads:
+        want = want & (key >= torch.tensor(pads, device=dev)[:, None])[:, None, :]
+    return torch.equal(visible, want.unsqueeze(1).expand_as(visible))
+
+
 def check_chunk_mask(attention_mask: torch.Tensor | None, past_length: int, pads: list[int] | None = None) -> None:
     """Refuse any mask but the causal one (hiding each row's leading ``pads``) for a chunk after ``past_length``.
 
@@ -137,15 +153,7 @@ def check_chunk_mask(attention_mask: torch.Tensor | None, past_length: int, pads
     if attention_mask is None or torch.compiler.is_compiling():
         return
     visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    c, kv = visible.shape[-2], visible.shape[-1]
-    dev = visible.device
-    key = torch.arange(kv, device=dev)
-    want = (key[None, :] <= torch.arange(past_length, past_length + c, device=dev)[:, None]).expand(
-        visible.shape[0], c, kv)
-    if pads:
-        want = want & (key >= torch.tensor(pads, device=dev)[:, None])[:, None, :]
-    if (kv != past_length + c or (pads and len(pads) != visible.shape[0])
-            or not torch.equal(visible, want.unsqueeze(1).expand_as(visible))):
+    if not is_causal_left_padded(visible, past_length, pads):
         raise ValueError("TCACache does not support this mask for new tokens on top of the cache: it hides "
                          "tokens other than each row's left padding of the prefill (a padded chunk, right "
                          "padding or a hole). Pass the conversation with the prompt's left padding only")
