@@ -41,10 +41,17 @@ def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
 
 
 def _select_positions(q_obs: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
-                      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selection's ``(positions, counts)`` from the observation queries' rows (``observed_queries``)."""
+                      scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selection's ``(positions, counts)`` from the observation queries' rows (``observed_queries``),
+    and the packed mask's ``masks.key_positions`` table for the prompt padded to whole tiles.
+
+    The table is made here, in the selection's graph, so that it enters the attention's graph
+    as an input (``masks.table_mask_mod``) at no extra host cost: built eagerly between the
+    two graphs, its few small ops delayed the attention kernel's launch (32K, H200).
+    """
     sel = tca_select(q_obs, k_bhsd, cdf_hk, config, scaling, observed=True)
-    return sel.positions, sel.counts
+    padded = -(-k_bhsd.shape[2] // KERNEL_BLOCK) * KERNEL_BLOCK
+    return sel.positions, sel.counts, key_positions(sel.positions, padded)
 
 
 def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, positions: torch.Tensor,
@@ -135,7 +142,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     q_obs = observed_queries(q_bhsd, config.num_observation_queries, config.spread_observation_queries,
                              config.window)
     k_bhsd = k_bhsd.contiguous()  # once: the attention's tiles below reuse it when no padding is needed
-    positions, counts = select_fn(q_obs, k_bhsd, cdf_hk, config, scaling)
+    positions, counts, table = select_fn(q_obs, k_bhsd, cdf_hk, config, scaling)
     # The attention runs on whole tiles: a padded tail of < KERNEL_BLOCK queries and keys
     # (causal: invisible to the real queries; computed only in the last tile).
     padded = -(-length // KERNEL_BLOCK) * KERNEL_BLOCK
@@ -144,13 +151,13 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     split = q_bhsd.is_cuda
     args = [_tiled(t, padded, split) for t in (q_bhsd, k_bhsd, v_bhsd)]
     args.append(positions.unflatten(-1, (-1, KERNEL_BLOCK)) if split else positions)
-    # The mask reads a key-position table, made here so that it enters the graph as an input;
-    # inside a caller's compiled graph there is no such input and the mask splits at the capacity.
+    # The mask reads the key-position table as an input of the attention's graph; inside a
+    # caller's compiled graph there is no such input and the mask splits at the capacity.
     attend = _packed_attention
     if torch.compiler.is_compiling():
         args.append(None)
     else:
-        args.append(key_positions(positions, padded))
+        args.append(table)
         attend = length_generic(_packed_attention, (0, 2), (1, 2), (2, 2), (3, 2), (4, 0))
     result = attend(*args, config.window, scaling, return_lse, options)
     result = (result[0][:, :, :length], result[1][:, :, :length]) if return_lse else result[:, :, :length]

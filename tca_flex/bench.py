@@ -69,6 +69,25 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: in
     return statistics.median(samples)
 
 
+def back_to_back(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: int = 10) -> float:
+    """Mean milliseconds of ``fn`` called ``reps`` times without waiting in between: as a layer
+    runs inside a model's forward, where the host queues the next calls while the GPU works.
+    ``timed`` waits for the GPU after every call, so it also counts the host time before the
+    first kernel starts (CUDA events; ``timed`` on CPU)."""
+    if device.type != "cuda":
+        return timed(fn, device, warmup, reps)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def graph_timed(fn: Callable[[], Any], device: torch.device, reps: int = 50) -> float:
     """Median microseconds of one ``fn`` call replayed from a CUDA graph (eager timing on CPU)."""
     if device.type != "cuda":
@@ -158,8 +177,9 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
                      "tflops": flops / ms / 1e9, "backend": backend, **extra})
 
     if dense_rows:
-        add("sdpa_default", timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                              device), causal_flops)
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        add("sdpa_default", timed(sdpa, device), causal_flops, ms_back_to_back=back_to_back(sdpa, device))
     if device.type == "cuda" and dense_rows:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             add("sdpa_flash2", timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -175,8 +195,10 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
         err = check_against_sdpa(q, k, v, cdf, config, scale, out)
         if not err < 2e-2:
             raise AssertionError(f"TCA {name} at L={length} differs from masked SDPA: rel err {err:.3g}")
-        total = timed(lambda c=cdf, cf=config: tca_prefill_attention(q, k, v, c, cf, scale,
-                                                                     kernel_options=kernel_options), device)
+        def tca(c=cdf, cf=config):
+            return tca_prefill_attention(q, k, v, c, cf, scale, kernel_options=kernel_options)
+        total = timed(tca, device)
+        pipelined = back_to_back(tca, device)
         stages = stage_times(q, k, v, cdf, config, scale, device, kernel_options)
         blocks = stages.pop("computed_blocks")
         flops = blocks * KERNEL_BLOCK * KERNEL_BLOCK * d * 4
@@ -184,7 +206,7 @@ def prefill_rows(length: int, shape: dict[str, int], budgets: list[tuple[str, fl
         add(name + tag, total, causal_flops, rel_err=err, stages_ms=stages,
             attention_tflops=flops / stages["attention"] / 1e9,
             computed_fraction=blocks / (hq * (-(-length // 128)) * (-(-length // 128) + 1) / 2),
-            overhead_ms=overhead)
+            overhead_ms=overhead, ms_back_to_back=pipelined)
     return rows
 
 
@@ -591,6 +613,7 @@ def device_name(device: torch.device) -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'phase':<8}{'L':>8}  {'method':<36}{'time':>12}{'speedup':>9}{'TFLOP/s':>9}  notes")
     base: dict[tuple[str, int], float] = {}
+    base_b2b: dict[int, float] = {}
     for r in rows:
         t = r.get("ms", r.get("us"))
         unit = "ms" if "ms" in r else "us"
@@ -598,11 +621,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if r["method"] in ("sdpa_default", "sdpa_full", "dense_sdpa", "dense_tpot", "dense_chunked") or (
                 r["method"].endswith(" dense_append")):
             base[key] = t
+            if "ms_back_to_back" in r:
+                base_b2b[r["length"]] = r["ms_back_to_back"]
         speed = base.get(key, t) / t
         notes = ""
         if "stages_ms" in r:
             notes = (f"attn {r['stages_ms']['attention']:.2f} ms @ {r['attention_tflops']:.0f} TF/s, "
                      f"overhead {r['overhead_ms']:.2f} ms, computed {100 * r['computed_fraction']:.0f}%")
+            if r["length"] in base_b2b and "ms_back_to_back" in r:
+                notes += (f"; back to back {r['ms_back_to_back']:.2f} ms "
+                          f"({base_b2b[r['length']] / r['ms_back_to_back']:.2f}x)")
         if "max_abs_logit_diff_vs_eager" in r:
             notes = f"max |logit - eager TCA| {r['max_abs_logit_diff_vs_eager']:.3g}"
         if "kv_bytes" in r:

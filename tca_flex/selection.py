@@ -292,13 +292,15 @@ def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
         (int64 ``[B, H, capacity]`` positions, int64 ``[B, H]`` counts).
     """
     n = keep.shape[-1]
-    pos = torch.arange(n, device=keep.device).expand(keep.shape)
+    # int32 keys (positions and PAD_POSITION fit): a radix sort of half the passes and kernel
+    # launches of an int64 one, which on a GPU cost more host time than their work.
+    pos = torch.arange(n, device=keep.device, dtype=torch.int32).expand(keep.shape)
     packed = torch.sort(torch.where(keep, pos, PAD_POSITION), dim=-1).values
     # Read into a fresh [.., capacity] tensor rather than pad-and-slice: a slice's contiguity
     # would depend on the length and specialise a compiled selection.
     slot = torch.arange(capacity, device=keep.device)
     taken = packed.gather(-1, slot.clamp(max=n - 1).expand(*keep.shape[:-1], capacity))
-    return torch.where(slot < n, taken, PAD_POSITION), keep.sum(-1)
+    return torch.where(slot < n, taken, PAD_POSITION).long(), keep.sum(-1)
 
 
 def observed_queries(q_bhsd: torch.Tensor, num_queries: int, num_spread: int = 0, window: int = 0) -> torch.Tensor:
@@ -308,7 +310,12 @@ def observed_queries(q_bhsd: torch.Tensor, num_queries: int, num_spread: int = 0
     selection reads no other query row, so a caller that compiles it passes
     these few rows and the graph never depends on how the queries are laid out.
     """
-    positions = observation_queries(q_bhsd.shape[2], num_queries, num_spread, window, q_bhsd.device)[0]
+    length = q_bhsd.shape[2]
+    if num_spread == 0 and length >= num_queries:
+        # The common case as one slice: the general path's few index ops cost more host time
+        # than the GPU spends on the whole selection (32K tokens, H200).
+        return q_bhsd[:, :, length - num_queries:].contiguous()
+    positions = observation_queries(length, num_queries, num_spread, window, q_bhsd.device)[0]
     return q_bhsd.index_select(2, positions)
 
 

@@ -7,6 +7,8 @@ from tca_flex.selection import (
     PAD_POSITION,
     budget_ladder,
     importance,
+    observation_queries,
+    observed_queries,
     pool_importance,
     redundancy_score,
     select,
@@ -194,3 +196,15 @@ def test_anchored_ladder_moves_the_same_tokens_to_the_top_ranks(n, anchor, b, hk
     for h in range(hkv):
         first_short = int((~full[h]).nonzero()[0]) if (~full[h]).any() else n
         assert (ladder[h, first_short + 1:] == 0).all()
+
+
+@given(extra=st.integers(1, 300), m=st.integers(1, 40), spread=st.sampled_from([0, 0, 1, 5]),
+       window=st.integers(0, 64), seed=st.integers(0, 2**31 - 1))
+def test_observed_queries_are_the_observation_rows(extra, m, spread, window, seed):
+    """The fast slice for last-query observation equals gathering ``observation_queries``' rows
+    (prompts longer than the window, as the selection requires)."""
+    length = window + extra
+    q = torch.randn(2, 3, length, 4, generator=torch.Generator().manual_seed(seed))
+    got = observed_queries(q, m, spread, window)
+    want = q.index_select(2, observation_queries(length, m, spread, window)[0])
+    assert got.is_contiguous() and torch.equal(got, want)

@@ -60,6 +60,7 @@ def test_compiled_selection_is_length_generic():
     fed only the observation queries' rows, and equal to the selection over every query."""
     from tca_flex.attention import _select_positions, tca_select
     from tca_flex.compile import length_generic
+    from tca_flex.masks import KERNEL_BLOCK, key_positions
     from tca_flex.selection import observed_queries
 
     config = TCAConfig.accurate(block_size=16, window=64, anchor_blocks=30, guard_floor=0.9, span=1)
@@ -72,9 +73,10 @@ def test_compiled_selection_is_length_generic():
         q_obs = observed_queries(q, config.num_observation_queries, config.spread_observation_queries,
                                  config.window)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            positions, counts = select(q_obs, k, cdf, config, 8 ** -0.5)
+            positions, counts, table = select(q_obs, k, cdf, config, 8 ** -0.5)
         want = tca_select(q, k, cdf, config, 8 ** -0.5)
         assert torch.equal(positions, want.positions) and torch.equal(counts, want.counts), n
+        assert torch.equal(table, key_positions(want.positions, -(-n // KERNEL_BLOCK) * KERNEL_BLOCK)), n
 
 
 @torch.no_grad()
