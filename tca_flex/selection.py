@@ -280,9 +280,11 @@ def keep_top_in_blocks(s_blocks: torch.Tensor, budgets: torch.Tensor) -> torch.T
 def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept positions in ascending order, padded to ``capacity``.
 
-    A sort rather than a cumsum-and-scatter: inductor (torch 2.11, CUDA) fails
-    to generate code when a split cumsum feeds the indirect loads that follow
-    (scripts/gpu_compile_probe.py, in git history at fa7eae9), and sorting ``L`` int64 keys per head is cheap.
+    A stable sort of one-byte keys (kept first, each part in position order) rather than a
+    cumsum-and-scatter: inductor (torch 2.11, CUDA) fails to generate code when a split cumsum
+    feeds the indirect loads that follow (scripts/gpu_compile_probe.py, in git history at
+    fa7eae9). One-byte keys make the GPU's radix sort a single pass; it sorted int64
+    positions in eight, whose launches cost more host time than the GPU spent on them.
 
     Args:
         keep: bool ``[B, H, N]``.
@@ -292,15 +294,13 @@ def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
         (int64 ``[B, H, capacity]`` positions, int64 ``[B, H]`` counts).
     """
     n = keep.shape[-1]
-    # int32 keys (positions and PAD_POSITION fit): a radix sort of half the passes and kernel
-    # launches of an int64 one, which on a GPU cost more host time than their work.
-    pos = torch.arange(n, device=keep.device, dtype=torch.int32).expand(keep.shape)
-    packed = torch.sort(torch.where(keep, pos, PAD_POSITION), dim=-1).values
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
+    counts = keep.sum(-1)
     # Read into a fresh [.., capacity] tensor rather than pad-and-slice: a slice's contiguity
     # would depend on the length and specialise a compiled selection.
     slot = torch.arange(capacity, device=keep.device)
-    taken = packed.gather(-1, slot.clamp(max=n - 1).expand(*keep.shape[:-1], capacity))
-    return torch.where(slot < n, taken, PAD_POSITION).long(), keep.sum(-1)
+    taken = order.gather(-1, slot.clamp(max=n - 1).expand(*keep.shape[:-1], capacity))
+    return torch.where(slot < counts.unsqueeze(-1), taken, PAD_POSITION), counts
 
 
 def observed_queries(q_bhsd: torch.Tensor, num_queries: int, num_spread: int = 0, window: int = 0) -> torch.Tensor:

@@ -9,6 +9,7 @@ from tca_flex.selection import (
     importance,
     observation_queries,
     observed_queries,
+    pack_positions,
     pool_importance,
     redundancy_score,
     select,
@@ -208,3 +209,18 @@ def test_observed_queries_are_the_observation_rows(extra, m, spread, window, see
     got = observed_queries(q, m, spread, window)
     want = q.index_select(2, observation_queries(length, m, spread, window)[0])
     assert got.is_contiguous() and torch.equal(got, want)
+
+
+@given(n=st.integers(1, 700), density=st.floats(0.0, 1.0), slack=st.integers(0, 200),
+       seed=st.integers(0, 2**31 - 1))
+def test_pack_positions_lists_the_kept_positions_in_order(n, density, slack, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(2, 3, n, generator=g) < density
+    capacity = int(keep.sum(-1).max()) + slack
+    positions, counts = pack_positions(keep, capacity)
+    assert positions.dtype == counts.dtype == torch.int64 and positions.shape == (2, 3, capacity)
+    for b in range(2):
+        for h in range(3):
+            kept = keep[b, h].nonzero().flatten().tolist()
+            assert counts[b, h] == len(kept)
+            assert positions[b, h].tolist() == kept + [PAD_POSITION] * (capacity - len(kept))
