@@ -316,7 +316,8 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
     compression) replayed from a CUDA graph with the fused compression kernel (``tca_step``),
     the tensor form (``tca_step_math``) and none (``tca_step_skip``: the graph a two-graph decode
     replays on the steps where no block leaves), eager and (``compile_step``, CUDA only: each
-    compile takes tens of seconds) compiled."""
+    compile takes tens of seconds) compiled; ``tca_step_append_math``: ``tca_step`` with the append's
+    tensor form instead of its fused kernel."""
     from .decode import LiveRanges, decode_attention, triton_supported
 
     hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
@@ -356,19 +357,21 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
             layer.update(new, new)
             return layer.decode_step(q, scale)
 
-        def step_with(kernel: str, leaves: bool, layer=layer, step=step) -> float:
+        def step_with(kernel: str, leaves: bool, append: str, layer=layer, step=step) -> float:
             # Replays do not run the host's per-step decision: leaves=True keeps the compression in the
             # graph (the device decides whether a block leaves), False leaves it out.
-            layer.compression, layer.assume_leaves = kernel, leaves
+            layer.compression, layer.assume_leaves, layer.append_kernel = kernel, leaves, append
             try:
                 return graph_timed(step, device)
             finally:
-                layer.compression, layer.assume_leaves = "auto", None
+                layer.compression, layer.assume_leaves, layer.append_kernel = "auto", None, "auto"
 
-        for method, kernel, leaves in (("tca_step", "auto", True), ("tca_step_math", "math", True),
-                                       ("tca_step_skip", "auto", False)):
+        for method, kernel, leaves, append in (("tca_step", "auto", True, "auto"),
+                                               ("tca_step_math", "math", True, "auto"),
+                                               ("tca_step_append_math", "auto", True, "math"),
+                                               ("tca_step_skip", "auto", False, "auto")):
             rows.append({"phase": "decode", "length": length, "method": f"{method}@{tag}",
-                         "us": step_with(kernel, leaves), "kv_bytes": mem.bytes_used})
+                         "us": step_with(kernel, leaves, append), "kv_bytes": mem.bytes_used})
         if compile_step and device.type == "cuda":
             # Compiled, the step's small ops (append, importance, top-t, scatters) fuse into a few kernels.
             try:

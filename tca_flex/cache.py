@@ -56,6 +56,8 @@ from .decode import (
     DECODE_BACKENDS,
     LiveRanges,
     Segments,
+    append_token,
+    append_token_math,
     block_importance,
     compress_block,
     compress_targets,
@@ -357,25 +359,28 @@ class TCACacheLayer(CacheLayerMixin):
     # ------------------------------------------------------------- decode
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Write the new token of every (row, head) into its ring slot."""
+        """Write the new token of every (row, head) into its ring slot.
+
+        The Triton kernel (``decode.append_token``) where it runs; otherwise
+        the tensor form (``decode.append_token_math``), which is also its reference.
+        """
         if self._seen >= self._grow_at:
             self._grow()
-        bsz, hkv, _, d = key_states.shape
-        slot = self.seg_start + (self.next_pos - self.base.unsqueeze(-1)) % self.ring  # [B, H_kv]
-        idx = slot.unsqueeze(-1).expand(bsz, hkv, d)
-        # Inference-only (attention.tca_attention_forward): the buffers keep no autograd history.
-        self.k_buf.scatter_(1, idx, key_states[:, :, 0].detach())
-        self.v_buf.scatter_(1, idx, value_states[:, :, 0].detach())
-        self.owner.scatter_(1, slot, self._heads.expand(bsz, hkv))
-        self.pos.scatter_(1, slot, self.next_pos.to(torch.int32).expand(bsz, hkv))
-        self.next_pos += 1
+        # The key stands in for the step's query in the backend rule: same device, dtype and head dim.
+        fused = self._fused(self.append_kernel, key_states)
+        append = append_token if fused else append_token_math
+        append(key_states, value_states, self.k_buf, self.v_buf, self.owner, self.pos, self.seg_start, self.next_pos,
+               self.base, ring=self.ring, heads=self._heads)
         self._seen += 1
 
-    # Block compression kernel: "auto" (the Triton kernel wherever the decode attention runs the
-    # "triton" backend, else tensor ops), "triton" or "math" (the tensor ops of ``compress``, the
-    # reference). Set per layer, or on every layer with ``TCACache.set_compression``.
-    COMPRESSIONS = ("auto", "triton", "math")
+    # Kernels of the per-step cache updates, the block compression and the append: "auto" (the
+    # Triton kernel wherever the decode attention runs the "triton" backend, else tensor ops),
+    # "triton" or "math" (the tensor ops of ``compress`` / ``decode.append_token_math``, the
+    # reference). Set per layer, or on every layer with ``TCACache.set_compression`` / ``set_append``.
+    KERNELS = ("auto", "triton", "math")
+    COMPRESSIONS = APPENDS = KERNELS
     compression = "auto"
+    append_kernel = "auto"
     # Set while a CUDA graph is captured (``TCACache.graph_capture``): True keeps the compression
     # in the step, False leaves it out; None decides per step (eager) or keeps it (captured).
     assume_leaves: bool | None = None
@@ -411,13 +416,18 @@ class TCACacheLayer(CacheLayerMixin):
         return self._done(self._seen) == self._done(self._seen - 1)
 
     def _fused_compression(self, query: torch.Tensor) -> bool:
-        if self.compression not in self.COMPRESSIONS:
-            raise ValueError(f"compression={self.compression!r} is not one of {list(self.COMPRESSIONS)}")
-        if self.compression == "auto":
-            return resolve_backend(query, self.segments, self.backend) == "triton"
-        if self.compression == "triton":
-            resolve_backend(query, self.segments, "triton")  # raises where the kernel cannot run
-        return self.compression == "triton"
+        return self._fused(self.compression, query)
+
+    def _fused(self, kernel: str, probe: torch.Tensor) -> bool:
+        """Whether the Triton kernel runs for setting ``kernel``, decided as the decode backend is for
+        ``probe`` (the step's query, or a tensor of its device, dtype and head dim)."""
+        if kernel not in self.KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not one of {list(self.KERNELS)}")
+        if kernel == "auto":
+            return resolve_backend(probe, self.segments, self.backend) == "triton"
+        if kernel == "triton":
+            resolve_backend(probe, self.segments, "triton")  # raises where the kernel cannot run
+        return kernel == "triton"
 
     def compress(self, query: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
         """Moves the top-t of the leaving block when a whole block has left the window (else no-op).
@@ -652,6 +662,14 @@ class TCACache(Cache):
             raise ValueError(f"compression={kernel!r} is not one of {list(TCACacheLayer.COMPRESSIONS)}")
         for layer in self.layers:
             layer.compression = kernel
+
+    def set_append(self, kernel: str) -> None:
+        """The decode step's append on every layer: ``"auto"``, ``"triton"`` or ``"math"``
+        (``TCACacheLayer.append_kernel``)."""
+        if kernel not in TCACacheLayer.APPENDS:
+            raise ValueError(f"append={kernel!r} is not one of {list(TCACacheLayer.APPENDS)}")
+        for layer in self.layers:
+            layer.append_kernel = kernel
 
     # CUDA graphs: a replay runs the device work of one captured step, never the Python, so the
     # host's counters (what ``_seen`` drives: growth, which steps compress) are advanced here.

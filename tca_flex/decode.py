@@ -24,7 +24,8 @@ So the CUDA default is ``"triton"`` (``triton_decode.py``): one program per
 query heads only, flash-decoding style, so both bytes and FLOPs follow what
 each head keeps, and stops at the head's live length (``LiveRanges``). With
 it, the block compression runs as one kernel too (``triton_compress.py``,
-``compress_block``), which exits at once on the steps where no block leaves.
+``compress_block``), which exits at once on the steps where no block leaves,
+and so does the append of the new token (``triton_append.py``, ``append_token``).
 ``"flex"`` stays as the fallback where Triton is missing or the head
 dimension is not a power of two. ``"math"`` is the same
 computation in plain tensor ops: the CPU path (compiled FlexAttention on CPU
@@ -45,9 +46,9 @@ from .compile import compiled_flex_attention
 from .selection import rank_of
 
 try:
-    from . import triton_compress, triton_decode
+    from . import triton_append, triton_compress, triton_decode
 except ImportError:  # no Triton (e.g. a CPU-only install): the "flex" and "math" backends remain
-    triton_compress = triton_decode = None
+    triton_append = triton_compress = triton_decode = None
 
 DECODE_BACKENDS = ("auto", "triton", "flex", "math")
 _KV_BLOCK = 128
@@ -119,6 +120,20 @@ if triton_decode is not None:
     @_compress_block_op.register_fake
     def _(q_bhd, lse_bh, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, var_len, keep_h, ncs, next_pos, base, window,
           block, ring, scale, use_max):
+        return None
+
+    # Opaque for the same reason. It writes next_pos too: declared, so a compiled step reads the
+    # advanced position after it (the decode attention's live ring fill, the compression).
+    @torch.library.custom_op("tca_flex::append_token",
+                             mutates_args=("k_bsd", "v_bsd", "owner_bs", "pos_bs", "next_pos"))
+    def _append_token_op(key_bhd: torch.Tensor, value_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
+                         owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
+                         next_pos: torch.Tensor, base: torch.Tensor, ring: int) -> None:
+        triton_append.launch(key_bhd, value_bhd, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, next_pos, base,
+                             ring=ring)
+
+    @_append_token_op.register_fake
+    def _(key_bhd, value_bhd, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, next_pos, base, ring):
         return None
 
 
@@ -325,3 +340,48 @@ def compress_block(q_bhsd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tens
     torch.ops.tca_flex.compress_block(q_bhsd[:, :, 0], lse_bh.contiguous(), k_bsd, v_bsd, owner_bs, pos_bs,
                                       seg_start, var_len, keep_h, ncs, next_pos, base, window, block,
                                       window + block, scale, aggregation == "max")
+
+
+def append_token(key_bhsd: torch.Tensor, value_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
+                 owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor, next_pos: torch.Tensor,
+                 base: torch.Tensor, *, ring: int, heads: torch.Tensor | None = None) -> None:
+    """The decode step's append as one Triton kernel, in place (``triton_append.py``).
+
+    Does what ``append_token_math`` does with tensor ops (same arguments;
+    ``heads`` is not needed here). Needs Triton on CUDA, or its interpreter.
+    """
+    torch.ops.tca_flex.append_token(key_bhsd[:, :, 0].detach(), value_bhsd[:, :, 0].detach(), k_bsd, v_bsd,
+                                    owner_bs, pos_bs, seg_start, next_pos, base, ring)
+
+
+def append_token_math(key_bhsd: torch.Tensor, value_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
+                      owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor, next_pos: torch.Tensor,
+                      base: torch.Tensor, *, ring: int, heads: torch.Tensor | None = None) -> None:
+    """Write the new token of every (row, KV head) into its ring slot, then advance ``next_pos`` (in place).
+
+    The slot of (row ``r``, head ``h``) is ``seg_start[r, h] + (next_pos -
+    base[r]) % ring``; it gets the key and value, ``owner = h`` and ``pos =
+    next_pos``.
+
+    Args:
+        key_bhsd, value_bhsd: ``[B, H_kv, 1, D]`` the new token, in the
+            buffers' dtype (stored detached: the cache is inference-only).
+        k_bsd, v_bsd: ``[B, S, D]`` flat buffers; owner_bs, pos_bs: int32
+            ``[B, S]`` (all updated).
+        seg_start: int64 ``[B, H_kv]``, each head's first slot.
+        next_pos: int64 0-d, the new token's position (advanced by one).
+        base: int64 ``[B]`` (or 0-d, shared by every row), each row's first ring position.
+        ring: ring slots per head (window + block).
+        heads: int32 ``[H_kv]`` ``0 .. H_kv - 1`` (the cache keeps one: an op
+            less per step), made here if ``None``.
+    """
+    bsz, hkv, _, d = key_bhsd.shape
+    if heads is None:
+        heads = torch.arange(hkv, dtype=torch.int32, device=owner_bs.device)
+    slot = seg_start + (next_pos - base.unsqueeze(-1)) % ring  # [B, H_kv]
+    idx = slot.unsqueeze(-1).expand(bsz, hkv, d)
+    k_bsd.scatter_(1, idx, key_bhsd[:, :, 0].detach())
+    v_bsd.scatter_(1, idx, value_bhsd[:, :, 0].detach())
+    owner_bs.scatter_(1, slot, heads.expand(bsz, hkv))
+    pos_bs.scatter_(1, slot, next_pos.to(torch.int32).expand(bsz, hkv))
+    next_pos += 1

@@ -12,7 +12,8 @@ def test_smoke_benchmark_runs_and_checks_correctness():
     assert {("prefill", "sdpa_default"), ("prefill", "flex_causal"), ("prefill", "tca_25%+w"),
             ("prefill", "tca_10%+w"), ("decode", "sdpa_compact@39%"), ("decode", "tca_auto@39%"),
             ("decode", "compress_math@39%"), ("decode", "tca_step@39%"), ("decode", "tca_step_math@39%"),
-            ("decode", "tca_step_skip@39%"), ("tpot", "dense_tpot"), ("ttft", "dense_sdpa")} <= methods
+            ("decode", "tca_step_skip@39%"), ("decode", "tca_step_append_math@39%"), ("tpot", "dense_tpot"),
+            ("ttft", "dense_sdpa")} <= methods
     for label in ("tca_25%+w", "tca_10%+w"):
         assert ("ttft", label) in methods
         assert {("tpot", f"{label} TCACache {variant}") for variant in bench.TPOT_VARIANTS} <= methods
