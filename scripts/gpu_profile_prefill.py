@@ -20,24 +20,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tca_flex.attention import _packed_attention, _select_positions, _tiled, tca_prefill_attention
+from tca_flex.bench import back_to_back
 from tca_flex.budgets import HeadBudgets
 from tca_flex.compile import length_generic, prefill_backend, prefill_kernel_options
 from tca_flex.config import TCAConfig
 from tca_flex.masks import KERNEL_BLOCK
 from tca_flex.selection import observed_queries
-
-
-def cuda_ms(fn, reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def host_ms(fn, reps: int = 10) -> float:
@@ -72,9 +60,9 @@ def profile_length(length: int, frac: float, out: Path) -> dict:
 
     row = {
         "length": length, "keep": frac, "backend": prefill_backend(dev),
-        "whole_ms": cuda_ms(whole),
-        "select_ms": cuda_ms(lambda: select_fn(q_obs, k, cdf, config, scale)),
-        "attend_ms": cuda_ms(lambda: attend(*args, table, config.window, scale, False, options)),
+        "whole_ms": back_to_back(whole, dev),
+        "select_ms": back_to_back(lambda: select_fn(q_obs, k, cdf, config, scale), dev),
+        "attend_ms": back_to_back(lambda: attend(*args, table, config.window, scale, False, options), dev),
         "host_ms_per_call": host_ms(whole),
         "capacity": int(positions.shape[-1]),
     }
@@ -101,8 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [profile_length(n, args.keep, args.out) for n in args.lengths]
-    (args.out / "profile.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                                       "rows": rows}, indent=1))
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    (args.out / "profile.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
