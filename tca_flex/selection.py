@@ -283,8 +283,8 @@ def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
     A stable sort of one-byte keys (kept first, each part in position order) rather than a
     cumsum-and-scatter: inductor (torch 2.11, CUDA) fails to generate code when a split cumsum
     feeds the indirect loads that follow (scripts/gpu_compile_probe.py, in git history at
-    fa7eae9). One-byte keys make the GPU's radix sort a single pass; it sorted int64
-    positions in eight, whose launches cost more host time than the GPU spent on them.
+    fa7eae9). One-byte keys are one 8-bit radix digit: sorting int64 positions took eight
+    digit passes per call on the H200, whose launches cost more host time than their work.
 
     Args:
         keep: bool ``[B, H, N]``.
