@@ -6,7 +6,7 @@ where it runs, its time and its agreement with the Triton backend on the same
 BlockMask. Mask functions tried (the packed layout of ``masks.py``):
 
 - ``shipped``: ``masks.tca_mask_mod`` as the library builds it;
-- ``where_index``: the packed index clamped with ``torch.where`` (no min/max);
+- ``where_index``: the packed index clamped with ``torch.where`` (no min/max; ``masks.capacity_mask_mod``);
 - ``keypos``: one position table for packed and local keys, only compares,
   ``&`` and ``|`` (no clamp, no where).
 
@@ -30,7 +30,7 @@ from tca_flex.attention import tca_prefill_attention, tca_select
 from tca_flex.bench import causal_block_mask, timed
 from tca_flex.budgets import HeadBudgets
 from tca_flex.config import TCAConfig
-from tca_flex.masks import KERNEL_BLOCK, tca_block_indices, tca_mask_mod
+from tca_flex.masks import KERNEL_BLOCK, capacity_mask_mod, tca_block_indices, tca_mask_mod
 from tca_flex.selection import observed_queries
 
 FLASH = {"BACKEND": "FLASH"}
@@ -40,15 +40,6 @@ TRITON = {"USE_TMA": True}
 def short_error(exc: BaseException) -> str:
     lines = traceback.format_exception_only(type(exc), exc)
     return "".join(lines).strip()[-1500:]
-
-
-def where_index_mask(positions: torch.Tensor, capacity: int, window: int, group: int):
-    def mask(b, h, q_idx, kv_idx):
-        in_packed = kv_idx < capacity
-        pos = positions[b, h // group, torch.where(in_packed, kv_idx, 0)]
-        j = kv_idx - capacity
-        return torch.where(in_packed, pos <= q_idx - window, (j <= q_idx) & (j > q_idx - window))
-    return mask
 
 
 def keypos_mask(positions: torch.Tensor, capacity: int, window: int, group: int, seq_len: int):
@@ -179,7 +170,7 @@ def main() -> None:
             cap, group = positions.shape[2], 4
             mods = {
                 "shipped": tca_mask_mod(positions, length, args.window, group),
-                "where_index": where_index_mask(positions, cap, args.window, group),
+                "where_index": capacity_mask_mod(positions, args.window, group),
                 "keypos": keypos_mask(positions, cap, args.window, group, length),
             }
             ref_bm = block_mask_with(positions, length, args.window, 32, mods["shipped"])
