@@ -2,11 +2,15 @@
 
     PYTHONPATH=. python scripts/gpu_decode_sweep.py [bench args...]
 
-Times ``decode_attention`` (backend "triton") over a 128K-token TCACache layer
-(LLaMA-3.1-8B attention shapes, ~39% kept, heads keeping very different
-amounts) for each (block, programs, warps, stages), checks every setting
-against the "math" backend, prints the table, sets the module defaults to the
-fastest and runs ``tca_flex.bench`` with the remaining arguments.
+Times ``triton_decode.launch`` over a 128K-token TCACache layer (LLaMA-3.1-8B
+attention shapes, ~39% kept, heads keeping very different amounts; the live
+lengths passed as the decode step passes them) for each setting of each
+schedule: "split" over (block, programs, warps, stages), "balanced" over
+(programs, block, warps, stages), then "fused" over the programs at the
+fastest balanced (block, warps, stages). Checks every setting against the
+"math" backend, prints one line each, sets the module defaults (schedule
+included) to the fastest and runs ``tca_flex.bench`` with the remaining
+arguments.
 """
 
 from __future__ import annotations
@@ -20,6 +24,17 @@ from tca_flex import bench, triton_decode
 from tca_flex.config import TCAConfig
 from tca_flex.decode import decode_attention
 
+# Two programs per SM of the H200 (132 SMs) and more; the split schedule as in BENCHMARKS.md 2026-12-02,
+# where more programs only got slower.
+BALANCED_PROGRAMS = (132, 264, 396, 528)
+SPLIT_PROGRAMS = (256, 512)
+TILES = list(itertools.product((64, 128), (4, 8), (2, 3)))  # block, warps, stages
+
+
+def settings(schedule: str, programs: tuple[int, ...], tiles: list[tuple[int, int, int]]) -> list[dict]:
+    return [dict(schedule=schedule, programs=p, block=b, num_warps=w, num_stages=s)
+            for p, (b, w, s) in itertools.product(programs, tiles)]
+
 
 @torch.no_grad()
 def sweep(length: int = 131072, target: float = 0.39) -> dict:
@@ -30,31 +45,54 @@ def sweep(length: int = 131072, target: float = 0.39) -> dict:
                                     dtype, device)
     q = torch.randn(1, hq, 1, d, device=device, dtype=dtype)
     seg = layer.segments
+    live = (layer.var_len, layer.next_pos, layer.base, layer.ring)
     ref, _ = decode_attention(q, layer.k_buf, layer.v_buf, layer.owner, group=hq // hkv, scale=d**-0.5,
                               backend="math")
-    results = []
-    for block, programs, warps, stages in itertools.product((64, 128), (256, 512, 1024, 2048), (4,), (2, 3)):
-        kw = dict(total_slots=seg.total_length, block=block, programs=programs, num_warps=warps, num_stages=stages)
 
-        def fn(kw=kw):
+    def run(kw: dict) -> tuple[float, dict] | None:
+        def fn():
             return triton_decode.launch(q[:, :, 0], layer.k_buf, layer.v_buf, layer.owner, seg.start, seg.length,
-                                        seg.max_length, d**-0.5, **kw)
+                                        seg.max_length, d**-0.5, total_slots=seg.total_length, live=live, **kw)
+        label = (f"{kw['schedule']:<8} block {kw['block']:>3} programs {kw['programs']:>4} warps {kw['num_warps']} "
+                 f"stages {kw['num_stages']}")
         try:
             err = float((fn()[0].float() - ref[:, :, 0].float()).abs().max())
             us = bench.graph_timed(fn, device)
         except Exception as e:  # e.g. out of shared memory for a large block x stages
-            print(f"block {block} programs {programs} warps {warps} stages {stages}: {type(e).__name__}")
-            continue
-        results.append((us, block, programs, warps, stages, err))
-        print(f"block {block:>4} programs {programs:>5} warps {warps} stages {stages}: {us:8.1f} us  err {err:.2e}")
-    ok = [r for r in results if r[5] < 3e-2]
-    best = min(ok)
-    print(f"\nbest: {best[0]:.1f} us  block {best[1]} programs {best[2]} warps {best[3]} stages {best[4]}")
-    return {"us": best[0], "block": best[1], "programs": best[2], "num_warps": best[3], "num_stages": best[4]}
+            print(f"{label}: {type(e).__name__}")
+            return None
+        print(f"{label}: {us:8.1f} us  err {err:.2e}", flush=True)
+        return (us, kw) if err < 3e-2 else None
+
+    def fastest(candidates: list[dict]) -> list[tuple[float, dict]]:
+        timed = [r for r in map(run, candidates) if r is not None]
+        return sorted(timed, key=lambda r: r[0])
+
+    split = fastest(settings("split", SPLIT_PROGRAMS, TILES))
+    balanced = fastest(settings("balanced", BALANCED_PROGRAMS, TILES))
+    fused = []
+    if balanced:  # the combine folded in changes the tail, not the tiles: reuse the balanced one's
+        tile = balanced[0][1]
+        fused = fastest(settings("fused", BALANCED_PROGRAMS, [(tile["block"], tile["num_warps"],
+                                                               tile["num_stages"])]))
+    for name, ranked in (("split", split), ("balanced", balanced), ("fused", fused)):
+        if ranked:
+            print(f"best {name:<8}: {ranked[0][0]:.1f} us  {ranked[0][1]}")
+    us, best = min((ranked[0] for ranked in (split, balanced, fused) if ranked), key=lambda r: r[0])
+    print(f"\nbest: {us:.1f} us  {best}")
+    return best
+
+
+def set_defaults(best: dict) -> None:
+    triton_decode.SCHEDULE = best["schedule"]
+    triton_decode.BLOCK_N, triton_decode.NUM_WARPS = best["block"], best["num_warps"]
+    triton_decode.NUM_STAGES = best["num_stages"]
+    if best["schedule"] == "split":
+        triton_decode.TARGET_PROGRAMS = best["programs"]
+    else:
+        triton_decode.BALANCED_PROGRAMS = best["programs"]
 
 
 if __name__ == "__main__":
-    best = sweep()
-    triton_decode.BLOCK_N, triton_decode.TARGET_PROGRAMS = best["block"], best["programs"]
-    triton_decode.NUM_WARPS, triton_decode.NUM_STAGES = best["num_warps"], best["num_stages"]
+    set_defaults(sweep())
     bench.main(sys.argv[1:])

@@ -597,14 +597,16 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
     return rows
 
 
-def triton_decode_settings() -> dict[str, int] | None:
+def triton_decode_settings() -> dict[str, int | str] | None:
     from . import decode
 
     kernels = decode.triton_decode
     if kernels is None:
         return None
-    return {"block": kernels.BLOCK_N, "programs": kernels.TARGET_PROGRAMS, "num_warps": kernels.NUM_WARPS,
-            "num_stages": kernels.NUM_STAGES}
+    split = kernels.SCHEDULE == "split"
+    return {"schedule": kernels.SCHEDULE, "block": kernels.BLOCK_N,
+            "programs": kernels.TARGET_PROGRAMS if split else kernels.BALANCED_PROGRAMS,
+            "num_warps": kernels.NUM_WARPS, "num_stages": kernels.NUM_STAGES}
 
 
 def device_name(device: torch.device) -> str:

@@ -21,6 +21,17 @@ Each split's loop stops at the head's live
 length, read on the device (ring fill and packed tokens), so the free
 headroom of a segment costs a program that exits, not a read.
 
+That "split" schedule sizes its grid from the longest segment: the programs
+of short heads exit at once and the working ones run in uneven waves. The
+"balanced" schedule (stream-K style) launches a fixed grid of ``programs``
+instead; on the device every program lays all the live slots end to end,
+segment after segment, and attends an equal contiguous share of them, one
+partial per (program, segment) it meets; ``_balanced_combine_kernel`` merges
+each segment's partials. "fused" is "balanced" with the merge done by the
+program that completes a segment (an atomic count per segment), one kernel.
+The grid depends on Python ints only, so it replays from a CUDA graph while
+the live lengths change.
+
 This module holds the kernels and a plain launcher only; ``decode.py``
 registers the op. Without a GPU the tests run the same kernels on CPU
 tensors in Triton's interpreter (``TRITON_INTERPRET=1``).
@@ -40,6 +51,10 @@ TARGET_PROGRAMS = 256
 NUM_WARPS = 4
 NUM_STAGES = 3
 COMBINE_CHUNK = 32
+SCHEDULES = ("split", "balanced", "fused")
+SCHEDULE = "split"  # "balanced" and "fused" are not yet measured on the GPU
+# Two per SM of an H100 / H200 (132 SMs); not yet measured.
+BALANCED_PROGRAMS = 264
 
 
 @triton.jit
@@ -78,20 +93,13 @@ def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
-                  o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
-                  stride_ownb, stride_base, scale, ring, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                  D: tl.constexpr, SPLIT, NUM_SPLITS, BLOCK: tl.constexpr,
-                  LIVE: tl.constexpr, IEEE: tl.constexpr):
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
+def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, bh, lo0, hi0, lo1, hi1, stride_qb, stride_qh, stride_kb,
+                 stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV: tl.constexpr, G: tl.constexpr,
+                 G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """(m, l, acc) of segment ``bh``'s ``G`` query heads over its offsets ``[lo0, hi0)`` and ``[lo1, hi1)``."""
     b = bh // HKV
     h = bh % HKV
     seg_start = tl.load(start_ptr + bh)
-    seg_len = tl.load(length_ptr + bh)
-    lo = split * SPLIT
-    hi = tl.minimum(lo + SPLIT, seg_len)
-
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
@@ -102,25 +110,89 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    if LIVE:
-        # Live slots of a TCA segment: the ring's filled prefix and the packed prefix
-        # (``cache.py``); the headroom after the packed tokens is never read.
-        fill = tl.minimum(tl.load(next_pos_ptr) - tl.load(base_ptr + b * stride_base), ring).to(tl.int32)
-        packed_end = (ring + tl.load(var_len_ptr + bh)).to(tl.int32)
-        m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo,
-                                       tl.minimum(hi, fill), h, stride_ks, stride_vs, scale, D, BLOCK, IEEE)
-        m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start,
-                                       tl.maximum(lo, ring), tl.minimum(hi, packed_end), h, stride_ks,
-                                       stride_vs, scale, D, BLOCK, IEEE)
-    else:
-        m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h,
-                                       stride_ks, stride_vs, scale, D, BLOCK, IEEE)
+    m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo0, hi0, h, stride_ks,
+                                   stride_vs, scale, D, BLOCK, IEEE)
+    return _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo1, hi1, h, stride_ks, stride_vs,
+                          scale, D, BLOCK, IEEE)
+
+
+@triton.jit
+def _store_partial(o_ptr, m_ptr, l_ptr, entry, m_i, l_i, acc, G: tl.constexpr, G_PAD: tl.constexpr,
+                   D: tl.constexpr):
     # Only the G real query rows go out: the partials are a few percent of the K/V bytes.
-    row = (bh * NUM_SPLITS + split) * G + g
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    row = entry * G + g
     real = g < G
     tl.store(m_ptr + row, m_i, mask=real)
     tl.store(l_ptr + row, l_i, mask=real)
     tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=real[:, None])
+
+
+@triton.jit
+def _merge_partials(o_ptr, m_ptr, l_ptr, first, count, g0, G: tl.constexpr, GM: tl.constexpr, D: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    """(m, l, acc) of query heads ``g0 .. g0 + GM`` merged over partial entries ``first .. first + count``."""
+    c = tl.arange(0, CHUNK)
+    g = g0 + tl.arange(0, GM)
+    d = tl.arange(0, D)
+    m_run = tl.full([GM], float("-inf"), tl.float32)
+    l_run = tl.zeros([GM], tl.float32)
+    acc = tl.zeros([GM, D], tl.float32)
+    for c0 in range(0, count, CHUNK):
+        row = (first + c0 + c)[:, None] * G + g[None, :]
+        inside = ((c0 + c) < count)[:, None] & (g < G)[None, :]
+        # .cg (L2): under the fused schedule, other programs wrote these entries during this launch.
+        m = tl.load(m_ptr + row, mask=inside, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(l_ptr + row, mask=inside, other=0.0, cache_modifier=".cg")
+        o = tl.load(o_ptr + row[:, :, None] * D + d[None, None, :], mask=inside[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp(m - shift[None, :])  # empty entries have m = -inf: weight 0
+        alpha = tl.exp(m_run - shift)
+        l_run = l_run * alpha + tl.sum(l_s * w, 0)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        m_run = m_new
+    return m_run, l_run, acc
+
+
+@triton.jit
+def _store_output(out_ptr, lse_ptr, bh, g0, m_run, l_run, acc, stride_outb, stride_outh, HKV: tl.constexpr,
+                  G: tl.constexpr, GM: tl.constexpr, D: tl.constexpr):
+    # A head with no live slot gets l = 0: output 0 / 0 (NaN) and lse -inf, as the "math" backend gives.
+    b = bh // HKV
+    g = g0 + tl.arange(0, GM)
+    head = (bh % HKV) * G + g
+    real = g < G
+    d = tl.arange(0, D)
+    tl.store(out_ptr + b * stride_outb + head[:, None] * stride_outh + d[None, :],
+             (acc / l_run[:, None]).to(out_ptr.dtype.element_ty), mask=real[:, None])
+    tl.store(lse_ptr + b * (HKV * G) + head, m_run + tl.log(l_run), mask=real)
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                  o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
+                  stride_ownb, stride_base, scale, ring, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                  D: tl.constexpr, SPLIT, NUM_SPLITS, BLOCK: tl.constexpr,
+                  LIVE: tl.constexpr, IEEE: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    lo = split * SPLIT
+    hi = tl.minimum(lo + SPLIT, tl.load(length_ptr + bh))
+    if LIVE:
+        # Live slots of a TCA segment: the ring's filled prefix and the packed prefix
+        # (``cache.py``); the headroom after the packed tokens is never read.
+        fill = tl.minimum(tl.load(next_pos_ptr) - tl.load(base_ptr + (bh // HKV) * stride_base), ring).to(tl.int32)
+        packed_end = (ring + tl.load(var_len_ptr + bh)).to(tl.int32)
+        lo0, hi0, lo1, hi1 = lo, tl.minimum(hi, fill), tl.maximum(lo, ring), tl.minimum(hi, packed_end)
+    else:
+        lo0, hi0, lo1, hi1 = lo, hi, hi, hi
+    m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, bh, lo0, hi0, lo1, hi1, stride_qb,
+                                 stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV, G,
+                                 G_PAD, D, BLOCK, IEEE)
+    _store_partial(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS + split, m_i, l_i, acc, G, G_PAD, D)
 
 
 @triton.jit
@@ -129,29 +201,101 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_o
                     CHUNK: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    d = tl.arange(0, D)
-    m_run = tl.full([1], float("-inf"), tl.float32)
-    l_run = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    for c0 in range(0, NUM_SPLITS, CHUNK):
-        s = c0 + tl.arange(0, CHUNK)
-        inside = s < NUM_SPLITS
-        row = (bh * NUM_SPLITS + s) * G + gi
-        m = tl.load(m_ptr + row, mask=inside, other=float("-inf"))
-        l_s = tl.load(l_ptr + row, mask=inside, other=0.0)
-        o = tl.load(o_ptr + row[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp(m - shift)  # empty splits have m = -inf: weight 0
-        alpha = tl.exp(m_run - shift)
-        l_run = l_run * alpha + tl.sum(l_s * w, 0)
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        m_run = m_new
-    head = h * G + gi
-    tl.store(out_ptr + b * stride_outb + head * stride_outh + d, (acc / l_run).to(out_ptr.dtype.element_ty))
-    tl.store(lse_ptr + b * (HKV * G) + head + tl.arange(0, 1), m_run + tl.log(l_run))
+    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS, NUM_SPLITS, gi, G, 1, D, CHUNK)
+    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, 1, D)
+
+
+@triton.jit
+def _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring, NSEG, P,
+                   HKV: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, LIVE: tl.constexpr):
+    """Where each segment's live slots lie in the stream of all of them, segment after segment.
+
+    Over segments ``[NSEG_PAD]``: the ring fill (the live run at offset 0; the whole segment
+    when not LIVE), the live length, the first stream slot, and the first and last program
+    whose share of the stream meets the segment (an empty segment goes to the program whose
+    share holds its stream position: it still needs its output written); then the share,
+    whole blocks. Slot counts are int32: all rows' live slots together stay below 2**31
+    (their K and V alone would take 1 TiB at D = 128).
+    """
+    seg = tl.arange(0, NSEG_PAD)
+    real = seg < NSEG
+    length = tl.load(length_ptr + seg, mask=real, other=0)
+    if LIVE:
+        # The same live runs as ``_split_kernel`` reads, bounded by the segment.
+        base = tl.load(base_ptr + (seg // HKV) * stride_base, mask=real, other=0)
+        fill = tl.minimum(tl.maximum(tl.load(next_pos_ptr) - base, 0), ring).to(tl.int32)
+        packed = tl.minimum(tl.load(var_len_ptr + seg, mask=real, other=0).to(tl.int32), length - ring)
+        n = tl.where(real, fill + packed, 0)
+    else:
+        fill = length
+        n = length
+    begin = tl.cumsum(n, 0) - n
+    share = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), P), BLOCK) * BLOCK, BLOCK)
+    first = tl.where(real, tl.minimum(begin // share, P - 1), P)  # padding segments: no program
+    last = tl.minimum((begin + tl.maximum(n, 1) - 1) // share, P - 1)
+    return fill, n, begin, first, last, share
+
+
+@triton.jit
+def _pick(x, at):
+    """The element of the segment vector ``x`` where ``at`` holds (one-hot)."""
+    return tl.sum(tl.where(at, x, 0), 0)
+
+
+@triton.jit
+def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                     o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_kb, stride_ks,
+                     stride_vb, stride_vs, stride_ownb, stride_base, stride_outb, stride_outh, scale, ring, NSEG, P,
+                     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, GM: tl.constexpr, D: tl.constexpr,
+                     NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr,
+                     IEEE: tl.constexpr, FUSED: tl.constexpr):
+    pid = tl.program_id(0)
+    fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                                                        stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
+    seg = tl.arange(0, NSEG_PAD)
+    mine = (first <= pid) & (pid <= last)
+    share_lo = pid * share
+    for bh in range(tl.min(tl.where(mine, seg, NSEG_PAD), 0), tl.max(tl.where(mine, seg, -1), 0) + 1):
+        at = seg == bh
+        seg_fill, seg_begin = _pick(fill, at), _pick(begin, at)
+        lo = tl.maximum(share_lo - seg_begin, 0)
+        hi = tl.minimum(share_lo + share - seg_begin, _pick(n, at))
+        # Live offsets [lo, hi) of the segment: those in the ring fill, then those of the packed
+        # run at ``ring`` (without LIVE the fill is the whole segment and the second run is empty).
+        m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, bh, lo, tl.minimum(hi, seg_fill),
+                                     ring + tl.maximum(lo - seg_fill, 0), ring + hi - seg_fill, stride_qb,
+                                     stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV,
+                                     G, G_PAD, D, BLOCK, IEEE)
+        # Entry pid + bh: unique, as the programs meeting a segment are consecutive and a
+        # program's segments are too (the next program starts at or after its last segment).
+        _store_partial(o_ptr, m_ptr, l_ptr, pid + bh, m_i, l_i, acc, G, G_PAD, D)
+        if FUSED:
+            seg_first, seg_last = _pick(first, at), _pick(last, at)
+            # Every thread's partial stores come before the count that publishes them
+            # (tl.atomic_add is acq_rel at GPU scope).
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr + bh, 1) == seg_last - seg_first:
+                tl.store(count_ptr + bh, 0)  # zero again for the next launch (or CUDA-graph replay)
+                m_run, l_run, merged = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh,
+                                                       seg_last - seg_first + 1, 0, G, GM, D, CHUNK)
+                _store_output(out_ptr, lse_ptr, bh, 0, m_run, l_run, merged, stride_outb, stride_outh, HKV, G, GM,
+                              D)
+
+
+@triton.jit
+def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                             stride_base, stride_outb, stride_outh, ring, NSEG, P, HKV: tl.constexpr,
+                             G: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                             CHUNK: tl.constexpr, LIVE: tl.constexpr):
+    bh = tl.program_id(0)
+    gi = tl.program_id(1)
+    _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
+                                             NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
+    at = tl.arange(0, NSEG_PAD) == bh
+    seg_first = _pick(first, at)
+    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi, G,
+                                        1, D, CHUNK)
+    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, 1, D)
 
 
 def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PROGRAMS) -> int:
@@ -165,19 +309,69 @@ def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PR
     return -(-per // block) * block
 
 
+def _partials(entries: int, group: int, d: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Buffers of the per-(program, segment) partial results (m, l, un-normalised output)."""
+    m = torch.empty(entries * group, dtype=torch.float32, device=device)
+    return {"o_ptr": torch.empty(entries * group, d, dtype=torch.float32, device=device), "m_ptr": m,
+            "l_ptr": torch.empty_like(m)}
+
+
+# The fused schedule's per-segment counters, per device. Never freed: a CUDA graph replays the
+# address it captured. Shared, so launches on one device must not overlap (one stream).
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _segment_counters(segments: int, device: torch.device) -> torch.Tensor:
+    """int32 counters, zero between launches: the program that completes a segment resets its own."""
+    held = _COUNTERS.setdefault(device, [])
+    if not held or held[-1].numel() < segments:
+        held.append(torch.zeros(max(segments, 256), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, total_slots: int | None,
+                  programs: int) -> None:
+    group, d = attend["G"], attend["D"]
+    if total_slots is None:
+        total_slots = max_segment * segments
+    split = split_size(total_slots, attend["BLOCK"], programs)
+    num_splits = max(1, -(-max_segment // split))
+    parts = _partials(segments * num_splits, group, d, attend["q_ptr"].device)
+    _split_kernel[(num_splits, segments)](**attend, **parts, SPLIT=split, NUM_SPLITS=num_splits)
+    _combine_kernel[(segments, group)](**parts, **output, HKV=attend["HKV"], G=group, D=d, NUM_SPLITS=num_splits,
+                                       CHUNK=COMBINE_CHUNK)
+
+
+def _launch_balanced(attend: dict, output: dict, segments: int, programs: int, fused: bool) -> None:
+    group, device = attend["G"], attend["q_ptr"].device
+    # Entries program + segment: at most programs + segments - 1 (see _balanced_kernel).
+    parts = _partials(programs + segments - 1, group, attend["D"], device)
+    stream = dict(NSEG=segments, P=programs, NSEG_PAD=triton.next_power_of_2(segments))
+    gm = triton.next_power_of_2(group)
+    # Unfused, the counters are never touched: any int32 tensor will do.
+    counts = _segment_counters(segments, device) if fused else attend["length_ptr"]
+    _balanced_kernel[(programs,)](**attend, **parts, **output, **stream, count_ptr=counts, GM=gm,
+                                  CHUNK=max(1, COMBINE_CHUNK // gm), FUSED=fused)
+    if not fused:
+        layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
+                                                  "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
+        _balanced_combine_kernel[(segments, group)](**parts, **output, **layout, **stream, G=group, D=attend["D"],
+                                                    CHUNK=COMBINE_CHUNK)
+
+
 def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
            seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int, scale: float,
            total_slots: int | None = None, live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
            block: int | None = None, programs: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run both kernels.
+           num_stages: int | None = None, schedule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernels of one schedule.
 
     Args:
         q_bhd: ``[B, H_q, D]`` (stride 1 over ``D``).
         k_bsd, v_bsd: ``[B, S, D]`` contiguous flat buffers.
         owner_bs: int32 ``[B, S]`` contiguous: KV head of each live slot, ``-1`` if free.
         seg_start, seg_len: int32 ``[B, H_kv]`` contiguous: each head's segment (slots).
-        max_segment: Python int >= every ``seg_len`` (sizes the grid).
+        max_segment: Python int >= every ``seg_len`` (sizes the "split" grid).
         scale: softmax scale.
         total_slots: Python int, the segments' total length (sizes the
             splits; default ``max_segment`` times the number of segments).
@@ -188,38 +382,37 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
             ``[0, min(next_pos - base, ring))`` and ``[ring, ring + var_len)`` of
             each segment are read (the live lengths, read on the device each
             step); ``None``: the whole segment.
-        block, programs, num_warps, num_stages: tuning knobs; ``None`` takes
-            the module's ``BLOCK_N``, ``TARGET_PROGRAMS``, ``NUM_WARPS`` and
-            ``NUM_STAGES`` (measured on an H200, ``scripts/gpu_decode_sweep.py``).
+        block, num_warps, num_stages: tuning knobs; ``None`` takes the module's
+            ``BLOCK_N``, ``NUM_WARPS`` and ``NUM_STAGES``.
+        programs: "split": about how many programs share the segments (sizes
+            the splits; ``TARGET_PROGRAMS``); "balanced" and "fused": the grid
+            (``BALANCED_PROGRAMS``).
+        schedule: one of ``SCHEDULES``; ``None`` takes ``SCHEDULE``.
 
     Returns:
         (``[B, H_q, D]`` output in q's dtype, float32 ``[B, H_q]`` log-sum-exp).
     """
+    schedule = schedule or SCHEDULE
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
     bsz, hq, d = q_bhd.shape
     hkv = seg_start.shape[1]
     group = hq // hkv
-    g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
-    block, programs = block or BLOCK_N, programs or TARGET_PROGRAMS
-    num_warps, num_stages = num_warps or NUM_WARPS, num_stages or NUM_STAGES
-    if total_slots is None:
-        total_slots = max_segment * seg_start.numel()
-    split = split_size(total_slots, block, programs)
-    num_splits = max(1, -(-max_segment // split))
-    dev = q_bhd.device
     # Unused pointers when the whole segment is read (LIVE=False): any valid tensor will do.
     var_len, next_pos, base, ring = live if live is not None else (seg_len, seg_len, seg_len, 0)
-    o_part = torch.empty(bsz * hkv * num_splits * group, d, dtype=torch.float32, device=dev)
-    m_part = torch.empty(bsz * hkv * num_splits * group, dtype=torch.float32, device=dev)
-    l_part = torch.empty_like(m_part)
-    out = torch.empty(bsz, hq, d, dtype=q_bhd.dtype, device=dev)
-    lse = torch.empty(bsz, hq, dtype=torch.float32, device=dev)
-    _split_kernel[(num_splits, bsz * hkv)](
-        q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, var_len, next_pos, base, o_part, m_part, l_part,
-        q_bhd.stride(0), q_bhd.stride(1), k_bsd.stride(0), k_bsd.stride(1), v_bsd.stride(0), v_bsd.stride(1),
-        owner_bs.stride(0), base.stride(0) if live is not None and base.dim() else 0, scale, ring, HKV=hkv, G=group, G_PAD=g_pad, D=d, SPLIT=split, NUM_SPLITS=num_splits,
-        BLOCK=block, LIVE=live is not None, IEEE=q_bhd.dtype == torch.float32, num_warps=num_warps,
-        num_stages=num_stages)
-    _combine_kernel[(bsz * hkv, group)](
-        o_part, m_part, l_part, out, lse, out.stride(0), out.stride(1), HKV=hkv, G=group, D=d,
-        NUM_SPLITS=num_splits, CHUNK=COMBINE_CHUNK)
+    attend = dict(q_ptr=q_bhd, k_ptr=k_bsd, v_ptr=v_bsd, owner_ptr=owner_bs, start_ptr=seg_start, length_ptr=seg_len,
+                  var_len_ptr=var_len, next_pos_ptr=next_pos, base_ptr=base, stride_qb=q_bhd.stride(0),
+                  stride_qh=q_bhd.stride(1), stride_kb=k_bsd.stride(0), stride_ks=k_bsd.stride(1),
+                  stride_vb=v_bsd.stride(0), stride_vs=v_bsd.stride(1), stride_ownb=owner_bs.stride(0),
+                  stride_base=base.stride(0) if live is not None and base.dim() else 0, scale=scale, ring=ring,
+                  HKV=hkv, G=group, G_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
+                  D=d, BLOCK=block or BLOCK_N, LIVE=live is not None, IEEE=q_bhd.dtype == torch.float32,
+                  num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES)
+    out = torch.empty(bsz, hq, d, dtype=q_bhd.dtype, device=q_bhd.device)
+    lse = torch.empty(bsz, hq, dtype=torch.float32, device=q_bhd.device)
+    output = dict(out_ptr=out, lse_ptr=lse, stride_outb=out.stride(0), stride_outh=out.stride(1))
+    if schedule == "split":
+        _launch_split(attend, output, bsz * hkv, max_segment, total_slots, programs or TARGET_PROGRAMS)
+    else:
+        _launch_balanced(attend, output, bsz * hkv, programs or BALANCED_PROGRAMS, schedule == "fused")
     return out, lse

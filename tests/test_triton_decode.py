@@ -5,10 +5,11 @@ GPU the same tests run the compiled kernels through the registered op.
 """
 
 import os
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import tca_flex.decode as decode
@@ -19,14 +20,30 @@ pytestmark = pytest.mark.skipif(
     reason="needs Triton (compiled on a GPU, or its CPU interpreter)")
 
 
-def run_kernels(q, k, v, owner, segments, scale, block=64, live=None):
-    if block == 64:  # through the op, as the cache calls it
-        return decode_attention(q, k, v, owner, group=q.shape[1] // segments.start.shape[1], scale=scale,
-                                backend="triton", segments=segments, live=live)
-    out, lse = decode.triton_decode.launch(q[:, :, 0], k, v, owner, segments.start, segments.length,
-                                           segments.max_length, scale, total_slots=segments.total_length,
-                                           live=live, block=block)
-    return out.unsqueeze(2), lse
+SCHEDULES = decode.triton_decode.SCHEDULES if decode.triton_decode is not None else ()
+# The grid of "balanced" / "fused", below and above the 1-6 segments drawn (the interpreter runs
+# programs one by one: the default, 264, would be slow).
+PROGRAMS = st.sampled_from([1, 2, 5, 48])
+
+
+def run_kernels(q, k, v, owner, segments, scale, block=64, live=None, schedule="split", programs=None):
+    """``programs``: the grid of "balanced" and "fused"; "split" keeps its default target."""
+    kernels = decode.triton_decode
+    if schedule == "split":
+        programs = None
+    if block == 64:  # through the op, as the cache calls it: schedule and grid as the module's defaults
+        with mock.patch.object(kernels, "SCHEDULE", schedule), \
+                mock.patch.object(kernels, "BALANCED_PROGRAMS", programs or kernels.BALANCED_PROGRAMS):
+            out, lse = decode_attention(q, k, v, owner, group=q.shape[1] // segments.start.shape[1], scale=scale,
+                                        backend="triton", segments=segments, live=live)
+    else:
+        out, lse = kernels.launch(q[:, :, 0], k, v, owner, segments.start, segments.length, segments.max_length,
+                                  scale, total_slots=segments.total_length, live=live, block=block,
+                                  schedule=schedule, programs=programs)
+        out = out.unsqueeze(2)
+    # The next launch (a CUDA-graph replay) counts from zero again.
+    assert not any(c.any() for c in kernels._COUNTERS.get(q.device, []))
+    return out, lse
 
 
 def random_cache(bsz, hkv, d, seg_lens, live_frac, dtype, device, gen):
@@ -44,7 +61,8 @@ def random_cache(bsz, hkv, d, seg_lens, live_frac, dtype, device, gen):
         for h in range(hkv):
             s0, n = starts[b][h], lengths[b][h]
             live = torch.rand(n, generator=gen) < live_frac
-            live[torch.randint(n, (1,), generator=gen)] = True  # every head holds its newest token
+            if n:  # every head with a slot holds its newest token
+                live[torch.randint(n, (1,), generator=gen)] = True
             owner[b, s0:s0 + n][live] = h
     segments = Segments(torch.tensor(starts, dtype=torch.int32, device=device),
                         torch.tensor(lengths, dtype=torch.int32, device=device), max(map(max, lengths)),
@@ -62,18 +80,24 @@ def reference(q, k, v, owner, group, scale, readable=None):
             live = (owner[b] == h // group).cpu()
             if readable is not None:
                 live &= readable[b]
+            if not live.any():  # nothing to attend: 0 / 0, as the "math" backend gives
+                out[b, h], lse[b, h] = float("nan"), float("-inf")
+                continue
             logits = k[b].cpu()[live].double() @ q[b, h, 0].cpu().double() * scale
             lse[b, h] = logits.logsumexp(0)
             out[b, h] = torch.softmax(logits, 0) @ v[b].cpu()[live].double()
     return out, lse
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @given(bsz=st.integers(1, 2), hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 8]),
        d=st.sampled_from([16, 32]), max_len=st.sampled_from([40, 300, 700]), live=st.floats(0.05, 1.0),
-       half=st.booleans(), block=st.sampled_from([16, 64]), seed=st.integers(0, 2**31 - 1))
+       half=st.booleans(), block=st.sampled_from([16, 64]), programs=PROGRAMS, seed=st.integers(0, 2**31 - 1))
 @torch.no_grad()
-def test_kernels_equal_float64_attention_over_live_slots(bsz, hkv, group, d, max_len, live, half, block, seed):
-    # block 16 over 700 slots gives > COMBINE_CHUNK splits: the combine loops over chunks.
+def test_kernels_equal_float64_attention_over_live_slots(schedule, bsz, hkv, group, d, max_len, live, half, block,
+                                                         programs, seed):
+    # block 16 over 700 slots gives > COMBINE_CHUNK splits: the combine loops over chunks (and so
+    # does the fused one, whose chunks are COMBINE_CHUNK / group entries).
     gen = torch.Generator().manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if half else torch.float32
@@ -81,7 +105,7 @@ def test_kernels_equal_float64_attention_over_live_slots(bsz, hkv, group, d, max
     k, v, owner, segments = random_cache(bsz, hkv, d, seg_lens, live, dtype, device, gen)
     q = torch.randn(bsz, hkv * group, 1, d, generator=gen).to(dtype).to(device)
     scale = d ** -0.5
-    out, lse = run_kernels(q, k, v, owner, segments, scale, block)
+    out, lse = run_kernels(q, k, v, owner, segments, scale, block, schedule=schedule, programs=programs)
     ref_out, ref_lse = reference(q, k, v, owner, group, scale)
     tol = 2e-3 if half else 1e-5
     assert out.dtype == dtype and out.shape == q.shape
@@ -89,11 +113,13 @@ def test_kernels_equal_float64_attention_over_live_slots(bsz, hkv, group, d, max
     torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @given(bsz=st.integers(1, 2), hkv=st.integers(1, 3), group=st.sampled_from([1, 4]), ring=st.integers(1, 200),
        fill=st.floats(0.0, 1.5), packed=st.lists(st.integers(0, 300), min_size=6, max_size=6),
-       block=st.sampled_from([16, 64]), seed=st.integers(0, 2**31 - 1))
+       block=st.sampled_from([16, 64]), programs=PROGRAMS, seed=st.integers(0, 2**31 - 1))
 @torch.no_grad()
-def test_live_lengths_bound_what_the_kernel_reads(bsz, hkv, group, ring, fill, packed, block, seed):
+def test_live_lengths_bound_what_the_kernel_reads(schedule, bsz, hkv, group, ring, fill, packed, block, programs,
+                                                  seed):
     """A TCA segment is [ring | packed | headroom]: only the ring's filled prefix and the packed prefix
     count, even where ``owner`` claims other slots (stale owners past the live lengths must not be read)."""
     gen = torch.Generator().manual_seed(seed)
@@ -114,10 +140,57 @@ def test_live_lengths_bound_what_the_kernel_reads(bsz, hkv, group, ring, fill, p
     next_pos = torch.tensor(1000 + filled, device=device)
     live = LiveRanges(var_len.to(device), next_pos, torch.tensor(1000, device=device), ring)
     q = torch.randn(bsz, hkv * group, 1, d, generator=gen).to(device)
-    out, lse = run_kernels(q, k, v, owner, segments, scale, block, live)
+    out, lse = run_kernels(q, k, v, owner, segments, scale, block, live, schedule, programs)
     ref_out, ref_lse = reference(q, k, v, owner, group, scale, readable)
     torch.testing.assert_close(out[:, :, 0].cpu().double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+# 0 / 0 and log(0) are the point here.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@given(bsz=st.integers(1, 2), hkv=st.integers(1, 3), counts=st.lists(st.sampled_from([0, 0, 3, 16, 64, 200]),
+       min_size=6, max_size=6), ring_filled=st.lists(st.booleans(), min_size=2, max_size=2),
+       live_ranges=st.booleans(), block=st.sampled_from([16, 64]), programs=PROGRAMS,
+       seed=st.integers(0, 2**31 - 1))
+# An empty segment at a share boundary (slot 64 of shares of 16) still has a program that writes it.
+@example(bsz=1, hkv=2, counts=[64, 0, 0, 0, 0, 0], ring_filled=[False, False], live_ranges=False, block=16,
+         programs=5, seed=0)
+@torch.no_grad()
+def test_heads_with_nothing_to_read_give_nan_and_minus_inf(schedule, bsz, hkv, counts, ring_filled, live_ranges,
+                                                           block, programs, seed):
+    """A head with no live slot (an empty segment, or empty live runs: ring not filled, nothing packed)
+    gets 0 / 0, a NaN output and lse -inf, as the "math" backend gives; the other heads are unaffected."""
+    gen = torch.Generator().manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    d, scale, ring, group = 16, 0.25, 8, 2
+    counts = torch.tensor(counts[: bsz * hkv]).view(bsz, hkv)
+    k, v, owner, segments = random_cache(bsz, hkv, d, (counts + ring * live_ranges).tolist(), 0.7, torch.float32,
+                                         device, gen)
+    live = readable = None
+    if live_ranges:  # segments [ring | packed], the ring of each row filled or not at all
+        fill = [ring * f for f in ring_filled[:bsz]]
+        readable = torch.zeros(owner.shape, dtype=torch.bool)
+        for b in range(bsz):
+            for h in range(hkv):
+                s0 = int(segments.start[b, h])
+                readable[b, s0: s0 + fill[b]] = True
+                readable[b, s0 + ring: s0 + ring + int(counts[b, h])] = True
+        live = LiveRanges(counts.to(device), torch.tensor(100, device=device),
+                          torch.tensor([100 - f for f in fill], device=device), ring)
+    q = torch.randn(bsz, hkv * group, 1, d, generator=gen).to(device)
+    out, lse = run_kernels(q, k, v, owner, segments, scale, block, live, schedule, programs)
+    ref_out, ref_lse = reference(q, k, v, owner, group, scale, readable)
+    torch.testing.assert_close(out[:, :, 0].cpu().double(), ref_out, atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_launch_refuses_an_unknown_schedule():
+    with pytest.raises(ValueError, match="schedule='stream'"):
+        decode.triton_decode.launch(torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), torch.zeros(1, 1, 16),
+                                    torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                                    torch.ones(1, 1, dtype=torch.int32), 1, 1.0, schedule="stream")
 
 
 @given(total=st.integers(1, 10**6), block=st.sampled_from([16, 64, 128]), programs=st.integers(1, 4096))
