@@ -43,18 +43,20 @@ import torch
 import triton
 import triton.language as tl
 
-# Measured on an H200 (scripts/gpu_decode_sweep.py, BENCHMARKS.md 2026-12-02): at 128K with
-# 39% kept, 256 programs of 128-slot blocks took 67 us; 1024 programs 83-95 us, 2048 106-139 us
-# (more splits cost more partial writes and a longer combine than they add in parallelism).
-BLOCK_N = 128
+# Measured on an H200 (scripts/gpu_decode_sweep.py, BENCHMARKS.md 2026-12-03): at 128K with 39% kept
+# and the live lengths read on the device, "balanced" with 396 programs (three per SM of 132) of
+# 64-slot blocks, 4 warps, 2 stages took 62.7 us; the best "split" setting 67.7 us (512 programs),
+# "fused" 87 us (its serialised merge costs more than the second launch it saves). With "split",
+# more programs only got slower (2026-12-02: 1024 programs 83-95 us, 2048 106-139 us): per-program
+# partials and a longer combine, and programs of short heads that exit at once.
+BLOCK_N = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
-NUM_STAGES = 3
+NUM_STAGES = 2
 COMBINE_CHUNK = 32
 SCHEDULES = ("split", "balanced", "fused")
-SCHEDULE = "split"  # "balanced" and "fused" are not yet measured on the GPU
-# Two per SM of an H100 / H200 (132 SMs); not yet measured.
-BALANCED_PROGRAMS = 264
+SCHEDULE = "balanced"
+BALANCED_PROGRAMS = 396
 
 
 @triton.jit
