@@ -6,9 +6,8 @@ Times ``triton_decode.launch`` over a 128K-token TCACache layer (LLaMA-3.1-8B
 attention shapes, ~39% kept, heads keeping very different amounts; the live
 lengths passed as the decode step passes them) for each setting of each
 schedule: "split" over (block, programs, warps, stages), "balanced" over
-(programs, block, warps, stages), then "fused" over the programs at the
-fastest balanced (block, warps, stages). Checks every setting against the
-"math" backend, prints one line each, sets the module defaults (schedule
+(programs, block, warps, stages). Checks every setting against the "math"
+backend, prints one line each, sets the module defaults (schedule
 included) to the fastest and runs ``tca_flex.bench`` with the remaining
 arguments.
 """
@@ -70,15 +69,10 @@ def sweep(length: int = 131072, target: float = 0.39) -> dict:
 
     split = fastest(settings("split", SPLIT_PROGRAMS, TILES))
     balanced = fastest(settings("balanced", BALANCED_PROGRAMS, TILES))
-    fused = []
-    if balanced:  # the combine folded in changes the tail, not the tiles: reuse the balanced one's
-        tile = balanced[0][1]
-        fused = fastest(settings("fused", BALANCED_PROGRAMS, [(tile["block"], tile["num_warps"],
-                                                               tile["num_stages"])]))
-    for name, ranked in (("split", split), ("balanced", balanced), ("fused", fused)):
+    for name, ranked in (("split", split), ("balanced", balanced)):
         if ranked:
             print(f"best {name:<8}: {ranked[0][0]:.1f} us  {ranked[0][1]}")
-    us, best = min((ranked[0] for ranked in (split, balanced, fused) if ranked), key=lambda r: r[0])
+    us, best = min((ranked[0] for ranked in (split, balanced) if ranked), key=lambda r: r[0])
     print(f"\nbest: {us:.1f} us  {best}")
     return best
 

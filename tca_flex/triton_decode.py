@@ -27,10 +27,8 @@ of short heads exit at once and the working ones run in uneven waves. The
 instead; on the device every program lays all the live slots end to end,
 segment after segment, and attends an equal contiguous share of them, one
 partial per (program, segment) it meets; ``_balanced_combine_kernel`` merges
-each segment's partials. "fused" is "balanced" with the merge done by the
-program that completes a segment (an atomic count per segment), one kernel.
-The grid depends on Python ints only, so it replays from a CUDA graph while
-the live lengths change.
+each segment's partials. The grid depends on Python ints only, so it replays
+from a CUDA graph while the live lengths change.
 
 This module holds the kernels and a plain launcher only; ``decode.py``
 registers the op. Without a GPU the tests run the same kernels on CPU
@@ -46,15 +44,16 @@ import triton.language as tl
 # Measured on an H200 (scripts/gpu_decode_sweep.py, BENCHMARKS.md 2026-12-03): at 128K with 39% kept
 # and the live lengths read on the device, "balanced" with 396 programs (three per SM of 132) of
 # 64-slot blocks, 4 warps, 2 stages took 62.7 us; the best "split" setting 67.7 us (512 programs),
-# "fused" 87 us (its serialised merge costs more than the second launch it saves). With "split",
-# more programs only got slower (2026-12-02: 1024 programs 83-95 us, 2048 106-139 us): per-program
-# partials and a longer combine, and programs of short heads that exit at once.
+# "fused" 87 us (balanced with the merge done in the same kernel by the program that completes a
+# segment, since removed: its serialised merge costs more than the second launch it saves). With
+# "split", more programs only got slower (2026-12-02: 1024 programs 83-95 us, 2048 106-139 us):
+# per-program partials and a longer combine, and programs of short heads that exit at once.
 BLOCK_N = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
 NUM_STAGES = 2
 COMBINE_CHUNK = 32
-SCHEDULES = ("split", "balanced", "fused")
+SCHEDULES = ("split", "balanced")
 SCHEDULE = "balanced"
 BALANCED_PROGRAMS = 396
 
@@ -132,23 +131,20 @@ def _store_partial(o_ptr, m_ptr, l_ptr, entry, m_i, l_i, acc, G: tl.constexpr, G
 
 
 @triton.jit
-def _merge_partials(o_ptr, m_ptr, l_ptr, first, count, g0, G: tl.constexpr, GM: tl.constexpr, D: tl.constexpr,
-                    CHUNK: tl.constexpr):
-    """(m, l, acc) of query heads ``g0 .. g0 + GM`` merged over partial entries ``first .. first + count``."""
+def _merge_partials(o_ptr, m_ptr, l_ptr, first, count, g0, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
+    """(m, l, acc) of query head ``g0`` merged over partial entries ``first .. first + count``."""
     c = tl.arange(0, CHUNK)
-    g = g0 + tl.arange(0, GM)
+    g = g0 + tl.arange(0, 1)
     d = tl.arange(0, D)
-    m_run = tl.full([GM], float("-inf"), tl.float32)
-    l_run = tl.zeros([GM], tl.float32)
-    acc = tl.zeros([GM, D], tl.float32)
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc = tl.zeros([1, D], tl.float32)
     for c0 in range(0, count, CHUNK):
         row = (first + c0 + c)[:, None] * G + g[None, :]
         inside = ((c0 + c) < count)[:, None] & (g < G)[None, :]
-        # .cg (L2): under the fused schedule, other programs wrote these entries during this launch.
-        m = tl.load(m_ptr + row, mask=inside, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(l_ptr + row, mask=inside, other=0.0, cache_modifier=".cg")
-        o = tl.load(o_ptr + row[:, :, None] * D + d[None, None, :], mask=inside[:, :, None], other=0.0,
-                    cache_modifier=".cg")
+        m = tl.load(m_ptr + row, mask=inside, other=float("-inf"))
+        l_s = tl.load(l_ptr + row, mask=inside, other=0.0)
+        o = tl.load(o_ptr + row[:, :, None] * D + d[None, None, :], mask=inside[:, :, None], other=0.0)
         m_new = tl.maximum(m_run, tl.max(m, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.exp(m - shift[None, :])  # empty entries have m = -inf: weight 0
@@ -161,10 +157,10 @@ def _merge_partials(o_ptr, m_ptr, l_ptr, first, count, g0, G: tl.constexpr, GM: 
 
 @triton.jit
 def _store_output(out_ptr, lse_ptr, bh, g0, m_run, l_run, acc, stride_outb, stride_outh, HKV: tl.constexpr,
-                  G: tl.constexpr, GM: tl.constexpr, D: tl.constexpr):
+                  G: tl.constexpr, D: tl.constexpr):
     # A head with no live slot gets l = 0: output 0 / 0 (NaN) and lse -inf, as the "math" backend gives.
     b = bh // HKV
-    g = g0 + tl.arange(0, GM)
+    g = g0 + tl.arange(0, 1)
     head = (bh % HKV) * G + g
     real = g < G
     d = tl.arange(0, D)
@@ -203,8 +199,8 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_o
                     CHUNK: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
-    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS, NUM_SPLITS, gi, G, 1, D, CHUNK)
-    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, 1, D)
+    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS, NUM_SPLITS, gi, G, D, CHUNK)
+    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, D)
 
 
 @triton.jit
@@ -246,11 +242,10 @@ def _pick(x, at):
 
 @triton.jit
 def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
-                     o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_kb, stride_ks,
-                     stride_vb, stride_vs, stride_ownb, stride_base, stride_outb, stride_outh, scale, ring, NSEG, P,
-                     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, GM: tl.constexpr, D: tl.constexpr,
-                     NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr,
-                     IEEE: tl.constexpr, FUSED: tl.constexpr):
+                     o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
+                     stride_ownb, stride_base, scale, ring, NSEG, P, HKV: tl.constexpr, G: tl.constexpr,
+                     G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                     LIVE: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                                                         stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
@@ -271,17 +266,6 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
         # Entry pid + bh: unique, as the programs meeting a segment are consecutive and a
         # program's segments are too (the next program starts at or after its last segment).
         _store_partial(o_ptr, m_ptr, l_ptr, pid + bh, m_i, l_i, acc, G, G_PAD, D)
-        if FUSED:
-            seg_first, seg_last = _pick(first, at), _pick(last, at)
-            # Every thread's partial stores come before the count that publishes them
-            # (tl.atomic_add is acq_rel at GPU scope).
-            tl.debug_barrier()
-            if tl.atomic_add(count_ptr + bh, 1) == seg_last - seg_first:
-                tl.store(count_ptr + bh, 0)  # zero again for the next launch (or CUDA-graph replay)
-                m_run, l_run, merged = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh,
-                                                       seg_last - seg_first + 1, 0, G, GM, D, CHUNK)
-                _store_output(out_ptr, lse_ptr, bh, 0, m_run, l_run, merged, stride_outb, stride_outh, HKV, G, GM,
-                              D)
 
 
 @triton.jit
@@ -296,8 +280,8 @@ def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, 
     at = tl.arange(0, NSEG_PAD) == bh
     seg_first = _pick(first, at)
     m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi, G,
-                                        1, D, CHUNK)
-    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, 1, D)
+                                        D, CHUNK)
+    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, D)
 
 
 def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PROGRAMS) -> int:
@@ -318,19 +302,6 @@ def _partials(entries: int, group: int, d: int, device: torch.device) -> dict[st
             "l_ptr": torch.empty_like(m)}
 
 
-# The fused schedule's per-segment counters, per device. Never freed: a CUDA graph replays the
-# address it captured. Shared, so launches on one device must not overlap (one stream).
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _segment_counters(segments: int, device: torch.device) -> torch.Tensor:
-    """int32 counters, zero between launches: the program that completes a segment resets its own."""
-    held = _COUNTERS.setdefault(device, [])
-    if not held or held[-1].numel() < segments:
-        held.append(torch.zeros(max(segments, 256), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, total_slots: int | None,
                   programs: int) -> None:
     group, d = attend["G"], attend["D"]
@@ -344,21 +315,16 @@ def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, t
                                        CHUNK=COMBINE_CHUNK)
 
 
-def _launch_balanced(attend: dict, output: dict, segments: int, programs: int, fused: bool) -> None:
-    group, device = attend["G"], attend["q_ptr"].device
+def _launch_balanced(attend: dict, output: dict, segments: int, programs: int) -> None:
+    group = attend["G"]
     # Entries program + segment: at most programs + segments - 1 (see _balanced_kernel).
-    parts = _partials(programs + segments - 1, group, attend["D"], device)
+    parts = _partials(programs + segments - 1, group, attend["D"], attend["q_ptr"].device)
     stream = dict(NSEG=segments, P=programs, NSEG_PAD=triton.next_power_of_2(segments))
-    gm = triton.next_power_of_2(group)
-    # Unfused, the counters are never touched: any int32 tensor will do.
-    counts = _segment_counters(segments, device) if fused else attend["length_ptr"]
-    _balanced_kernel[(programs,)](**attend, **parts, **output, **stream, count_ptr=counts, GM=gm,
-                                  CHUNK=max(1, COMBINE_CHUNK // gm), FUSED=fused)
-    if not fused:
-        layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
-                                                  "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
-        _balanced_combine_kernel[(segments, group)](**parts, **output, **layout, **stream, G=group, D=attend["D"],
-                                                    CHUNK=COMBINE_CHUNK)
+    _balanced_kernel[(programs,)](**attend, **parts, **stream)
+    layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
+                                              "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
+    _balanced_combine_kernel[(segments, group)](**parts, **output, **layout, **stream, G=group, D=attend["D"],
+                                                CHUNK=COMBINE_CHUNK)
 
 
 def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
@@ -387,7 +353,7 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
         block, num_warps, num_stages: tuning knobs; ``None`` takes the module's
             ``BLOCK_N``, ``NUM_WARPS`` and ``NUM_STAGES``.
         programs: "split": about how many programs share the segments (sizes
-            the splits; ``TARGET_PROGRAMS``); "balanced" and "fused": the grid
+            the splits; ``TARGET_PROGRAMS``); "balanced": the grid
             (``BALANCED_PROGRAMS``).
         schedule: one of ``SCHEDULES``; ``None`` takes ``SCHEDULE``.
 
@@ -416,5 +382,5 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
     if schedule == "split":
         _launch_split(attend, output, bsz * hkv, max_segment, total_slots, programs or TARGET_PROGRAMS)
     else:
-        _launch_balanced(attend, output, bsz * hkv, programs or BALANCED_PROGRAMS, schedule == "fused")
+        _launch_balanced(attend, output, bsz * hkv, programs or BALANCED_PROGRAMS)
     return out, lse
