@@ -207,7 +207,8 @@ def selection_from_importance(model: torch.nn.Module, importance: Sequence[torch
 @torch.no_grad()
 def prefill_by_reconstruction(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any,
                               prompt_ids: torch.Tensor, reduce: str = "max", context_chunk: int | None = None,
-                              quota: str = "blocks", **model_kwargs: Any) -> torch.Tensor:
+                              quota: str = "blocks", window_prior: bool = True, **model_kwargs: Any
+                              ) -> torch.Tensor:
     """Prefill ``input_ids`` into an empty ``TCACache``, keeping what a repeat of the prompt reads.
 
     The prefill itself is TCA's (sparse above ``config.dense_up_to``), run
@@ -215,7 +216,10 @@ def prefill_by_reconstruction(model: torch.nn.Module, input_ids: torch.Tensor, c
     ``reconstruction_importance`` then scores the prompt by a pass that
     repeats it after ``prompt_ids``, and each layer of ``cache`` keeps the
     global subset that score selects under the layer's budgets, plus the
-    final window (``TCACacheLayer.finish_prefill``). Later turns append to
+    final window (``TCACacheLayer.finish_prefill``). With ``window_prior``
+    the final window's blocks, when later tokens push them out of the window,
+    keep their top tokens by the same score (``TCACacheLayer.set_prior``)
+    rather than by the queries that push them out. Later turns append to
     ``cache`` as usual. A prompt that fits the window is kept whole.
 
     Args:
@@ -225,6 +229,8 @@ def prefill_by_reconstruction(model: torch.nn.Module, input_ids: torch.Tensor, c
         prompt_ids: int64 ``[1 or B, R]``, the repeat instruction, e.g. the
             tokens of ``"\\nUser: Repeat the previous text.\\nAssistant:"``.
         reduce, context_chunk: ``reconstruction_importance``.
+        quota: ``"blocks"`` (TCA's per-block ladder) or ``"head"`` (``head_top_keep``).
+        window_prior: score the final window's blocks by reconstruction too.
         **model_kwargs: passed to the prefill (not ``attention_mask``).
 
     Returns:
@@ -247,7 +253,9 @@ def prefill_by_reconstruction(model: torch.nn.Module, input_ids: torch.Tensor, c
                                                                                 quota=quota))
     else:
         selections = [None] * len(past)
-    for layer, (k, v), sel in zip(cache.layers, past, selections, strict=True):
+    for i, (layer, (k, v), sel) in enumerate(zip(cache.layers, past, selections, strict=True)):
         layer.lazy_initialization(k, v)
         layer.finish_prefill(k, v, sel)
+        if sel is not None and window_prior:
+            layer.set_prior(importance[i])  # the final window's blocks: the same score when they leave
     return out.logits[:, -1]

@@ -178,3 +178,68 @@ def test_prefill_by_reconstruction_refuses_a_used_cache(tiny_llama):
         tiny_llama(ids(100), use_cache=True, **cache_kwargs(tiny_llama, cache))
     with pytest.raises(ValueError, match="empty TCACache"):
         prefill_by_reconstruction(tiny_llama, ids(100), cache, ids(3))
+
+
+def top_t_by(scores, start, stop, block, t):
+    """Positions of the per-block top-``t`` of ``scores`` over whole blocks in ``[start, stop)`` (older wins ties)."""
+    kept = []
+    for s in range(start, stop, block):
+        seg = scores[s:s + block]
+        order = sorted(range(block), key=lambda i: (-float(seg[i]), i))[:t]
+        kept += [s + i for i in sorted(order)]
+    return torch.tensor(kept, dtype=torch.long)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_prior_ranks_the_prefill_windows_blocks_when_they_leave(tiny_llama, chunked):
+    """Blocks of the prior's range keep their top-t by the prior; everything else is as without it."""
+    seed = fresh_seed()
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))  # t = 4 of 16
+    prompt, more = ids(150, seed=seed), ids(100, seed=seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    priors = [torch.rand(1, 2, 150, generator=gen) for _ in range(2)]
+    caches, logits = [], []
+    for use_prior in (False, True):
+        cache = TCACache(tiny_llama)
+        tiny_llama(prompt, use_cache=True, **cache_kwargs(tiny_llama, cache))
+        if use_prior:
+            for layer, prior in zip(cache.layers, priors, strict=True):
+                layer.set_prior(prior)
+        if chunked:
+            out = tiny_llama(more, use_cache=True, position_ids=torch.arange(150, 250)[None],
+                             **cache_kwargs(tiny_llama, cache)).logits
+        else:  # decode steps, one token each: blocks leave one at a time
+            out = torch.cat([tiny_llama(more[:, i:i + 1], use_cache=True, position_ids=torch.tensor([[150 + i]]),
+                                        **cache_kwargs(tiny_llama, cache)).logits for i in range(100)], 1)
+        caches.append(cache)
+        logits.append(out)
+    # The prior changes what is kept, not the attention before: the whole chunk, or the decode steps
+    # up to the one after which the first block leaves (token 165: 86 + 16 - 1 = 165 - 64).
+    same = 100 if chunked else 16
+    torch.testing.assert_close(logits[0][:, :same], logits[1][:, :same])
+    if not chunked:
+        assert (logits[0][:, same:] - logits[1][:, same:]).abs().max() > 1e-4
+    for plain, primed, prior in zip(caches[0].layers, caches[1].layers, priors, strict=True):
+        assert primed.prior is None  # spent: its four whole blocks [86, 150) have left the window
+        for h in range(2):
+            a, b = plain.kept_positions(0, h), primed.kept_positions(0, h)
+            want = top_t_by(prior[0, h], 86, 150, 16, 4)
+            assert torch.equal(b[(b >= 86) & (b < 150)], want)
+            # Blocks past the prior follow the usual rule: in a chunk, scored by the same queries; in
+            # decode, by queries that attended to other kept sets, so only the prefill's subset is shared.
+            outside = (lambda p: (p < 86) | (p >= 150)) if chunked else (lambda p: p < 86)
+            assert torch.equal(a[outside(a)], b[outside(b)])
+            assert not torch.equal(a, b)  # random priors choose other tokens than the queries did
+
+
+def test_set_prior_checks_its_shape(tiny_llama):
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    cache = TCACache(tiny_llama)
+    with pytest.raises(RuntimeError, match="prefilled"):
+        cache.layers[0].set_prior(torch.rand(1, 2, 10))
+    with torch.no_grad():
+        tiny_llama(ids(100), use_cache=True, **cache_kwargs(tiny_llama, cache))
+    for bad in (torch.rand(1, 2, 101), torch.rand(1, 3, 50), torch.rand(2, 50)):
+        with pytest.raises(ValueError, match="prior scores"):
+            cache.layers[0].set_prior(bad)

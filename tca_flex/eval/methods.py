@@ -130,7 +130,7 @@ REPEAT_PROMPT = "\nUser: Repeat the previous text word for word.\nAssistant:"
 
 
 def _recon_prepare(model: torch.nn.Module, budgets: HeadBudgets, reduce: str = "max",
-                   prompt: str = REPEAT_PROMPT, quota: str = "blocks") -> Prepared:
+                   prompt: str = REPEAT_PROMPT, quota: str = "blocks", window_prior: bool = True) -> Prepared:
     """The shipped path, but the first prefill of a conversation keeps what repeating the prompt reads.
 
     ``reconstruct.prefill_by_reconstruction``: TCA's prefill into a full cache,
@@ -143,7 +143,8 @@ def _recon_prepare(model: torch.nn.Module, budgets: HeadBudgets, reduce: str = "
 
     def prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, tokenizer: Any) -> torch.Tensor:
         ids = torch.tensor([tokenizer(prompt).input_ids], dtype=torch.long, device=input_ids.device)
-        return prefill_by_reconstruction(model, input_ids, cache, ids, reduce=reduce, quota=quota)
+        return prefill_by_reconstruction(model, input_ids, cache, ids, reduce=reduce, quota=quota,
+                                         window_prior=window_prior)
 
     return Prepared(cleanup=lambda: tca_flex.remove(model), make_cache=lambda: tca_flex.TCACache(model),
                     conversation="append", prefill=prefill)
@@ -188,6 +189,8 @@ TCA_VARIANTS: dict[str, Callable[[torch.nn.Module, HeadBudgets], Prepared]] = {
     "tca_recon": _recon_prepare,
     "tca_recon_mean": functools.partial(_recon_prepare, reduce="mean"),
     "tca_recon_head": functools.partial(_recon_prepare, quota="head"),
+    # The final window of the first prompt compressed by the usual chunk rule, not by the reconstruction.
+    "tca_recon_noprior": functools.partial(_recon_prepare, window_prior=False),
     # Labelled baselines: the kept-set emulation (DynamicCache), the sparse prefill alone
     # (full DynamicCache), and both with explicit-mask SDPA instead of FlexAttention.
     "tca_emulated": _emulated_prepare,
@@ -358,6 +361,7 @@ FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
     "tca_recon": functools.partial(tca_uniform, "tca_recon"),
     "tca_recon_mean": functools.partial(tca_uniform, "tca_recon_mean"),
     "tca_recon_head": functools.partial(tca_uniform, "tca_recon_head"),
+    "tca_recon_noprior": functools.partial(tca_uniform, "tca_recon_noprior"),
     "tca_emulated": functools.partial(tca_uniform, "tca_emulated"),
     "tca_prefill": functools.partial(tca_uniform, "tca_prefill"),
     "streaming": streaming,
