@@ -243,3 +243,29 @@ def test_set_prior_checks_its_shape(tiny_llama):
     for bad in (torch.rand(1, 2, 101), torch.rand(1, 3, 50), torch.rand(2, 50)):
         with pytest.raises(ValueError, match="prior scores"):
             cache.layers[0].set_prior(bad)
+
+
+@torch.no_grad()
+def test_documented_use_with_generate(tiny_llama):
+    """docs/chunked_prefill.md: prefill all but the last token, then generate turn after turn.
+
+    With keep-all budgets the conversation equals dense token for token; with sparse ones it runs."""
+    seed = fresh_seed()
+    turn1, turn2, repeat = ids(160, seed=seed), ids(90, seed=seed + 1), ids(6, seed=seed + 2)
+
+    def talk(cache, reconstruct):
+        if reconstruct:
+            tca_flex.prefill_by_reconstruction(tiny_llama, turn1[:, :-1], cache, repeat)
+        out = tiny_llama.generate(turn1, max_new_tokens=5, do_sample=False, **cache_kwargs(tiny_llama, cache))
+        return tiny_llama.generate(torch.cat([out, turn2], 1), max_new_tokens=5, do_sample=False,
+                                   **cache_kwargs(tiny_llama, cache))
+
+    dense = talk(DynamicCache(config=tiny_llama.config), False)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.dense(2, 2, SPARSE))
+    assert torch.equal(talk(TCACache(tiny_llama), True), dense)
+    tca_flex.remove(tiny_llama)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    cache = TCACache(tiny_llama)
+    out = talk(cache, True)
+    assert out.shape == dense.shape and cache.get_seq_length() == out.shape[1] - 1
+    assert cache.memory_report().total.kept_fraction < 0.8
