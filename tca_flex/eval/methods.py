@@ -11,7 +11,11 @@ TCA methods (``TCA_VARIANTS``): ``tca`` runs the path users run,
 decode, which compresses every block that leaves the window; a
 conversation's turns (``tasks.multi_turn``) are appended to that one cache
 (``docs/chunked_prefill.md``), while ``tca_reprefill`` prefills the whole
-conversation again into a fresh ``TCACache`` at every turn. Labelled
+conversation again into a fresh ``TCACache`` at every turn. ``tca_recon``
+appends too, but selects the first prompt by reconstruction
+(``reconstruct.prefill_by_reconstruction``; ``_mean``: mean instead of max
+over the repeat pass, ``_head``: one quota per head instead of the per-block
+ladder, ``_noprior``: the final window compressed by the usual rule). Labelled
 baselines: ``tca_emulated`` (TCA's prefill, then decode over the kept set
 fixed at the prefill, masked in a full ``DynamicCache``; ``baselines.TCAPolicy``),
 ``tca_prefill`` (sparse prefill, decode over the full cache), and with the
