@@ -239,9 +239,11 @@ def prefill_by_reconstruction(model: torch.nn.Module, input_ids: torch.Tensor, c
     _check(input_ids, prompt_ids)
     if "attention_mask" in model_kwargs:
         raise ValueError("prefill_by_reconstruction takes unpadded rows only: drop attention_mask")
+    records = tca_layers(model)
+    if not records:
+        raise ValueError("prefill_by_reconstruction: this model was not prepared by tca_flex.apply")
     if cache.get_seq_length() != 0:
         raise ValueError("prefill_by_reconstruction needs an empty TCACache (later turns append as usual)")
-    records = tca_layers(model)
     full = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, full), **model_kwargs)
     full = output_cache(out)

@@ -157,7 +157,7 @@ def test_prefill_by_reconstruction_keeps_the_selection_and_the_window(tiny_llama
 def test_keep_all_prefill_by_reconstruction_is_dense(tiny_llama):
     """With keep-all budgets nothing is dropped: the conversation continues exactly as dense."""
     seed = fresh_seed()
-    context, prompt, more = ids(180, seed=seed), ids(5, seed=seed + 1), ids(30, seed=seed + 2)
+    context, prompt, more = ids(180, bsz=2, seed=seed), ids(5, seed=seed + 1), ids(30, bsz=2, seed=seed + 2)
     dense_cache = DynamicCache(config=tiny_llama.config)
     tiny_llama(context, use_cache=True, **cache_kwargs(tiny_llama, dense_cache))
     want = tiny_llama(more, use_cache=True, position_ids=torch.arange(180, 210)[None],
@@ -172,6 +172,8 @@ def test_keep_all_prefill_by_reconstruction_is_dense(tiny_llama):
 
 
 def test_prefill_by_reconstruction_refuses_a_used_cache(tiny_llama):
+    with pytest.raises(ValueError, match="not prepared"):
+        prefill_by_reconstruction(tiny_llama, ids(100), None, ids(3))
     tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
     cache = TCACache(tiny_llama)
     with torch.no_grad():
