@@ -11,7 +11,9 @@ Typical use::
 
 Multi-turn: pass the same ``TCACache`` to the next ``generate`` with the
 conversation so far plus the new message; ``chunked_prefill`` runs a long
-prompt through the cache in chunks (``docs/chunked_prefill.md``).
+prompt through the cache in chunks, and ``prefill_by_reconstruction`` selects
+a first prompt that later turns will question by what repeating it reads
+(``docs/chunked_prefill.md``).
 """
 
 from .budgets import HeadBudgets, shipped_budgets
@@ -21,8 +23,10 @@ from .chunked import chunked_prefill
 from .config import TCAConfig
 from .fidelity import FidelityReport, report
 from .integration import apply, compile, remove  # noqa: A004 - the public name the design asks for
+from .reconstruct import prefill_by_reconstruction
 from .warmup import load_compile_cache, save_compile_cache, warmup
 
 __all__ = ["FidelityReport", "HeadBudgets", "TCACache", "TCAConfig", "apply", "calibrate", "chunked_prefill",
-           "compile", "load_compile_cache", "remove", "report", "save_compile_cache", "shipped_budgets", "warmup"]
+           "compile", "load_compile_cache", "prefill_by_reconstruction", "remove", "report", "save_compile_cache",
+           "shipped_budgets", "warmup"]
 __version__ = "0.1.0"

@@ -135,6 +135,7 @@ class TCACacheLayer(CacheLayerMixin):
         self._seen = 0
         self._grow_at = NEVER
         self.pads: list[int] = []
+        self.prior: torch.Tensor | None = None
 
     # ----------------------------------------------------------- transformers API
 
@@ -265,6 +266,53 @@ class TCACacheLayer(CacheLayerMixin):
         self.next_pos = torch.tensor(length, device=dev)
         self.prefilled, self._awaiting_prune = True, False
 
+    def set_prior(self, scores: torch.Tensor) -> None:
+        """Rank the tokens of the prefill's final window by ``scores`` when their blocks leave it.
+
+        Normally a block that leaves the window keeps the top-``t`` tokens under
+        the queries that push it out (``docs/chunked_prefill.md``). With a
+        prior, every block that lies entirely in ``[0, P)`` keeps its top-``t``
+        by ``scores`` instead (ties: the older token); blocks past it follow the
+        usual rule. ``prefill_by_reconstruction`` sets the repeat pass's scores,
+        so the whole first prompt is selected by one question-agnostic score.
+        Dropped once the last such block has left. While one is pending, decode
+        steps compress with the tensor form (not the Triton kernel).
+
+        Args:
+            scores: ``[B, H_kv, P]`` for positions ``0 .. P - 1``, ``P <=`` the tokens seen.
+        """
+        if not self.prefilled:
+            raise RuntimeError("set_prior needs a prefilled cache layer")
+        bsz, hkv = self.batch_size, self.num_heads
+        if scores.dim() != 3 or tuple(scores.shape[:2]) != (bsz, hkv) or not 0 < scores.shape[-1] <= self._seen:
+            raise ValueError(f"prior scores must be [{bsz}, {hkv}, P] with 0 < P <= {self._seen}, got "
+                             f"{tuple(scores.shape)}")
+        self.prior = scores.detach().to(self.device, torch.float32)
+        self._drop_spent_prior()
+
+    def _prior_pending(self) -> bool:
+        """Whether a whole block of the prior's range has yet to leave the window (host ints)."""
+        if self.prior is None:
+            return False
+        end = self.prior.shape[-1]
+        return any(base + done * self.block + self.block <= end
+                   for base, done in zip(self._base, self._done(self._seen), strict=True))
+
+    def _drop_spent_prior(self) -> None:
+        if not self._prior_pending():
+            self.prior = None
+
+    def _apply_prior(self, importance: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """``importance [B, H_kv, n * b]`` of ``n`` leaving blocks starting at ``starts`` (``[n]`` or ``[B, n]``),
+        with the prior's scores on every block that lies entirely in its range."""
+        bsz, hkv, width = importance.shape
+        end = self.prior.shape[-1]
+        starts = starts.expand(bsz, -1) if starts.dim() == 1 else starts
+        pos = (starts.unsqueeze(-1) + self._block_offsets).view(bsz, 1, width).expand(bsz, hkv, width)
+        covered = (starts + self.block <= end).repeat_interleave(self.block, dim=-1).view(bsz, 1, width)
+        prior = self.prior.gather(-1, pos.clamp(max=end - 1))
+        return torch.where(covered, prior.to(importance.dtype), importance)
+
     def _place(self, src_pos: torch.Tensor, dst: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                valid: torch.Tensor | None = None) -> None:
         """Copy ``key/value[b, h, src_pos]`` to slots ``dst`` (both ``[B, H_kv, n]``)."""
@@ -339,6 +387,8 @@ class TCACacheLayer(CacheLayerMixin):
         rows = rows.to(self.device)
         for name in ("k_buf", "v_buf", "owner", "pos", "var_len", "base", "ncs"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
+        if self.prior is not None:
+            self.prior = self.prior.index_select(0, rows)
         self._counts0 = [self._counts0[r] for r in order]
         self._base = [self._base[r] for r in order]
         self.pads = [self.pads[r] for r in order]
@@ -435,7 +485,7 @@ class TCACacheLayer(CacheLayerMixin):
         The Triton kernel (``decode.compress_block``) where it runs; otherwise
         the branch-free tensor form below, which is also its reference.
         """
-        if self._fused_compression(query):
+        if self._fused_compression(query) and not self._prior_pending():
             compress_block(query, lse, self.k_buf, self.v_buf, self.owner, self.pos, self.seg_start, self.var_len,
                            self.keep, self.ncs, self.next_pos, self.base, window=self.window, block=self.block,
                            scale=scale, aggregation=self.aggregation)
@@ -450,6 +500,8 @@ class TCACacheLayer(CacheLayerMixin):
         v_blk = self.v_buf.gather(1, flat.unsqueeze(-1).expand(-1, -1, d))
         k_heads = k_blk.view(bsz, hkv, self.block, d)
         importance = block_importance(query, k_heads, lse, scale, self.aggregation)
+        if self.prior is not None:
+            importance = self._apply_prior(importance, self.ncs.view(bsz, 1))
         keep = top_t_in_block(importance, self.keep)
         var_end = self.seg_start + self.ring + self.var_len
         dst = compress_targets(keep, ring_slots, var_end, do).view(bsz, -1)
@@ -463,6 +515,8 @@ class TCACacheLayer(CacheLayerMixin):
         self.owner.scatter_(1, dst, torch.where(moved, heads, self.owner.gather(1, dst)))
         self.var_len += torch.where(do.view(bsz, 1), self.keep, 0)
         self.ncs += torch.where(do.view(bsz), self.block, 0)
+        if self.prior is not None:
+            self._drop_spent_prior()
 
     # ------------------------------------------------------------- chunks (docs/chunked_prefill.md)
 
@@ -515,6 +569,8 @@ class TCACacheLayer(CacheLayerMixin):
         self.ncs += (done_after - done) * self.block
         self._seen += c
         self._refresh_grow_at()
+        if self.prior is not None:
+            self._drop_spent_prior()
         return out
 
     def _write_ring(self, key: torch.Tensor, value: torch.Tensor, n: int, first: int, base: int) -> None:
@@ -551,6 +607,8 @@ class TCACacheLayer(CacheLayerMixin):
         sees = positions[None, :] <= torch.arange(n + c - obs, n + c, device=self.device)[:, None]
         importance = leaving_importance(query[:, :, c - obs:], k_leave, lse[:, :, c - obs:], sees, scale,
                                         self.aggregation)
+        if self.prior is not None:
+            importance = self._apply_prior(importance, positions[::self.block])
         keep = rank_of(importance.view(bsz, hkv, -1, self.block)) < self.keep.view(1, hkv, 1, 1)
         keep = keep.view(bsz, hkv, count)
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept first, oldest first

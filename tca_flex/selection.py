@@ -414,6 +414,35 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, kno
     # torch.compile the length is symbolic and one graph serves every prompt length.
     global_len = length - window
     s = importance(q_bhsd, k_bhsd, scaling, num_queries, knobs.aggregation, knobs.num_spread, window, observed)
+    keep = keep_from_importance(s, cdf_hk, knobs, global_len)
+    if knobs.guard_floor is not None:
+        # The last query (position L - 1) ends the block of last observation queries.
+        q_last = q_bhsd[:, :, :num_queries] if observed else q_bhsd
+        s_flat = to_blocks(s[..., :global_len], block_size, 0.0).flatten(-2)
+        keep = guard_keep(keep, s_flat, last_query_probs(q_last, k_bhsd, scaling), knobs.guard_floor, global_len)
+    capacity = -(-global_len // capacity_multiple) * capacity_multiple
+    positions, counts = pack_positions(keep, capacity)
+    return Selection(positions=positions, counts=counts, importance=s)
+
+
+def keep_from_importance(s: torch.Tensor, cdf_hk: torch.Tensor, knobs: SelectionConfig, global_len: int
+                         ) -> torch.Tensor:
+    """The global subset from an importance row: block scores, the budget ladder, top tokens per block.
+
+    ``select``'s steps after ``importance`` (before the guard), for any
+    non-negative importance: the last queries' attention (``select``) or
+    another score of the same prompt positions (``reconstruct.py``).
+
+    Args:
+        s: float ``[B, H_kv, N]`` non-negative importance, ``N >= global_len``.
+        cdf_hk: float64 ``[H_kv, b + 1]``, the layer's budget distributions.
+        knobs: block size, redundancy balance, pooling, span, anchored ladder.
+        global_len: ``G``, the global region's length.
+
+    Returns:
+        bool ``[B, H_kv, n * b]`` with ``n = ceil(G / b)``; False past ``G``.
+    """
+    block_size = knobs.block_size
     s_blocks = to_blocks(s[..., :global_len], block_size, 0.0)
     scores = redundancy_score(s_blocks, knobs.alpha, knobs.normalize)
     ladder = budget_ladder(cdf_hk.to(s.device), s_blocks.shape[-2], knobs.anchor_blocks)
@@ -421,12 +450,4 @@ def select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, kno
     ranked = to_blocks(pool_importance(s, knobs.pool_kernel)[..., :global_len], block_size, float("-inf"))
     # Work on whole blocks (width n * b); the padding past the region is never kept.
     in_global = torch.arange(s_blocks.shape[-2] * block_size, device=s.device) < global_len
-    keep = dilate_keep(keep_top_in_blocks(ranked, budgets).flatten(-2), knobs.span) & in_global
-    if knobs.guard_floor is not None:
-        # The last query (position L - 1) ends the block of last observation queries.
-        q_last = q_bhsd[:, :, :num_queries] if observed else q_bhsd
-        keep = guard_keep(keep, s_blocks.flatten(-2), last_query_probs(q_last, k_bhsd, scaling), knobs.guard_floor,
-                          global_len)
-    capacity = -(-global_len // capacity_multiple) * capacity_multiple
-    positions, counts = pack_positions(keep, capacity)
-    return Selection(positions=positions, counts=counts, importance=s)
+    return dilate_keep(keep_top_in_blocks(ranked, budgets).flatten(-2), knobs.span) & in_global

@@ -561,6 +561,43 @@ def test_cli_keep_may_be_empty_for_budget_files_only():
     assert [m.name for m in methods.build_methods(args.methods, args.keep, CFG)] == ["dense"]
 
 
+def test_cli_tca_options_reach_the_budget_files_methods(tiny_llama, tmp_path, monkeypatch):
+    """``--tca-option`` overrides a budget file's knobs; ``--methods tca_recon`` alone runs no ``tca[FILE]``."""
+    from tca_flex.eval import cli
+
+    path = tmp_path / "b.json"
+    HeadBudgets.uniform(2, 2, 0.25, CFG.replace(pool_kernel=7)).save(path)
+    seen = []
+
+    def stop(model, tokenizer, methods_, cfg):
+        seen.extend(methods_)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_suite", stop)
+    args = parse_args(["--keep", "--budgets", str(path), "--methods", "tca_recon", "--tca-option", "pool_kernel=3",
+                       "--no-progress", "--out", str(tmp_path / "out")])
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_llama, TOK, args, tmp_path / "out")
+    assert [m.name for m in seen] == ["tca_recon[b]"]
+    prepared = seen[0].prepare(tiny_llama, 300)
+    try:
+        assert all(m._tca_layer.config.pool_kernel == 3 for m in attention_modules(tiny_llama))
+    finally:
+        prepared.cleanup()
+
+
+@torch.no_grad()
+def test_tca_recon_with_keep_all_answers_a_conversation_as_dense(tiny_llama, tmp_path):
+    args = parse_args(["--smoke", "--no-progress", "--out", str(tmp_path)])
+    args.lengths, args.tasks, args.window, args.block = [1500], ["multi_turn"], 128, 32
+    args.methods, args.keep, args.ppl_samples, args.seed = ["dense", "tca_recon"], [1.0, 0.25], 0, fresh_seed()
+    evaluate(tiny_llama, TOK, args, tmp_path)
+    by = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["records"]}
+    assert set(by) == {"dense", "tca_recon-k1", "tca_recon-k0.25"}
+    assert by["tca_recon-k1"]["answer"] == by["dense"]["answer"] and by["tca_recon-k1"]["kv_kept"] == 1.0
+    assert by["tca_recon-k0.25"]["cache"] == "TCACache" and by["tca_recon-k0.25"]["kv_kept"] < 0.7
+
+
 # ---------------------------------------------------------------- sharded runs
 
 

@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int_at_least(1), default=64, help="TCA block size")
     p.add_argument("--window", type=int_at_least(1), default=512, help="TCA local window")
     p.add_argument("--tca-option", action="append", default=[], metavar="FIELD=VALUE",
-                   help="extra TCAConfig field, e.g. num_observation_queries=32 (repeatable)")
+                   help="extra TCAConfig field, e.g. num_observation_queries=32 (repeatable); it also "
+                        "overrides the --budgets files' own config (HeadBudgets.with_config: on purpose, "
+                        "logged, their calibrated retained mass no longer holds)")
     p.add_argument("--ppl-samples", type=int_at_least(0), default=1, help="perplexity windows per length (0: skip)")
     p.add_argument("--ppl-source", default="pydoc", choices=list(SOURCES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -180,17 +182,22 @@ def load_model(path: str | None, device: str, dtype: torch.dtype):
 
 def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], str]:
     """Run the suite described by ``args`` on a loaded model; write results into ``out``."""
-    config = TCAConfig(block_size=args.block, window=args.window, **parse_overrides(args.tca_option, "--tca-option"))
+    options = parse_overrides(args.tca_option, "--tca-option")
+    config = TCAConfig(block_size=args.block, window=args.window, **options)
     methods = build_methods(args.methods, args.keep, config)
     for path in args.budgets:
         budgets, label = load_budgets(path), Path(path).stem
+        if options:  # a probe of other knobs with these budgets (block size and window stay the file's)
+            budgets = budgets.with_config(**options)
         if budgets.fingerprint:  # before any compute, not when the method's turn comes
             check_fingerprint(budgets.fingerprint, model_fingerprint(model))
-        methods.append(tca_budgets(budgets, label, args.tca_backend))  # tca[FILE] (mask: tca_mask[FILE])
+        listed = [v for v in TCA_VARIANTS if v in args.methods]
+        if "tca" in args.methods or not listed:  # tca[FILE] unless only other TCA variants are asked for
+            methods.append(tca_budgets(budgets, label, args.tca_backend))  # tca[FILE] (mask: tca_mask[FILE])
         if "tca_prefill" in args.methods:  # the same budgets with a full-cache decode
             methods.append(tca_budgets_prefill(budgets, label, args.tca_backend))
-        for variant in ("tca_reprefill", "tca_emulated"):  # the same budgets, listed variants
-            if variant in args.methods:
+        for variant in listed:  # the same budgets, the other listed variants (tca_reprefill, tca_recon, ...)
+            if variant not in ("tca", "tca_prefill"):
                 methods.append(tca_file(variant, budgets, label))
         tca_families = ("dense", "tca_spread", *TCA_VARIANTS)
         others = [f for f in args.methods if f not in tca_families]

@@ -11,7 +11,11 @@ TCA methods (``TCA_VARIANTS``): ``tca`` runs the path users run,
 decode, which compresses every block that leaves the window; a
 conversation's turns (``tasks.multi_turn``) are appended to that one cache
 (``docs/chunked_prefill.md``), while ``tca_reprefill`` prefills the whole
-conversation again into a fresh ``TCACache`` at every turn. Labelled
+conversation again into a fresh ``TCACache`` at every turn. ``tca_recon``
+appends too, but selects the first prompt by reconstruction
+(``reconstruct.prefill_by_reconstruction``; ``_mean``: mean instead of max
+over the repeat pass, ``_head``: one quota per head instead of the per-block
+ladder, ``_noprior``: the final window compressed by the usual rule). Labelled
 baselines: ``tca_emulated`` (TCA's prefill, then decode over the kept set
 fixed at the prefill, masked in a full ``DynamicCache``; ``baselines.TCAPolicy``),
 ``tca_prefill`` (sparse prefill, decode over the full cache), and with the
@@ -63,6 +67,10 @@ class Prepared:
         conversation: how later turns of a conversation reach the model:
             ``"append"`` (on top of one cache) or ``"reprefill"`` (the whole
             conversation from a fresh cache at every turn).
+        prefill: optional ``(model, input_ids, cache, tokenizer) -> [1, V]``
+            last-position logits: fills the empty cache in place of the
+            model's own prefill (the first turn of a conversation, a
+            single-turn prompt).
     """
 
     cleanup: Callable[[], None]
@@ -70,6 +78,7 @@ class Prepared:
     make_cache: Callable[[], Any] | None = None
     on_prompt: Callable[[int], None] | None = None
     conversation: str = "reprefill"
+    prefill: Callable[..., torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,31 @@ def _real_prepare(model: torch.nn.Module, budgets: HeadBudgets, conversation: st
                     conversation=conversation)
 
 
+# The instruction of the repeat pass that scores a prompt by reconstruction (``tca_recon``).
+REPEAT_PROMPT = "\nUser: Repeat the previous text word for word.\nAssistant:"
+
+
+def _recon_prepare(model: torch.nn.Module, budgets: HeadBudgets, reduce: str = "max",
+                   prompt: str = REPEAT_PROMPT, quota: str = "blocks", window_prior: bool = True) -> Prepared:
+    """The shipped path, but the first prefill of a conversation keeps what repeating the prompt reads.
+
+    ``reconstruct.prefill_by_reconstruction``: TCA's prefill into a full cache,
+    a teacher-forced pass of ``prompt`` + the prompt scores every position,
+    TCA's per-block budgets select from that score; later turns append.
+    """
+    from ..reconstruct import prefill_by_reconstruction
+
+    tca_flex.apply(model, budgets=budgets)
+
+    def prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, tokenizer: Any) -> torch.Tensor:
+        ids = torch.tensor([tokenizer(prompt).input_ids], dtype=torch.long, device=input_ids.device)
+        return prefill_by_reconstruction(model, input_ids, cache, ids, reduce=reduce, quota=quota,
+                                         window_prior=window_prior)
+
+    return Prepared(cleanup=lambda: tca_flex.remove(model), make_cache=lambda: tca_flex.TCACache(model),
+                    conversation="append", prefill=prefill)
+
+
 def _emulated_prepare(model: torch.nn.Module, budgets: HeadBudgets) -> Prepared:
     """Baseline: TCA's prefill, then decode over its kept set masked in a full ``DynamicCache``.
 
@@ -155,6 +189,12 @@ TCA_VARIANTS: dict[str, Callable[[torch.nn.Module, HeadBudgets], Prepared]] = {
     "tca": functools.partial(_real_prepare, conversation="append"),
     # The same, but every turn prefills the whole conversation again into a fresh TCACache.
     "tca_reprefill": functools.partial(_real_prepare, conversation="reprefill"),
+    # Appending, with the first prefill scored by a pass that repeats the prompt (reconstruct.py).
+    "tca_recon": _recon_prepare,
+    "tca_recon_mean": functools.partial(_recon_prepare, reduce="mean"),
+    "tca_recon_head": functools.partial(_recon_prepare, quota="head"),
+    # The final window of the first prompt compressed by the usual chunk rule, not by the reconstruction.
+    "tca_recon_noprior": functools.partial(_recon_prepare, window_prior=False),
     # Labelled baselines: the kept-set emulation (DynamicCache), the sparse prefill alone
     # (full DynamicCache), and both with explicit-mask SDPA instead of FlexAttention.
     "tca_emulated": _emulated_prepare,
@@ -322,6 +362,10 @@ FAMILIES: dict[str, Callable[[float, TCAConfig], Method]] = {
     "tca": tca,
     "tca_spread": tca_spread,
     "tca_reprefill": functools.partial(tca_uniform, "tca_reprefill"),
+    "tca_recon": functools.partial(tca_uniform, "tca_recon"),
+    "tca_recon_mean": functools.partial(tca_uniform, "tca_recon_mean"),
+    "tca_recon_head": functools.partial(tca_uniform, "tca_recon_head"),
+    "tca_recon_noprior": functools.partial(tca_uniform, "tca_recon_noprior"),
     "tca_emulated": functools.partial(tca_uniform, "tca_emulated"),
     "tca_prefill": functools.partial(tca_uniform, "tca_prefill"),
     "streaming": streaming,

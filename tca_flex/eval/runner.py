@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -114,7 +114,8 @@ def cache_kept_fraction(cache: Any, prompt_len: int) -> float | None:
 
 @torch.no_grad()
 def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None,
-           cache: Any = None, offset: int = 0) -> tuple[list[int], float, float, float | None, str]:
+           cache: Any = None, offset: int = 0, prefill: Callable[..., torch.Tensor] | None = None
+           ) -> tuple[list[int], float, float, float | None, str]:
     """Greedy decoding with separate prefill and decode timing.
 
     Decode steps pass explicit ``position_ids`` (prompt length + step), so a
@@ -126,6 +127,9 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | No
         cache: a transformers Cache for the prefill (None: the model's default).
         offset: tokens ``cache`` already holds (a conversation's earlier
             turns); ``input_ids`` continue from there.
+        prefill: ``(model, input_ids, cache) -> [1, V]`` last-position logits,
+            filling ``cache``: replaces the model's own prefill on an empty
+            cache (``Prepared.prefill``).
 
     Returns:
         (new token ids, prefill seconds, mean seconds per decode step or NaN,
@@ -135,16 +139,21 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | No
     length = input_ids.shape[1]
     start = time.perf_counter()
     positions = {"position_ids": torch.arange(offset, offset + length, device=input_ids.device)[None]} if offset else {}
-    out = model(input_ids, use_cache=True, **positions, **cache_kwargs(model, cache))
+    if prefill is not None and offset == 0:
+        logits = prefill(model, input_ids, cache)
+    else:
+        out = model(input_ids, use_cache=True, **positions, **cache_kwargs(model, cache))
+        logits, cache = out.logits[:, -1], output_cache(out)
     prefill_s = time.perf_counter() - start
-    kept = cache_kept_fraction(output_cache(out), length)
-    cache_name = type(output_cache(out)).__name__
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    kept = cache_kept_fraction(cache, length)
+    cache_name = type(cache).__name__
+    token = logits.argmax(-1, keepdim=True)
     new = [token.item()]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] != eos_id:
         pos = torch.tensor([[offset + length + len(new) - 1]], device=input_ids.device)
-        out = model(token, position_ids=pos, use_cache=True, **cache_kwargs(model, output_cache(out)))
+        out = model(token, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         new.append(token.item())
     steps = len(new) - 1
@@ -191,7 +200,7 @@ def converse(model, tokenizer, sample: Sample, prepared: Prepared, device: torch
             ids, offset = history, 0
         tensor = torch.tensor([ids], dtype=torch.long, device=device)
         new, prefill_s, decode_s, kept, cache_name = greedy(model, tensor, budget, tokenizer.eos_token_id, cache,
-                                                            offset)
+                                                            offset, _prefill_hook(prepared, tokenizer))
         if kept is not None:  # greedy measured the cache against the tokens it was fed, not the conversation
             kept = kept * len(ids) / len(history)
         feed_s += prefill_s
@@ -203,6 +212,13 @@ def converse(model, tokenizer, sample: Sample, prepared: Prepared, device: torch
         history += new
     decode_s = decode_total / steps if steps else float("nan")
     return new, feed_s, decode_s, kept, answer_start, cache_name
+
+
+def _prefill_hook(prepared: Prepared, tokenizer) -> Callable[..., torch.Tensor] | None:
+    """``prepared.prefill`` with the tokenizer bound (None: the model's own prefill)."""
+    if prepared.prefill is None:
+        return None
+    return lambda model, input_ids, cache: prepared.prefill(model, input_ids, cache, tokenizer)
 
 
 def _kept(prepared: Prepared, from_cache: float | None = None) -> float:
@@ -256,7 +272,8 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
         else:
             cache = prepared.make_cache() if prepared.make_cache else None
             new, prefill_s, decode_s, cache_kept, cache_name = greedy(model, ids, sample.max_new_tokens,
-                                                                      tokenizer.eos_token_id, cache)
+                                                                      tokenizer.eos_token_id, cache,
+                                                                      prefill=_prefill_hook(prepared, tokenizer))
             prompt_tokens = ids.shape[1]
         answer = tokenizer.decode(new, skip_special_tokens=True)
         records.append({

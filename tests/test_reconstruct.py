@@ -1,0 +1,273 @@
+"""Selection by reconstruction (tca_flex/reconstruct.py): scores, selection and the pruned cache."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+import tca_flex
+from tca_flex import HeadBudgets, TCACache, TCAConfig
+from tca_flex.hfcompat import cache_kwargs
+from tca_flex.reconstruct import (
+    head_top_keep,
+    prefill_by_reconstruction,
+    reconstruction_importance,
+    score_rows,
+    selection_from_importance,
+)
+from tca_flex.selection import budget_ladder, keep_from_importance, pool_importance, select
+
+SPARSE = TCAConfig(block_size=16, window=64, pool_kernel=3)
+
+
+def fresh_seed():
+    return random.SystemRandom().randrange(1, 10**6)
+
+
+def ids(length, bsz=1, seed=0):
+    return torch.randint(0, 256, (bsz, length), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_rows(query, key, value, scaling, context, scored_from, reduce):
+    """float64, one query at a time: softmax over keys ``<= context + i``."""
+    q, k, v = query.double(), key.double(), value.double()
+    bsz, hq, lq, _ = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    out = torch.zeros_like(q)
+    rows = [[[] for _ in range(hkv)] for _ in range(bsz)]
+    for b in range(bsz):
+        for h in range(hq):
+            for i in range(lq):
+                vis = context + i + 1
+                p = torch.softmax((k[b, h // g, :vis] @ q[b, h, i]) * scaling, -1)
+                out[b, h, i] = p @ v[b, h // g, :vis]
+                if i >= scored_from:
+                    rows[b][h // g].append(p[:context])
+    score = torch.zeros(bsz, hkv, context, dtype=torch.float64)
+    for b in range(bsz):
+        for h in range(hkv):
+            if rows[b][h]:
+                stack = torch.stack(rows[b][h])
+                score[b, h] = stack.amax(0) if reduce == "max" else stack.mean(0)
+    return out, score
+
+
+@given(seed=st.integers(0, 10**6), bsz=st.integers(1, 2), g=st.sampled_from([1, 2, 3]), context=st.integers(1, 40),
+       lq=st.integers(1, 30), scored_from=st.integers(0, 10), chunk=st.integers(1, 17),
+       reduce=st.sampled_from(["max", "mean"]))
+def test_score_rows_match_a_float64_reference(seed, bsz, g, context, lq, scored_from, chunk, reduce):
+    gen = torch.Generator().manual_seed(seed)
+    hkv, d = 2, 8
+    q = torch.randn(bsz, hkv * g, lq, d, generator=gen)
+    k = torch.randn(bsz, hkv, context + lq, d, generator=gen)
+    v = torch.randn(bsz, hkv, context + lq, d, generator=gen)
+    out, score = score_rows(q, k, v, d ** -0.5, context, scored_from, reduce, query_chunk=chunk)
+    want_out, want_score = reference_rows(q, k, v, d ** -0.5, context, scored_from, reduce)
+    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score.double(), want_score, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_importance_is_the_attention_of_a_dense_repeat_pass(tiny_llama, reduce):
+    """The repeat pass on top of the cached context attends as one dense forward of context + pass."""
+    seed = fresh_seed()
+    context, prompt = ids(90, seed=seed), ids(7, seed=seed + 1)
+    out = tiny_llama(context, use_cache=True, **cache_kwargs(tiny_llama, DynamicCache(config=tiny_llama.config)))
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    past = [(layer.keys, layer.values) for layer in cache.layers]
+    got = reconstruction_importance(tiny_llama, past, context, prompt, reduce)
+    whole = torch.cat([context, prompt, context], 1)
+    tiny_llama.set_attn_implementation("eager")
+    try:
+        attn = tiny_llama(whole, output_attentions=True).attentions
+    finally:
+        tiny_llama.set_attn_implementation("sdpa")
+    for layer, probs in enumerate(attn):  # [1, H_q, 187, 187]
+        rows = probs[0, :, 90 + 7:, :90].double()  # the repeated context's queries on the context
+        rows = rows.reshape(2, 2 * rows.shape[1], 90)  # KV head h: query heads 2h, 2h + 1
+        want = rows.amax(1) if reduce == "max" else rows.mean(1)
+        torch.testing.assert_close(got[layer][0].double(), want, atol=1e-5, rtol=1e-4)
+
+
+@given(seed=st.integers(0, 10**6), length=st.integers(1, 200), kernel=st.sampled_from([1, 3, 7]))
+def test_head_top_keep_takes_the_ladders_total_by_pooled_score(seed, length, kernel):
+    gen = torch.Generator().manual_seed(seed)
+    budgets = HeadBudgets.uniform(1, 2, 0.3, SPARSE)
+    knobs = SPARSE.replace(pool_kernel=kernel).selection
+    s = torch.rand(1, 2, length + 64, generator=gen)
+    keep = head_top_keep(s, budgets.cdf(0), knobs, length)
+    n = -(-length // 16)
+    ladder = budget_ladder(budgets.cdf(0), n)
+    sizes = torch.tensor([min(16, length - 16 * j) for j in range(n)])
+    pooled = pool_importance(s, kernel)[..., :length]
+    for h in range(2):
+        total = int(torch.minimum(ladder[h], sizes).sum())
+        assert int(keep[0, h].sum()) == total
+        if 0 < total < length:  # every kept token scores at least as high as every dropped one
+            assert pooled[0, h][keep[0, h]].min() >= pooled[0, h][~keep[0, h]].max()
+
+
+@torch.no_grad()
+def test_keep_from_importance_is_selects_own_choice():
+    """``select`` = importance, then ``keep_from_importance`` (no guard)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, k = torch.randn(1, 4, 150, 8, generator=gen), torch.randn(1, 2, 150, 8, generator=gen)
+    budgets = HeadBudgets.uniform(1, 2, 0.3, SPARSE)
+    sel = select(q, k, budgets.cdf(0), SPARSE.selection, scaling=8 ** -0.5)
+    keep = keep_from_importance(sel.importance, budgets.cdf(0), SPARSE.selection, 150 - 64)
+    assert torch.equal(keep[..., :86], sel.keep_mask(86))
+
+
+@torch.no_grad()
+def test_prefill_by_reconstruction_keeps_the_selection_and_the_window(tiny_llama):
+    seed = fresh_seed()
+    context, prompt = ids(200, seed=seed), ids(9, seed=seed + 1)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    cache = TCACache(tiny_llama)
+    logits = prefill_by_reconstruction(tiny_llama, context, cache, prompt)
+    # The logits are those of TCA's own prefill (the cache only changes what is kept).
+    want = tiny_llama(context).logits[:, -1]
+    torch.testing.assert_close(logits, want)
+    # The kept sets are the reconstruction's selection plus the final window.
+    full = DynamicCache(config=tiny_llama.config)
+    out = tiny_llama(context, use_cache=True, **cache_kwargs(tiny_llama, full))
+    past = [(layer.keys, layer.values) for layer in full.layers]
+    del out
+    sels = selection_from_importance(tiny_llama, reconstruction_importance(tiny_llama, past, context, prompt), 200)
+    for layer, sel in zip(cache.layers, sels, strict=True):
+        for h in range(2):
+            want_pos = torch.cat([sel.positions[0, h, :sel.counts[0, h]], torch.arange(136, 200)])
+            assert torch.equal(layer.kept_positions(0, h), want_pos)
+        assert layer.get_seq_length() == 200
+    # The conversation goes on: a decode step and a chunk append to it.
+    nxt = logits.argmax(-1, keepdim=True)
+    step = tiny_llama(nxt, use_cache=True, position_ids=torch.tensor([[200]]), **cache_kwargs(tiny_llama, cache))
+    chunk = tiny_llama(ids(40, seed=seed + 2), use_cache=True, position_ids=torch.arange(201, 241)[None],
+                       **cache_kwargs(tiny_llama, cache))
+    assert torch.isfinite(step.logits).all() and torch.isfinite(chunk.logits).all()
+    assert cache.get_seq_length() == 241
+
+
+@torch.no_grad()
+def test_keep_all_prefill_by_reconstruction_is_dense(tiny_llama):
+    """With keep-all budgets nothing is dropped: the conversation continues exactly as dense."""
+    seed = fresh_seed()
+    context, prompt, more = ids(180, bsz=2, seed=seed), ids(5, seed=seed + 1), ids(30, bsz=2, seed=seed + 2)
+    dense_cache = DynamicCache(config=tiny_llama.config)
+    tiny_llama(context, use_cache=True, **cache_kwargs(tiny_llama, dense_cache))
+    want = tiny_llama(more, use_cache=True, position_ids=torch.arange(180, 210)[None],
+                      **cache_kwargs(tiny_llama, dense_cache)).logits
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.dense(2, 2, SPARSE))
+    cache = TCACache(tiny_llama)
+    prefill_by_reconstruction(tiny_llama, context, cache, prompt)
+    got = tiny_llama(more, use_cache=True, position_ids=torch.arange(180, 210)[None],
+                     **cache_kwargs(tiny_llama, cache)).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert cache.memory_report().total.kept_fraction == 1.0
+
+
+def test_prefill_by_reconstruction_refuses_a_used_cache(tiny_llama):
+    with pytest.raises(ValueError, match="not prepared"):
+        prefill_by_reconstruction(tiny_llama, ids(100), None, ids(3))
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    cache = TCACache(tiny_llama)
+    with torch.no_grad():
+        tiny_llama(ids(100), use_cache=True, **cache_kwargs(tiny_llama, cache))
+    with pytest.raises(ValueError, match="empty TCACache"):
+        prefill_by_reconstruction(tiny_llama, ids(100), cache, ids(3))
+
+
+def top_t_by(scores, start, stop, block, t):
+    """Positions of the per-block top-``t`` of ``scores`` over whole blocks in ``[start, stop)`` (older wins ties)."""
+    kept = []
+    for s in range(start, stop, block):
+        seg = scores[s:s + block]
+        order = sorted(range(block), key=lambda i: (-float(seg[i]), i))[:t]
+        kept += [s + i for i in sorted(order)]
+    return torch.tensor(kept, dtype=torch.long)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_prior_ranks_the_prefill_windows_blocks_when_they_leave(tiny_llama, chunked):
+    """Blocks of the prior's range keep their top-t by the prior; everything else is as without it."""
+    seed = fresh_seed()
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))  # t = 4 of 16
+    prompt, more = ids(150, seed=seed), ids(100, seed=seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    priors = [torch.rand(1, 2, 150, generator=gen) for _ in range(2)]
+    caches, logits = [], []
+    for use_prior in (False, True):
+        cache = TCACache(tiny_llama)
+        tiny_llama(prompt, use_cache=True, **cache_kwargs(tiny_llama, cache))
+        if use_prior:
+            for layer, prior in zip(cache.layers, priors, strict=True):
+                layer.set_prior(prior)
+        if chunked:
+            out = tiny_llama(more, use_cache=True, position_ids=torch.arange(150, 250)[None],
+                             **cache_kwargs(tiny_llama, cache)).logits
+        else:  # decode steps, one token each: blocks leave one at a time
+            out = torch.cat([tiny_llama(more[:, i:i + 1], use_cache=True, position_ids=torch.tensor([[150 + i]]),
+                                        **cache_kwargs(tiny_llama, cache)).logits for i in range(100)], 1)
+        caches.append(cache)
+        logits.append(out)
+    # The prior changes what is kept, not the attention before: the whole chunk, or the decode steps
+    # up to the one after which the first block leaves (token 165: 86 + 16 - 1 = 165 - 64).
+    same = 100 if chunked else 16
+    torch.testing.assert_close(logits[0][:, :same], logits[1][:, :same])
+    if not chunked:
+        assert (logits[0][:, same:] - logits[1][:, same:]).abs().max() > 1e-4
+    for plain, primed, prior in zip(caches[0].layers, caches[1].layers, priors, strict=True):
+        assert primed.prior is None  # spent: its four whole blocks [86, 150) have left the window
+        for h in range(2):
+            a, b = plain.kept_positions(0, h), primed.kept_positions(0, h)
+            want = top_t_by(prior[0, h], 86, 150, 16, 4)
+            assert torch.equal(b[(b >= 86) & (b < 150)], want)
+            # Blocks past the prior follow the usual rule: in a chunk, scored by the same queries; in
+            # decode, by queries that attended to other kept sets, so only the prefill's subset is shared.
+            outside = (lambda p: (p < 86) | (p >= 150)) if chunked else (lambda p: p < 86)
+            assert torch.equal(a[outside(a)], b[outside(b)])
+            assert not torch.equal(a, b)  # random priors choose other tokens than the queries did
+
+
+def test_set_prior_checks_its_shape(tiny_llama):
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    cache = TCACache(tiny_llama)
+    with pytest.raises(RuntimeError, match="prefilled"):
+        cache.layers[0].set_prior(torch.rand(1, 2, 10))
+    with torch.no_grad():
+        tiny_llama(ids(100), use_cache=True, **cache_kwargs(tiny_llama, cache))
+    for bad in (torch.rand(1, 2, 101), torch.rand(1, 3, 50), torch.rand(2, 50)):
+        with pytest.raises(ValueError, match="prior scores"):
+            cache.layers[0].set_prior(bad)
+
+
+@torch.no_grad()
+def test_documented_use_with_generate(tiny_llama):
+    """docs/chunked_prefill.md: prefill all but the last token, then generate turn after turn.
+
+    With keep-all budgets the conversation equals dense token for token; with sparse ones it runs."""
+    seed = fresh_seed()
+    turn1, turn2, repeat = ids(160, seed=seed), ids(90, seed=seed + 1), ids(6, seed=seed + 2)
+
+    def talk(cache, reconstruct):
+        if reconstruct:
+            tca_flex.prefill_by_reconstruction(tiny_llama, turn1[:, :-1], cache, repeat)
+        out = tiny_llama.generate(turn1, max_new_tokens=5, do_sample=False, **cache_kwargs(tiny_llama, cache))
+        return tiny_llama.generate(torch.cat([out, turn2], 1), max_new_tokens=5, do_sample=False,
+                                   **cache_kwargs(tiny_llama, cache))
+
+    dense = talk(DynamicCache(config=tiny_llama.config), False)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.dense(2, 2, SPARSE))
+    assert torch.equal(talk(TCACache(tiny_llama), True), dense)
+    tca_flex.remove(tiny_llama)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    cache = TCACache(tiny_llama)
+    out = talk(cache, True)
+    assert out.shape == dense.shape and cache.get_seq_length() == out.shape[1] - 1
+    assert cache.memory_report().total.kept_fraction < 0.8
