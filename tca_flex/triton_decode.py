@@ -382,5 +382,9 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
     if schedule == "split":
         _launch_split(attend, output, bsz * hkv, max_segment, total_slots, programs or TARGET_PROGRAMS)
     else:
-        _launch_balanced(attend, output, bsz * hkv, programs or BALANCED_PROGRAMS)
+        # No more programs than blocks of capacity: the extra ones would only exit (and in Triton's
+        # interpreter, which runs programs one by one, a small cache would pay for all 396).
+        slots = total_slots if total_slots is not None else max_segment * bsz * hkv
+        programs = min(programs or BALANCED_PROGRAMS, max(1, -(-slots // attend["BLOCK"])))
+        _launch_balanced(attend, output, bsz * hkv, programs)
     return out, lse
