@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .chunks import is_causal_left_padded
+from .chunks import building_graph, is_causal_left_padded
 from .compile import kernel_options_for, length_generic, prefill_kernel_options
 from .config import TCAConfig
 from .layer import TCALayer, tca_layer
@@ -325,11 +325,12 @@ def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> N
 
     The pruned cache stores no padding and no other hole, so such a mask
     cannot be honoured. Checked eagerly only: reading mask values inside a
-    compiled step would be a data-dependent branch; there the prefill's
-    ``left_pads`` has checked the pattern, and generate's masks only append
-    visible tokens to it.
+    compiled step would be a data-dependent branch, and inside a CUDA-graph
+    capture a sync the capture refuses; there the prefill's ``left_pads`` has
+    checked the pattern, the eager warm-up before a capture has checked the
+    step, and generate's masks only append visible tokens to it.
     """
-    if attention_mask is None or torch.compiler.is_compiling():
+    if attention_mask is None or building_graph():
         return
     visible = visible_keys(attention_mask)
     visible = visible.reshape(visible.shape[0], -1, 1, visible.shape[-1])  # one query: [B, H, 1, kv]

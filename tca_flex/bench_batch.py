@@ -8,16 +8,18 @@ Per batch size, row lengths are drawn (seeded) from the range and the rows are
 left-padded to the longest. On a LLaMA-3.1-8B-shaped model with random weights:
 
 - **prefill** (whole forward, ``logits_to_keep=1``): TCA over the padded batch
-  with a ``TCACache`` (each row runs on its own tokens, ``attention.py``) vs the
+  with a ``TCACache`` (each row's attention on its own tokens, ``attention.py``;
+  projections and MLPs on the real tokens only, ``unpad.py``) vs the
   sum of its rows' single-request TCA prefills; dense SDPA over the padded
   batch (transformers' 4-D mask) vs the sum of per-row dense prefills
   (maskless SDPA, the fastest dense kernel);
 - **decode**: tokens/s of the batch over ``TCACache`` vs dense over the padded
-  batch (``DynamicCache``, SDPA with the padding mask), ``steps`` greedy-shaped
-  steps each; timed eagerly step by step (device synchronised), not replayed
-  from CUDA graphs as the ``e2e`` phase's TPOT: transformers' padded-mask
-  construction reads the mask on the host, which a graph capture refuses, so
-  both sides run the same eager loop;
+  batch, ``steps`` greedy-shaped steps each, two ways: an eager step-by-step loop
+  (``DynamicCache`` for dense; ``steps`` times the median step, so the first step's
+  Triton JIT does not count), and one step replayed from a CUDA graph ``steps`` times
+  (``_replayed_decode_ms``; dense on a ``StaticCache`` with the padding mask, the
+  graph-safe dense cache), where transformers' padded-mask construction and our mask
+  check no longer run on the host;
 - **KV bytes** of the batch: ``TCACache.memory_report()`` vs the dense cache.
 
 Each timed call runs once untimed first (FlexAttention compiles for the
@@ -27,6 +29,7 @@ first shapes it meets). A method that fails (e.g. the dense padded prefill's
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
@@ -35,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .bench import static_copy
 from .bench_models import fastest_dense_sdpa, llama_8b_shaped
 from .budgets import HeadBudgets
 from .cache import TCACache
@@ -103,6 +107,67 @@ def _decode_ms(model, cache: Any, logits: torch.Tensor, mask: torch.Tensor, leng
     return statistics.median(times) * steps
 
 
+def _replayed_decode_ms(model, cache: Any, logits: torch.Tensor, mask: torch.Tensor, lengths: list[int],
+                        steps: int, device: torch.device, warmup: int = 3) -> float:
+    """Milliseconds of ``steps`` decode steps of the padded batch, each replayed from one CUDA graph
+    (as the ``e2e`` phase's TPOT): ``warmup`` eager steps with their exact masks (which also check
+    them), one captured step, then replays of it with its inputs (each row's greedy token at its next
+    position; the mask, which the captured step no longer reads on the host, one token wider than the
+    cache). A ``TCACache`` keeps its block compression in the graph (it decides on the device whether a
+    block leaves) and its host counters advance per replay; a dense ``StaticCache`` rewrites the
+    captured slot. CPU (CI): the same steps, eager, each timed."""
+    from .cache import TCACache
+
+    tca = isinstance(cache, TCACache)
+    width = mask.shape[1]
+    token = logits.argmax(-1, keepdim=True)
+    positions = torch.tensor(lengths, device=device).unsqueeze(1)
+    static_width = None if tca else cache.layers[0].keys.shape[-2]  # its preallocated capacity
+    ones = torch.ones(mask.shape[0], warmup + 1 + steps, dtype=mask.dtype, device=device)
+
+    def step_inputs(i: int) -> dict[str, Any]:
+        seen = torch.cat([mask, ones[:, : i + 1]], 1)
+        if static_width is not None:  # a static cache's mask spans its capacity (future slots masked by causality)
+            seen = torch.cat([seen, seen.new_zeros(seen.shape[0], static_width - seen.shape[1])], 1)
+        return {"input_ids": token, "attention_mask": seen, "position_ids": positions + i,
+                "cache_position": torch.tensor([width + i], device=device), "use_cache": True, "logits_to_keep": 1,
+                **cache_kwargs(model, cache)}
+
+    def captured(compress: bool | None):
+        return cache.graph_capture(compress) if tca else contextlib.nullcontext()
+
+    if device.type != "cuda":
+        times = []
+        for i in range(steps):
+            _, ms = _ms(lambda i=i: model(**step_inputs(i)), device)
+            times.append(ms)
+        return sum(times)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(warmup):  # with the compression on every step, so that its kernels load before the capture
+            with captured(True):
+                model(**step_inputs(i))
+            if tca:
+                cache.replayed()
+    torch.cuda.current_stream().wait_stream(stream)
+    inputs = step_inputs(warmup)
+    graph = torch.cuda.CUDAGraph()
+    with captured(None), torch.cuda.graph(graph):
+        model(**inputs)
+    if tca and cache.replayable_steps() < steps:
+        raise RuntimeError("the TCACache would grow during replays: reserve more tokens")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+        if tca:
+            cache.replayed()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def _dense_bytes(cache: Any) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
@@ -146,9 +211,13 @@ def batch_bench_rows(batch_sizes: list[int], lo: int, hi: int, num_layers: int, 
             _, ms = _twice(lambda: _prefill(model, ids, mask, dense_cache()), device)
             cache = dense_cache()
             logits = _prefill(model, ids, mask, cache)
+            static = static_copy(model, cache, ids.shape[1], device)
             tok_ms = _decode_ms(model, cache, logits, mask, lengths, decode_steps, device)
+            kv_bytes = _dense_bytes(cache)
+            del cache
+            graph_ms = _replayed_decode_ms(model, static, logits, mask, lengths, decode_steps, device)
             return {"ms": ms, "decode_tokens_per_s": size * decode_steps / (tok_ms / 1e3),
-                    "kv_bytes": _dense_bytes(cache)}
+                    "decode_tokens_per_s_graph": size * decode_steps / (graph_ms / 1e3), "kv_bytes": kv_bytes}
 
         _safely(rows, base, "dense_sdpa_padded", dense_padded, device)
         model.set_attn_implementation(fastest_dense_sdpa())
@@ -170,7 +239,12 @@ def batch_bench_rows(batch_sizes: list[int], lo: int, hi: int, num_layers: int, 
                     raise RuntimeError("TCA batch prefill gave non-finite logits")
                 tok_ms = _decode_ms(model, cache, logits, mask, lengths, decode_steps, device)
                 total = cache.memory_report().total
+                del cache
+                cache = TCACache(model, reserve_tokens=decode_steps + 8)
+                logits = _prefill(model, ids, mask, cache)
+                graph_ms = _replayed_decode_ms(model, cache, logits, mask, lengths, decode_steps, device)
                 return {"ms": ms, "decode_tokens_per_s": size * decode_steps / (tok_ms / 1e3),
+                        "decode_tokens_per_s_graph": size * decode_steps / (graph_ms / 1e3),
                         "kv_bytes": total.bytes_used, "kv_dense_bytes": total.dense_bytes,
                         "kept_fraction": total.kept_fraction}
 
@@ -197,5 +271,6 @@ def print_batch(rows: list[dict[str, Any]]) -> None:
                 continue
             extra = ""
             if "decode_tokens_per_s" in r:
-                extra = f"  decode {r['decode_tokens_per_s']:.1f} tok/s  KV {r['kv_bytes'] / 2**20:.1f} MiB"
+                extra = (f"  decode {r['decode_tokens_per_s']:.1f} tok/s eager, "
+                         f"{r['decode_tokens_per_s_graph']:.1f} replayed  KV {r['kv_bytes'] / 2**20:.1f} MiB")
             print(f"  {method:<22} prefill {r['ms']:>10.1f} ms{extra}")

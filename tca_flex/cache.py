@@ -50,7 +50,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .chunk_flex import flex_chunk_attention
-from .chunks import check_chunk_mask, chunk_attention, gather_segments, leaving_importance
+from .chunks import building_graph, check_chunk_mask, chunk_attention, gather_segments, leaving_importance
 from .config import TCAConfig
 from .decode import (
     DECODE_BACKENDS,
@@ -461,7 +461,7 @@ class TCACacheLayer(CacheLayerMixin):
         graph serves every step, unless ``TCACache.graph_capture`` says which of two graphs this is."""
         if self.assume_leaves is not None:
             return not self.assume_leaves
-        if torch.compiler.is_compiling() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if building_graph():
             return False
         return self._done(self._seen) == self._done(self._seen - 1)
 

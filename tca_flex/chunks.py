@@ -124,6 +124,12 @@ def leaving_importance(q_obs: torch.Tensor, k_leave: torch.Tensor, lse_obs: torc
     return probs.mean(2) if aggregation == "mean" else probs.amax(2)
 
 
+def building_graph() -> bool:
+    """Whether torch.compile is tracing or a CUDA graph is being captured: then no code may read a
+    device value on the host (a data-dependent branch, or a sync that a capture refuses)."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def is_causal_left_padded(visible: torch.Tensor, past_length: int, pads: list[int] | None) -> bool:
     """Whether bool ``visible [B, H, c, past_length + c]`` is exactly the causal mask of ``c`` new
     queries after ``past_length`` tokens, with each row's leading ``pads`` tokens hidden (none if
@@ -148,9 +154,9 @@ def check_chunk_mask(attention_mask: torch.Tensor | None, past_length: int, pads
     transformers materialises the causal mask of a chunk on top of a cache
     (``[B, 1, c, past + c]``, bool, or float with 0 where visible). Checked
     eagerly only: reading mask values inside a compiled graph would be a
-    data-dependent branch.
+    data-dependent branch, nor in a CUDA-graph capture (a sync).
     """
-    if attention_mask is None or torch.compiler.is_compiling():
+    if attention_mask is None or building_graph():
         return
     visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     if not is_causal_left_padded(visible, past_length, pads):

@@ -38,6 +38,7 @@ from .budgets import (
 from .compile import MIN_RECOMPILE_LIMIT
 from .config import TCAConfig
 from .layer import TCALayer, attach, detach
+from .unpad import Unpadder
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +361,11 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     for layer_idx, mod in enumerate(mods):
         attach(mod, TCALayer(config=config, cdf=budgets.cdf(layer_idx).to(device), layer_idx=layer_idx,
                              keep_per_block=tuple(keep[layer_idx].tolist())))
-    setattr(model, _STATE_ATTR, {"configs": configs, "budgets": budgets, "kv_heads": kv_heads})
+    # Packing tokens across a sharded layer's ranks is not ours to do: tensor-parallel models keep padding.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    unpadder = None if distributed else Unpadder(model, mods)
+    setattr(model, _STATE_ATTR, {"configs": configs, "budgets": budgets, "kv_heads": kv_heads,
+                                 "unpadder": unpadder})
     _APPLIED.add(model)
     return model
 
@@ -376,6 +381,8 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError("tca_flex.remove: this model was not prepared by tca_flex.apply")
     for mod in attention_modules(model):
         detach(mod)
+    if state["unpadder"] is not None:
+        state["unpadder"].remove()
     delattr(model, _STATE_ATTR)
     _release(model, state["configs"])
     return model

@@ -262,3 +262,55 @@ def test_left_padding_check_reads_2d_bool_and_additive_masks():
             check_left_padded(bad)
     with pytest.raises(ValueError, match="no token"):
         check_left_padded(torch.zeros(1, width, dtype=torch.bool))
+
+
+@settings(max_examples=10, deadline=None)
+@given(pads=st.lists(st.integers(0, 5), min_size=1, max_size=4), hidden=st.integers(0, 8))
+def test_decode_mask_check_refuses_holes_eagerly_and_stays_off_the_host_under_capture(pads, hidden):
+    """A decode mask hiding a token past a row's padding is refused eagerly; inside a CUDA-graph
+    capture (where a host read is a sync the capture refuses) the check stands aside, as in a
+    compiled step: the eager warm-up before the capture has checked the step's mask."""
+    from tca_flex.attention import check_decode_mask
+
+    width = 10
+    visible = torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]
+    check_decode_mask(visible, pads)  # exactly the prefill's padding: accepted
+    row = hidden % len(pads)
+    holed = visible.clone()
+    holed[row, pads[row] + hidden % (width - pads[row])] = False
+    with pytest.raises(ValueError, match="left-padded batches only"):
+        check_decode_mask(holed, pads)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        check_decode_mask(holed, pads)  # no host read while capturing
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10**6), lengths=st.lists(st.integers(3, 60), min_size=2, max_size=4),
+       heads=st.sampled_from(HEADS))
+@torch.no_grad()
+def test_padded_prefill_runs_projections_and_mlps_on_real_tokens_only(seed, lengths, heads):
+    """The per-token modules of a padded prefill see the real tokens only (padding costs them
+    nothing), decode steps and unpadded calls see their inputs unchanged, and ``remove`` takes the
+    hooks off: the padded batch then runs its projections on every position again."""
+    model = tiny_model(heads, seed)
+    seen = []
+    layer = model.model.layers[1]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((type(mod).__name__, args[0].shape[:2])))
+             for m in (layer.mlp, layer.self_attn.q_proj, layer.self_attn.o_proj)]
+    _, ids, mask = left_padded(lengths, seed)
+    real = sum(lengths)
+    padded = real < ids.numel()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                         **cache_kwargs(model, TCACache(model)))
+    prefill, decode = seen[:3], seen[3:]
+    assert all(shape == ((1, real) if padded else tuple(ids.shape)) for _, shape in prefill), prefill
+    assert all(shape == (len(lengths), 1) for _, shape in decode), decode
+    seen.clear()
+    tca_flex.remove(model)
+    model(ids, attention_mask=mask)
+    assert all(shape == tuple(ids.shape) for _, shape in seen)
+    for hook in hooks:
+        hook.remove()
+    assert out.shape == (len(lengths), ids.shape[1] + 2)
