@@ -13,6 +13,8 @@ padding, decode steps, chunks on top of a cache) runs the modules unchanged.
 
 Eager only: the packed length is a device value, so a traced or captured
 forward (``torch.compile``, CUDA graphs) runs the padded shapes, as before.
+A stale index cannot leak into a later call: every eager call of the model
+notes its own (or none) first.
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ class Unpadder:
         self.packed.clear()
 
     def _note(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if building_graph():  # a traced call packs nothing (see _packs): leave no side effect in the graph
+            return
         self.tokens = RealTokens()
         mask = kwargs.get("attention_mask")
-        if mask is None or mask.dim() != 2 or building_graph():
+        if mask is None or mask.dim() != 2:
             return
         length = _input_length(args, kwargs)
         if length is None or length < 2 or mask.shape[-1] != length or not _prefill_from_empty_cache(kwargs):
@@ -87,7 +91,9 @@ class Unpadder:
             self.tokens = RealTokens(index, (mask.shape[0], length))
 
     def _packs(self, x: torch.Tensor) -> bool:
-        return self.tokens.index is not None and tuple(x.shape[:2]) == self.tokens.shape
+        # Never inside a trace, even after an eager _note (``model.forward`` compiled alone): a graph
+        # would guard on this prefill's index and shape and recompile for the next one.
+        return not building_graph() and self.tokens.index is not None and tuple(x.shape[:2]) == self.tokens.shape
 
     def _pack(self, module: torch.nn.Module, args: tuple) -> tuple | None:
         if not args or not self._packs(args[0]):
