@@ -12,8 +12,10 @@ Two measurements on a LLaMA-3.1-8B-shaped model with random weights
   memory above the weights;
 - **a conversation** (a first turn, then shorter turns, each answered with a
   few greedy tokens): time to feed each turn with ``TCACache`` appending,
-  ``DynamicCache`` appending, and TCA re-prefilling the whole conversation into
-  a fresh ``TCACache``.
+  ``DynamicCache`` appending, TCA re-prefilling the whole conversation into
+  a fresh ``TCACache``, and ``TCACache`` appending after a first turn selected
+  by reconstruction (``prefill_by_reconstruction``, a repeat instruction of
+  ``REPEAT_TOKENS`` random tokens): its first turn's cost over a plain TCA prefill.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from .chunked import chunked_prefill
 from .config import TCAConfig
 from .hfcompat import cache_kwargs
 from .integration import apply, remove
+from .reconstruct import prefill_by_reconstruction
+
+REPEAT_TOKENS = 16  # about the length of "\nUser: Repeat the previous text.\nAssistant:"
 
 
 def measured(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float | None]:
@@ -110,15 +115,22 @@ def conversation_rows(model, budgets: HeadBudgets, turns: list[int], reply: int,
     messages = [torch.randint(0, model.config.vocab_size, (1, n), generator=gen).to(device) for n in turns]
     rows: list[dict[str, Any]] = []
 
-    def converse(method: str, make_cache: Callable[[], Any], reprefill: bool) -> None:
+    repeat = torch.randint(0, model.config.vocab_size, (1, REPEAT_TOKENS), generator=gen).to(device)
+
+    def converse(method: str, make_cache: Callable[[], Any], reprefill: bool, recon: bool = False) -> None:
         cache, history, pending = None, None, None
         for turn, message in enumerate(messages):
             history = message if history is None else torch.cat([history, message], 1)
-            if reprefill or cache is None:
+            first = reprefill or cache is None
+            if first:
                 cache, ids = make_cache(), history
             else:
                 ids = torch.cat([pending, message], 1)
-            logits, feed_ms, peak = measured(lambda c=cache, x=ids: _feed(model, x, c), device)
+            if recon and first:  # the first turn selected by a repeat pass (reconstruct.py)
+                feed = lambda c=cache, x=ids: prefill_by_reconstruction(model, x, c, repeat)  # noqa: E731
+            else:
+                feed = lambda c=cache, x=ids: _feed(model, x, c)  # noqa: E731
+            logits, feed_ms, peak = measured(feed, device)
             token = logits.argmax(-1, keepdim=True)
             start = time.perf_counter()
             for _ in range(reply - 1):
@@ -133,11 +145,11 @@ def conversation_rows(model, budgets: HeadBudgets, turns: list[int], reply: int,
                          "ms": feed_ms, "turn_tokens": ids.shape[1], "decode_ms_per_token": decode_ms,
                          "peak_gib": peak})
 
-    def timed_twice(method: str, make_cache: Callable[[], Any], reprefill: bool) -> None:
+    def timed_twice(method: str, make_cache: Callable[[], Any], reprefill: bool, recon: bool = False) -> None:
         # The first conversation compiles FlexAttention for every prefill length it meets.
-        converse(method, make_cache, reprefill)
+        converse(method, make_cache, reprefill, recon)
         del rows[len(rows) - len(messages):]
-        converse(method, make_cache, reprefill)
+        converse(method, make_cache, reprefill, recon)
 
     model.set_attn_implementation(dense_attn)
     timed_twice("dense_append", lambda: DynamicCache(config=model.config), reprefill=False)
@@ -145,6 +157,7 @@ def conversation_rows(model, budgets: HeadBudgets, turns: list[int], reply: int,
     try:
         timed_twice("tca_reprefill", lambda: TCACache(model), reprefill=True)
         timed_twice("tca_append", lambda: TCACache(model), reprefill=False)
+        timed_twice("tca_recon_append", lambda: TCACache(model), reprefill=False, recon=True)
     finally:
         remove(model)
     return rows

@@ -80,6 +80,9 @@ def test_smoke_chunks_phase_times_chunked_prefill_and_conversations():
     assert rows["turn2 tca_append"]["turn_tokens"] == rows["turn2 dense_append"]["turn_tokens"] == 64 + 1
     assert rows["turn2 tca_reprefill"]["turn_tokens"] == 300 + 8 + 64
     assert rows["turn2 tca_append"]["length"] == rows["turn2 tca_reprefill"]["length"] == 300 + 8 + 64 + 8
+    # The first turn by reconstruction feeds the same tokens, then appends like tca_append.
+    assert rows["turn1 tca_recon_append"]["turn_tokens"] == rows["turn1 tca_append"]["turn_tokens"] == 300
+    assert rows["turn2 tca_recon_append"]["turn_tokens"] == 64 + 1
 
 
 def test_smoke_batch_phase_times_padded_batches_against_rows_and_dense():
