@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import tca_prefill_attention
-from .bench_models import fastest_dense_sdpa, llama_8b_shaped
+from .bench_models import fastest_dense_sdpa, llama_8b_shaped, static_copy
 from .budgets import HeadBudgets
 from .compile import flex, kernel_options_for, prefill_backend, prefill_kernel_options
 from .config import TCAConfig
@@ -464,18 +464,6 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
     at_leaving = [t for t, leaves in zip(times, leaving, strict=True) if leaves]
     return {"ms": statistics.fmean(times), "ms_median": statistics.median(times),
             "ms_leaving": statistics.fmean(at_leaving) if at_leaving else None, "steps": steps}
-
-
-def static_copy(model, dynamic, length: int, device: torch.device):
-    """A ``StaticCache`` holding ``dynamic``'s K/V (transformers' graph-safe dense cache; its
-    decode attention takes a ``[1, 1, 1, max_len]`` mask)."""
-    from transformers import StaticCache
-
-    static = StaticCache(config=model.config, max_cache_len=length + 256)
-    cache_position = torch.arange(length, device=device)
-    for i, layer in enumerate(dynamic.layers):
-        static.update(layer.keys, layer.values, i, {"cache_position": cache_position})
-    return static
 
 
 def one_step_dense(dynamic):

@@ -38,8 +38,7 @@ from typing import Any
 
 import torch
 
-from .bench import static_copy
-from .bench_models import fastest_dense_sdpa, llama_8b_shaped
+from .bench_models import fastest_dense_sdpa, llama_8b_shaped, static_copy
 from .budgets import HeadBudgets
 from .cache import TCACache
 from .config import TCAConfig

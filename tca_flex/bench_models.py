@@ -46,3 +46,15 @@ def llama_8b_shaped(num_layers: int, device: torch.device, dtype: torch.dtype, s
     finally:
         torch.set_default_dtype(previous)
     return model.to(dtype).eval()
+
+
+def static_copy(model, dynamic, length: int, device: torch.device):
+    """A ``StaticCache`` holding ``dynamic``'s K/V (transformers' graph-safe dense cache; its
+    decode attention takes a ``[1, 1, 1, max_len]`` mask)."""
+    from transformers import StaticCache
+
+    static = StaticCache(config=model.config, max_cache_len=length + 256)
+    cache_position = torch.arange(length, device=device)
+    for i, layer in enumerate(dynamic.layers):
+        static.update(layer.keys, layer.values, i, {"cache_position": cache_position})
+    return static

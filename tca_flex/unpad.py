@@ -64,7 +64,10 @@ class Unpadder:
     def __init__(self, model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> None:
         self.tokens = RealTokens()
         self.packed: set[int] = set()  # modules whose running call got a packed input
-        self.handles = [model.register_forward_pre_hook(self._note, with_kwargs=True)]
+        # q/k/v projections read one input: it is gathered once (held until the model's call ends).
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.handles = [model.register_forward_pre_hook(self._note, with_kwargs=True),
+                        model.register_forward_hook(self._done)]
         for module in per_token_modules(model, attention_modules):
             self.handles.append(module.register_forward_pre_hook(self._pack))
             self.handles.append(module.register_forward_hook(self._unpack))
@@ -73,8 +76,7 @@ class Unpadder:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        self.tokens = RealTokens()
-        self.packed.clear()
+        self._done()
 
     def _note(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if building_graph():  # a traced call packs nothing (see _packs): leave no side effect in the graph
@@ -90,6 +92,13 @@ class Unpadder:
         if index is not None:
             self.tokens = RealTokens(index, (mask.shape[0], length))
 
+    def _done(self, *hook_args: Any) -> None:
+        """After the model's call: let go of the index and the packed copies."""
+        if building_graph():
+            return
+        self.tokens, self.last = RealTokens(), None
+        self.packed.clear()
+
     def _packs(self, x: torch.Tensor) -> bool:
         # Never inside a trace, even after an eager _note (``model.forward`` compiled alone): a graph
         # would guard on this prefill's index and shape and recompile for the next one.
@@ -100,7 +109,9 @@ class Unpadder:
             return None
         x = args[0]
         self.packed.add(id(module))
-        return (x.reshape(-1, x.shape[-1]).index_select(0, self.tokens.index)[None], *args[1:])
+        if self.last is None or self.last[0] is not x:
+            self.last = (x, x.reshape(-1, x.shape[-1]).index_select(0, self.tokens.index)[None])
+        return (self.last[1], *args[1:])
 
     def _unpack(self, module: torch.nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
         if id(module) not in self.packed:

@@ -297,13 +297,18 @@ def test_padded_prefill_runs_projections_and_mlps_on_real_tokens_only(seed, leng
     model = tiny_model(heads, seed)
     seen = []
     layer = model.model.layers[1]
+    attn = layer.self_attn
+    pointers = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((type(mod).__name__, args[0].shape[:2])))
-             for m in (layer.mlp, layer.self_attn.q_proj, layer.self_attn.o_proj)]
+             for m in (layer.mlp, attn.q_proj, attn.o_proj)]
+    hooks += [m.register_forward_pre_hook(lambda mod, args: pointers.append(args[0].data_ptr()))
+              for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     _, ids, mask = left_padded(lengths, seed)
     real = sum(lengths)
     padded = real < ids.numel()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
                          **cache_kwargs(model, TCACache(model)))
+    assert len(set(pointers[:3])) == 1  # q, k and v read one packed copy of their shared input
     prefill, decode = seen[:3], seen[3:]
     assert all(shape == ((1, real) if padded else tuple(ids.shape)) for _, shape in prefill), prefill
     assert all(shape == (len(lengths), 1) for _, shape in decode), decode
