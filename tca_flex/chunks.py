@@ -154,7 +154,7 @@ def check_chunk_mask(attention_mask: torch.Tensor | None, past_length: int, pads
     transformers materialises the causal mask of a chunk on top of a cache
     (``[B, 1, c, past + c]``, bool, or float with 0 where visible). Checked
     eagerly only: reading mask values inside a compiled graph would be a
-    data-dependent branch, nor in a CUDA-graph capture (a sync).
+    data-dependent branch, and inside a CUDA-graph capture a sync the capture refuses.
     """
     if attention_mask is None or building_graph():
         return
