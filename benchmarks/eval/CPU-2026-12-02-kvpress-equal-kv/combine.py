@@ -1,12 +1,13 @@
-"""Tabulate the runs of this folder together (they differ in methods and environment,
-so `--merge` refuses them): python benchmarks/eval/CPU-2026-12-02-kvpress-equal-kv/combine.py"""
+"""Tabulate the runs of a folder together (they differ in methods and environment, so
+`--merge` refuses them), writing the report into that folder:
+python benchmarks/eval/CPU-2026-12-02-kvpress-equal-kv/combine.py [FOLDER]   # default: this one"""
 import json
 import sys
 from pathlib import Path
 
 from tca_flex.eval.report import write_reports
 
-here = Path(__file__).parent
+here = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
 runs = sorted(p.parent for p in here.glob("*/results.json"))
 records, sources = [], []
 for run in runs:
@@ -17,4 +18,4 @@ for run in runs:
                     "budgets": m["args"]["budgets"], "transformers": m.get("transformers"),
                     "kvpress": m.get("kvpress"), "torch": m.get("torch"), "wall_s": m.get("wall_s")})
 meta = {"combined_from": sources}
-print(write_reports(sys.argv[1] if len(sys.argv) > 1 else here, records, meta)[1])
+print(write_reports(here, records, meta)[1])
