@@ -1,3 +1,4 @@
+import contextlib
 import json
 import math
 import random
@@ -8,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import DynamicCache, LlamaForCausalLM
 
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.config import SelectionConfig, parse_overrides
@@ -21,6 +23,7 @@ from tca_flex.integration import attention_modules
 from tca_flex.selection import select
 
 from .cli_checks import refused_before_loading
+from .conftest import tiny_llama_config
 
 
 class ByteTokenizer:
@@ -755,3 +758,116 @@ def test_long_recall_lists_entries_in_order_and_asks_a_long_answer():
     # Scored by the fraction recalled: half the entries give half the score.
     half = " ".join(f"Inventory entry {i + 1}: {w}." for i, w in enumerate(s.answers[:20]))
     assert tasks.score_fraction(half, s) == 0.5 and not tasks.score(half, s)
+
+
+class InPlacePress:
+    """A press with kvpress's interface: keeps the keys of largest ``score``, compressing in place.
+
+    ``__call__`` hooks the model the way kvpress does (compress each layer's cache right after its
+    attention, during the prefill only), so it is the per-press reference the shared prefill must equal.
+    The score mixes in the layer's hidden states and key positions, so a press fed another layer's
+    inputs, or keys after an earlier press, would keep other tokens.
+    """
+
+    def __init__(self, compression_ratio, salt):
+        self.compression_ratio, self.salt = compression_ratio, salt
+
+    def post_init_from_model(self, model):
+        pass
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        n = keys.shape[2]
+        score = keys.norm(dim=-1) * torch.cos(self.salt * torch.arange(n)) + hidden_states.mean(-1)[:, None]
+        idx = score.topk(max(1, round(n * (1 - self.compression_ratio))), dim=-1).indices.sort(-1).values
+        idx = idx[..., None].expand(-1, -1, -1, keys.shape[-1])
+        return keys.gather(2, idx), values.gather(2, idx)
+
+    @contextlib.contextmanager
+    def __call__(self, model):
+        def hook(module, args, kwargs, output):
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))  # the name changed in transformers 5.3+
+            layer = cache.layers[module.layer_idx]
+            if kwargs["hidden_states"].shape[1] > 1:
+                layer.keys, layer.values = self.compress(module, kwargs["hidden_states"], layer.keys,
+                                                         layer.values, output[1], kwargs)
+            return output
+
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def in_place_method(ratio, salt):
+    def prepare(model, length):
+        context = InPlacePress(ratio, salt)(model)
+        context.__enter__()
+        return methods.Prepared(cleanup=lambda: context.__exit__(None, None, None))
+
+    return methods.Method(f"press-{ratio}-{salt}", "press", ratio, prepare, lambda n: InPlacePress(ratio, salt))
+
+
+@torch.no_grad()
+@given(ratios=st.lists(st.floats(0.2, 0.8), min_size=1, max_size=3), length=st.integers(300, 600))
+@settings(max_examples=3, deadline=None)
+def test_shared_prefill_gives_each_press_the_answers_of_its_own_prefill(ratios, length):
+    from tca_flex.eval.shared import prefill_for_presses
+
+    torch.manual_seed(fresh_seed())
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.2)).eval()
+    all_methods = [methods.dense(), *(in_place_method(r, i + 1) for i, r in enumerate(ratios))]
+    samples = [tasks.passkey(TOK, length, fresh_seed()), tasks.niah_multikey(TOK, length, fresh_seed())]
+    shared = runner.run_shared_samples(model, TOK, all_methods, samples, length, progress=False)
+    alone = []
+    for method in all_methods:
+        prepared = method.prepare(model, length)
+        try:
+            alone += runner.run_task_samples(model, TOK, method, prepared, samples, length, progress=False)
+        finally:
+            prepared.cleanup()
+    key = lambda r: (r["task"], r["method"])  # noqa: E731
+    shared, alone = sorted(shared, key=key), sorted(alone, key=key)
+    assert [(r["answer"], r["kv_kept"]) for r in shared] == [(r["answer"], r["kv_kept"]) for r in alone]
+    assert all(r["shared_prefill"] for r in shared)
+    assert min(r["kv_kept"] for r in shared) < 0.9  # the presses did compress
+    # The caches themselves: each press's equals the one its own hooked prefill leaves.
+    ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(fresh_seed()))
+    _, dense_cache, caches = prefill_for_presses(model, ids, {m.name: m.press(length) for m in all_methods[1:]})
+    for method in all_methods[1:]:
+        own = DynamicCache(config=model.config)
+        with method.press(length)(model):
+            model(ids, past_key_values=own, use_cache=True)
+        for a, b in zip(caches[method.name].layers, own.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert dense_cache.get_seq_length() == length
+
+
+def test_shared_prefill_refuses_conversations_and_sparse_methods(tiny_llama):
+    talk = tasks.multi_turn(TOK, 500, fresh_seed())
+    with pytest.raises(ValueError, match="conversations"):
+        runner.run_shared_samples(tiny_llama, TOK, [methods.dense()], [talk], 500, progress=False)
+    with pytest.raises(ValueError, match="only dense and kvpress"):
+        runner.run_shared_samples(tiny_llama, TOK, [methods.dense(), *methods.build_methods(["snapkv"], [0.3], CFG)],
+                                  [tasks.passkey(TOK, 400, fresh_seed())], 400, progress=False)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("press", ["SnapKVPress-w32k7", "StreamingLLMPress", "TOVAPress", "KnormPress",
+                                   "PyramidKVPress-w32k7", "ExpectedAttentionPress"])
+def test_kvpress_caches_from_the_shared_prefill_equal_the_press_own(tiny_llama, press):
+    pytest.importorskip("kvpress", reason="kvpress runs from a separate venv (EVALUATION.md)")
+    from tca_flex.eval.shared import prefill_for_presses
+
+    (method,) = methods.build_methods([f"kvpress:{press}"], [0.25], CFG)
+    ids = torch.randint(0, 256, (1, 290), generator=torch.Generator().manual_seed(fresh_seed()))
+    _, _, caches = prefill_for_presses(tiny_llama, ids, {"p": method.press(290)})
+    prepared = method.prepare(tiny_llama, 290)
+    try:
+        own = DynamicCache(config=tiny_llama.config)
+        tiny_llama(ids, past_key_values=own, use_cache=True)
+    finally:
+        prepared.cleanup()
+    for a, b in zip(caches["p"].layers, own.layers, strict=True):
+        assert a.keys.shape[-2] < 290 and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

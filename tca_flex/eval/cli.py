@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="instead of running, merge the results of runs of the same settings over disjoint "
                         "seeds (e.g. one per device call) into --out")
+    p.add_argument("--share-prefill", action="store_true",
+                   help="dense and the kvpress presses run on one dense prefill per prompt (a press compresses "
+                        "after the dense attention, so their prefills are the same; single-turn tasks only)")
     p.add_argument("--gamma", type=int_at_least(0), default=0, metavar="N",
                    help="attach each TCA sample's dropped attention mass (N sampled queries; 0: off)")
     return p
@@ -204,7 +207,7 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
         methods += build_methods(others, [mean_keep(budgets)], budgets.config)
     cfg = SuiteConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks), samples=args.samples,
                       seed=args.seed, ppl_samples=args.ppl_samples, ppl_source=args.ppl_source,
-                      progress=not args.no_progress, gamma_queries=args.gamma)
+                      progress=not args.no_progress, gamma_queries=args.gamma, share_prefill=args.share_prefill)
     start = time.perf_counter()
     records = run_suite(model, tokenizer, methods, cfg)
     now = dt.datetime.now(dt.timezone.utc).isoformat()

@@ -89,6 +89,9 @@ class Method:
     family: str
     level: float | None
     prepare: Callable[[torch.nn.Module, int], Prepared]
+    # A kvpress press for a prompt length (kvpress methods only): lets the
+    # runner share one dense prefill among dense and the presses (shared.py).
+    press: Callable[[int], Any] | None = None
 
 
 def model_shape(model: torch.nn.Module) -> tuple[int, int]:
@@ -338,13 +341,16 @@ def kvpress(press: str, keep: float, config: TCAConfig, suffix: str = "", **pres
     dense prefill; the kept fraction is measured on the cache.
     """
 
-    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+    def ratio(n: int) -> float:
+        return max(0.0, 1.0 - tca_kv_tokens(n, keep * config.block_size, config) / n)
+
+    def make(n: int) -> Any:
         import kvpress as kvp
 
-        def ratio(n: int) -> float:
-            return max(0.0, 1.0 - tca_kv_tokens(n, keep * config.block_size, config) / n)
+        return getattr(kvp, press)(compression_ratio=ratio(n), **press_kwargs)
 
-        instance = getattr(kvp, press)(compression_ratio=ratio(length), **press_kwargs)
+    def prepare(model: torch.nn.Module, length: int) -> Prepared:
+        instance = make(length)
         context = instance(model)
         context.__enter__()
 
@@ -353,7 +359,7 @@ def kvpress(press: str, keep: float, config: TCAConfig, suffix: str = "", **pres
 
         return Prepared(cleanup=lambda: context.__exit__(None, None, None), on_prompt=on_prompt)
 
-    return Method(f"kvpress:{press}{suffix}-k{keep:g}", f"kvpress:{press}{suffix}", keep, prepare)
+    return Method(f"kvpress:{press}{suffix}-k{keep:g}", f"kvpress:{press}{suffix}", keep, prepare, make)
 
 
 # family -> factory(level, config). Levels are keep fractions; a calibrated

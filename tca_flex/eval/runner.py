@@ -41,6 +41,8 @@ class SuiteConfig:
         gamma_queries: with TCA methods, attach to each sample the dropped
             attention mass of its prefill (``tca_flex.report`` over this many
             evenly spaced queries; 0: off). Costs one extra prefill per sample.
+        share_prefill: dense and the kvpress methods run on one dense prefill
+            per sample (``shared.py``; same answers, a fraction of the time).
     """
 
     lengths: tuple[int, ...] = (2048, 4096, 8192)
@@ -52,6 +54,7 @@ class SuiteConfig:
     bucket: int = 1024
     progress: bool = True
     gamma_queries: int = 0
+    share_prefill: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -275,15 +278,57 @@ def run_task_samples(model, tokenizer, method: Method, prepared: Prepared, sampl
                                                                       tokenizer.eos_token_id, cache,
                                                                       prefill=_prefill_hook(prepared, tokenizer))
             prompt_tokens = ids.shape[1]
-        answer = tokenizer.decode(new, skip_special_tokens=True)
-        records.append({
-            "kind": "task", "length": length, "method": method.name, "family": method.family,
-            "level": method.level, "task": sample.task, "seed": sample.seed, "prompt_tokens": prompt_tokens,
-            "depth": sample.depth, "expected": list(sample.answers),
-            "answer": answer, "score": score_fraction(answer, sample), "correct": score(answer, sample),
-            "kv_kept": _kept(prepared, cache_kept), "cache": cache_name, "prefill_s": prefill_s,
-            "decode_s_per_token": decode_s, "gamma": gamma,
-        })
+        records.append(_task_record(tokenizer, method, sample, length, new, prompt_tokens, _kept(prepared, cache_kept),
+                                    cache_name, prefill_s, decode_s, gamma=gamma))
+    return records
+
+
+def _task_record(tokenizer, method: Method, sample: Sample, length: int, new: list[int], prompt_tokens: int,
+                 kv_kept: float, cache_name: str, prefill_s: float, decode_s: float, **extra: Any
+                 ) -> dict[str, Any]:
+    answer = tokenizer.decode(new, skip_special_tokens=True)
+    return {
+        "kind": "task", "length": length, "method": method.name, "family": method.family,
+        "level": method.level, "task": sample.task, "seed": sample.seed, "prompt_tokens": prompt_tokens,
+        "depth": sample.depth, "expected": list(sample.answers),
+        "answer": answer, "score": score_fraction(answer, sample), "correct": score(answer, sample),
+        "kv_kept": kv_kept, "cache": cache_name, "prefill_s": prefill_s,
+        "decode_s_per_token": decode_s, **extra,
+    }
+
+
+def run_shared_samples(model, tokenizer, methods: list[Method], samples: list[Sample], length: int,
+                       progress: bool = True) -> list[dict[str, Any]]:
+    """Dense and kvpress methods on one dense prefill per sample (``shared.py``).
+
+    Every record's ``prefill_s`` is the shared prefill's time and carries
+    ``"shared_prefill": True``; decoding is each method's own.
+    """
+    from .shared import prefill_for_presses, shareable
+
+    if not all(map(shareable, methods)):
+        raise ValueError(f"only dense and kvpress methods share a prefill, not "
+                         f"{[m.name for m in methods if not shareable(m)]}")
+    conversations = sorted({s.task for s in samples if s.turns})
+    if conversations:
+        raise ValueError(f"{conversations} are conversations: the shared prefill covers single-turn tasks; "
+                         "run those without --share-prefill")
+    device = next(model.parameters()).device
+    records = []
+    for sample in _progress(samples, f"shared prefill @ {length}", progress):
+        ids = _encode(tokenizer, sample.prompt, device)
+        presses = {m.name: m.press(ids.shape[1]) for m in methods if m.press is not None}
+        start = time.perf_counter()
+        logits, dense_cache, caches = prefill_for_presses(model, ids, presses)
+        prefill_s = time.perf_counter() - start
+        for method in methods:
+            cache = dense_cache if method.press is None else caches[method.name]
+            new, _, decode_s, cache_kept, cache_name = greedy(model, ids, sample.max_new_tokens,
+                                                              tokenizer.eos_token_id, cache,
+                                                              prefill=lambda *_, first=logits: first)
+            records.append(_task_record(tokenizer, method, sample, length, new, ids.shape[1],
+                                        1.0 if cache_kept is None else cache_kept, cache_name, prefill_s,
+                                        decode_s, gamma=None, shared_prefill=True))
     return records
 
 
@@ -325,15 +370,25 @@ def run_suite(model, tokenizer, methods: list[Method], cfg: SuiteConfig) -> list
         for length in (n for n in cfg.lengths if n < need):
             logger.warning("length %d is shorter than the shortest %s prompt plus its answer (%d tokens): its "
                            "prompts will be longer than %d", length, task, need, length)
+    from .shared import shareable
+
+    shared = [m for m in methods if cfg.share_prefill and shareable(m)]
     records: list[dict[str, Any]] = []
     for length in cfg.lengths:
         samples = make_samples(tokenizer, cfg, length)
+        if shared and cfg.samples:
+            logger.info("running %s at %d tokens on %d samples, one shared prefill each",
+                        [m.name for m in shared], length, len(samples))
+            records += run_shared_samples(model, tokenizer, shared, samples, length, cfg.progress)
         for method in methods:
+            if method in shared and not cfg.ppl_samples:
+                continue
             logger.info("running %s at %d tokens on %d samples", method.name, length, len(samples))
             prepared = method.prepare(model, length)
             try:
-                records += run_task_samples(model, tokenizer, method, prepared, samples, length, cfg.progress,
-                                            cfg.gamma_queries)
+                if method not in shared:
+                    records += run_task_samples(model, tokenizer, method, prepared, samples, length,
+                                                cfg.progress, cfg.gamma_queries)
                 if cfg.ppl_samples:
                     records += run_perplexity(model, tokenizer, method, prepared, text_ids, cfg, length)
             finally:
