@@ -838,7 +838,7 @@ def test_shared_prefill_gives_each_press_the_answers_of_its_own_prefill(ratios, 
     for method in all_methods[1:]:
         own = DynamicCache(config=model.config)
         with method.press(length)(model):
-            model(ids, past_key_values=own, use_cache=True)
+            model(ids, use_cache=True, **cache_kwargs(model, own))
         for a, b in zip(caches[method.name].layers, own.layers, strict=True):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     assert dense_cache.get_seq_length() == length
@@ -866,7 +866,7 @@ def test_kvpress_caches_from_the_shared_prefill_equal_the_press_own(tiny_llama, 
     prepared = method.prepare(tiny_llama, 290)
     try:
         own = DynamicCache(config=tiny_llama.config)
-        tiny_llama(ids, past_key_values=own, use_cache=True)
+        tiny_llama(ids, use_cache=True, **cache_kwargs(tiny_llama, own))
     finally:
         prepared.cleanup()
     for a, b in zip(caches["p"].layers, own.layers, strict=True):

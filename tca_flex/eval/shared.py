@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..hfcompat import cache_kwargs
 from ..integration import attention_modules
 from .methods import Method
 
@@ -64,7 +65,7 @@ def prefill_for_presses(model: torch.nn.Module, input_ids: torch.Tensor, presses
         module.rotary_emb = model.model.rotary_emb
     handles = [m.register_forward_hook(compress_each, with_kwargs=True) for m in modules]
     try:
-        out = model(input_ids, past_key_values=dense, use_cache=True)
+        out = model(input_ids, use_cache=True, **cache_kwargs(model, dense))
     finally:
         for handle in handles:
             handle.remove()
