@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .chunks import building_graph
+from .hfcompat import kwargs_cache
 
 # Modules whose work is per token: packing their input changes nothing for real tokens.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -46,7 +47,7 @@ def real_token_index(attention_mask: torch.Tensor) -> torch.Tensor | None:
 
 
 def _prefill_from_empty_cache(kwargs: dict[str, Any]) -> bool:
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cache = kwargs_cache(kwargs)
     return cache is None or cache.get_seq_length() == 0
 
 

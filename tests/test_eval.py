@@ -18,7 +18,7 @@ from tca_flex.config import SelectionConfig, parse_overrides
 from tca_flex.eval import baselines, methods, perplexity, report, runner, tasks
 from tca_flex.eval.cli import evaluate, parse_args
 from tca_flex.eval.install import install_policy
-from tca_flex.hfcompat import cache_kwargs, output_cache
+from tca_flex.hfcompat import cache_kwargs, kwargs_cache, output_cache
 from tca_flex.integration import attention_modules
 from tca_flex.selection import select
 
@@ -785,8 +785,7 @@ class InPlacePress:
     @contextlib.contextmanager
     def __call__(self, model):
         def hook(module, args, kwargs, output):
-            cache = kwargs.get("past_key_values", kwargs.get("cache"))  # the name changed in transformers 5.3+
-            layer = cache.layers[module.layer_idx]
+            layer = kwargs_cache(kwargs).layers[module.layer_idx]
             if kwargs["hidden_states"].shape[1] > 1:
                 layer.keys, layer.values = self.compress(module, kwargs["hidden_states"], layer.keys,
                                                          layer.values, output[1], kwargs)
