@@ -14,6 +14,7 @@ Dispatch per call:
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import warnings
 from typing import Any
@@ -173,43 +174,84 @@ def _config_from_json(text: str) -> TCAConfig:
     return TCAConfig.from_dict(json.loads(text))
 
 
-def _padded_prefill(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
-                    config: TCAConfig, scaling: float, pads: list[int]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prefill of a left-padded batch: each row alone on its real tokens, in padded coordinates.
+def _rows_prefill(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pads: list[int], length: int,
+                  cdf_hk: torch.Tensor, config: TCAConfig, scaling: float
+                  ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Each row of a left-padded batch alone on its real tokens.
 
-    Row ``r`` has ``pads[r]`` leading padding tokens. Its real tokens run
-    exactly what they would unpadded (TCA past ``config.dense_up_to``, dense
-    causal attention otherwise, whose cache then keeps everything before the
-    window), so padding never enters a selection, a budget or a window and
-    costs no attention compute. The length-generic graphs serve every row's
-    length without compiling. Padding queries get zeros (finite; nothing
-    reads them). Returns ``out [B, H_q, L, D]`` and the selection, positions
-    shifted to padded coordinates and cut to ``L - window`` like the batched path.
+    ``rows[r]`` is row ``r``'s ``(q, k, v)``, ``[1, H, n_r, D]``, its
+    ``n_r = length - pads[r]`` real tokens. Each runs exactly what it would
+    unpadded (TCA past ``config.dense_up_to``, dense causal attention
+    otherwise, whose cache then keeps everything before the window), so
+    padding never enters a selection, a budget or a window and costs no
+    attention compute. The length-generic graphs serve every row's length
+    without compiling. Returns the rows' outputs ``[1, H_q, n_r, D]`` and the
+    selection of the padded batch: ``positions [B, H_kv, length - window]`` in
+    padded coordinates (each row's shifted by its padding) and ``counts``.
     """
-    bsz, hq, length, d = q_bhsd.shape
-    hkv, window = k_bhsd.shape[1], config.window
-    width = length - window
-    out = q_bhsd.new_zeros(bsz, hq, length, d)
-    positions = torch.full((bsz, hkv, width), PAD_POSITION, dtype=torch.long, device=q_bhsd.device)
-    counts = torch.zeros(bsz, hkv, dtype=torch.long, device=q_bhsd.device)
-    for r, pad in enumerate(pads):
+    hkv, window = rows[0][1].shape[1], config.window
+    dev = rows[0][0].device
+    positions = torch.full((len(rows), hkv, max(length - window, 0)), PAD_POSITION, dtype=torch.long, device=dev)
+    counts = torch.zeros(len(rows), hkv, dtype=torch.long, device=dev)
+    outs = []
+    for r, ((q, k, v), pad) in enumerate(zip(rows, pads, strict=True)):
         n = length - pad
-        q, k, v = (t[r: r + 1, :, pad:] for t in (q_bhsd, k_bhsd, v_bhsd))
         if n > config.dense_up_to:
             o, sel = tca_prefill_attention(q, k, v, cdf_hk, config, scaling, return_selection=True)
-            j = torch.arange(n - window, device=q.device)
+            j = torch.arange(n - window, device=dev)
             kept = sel.positions[0, :, : n - window]
             positions[r, :, : n - window] = torch.where(j < sel.counts[0, :, None], kept + pad, PAD_POSITION)
             counts[r] = sel.counts[0]
         else:  # what a short prompt runs alone: exact dense attention, and the cache keeps all before the window
             o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                                                 enable_gqa=hq != hkv)
+                                                                 enable_gqa=q.shape[1] != hkv)
             before = n - min(n, window)
-            positions[r, :, :before] = torch.arange(pad, pad + before, device=q.device)
+            positions[r, :, :before] = torch.arange(pad, pad + before, device=dev)
             counts[r] = before
+        outs.append(o)
+    return outs, positions, counts
+
+
+def _padded_prefill(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
+                    config: TCAConfig, scaling: float, pads: list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefill of a left-padded batch ``[B, H, L, D]``, each row alone on its real tokens
+    (``_rows_prefill``). Padding queries get zeros (finite; nothing reads them). Returns
+    ``out [B, H_q, L, D]``, ``positions`` and ``counts``."""
+    length = q_bhsd.shape[2]
+    rows = [tuple(t[r: r + 1, :, pad:] for t in (q_bhsd, k_bhsd, v_bhsd)) for r, pad in enumerate(pads)]
+    outs, positions, counts = _rows_prefill(rows, pads, length, cdf_hk, config, scaling)
+    out = q_bhsd.new_zeros(q_bhsd.shape)
+    for r, (o, pad) in enumerate(zip(outs, pads, strict=True)):
         out[r, :, pad:] = o[0]
     return out, positions, counts
+
+
+def packed_prefill(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
+                   config: TCAConfig, scaling: float, pads: list[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Selection]:
+    """The prefill of a left-padded batch whose real tokens come packed in one row (``unpad.py``).
+
+    ``q/k/v`` are ``[1, H, N, D]``: row ``r``'s ``L - pads[r]`` tokens, rows in
+    order, ``N`` in all. Each row runs alone on its slice (``_rows_prefill``).
+    Returns the output ``[1, N, H_q, D]``, the K/V scattered to the padded
+    layout ``[B, H_kv, L, D]`` (zeros at padding, which no selection reads) for
+    the pruned cache, and the selection in padded coordinates.
+    """
+    total = q_bhsd.shape[2]
+    length = (total + sum(pads)) // len(pads)
+    ends = list(itertools.accumulate(length - p for p in pads))
+    if ends[-1] != total or (total + sum(pads)) % len(pads):
+        raise ValueError(f"{total} packed tokens do not fill rows of {length} positions with paddings {pads}")
+    starts = [0, *ends[:-1]]
+    rows = [tuple(t[:, :, s:e] for t in (q_bhsd, k_bhsd, v_bhsd)) for s, e in zip(starts, ends, strict=True)]
+    outs, positions, counts = _rows_prefill(rows, pads, length, cdf_hk, config, scaling)
+    padded = [k_bhsd.new_zeros(len(pads), k_bhsd.shape[1], length, k_bhsd.shape[3]) for _ in range(2)]
+    for r, (s, e, pad) in enumerate(zip(starts, ends, pads, strict=True)):
+        padded[0][r, :, pad:] = k_bhsd[0, :, s:e]
+        padded[1][r, :, pad:] = v_bhsd[0, :, s:e]
+    out = torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+    return out, padded[0], padded[1], Selection(positions=positions, counts=counts)
 
 
 # Inside an outer torch.compile the prefill runs as one opaque custom op, whose
@@ -349,6 +391,16 @@ def _warn_if_detached(*tensors: torch.Tensor) -> None:
                       "before training", UserWarning, stacklevel=3)
 
 
+def _sparse_scale(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  dropout: float, scaling: float | None) -> float:
+    """The checks every sparse prefill makes before it runs (inputs, eval mode, grad mode); its scale."""
+    _check_inputs(query, key, value)
+    if dropout and module.training:
+        raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
+    _warn_if_detached(query, key, value)
+    return scaling if scaling is not None else query.shape[-1] ** -0.5
+
+
 def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, attention_mask: torch.Tensor | None,
                           dropout: float = 0.0, scaling: float | None = None,
@@ -382,6 +434,9 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                 out = cache_layer.decode_step(query.detach(), scale)
         return out.transpose(1, 2).contiguous(), None
     q_len, k_len = query.shape[2], key.shape[2]
+    if (attention_mask is not None and attention_mask.dim() == 2 and q_len == k_len
+            and attention_mask.shape[-1] != k_len):
+        return _packed_forward(layer, cache_layer, query, key, value, attention_mask, dropout, module, scaling)
     sparse = q_len == k_len and k_len > layer.config.dense_up_to
     pads = None
     if attention_mask is not None and q_len == k_len:  # a prefill: only left padding can be honoured
@@ -401,11 +456,7 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             # the cache keeps no autograd history
             cache_layer.finish_prefill(key.detach(), value.detach(), None, pads=pads)
         return out
-    _check_inputs(query, key, value)
-    if dropout and module.training:
-        raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    _warn_if_detached(query, key, value)
+    scale = _sparse_scale(module, query, key, value, dropout, scaling)
     with torch.no_grad():  # inference-only; detached too: CPU FlexAttention refuses inputs requiring grad
         query, key, value = query.detach(), key.detach(), value.detach()
         out_blhd, positions, counts = prefill_attention_op(query, key, value, layer.cdf, layer.config_json, scale,
@@ -414,3 +465,18 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             # prune now: peak memory never holds every layer in full
             cache_layer.finish_prefill(key, value, Selection(positions=positions, counts=counts), pads=pads)
     return out_blhd, None
+
+
+def _packed_forward(layer: TCALayer, cache_layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor, dropout: float, module: torch.nn.Module,
+                    scaling: float | None) -> tuple[torch.Tensor, None]:
+    """A padded prefill run on its packed real tokens (``unpad.py``): queries ``[1, H, N, D]`` with the
+    batch's 2-D padding mask ``[B, L]``. Eager only (the packing never happens under a trace)."""
+    pads = check_left_padded(visible_keys(attention_mask))
+    scale = _sparse_scale(module, query, key, value, dropout, scaling)
+    with torch.no_grad():
+        out, key_padded, value_padded, sel = packed_prefill(query.detach(), key.detach(), value.detach(), layer.cdf,
+                                                            layer.config, scale, pads)
+        if cache_layer is not None:
+            cache_layer.finish_prefill(key_padded, value_padded, sel, pads=pads)
+    return out, None

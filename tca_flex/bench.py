@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import tca_prefill_attention
-from .bench_models import fastest_dense_sdpa, llama_8b_shaped, static_copy
+from .bench_models import fastest_dense_sdpa, llama_8b_shaped, one_step_dense, static_copy
 from .budgets import HeadBudgets
 from .compile import flex, kernel_options_for, prefill_backend, prefill_kernel_options
 from .config import TCAConfig
@@ -464,33 +464,6 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
     at_leaving = [t for t, leaves in zip(times, leaving, strict=True) if leaves]
     return {"ms": statistics.fmean(times), "ms_median": statistics.median(times),
             "ms_leaving": statistics.fmean(at_leaving) if at_leaving else None, "steps": steps}
-
-
-def one_step_dense(dynamic):
-    """``dynamic`` with each layer preallocated one token longer: every ``update`` writes slot ``L``
-    and returns all ``L + 1`` keys, so the step runs maskless SDPA over exactly the dense cache
-    (the fastest dense decode step, for timing one step at length ``L``)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class OneStepDenseLayer(DynamicLayer):
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-            super().__init__()
-            self.length = keys.shape[-2]
-            self.k_buf = torch.cat([keys, keys[:, :, -1:]], dim=-2)
-            self.v_buf = torch.cat([values, values[:, :, -1:]], dim=-2)
-            self.keys, self.values = self.k_buf[:, :, :-1], self.v_buf[:, :, :-1]
-            self.device, self.is_initialized = keys.device, True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            self.k_buf[:, :, self.length:].copy_(key_states)
-            self.v_buf[:, :, self.length:].copy_(value_states)
-            return self.k_buf, self.v_buf
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-    dynamic.layers = [OneStepDenseLayer(layer.keys, layer.values) for layer in dynamic.layers]
-    return dynamic
 
 
 # TPOT variants of the TCA cache: (compression kernel, two graphs). "fused-graph": one graph whose Triton

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .bench_models import fastest_dense_sdpa, llama_8b_shaped, static_copy
+from .bench_models import fastest_dense_sdpa, llama_8b_shaped, one_step_dense, static_copy
 from .budgets import HeadBudgets
 from .cache import TCACache
 from .config import TCAConfig
@@ -107,28 +107,30 @@ def _decode_ms(model, cache: Any, logits: torch.Tensor, mask: torch.Tensor, leng
 
 
 def _replayed_decode_ms(model, cache: Any, logits: torch.Tensor, mask: torch.Tensor, lengths: list[int],
-                        steps: int, device: torch.device, warmup: int = 3) -> float:
+                        steps: int, device: torch.device, warmup: int = 3, masked: bool = True) -> float:
     """Milliseconds of ``steps`` decode steps of the padded batch, each replayed from one CUDA graph
     (as the ``e2e`` phase's TPOT): ``warmup`` eager steps with their exact masks (which also check
     them), one captured step, then replays of it with its inputs (each row's greedy token at its next
     position; the mask, which the captured step no longer reads on the host, one token wider than the
     cache). A ``TCACache`` keeps its block compression in the graph (it decides on the device whether a
     block leaves) and its host counters advance per replay; a dense ``StaticCache`` rewrites the
-    captured slot. CPU (CI): the same steps, eager, each timed."""
+    captured slot. ``masked=False``: no mask at all (``one_step_dense``'s preallocated cache, whose
+    replays rewrite one slot): dense attention over every padded position at the speed of SDPA's
+    maskless GQA kernel. CPU (CI): the same steps, eager, each timed."""
     from .cache import TCACache
 
     tca = isinstance(cache, TCACache)
     width = mask.shape[1]
     token = logits.argmax(-1, keepdim=True)
     positions = torch.tensor(lengths, device=device).unsqueeze(1)
-    static_width = None if tca else cache.layers[0].keys.shape[-2]  # its preallocated capacity
+    static_width = None if tca or not masked else cache.layers[0].keys.shape[-2]  # its preallocated capacity
     ones = torch.ones(mask.shape[0], warmup + 1 + steps, dtype=mask.dtype, device=device)
 
     def step_inputs(i: int) -> dict[str, Any]:
         seen = torch.cat([mask, ones[:, : i + 1]], 1)
         if static_width is not None:  # a static cache's mask spans its capacity (future slots masked by causality)
             seen = torch.cat([seen, seen.new_zeros(seen.shape[0], static_width - seen.shape[1])], 1)
-        return {"input_ids": token, "attention_mask": seen, "position_ids": positions + i,
+        return {"input_ids": token, **({"attention_mask": seen} if masked else {}), "position_ids": positions + i,
                 "cache_position": torch.tensor([width + i], device=device), "use_cache": True, "logits_to_keep": 1,
                 **cache_kwargs(model, cache)}
 
@@ -213,10 +215,18 @@ def batch_bench_rows(batch_sizes: list[int], lo: int, hi: int, num_layers: int, 
             static = static_copy(model, cache, ids.shape[1], device)
             tok_ms = _decode_ms(model, cache, logits, mask, lengths, decode_steps, device)
             kv_bytes = _dense_bytes(cache)
-            del cache
             graph_ms = _replayed_decode_ms(model, static, logits, mask, lengths, decode_steps, device)
+            del static
+            # transformers' padded SDPA decode repeats the KV heads for the masked kernel; the same
+            # cache read without a mask by the native-GQA kernel bounds what a dense padded batch costs
+            model.set_attn_implementation(fastest_dense_sdpa())
+            maskless_ms = _replayed_decode_ms(model, one_step_dense(cache), logits, mask, lengths, decode_steps,
+                                              device, masked=False)
+            model.set_attn_implementation("sdpa")
             return {"ms": ms, "decode_tokens_per_s": size * decode_steps / (tok_ms / 1e3),
-                    "decode_tokens_per_s_graph": size * decode_steps / (graph_ms / 1e3), "kv_bytes": kv_bytes}
+                    "decode_tokens_per_s_graph": size * decode_steps / (graph_ms / 1e3),
+                    "decode_tokens_per_s_graph_maskless": size * decode_steps / (maskless_ms / 1e3),
+                    "kv_bytes": kv_bytes}
 
         _safely(rows, base, "dense_sdpa_padded", dense_padded, device)
         model.set_attn_implementation(fastest_dense_sdpa())
@@ -270,6 +280,9 @@ def print_batch(rows: list[dict[str, Any]]) -> None:
                 continue
             extra = ""
             if "decode_tokens_per_s" in r:
+                maskless = r.get("decode_tokens_per_s_graph_maskless")
                 extra = (f"  decode {r['decode_tokens_per_s']:.1f} tok/s eager, "
-                         f"{r['decode_tokens_per_s_graph']:.1f} replayed  KV {r['kv_bytes'] / 2**20:.1f} MiB")
+                         f"{r['decode_tokens_per_s_graph']:.1f} replayed"
+                         + (f" ({maskless:.1f} maskless)" if maskless else "")
+                         + f"  KV {r['kv_bytes'] / 2**20:.1f} MiB")
             print(f"  {method:<22} prefill {r['ms']:>10.1f} ms{extra}")

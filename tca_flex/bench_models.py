@@ -58,3 +58,30 @@ def static_copy(model, dynamic, length: int, device: torch.device):
     for i, layer in enumerate(dynamic.layers):
         static.update(layer.keys, layer.values, i, {"cache_position": cache_position})
     return static
+
+
+def one_step_dense(dynamic):
+    """``dynamic`` with each layer preallocated one token longer: every ``update`` writes slot ``L``
+    and returns all ``L + 1`` keys, so the step runs maskless SDPA over exactly the dense cache
+    (the fastest dense decode step, for timing one step at length ``L``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class OneStepDenseLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()
+            self.length = keys.shape[-2]
+            self.k_buf = torch.cat([keys, keys[:, :, -1:]], dim=-2)
+            self.v_buf = torch.cat([values, values[:, :, -1:]], dim=-2)
+            self.keys, self.values = self.k_buf[:, :, :-1], self.v_buf[:, :, :-1]
+            self.device, self.is_initialized = keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.k_buf[:, :, self.length:].copy_(key_states)
+            self.v_buf[:, :, self.length:].copy_(value_states)
+            return self.k_buf, self.v_buf
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+    dynamic.layers = [OneStepDenseLayer(layer.keys, layer.values) for layer in dynamic.layers]
+    return dynamic

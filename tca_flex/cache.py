@@ -247,6 +247,7 @@ class TCACacheLayer(CacheLayerMixin):
         else:
             positions, counts = selection.positions, selection.counts
         self._counts0 = counts.tolist()  # one sync per layer per prefill: sizes the buffers
+        self.batch_size = bsz  # update() saw the packed row of a padded batch (unpad.py), not its rows
         self._base, self._seen, self.pads = bases, length, pad_list
         extra = -(-self.reserve_tokens // self.block) if self.reserve_tokens else 0
         self._allocate(self._plan(self._counts0, extra), bsz)

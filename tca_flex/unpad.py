@@ -1,15 +1,27 @@
-"""Padding costs no projection or MLP work in a left-padded prefill.
+"""Padding costs no work in a left-padded prefill.
 
 A batch of rows of different lengths reaches the model left-padded to the
-longest row. TCA's attention already runs each row on its own tokens
-(``attention.py``), but the projections and MLPs, most of a prefill's work,
-would still run on every padded position: 8 rows of 19K-63K tokens pad 270K
-real tokens to 500K. While ``apply`` holds the model, a pre-hook on the model
-notes where the real tokens of a padded prefill from an empty cache are, and
-hooks on each layer's MLP and attention projections run them on those tokens
-only (gathered into one packed row) and scatter the result back, with zeros at
-the padded positions, whose outputs nothing reads. Every other call (no
-padding, decode steps, chunks on top of a cache) runs the modules unchanged.
+longest row: 8 rows of 19K-63K tokens pad 270K real tokens to 500K. While
+``apply`` holds the model, a pre-hook on the model notes where the real tokens
+of a padded prefill from an empty cache are, and the decoder runs on those
+tokens only, in one of two ways:
+
+- **whole layers** (a ``TCACache``, or no cache at all): the first decoder
+  layer's input and every layer's rotary tables are gathered into one packed
+  row ``[1, N, ...]``, so norms, rotary embedding, residual adds, projections
+  and MLPs all run on the real tokens; the attention sees a 2-D padding mask
+  wider than its packed queries and runs each row on its own slice
+  (``attention.packed_prefill``), handing the pruned cache the K/V in padded
+  coordinates. After the final norm the hidden states are scattered back to
+  ``[B, L, ...]`` (zeros at padding, which nothing reads).
+- **projections and MLPs only** (any other cache, e.g. the ``DynamicCache``
+  transformers makes when none is passed, or when hidden states are asked
+  for): a cache that stores what the layer gives it must get padded K/V, so
+  only each layer's attention projections and MLP run packed, their outputs
+  scattered back to the padded layout.
+
+Every other call (no padding, decode steps, chunks on top of a cache) runs
+the modules unchanged.
 
 Eager only: the packed length is a device value, so a traced or captured
 forward (``torch.compile``, CUDA graphs) runs the padded shapes, as before.
@@ -24,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .cache import TCACache
 from .chunks import building_graph
 from .hfcompat import kwargs_cache
 
@@ -37,6 +50,7 @@ class RealTokens:
 
     index: torch.Tensor | None = None  # int64 [N], flat positions in the [B * L] padded batch
     shape: tuple[int, int] = (0, 0)  # (B, L)
+    whole: bool = False  # whole decoder layers run packed (else projections and MLPs only)
 
 
 def real_token_index(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -49,6 +63,20 @@ def real_token_index(attention_mask: torch.Tensor) -> torch.Tensor | None:
 def _prefill_from_empty_cache(kwargs: dict[str, Any]) -> bool:
     cache = kwargs_cache(kwargs)
     return cache is None or cache.get_seq_length() == 0
+
+
+def _layers_may_pack(model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether whole decoder layers may run on the packed row: only a cache that ``apply`` prunes takes
+    its K/V through the TCA attention (which unpacks them); any other cache would store packed K/V, and
+    per-layer hidden states or attention weights asked for would come out packed."""
+    config = getattr(model, "config", None)
+    if any(kwargs.get(name, getattr(config, name, False)) for name in ("output_hidden_states", "output_attentions")):
+        return False
+    cache = kwargs_cache(kwargs)
+    if cache is None:
+        use_cache = kwargs.get("use_cache")
+        return not (use_cache if use_cache is not None else getattr(config, "use_cache", True))
+    return isinstance(cache, TCACache)
 
 
 def _input_length(args: tuple, kwargs: dict[str, Any]) -> int | None:
@@ -67,11 +95,18 @@ class Unpadder:
         self.packed: set[int] = set()  # modules whose running call got a packed input
         # q/k/v projections read one input: it is gathered once (held until the model's call ends).
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        # every layer gets the same rotary tables: packed once (held until the model's call ends)
+        self.rotary: tuple[Any, tuple[torch.Tensor, ...]] | None = None
         self.handles = [model.register_forward_pre_hook(self._note, with_kwargs=True),
                         model.register_forward_hook(self._done)]
         for module in per_token_modules(model, attention_modules):
             self.handles.append(module.register_forward_pre_hook(self._pack))
             self.handles.append(module.register_forward_hook(self._unpack))
+        layers, last = decoder_layers(model, attention_modules)
+        for layer in layers:
+            self.handles.append(layer.register_forward_pre_hook(self._pack_layer, with_kwargs=True))
+        if last is not None:
+            self.handles.append(last.register_forward_hook(self._unpack_layers))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -91,13 +126,13 @@ class Unpadder:
             return
         index = real_token_index(mask)
         if index is not None:
-            self.tokens = RealTokens(index, (mask.shape[0], length))
+            self.tokens = RealTokens(index, (mask.shape[0], length), _layers_may_pack(module, kwargs))
 
     def _done(self, *hook_args: Any) -> None:
         """After the model's call: let go of the index and the packed copies."""
         if building_graph():
             return
-        self.tokens, self.last = RealTokens(), None
+        self.tokens, self.last, self.rotary = RealTokens(), None, None
         self.packed.clear()
 
     def _packs(self, x: torch.Tensor) -> bool:
@@ -105,13 +140,58 @@ class Unpadder:
         # would guard on this prefill's index and shape and recompile for the next one.
         return not building_graph() and self.tokens.index is not None and tuple(x.shape[:2]) == self.tokens.shape
 
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, L, ...]`` (or ``[1, L, ...]``, shared by the rows) -> the packed row ``[1, N, ...]``."""
+        batch, length = self.tokens.shape
+        t = t.expand(batch, *t.shape[1:])
+        return t.reshape(batch * length, *t.shape[2:]).index_select(0, self.tokens.index)[None]
+
+    def _scatter(self, packed: torch.Tensor) -> torch.Tensor:
+        """The packed row ``[1, N, C]`` -> ``[B, L, C]``, zeros at the padding."""
+        batch, length = self.tokens.shape
+        full = packed.new_zeros(batch * length, packed.shape[-1])
+        full.index_copy_(0, self.tokens.index, packed[0])
+        return full.view(batch, length, -1)
+
+    def _pack_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        if building_graph() or self.tokens.index is None or not self.tokens.whole:
+            return None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor):
+            return None
+        rotary = kwargs.get("position_embeddings")
+        if tuple(hidden.shape[:2]) == self.tokens.shape:  # the first layer: pack the batch
+            if rotary is None:  # positions computed inside the layer from [B, L] ids: pack its modules only
+                self.tokens = RealTokens(self.tokens.index, self.tokens.shape, whole=False)
+                return None
+            hidden = self._gather(hidden)
+        elif hidden.shape[:2] != (1, self.tokens.index.numel()):
+            raise RuntimeError(f"tca_flex packs a padded prefill through whole decoder layers; "
+                               f"{type(module).__name__} got hidden states of shape {tuple(hidden.shape)}, "
+                               f"neither the padded batch {self.tokens.shape} nor the packed row")
+        if rotary is not None:
+            if self.rotary is None or self.rotary[0] is not rotary:
+                self.rotary = (rotary, tuple(self._gather(t) for t in rotary))
+            kwargs = {**kwargs, "position_embeddings": self.rotary[1]}
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def _unpack_layers(self, module: torch.nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
+        if building_graph() or self.tokens.index is None or not self.tokens.whole:
+            return None
+        if not isinstance(output, torch.Tensor) or output.shape[:2] != (1, self.tokens.index.numel()):
+            raise RuntimeError(f"tca_flex expected the packed row out of {type(module).__name__}, got "
+                               f"{type(output).__name__}; this model layout is not supported for padded batches")
+        return self._scatter(output)
+
     def _pack(self, module: torch.nn.Module, args: tuple) -> tuple | None:
         if not args or not self._packs(args[0]):
             return None
         x = args[0]
         self.packed.add(id(module))
         if self.last is None or self.last[0] is not x:
-            self.last = (x, x.reshape(-1, x.shape[-1]).index_select(0, self.tokens.index)[None])
+            self.last = (x, self._gather(x))
         return (self.last[1], *args[1:])
 
     def _unpack(self, module: torch.nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
@@ -121,10 +201,7 @@ class Unpadder:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"tca_flex packs the padded batch's tokens through {type(module).__name__}, which "
                             f"returned {type(output).__name__}, not one tensor; this module type is not supported")
-        batch, length = self.tokens.shape
-        full = output.new_zeros(batch * length, output.shape[-1])
-        full.index_copy_(0, self.tokens.index, output[0])
-        return full.view(batch, length, -1)
+        return self._scatter(output)
 
 
 def per_token_modules(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -137,3 +214,17 @@ def per_token_modules(model: torch.nn.Module, attention_modules: list[torch.nn.M
         if isinstance(mlp, torch.nn.Module):
             found.append(mlp)
     return found
+
+
+def decoder_layers(model: torch.nn.Module, attention_modules: list[torch.nn.Module]
+                   ) -> tuple[list[torch.nn.Module], torch.nn.Module | None]:
+    """The decoder layers holding the attention modules, and the module after which the packed row
+    goes back to the padded layout: the final norm beside the layers (``model.norm`` in Llama-like
+    models), else the last layer."""
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    layers = [parents[id(attn)] for attn in attention_modules if id(attn) in parents]
+    if not layers:
+        return [], None
+    stack = parents.get(id(layers[-1]))  # the ModuleList
+    norm = getattr(parents.get(id(stack)), "norm", None) if stack is not None else None
+    return layers, norm if isinstance(norm, torch.nn.Module) else layers[-1]

@@ -319,3 +319,62 @@ def test_padded_prefill_runs_projections_and_mlps_on_real_tokens_only(seed, leng
     for hook in hooks:
         hook.remove()
     assert out.shape == (len(lengths), ids.shape[1] + 2)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10**6), lengths=st.lists(st.integers(3, 60), min_size=2, max_size=4),
+       heads=st.sampled_from(HEADS), cache=st.sampled_from(["tca", "none", "dynamic", "hidden_states"]))
+@torch.no_grad()
+def test_whole_layers_run_packed_only_where_no_cache_stores_packed_tokens(seed, lengths, heads, cache):
+    """With a ``TCACache`` (or no cache at all) the whole decoder, norms included, runs on the packed
+    real tokens; with a cache that stores what the layer gives it (transformers' ``DynamicCache``)
+    or per-layer hidden states asked for, only projections and MLPs do. Either way each row's
+    logits are its solo run's, and the cache and hidden states keep the padded layout."""
+    from transformers import DynamicCache
+
+    model = tiny_model(heads, seed)
+    rows, ids, mask = left_padded(lengths, seed)
+    width, real = ids.shape[1], sum(lengths)
+    norms = []
+    hook = model.model.layers[1].input_layernorm.register_forward_pre_hook(
+        lambda mod, args: norms.append(tuple(args[0].shape[:2])))
+    made = {"tca": TCACache(model), "dynamic": DynamicCache(config=model.config)}
+    kwargs = {"tca": cache_kwargs(model, made["tca"]), "none": {"use_cache": False},
+              "dynamic": cache_kwargs(model, made["dynamic"]),
+              "hidden_states": {**cache_kwargs(model, TCACache(model)), "output_hidden_states": True}}[cache]
+    out = model(ids, attention_mask=mask, **kwargs)
+    hook.remove()
+    whole = cache in ("tca", "none")
+    assert norms == [(1, real) if whole and real < ids.numel() else tuple(ids.shape)]
+    if cache == "dynamic":  # it stored the padded layout
+        assert made["dynamic"].layers[0].keys.shape[:3] == (len(lengths), heads[1], width)
+    if cache == "hidden_states":
+        assert all(h.shape[:2] == tuple(ids.shape) for h in out.hidden_states)
+    for r, x in enumerate(rows):
+        alone = model(x, use_cache=False).logits
+        torch.testing.assert_close(out.logits[r:r + 1, width - x.shape[1]:], alone, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", sorted(tca_flex.integration.SUPPORTED_MODEL_TYPES))
+@torch.no_grad()
+def test_every_supported_family_gives_each_padded_row_its_solo_logits(model_type):
+    """Whole decoder layers run on the packed real tokens in each family's own layer layout
+    (norm placement, multipliers, rotary or not): each row of a padded prefill equals the row alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=16, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0)
+    if getattr(config, "sliding_window", None) is not None:
+        config.sliding_window = None
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tca_flex.apply(model, budgets=HeadBudgets.uniform(2, 2, 0.4, SMALL))
+    rows, ids, mask = left_padded([fresh_seed() % 50 + 5 for _ in range(3)], seed)
+    logits = model(ids, attention_mask=mask, **cache_kwargs(model, TCACache(model))).logits
+    width = ids.shape[1]
+    for r, x in enumerate(rows):
+        alone = model(x, **cache_kwargs(model, TCACache(model))).logits
+        torch.testing.assert_close(logits[r:r + 1, width - x.shape[1]:], alone, atol=2e-5, rtol=1e-4,
+                                   msg=lambda m, r=r: f"{model_type} (seed {seed}), row {r}: {m}")

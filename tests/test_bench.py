@@ -97,4 +97,5 @@ def test_smoke_batch_phase_times_padded_batches_against_rows_and_dense():
         tca, dense = rows[(size, "tca_padded")], rows[(size, "dense_sdpa_padded")]
         assert tca["decode_tokens_per_s"] > 0 and dense["decode_tokens_per_s"] > 0
         assert tca["decode_tokens_per_s_graph"] > 0 and dense["decode_tokens_per_s_graph"] > 0
+        assert dense["decode_tokens_per_s_graph_maskless"] > 0
         assert 0 < tca["kv_bytes"] < dense["kv_bytes"] and 0 < tca["kept_fraction"] < 1
