@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import tca_prefill_attention
-from .bench_models import fastest_dense_sdpa, llama_8b_shaped, one_step_dense, static_copy
+from .bench_models import captured_decode, fastest_dense_sdpa, llama_8b_shaped, one_step_dense, static_copy
 from .budgets import HeadBudgets
 from .compile import flex, kernel_options_for, prefill_backend, prefill_kernel_options
 from .config import TCAConfig
@@ -430,23 +430,7 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
                 cache.replayed()
             times.append((time.perf_counter() - t0) * 1e3)
     else:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            # Eager warm-up with the compression kept (safe on every step: it decides on the device), so
-            # its kernels are compiled and loaded before a capture, which must not load modules.
-            for _ in range(3):
-                with captured(True):
-                    step()
-                if tca:
-                    cache.replayed()
-        torch.cuda.current_stream().wait_stream(stream)
-        graphs, pool = {}, None
-        for compress in ((False, True) if two_graphs else (None,)):
-            graph = torch.cuda.CUDAGraph()
-            with captured(compress), torch.cuda.graph(graph, pool=pool):
-                step()
-            graphs[compress], pool = graph, graph.pool()
+        graphs = captured_decode(lambda i: step(), cache, variants=(False, True) if two_graphs else (None,))
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for start, end in events:
             if tca and cache.replayable_steps() < 1:

@@ -29,7 +29,6 @@ first shapes it meets). A method that fails (e.g. the dense padded prefill's
 
 from __future__ import annotations
 
-import contextlib
 import random
 import statistics
 import time
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .bench_models import fastest_dense_sdpa, llama_8b_shaped, one_step_dense, static_copy
+from .bench_models import captured_decode, fastest_dense_sdpa, llama_8b_shaped, one_step_dense, static_copy
 from .budgets import HeadBudgets
 from .cache import TCACache
 from .config import TCAConfig
@@ -134,28 +133,14 @@ def _replayed_decode_ms(model, cache: Any, logits: torch.Tensor, mask: torch.Ten
                 "cache_position": torch.tensor([width + i], device=device), "use_cache": True, "logits_to_keep": 1,
                 **cache_kwargs(model, cache)}
 
-    def captured(compress: bool | None):
-        return cache.graph_capture(compress) if tca else contextlib.nullcontext()
-
     if device.type != "cuda":
         times = []
         for i in range(steps):
             _, ms = _ms(lambda i=i: model(**step_inputs(i)), device)
             times.append(ms)
         return sum(times)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(warmup):  # with the compression on every step, so that its kernels load before the capture
-            with captured(True):
-                model(**step_inputs(i))
-            if tca:
-                cache.replayed()
-    torch.cuda.current_stream().wait_stream(stream)
-    inputs = step_inputs(warmup)
-    graph = torch.cuda.CUDAGraph()
-    with captured(None), torch.cuda.graph(graph):
-        model(**inputs)
+    inputs = step_inputs(warmup)  # the captured step's inputs, made once: the graph reads these tensors
+    graph = captured_decode(lambda i: model(**(inputs if i == warmup else step_inputs(i))), cache, warmup)[None]
     if tca and cache.replayable_steps() < steps:
         raise RuntimeError("the TCACache would grow during replays: reserve more tokens")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

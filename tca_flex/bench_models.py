@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 
@@ -85,3 +89,39 @@ def one_step_dense(dynamic):
 
     dynamic.layers = [OneStepDenseLayer(layer.keys, layer.values) for layer in dynamic.layers]
     return dynamic
+
+
+def captured_decode(step: Callable[[int], Any], cache: Any, warmup: int = 3,
+                    variants: tuple[bool | None, ...] = (None,)) -> dict[bool | None, torch.cuda.CUDAGraph]:
+    """Decode steps captured in CUDA graphs, one per ``variants`` entry (``TCACache.graph_capture``'s
+    ``compress``: None = decided on the device each step, True/False = with/without the compression).
+
+    ``step(i)`` runs decode step ``i``. Steps ``0 .. warmup - 1`` run eagerly on a side stream with
+    the compression on (it decides on the device, so it is safe on every step), which loads every
+    kernel before a capture, which must not load modules; then step ``warmup`` is captured once per
+    variant (the graphs share one memory pool). A ``TCACache``'s host counters advance per eager
+    step here and must be advanced per replay by the caller (``cache.replayed()``); a dense cache
+    takes no part."""
+    from .cache import TCACache
+
+    tca = isinstance(cache, TCACache)
+
+    def captured(compress: bool | None):
+        return cache.graph_capture(compress) if tca else contextlib.nullcontext()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(warmup):
+            with captured(True):
+                step(i)
+            if tca:
+                cache.replayed()
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs, pool = {}, None
+    for compress in variants:
+        graph = torch.cuda.CUDAGraph()
+        with captured(compress), torch.cuda.graph(graph, pool=pool):
+            step(warmup)
+        graphs[compress], pool = graph, graph.pool()
+    return graphs
