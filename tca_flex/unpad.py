@@ -204,9 +204,14 @@ class Unpadder:
         return self._scatter(output)
 
 
+def _parents(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Each submodule's parent, by the child's id."""
+    return {id(child): parent for parent in model.modules() for child in parent.children()}
+
+
 def per_token_modules(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
     """Each attention module's projections, and the MLP of the decoder layer that holds it."""
-    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    parents = _parents(model)
     found = []
     for attn in attention_modules:
         found += [getattr(attn, name) for name in PROJECTIONS if isinstance(getattr(attn, name, None), torch.nn.Linear)]
@@ -221,7 +226,7 @@ def decoder_layers(model: torch.nn.Module, attention_modules: list[torch.nn.Modu
     """The decoder layers holding the attention modules, and the module after which the packed row
     goes back to the padded layout: the final norm beside the layers (``model.norm`` in Llama-like
     models), else the last layer."""
-    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    parents = _parents(model)
     layers = [parents[id(attn)] for attn in attention_modules if id(attn) in parents]
     if not layers:
         return [], None
