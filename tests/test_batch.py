@@ -376,5 +376,7 @@ def test_every_supported_family_gives_each_padded_row_its_solo_logits(model_type
     width = ids.shape[1]
     for r, x in enumerate(rows):
         alone = model(x, **cache_kwargs(model, TCACache(model))).logits
-        torch.testing.assert_close(logits[r:r + 1, width - x.shape[1]:], alone, atol=2e-5, rtol=1e-4,
+        # float32 rounding of the packed and solo matrix products differs by ~1e-5 (more where a family
+        # scales its activations, e.g. Granite's multipliers); a packing error is of order one
+        torch.testing.assert_close(logits[r:r + 1, width - x.shape[1]:], alone, atol=1e-4, rtol=1e-4,
                                    msg=lambda m, r=r: f"{model_type} (seed {seed}), row {r}: {m}")
