@@ -78,7 +78,8 @@ def test_padded_prefill_gives_each_row_its_solo_logits_and_kept_set(seed, length
         pad = width - x.shape[1]
         alone_cache = TCACache(model)
         alone = model(x, **cache_kwargs(model, alone_cache)).logits
-        torch.testing.assert_close(logits[r:r + 1, pad:], alone, atol=2e-5, rtol=1e-4)
+        # packed and solo matrix products round differently in float32 (~1e-5); a wrong row is of order one
+        torch.testing.assert_close(logits[r:r + 1, pad:], alone, atol=1e-4, rtol=1e-4)
         for got, want in zip(kept_sets(cache, r), kept_sets(alone_cache, 0), strict=True):
             for g, w in zip(got, want, strict=True):
                 assert torch.equal(g, w + pad), (r, pad)
@@ -230,7 +231,7 @@ def test_next_turn_of_a_padded_batch_equals_each_row_alone():
         alone_cache = TCACache(model)
         model(x, **cache_kwargs(model, alone_cache))
         want = model(turn[r:r + 1], **cache_kwargs(model, alone_cache)).logits
-        torch.testing.assert_close(got[r:r + 1], want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got[r:r + 1], want, atol=1e-4, rtol=1e-4)
         for g, w in zip(kept_sets(cache, r), kept_sets(alone_cache, 0), strict=True):
             for a, b in zip(g, w, strict=True):
                 assert torch.equal(a, b + width - x.shape[1])
@@ -352,7 +353,7 @@ def test_whole_layers_run_packed_only_where_no_cache_stores_packed_tokens(seed, 
         assert all(h.shape[:2] == tuple(ids.shape) for h in out.hidden_states)
     for r, x in enumerate(rows):
         alone = model(x, use_cache=False).logits
-        torch.testing.assert_close(out.logits[r:r + 1, width - x.shape[1]:], alone, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out.logits[r:r + 1, width - x.shape[1]:], alone, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("model_type", sorted(tca_flex.integration.SUPPORTED_MODEL_TYPES))
