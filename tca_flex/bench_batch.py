@@ -18,8 +18,9 @@ left-padded to the longest. On a LLaMA-3.1-8B-shaped model with random weights:
   (``DynamicCache`` for dense; ``steps`` times the median step, so the first step's
   Triton JIT does not count), and one step replayed from a CUDA graph ``steps`` times
   (``_replayed_decode_ms``; dense on a ``StaticCache`` with the padding mask, the
-  graph-safe dense cache), where transformers' padded-mask construction and our mask
-  check no longer run on the host;
+  graph-safe dense cache, and, as the fair bound for dense, the same K/V read by SDPA's
+  maskless native-GQA kernel, every padded slot included), where transformers'
+  padded-mask construction and our mask check no longer run on the host;
 - **KV bytes** of the batch: ``TCACache.memory_report()`` vs the dense cache.
 
 Each timed call runs once untimed first (FlexAttention compiles for the
