@@ -228,21 +228,21 @@ def _padded_prefill(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Te
 
 
 def packed_prefill(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
-                   config: TCAConfig, scaling: float, pads: list[int]
+                   config: TCAConfig, scaling: float, pads: list[int], length: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Selection]:
-    """The prefill of a left-padded batch whose real tokens come packed in one row (``unpad.py``).
+    """The prefill of a left-padded batch of width ``length`` whose real tokens come packed in one row
+    (``unpad.py``).
 
-    ``q/k/v`` are ``[1, H, N, D]``: row ``r``'s ``L - pads[r]`` tokens, rows in
-    order, ``N`` in all. Each row runs alone on its slice (``_rows_prefill``).
+    ``q/k/v`` are ``[1, H, N, D]``: row ``r``'s ``length - pads[r]`` tokens, rows
+    in order, ``N`` in all. Each row runs alone on its slice (``_rows_prefill``).
     Returns the output ``[1, N, H_q, D]``, the K/V scattered to the padded
     layout ``[B, H_kv, L, D]`` (zeros at padding, which no selection reads) for
     the pruned cache, and the selection in padded coordinates.
     """
-    total = q_bhsd.shape[2]
-    length = (total + sum(pads)) // len(pads)
     ends = list(itertools.accumulate(length - p for p in pads))
-    if ends[-1] != total or (total + sum(pads)) % len(pads):
-        raise ValueError(f"{total} packed tokens do not fill rows of {length} positions with paddings {pads}")
+    if ends[-1] != q_bhsd.shape[2]:
+        raise ValueError(f"{q_bhsd.shape[2]} packed tokens are not the {ends[-1]} real tokens of rows of {length} "
+                         f"positions with paddings {pads}")
     starts = [0, *ends[:-1]]
     rows = [tuple(t[:, :, s:e] for t in (q_bhsd, k_bhsd, v_bhsd)) for s, e in zip(starts, ends, strict=True)]
     outs, positions, counts = _rows_prefill(rows, pads, length, cdf_hk, config, scaling)
@@ -476,7 +476,7 @@ def _packed_forward(layer: TCALayer, cache_layer: Any, query: torch.Tensor, key:
     scale = _sparse_scale(module, query, key, value, dropout, scaling)
     with torch.no_grad():
         out, key_padded, value_padded, sel = packed_prefill(query.detach(), key.detach(), value.detach(), layer.cdf,
-                                                            layer.config, scale, pads)
+                                                            layer.config, scale, pads, attention_mask.shape[-1])
         if cache_layer is not None:
             cache_layer.finish_prefill(key_padded, value_padded, sel, pads=pads)
     return out, None

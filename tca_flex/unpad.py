@@ -140,6 +140,10 @@ class Unpadder:
         # would guard on this prefill's index and shape and recompile for the next one.
         return not building_graph() and self.tokens.index is not None and tuple(x.shape[:2]) == self.tokens.shape
 
+    def _packs_layers(self) -> bool:
+        # as _packs: never inside a trace
+        return not building_graph() and self.tokens.index is not None and self.tokens.whole
+
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, L, ...]`` (or ``[1, L, ...]``, shared by the rows) -> the packed row ``[1, N, ...]``."""
         batch, length = self.tokens.shape
@@ -154,7 +158,7 @@ class Unpadder:
         return full.view(batch, length, -1)
 
     def _pack_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
-        if building_graph() or self.tokens.index is None or not self.tokens.whole:
+        if not self._packs_layers():
             return None
         hidden = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(hidden, torch.Tensor):
@@ -178,7 +182,7 @@ class Unpadder:
         return args, {**kwargs, "hidden_states": hidden}
 
     def _unpack_layers(self, module: torch.nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
-        if building_graph() or self.tokens.index is None or not self.tokens.whole:
+        if not self._packs_layers():
             return None
         if not isinstance(output, torch.Tensor) or output.shape[:2] != (1, self.tokens.index.numel()):
             raise RuntimeError(f"tca_flex expected the packed row out of {type(module).__name__}, got "
