@@ -384,7 +384,8 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
     return rows
 
 
-def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs: bool = False) -> dict[str, Any]:
+def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs: bool = False,
+         step_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Milliseconds per decode step over ``steps`` consecutive steps of ``model`` over ``cache``,
     each replayed from a CUDA graph: static inputs (token 0 at position ``length``), no host sync.
 
@@ -396,9 +397,13 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
     On CPU there are no graphs: each step runs eagerly inside ``graph_capture`` and is then counted
     by ``replayed``, which is what a replay does to the cache (CI covers the bookkeeping).
 
+    ``step_fn`` (default ``model``) is what each step calls, e.g. ``torch.compile(model)``: its
+    compiles happen in the warm-up steps before the capture, and count in ``capture_s``.
+
     Returns:
         ``ms`` (mean), ``ms_median``, ``ms_leaving`` (mean of the steps where a block left; None if
-        none did or the cache is dense) and ``steps``.
+        none did or the cache is dense), ``steps`` and ``capture_s`` (seconds of warm-up and capture
+        on CUDA, compiles included; None on CPU).
     """
     import contextlib
 
@@ -408,9 +413,11 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
     pos = torch.full((1, 1), length, device=device)
     cache_position = torch.full((1,), length, device=device)
     tca = isinstance(cache, TCACache)
+    run = model if step_fn is None else step_fn
+    capture_s = None
 
     def step():
-        return model(input_ids=ids, position_ids=pos, cache_position=cache_position, use_cache=True,
+        return run(input_ids=ids, position_ids=pos, cache_position=cache_position, use_cache=True,
                      logits_to_keep=1, **cache_kwargs(model, cache)).logits
 
     def choice() -> bool | None:
@@ -430,7 +437,10 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
                 cache.replayed()
             times.append((time.perf_counter() - t0) * 1e3)
     else:
+        t0 = time.perf_counter()
         graphs = captured_decode(lambda i: step(), cache, variants=(False, True) if two_graphs else (None,))
+        torch.cuda.synchronize()
+        capture_s = time.perf_counter() - t0
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for start, end in events:
             if tca and cache.replayable_steps() < 1:
@@ -447,7 +457,8 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
         del graphs
     at_leaving = [t for t, leaves in zip(times, leaving, strict=True) if leaves]
     return {"ms": statistics.fmean(times), "ms_median": statistics.median(times),
-            "ms_leaving": statistics.fmean(at_leaving) if at_leaving else None, "steps": steps}
+            "ms_leaving": statistics.fmean(at_leaving) if at_leaving else None, "steps": steps,
+            "capture_s": capture_s}
 
 
 # TPOT variants of the TCA cache: (compression kernel, two graphs). "fused-graph": one graph whose Triton
@@ -458,15 +469,31 @@ TPOT_VARIANTS = {"fused-graph": ("auto", False), "two-graph": ("math", True), "t
                  "math-graph": ("math", False)}
 
 
+def compiled_tpot(model, cache, length: int, device: torch.device, steps: int, backend: str) -> dict[str, Any]:
+    """``tpot`` of ``torch.compile(model, backend=backend)``, from a clean dynamo state: the
+    previous method's graphs (another cache, another attention) are dropped, so the warm-up's
+    compiles are this method's own."""
+    torch._dynamo.reset()
+    try:
+        return tpot(model, cache, length, device, steps, step_fn=torch.compile(model, backend=backend))
+    finally:
+        torch._dynamo.reset()
+
+
 @torch.no_grad()
 def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float]], window: int, device, dtype,
              smoke: bool, compile_model: bool = False, static_baseline: bool = True, ttft_reps: int = 3,
-             tpot_steps: int | None = None) -> list[dict[str, Any]]:
+             tpot_steps: int | None = None, variants: tuple[str, ...] = tuple(TPOT_VARIANTS),
+             compile_tpot: str | None = None) -> list[dict[str, Any]]:
     """A LLaMA-3.1-8B-shaped model (random weights, ``num_layers`` layers), dense vs TCA: time to first
     token (dense: cuDNN causal SDPA), and time per output token over ``tpot_steps`` steps (default one
     block: exactly one compression) replayed from CUDA graphs: dense over a preallocated cache with
     maskless SDPA (and transformers' ``StaticCache`` with ``static_baseline``), TCA over ``TCACache`` in
-    each of ``TPOT_VARIANTS``. Rows carry ``layers`` and the KV bytes."""
+    each of ``variants`` (keys of ``TPOT_VARIANTS``). Rows carry ``layers`` and the KV bytes.
+
+    ``compile_tpot`` (a ``torch.compile`` backend, e.g. ``"inductor"``) adds the path users run,
+    ``torch.compile(model)`` after ``apply``, for dense and each budget (one graph, fused
+    compression), each replayed from a CUDA graph; ``capture_s`` holds its compile time."""
     from transformers import DynamicCache
 
     from .cache import TCACache
@@ -486,6 +513,8 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
     def add(phase: str, length: int, method: str, ms: float, **extra: Any) -> None:
         rows.append({"phase": phase, "length": length, "method": method, "ms": ms, "layers": num_layers,
                      **extra})
+        if not smoke:  # a full-depth run takes minutes: a run cut short still shows its rows
+            print("e2e row:", json.dumps(rows[-1]), flush=True)
 
     def free() -> None:
         if device.type == "cuda":
@@ -509,25 +538,31 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
         if static_baseline:
             add("tpot", length, "dense_static_tpot", cache="StaticCache", kv_bytes=dense_bytes,
                 **tpot(model, static_copy(model, dense, length, device), length, device, steps))
+        if compile_tpot:
+            add("tpot", length, "dense_tpot compiled", cache="preallocated, maskless SDPA", kv_bytes=dense_bytes,
+                backend=compile_tpot, **compiled_tpot(model, dense, length, device, steps, compile_tpot))
         del dynamic, dense
         free()
         for label, keep in budgets:
             apply(model, budgets=HeadBudgets.uniform(num_layers, hkv, keep, config))
             # Room for every variant's warm-up and replays (a replay cannot grow the cache).
-            cache = TCACache(model, reserve_tokens=len(TPOT_VARIANTS) * (steps + 8))
+            cache = TCACache(model, reserve_tokens=(len(variants) + bool(compile_tpot)) * (steps + 8))
             model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
             add("ttft", length, label, timed(forward, device, warmup=0, reps=ttft_reps))
             report = cache.memory_report().total
-            for variant, (kernel, two_graphs) in TPOT_VARIANTS.items():
+            runs = [(variant, *TPOT_VARIANTS[variant], None) for variant in variants]
+            runs += [("fused-graph compiled", "auto", False, compile_tpot)] if compile_tpot else []
+            for variant, kernel, two_graphs, backend in runs:
                 cache.set_compression(kernel)
                 try:
-                    timing = tpot(model, cache, length, device, steps, two_graphs)
+                    timing = (compiled_tpot(model, cache, length, device, steps, backend) if backend
+                              else tpot(model, cache, length, device, steps, two_graphs))
                 except Exception as err:  # recorded, not fatal: the other rows still stand
                     timing = {"ms": float("nan"), "error": repr(err)[-1500:]}
                 add("tpot", length, f"{label} TCACache {variant}", kv_bytes=report.bytes_used,
                     kept_fraction=report.kept_fraction, bytes_fraction=report.bytes_fraction,
                     compression="triton" if fused and kernel == "auto" else "math", two_graphs=two_graphs,
-                    **timing)
+                    **({"backend": backend} if backend else {}), **timing)
             del cache
             free()
             if compile_model:
@@ -567,9 +602,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         t = r.get("ms", r.get("us"))
         unit = "ms" if "ms" in r else "us"
-        key = (r["phase"], r["length"], r["method"].split(" ")[0] if r["method"].startswith("turn") else "")
-        if r["method"] in ("sdpa_default", "sdpa_full", "dense_sdpa", "dense_tpot", "dense_chunked") or (
-                r["method"].endswith(" dense_append")):
+        # compiled rows against compiled dense; each conversation turn against its own dense turn
+        group = "compiled" if r["method"].endswith(" compiled") else ""
+        key = (r["phase"], r["length"], r["method"].split(" ")[0] if r["method"].startswith("turn") else group)
+        if r["method"] in ("sdpa_default", "sdpa_full", "dense_sdpa", "dense_tpot", "dense_tpot compiled",
+                           "dense_chunked") or r["method"].endswith(" dense_append"):
             base[key] = t
             if "ms_back_to_back" in r:
                 base_b2b[r["length"]] = r["ms_back_to_back"]
@@ -589,6 +626,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             notes += f" kept {100 * r['kept_fraction']:.0f}%"
         if r.get("ms_leaving") is not None:
             notes += f", {r['ms_leaving']:.3f} ms where a block leaves"
+        if r.get("backend") and r.get("capture_s") is not None:
+            notes += f"; compile + capture {r['capture_s']:.1f} s"
         if "heads_differing_from_math" in r:
             notes += f" ({r['heads_differing_from_math']} heads differ from math)"
         if "error" in r:
@@ -619,6 +658,13 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--e2e-static", action=argparse.BooleanOptionalAction, default=True,
                         help="also time dense decode over transformers' StaticCache (slow at full depth)")
     parser.add_argument("--ttft-reps", type=int, default=3, help="timed prefills per e2e TTFT row")
+    parser.add_argument("--e2e-keep", type=float, nargs="+", default=[0.25, 0.10],
+                        help="e2e: uniform keep fractions of the global region (each row keeps that + the window)")
+    parser.add_argument("--tpot-variants", nargs="+", choices=list(TPOT_VARIANTS), default=list(TPOT_VARIANTS),
+                        help="e2e: the TCACache decode variants timed")
+    parser.add_argument("--compile-tpot", default=None, metavar="BACKEND",
+                        help="e2e: also time TPOT of torch.compile(model, backend=BACKEND) (e.g. inductor), "
+                             "dense and TCA, compile time recorded")
     parser.add_argument("--tpot-steps", type=int, default=None,
                         help="decode steps per e2e TPOT row (default: one block, i.e. one compression)")
     parser.add_argument("--decode-backends", nargs="+", choices=["triton", "flex"], default=["triton", "flex"],
@@ -687,9 +733,11 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     if e2e:
         for length in [n for n in lengths if n >= 32768] or lengths[-1:]:
             # One model per length, freed in between (16 GB of weights at full depth, and the caches).
-            measured(e2e_rows([length], args.e2e_layers, budgets, window, device, dtype, args.smoke,
+            e2e_budgets = [(f"tca_{round(keep * 100)}%+w", keep) for keep in args.e2e_keep]
+            measured(e2e_rows([length], args.e2e_layers, e2e_budgets, window, device, dtype, args.smoke,
                               args.compile_model, static_baseline=args.e2e_static, ttft_reps=args.ttft_reps,
-                              tpot_steps=args.tpot_steps))
+                              tpot_steps=args.tpot_steps, variants=tuple(args.tpot_variants),
+                              compile_tpot=args.compile_tpot))
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -31,6 +31,20 @@ def test_smoke_benchmark_runs_and_checks_correctness():
     assert all(r["ms"] > 0 for r in result["rows"] if "ms" in r)
 
 
+def test_e2e_times_the_compiled_model_for_dense_and_each_budget():
+    """``--compile-tpot``: dense and every budget also decode through ``torch.compile(model)``; the
+    keep fractions of ``--e2e-keep`` order the kept share."""
+    result = bench.main(["--smoke", "--phases", "e2e", "--e2e-layers", "1", "--no-e2e-static", "--compile-tpot",
+                         "aot_eager", "--tpot-variants", "fused-graph", "--e2e-keep", "0.4", "0.1"])
+    rows = {r["method"]: r for r in result["rows"] if r["phase"] == "tpot"}
+    assert set(rows) == {"dense_tpot", "dense_tpot compiled"} | {
+        f"tca_{p}%+w TCACache fused-graph{c}" for p in (40, 10) for c in ("", " compiled")}
+    assert not any("error" in r for r in rows.values())
+    assert rows["dense_tpot compiled"]["backend"] == "aot_eager"
+    kept = {p: rows[f"tca_{p}%+w TCACache fused-graph compiled"]["kept_fraction"] for p in (40, 10)}
+    assert 1.0 > kept[40] > kept[10] > 0.0
+
+
 def bench_decode_triton():
     from tca_flex.decode import triton_supported
 
