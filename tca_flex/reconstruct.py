@@ -18,6 +18,8 @@ the cache holds as many tokens as the ordinary prefill would keep.
 Cost: the prompt's full K/V of every layer is held until the pass is done (as
 a dense prefill would), and the pass reads the prompt once more
 (``context_chunk`` bounds its attention to ``L x (chunk + prompt)`` scores at a time).
+On CUDA the pass runs on FlexAttention and a Triton score kernel
+(``triton_reconstruct``); the eager ``"math"`` form is the CPU path and the reference.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ from .selection import (
     to_blocks,
 )
 
+try:
+    from . import triton_reconstruct
+except ImportError:  # no Triton (e.g. a CPU-only install): the "math" backend remains
+    triton_reconstruct = None
+
 REDUCTIONS = ("max", "mean")
+SCORE_BACKENDS = ("auto", "triton", "math")
 
 
 def _check(input_ids: torch.Tensor, prompt_ids: torch.Tensor) -> None:
@@ -52,8 +60,29 @@ def _check(input_ids: torch.Tensor, prompt_ids: torch.Tensor) -> None:
         raise ValueError(f"prompt_ids must be [1 or batch, length], got {tuple(prompt_ids.shape)}")
 
 
+def score_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str = "auto") -> str:
+    """The ``score_rows`` backend that runs: ``"auto"`` resolved, an impossible ``"triton"`` refused.
+
+    ``"auto"``: ``"triton"`` on CUDA where ``triton_reconstruct.supported``
+    holds, else ``"math"``. An explicit ``"triton"`` also runs CPU tensors
+    under Triton's interpreter (``TRITON_INTERPRET=1``; slow, for tests).
+    """
+    if backend not in SCORE_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {list(SCORE_BACKENDS)}")
+    fused = triton_reconstruct is not None and triton_reconstruct.supported(query, key, value)
+    if backend == "auto":
+        return "triton" if fused and query.is_cuda else "math"
+    if backend == "triton" and not fused:
+        raise ValueError("score_rows backend 'triton' needs Triton, CUDA tensors (or CPU ones with "
+                         "TRITON_INTERPRET=1), a power-of-two head dim in 16..256 and one float16/bfloat16/float32 "
+                         f"dtype for q/k/v (got head dim {query.shape[-1]}, {query.dtype}/{key.dtype}/{value.dtype} "
+                         f"on {query.device.type}); use backend='math' or 'auto' otherwise")
+    return backend
+
+
 def score_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, context: int,
-               scored_from: int, reduce: str = "max", query_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+               scored_from: int, reduce: str = "max", query_chunk: int = 256, backend: str = "auto"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of a pass on top of ``context`` cached positions, and its score of those positions.
 
     Args:
@@ -64,7 +93,11 @@ def score_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
         scored_from: only queries ``i >= scored_from`` score (the repeated text,
             not the instruction before it).
         reduce: ``"max"`` or ``"mean"`` over those queries and the ``g`` query heads.
-        query_chunk: queries per score tile.
+        query_chunk: queries per score tile (``"math"`` only).
+        backend: ``"auto"`` (``score_backend``), ``"triton"``
+            (``triton_reconstruct``: FlexAttention and a score kernel) or
+            ``"math"`` (float32 tensor ops, score tiles materialised: the CPU
+            path and the reference).
 
     Returns:
         (``[B, H_q, Lq, D]`` attention output in ``query``'s dtype, float32
@@ -72,6 +105,8 @@ def score_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce={reduce!r} is not one of {list(REDUCTIONS)}")
+    if score_backend(query, key, value, backend) == "triton":
+        return triton_reconstruct.fused_rows(query, key, value, scaling, context, scored_from, reduce)
     bsz, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     g = hq // hkv

@@ -1,11 +1,13 @@
 """Selection by reconstruction (tca_flex/reconstruct.py): scores, selection and the pruned cache."""
 
+import os
 import random
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import create_block_mask
 from transformers import DynamicCache
 
 import tca_flex
@@ -17,6 +19,7 @@ from tca_flex.reconstruct import (
     reconstruction_importance,
     score_rows,
     selection_from_importance,
+    triton_reconstruct,
 )
 from tca_flex.selection import budget_ladder, keep_from_importance, pool_importance, select
 
@@ -69,6 +72,91 @@ def test_score_rows_match_a_float64_reference(seed, bsz, g, context, lq, scored_
     want_out, want_score = reference_rows(q, k, v, d ** -0.5, context, scored_from, reduce)
     torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(score.double(), want_score, atol=1e-6, rtol=1e-5)
+
+
+needs_triton = pytest.mark.skipif(
+    triton_reconstruct is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs Triton (compiled on a GPU, or its CPU interpreter: TRITON_INTERPRET=1)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@needs_triton
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), bsz=st.integers(1, 2), g=st.sampled_from([1, 2, 3]), context=st.integers(1, 70),
+       lq=st.integers(1, 40), scored_from=st.integers(0, 10), d=st.sampled_from([16, 32]),
+       reduce=st.sampled_from(["max", "mean"]))
+def test_triton_score_rows_match_a_float64_reference(seed, bsz, g, context, lq, scored_from, d, reduce):
+    """FlexAttention's output and lse, then the score kernel (Triton's interpreter without a GPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    hkv = 2
+    q = torch.randn(bsz, hkv * g, lq, d, generator=gen)
+    k = torch.randn(bsz, hkv, context + lq, d, generator=gen)
+    v = torch.randn(bsz, hkv, context + lq, d, generator=gen)
+    args = (d ** -0.5, context, scored_from, reduce)
+    out, score = score_rows(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *args, backend="triton")
+    want_out, want_score = reference_rows(q, k, v, *args)
+    assert out.dtype == q.dtype and score.shape == (bsz, hkv, context)
+    torch.testing.assert_close(out.cpu().double(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score.cpu().double(), want_score, atol=1e-6, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_score_kernel_reads_strided_views():
+    """A transposed query (as a model's attention hands it over) and a key inside a larger buffer."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    context, lq, d = 50, 20, 16
+    q = torch.randn(1, lq, 4, d, generator=gen).transpose(1, 2)
+    k = torch.randn(1, 2, context + lq + 9, 2 * d, generator=gen)[:, :, :context + lq, ::2]
+    v = torch.randn(1, 2, context + lq, d, generator=gen)
+    _, want = score_rows(q, k, v, 0.3, context, 3, "max", backend="math")
+    _, lse = triton_reconstruct.attention_with_lse(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 0.3, context)
+    got = triton_reconstruct.launch_score(q.to(DEVICE), k.to(DEVICE), lse.transpose(1, 2).contiguous().transpose(1, 2),
+                                          0.3, context, 3, "max")
+    torch.testing.assert_close(got.cpu(), want, atol=1e-6, rtol=1e-5)
+
+
+@needs_triton
+@given(context=st.integers(0, 400), lq=st.integers(1, 300))
+def test_block_mask_is_create_block_masks(context, lq):
+    """The BlockMask built from tile indices: the same partial and full tiles as ``create_block_mask``
+    (which evaluates the mask everywhere; eager FlexAttention ignores the tiles, so this is their check)."""
+    got = triton_reconstruct.offset_causal_block_mask(context, lq, torch.device("cpu"))
+    want = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + context, None, None, lq, context + lq,
+                             device="cpu")
+
+    def tiles(num, idx):
+        dense = torch.zeros(idx.shape[-2], idx.shape[-1], dtype=torch.bool)
+        for m in range(idx.shape[-2]):
+            dense[m, idx[0, 0, m, :num[0, 0, m]].long()] = True
+        return dense
+
+    assert torch.equal(tiles(got.kv_num_blocks, got.kv_indices), tiles(want.kv_num_blocks, want.kv_indices))
+    assert torch.equal(tiles(got.full_kv_num_blocks, got.full_kv_indices),
+                       tiles(want.full_kv_num_blocks, want.full_kv_indices))
+
+
+@needs_triton
+def test_flex_lse_is_the_natural_log_sum_exp():
+    gen = torch.Generator().manual_seed(fresh_seed())
+    context, lq, d = 37, 29, 32
+    q = torch.randn(2, 6, lq, d, generator=gen)
+    k, v = torch.randn(2, 2, 2, context + lq, d, generator=gen).unbind(0)
+    _, lse = triton_reconstruct.attention_with_lse(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 0.2, context)
+    logits = (q @ k.repeat_interleave(3, 1).transpose(-1, -2)).double() * 0.2
+    visible = torch.arange(context + lq)[None, :] <= torch.arange(lq)[:, None] + context
+    want = logits.masked_fill(~visible, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse.cpu().double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_backend_refuses_what_it_cannot_run():
+    q, k = torch.randn(1, 2, 3, 24), torch.randn(1, 1, 8, 24)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        score_rows(q, k, k, 0.2, 5, 0, backend="triton")
+    with pytest.raises(ValueError, match="is not one of"):
+        score_rows(q, k, k, 0.2, 5, 0, backend="flash")
+    # "auto" falls back to the eager form where the kernel cannot run (and always off CUDA).
+    out, score = score_rows(q, k, k, 0.2, 5, 0)
+    assert out.shape == q.shape and score.shape == (1, 1, 5)
 
 
 @torch.no_grad()
