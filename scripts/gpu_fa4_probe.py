@@ -150,7 +150,8 @@ def main() -> None:
             ms_triton = timed(lambda: run_flex(q, k, v, cbm, 128 ** -0.5, TRITON), device)
             ms_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device)
             return {"length": length, "rel_err_vs_sdpa": rel(out, ref), "ms_flash": ms_flash, "ms_triton": ms_triton,
-                    "ms_cudnn": ms_sdpa, "tflops_flash": flops / ms_flash / 1e9, "tflops_triton": flops / ms_triton / 1e9}
+                    "ms_cudnn": ms_sdpa, "tflops_flash": flops / ms_flash / 1e9,
+                    "tflops_triton": flops / ms_triton / 1e9}
         probe(f"causal FLASH L={length}", causal, results)
 
     def causal_lse():
@@ -166,7 +167,8 @@ def main() -> None:
     # 2. The packed TCA layout with each mask function, static shapes.
     for length in args.lengths if "packed" in args.sections else ():
         for frac in args.fracs:
-            q, k, v, cdf, config, scale, positions, k_all, v_all = packed_inputs(length, frac, args.window, device, dtype)
+            q, k, v, cdf, config, scale, positions, k_all, v_all = packed_inputs(length, frac, args.window, device,
+                                                                                 dtype)
             cap, group = positions.shape[2], 4
             mods = {
                 "shipped": tca_mask_mod(positions, length, args.window, group),
@@ -177,14 +179,16 @@ def main() -> None:
             ref = run_flex(q, k_all, v_all, ref_bm, scale, TRITON)
             blocks = int(ref_bm.kv_num_blocks.sum() + ref_bm.full_kv_num_blocks.sum())
             flops = blocks * KERNEL_BLOCK * KERNEL_BLOCK * 128 * 4
-            ms_triton = timed(lambda: run_flex(q, k_all, v_all, ref_bm, scale, TRITON), device)
-            ms_cudnn = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device)
+            ms_triton = timed(lambda q=q, k_all=k_all, v_all=v_all, ref_bm=ref_bm, scale=scale:
+                              run_flex(q, k_all, v_all, ref_bm, scale, TRITON), device)
+            ms_cudnn = timed(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                               enable_gqa=True), device)
             results.append({"probe": f"packed triton L={length} frac={frac}", "ok": True, "ms_triton": ms_triton,
                             "ms_cudnn": ms_cudnn, "tflops_triton": flops / ms_triton / 1e9, "computed_blocks": blocks})
             print(results[-1], flush=True)
             for name, mod in mods.items():
                 def packed(mod=mod, q=q, k_all=k_all, v_all=v_all, positions=positions, length=length, scale=scale,
-                           ref=ref, ms_cudnn=ms_cudnn, flops=flops):
+                           ref=ref, ms_cudnn=ms_cudnn, flops=flops, frac=frac):
                     bm = block_mask_with(positions, length, args.window, 32, mod)
                     out = run_flex(q, k_all, v_all, bm, scale, FLASH)
                     ms = timed(lambda: run_flex(q, k_all, v_all, bm, scale, FLASH), device)

@@ -98,9 +98,10 @@ def _decode_ms(model, cache: Any, logits: torch.Tensor, mask: torch.Tensor, leng
     times = []
     for i in range(steps):
         step_mask = torch.cat([mask, ones[:, : i + 1]], 1)
-        out, ms = _ms(lambda: model(token, attention_mask=step_mask, position_ids=positions + i,
-                                    cache_position=torch.tensor([width + i], device=device), use_cache=True,
-                                    **cache_kwargs(model, cache)).logits[:, -1], device)
+        out, ms = _ms(lambda token=token, step_mask=step_mask, i=i: model(
+            token, attention_mask=step_mask, position_ids=positions + i,
+            cache_position=torch.tensor([width + i], device=device), use_cache=True,
+            **cache_kwargs(model, cache)).logits[:, -1], device)
         token = out.argmax(-1, keepdim=True)
         times.append(ms)
     return statistics.median(times) * steps
@@ -169,6 +170,12 @@ def _safely(rows: list[dict[str, Any]], base: dict[str, Any], method: str, fn: C
         torch.cuda.empty_cache()
 
 
+def _rows_sum(model, singles: list[torch.Tensor], make_cache: Callable[[], Any], device: torch.device
+              ) -> dict[str, float]:
+    """The rows' prefills one at a time, each timed on its second call, summed."""
+    return {"ms": sum(_twice(lambda x=x: _prefill(model, x, None, make_cache()), device)[1] for x in singles)}
+
+
 @torch.no_grad()
 def batch_bench_rows(batch_sizes: list[int], lo: int, hi: int, num_layers: int, keep: float, window: int,
                      device: torch.device, dtype: torch.dtype, smoke: bool, decode_steps: int,
@@ -194,7 +201,7 @@ def batch_bench_rows(batch_sizes: list[int], lo: int, hi: int, num_layers: int, 
         base = {"phase": "batch", "batch": size, "lengths": lengths, "length": max(lengths), "layers": num_layers}
         model.set_attn_implementation("sdpa")
 
-        def dense_padded():
+        def dense_padded(size=size, lengths=lengths, ids=ids, mask=mask):
             _, ms = _twice(lambda: _prefill(model, ids, mask, dense_cache()), device)
             cache = dense_cache()
             logits = _prefill(model, ids, mask, cache)
@@ -217,8 +224,7 @@ def batch_bench_rows(batch_sizes: list[int], lo: int, hi: int, num_layers: int, 
         _safely(rows, base, "dense_sdpa_padded", dense_padded, device)
         model.set_attn_implementation(fastest_dense_sdpa())
         _safely(rows, base, "dense_sdpa_rows_sum",
-                lambda: {"ms": sum(_twice(lambda x=x: _prefill(model, x, None, dense_cache()), device)[1]
-                                   for x in singles)}, device)
+                lambda singles=singles: _rows_sum(model, singles, dense_cache, device), device)
     apply(model, budgets=budgets)
     try:
         for size, lengths in batches:
@@ -226,7 +232,7 @@ def batch_bench_rows(batch_sizes: list[int], lo: int, hi: int, num_layers: int, 
             base = {"phase": "batch", "batch": size, "lengths": lengths, "length": max(lengths),
                     "layers": num_layers}
 
-            def tca_padded():
+            def tca_padded(size=size, lengths=lengths, ids=ids, mask=mask):
                 _, ms = _twice(lambda: _prefill(model, ids, mask, TCACache(model)), device)
                 cache = TCACache(model, reserve_tokens=decode_steps)
                 logits = _prefill(model, ids, mask, cache)
@@ -245,8 +251,7 @@ def batch_bench_rows(batch_sizes: list[int], lo: int, hi: int, num_layers: int, 
 
             _safely(rows, base, "tca_padded", tca_padded, device)
             _safely(rows, base, "tca_rows_sum",
-                    lambda: {"ms": sum(_twice(lambda x=x: _prefill(model, x, None, TCACache(model)), device)[1]
-                                       for x in singles)}, device)
+                    lambda singles=singles: _rows_sum(model, singles, lambda: TCACache(model), device), device)
     finally:
         remove(model)
     return rows

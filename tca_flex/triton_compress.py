@@ -22,8 +22,9 @@ One token per step (and whole chunks, which compress every block they pass)
 keep ``ncs == next_pos - window - b`` at every step where a block leaves, so
 the two agree; each row's program of head 0 still writes the row's ``ncs``
 for the tensor form and the host. ``base`` and ``ncs`` are per row: the rows
-of a left-padded batch each follow their own window (``cache.py``). A second call at the same position finds the block's first ring slot
-already freed and does nothing, as the tensor form does.
+of a left-padded batch each follow their own window (``cache.py``). A second
+call at the same position finds the block's first ring slot already freed and
+does nothing, as the tensor form does.
 
 Without a GPU the tests run this kernel in Triton's interpreter.
 """

@@ -186,7 +186,7 @@ def test_masks_the_cache_cannot_honour_raise(compiled, length):
     model = tiny_model((4, 2), fresh_seed())
     run = torch.compile(model, backend="aot_eager") if compiled else model
     ids = torch.randint(1, 256, (2, length))
-    for what, mask in holes_and_right_padding(length).items():
+    for mask in holes_and_right_padding(length).values():
         with pytest.raises(ValueError, match="left padding only"):
             run(ids, attention_mask=mask, **cache_kwargs(model, TCACache(model)))
         if length > SMALL.dense_up_to:  # the sparse prefill refuses it without a cache too

@@ -69,7 +69,8 @@ def cut_gap(layer, q, lse, scale):
     differently. Equal keys tie exactly in both (then the older token must win in both)."""
     bsz, hkv, d, b = layer.batch_size, layer.num_heads, layer.head_dim, layer.block
     g = q.shape[1] // hkv
-    ring = layer.seg_start.unsqueeze(-1) + ((layer.ncs - layer.base).view(-1, 1, 1) + torch.arange(b, device=DEVICE)) % layer.ring
+    offsets = (layer.ncs - layer.base).view(-1, 1, 1) + torch.arange(b, device=DEVICE)
+    ring = layer.seg_start.unsqueeze(-1) + offsets % layer.ring
     k_blk = layer.k_buf.gather(1, ring.view(bsz, -1, 1).expand(-1, -1, d)).view(bsz, hkv, b, d).double()
     logits = torch.einsum("bkgd,bktd->bkgt", q[:, :, 0].double().view(bsz, hkv, g, d), k_blk) * scale
     probs = torch.exp(logits - lse.double().view(bsz, hkv, g, 1))
