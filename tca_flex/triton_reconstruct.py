@@ -47,7 +47,6 @@ with the eager ``"math"`` path).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -55,6 +54,7 @@ import triton.language as tl
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .compile import MIN_RECOMPILE_LIMIT, compiled_flex_attention, kernel_options_for
+from .decode import triton_supported
 from .masks import KERNEL_BLOCK
 
 LOG2E = 1.0 / math.log(2.0)
@@ -112,13 +112,11 @@ def _score_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, stride_qb, stride_qh, stride_q
 
 
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether the fused path can run: CUDA (or CPU under ``TRITON_INTERPRET=1``), a power-of-two
-    head dim in 16..256, one half or float32 dtype for q/k/v, and whole GQA groups."""
-    d = query.shape[-1]
-    interpreting = query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    return ((query.is_cuda or interpreting) and 16 <= d <= 256 and d & (d - 1) == 0
-            and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and key.dtype == value.dtype == query.dtype and query.shape[1] % key.shape[1] == 0)
+    """Whether the fused path can run: what the decode kernels need (``decode.triton_supported``:
+    CUDA or CPU under ``TRITON_INTERPRET=1``, a power-of-two head dim >= 16, a half or float32
+    dtype), and here a head dim <= 256, one dtype for q/k/v, and whole GQA groups."""
+    return (triton_supported(query) and query.shape[-1] <= 256 and key.dtype == value.dtype == query.dtype
+            and query.shape[1] % key.shape[1] == 0)
 
 
 def launch_score(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: float, context: int,
