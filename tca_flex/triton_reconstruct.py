@@ -12,9 +12,9 @@ log-sum-exp over *all* the keys that query sees (the pass's own keys too),
 which a flash-style forward knows only after its row is done. So the forward
 that the model needs anyway returns it (``return_lse``), and a second kernel
 recomputes ``q . k`` over the context keys alone and normalises with it: the
-extra work is one ``Lq x context`` product, no exponential is stored. On an
-H200 (bf16, 32 / 8 heads, D = 128, torch 2.11) a 32K pass took 91 ms a layer
-(forward 59.5, score 28.6), 4K 2.9 ms against the eager form's 29 ms.
+extra work is one ``Lq x context`` product, no exponential is stored. Its
+speed has no recorded benchmark yet: ``scripts/gpu_reconstruct_bench.py``
+times it against the eager form.
 
 Why FlexAttention for the forward rather than a kernel of our own: it is the
 prefill's tuned, compiled kernel (``compile.compiled_flex_attention``, TMA
@@ -58,9 +58,9 @@ from .decode import triton_supported
 from .masks import KERNEL_BLOCK
 
 LOG2E = 1.0 / math.log(2.0)
-# Swept on an H200 (bf16, D = 128, 32K context, 32 / 8 heads; torch 2.11, Triton 3.6): 28.6 ms, against
-# 30-45 ms for the other settings of BLOCK_M, BLOCK_N in {64, 128}, 4 or 8 warps, 2 or 3 stages (the
-# forward, FlexAttention, took 59.5 ms).
+# The fastest of BLOCK_M, BLOCK_N in {64, 128}, 4 or 8 warps, 2 or 3 stages in a development sweep on an
+# H200 (bf16, D = 128, 32K context, 32 / 8 heads; not a recorded benchmark: re-check with
+# scripts/gpu_reconstruct_bench.py).
 BLOCK_M = 128
 BLOCK_N = 128
 NUM_WARPS = 4
