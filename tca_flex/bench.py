@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .attention import tca_prefill_attention
 from .bench_models import captured_decode, fastest_dense_sdpa, llama_8b_shaped, one_step_dense, static_copy
 from .budgets import HeadBudgets
+from .cli_args import float_in
 from .compile import flex, kernel_options_for, prefill_backend, prefill_kernel_options
 from .config import TCAConfig
 from .hfcompat import cache_kwargs
@@ -658,7 +659,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--e2e-static", action=argparse.BooleanOptionalAction, default=True,
                         help="also time dense decode over transformers' StaticCache (slow at full depth)")
     parser.add_argument("--ttft-reps", type=int, default=3, help="timed prefills per e2e TTFT row")
-    parser.add_argument("--e2e-keep", type=float, nargs="+", default=[0.25, 0.10],
+    parser.add_argument("--e2e-keep", type=float_in(0.0, 1.0), nargs="+", default=[0.25, 0.10],
                         help="e2e: uniform keep fractions of the global region (each row keeps that + the window)")
     parser.add_argument("--tpot-variants", nargs="+", choices=list(TPOT_VARIANTS), default=list(TPOT_VARIANTS),
                         help="e2e: the TCACache decode variants timed")
