@@ -25,10 +25,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from .chunks import building_graph, is_causal_left_padded
-from .compile import kernel_options_for, length_generic, prefill_kernel_options
+from .compile import kernel_options_for, length_generic, prefill_kernel_options, with_lse
 from .config import TCAConfig
 from .layer import TCALayer, tca_layer
-from .masks import KERNEL_BLOCK, key_positions, packed_block_mask, tca_block_indices
+from .masks import KERNEL_BLOCK, key_positions, packed_block_mask, tca_block_indices, tiled
 from .selection import PAD_POSITION, Selection, observed_queries, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -60,7 +60,7 @@ def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.
                       kernel_options: dict[str, Any] | None) -> Any:
     """Gather the packed keys, build the BlockMask, run FlexAttention (one graph).
 
-    Takes the prefill padded to whole ``KERNEL_BLOCK`` tiles (``_tiled``), with
+    Takes the prefill padded to whole ``KERNEL_BLOCK`` tiles (``masks.tiled``), with
     the sequence dimension either flat or split as ``[..., n, KERNEL_BLOCK, ...]``
     (``positions`` likewise). Split, both lengths are multiples of the tile
     *as symbolic sizes*, so the one graph compiled for every prompt length still
@@ -78,20 +78,9 @@ def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.
     v_all = torch.cat([v_bhsd.gather(2, gather_idx), v_bhsd], dim=2)
     block_mask = packed_block_mask(positions, tca_block_indices(positions, length, window, hq), length, window, hq,
                                    table=table)
-    return flex_attention(q_bhsd, k_all, v_all, block_mask=block_mask, scale=scaling,
-                          enable_gqa=hq != k_bhsd.shape[1], return_lse=return_lse, kernel_options=kernel_options)
-
-
-def _tiled(t: torch.Tensor, padded: int, split: bool) -> torch.Tensor:
-    """``t`` zero-padded along dim 2 to ``padded``, contiguous; split into tiles there if ``split``.
-
-    Contiguous always: the compiled graph guards on strides, and a model's
-    transposed projections or a padded copy must not give two graphs.
-    """
-    if t.shape[2] != padded:
-        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, padded - t.shape[2]))
-    t = t.contiguous()
-    return t.unflatten(2, (-1, KERNEL_BLOCK)) if split else t
+    kwargs = dict(block_mask=block_mask, scale=scaling, enable_gqa=hq != k_bhsd.shape[1], kernel_options=kernel_options)
+    return (with_lse(flex_attention, q_bhsd, k_all, v_all, **kwargs) if return_lse
+            else flex_attention(q_bhsd, k_all, v_all, **kwargs))
 
 
 def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
@@ -150,7 +139,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     # The Triton lowering keeps its unmasked loads when lengths are visibly tile multiples
     # (tiles split out); the CPU lowering accepts plain symbolic lengths only.
     split = q_bhsd.is_cuda
-    args = [_tiled(t, padded, split) for t in (q_bhsd, k_bhsd, v_bhsd)]
+    args = [tiled(t, padded, split) for t in (q_bhsd, k_bhsd, v_bhsd)]
     args.append(positions.unflatten(-1, (-1, KERNEL_BLOCK)) if split else positions)
     # The mask reads the key-position table as an input of the attention's graph; inside a
     # caller's compiled graph there is no such input and the mask splits at the capacity.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .compile import kernel_options_for, length_generic
+from .compile import kernel_options_for, length_generic, with_lse
 from .masks import KERNEL_BLOCK, key_positions
 
 
@@ -90,8 +90,8 @@ def _chunk_flex(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, table
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=KERNEL_BLOCK,
                                           mask_mod=_chunk_mask_mod(table, group),
                                           seq_lengths=(q.shape[2], k_all.shape[2]), compute_q_blocks=False)
-    return flex_attention(q, k_all, v_all, block_mask=block_mask, scale=scale, enable_gqa=group > 1,
-                          return_lse=True, kernel_options=kernel_options)
+    return with_lse(flex_attention, q, k_all, v_all, block_mask=block_mask, scale=scale, enable_gqa=group > 1,
+                    kernel_options=kernel_options)
 
 
 def _pad_to_tiles(t: torch.Tensor, dim: int, value: float | bool = 0) -> torch.Tensor:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 # Dynamo's recompile limit inside the prefill's compiled calls, and what
 # ``tca_flex.compile`` (integration.py) raises it to for the process (on request
@@ -44,6 +44,17 @@ def compiled_flex_attention(dynamic: bool | None = None) -> Any:
     return _compiled_flex[dynamic]
 
 
+def with_lse(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` (``flex_attention`` or a compiled copy) called for its output and log-sum-exp.
+
+    Through ``return_aux``: ``return_lse`` is deprecated (torch >= 2.9) and its
+    warn-once check is a dynamo guard, so a compiled caller compiled a second
+    time at its second call.
+    """
+    out, aux = fn(*args, return_aux=AuxRequest(lse=True), **kwargs)
+    return out, aux.lse
+
+
 def length_generic(fn: Callable[..., Any], *dims: tuple[int, int]) -> Callable[..., Any]:
     """``fn`` compiled once (``fullgraph=True``), with ``dims`` symbolic on every call.
 
@@ -58,10 +69,12 @@ def length_generic(fn: Callable[..., Any], *dims: tuple[int, int]) -> Callable[.
 
     def call(*args: Any) -> Any:
         args = list(args)
-        for index, dim in dims:
-            # Mark an alias (same storage, new tensor object): the caller's own tensor stays
-            # unmarked, so passing it to another compiled function later is unaffected.
+        # Mark an alias (same storage, new tensor object): the caller's own tensor stays
+        # unmarked, so passing it to another compiled function later is unaffected. One alias
+        # per argument: a second one would drop the marks of the argument's earlier dims.
+        for index in {index for index, _ in dims}:
             args[index] = args[index].detach()
+        for index, dim in dims:
             torch._dynamo.mark_dynamic(args[index], dim)
         # One graph per static signature (batch size, heads, dtype, config), not per length;
         # a process that serves several models or configs (an evaluation, a test suite) can
@@ -140,5 +153,5 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, 
     """
     fn = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(dynamic)
     options = kernel_options if kernel_options is not None else kernel_options_for(q.device)
-    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-              return_lse=return_lse, kernel_options=options)
+    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=options)
+    return with_lse(fn, q, k, v, **kwargs) if return_lse else fn(q, k, v, **kwargs)

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .compile import compiled_flex_attention
+from .compile import compiled_flex_attention, with_lse
 from .selection import rank_of
 
 try:
@@ -214,8 +214,8 @@ def _flex_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
     on_cuda = q_bhsd.device.type == "cuda"
     fn = compiled_flex_attention() if on_cuda and not torch.compiler.is_compiling() else flex_attention
     block_mask = decode_block_mask(owner_bs, group)
-    out, lse = fn(q_bhsd, k_bsd.unsqueeze(1), v_bsd.unsqueeze(1), block_mask=block_mask, scale=scale,
-                  enable_gqa=True, return_lse=True)
+    out, lse = with_lse(fn, q_bhsd, k_bsd.unsqueeze(1), v_bsd.unsqueeze(1), block_mask=block_mask, scale=scale,
+                        enable_gqa=True)
     return out, lse[:, :, 0].float()
 
 

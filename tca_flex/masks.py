@@ -25,6 +25,20 @@ from torch.nn.attention.flex_attention import BlockMask
 KERNEL_BLOCK = 128
 
 
+def tiled(t: torch.Tensor, padded: int, split: bool) -> torch.Tensor:
+    """``t`` zero-padded along dim 2 to ``padded``, contiguous; split into tiles there if ``split``.
+
+    Contiguous always: the compiled graph guards on strides, and a model's
+    transposed projections or a padded copy must not give two graphs. Split,
+    a symbolic length is visibly a multiple of the tile, so FlexAttention's
+    Triton kernel keeps its unmasked loads.
+    """
+    if t.shape[2] != padded:
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, padded - t.shape[2]))
+    t = t.contiguous()
+    return t.unflatten(2, (-1, KERNEL_BLOCK)) if split else t
+
+
 def key_positions(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Each key's position in the packed layout, int32 ``[capacity + L, B, H_kv]``.
 

@@ -12,18 +12,18 @@ log-sum-exp over *all* the keys that query sees (the pass's own keys too),
 which a flash-style forward knows only after its row is done. So the forward
 that the model needs anyway returns it (``return_lse``), and a second kernel
 recomputes ``q . k`` over the context keys alone and normalises with it: the
-extra work is one ``Lq x context`` product, no exponential is stored. Its
-speed has no recorded benchmark yet: ``scripts/gpu_reconstruct_bench.py``
-times it against the eager form.
+extra work is one ``Lq x context`` product, no exponential is stored
+(BENCHMARKS.md: 18x faster than the eager form at 32K).
 
 Why FlexAttention for the forward rather than a kernel of our own: it is the
-prefill's tuned, compiled kernel (``compile.compiled_flex_attention``, TMA
-loads on Hopper), and the pass is plain causal attention offset by
-``context`` (``kv_idx <= q_idx + context``). Its BlockMask is built from tile
-indices directly, as ``masks.py`` does, not by ``create_block_mask``: that
-evaluates the mask on ``Lq x (context + Lq)`` (2 GB of booleans at 32K; the
-tests check the two agree). The offset is a captured 0-d tensor, so a new
-context length does not re-trace the mask. FlexAttention's log-sum-exp is in
+prefill's tuned kernel (TMA loads on Hopper), compiled once for every length
+the same way (``compile.length_generic``), and the pass is plain causal
+attention offset by ``context`` (``kv_idx <= q_idx + context``). Its
+BlockMask is built from tile indices directly, as ``masks.py`` does, not by
+``create_block_mask``: that evaluates the mask on ``Lq x (context + Lq)``
+(2 GB of booleans at 32K; the tests check the two agree). The offset is a
+0-d tensor input of the graph, so a new context length does not re-trace the
+mask. FlexAttention's log-sum-exp is in
 natural log (torch converts its kernel's base-2 value; the tests and
 ``scripts/gpu_reconstruct_bench.py`` check it against ``torch.logsumexp``).
 
@@ -53,9 +53,9 @@ import triton
 import triton.language as tl
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .compile import MIN_RECOMPILE_LIMIT, compiled_flex_attention, kernel_options_for
+from .compile import kernel_options_for, length_generic, with_lse
 from .decode import triton_supported
-from .masks import KERNEL_BLOCK
+from .masks import KERNEL_BLOCK, tiled
 
 LOG2E = 1.0 / math.log(2.0)
 # The fastest of BLOCK_M, BLOCK_N in {64, 128}, 4 or 8 warps, 2 or 3 stages in a development sweep on an
@@ -145,36 +145,33 @@ def launch_score(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scal
     return out
 
 
-def offset_causal_block_mask(context: int, lq: int, device: torch.device) -> BlockMask:
-    """BlockMask of ``kv_idx <= q_idx + context`` over ``Lq`` queries and ``context + Lq`` keys.
+def offset_causal_block_indices(context: int, lq: int, lk: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``BlockMask.from_kv_blocks`` inputs for ``kv_idx <= q_idx + context``, ``lq`` queries, ``lk`` keys.
 
-    Query tile ``m`` sees key tiles ``[0, partial_end)``; the first ``full_end``
-    of them wholly (no mask evaluated). A tile that the sequence ends inside
-    is never full, as in ``create_block_mask``.
+    Both lengths are whole tiles (the pass is padded to them). Query tile ``m``
+    sees key tiles ``[0, partial_end)``; the first ``full_end`` of them wholly
+    (no mask evaluated), the rest through the mask. Returns
+    ``(kv_num, kv_idx, full_num, full_idx)``, broadcast over rows and heads.
     """
     t = KERNEL_BLOCK
-    lk = context + lq
-    nq, nk = -(-lq // t), -(-lk // t)
+    nq, nk = lq // t, lk // t
     q_first = torch.arange(nq, device=device) * t
-    q_last = torch.clamp(q_first + t - 1, max=lq - 1)
-    partial_end = torch.clamp((q_last + context) // t + 1, max=nk)
-    full_end = torch.clamp((q_first + context + 1) // t, max=lk // t)
-    full_end = torch.where(q_first + t <= lq, full_end, 0)
+    partial_end = torch.clamp((q_first + t - 1 + context) // t + 1, max=nk)
+    full_end = torch.clamp((q_first + context + 1) // t, max=nk)
     tiles = torch.arange(nk, device=device)
     full_num = full_end.to(torch.int32).view(1, 1, nq)
     full_idx = tiles.to(torch.int32).expand(1, 1, nq, nk).contiguous()
     kv_num = (partial_end - full_end).to(torch.int32).view(1, 1, nq)
     kv_idx = torch.clamp(full_end[:, None] + tiles, max=nk - 1).to(torch.int32).view(1, 1, nq, nk)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=t,
-                                    mask_mod=offset_causal(torch.tensor(context, device=device)),
-                                    seq_lengths=(lq, lk), compute_q_blocks=False)
+    return kv_num, kv_idx, full_num, full_idx
 
 
 def offset_causal(offset: torch.Tensor):
     """mask_mod: query ``q_idx`` (at position ``offset + q_idx``) sees keys up to its own position.
 
     Module-level factory: every call shares one code object and the offset is
-    a tensor, so dynamo does not re-trace per layer or per context length.
+    a tensor (an input of the compiled graph), so a new context length neither
+    re-traces the mask nor compiles again.
     """
 
     def reconstruct_mask(b, h, q_idx, kv_idx):
@@ -183,22 +180,47 @@ def offset_causal(offset: torch.Tensor):
     return reconstruct_mask
 
 
+def _offset_causal_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: torch.Tensor,
+                        kv_num: torch.Tensor, kv_idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
+                        scaling: float, kernel_options: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One graph: the BlockMask and FlexAttention, on tensors padded to whole tiles (flat or split)."""
+    if q.dim() == 5:
+        q, k, v = (x.flatten(2, 3) for x in (q, k, v))
+    block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=KERNEL_BLOCK,
+                                          mask_mod=offset_causal(offset), seq_lengths=(q.shape[2], k.shape[2]),
+                                          compute_q_blocks=False)
+    return with_lse(flex_attention, q, k, v, block_mask=block_mask, scale=scaling,
+                    enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options)
+
+
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                        context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pass's causal attention on top of ``context`` keys: output (query dtype) and float32 lse."""
-    block_mask = offset_causal_block_mask(context, query.shape[2], query.device)
-    gqa = query.shape[1] != key.shape[1]
-    if query.is_cuda:
-        # Inside an outer torch.compile the raw function fuses into the caller's graph.
-        fn = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
-        options = kernel_options_for(query.device)
-    else:  # Inductor's CPU FlexAttention has no log-sum-exp (torch 2.13): eager, the tests' path only
-        fn, options = flex_attention, None
-    # Each (batch, heads, head dim, dtype) is a graph of the process-wide compiled copy, which the decode's
-    # FlexAttention shares: dynamo's default of 8 would fall back to eager (materialised scores) silently.
-    with torch._dynamo.config.patch(recompile_limit=MIN_RECOMPILE_LIMIT):
-        return fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa, return_lse=True,
-                  kernel_options=options)
+    """The pass's causal attention on top of ``context`` keys: output (query dtype) and float32 lse.
+
+    Compiled once for every length on CUDA (``compile.length_generic``), as the
+    prefill: queries and keys are padded to whole tiles (split into tiles, so the
+    symbolic lengths are visibly tile multiples and FlexAttention keeps its
+    unmasked loads); padding queries come after the real ones and padding keys
+    after every key a real query sees, and both are cut off the results.
+    """
+    lq = query.shape[2]
+    lq_pad = -(-lq // KERNEL_BLOCK) * KERNEL_BLOCK
+    lk_pad = -(-(context + lq) // KERNEL_BLOCK) * KERNEL_BLOCK
+    split = query.is_cuda
+    q, k, v = (tiled(x, n, split) for x, n in ((query, lq_pad), (key, lk_pad), (value, lk_pad)))
+    args = (q, k, v, torch.tensor(context, device=query.device),
+            *offset_causal_block_indices(context, lq_pad, lk_pad, query.device))
+    if not query.is_cuda:  # Inductor's CPU FlexAttention has no log-sum-exp (torch 2.13): eager, the tests' path
+        attend, options = _offset_causal_flex, None
+    elif torch.compiler.is_compiling():  # inside an outer torch.compile: fuses into the caller's graph
+        attend, options = _offset_causal_flex, kernel_options_for(query.device)
+    else:
+        # Tile counts of 1 stay static: dynamo specialises sizes 0 and 1.
+        dims = [(i, d) for i, d in ((0, 2), (1, 2), (2, 2), (4, 2), (5, 2), (5, 3), (6, 2), (7, 2), (7, 3))
+                if args[i].shape[d] > 1]
+        attend, options = length_generic(_offset_causal_flex, *dims), kernel_options_for(query.device)
+    out, lse = attend(*args, scaling, options)
+    return out[:, :, :lq], lse[:, :, :lq]
 
 
 def fused_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, context: int,

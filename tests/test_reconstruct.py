@@ -7,12 +7,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import DynamicCache
 
 import tca_flex
 from tca_flex import HeadBudgets, TCACache, TCAConfig
 from tca_flex.hfcompat import cache_kwargs
+from tca_flex.masks import KERNEL_BLOCK, tiled
 from tca_flex.reconstruct import (
     head_top_keep,
     prefill_by_reconstruction,
@@ -116,12 +117,18 @@ def test_triton_score_kernel_reads_strided_views():
 
 
 @needs_triton
-@given(context=st.integers(0, 400), lq=st.integers(1, 300))
-def test_block_mask_is_create_block_masks(context, lq):
-    """The BlockMask built from tile indices: the same partial and full tiles as ``create_block_mask``
-    (which evaluates the mask everywhere; eager FlexAttention ignores the tiles, so this is their check)."""
-    got = triton_reconstruct.offset_causal_block_mask(context, lq, torch.device("cpu"))
-    want = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + context, None, None, lq, context + lq,
+@given(context=st.integers(0, 400), q_tiles=st.integers(1, 3), extra_tiles=st.integers(0, 1))
+def test_block_indices_are_create_block_masks(context, q_tiles, extra_tiles):
+    """The tile indices of the pass's BlockMask: the same partial and full tiles as ``create_block_mask``
+    (which evaluates the mask everywhere; eager FlexAttention ignores the tiles, so this is their check),
+    over padded lengths with or without a tile of key padding past the last visible key."""
+    lq = q_tiles * KERNEL_BLOCK
+    lk = (-(-(context + lq) // KERNEL_BLOCK) + extra_tiles) * KERNEL_BLOCK
+    kv_num, kv_idx, full_num, full_idx = triton_reconstruct.offset_causal_block_indices(context, lq, lk,
+                                                                                        torch.device("cpu"))
+    got = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=KERNEL_BLOCK,
+                                   seq_lengths=(lq, lk), compute_q_blocks=False)
+    want = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + context, None, None, lq, lk,
                              device="cpu")
 
     def tiles(num, idx):
@@ -133,6 +140,26 @@ def test_block_mask_is_create_block_masks(context, lq):
     assert torch.equal(tiles(got.kv_num_blocks, got.kv_indices), tiles(want.kv_num_blocks, want.kv_indices))
     assert torch.equal(tiles(got.full_kv_num_blocks, got.full_kv_indices),
                        tiles(want.full_kv_num_blocks, want.full_kv_indices))
+
+
+@needs_triton
+def test_pass_on_tiles_split_as_on_cuda_is_the_flat_pass():
+    """On CUDA the padded pass reaches FlexAttention split into tiles (``masks.tiled``); here, eagerly,
+    the split layout gives the flat layout's output and log-sum-exp."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    context, lq, d = 150, 70, 16
+    q = torch.randn(1, 4, lq, d, generator=gen)
+    k, v = torch.randn(2, 1, 2, context + lq, d, generator=gen).unbind(0)
+    lq_pad, lk_pad = 128, 256
+    indices = triton_reconstruct.offset_causal_block_indices(context, lq_pad, lk_pad, torch.device("cpu"))
+    results = []
+    for split in (False, True):
+        args = [tiled(x, n, split) for x, n in ((q, lq_pad), (k, lk_pad), (v, lk_pad))]
+        results.append(triton_reconstruct._offset_causal_flex(*args, torch.tensor(context), *indices, 0.25, None))
+    for flat, split in zip(*results, strict=True):
+        torch.testing.assert_close(split[:, :, :lq], flat[:, :, :lq], atol=0, rtol=0)
+    want, _ = score_rows(q, k, v, 0.25, context, 0, "max", backend="math")
+    torch.testing.assert_close(results[0][0][:, :, :lq], want, atol=1e-5, rtol=1e-5)
 
 
 @needs_triton

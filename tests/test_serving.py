@@ -79,6 +79,25 @@ def test_compiled_selection_is_length_generic():
         assert torch.equal(table, key_positions(want.positions, -(-n // KERNEL_BLOCK) * KERNEL_BLOCK)), n
 
 
+def _row_max_of_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.unsqueeze(-1) * b.unsqueeze(-2)).amax(-1)
+
+
+def test_length_generic_keeps_every_marked_dim_of_an_argument():
+    """Two symbolic dims of one argument (a block mask's ``[.., q tiles, k tiles]`` table): both stay
+    symbolic, so no later shape compiles again (an alias per mark once dropped the first dim's)."""
+    from tca_flex.compile import length_generic
+
+    fn = length_generic(_row_max_of_outer, (0, 0), (0, 1), (1, 0), (1, 1))
+    gen = torch.Generator()
+    gen.seed()  # fresh inputs each run
+    for i, (n, m) in enumerate(((5, 7), (9, 4), (13, 11))):
+        a, b = torch.randn(n, m, generator=gen), torch.randn(n, m, generator=gen)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = fn(a, b)
+        torch.testing.assert_close(got, _row_max_of_outer(a, b))
+
+
 @torch.no_grad()
 def test_warmup_compiles_ahead_and_leaves_no_global_change(tiny_llama):
     limit = torch._dynamo.config.recompile_limit
