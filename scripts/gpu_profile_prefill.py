@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tca_flex.attention import _packed_attention, _select_positions, _tiled, tca_prefill_attention
+from tca_flex.attention import _packed_attention, _select_positions, tca_prefill_attention
 from tca_flex.bench import back_to_back
 from tca_flex.budgets import HeadBudgets
 from tca_flex.compile import length_generic, prefill_backend, prefill_kernel_options
 from tca_flex.config import TCAConfig
-from tca_flex.masks import KERNEL_BLOCK
+from tca_flex.masks import KERNEL_BLOCK, tiled
 from tca_flex.selection import observed_queries
 
 
@@ -55,7 +55,7 @@ def profile_length(length: int, frac: float, out: Path) -> dict:
     select_fn = length_generic(_select_positions, (1, 2))
     positions, _, table = select_fn(q_obs, k, cdf, config, scale)
     padded = -(-length // KERNEL_BLOCK) * KERNEL_BLOCK
-    args = [_tiled(t, padded, True) for t in (q, k, v)] + [positions.unflatten(-1, (-1, KERNEL_BLOCK))]
+    args = [tiled(t, padded, True) for t in (q, k, v)] + [positions.unflatten(-1, (-1, KERNEL_BLOCK))]
     attend = length_generic(_packed_attention, (0, 2), (1, 2), (2, 2), (3, 2), (4, 0))
 
     row = {
