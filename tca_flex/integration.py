@@ -41,6 +41,9 @@ from .layer import TCALayer, attach, detach
 from .unpad import Unpadder
 
 logger = logging.getLogger(__name__)
+# Dynamo's name for every TCACache layer's count of tokens seen (a Python int that grows each
+# decode step), as a regex over source names such as ``L['kwargs']['cache'].layers[0]._seen``.
+TCA_LENGTH_SOURCE = r".*\.layers\[\d+\]\._seen$"
 
 ATTN_NAME = "tca"
 DEFAULT_KEEP_FRACTION = 0.25
@@ -421,11 +424,15 @@ def applied_kv_heads(model: torch.nn.Module) -> tuple[int, int]:
 def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
     """``torch.compile(model, **kwargs)`` for a model prepared by ``tca_flex.apply``.
 
-    Calling ``torch.compile`` yourself works too. This also raises dynamo's
-    recompile limit (``torch._dynamo.config.recompile_limit``) to at least 64
-    for the process, because a compiled whole model re-traces its decode step
-    each time a ``TCACache`` grows; that is the one process-wide setting
-    tca_flex changes, and only here, on request. The prefill itself compiles
+    Calling ``torch.compile`` yourself works too. This also changes two
+    process-wide settings, only here, on request, each with a log line: it
+    raises dynamo's recompile limit (``torch._dynamo.config.recompile_limit``)
+    to at least 64, because a compiled whole model re-traces its decode step
+    each time a ``TCACache`` grows; and it adds the cache layers' token count
+    (``TCA_LENGTH_SOURCE``) to ``torch.compiler.config.dynamic_sources``, so the
+    first decode step compiles a graph for every length. Without it dynamo
+    specialises the first step's length (transformers reads it as a Python int)
+    and compiles the step a second time at the next one. The prefill itself compiles
     once for all prompt lengths and needs no limit change. Pass
     ``TCACache(model, reserve_tokens=N)`` to ``generate`` so a generation of
     up to ``N`` tokens never changes buffer shapes, and keep ``use_cache=True``
@@ -441,4 +448,8 @@ def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
         if hasattr(cfg, name) and getattr(cfg, name) < MIN_RECOMPILE_LIMIT:
             logger.info("tca_flex.compile: raising torch._dynamo.config.%s to %d", name, MIN_RECOMPILE_LIMIT)
             setattr(cfg, name, MIN_RECOMPILE_LIMIT)
+    sources = torch.compiler.config.dynamic_sources
+    if TCA_LENGTH_SOURCE not in sources.split(","):
+        logger.info("tca_flex.compile: adding %s to torch.compiler.config.dynamic_sources", TCA_LENGTH_SOURCE)
+        torch.compiler.config.dynamic_sources = ",".join(filter(None, (sources, TCA_LENGTH_SOURCE)))
     return torch.compile(model, **kwargs)

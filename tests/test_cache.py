@@ -317,6 +317,35 @@ def test_compiled_decode_step_does_not_recompile():
         assert torch.equal(caches[0].layers[0].kept_positions(0, h), caches[1].layers[0].kept_positions(0, h))
 
 
+def test_tca_compile_compiles_the_decode_step_once():
+    """``tca_flex.compile``: the first decode step's graph serves every later length (the cache's
+    token count is a dynamic source), where plain ``torch.compile`` compiles the second step again."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)).eval()
+    tca_flex.apply(model, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=1))
+    eager_cache, cache = TCACache(model, reserve_tokens=64), TCACache(model, reserve_tokens=64)
+    x = ids(200, seed=5)
+    sources, limit = torch.compiler.config.dynamic_sources, torch._dynamo.config.recompile_limit
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            tok = model(x, **cache_kwargs(model, eager_cache)).logits[:, -1:].argmax(-1)
+            model(x, **cache_kwargs(model, cache))
+            step = tca_flex.compile(model, fullgraph=True, backend="aot_eager")
+            for i, pos in enumerate(range(200, 240)):  # passes the compression at 231
+                with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                    got = step(input_ids=tok, position_ids=torch.tensor([[pos]]), **cache_kwargs(model, cache))
+                want = model(input_ids=tok, position_ids=torch.tensor([[pos]]), **cache_kwargs(model, eager_cache))
+                torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+                tok = want.logits[:, -1:].argmax(-1)
+    finally:
+        torch.compiler.config.dynamic_sources = sources
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.reset()
+
+
 @torch.no_grad()
 def test_unsupported_uses_raise_clear_errors(tiny_llama):
     with pytest.raises(ValueError, match="not prepared by tca_flex.apply"):
