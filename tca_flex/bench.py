@@ -471,12 +471,17 @@ TPOT_VARIANTS = {"fused-graph": ("auto", False), "two-graph": ("math", True), "t
 
 
 def compiled_tpot(model, cache, length: int, device: torch.device, steps: int, backend: str) -> dict[str, Any]:
-    """``tpot`` of ``torch.compile(model, backend=backend)``, from a clean dynamo state: the
-    previous method's graphs (another cache, another attention) are dropped, so the warm-up's
-    compiles are this method's own."""
+    """``tpot`` of the model compiled as a user would, from a clean dynamo state: the previous
+    method's graphs (another cache, another attention) are dropped, so the warm-up's compiles are
+    this method's own. A model prepared by ``apply`` goes through ``tca_flex.compile`` (its decode
+    step compiles once), a dense one through ``torch.compile``; ``backend`` for both."""
+    from .integration import compile as tca_compile
+    from .integration import is_applied
+
     torch._dynamo.reset()
+    compile_fn = tca_compile if is_applied(model) else torch.compile
     try:
-        return tpot(model, cache, length, device, steps, step_fn=torch.compile(model, backend=backend))
+        return tpot(model, cache, length, device, steps, step_fn=compile_fn(model, backend=backend))
     finally:
         torch._dynamo.reset()
 
@@ -492,9 +497,10 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
     maskless SDPA (and transformers' ``StaticCache`` with ``static_baseline``), TCA over ``TCACache`` in
     each of ``variants`` (keys of ``TPOT_VARIANTS``). Rows carry ``layers`` and the KV bytes.
 
-    ``compile_tpot`` (a ``torch.compile`` backend, e.g. ``"inductor"``) adds the path users run,
-    ``torch.compile(model)`` after ``apply``, for dense and each budget (one graph, fused
-    compression), each replayed from a CUDA graph; ``capture_s`` holds its compile time."""
+    ``compile_tpot`` (a ``torch.compile`` backend, e.g. ``"inductor"``) adds the path users run:
+    ``torch.compile(model)`` for dense, ``tca_flex.compile(model)`` after ``apply`` for each budget
+    (one graph, fused compression), each replayed from a CUDA graph; ``capture_s`` holds its
+    compile time."""
     from transformers import DynamicCache
 
     from .cache import TCACache
