@@ -12,6 +12,7 @@ import tca_flex
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import tca_prefill_attention
 from tca_flex.hfcompat import cache_kwargs
+from tca_flex.integration import TCA_LENGTH_SOURCE
 
 from .conftest import tiny_llama_config
 from .oracles import ReferenceModel
@@ -180,9 +181,15 @@ def test_tca_flex_compile_wraps_torch_compile(tiny_llama):
     x = ids(300)
     tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, SPARSE))
     eager = tiny_llama(x).logits
-    compiled = tca_flex.compile(tiny_llama, backend="aot_eager")
-    assert torch._dynamo.config.recompile_limit >= 64
-    torch.testing.assert_close(compiled(x).logits, eager, atol=1e-4, rtol=1e-4)
+    sources, limit = torch.compiler.config.dynamic_sources, torch._dynamo.config.recompile_limit
+    try:
+        compiled = tca_flex.compile(tiny_llama, backend="aot_eager")
+        assert torch._dynamo.config.recompile_limit >= 64
+        assert TCA_LENGTH_SOURCE in torch.compiler.config.dynamic_sources.split(",")
+        torch.testing.assert_close(compiled(x).logits, eager, atol=1e-4, rtol=1e-4)
+    finally:  # process-wide settings: the rest of the suite runs with torch's own
+        torch.compiler.config.dynamic_sources = sources
+        torch._dynamo.config.recompile_limit = limit
 
 
 # The budgets' calibration config, and for each TCAConfig field a different valid value.
