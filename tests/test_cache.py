@@ -334,12 +334,15 @@ def test_tca_compile_compiles_the_decode_step_once():
             tok = model(x, **cache_kwargs(model, eager_cache)).logits[:, -1:].argmax(-1)
             model(x, **cache_kwargs(model, cache))
             step = tca_flex.compile(model, fullgraph=True, backend="aot_eager")
-            for i, pos in enumerate(range(200, 240)):  # passes the compression at 231
+            leaves = []
+            for i, pos in enumerate(range(200, 240)):
+                leaves.append(cache.block_leaves_next())
                 with torch._dynamo.config.patch(error_on_recompile=i > 0):
                     got = step(input_ids=tok, position_ids=torch.tensor([[pos]]), **cache_kwargs(model, cache))
                 want = model(input_ids=tok, position_ids=torch.tensor([[pos]]), **cache_kwargs(model, eager_cache))
                 torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
                 tok = want.logits[:, -1:].argmax(-1)
+        assert any(leaves[1:]), "no block was compressed in the compiled steps"
     finally:
         torch.compiler.config.dynamic_sources = sources
         torch._dynamo.config.recompile_limit = limit
