@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .compile import kernel_options_for, length_generic, with_lse
-from .masks import KERNEL_BLOCK, key_positions
+from .masks import KERNEL_BLOCK, key_positions, tiled
 
 
 def _first(flags: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,15 +94,6 @@ def _chunk_flex(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, table
                     kernel_options=kernel_options)
 
 
-def _pad_to_tiles(t: torch.Tensor, dim: int, value: float | bool = 0) -> torch.Tensor:
-    n = t.shape[dim]
-    padded = -(-n // KERNEL_BLOCK) * KERNEL_BLOCK
-    if padded != n:
-        pad = [0, 0] * (t.dim() - 1 - dim) + [0, padded - n]
-        t = torch.nn.functional.pad(t, pad, value=value)
-    return t.contiguous()
-
-
 def flex_chunk_attention(q_bhcd: torch.Tensor, k_bhmd: torch.Tensor, v_bhmd: torch.Tensor, live_bhm: torch.Tensor,
                          k_chunk: torch.Tensor, v_chunk: torch.Tensor, scale: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,11 +104,9 @@ def flex_chunk_attention(q_bhcd: torch.Tensor, k_bhmd: torch.Tensor, v_bhmd: tor
     (``CantSplit``, torch 2.11), and the graph then takes them as inputs.
     """
     c = q_bhcd.shape[2]
-    q = _pad_to_tiles(q_bhcd, 2)
-    live = _pad_to_tiles(live_bhm, 2, False)
-    k_new, v_new = _pad_to_tiles(k_chunk, 2), _pad_to_tiles(v_chunk, 2)
-    k_all = torch.cat([_pad_to_tiles(k_bhmd, 2), k_new], dim=2)
-    v_all = torch.cat([_pad_to_tiles(v_bhmd, 2), v_new], dim=2)
+    q, live = tiled(q_bhcd), tiled(live_bhm)  # live pads with False (zero)
+    k_all = torch.cat([tiled(k_bhmd), tiled(k_chunk)], dim=2)
+    v_all = torch.cat([tiled(v_bhmd), tiled(v_chunk)], dim=2)
     chunk = q.shape[2]
     indices = chunk_block_indices(live, chunk // KERNEL_BLOCK, q.shape[1] // k_all.shape[1])
     args = (q, k_all, v_all, key_positions(live, chunk), *indices)
@@ -125,9 +114,7 @@ def flex_chunk_attention(q_bhcd: torch.Tensor, k_bhmd: torch.Tensor, v_bhmd: tor
     # Compiled on CUDA (the cache's chunks use this there). Inductor's CPU FlexAttention has no
     # log-sum-exp (torch 2.13), so on the CPU this runs eagerly: only the tests call it there.
     if q_bhcd.is_cuda and not torch.compiler.is_compiling():
-        # A tile count of 1 (a chunk of <= 128 tokens) stays static: dynamo specialises sizes 0 and 1.
-        dims = [(i, d) for i, d in ((0, 2), (1, 2), (2, 2), (3, 0), (4, 2), (5, 2), (5, 3), (6, 2), (7, 2), (7, 3))
-                if args[i].shape[d] > 1]
-        attend = length_generic(_chunk_flex, *dims)
+        attend = length_generic(_chunk_flex, (0, 2), (1, 2), (2, 2), (3, 0), (4, 2), (5, 2), (5, 3), (6, 2), (7, 2),
+                                (7, 3))
     out, lse = attend(*args, scale, kernel_options_for(q_bhcd.device))
     return out[:, :, :c], lse[:, :, :c]

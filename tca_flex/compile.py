@@ -60,8 +60,9 @@ def length_generic(fn: Callable[..., Any], *dims: tuple[int, int]) -> Callable[.
 
     Each ``(argument index, dimension)`` in ``dims`` is marked dynamic before
     the call, so the first call compiles a graph for any size of those
-    dimensions and later sizes reuse it. Other shapes, dtypes and Python
-    arguments (the config's knobs) stay static: they do not change per request.
+    dimensions and later sizes reuse it (a size of 0 or 1 is left static: one
+    more graph for it). Other shapes, dtypes and Python arguments (the config's
+    knobs) stay static: they do not change per request.
     """
     compiled_fn = _length_generic.get(fn)
     if compiled_fn is None:
@@ -75,7 +76,9 @@ def length_generic(fn: Callable[..., Any], *dims: tuple[int, int]) -> Callable[.
         for index in {index for index, _ in dims}:
             args[index] = args[index].detach()
         for index, dim in dims:
-            torch._dynamo.mark_dynamic(args[index], dim)
+            # Dynamo specialises sizes 0 and 1 (a mark there is refused): e.g. a chunk of one tile.
+            if args[index].shape[dim] > 1:
+                torch._dynamo.mark_dynamic(args[index], dim)
         # One graph per static signature (batch size, heads, dtype, config), not per length;
         # a process that serves several models or configs (an evaluation, a test suite) can
         # pass dynamo's default 8 entries and would silently fall back to eager FlexAttention.

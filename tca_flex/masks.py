@@ -25,14 +25,17 @@ from torch.nn.attention.flex_attention import BlockMask
 KERNEL_BLOCK = 128
 
 
-def tiled(t: torch.Tensor, padded: int, split: bool) -> torch.Tensor:
-    """``t`` zero-padded along dim 2 to ``padded``, contiguous; split into tiles there if ``split``.
+def tiled(t: torch.Tensor, padded: int | None = None, split: bool = False) -> torch.Tensor:
+    """``t`` zero-padded along dim 2 to ``padded`` (default: the next whole tile), contiguous; split
+    into tiles there if ``split``.
 
     Contiguous always: the compiled graph guards on strides, and a model's
     transposed projections or a padded copy must not give two graphs. Split,
     a symbolic length is visibly a multiple of the tile, so FlexAttention's
     Triton kernel keeps its unmasked loads.
     """
+    if padded is None:
+        padded = -(-t.shape[2] // KERNEL_BLOCK) * KERNEL_BLOCK
     if t.shape[2] != padded:
         t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, padded - t.shape[2]))
     t = t.contiguous()

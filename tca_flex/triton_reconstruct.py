@@ -210,16 +210,13 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     q, k, v = (tiled(x, n, split) for x, n in ((query, lq_pad), (key, lk_pad), (value, lk_pad)))
     args = (q, k, v, torch.tensor(context, device=query.device),
             *offset_causal_block_indices(context, lq_pad, lk_pad, query.device))
-    if not query.is_cuda:  # Inductor's CPU FlexAttention has no log-sum-exp (torch 2.13): eager, the tests' path
-        attend, options = _offset_causal_flex, None
-    elif torch.compiler.is_compiling():  # inside an outer torch.compile: fuses into the caller's graph
-        attend, options = _offset_causal_flex, kernel_options_for(query.device)
-    else:
-        # Tile counts of 1 stay static: dynamo specialises sizes 0 and 1.
-        dims = [(i, d) for i, d in ((0, 2), (1, 2), (2, 2), (4, 2), (5, 2), (5, 3), (6, 2), (7, 2), (7, 3))
-                if args[i].shape[d] > 1]
-        attend, options = length_generic(_offset_causal_flex, *dims), kernel_options_for(query.device)
-    out, lse = attend(*args, scaling, options)
+    # Eager on the CPU (Inductor's CPU FlexAttention has no log-sum-exp, torch 2.13: the tests' path) and
+    # inside an outer torch.compile (it fuses into the caller's graph).
+    attend = _offset_causal_flex
+    if query.is_cuda and not torch.compiler.is_compiling():
+        attend = length_generic(_offset_causal_flex, (0, 2), (1, 2), (2, 2), (4, 2), (5, 2), (5, 3), (6, 2), (7, 2),
+                                (7, 3))
+    out, lse = attend(*args, scaling, kernel_options_for(query.device) if query.is_cuda else None)
     return out[:, :, :lq], lse[:, :, :lq]
 
 
