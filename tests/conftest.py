@@ -42,6 +42,16 @@ def tiny_llama():
     return model
 
 
+@pytest.fixture
+def tca_compile_settings():
+    """Puts back the two process-wide settings ``tca_flex.compile`` changes (docs/serving.md),
+    so the rest of the suite runs with torch's own."""
+    sources, limit = torch.compiler.config.dynamic_sources, torch._dynamo.config.recompile_limit
+    yield
+    torch.compiler.config.dynamic_sources = sources
+    torch._dynamo.config.recompile_limit = limit
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from tca_flex.models import load_smollm2

@@ -32,18 +32,12 @@ def test_smoke_benchmark_runs_and_checks_correctness():
     assert all(r["ms"] > 0 for r in result["rows"] if "ms" in r)
 
 
-def test_e2e_times_the_compiled_model_for_dense_and_each_budget():
+def test_e2e_times_the_compiled_model_for_dense_and_each_budget(tca_compile_settings):
     """``--compile-tpot``: dense decodes through ``torch.compile(model)``, every budget through
     ``tca_flex.compile(model)``; the keep fractions of ``--e2e-keep`` order the kept share."""
-    # tca_flex.compile changes two process-wide settings (docs/serving.md): put them back after.
-    sources, limit = torch.compiler.config.dynamic_sources, torch._dynamo.config.recompile_limit
-    try:
-        result = bench.main(["--smoke", "--phases", "e2e", "--e2e-layers", "1", "--no-e2e-static", "--compile-tpot",
-                             "aot_eager", "--tpot-variants", "fused-graph", "--e2e-keep", "0.4", "0.1"])
-        assert TCA_LENGTH_SOURCE in torch.compiler.config.dynamic_sources
-    finally:
-        torch.compiler.config.dynamic_sources = sources
-        torch._dynamo.config.recompile_limit = limit
+    result = bench.main(["--smoke", "--phases", "e2e", "--e2e-layers", "1", "--no-e2e-static", "--compile-tpot",
+                         "aot_eager", "--tpot-variants", "fused-graph", "--e2e-keep", "0.4", "0.1"])
+    assert TCA_LENGTH_SOURCE in torch.compiler.config.dynamic_sources
     rows = {r["method"]: r for r in result["rows"] if r["phase"] == "tpot"}
     assert set(rows) == {"dense_tpot", "dense_tpot compiled"} | {
         f"tca_{p}%+w TCACache fused-graph{c}" for p in (40, 10) for c in ("", " compiled")}

@@ -172,7 +172,7 @@ def test_static_cache_decode_matches_sdpa(tiny_llama):
 
 
 @torch.no_grad()
-def test_tca_flex_compile_wraps_torch_compile(tiny_llama):
+def test_tca_flex_compile_wraps_torch_compile(tiny_llama, tca_compile_settings):
     from tca_flex.compile import compiled_flex_attention  # the module stays importable beside the function
 
     assert callable(compiled_flex_attention)
@@ -181,15 +181,10 @@ def test_tca_flex_compile_wraps_torch_compile(tiny_llama):
     x = ids(300)
     tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, SPARSE))
     eager = tiny_llama(x).logits
-    sources, limit = torch.compiler.config.dynamic_sources, torch._dynamo.config.recompile_limit
-    try:
-        compiled = tca_flex.compile(tiny_llama, backend="aot_eager")
-        assert torch._dynamo.config.recompile_limit >= 64
-        assert TCA_LENGTH_SOURCE in torch.compiler.config.dynamic_sources.split(",")
-        torch.testing.assert_close(compiled(x).logits, eager, atol=1e-4, rtol=1e-4)
-    finally:  # process-wide settings: the rest of the suite runs with torch's own
-        torch.compiler.config.dynamic_sources = sources
-        torch._dynamo.config.recompile_limit = limit
+    compiled = tca_flex.compile(tiny_llama, backend="aot_eager")
+    assert torch._dynamo.config.recompile_limit >= 64
+    assert TCA_LENGTH_SOURCE in torch.compiler.config.dynamic_sources.split(",")
+    torch.testing.assert_close(compiled(x).logits, eager, atol=1e-4, rtol=1e-4)
 
 
 # The budgets' calibration config, and for each TCAConfig field a different valid value.
