@@ -10,7 +10,7 @@ tile in float32 and copies K/V ``g`` times; at LLaMA-8B shapes and 32K it took
 Why two passes and not one fused kernel: a probability needs its query's
 log-sum-exp over *all* the keys that query sees (the pass's own keys too),
 which a flash-style forward knows only after its row is done. So the forward
-that the model needs anyway returns it (``return_lse``), and a second kernel
+that the model needs anyway returns it (``compile.with_lse``), and a second kernel
 recomputes ``q . k`` over the context keys alone and normalises with it: the
 extra work is one ``Lq x context`` product, no exponential is stored
 (BENCHMARKS.md: 18x faster than the eager form at 32K).
