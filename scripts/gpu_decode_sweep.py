@@ -1,19 +1,23 @@
 """Tune the Triton decode kernel on the GPU, then run the benchmark with the best setting.
 
-    PYTHONPATH=. python scripts/gpu_decode_sweep.py [bench args...]
+    PYTHONPATH=. python scripts/gpu_decode_sweep.py [--sweep-lengths N ...] [--schedules ...]
+        [--wide] [bench args...]
 
-Times ``triton_decode.launch`` over a 128K-token TCACache layer (LLaMA-3.1-8B
-attention shapes, ~39% kept, heads keeping very different amounts; the live
-lengths passed as the decode step passes them) for each setting of each
-schedule: "split" over (block, programs, warps, stages), "balanced" over
-(programs, block, warps, stages). Checks every setting against the "math"
-backend, prints one line each, sets the module defaults (schedule
-included) to the fastest and runs ``tca_flex.bench`` with the remaining
-arguments.
+Times ``triton_decode.launch`` over a TCACache layer of each of
+``--sweep-lengths`` tokens (default 128K; LLaMA-3.1-8B attention shapes, ~39%
+kept, heads keeping very different amounts; the live lengths passed as the
+decode step passes them) for each setting of each schedule: "split" over
+(block, programs, warps, stages), "balanced" and "blocks" over (programs,
+block, warps, stages); ``--wide`` adds 32-slot blocks, 4 stages, 2 warps, more program
+counts and the combine kernel's chunk. Checks every setting against the
+"math" backend, prints one line each, sets the module defaults (schedule
+included) to the fastest at the last length and runs ``tca_flex.bench`` with
+the remaining arguments.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 
@@ -28,6 +32,12 @@ from tca_flex.decode import decode_attention
 BALANCED_PROGRAMS = (132, 264, 396, 528)
 SPLIT_PROGRAMS = (256, 512)
 TILES = list(itertools.product((64, 128), (4, 8), (2, 3)))  # block, warps, stages
+# --wide: where the 2026-12-03 sweep's best settings sat (3 programs per SM of 64-slot blocks, or
+# one per SM of 128-slot blocks, 2-3 stages), the neighbours it did not try.
+WIDE_PROGRAMS = (132, 198, 264, 396, 528, 660)
+WIDE_TILES = [(32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 2, 3), (64, 2, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4),
+              (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3)]
+COMBINE_CHUNKS = (16, 32, 64)
 
 
 def settings(schedule: str, programs: tuple[int, ...], tiles: list[tuple[int, int, int]]) -> list[dict]:
@@ -36,7 +46,8 @@ def settings(schedule: str, programs: tuple[int, ...], tiles: list[tuple[int, in
 
 
 @torch.no_grad()
-def sweep(length: int = 131072, target: float = 0.39) -> dict:
+def sweep(length: int = 131072, target: float = 0.39, schedules: tuple[str, ...] = triton_decode.SCHEDULES,
+          wide: bool = False) -> dict:
     device, dtype = torch.device("cuda"), torch.bfloat16
     hq, hkv, d = 32, 8, 128
     config = TCAConfig(block_size=128, window=4096)
@@ -67,13 +78,24 @@ def sweep(length: int = 131072, target: float = 0.39) -> dict:
         timed = [r for r in map(run, candidates) if r is not None]
         return sorted(timed, key=lambda r: r[0])
 
-    split = fastest(settings("split", SPLIT_PROGRAMS, TILES))
-    balanced = fastest(settings("balanced", BALANCED_PROGRAMS, TILES))
-    for name, ranked in (("split", split), ("balanced", balanced)):
-        if ranked:
-            print(f"best {name:<8}: {ranked[0][0]:.1f} us  {ranked[0][1]}")
-    us, best = min((ranked[0] for ranked in (split, balanced) if ranked), key=lambda r: r[0])
-    print(f"\nbest: {us:.1f} us  {best}")
+    print(f"\n{length} tokens, {target:.0%} kept", flush=True)
+    grid = WIDE_PROGRAMS if wide else BALANCED_PROGRAMS  # "balanced" and "blocks" launch a fixed grid
+    ranked = {name: fastest(settings(name, SPLIT_PROGRAMS if name == "split" else grid, WIDE_TILES if wide else TILES))
+              for name in schedules}
+    for name, timed in ranked.items():
+        if timed:
+            print(f"best {name:<8} at {length}: {timed[0][0]:.1f} us  {timed[0][1]}")
+    us, best = min((timed[0] for timed in ranked.values() if timed), key=lambda r: r[0])
+    if wide:  # the merge's chunk, for the fastest setting (a module constant, as the bench reads it)
+        default = triton_decode.COMBINE_CHUNK
+        for chunk in COMBINE_CHUNKS:
+            triton_decode.COMBINE_CHUNK = chunk
+            timed = run({key: value for key, value in best.items() if key != "chunk"})
+            print(f"  combine chunk {chunk}: {timed[0] if timed else float('nan'):.1f} us", flush=True)
+            if timed and timed[0] < us:
+                us, best = timed[0], {**best, "chunk": chunk}
+        triton_decode.COMBINE_CHUNK = default
+    print(f"best at {length}: {us:.1f} us  {best}", flush=True)
     return best
 
 
@@ -81,6 +103,7 @@ def set_defaults(best: dict) -> None:
     triton_decode.SCHEDULE = best["schedule"]
     triton_decode.BLOCK_N, triton_decode.NUM_WARPS = best["block"], best["num_warps"]
     triton_decode.NUM_STAGES = best["num_stages"]
+    triton_decode.COMBINE_CHUNK = best.get("chunk", triton_decode.COMBINE_CHUNK)
     if best["schedule"] == "split":
         triton_decode.TARGET_PROGRAMS = best["programs"]
     else:
@@ -88,5 +111,14 @@ def set_defaults(best: dict) -> None:
 
 
 if __name__ == "__main__":
-    set_defaults(sweep())
-    bench.main(sys.argv[1:])
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--sweep-lengths", type=int, nargs="+", default=[131072])
+    parser.add_argument("--schedules", nargs="+", choices=triton_decode.SCHEDULES,
+                        default=list(triton_decode.SCHEDULES))
+    parser.add_argument("--wide", action="store_true")
+    ours, rest = parser.parse_known_args(sys.argv[1:])
+    bests = [sweep(n, schedules=tuple(ours.schedules), wide=ours.wide) for n in ours.sweep_lengths]
+    for n, best in zip(ours.sweep_lengths, bests, strict=True):
+        print(f"sweep best at {n}: {best}")
+    set_defaults(bests[-1])
+    bench.main(rest)

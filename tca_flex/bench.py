@@ -470,18 +470,20 @@ TPOT_VARIANTS = {"fused-graph": ("auto", False), "two-graph": ("math", True), "t
                  "math-graph": ("math", False)}
 
 
-def compiled_tpot(model, cache, length: int, device: torch.device, steps: int, backend: str) -> dict[str, Any]:
+def compiled_tpot(model, cache, length: int, device: torch.device, steps: int, backend: str,
+                  two_graphs: bool = False) -> dict[str, Any]:
     """``tpot`` of the model compiled as a user would, from a clean dynamo state: the previous
     method's graphs (another cache, another attention) are dropped, so the warm-up's compiles are
     this method's own. A model prepared by ``apply`` goes through ``tca_flex.compile`` (its decode
-    step compiles once), a dense one through ``torch.compile``; ``backend`` for both."""
+    step compiles once per captured variant), a dense one through ``torch.compile``; ``backend``
+    for both."""
     from .integration import compile as tca_compile
     from .integration import is_applied
 
     torch._dynamo.reset()
     compile_fn = tca_compile if is_applied(model) else torch.compile
     try:
-        return tpot(model, cache, length, device, steps, step_fn=compile_fn(model, backend=backend))
+        return tpot(model, cache, length, device, steps, two_graphs, step_fn=compile_fn(model, backend=backend))
     finally:
         torch._dynamo.reset()
 
@@ -490,7 +492,8 @@ def compiled_tpot(model, cache, length: int, device: torch.device, steps: int, b
 def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float]], window: int, device, dtype,
              smoke: bool, compile_model: bool = False, static_baseline: bool = True, ttft_reps: int = 3,
              tpot_steps: int | None = None, variants: tuple[str, ...] = tuple(TPOT_VARIANTS),
-             compile_tpot: str | None = None) -> list[dict[str, Any]]:
+             compile_tpot: str | None = None,
+             compiled_variants: tuple[str, ...] = ("fused-graph",)) -> list[dict[str, Any]]:
     """A LLaMA-3.1-8B-shaped model (random weights, ``num_layers`` layers), dense vs TCA: time to first
     token (dense: cuDNN causal SDPA), and time per output token over ``tpot_steps`` steps (default one
     block: exactly one compression) replayed from CUDA graphs: dense over a preallocated cache with
@@ -499,7 +502,7 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
 
     ``compile_tpot`` (a ``torch.compile`` backend, e.g. ``"inductor"``) adds the path users run:
     ``torch.compile(model)`` for dense, ``tca_flex.compile(model)`` after ``apply`` for each budget
-    (one graph, fused compression), each replayed from a CUDA graph; ``capture_s`` holds its
+    in each of ``compiled_variants``, each replayed from CUDA graphs; ``capture_s`` holds its
     compile time."""
     from transformers import DynamicCache
 
@@ -553,16 +556,18 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
         for label, keep in budgets:
             apply(model, budgets=HeadBudgets.uniform(num_layers, hkv, keep, config))
             # Room for every variant's warm-up and replays (a replay cannot grow the cache).
-            cache = TCACache(model, reserve_tokens=(len(variants) + bool(compile_tpot)) * (steps + 8))
+            timed_variants = len(variants) + (len(compiled_variants) if compile_tpot else 0)
+            cache = TCACache(model, reserve_tokens=timed_variants * (steps + 8))
             model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
             add("ttft", length, label, timed(forward, device, warmup=0, reps=ttft_reps))
             report = cache.memory_report().total
             runs = [(variant, *TPOT_VARIANTS[variant], None) for variant in variants]
-            runs += [("fused-graph compiled", "auto", False, compile_tpot)] if compile_tpot else []
+            runs += [(f"{variant} compiled", *TPOT_VARIANTS[variant], compile_tpot)
+                     for variant in (compiled_variants if compile_tpot else ())]
             for variant, kernel, two_graphs, backend in runs:
                 cache.set_compression(kernel)
                 try:
-                    timing = (compiled_tpot(model, cache, length, device, steps, backend) if backend
+                    timing = (compiled_tpot(model, cache, length, device, steps, backend, two_graphs) if backend
                               else tpot(model, cache, length, device, steps, two_graphs))
                 except Exception as err:  # recorded, not fatal: the other rows still stand
                     timing = {"ms": float("nan"), "error": repr(err)[-1500:]}
@@ -669,6 +674,8 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                         help="e2e: uniform keep fractions of the global region (each row keeps that + the window)")
     parser.add_argument("--tpot-variants", nargs="+", choices=list(TPOT_VARIANTS), default=list(TPOT_VARIANTS),
                         help="e2e: the TCACache decode variants timed")
+    parser.add_argument("--compiled-variants", nargs="+", choices=list(TPOT_VARIANTS), default=["fused-graph"],
+                        help="e2e with --compile-tpot: the TCACache decode variants timed compiled")
     parser.add_argument("--compile-tpot", default=None, metavar="BACKEND",
                         help="e2e: also time TPOT of torch.compile(model, backend=BACKEND) (e.g. inductor), "
                              "dense and TCA, compile time recorded")
@@ -744,7 +751,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
             measured(e2e_rows([length], args.e2e_layers, e2e_budgets, window, device, dtype, args.smoke,
                               args.compile_model, static_baseline=args.e2e_static, ttft_reps=args.ttft_reps,
                               tpot_steps=args.tpot_steps, variants=tuple(args.tpot_variants),
-                              compile_tpot=args.compile_tpot))
+                              compile_tpot=args.compile_tpot, compiled_variants=tuple(args.compiled_variants)))
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -98,10 +98,12 @@ def captured_decode(step: Callable[[int], Any], cache: Any, warmup: int = 3,
 
     ``step(i)`` runs decode step ``i``. Steps ``0 .. warmup - 1`` run eagerly on a side stream with
     the compression on (it decides on the device, so it is safe on every step), which loads every
-    kernel before a capture, which must not load modules; then step ``warmup`` is captured once per
-    variant (the graphs share one memory pool). A ``TCACache``'s host counters advance per eager
-    step here and must be advanced per replay by the caller (``cache.replayed()``); a dense cache
-    takes no part."""
+    kernel before a capture, which must not load modules. With a ``False`` variant one more eager
+    step runs without the compression (after a compressing one if a block leaves then): a compiled
+    step compiles once per variant (``assume_leaves`` is a guard), and a capture must not compile.
+    Then the next step is captured once per variant (the graphs share one memory pool). A
+    ``TCACache``'s host counters advance per eager step here and must be advanced per replay by the
+    caller (``cache.replayed()``); a dense cache takes no part."""
     from .cache import TCACache
 
     tca = isinstance(cache, TCACache)
@@ -109,19 +111,30 @@ def captured_decode(step: Callable[[int], Any], cache: Any, warmup: int = 3,
     def captured(compress: bool | None):
         return cache.graph_capture(compress) if tca else contextlib.nullcontext()
 
+    done = 0
+
+    def eager(compress: bool) -> None:
+        nonlocal done
+        with captured(compress):
+            step(done)
+        done += 1
+        if tca:
+            cache.replayed()
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for i in range(warmup):
-            with captured(True):
-                step(i)
-            if tca:
-                cache.replayed()
+        for _ in range(warmup):
+            eager(True)
+        if tca and False in variants:
+            if cache.block_leaves_next():
+                eager(True)
+            eager(False)
     torch.cuda.current_stream().wait_stream(stream)
     graphs, pool = {}, None
     for compress in variants:
         graph = torch.cuda.CUDAGraph()
         with captured(compress), torch.cuda.graph(graph, pool=pool):
-            step(warmup)
+            step(done)
         graphs[compress], pool = graph, graph.pool()
     return graphs

@@ -34,13 +34,18 @@ def test_smoke_benchmark_runs_and_checks_correctness():
 
 def test_e2e_times_the_compiled_model_for_dense_and_each_budget(tca_compile_settings):
     """``--compile-tpot``: dense decodes through ``torch.compile(model)``, every budget through
-    ``tca_flex.compile(model)``; the keep fractions of ``--e2e-keep`` order the kept share."""
+    ``tca_flex.compile(model)`` in each of ``--compiled-variants``; the keep fractions of
+    ``--e2e-keep`` order the kept share."""
     result = bench.main(["--smoke", "--phases", "e2e", "--e2e-layers", "1", "--no-e2e-static", "--compile-tpot",
-                         "aot_eager", "--tpot-variants", "fused-graph", "--e2e-keep", "0.4", "0.1"])
+                         "aot_eager", "--tpot-variants", "fused-graph", "--compiled-variants", "fused-graph",
+                         "two-graph+fused", "--e2e-keep", "0.4", "0.1"])
     assert TCA_LENGTH_SOURCE in torch.compiler.config.dynamic_sources
     rows = {r["method"]: r for r in result["rows"] if r["phase"] == "tpot"}
     assert set(rows) == {"dense_tpot", "dense_tpot compiled"} | {
-        f"tca_{p}%+w TCACache fused-graph{c}" for p in (40, 10) for c in ("", " compiled")}
+        f"tca_{p}%+w TCACache {v}" for p in (40, 10)
+        for v in ("fused-graph", "fused-graph compiled", "two-graph+fused compiled")}
+    assert [rows[f"tca_40%+w TCACache {v} compiled"]["two_graphs"] for v in ("fused-graph", "two-graph+fused")] == [
+        False, True]
     assert not any("error" in r for r in rows.values())
     assert rows["dense_tpot compiled"]["backend"] == "aot_eager"
     kept = {p: rows[f"tca_{p}%+w TCACache fused-graph compiled"]["kept_fraction"] for p in (40, 10)}
