@@ -7,8 +7,8 @@ Times ``triton_decode.launch`` over a TCACache layer of each of
 ``--sweep-lengths`` tokens (default 128K; LLaMA-3.1-8B attention shapes, ~39%
 kept, heads keeping very different amounts; the live lengths passed as the
 decode step passes them) for each setting of each schedule: "split" over
-(block, programs, warps, stages), "balanced" and "blocks" over (programs,
-block, warps, stages); ``--wide`` adds 32-slot blocks, 4 stages, 2 warps, more program
+(block, programs, warps, stages), "balanced" over (programs, block,
+warps, stages); ``--wide`` adds 32-slot blocks, 4 stages, 2 warps, more program
 counts and the combine kernel's chunk. Checks every setting against the
 "math" backend, prints one line each, sets the module defaults (schedule
 included) to the fastest at the last length and runs ``tca_flex.bench`` with
@@ -79,7 +79,7 @@ def sweep(length: int = 131072, target: float = 0.39, schedules: tuple[str, ...]
         return sorted(timed, key=lambda r: r[0])
 
     print(f"\n{length} tokens, {target:.0%} kept", flush=True)
-    grid = WIDE_PROGRAMS if wide else BALANCED_PROGRAMS  # "balanced" and "blocks" launch a fixed grid
+    grid = WIDE_PROGRAMS if wide else BALANCED_PROGRAMS  # "balanced" launches a fixed grid
     ranked = {name: fastest(settings(name, SPLIT_PROGRAMS if name == "split" else grid, WIDE_TILES if wide else TILES))
               for name in schedules}
     for name, timed in ranked.items():

@@ -45,66 +45,54 @@ import triton.language as tl
 # and the live lengths read on the device, "balanced" with 396 programs (three per SM of 132) of
 # 64-slot blocks, 4 warps, 2 stages took 62.7 us; the best "split" setting 67.7 us (512 programs),
 # "fused" 87 us (balanced with the merge done in the same kernel by the program that completes a
-# segment, since removed: its serialised merge costs more than the second launch it saves). With
-# "split", more programs only got slower (2026-12-02: 1024 programs 83-95 us, 2048 106-139 us):
+# segment, since removed: its serialised merge costs more than the second launch it saves).
+# With "split", more programs only got slower (2026-12-02: 1024 programs 83-95 us, 2048 106-139 us):
 # per-program partials and a longer combine, and programs of short heads that exit at once.
+# "blocks" (2026-12-04, commit 91f6a4d, since removed): balanced as one pipelined loop over whole
+# blocks across segments and live runs: 65.9 us against 63.0 (26.6 against 24.8 at 32K).
 BLOCK_N = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
 NUM_STAGES = 2
 COMBINE_CHUNK = 32
-SCHEDULES = ("split", "balanced", "blocks")
+SCHEDULES = ("split", "balanced")
 SCHEDULE = "balanced"
 BALANCED_PROGRAMS = 396
-
-
-@triton.jit
-def _attend_block(q, m_i, l_i, acc, k_row, v_row, own_row, slot, inside, h, stride_ks, stride_vs, scale,
-                  D: tl.constexpr, IEEE: tl.constexpr):
-    """Online-softmax update of (m, l, acc) over one block of int64 ``slot``s (those ``inside``)."""
-    d = tl.arange(0, D)
-    # Free slots (ring not yet filled, freed by a compression) are -1 and masked out
-    # of the scores; K/V loads do not wait on ``owner`` so they can be pipelined.
-    live = tl.load(own_row + slot, mask=inside, other=-1) == h
-    k = tl.load(k_row + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
-    # float32 caches get full-precision dots (Triton would use TF32 on the GPU).
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, tl.trans(k)) * scale
-    s = tl.where(live[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A split with no live slot so far keeps m = -inf; shift by 0 there to avoid inf - inf.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - shift)
-    p = tl.exp(s - shift[:, None])
-    v = tl.load(v_row + slot[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
 def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h, stride_ks, stride_vs, scale,
                    D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax update of (m, l, acc) over segment offsets ``[lo, hi)``."""
+    d = tl.arange(0, D)
     for n0 in range(lo, hi, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
         # int64: slot * stride passes 2**31 elements at large batch x long context.
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_row, v_row, own_row, (seg_start + n).to(tl.int64),
-                                      n < hi, h, stride_ks, stride_vs, scale, D, IEEE)
+        slot = (seg_start + n).to(tl.int64)
+        inside = n < hi
+        # Free slots (ring not yet filled, freed by a compression) are -1 and masked out
+        # of the scores; K/V loads do not wait on ``owner`` so they can be pipelined.
+        live = tl.load(own_row + slot, mask=inside, other=-1) == h
+        k = tl.load(k_row + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
+        # float32 caches get full-precision dots (Triton would use TF32 on the GPU).
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A split with no live slot so far keeps m = -inf; shift by 0 there to avoid inf - inf.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - shift)
+        p = tl.exp(s - shift[:, None])
+        v = tl.load(v_row + slot[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
     return m_i, l_i, acc
-
-
-@triton.jit
-def _load_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):
-    """The ``G`` query rows of KV head ``h`` of row ``b``, padded to ``G_PAD`` rows (``tl.dot``'s minimum)."""
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D)
-    return tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=g[:, None] < G,
-                   other=0.0)
 
 
 @triton.jit
@@ -115,7 +103,10 @@ def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo0, hi0, lo1, h
     ``[lo0, hi0)`` and ``[lo1, hi1)``."""
     b = bh // HKV
     h = bh % HKV
-    q = _load_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                mask=g[:, None] < G, other=0.0)
     k_row = k_ptr + b.to(tl.int64) * stride_kb
     v_row = v_ptr + b.to(tl.int64) * stride_vb
     own_row = owner_ptr + b.to(tl.int64) * stride_ownb
@@ -130,12 +121,12 @@ def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo0, hi0, lo1, h
 
 @triton.jit
 def _store_partial(o_ptr, m_ptr, l_ptr, entry, m_i, l_i, acc, G: tl.constexpr, G_PAD: tl.constexpr,
-                   D: tl.constexpr, keep=True):
+                   D: tl.constexpr):
     # Only the G real query rows go out: the partials are a few percent of the K/V bytes.
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
     row = entry * G + g
-    real = g < tl.where(keep, G, 0)  # not (g < G) & keep: Triton's interpreter rejects that mask
+    real = g < G
     tl.store(m_ptr + row, m_i, mask=real)
     tl.store(l_ptr + row, l_i, mask=real)
     tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=real[:, None])
@@ -199,9 +190,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
     else:
         lo0, hi0, lo1, hi1 = lo, hi, hi, hi
     m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, tl.load(start_ptr + bh), bh, lo0, hi0, lo1, hi1,
-                                 stride_qb,
-                                 stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV, G,
-                                 G_PAD, D, BLOCK, IEEE)
+                                 stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale,
+                                 HKV, G, G_PAD, D, BLOCK, IEEE)
     _store_partial(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS + split, m_i, l_i, acc, G, G_PAD, D)
 
 
@@ -216,23 +206,6 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_o
 
 
 @triton.jit
-def _live_counts(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring, NSEG, HKV: tl.constexpr,
-                 NSEG_PAD: tl.constexpr, LIVE: tl.constexpr):
-    """Over segments ``[NSEG_PAD]``: the ring fill (the live run at offset 0; the whole segment when
-    not LIVE) and the live length (0 for the padding segments)."""
-    seg = tl.arange(0, NSEG_PAD)
-    real = seg < NSEG
-    length = tl.load(length_ptr + seg, mask=real, other=0)
-    if LIVE:
-        # The same live runs as ``_split_kernel`` reads, bounded by the segment.
-        base = tl.load(base_ptr + (seg // HKV) * stride_base, mask=real, other=0)
-        fill = tl.minimum(tl.maximum(tl.load(next_pos_ptr) - base, 0), ring).to(tl.int32)
-        packed = tl.minimum(tl.load(var_len_ptr + seg, mask=real, other=0).to(tl.int32), length - ring)
-        return fill, tl.where(real, fill + packed, 0)
-    return length, length
-
-
-@triton.jit
 def _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring, NSEG, P,
                    HKV: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, LIVE: tl.constexpr):
     """Where each segment's live slots lie in the stream of all of them, segment after segment.
@@ -244,10 +217,18 @@ def _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base,
     whole blocks. Slot counts are int32: all rows' live slots together stay below 2**31
     (their K and V alone would take 1 TiB at D = 128).
     """
-    fill, n = _live_counts(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring, NSEG, HKV, NSEG_PAD,
-                           LIVE)
     seg = tl.arange(0, NSEG_PAD)
     real = seg < NSEG
+    length = tl.load(length_ptr + seg, mask=real, other=0)
+    if LIVE:
+        # The same live runs as ``_split_kernel`` reads, bounded by the segment.
+        base = tl.load(base_ptr + (seg // HKV) * stride_base, mask=real, other=0)
+        fill = tl.minimum(tl.maximum(tl.load(next_pos_ptr) - base, 0), ring).to(tl.int32)
+        packed = tl.minimum(tl.load(var_len_ptr + seg, mask=real, other=0).to(tl.int32), length - ring)
+        n = tl.where(real, fill + packed, 0)
+    else:
+        fill = length
+        n = length
     begin = tl.cumsum(n, 0) - n
     share = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), P), BLOCK) * BLOCK, BLOCK)
     first = tl.where(real, tl.minimum(begin // share, P - 1), P)  # padding segments: no program
@@ -272,7 +253,7 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
                                                         stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
     seg = tl.arange(0, NSEG_PAD)
     # Loaded with the layout, not per segment: the first K/V loads wait on one round trip fewer
-    # (no gain above noise on the H200: BENCHMARKS.md, 2026-12-03, late).
+    # (no gain above noise on the H200: BENCHMARKS.md, 2026-12-04).
     starts = tl.load(start_ptr + seg, mask=seg < NSEG, other=0)
     mine = (first <= pid) & (pid <= last)
     share_lo = pid * share
@@ -294,85 +275,14 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
 
 
 @triton.jit
-def _block_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring, NSEG, P,
-                  HKV: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, LIVE: tl.constexpr):
-    """The "blocks" schedule's layout: each segment's live slots in whole blocks, the segments' blocks
-    end to end, an equal run of blocks per program.
-
-    Over segments ``[NSEG_PAD]``: the ring fill, the live length, the segment's first block in the
-    stream, its block count, and the first and last program whose run meets it (none, ``first >
-    last``, for a segment with no live slot: the merge writes its empty result); then the blocks per
-    program.
-    """
-    fill, n = _live_counts(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring, NSEG, HKV, NSEG_PAD,
-                           LIVE)
-    blocks = tl.cdiv(n, BLOCK)
-    begin = tl.cumsum(blocks, 0) - blocks
-    per = tl.maximum(tl.cdiv(tl.sum(blocks, 0), P), 1)
-    first = tl.where(blocks > 0, begin // per, P)
-    last = tl.where(blocks > 0, (begin + blocks - 1) // per, P - 1)
-    return fill, n, begin, blocks, first, last, per
-
-
-@triton.jit
-def _blocks_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
-                   o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
-                   stride_ownb, stride_base, scale, ring, NSEG, P, HKV: tl.constexpr, G: tl.constexpr,
-                   G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                   LIVE: tl.constexpr, IEEE: tl.constexpr):
-    """One loop over the program's run of blocks, whatever segments and live runs they come from, so
-    the loads stay pipelined across a segment's change (the balanced kernel starts a loop per live
-    run of each segment it meets, and the slowest program of its one wave sets the kernel's time)."""
-    pid = tl.program_id(0)
-    fill, n, begin, blocks, _, _, per = _block_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base,
-                                                      ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
-    seg = tl.arange(0, NSEG_PAD)
-    starts = tl.load(start_ptr + seg, mask=seg < NSEG, other=0)
-    end = begin + blocks
-    j0 = pid * per
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    cur = pid * 0 - 1
-    for j in range(j0, tl.minimum(j0 + per, tl.sum(blocks, 0))):
-        # The block's segment: the first whose blocks end after it (padding segments end at the total).
-        bh = tl.sum((end <= j).to(tl.int32), 0)
-        at = seg == bh
-        # A new segment: the previous one's partial goes out (entry program + segment, unique as in
-        # the balanced kernel) and the running state restarts.
-        new = bh != cur
-        _store_partial(o_ptr, m_ptr, l_ptr, pid + cur, m_i, l_i, acc, G, G_PAD, D, new & (cur >= 0))
-        m_i = tl.where(new, float("-inf"), m_i)
-        l_i = tl.where(new, 0.0, l_i)
-        acc = tl.where(new, 0.0, acc)
-        cur = bh
-        b = bh // HKV
-        h = bh % HKV
-        q = _load_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
-        # Live offset -> slot: the ring fill at 0, then the packed run at ``ring``.
-        o = (j - _pick(begin, at)) * BLOCK + tl.arange(0, BLOCK)
-        seg_fill = _pick(fill, at)
-        slot = (_pick(starts, at) + tl.where(o < seg_fill, o, ring + o - seg_fill)).to(tl.int64)
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr + b.to(tl.int64) * stride_kb,
-                                      v_ptr + b.to(tl.int64) * stride_vb, owner_ptr + b.to(tl.int64) * stride_ownb,
-                                      slot, o < _pick(n, at), h, stride_ks, stride_vs, scale, D, IEEE)
-    _store_partial(o_ptr, m_ptr, l_ptr, pid + cur, m_i, l_i, acc, G, G_PAD, D, cur >= 0)
-
-
-@triton.jit
 def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                              stride_base, stride_outb, stride_outh, ring, NSEG, P, HKV: tl.constexpr,
                              G: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                             CHUNK: tl.constexpr, LIVE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr):
-    """Merges each segment's partials, for the "balanced" or (``WHOLE_BLOCKS``) the "blocks" layout."""
+                             CHUNK: tl.constexpr, LIVE: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
-    if WHOLE_BLOCKS:
-        _, _, _, _, first, last, _ = _block_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base,
-                                                   ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
-    else:
-        _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
-                                                 NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
+    _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
+                                             NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
     at = tl.arange(0, NSEG_PAD) == bh
     seg_first = _pick(first, at)
     m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi, G,
@@ -411,16 +321,16 @@ def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, t
                                        CHUNK=COMBINE_CHUNK)
 
 
-def _launch_balanced(attend: dict, output: dict, segments: int, programs: int, whole_blocks: bool) -> None:
+def _launch_balanced(attend: dict, output: dict, segments: int, programs: int) -> None:
     group = attend["G"]
     # Entries program + segment: at most programs + segments - 1 (see _balanced_kernel).
     parts = _partials(programs + segments - 1, group, attend["D"], attend["q_ptr"].device)
     stream = dict(NSEG=segments, P=programs, NSEG_PAD=triton.next_power_of_2(segments))
-    (_blocks_kernel if whole_blocks else _balanced_kernel)[(programs,)](**attend, **parts, **stream)
+    _balanced_kernel[(programs,)](**attend, **parts, **stream)
     layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
                                               "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
     _balanced_combine_kernel[(segments, group)](**parts, **output, **layout, **stream, G=group, D=attend["D"],
-                                                CHUNK=COMBINE_CHUNK, WHOLE_BLOCKS=whole_blocks)
+                                                CHUNK=COMBINE_CHUNK)
 
 
 def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
@@ -482,5 +392,5 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
         # interpreter, which runs programs one by one, a small cache would pay for all 396).
         slots = total_slots if total_slots is not None else max_segment * bsz * hkv
         programs = min(programs or BALANCED_PROGRAMS, max(1, -(-slots // attend["BLOCK"])))
-        _launch_balanced(attend, output, bsz * hkv, programs, schedule == "blocks")
+        _launch_balanced(attend, output, bsz * hkv, programs)
     return out, lse
