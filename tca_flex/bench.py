@@ -5,6 +5,7 @@
     python -m tca_flex.bench --phases stream # per-request latency over distinct lengths (bench_stream.py)
     python -m tca_flex.bench --phases chunks # chunked prefill and conversations (bench_chunks.py)
     python -m tca_flex.bench --phases batch  # left-padded mixed-length batches (bench_batch.py)
+    python -m tca_flex.bench --phases generate  # plain model.generate, eager (bench_generate.py)
 
 Every TCA variant is checked against SDPA with an explicit mask (on the last
 queries) before it is timed. Results go to ``benchmarks/results/<device>-<date>.json``
@@ -685,7 +686,8 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                         help="decode kernels timed per layer on CUDA (flex compiles for tens of seconds)")
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the torch.compile'd decode step at the last length given")
-    parser.add_argument("--phases", nargs="+", choices=["prefill", "decode", "e2e", "stream", "chunks", "batch"],
+    parser.add_argument("--phases", nargs="+",
+                        choices=["prefill", "decode", "e2e", "generate", "stream", "chunks", "batch"],
                         default=["prefill", "decode", "e2e"])
     parser.add_argument("--stream-count", type=int, default=24, help="requests in the stream phase")
     parser.add_argument("--stream-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
@@ -699,6 +701,8 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                         help="batch phase: row lengths drawn from this range (default 16384 65536; smoke 300 700)")
     parser.add_argument("--batch-decode-steps", type=int, default=None,
                         help="batch phase: decode steps timed per batch (default 128; smoke 40)")
+    parser.add_argument("--generate-steps", type=int, default=None,
+                        help="generate phase: new tokens timed after the first (default 128; smoke 40)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -755,6 +759,16 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if "generate" in args.phases:
+        from .bench_generate import generate_rows, print_generate
+
+        e2e_budgets = [(f"tca_{round(keep * 100)}%+w", keep) for keep in args.e2e_keep]
+        new = generate_rows([n for n in lengths if n >= 32768] or lengths[-1:], max(1, args.e2e_layers),
+                            e2e_budgets, window, device, dtype, args.smoke,
+                            args.generate_steps or (40 if args.smoke else 128))
+        rows.extend(new)
+        print_generate(new)
+        measured([])
     if "chunks" in args.phases:
         from .bench_chunks import chunk_bench_rows
 

@@ -52,6 +52,17 @@ def test_e2e_times_the_compiled_model_for_dense_and_each_budget(tca_compile_sett
     assert 1.0 > kept[40] > kept[10] > 0.0
 
 
+def test_generate_phase_runs_plain_generate_for_dense_and_each_budget():
+    """``--phases generate``: ``model.generate`` with transformers' default cache for dense and a
+    ``TCACache`` per budget, every call making exactly its tokens; sparser budgets hold fewer bytes."""
+    result = bench.main(["--smoke", "--phases", "generate", "--e2e-layers", "1", "--e2e-keep", "0.4", "0.1"])
+    rows = {r["method"]: r for r in result["rows"] if r["phase"] == "generate"}
+    assert set(rows) == {"dense", "tca_40%+w", "tca_10%+w"}
+    assert [rows[m]["cache"] for m in ("dense", "tca_40%+w")] == ["DynamicCache", "TCACache"]
+    assert {r["new_tokens"] for r in rows.values()} == {41}
+    assert rows["tca_10%+w"]["kv_bytes"] < rows["tca_40%+w"]["kv_bytes"] < rows["dense"]["kv_bytes"]
+
+
 def bench_decode_triton():
     from tca_flex.decode import triton_supported
 

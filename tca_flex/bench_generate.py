@@ -1,0 +1,96 @@
+"""Benchmark phase ``generate``: what a user of plain ``model.generate`` sees, eager, no CUDA graphs.
+
+    python -m tca_flex.bench --phases generate --e2e-layers 32 --lengths 32768 131072
+    python -m tca_flex.bench --phases generate --smoke          # tiny CPU shapes, for CI
+
+A LLaMA-3.1-8B-shaped model with random weights (``--e2e-layers`` layers). Per prompt length,
+greedy ``model.generate`` with ``min_new_tokens`` (every call makes exactly its tokens): dense
+with transformers' default cache (``DynamicCache``; the fastest dense SDPA, ``fastest_dense_sdpa``)
+and TCA after ``apply`` with a ``TCACache``, one row per budget of ``--e2e-keep``. Each method
+runs one untimed call (compiles, cuDNN plans), then one call of 1 new token (the time to first
+token through ``generate``) and one of ``1 + steps``; the time per output token is their
+difference over ``steps`` (default 128: one block leaves the window and is compressed). No
+``torch.compile`` and no CUDA graphs: the host's time (Python, kernel launches) counts, as it
+does for these users; the ``e2e`` phase times the graph-replayed and compiled steps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .bench_models import fastest_dense_sdpa, llama_8b_shaped
+from .budgets import HeadBudgets
+from .cache import TCACache
+from .config import TCAConfig
+from .hfcompat import cache_kwargs
+from .integration import apply, remove
+
+
+def _synced_ms(fn, device: torch.device) -> tuple[float, Any]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3, out
+
+
+@torch.no_grad()
+def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float]], window: int,
+                  device: torch.device, dtype: torch.dtype, smoke: bool, steps: int) -> list[dict[str, Any]]:
+    """Rows ``{"phase": "generate", "length", "method", "ttft_ms", "total_ms", "ms_per_token",
+    "new_tokens", "cache", "layers", "kv_bytes"}`` per length and method (see the module doc)."""
+    from transformers import DynamicCache
+
+    model = llama_8b_shaped(num_layers, device, dtype, smoke, max(lengths) + steps + 64)
+    model.set_attn_implementation(fastest_dense_sdpa())
+    cfg = model.config
+    config = TCAConfig(block_size=128 if not smoke else 32, window=window)
+    rows: list[dict[str, Any]] = []
+
+    def generate(ids: torch.Tensor, new: int, cache) -> torch.Tensor:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
+        if out.shape[1] != ids.shape[1] + new:
+            raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens, not {new}")
+        return out
+
+    def measure(ids: torch.Tensor, method: str, make_cache) -> None:
+        generate(ids, 2, make_cache())
+        first, _ = _synced_ms(lambda: generate(ids, 1, make_cache()), device)
+        cache = make_cache()
+        total, _ = _synced_ms(lambda: generate(ids, 1 + steps, cache), device)
+        kv = (cache.memory_report().total.bytes_used if isinstance(cache, TCACache)
+              else sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)))
+        rows.append({"phase": "generate", "length": ids.shape[1], "method": method, "ttft_ms": first,
+                     "total_ms": total, "ms_per_token": (total - first) / steps, "new_tokens": 1 + steps,
+                     "cache": type(cache).__name__, "layers": num_layers, "kv_bytes": kv})
+        if not smoke:
+            print("generate row:", rows[-1], flush=True)
+
+    for length in lengths:
+        ids = torch.randint(1, cfg.vocab_size, (1, length), device=device)
+        measure(ids, "dense", lambda: DynamicCache(config=cfg))
+        for label, keep in budgets:
+            apply(model, budgets=HeadBudgets.uniform(num_layers, cfg.num_key_value_heads, keep, config))
+            try:
+                measure(ids, label, lambda: TCACache(model))
+            finally:
+                remove(model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def print_generate(rows: list[dict[str, Any]]) -> None:
+    """Per length, each method's times against dense's (speedup = dense time / method time)."""
+    dense = {r["length"]: r for r in rows if r["method"] == "dense"}
+    print(f"\n{'L':>8}  {'method':<14}{'TTFT ms':>10}{'per token ms':>14}{'vs dense':>10}  cache, KV")
+    for r in rows:
+        base = dense.get(r["length"], r)
+        print(f"{r['length']:>8}  {r['method']:<14}{r['ttft_ms']:>10.1f}{r['ms_per_token']:>14.3f}"
+              f"{base['ms_per_token'] / r['ms_per_token']:>9.2f}x  {r['cache']}, {r['kv_bytes'] / 2**20:,.0f} MiB")
