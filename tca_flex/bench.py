@@ -715,6 +715,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     kernel_options = {} if args.no_tma else kernel_options_for(device)
     backends = args.prefill_backends or ["triton"] + (["flash"] if prefill_backend(device) == "flash" else [])
     budgets = [("tca_25%+w", 0.25), ("tca_10%+w", 0.10)]
+    e2e_budgets = [(f"tca_{round(keep * 100)}%+w", keep) for keep in args.e2e_keep]  # e2e and generate
     rows: list[dict[str, Any]] = []
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -751,7 +752,6 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     if e2e:
         for length in [n for n in lengths if n >= 32768] or lengths[-1:]:
             # One model per length, freed in between (16 GB of weights at full depth, and the caches).
-            e2e_budgets = [(f"tca_{round(keep * 100)}%+w", keep) for keep in args.e2e_keep]
             measured(e2e_rows([length], args.e2e_layers, e2e_budgets, window, device, dtype, args.smoke,
                               args.compile_model, static_baseline=args.e2e_static, ttft_reps=args.ttft_reps,
                               tpot_steps=args.tpot_steps, variants=tuple(args.tpot_variants),
@@ -762,7 +762,6 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     if "generate" in args.phases:
         from .bench_generate import generate_rows, print_generate
 
-        e2e_budgets = [(f"tca_{round(keep * 100)}%+w", keep) for keep in args.e2e_keep]
         new = generate_rows([n for n in lengths if n >= 32768] or lengths[-1:], max(1, args.e2e_layers),
                             e2e_budgets, window, device, dtype, args.smoke,
                             args.generate_steps or (40 if args.smoke else 128))
