@@ -1,0 +1,60 @@
+"""Where the Triton decode kernel's time goes, on the GPU (CUDA-graph replay, microseconds).
+
+    PYTHONPATH=. python scripts/gpu_decode_parts.py
+
+Over a TCACache layer of LLaMA-3.1-8B attention shapes at 32K and 128K tokens, 39% and 15% kept
+(``bench.build_cache_layer``, as the decode sweep): the whole ``triton_decode.launch``, the
+balanced kernel alone (the merge kernel replaced by a no-op), the merge alone, and one and two
+empty Triton kernels (the floor a replayed graph of one and of two launches costs).
+"""
+
+from unittest import mock
+
+import torch
+import triton
+
+from tca_flex import bench
+from tca_flex import triton_decode as td
+from tca_flex.config import TCAConfig
+
+
+@triton.jit
+def _empty(x_ptr):
+    pass
+
+
+class _Skipped:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def main() -> None:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    x = torch.empty(1, device=device)
+    empty = bench.graph_timed(lambda: _empty[(1,)](x), device)
+    empty2 = bench.graph_timed(lambda: (_empty[(1,)](x), _empty[(1,)](x)), device)
+    for length in (32768, 131072):
+        for target in (0.39, 0.15):
+            layer = bench.build_cache_layer(length, 32, 8, 128, bench.head_fractions(target, length, 4096, 8),
+                                            TCAConfig(block_size=128, window=4096), dtype, device)
+            q = torch.randn(1, 32, 128, device=device, dtype=dtype)
+            seg = layer.segments
+            live = (layer.var_len, layer.next_pos, layer.base, layer.ring)
+
+            def launch(q=q, layer=layer, seg=seg, live=live):
+                return td.launch(q, layer.k_buf, layer.v_buf, layer.owner, seg.start, seg.length, seg.max_length,
+                                 128 ** -0.5, total_slots=seg.total_length, live=live)
+
+            full = bench.graph_timed(launch, device)
+            with mock.patch.object(td, "_balanced_combine_kernel", _Skipped()):
+                main_only = bench.graph_timed(launch, device)
+            with mock.patch.object(td, "_balanced_kernel", _Skipped()):
+                merge_only = bench.graph_timed(launch, device)
+            print(f"{length} {target:.0%}: full {full:.1f} us, main kernel alone {main_only:.1f}, merge alone "
+                  f"{merge_only:.1f}, empty kernel {empty:.1f}, two empty kernels {empty2:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
