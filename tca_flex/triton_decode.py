@@ -41,11 +41,6 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # grid dependency control, for programmatic dependent launch (Triton >= 3.3; a no-op without PDL)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton: PDL stays off
-    gdc_launch_dependents = gdc_wait = None
-
 # Measured on an H200 (scripts/gpu_decode_sweep.py, BENCHMARKS.md 2026-12-03): at 128K with 39% kept
 # and the live lengths read on the device, "balanced" with 396 programs (three per SM of 132) of
 # 64-slot blocks, 4 warps, 2 stages took 62.7 us; the best "split" setting 67.7 us (512 programs),
@@ -54,7 +49,9 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
 # With "split", more programs only got slower (2026-12-02: 1024 programs 83-95 us, 2048 106-139 us):
 # per-program partials and a longer combine, and programs of short heads that exit at once.
 # "blocks" (2026-12-04, commit 91f6a4d, since removed): balanced as one pipelined loop over whole
-# blocks across segments and live runs: 65.9 us against 63.0 (26.6 against 24.8 at 32K).
+# blocks across segments and live runs: 65.9 us against 63.0 (26.6 against 24.8 at 32K). The merge
+# costs ~6 us of the 63 (scripts/gpu_decode_parts.py); launching it as a programmatic dependent of
+# the balanced kernel (commit ff15645, since removed) saved nothing measurable.
 BLOCK_N = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
@@ -63,10 +60,6 @@ COMBINE_CHUNK = 32
 SCHEDULES = ("split", "balanced")
 SCHEDULE = "balanced"
 BALANCED_PROGRAMS = 396
-# The merge kernel launched as a programmatic dependent of the balanced kernel (CUDA on Hopper or
-# newer): it starts while that kernel runs, computes the layout, and waits only before reading the
-# partials, so its launch and first loads leave the critical path. None: on wherever it can run.
-PDL: bool | None = None
 
 
 @triton.jit
@@ -256,9 +249,7 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
                      o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
                      stride_ownb, stride_base, scale, ring, NSEG, P, HKV: tl.constexpr, G: tl.constexpr,
                      G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                     LIVE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # the whole grid is resident at once (one wave): let the merge kernel launch now
-        gdc_launch_dependents()
+                     LIVE: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                                                         stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
@@ -289,16 +280,13 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
 def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                              stride_base, stride_outb, stride_outh, ring, NSEG, P, HKV: tl.constexpr,
                              G: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                             CHUNK: tl.constexpr, LIVE: tl.constexpr, PDL: tl.constexpr):
+                             CHUNK: tl.constexpr, LIVE: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
-    # The layout reads only what the balanced kernel does not write: it may run before that kernel ends.
     _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
                                              NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
     at = tl.arange(0, NSEG_PAD) == bh
     seg_first = _pick(first, at)
-    if PDL:  # the partials: after the balanced kernel has finished and its stores are visible
-        gdc_wait()
     m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi, G,
                                         D, CHUNK)
     _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, D)
@@ -335,23 +323,16 @@ def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, t
                                        CHUNK=COMBINE_CHUNK)
 
 
-def pdl_supported(device: torch.device) -> bool:
-    """Whether the merge can launch as a programmatic dependent: CUDA on compute capability 9.0 or
-    newer (not Triton's CPU interpreter) and a Triton with grid dependency control."""
-    return (gdc_wait is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
 def _launch_balanced(attend: dict, output: dict, segments: int, programs: int) -> None:
-    group, device = attend["G"], attend["q_ptr"].device
+    group = attend["G"]
     # Entries program + segment: at most programs + segments - 1 (see _balanced_kernel).
-    parts = _partials(programs + segments - 1, group, attend["D"], device)
+    parts = _partials(programs + segments - 1, group, attend["D"], attend["q_ptr"].device)
     stream = dict(NSEG=segments, P=programs, NSEG_PAD=triton.next_power_of_2(segments))
-    pdl = pdl_supported(device) if PDL is None else PDL and pdl_supported(device)
-    _balanced_kernel[(programs,)](**attend, **parts, **stream, PDL=pdl)
+    _balanced_kernel[(programs,)](**attend, **parts, **stream)
     layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
                                               "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
     _balanced_combine_kernel[(segments, group)](**parts, **output, **layout, **stream, G=group, D=attend["D"],
-                                                CHUNK=COMBINE_CHUNK, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+                                                CHUNK=COMBINE_CHUNK)
 
 
 def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
