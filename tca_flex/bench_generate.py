@@ -29,14 +29,15 @@ from .hfcompat import cache_kwargs
 from .integration import apply, remove
 
 
-def _synced_ms(fn, device: torch.device) -> tuple[float, Any]:
+def _synced_ms(fn, device: torch.device) -> float:
+    """Milliseconds of one ``fn()``, the device's queued work included."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    out = fn()
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3, out
+    return (time.perf_counter() - start) * 1e3
 
 
 @torch.no_grad()
@@ -61,9 +62,9 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
 
     def measure(ids: torch.Tensor, method: str, make_cache) -> None:
         generate(ids, 2, make_cache())
-        first, _ = _synced_ms(lambda: generate(ids, 1, make_cache()), device)
+        first = _synced_ms(lambda: generate(ids, 1, make_cache()), device)
         cache = make_cache()
-        total, _ = _synced_ms(lambda: generate(ids, 1 + steps, cache), device)
+        total = _synced_ms(lambda: generate(ids, 1 + steps, cache), device)
         kv = (cache.memory_report().total.bytes_used if isinstance(cache, TCACache)
               else sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)))
         rows.append({"phase": "generate", "length": ids.shape[1], "method": method, "ttft_ms": first,
