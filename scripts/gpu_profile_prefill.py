@@ -24,7 +24,7 @@ from tca_flex.bench import back_to_back
 from tca_flex.budgets import HeadBudgets
 from tca_flex.compile import length_generic, prefill_backend, prefill_kernel_options
 from tca_flex.config import TCAConfig
-from tca_flex.masks import KERNEL_BLOCK, tiled
+from tca_flex.masks import KERNEL_BLOCK, tiled, whole_tiles
 from tca_flex.selection import observed_queries
 
 
@@ -54,7 +54,7 @@ def profile_length(length: int, frac: float, out: Path) -> dict:
     q_obs = observed_queries(q, config.num_observation_queries, config.spread_observation_queries, config.window)
     select_fn = length_generic(_select_positions, (1, 2))
     positions, _, table = select_fn(q_obs, k, cdf, config, scale)
-    padded = -(-length // KERNEL_BLOCK) * KERNEL_BLOCK
+    padded = whole_tiles(length)
     args = [tiled(t, padded, True) for t in (q, k, v)] + [positions.unflatten(-1, (-1, KERNEL_BLOCK))]
     attend = length_generic(_packed_attention, (0, 2), (1, 2), (2, 2), (3, 2), (4, 0))
 

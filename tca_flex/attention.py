@@ -25,10 +25,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from .chunks import building_graph, is_causal_left_padded
-from .compile import kernel_options_for, length_generic, prefill_kernel_options, with_lse
+from .compile import kernel_options_for, length_generic, output_and_lse_if, prefill_kernel_options
 from .config import TCAConfig
 from .layer import TCALayer, tca_layer
-from .masks import KERNEL_BLOCK, key_positions, packed_block_mask, tca_block_indices, tiled
+from .masks import KERNEL_BLOCK, key_positions, packed_block_mask, tca_block_indices, tiled, whole_tiles
 from .selection import PAD_POSITION, Selection, observed_queries, select
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,7 +51,7 @@ def _select_positions(q_obs: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.T
     two graphs, its few small ops delayed the attention kernel's launch (32K, H200).
     """
     sel = tca_select(q_obs, k_bhsd, cdf_hk, config, scaling, observed=True)
-    padded = -(-k_bhsd.shape[2] // KERNEL_BLOCK) * KERNEL_BLOCK
+    padded = whole_tiles(k_bhsd.shape[2])
     return sel.positions, sel.counts, key_positions(sel.positions, padded)
 
 
@@ -79,8 +79,7 @@ def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.
     block_mask = packed_block_mask(positions, tca_block_indices(positions, length, window, hq), length, window, hq,
                                    table=table)
     kwargs = dict(block_mask=block_mask, scale=scaling, enable_gqa=hq != k_bhsd.shape[1], kernel_options=kernel_options)
-    return (with_lse(flex_attention, q_bhsd, k_all, v_all, **kwargs) if return_lse
-            else flex_attention(q_bhsd, k_all, v_all, **kwargs))
+    return output_and_lse_if(return_lse, flex_attention, q_bhsd, k_all, v_all, **kwargs)
 
 
 def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
@@ -135,7 +134,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     positions, counts, table = select_fn(q_obs, k_bhsd, cdf_hk, config, scaling)
     # The attention runs on whole tiles: a padded tail of < KERNEL_BLOCK queries and keys
     # (causal: invisible to the real queries; computed only in the last tile).
-    padded = -(-length // KERNEL_BLOCK) * KERNEL_BLOCK
+    padded = whole_tiles(length)
     # The Triton lowering keeps its unmasked loads when lengths are visibly tile multiples
     # (tiles split out); the CPU lowering accepts plain symbolic lengths only.
     split = q_bhsd.is_cuda

@@ -36,7 +36,7 @@ from .cli_args import float_in
 from .compile import flex, kernel_options_for, prefill_backend, prefill_kernel_options
 from .config import TCAConfig
 from .hfcompat import cache_kwargs
-from .masks import KERNEL_BLOCK, causal_block_mask, tca_block_mask
+from .masks import KERNEL_BLOCK, causal_block_mask, tca_block_mask, whole_tiles
 from .reference import reference_mask
 from .selection import (
     block_budgets,
@@ -118,7 +118,7 @@ def stage_times(q, k, v, cdf, config: TCAConfig, scale: float, device, kernel_op
     ladder = budget_ladder(cdf, s_blocks.shape[-2])
     budgets = block_budgets(scores, ladder, glen, config.block_size)
     ranked = to_blocks(s[..., :glen], config.block_size, float("-inf"))
-    capacity = -(-glen // KERNEL_BLOCK) * KERNEL_BLOCK
+    capacity = whole_tiles(glen)
     keep = keep_top_in_blocks(ranked, budgets).flatten(-2)[..., :glen]
     positions, _ = pack_positions(keep, capacity)
     idx = positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, -1, d)

@@ -55,6 +55,11 @@ def with_lse(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[torch.T
     return out, aux.lse
 
 
+def output_and_lse_if(return_lse: bool, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``with_lse(fn, ...)`` if ``return_lse``, else ``fn(...)``'s output alone."""
+    return with_lse(fn, *args, **kwargs) if return_lse else fn(*args, **kwargs)
+
+
 def length_generic(fn: Callable[..., Any], *dims: tuple[int, int]) -> Callable[..., Any]:
     """``fn`` compiled once (``fullgraph=True``), with ``dims`` symbolic on every call.
 
@@ -157,4 +162,4 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, 
     fn = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(dynamic)
     options = kernel_options if kernel_options is not None else kernel_options_for(q.device)
     kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=options)
-    return with_lse(fn, q, k, v, **kwargs) if return_lse else fn(q, k, v, **kwargs)
+    return output_and_lse_if(return_lse, fn, q, k, v, **kwargs)

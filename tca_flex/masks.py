@@ -25,6 +25,11 @@ from torch.nn.attention.flex_attention import BlockMask
 KERNEL_BLOCK = 128
 
 
+def whole_tiles(n):
+    """``n`` rounded up to a multiple of ``KERNEL_BLOCK`` (an int or a symbolic size)."""
+    return -(-n // KERNEL_BLOCK) * KERNEL_BLOCK
+
+
 def tiled(t: torch.Tensor, padded: int | None = None, split: bool = False) -> torch.Tensor:
     """``t`` zero-padded along dim 2 to ``padded`` (default: the next whole tile), contiguous; split
     into tiles there if ``split``.
@@ -35,7 +40,7 @@ def tiled(t: torch.Tensor, padded: int | None = None, split: bool = False) -> to
     Triton kernel keeps its unmasked loads.
     """
     if padded is None:
-        padded = -(-t.shape[2] // KERNEL_BLOCK) * KERNEL_BLOCK
+        padded = whole_tiles(t.shape[2])
     if t.shape[2] != padded:
         t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, padded - t.shape[2]))
     t = t.contiguous()

@@ -55,7 +55,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .compile import kernel_options_for, length_generic, with_lse
 from .decode import triton_supported
-from .masks import KERNEL_BLOCK, tiled
+from .masks import KERNEL_BLOCK, tiled, whole_tiles
 
 LOG2E = 1.0 / math.log(2.0)
 # The fastest of BLOCK_M, BLOCK_N in {64, 128}, 4 or 8 warps, 2 or 3 stages in a development sweep on an
@@ -204,8 +204,8 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     after every key a real query sees, and both are cut off the results.
     """
     lq = query.shape[2]
-    lq_pad = -(-lq // KERNEL_BLOCK) * KERNEL_BLOCK
-    lk_pad = -(-(context + lq) // KERNEL_BLOCK) * KERNEL_BLOCK
+    lq_pad = whole_tiles(lq)
+    lk_pad = whole_tiles(context + lq)
     split = query.is_cuda
     q, k, v = (tiled(x, n, split) for x, n in ((query, lq_pad), (key, lk_pad), (value, lk_pad)))
     args = (q, k, v, torch.tensor(context, device=query.device),
