@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .attention import tca_prefill_attention
 from .bench_models import captured_decode, fastest_dense_sdpa, llama_8b_shaped, one_step_dense, static_copy
 from .budgets import HeadBudgets
-from .cli_args import float_in
+from .cli_args import float_in, int_at_least
 from .compile import flex, kernel_options_for, prefill_backend, prefill_kernel_options
 from .config import TCAConfig
 from .hfcompat import cache_kwargs
@@ -701,7 +701,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                         help="batch phase: row lengths drawn from this range (default 16384 65536; smoke 300 700)")
     parser.add_argument("--batch-decode-steps", type=int, default=None,
                         help="batch phase: decode steps timed per batch (default 128; smoke 40)")
-    parser.add_argument("--generate-steps", type=int, default=None,
+    parser.add_argument("--generate-steps", type=int_at_least(1), default=None,
                         help="generate phase: new tokens timed after the first (default 128; smoke 40)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 """The benchmark's --smoke mode runs the real code paths on tiny CPU shapes so it cannot rot."""
 
+import pytest
 import torch
 
 from tca_flex import bench
@@ -61,6 +62,13 @@ def test_generate_phase_runs_plain_generate_for_dense_and_each_budget():
     assert [rows[m]["cache"] for m in ("dense", "tca_40%+w")] == ["DynamicCache", "TCACache"]
     assert {r["new_tokens"] for r in rows.values()} == {41}
     assert rows["tca_10%+w"]["kv_bytes"] < rows["tca_40%+w"]["kv_bytes"] < rows["dense"]["kv_bytes"]
+
+
+def test_generate_phase_refuses_no_timed_tokens(capsys):
+    """Zero timed tokens would divide by zero after minutes of prefill: refused up front."""
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--phases", "generate", "--generate-steps", "0"])
+    assert "--generate-steps: must be >= 1" in capsys.readouterr().err
 
 
 def bench_decode_triton():
