@@ -1,0 +1,468 @@
+# ruff: noqa  (throwaway GPU probes, removed in the next commit; kept in history for BENCHMARKS.md)
+"""Triton kernels: one decode step of attention over the head-packed TCA cache.
+
+Why a kernel of our own (measurements in ``BENCHMARKS.md``): FlexAttention
+over the flat buffer viewed as one KV head reads every kept byte once but
+makes every query head score every head's slots (``H_kv`` times the needed
+FLOPs and exponentials), which cost as much as a dense decode at 128K; a
+per-head BlockMask with GQA falls off the flex-decoding kernel. Here each
+program owns one (row, KV head, split) and reads only that head's segment,
+scoring it with the head's ``g`` query heads at once (one ``tl.dot`` of
+``[g, D] x [D, N]``), so bytes and FLOPs follow what the head keeps.
+
+Flash-decoding in two passes: ``_split_kernel`` reduces each split of a
+segment to (max, sum, un-normalised output); ``_combine_kernel`` merges the
+splits of a (row, query head) and writes the output and the log-sum-exp that
+compression needs. Splits are sized from the layout's segment capacities
+(Python ints), so the grid is fixed between layout growths and the launch
+can be captured in a CUDA graph. The split size and count are runtime
+arguments, not compile-time constants: every request has its own layout, and
+a constant would JIT-compile the kernels again for each (docs/serving.md).
+Each split's loop stops at the head's live
+length, read on the device (ring fill and packed tokens), so the free
+headroom of a segment costs a program that exits, not a read.
+
+That "split" schedule sizes its grid from the longest segment: the programs
+of short heads exit at once and the working ones run in uneven waves. The
+"balanced" schedule (stream-K style) launches a fixed grid of ``programs``
+instead; on the device every program lays all the live slots end to end,
+segment after segment, and attends an equal contiguous share of them, one
+partial per (program, segment) it meets; ``_balanced_combine_kernel`` merges
+each segment's partials. The grid depends on Python ints only, so it replays
+from a CUDA graph while the live lengths change.
+
+This module holds the kernels and a plain launcher only; ``decode.py``
+registers the op. Without a GPU the tests run the same kernels on CPU
+tensors in Triton's interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Measured on an H200 (scripts/gpu_decode_sweep.py, BENCHMARKS.md 2026-12-03): at 128K with 39% kept
+# and the live lengths read on the device, "balanced" with 396 programs (three per SM of 132) of
+# 64-slot blocks, 4 warps, 2 stages took 62.7 us; the best "split" setting 67.7 us (512 programs),
+# "fused" 87 us (balanced with the merge done in the same kernel by the program that completes a
+# segment, since removed: its serialised merge costs more than the second launch it saves).
+# With "split", more programs only got slower (2026-12-02: 1024 programs 83-95 us, 2048 106-139 us):
+# per-program partials and a longer combine, and programs of short heads that exit at once.
+# "blocks" (2026-12-04, commit 91f6a4d, since removed): balanced as one pipelined loop over whole
+# blocks across segments and live runs: 65.9 us against 63.0 (26.6 against 24.8 at 32K). The merge
+# costs ~6 us of the 63 (scripts/gpu_decode_parts.py); launching it as a programmatic dependent of
+# the balanced kernel (commit ff15645, since removed) saved nothing measurable.
+BLOCK_N = 64
+TARGET_PROGRAMS = 256
+NUM_WARPS = 4
+NUM_STAGES = 2
+COMBINE_CHUNK = 32
+FUSED_CHUNK = 64
+MERGE = True
+SEM = 'acq_rel'
+BAR = True
+ONLY_ATOMIC = False
+PAD = 1
+DBG = None
+SCHEDULES = ("split", "balanced", "fused")
+SCHEDULE = "balanced"
+BALANCED_PROGRAMS = 396
+
+
+@triton.jit
+def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h, stride_ks, stride_vs, scale,
+                   D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax update of (m, l, acc) over segment offsets ``[lo, hi)``."""
+    d = tl.arange(0, D)
+    for n0 in range(lo, hi, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        # int64: slot * stride passes 2**31 elements at large batch x long context.
+        slot = (seg_start + n).to(tl.int64)
+        inside = n < hi
+        # Free slots (ring not yet filled, freed by a compression) are -1 and masked out
+        # of the scores; K/V loads do not wait on ``owner`` so they can be pipelined.
+        live = tl.load(own_row + slot, mask=inside, other=-1) == h
+        k = tl.load(k_row + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
+        # float32 caches get full-precision dots (Triton would use TF32 on the GPU).
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A split with no live slot so far keeps m = -inf; shift by 0 there to avoid inf - inf.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - shift)
+        p = tl.exp(s - shift[:, None])
+        v = tl.load(v_row + slot[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo0, hi0, lo1, hi1, stride_qb, stride_qh, stride_kb,
+                 stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV: tl.constexpr, G: tl.constexpr,
+                 G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """(m, l, acc) of segment ``bh`` (first slot ``seg_start``)'s ``G`` query heads over its offsets
+    ``[lo0, hi0)`` and ``[lo1, hi1)``."""
+    b = bh // HKV
+    h = bh % HKV
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                mask=g[:, None] < G, other=0.0)
+    k_row = k_ptr + b.to(tl.int64) * stride_kb
+    v_row = v_ptr + b.to(tl.int64) * stride_vb
+    own_row = owner_ptr + b.to(tl.int64) * stride_ownb
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo0, hi0, h, stride_ks,
+                                   stride_vs, scale, D, BLOCK, IEEE)
+    return _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo1, hi1, h, stride_ks, stride_vs,
+                          scale, D, BLOCK, IEEE)
+
+
+@triton.jit
+def _store_partial(o_ptr, m_ptr, l_ptr, entry, m_i, l_i, acc, G: tl.constexpr, G_PAD: tl.constexpr,
+                   D: tl.constexpr):
+    # Only the G real query rows go out: the partials are a few percent of the K/V bytes.
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    row = entry * G + g
+    real = g < G
+    tl.store(m_ptr + row, m_i, mask=real)
+    tl.store(l_ptr + row, l_i, mask=real)
+    tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=real[:, None])
+
+
+@triton.jit
+def _merge_partials(o_ptr, m_ptr, l_ptr, first, count, g0, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
+    """(m, l, acc) of query head ``g0`` merged over partial entries ``first .. first + count``."""
+    c = tl.arange(0, CHUNK)
+    g = g0 + tl.arange(0, 1)
+    d = tl.arange(0, D)
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc = tl.zeros([1, D], tl.float32)
+    for c0 in range(0, count, CHUNK):
+        row = (first + c0 + c)[:, None] * G + g[None, :]
+        inside = ((c0 + c) < count)[:, None] & (g < G)[None, :]
+        m = tl.load(m_ptr + row, mask=inside, other=float("-inf"))
+        l_s = tl.load(l_ptr + row, mask=inside, other=0.0)
+        o = tl.load(o_ptr + row[:, :, None] * D + d[None, None, :], mask=inside[:, :, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp(m - shift[None, :])  # empty entries have m = -inf: weight 0
+        alpha = tl.exp(m_run - shift)
+        l_run = l_run * alpha + tl.sum(l_s * w, 0)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        m_run = m_new
+    return m_run, l_run, acc
+
+
+@triton.jit
+def _merge_heads(o_ptr, m_ptr, l_ptr, first, count, G: tl.constexpr, GP2: tl.constexpr, D: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """``_merge_partials`` for all ``G`` query heads of a segment at once: ``[CHUNK, GP2, D]`` tiles.
+
+    Loads go to L2 (``.cg``): other programs of the same launch wrote these entries.
+    """
+    c = tl.arange(0, CHUNK)
+    g = tl.arange(0, GP2)
+    d = tl.arange(0, D)
+    m_run = tl.full([GP2], float("-inf"), tl.float32)
+    l_run = tl.zeros([GP2], tl.float32)
+    acc = tl.zeros([GP2, D], tl.float32)
+    for c0 in range(0, count, CHUNK):
+        row = (first + c0 + c)[:, None] * G + g[None, :]
+        inside = ((c0 + c) < count)[:, None] & (g < G)[None, :]
+        m = tl.load(m_ptr + row, mask=inside, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(l_ptr + row, mask=inside, other=0.0, cache_modifier=".cg")
+        o = tl.load(o_ptr + row[:, :, None] * D + d[None, None, :], mask=inside[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp(m - shift[None, :])
+        alpha = tl.exp(m_run - shift)
+        l_run = l_run * alpha + tl.sum(l_s * w, 0)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        m_run = m_new
+    return m_run, l_run, acc
+
+
+@triton.jit
+def _store_output(out_ptr, lse_ptr, bh, g0, m_run, l_run, acc, stride_outb, stride_outh, HKV: tl.constexpr,
+                  G: tl.constexpr, D: tl.constexpr, GM: tl.constexpr = 1):
+    # A head with no live slot gets l = 0: output 0 / 0 (NaN) and lse -inf, as the "math" backend gives.
+    b = bh // HKV
+    g = g0 + tl.arange(0, GM)
+    head = (bh % HKV) * G + g
+    real = g < G
+    d = tl.arange(0, D)
+    tl.store(out_ptr + b * stride_outb + head[:, None] * stride_outh + d[None, :],
+             (acc / l_run[:, None]).to(out_ptr.dtype.element_ty), mask=real[:, None])
+    tl.store(lse_ptr + b * (HKV * G) + head, m_run + tl.log(l_run), mask=real)
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                  o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
+                  stride_ownb, stride_base, scale, ring, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                  D: tl.constexpr, SPLIT, NUM_SPLITS, BLOCK: tl.constexpr,
+                  LIVE: tl.constexpr, IEEE: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    lo = split * SPLIT
+    hi = tl.minimum(lo + SPLIT, tl.load(length_ptr + bh))
+    if LIVE:
+        # Live slots of a TCA segment: the ring's filled prefix and the packed prefix
+        # (``cache.py``); the headroom after the packed tokens is never read.
+        fill = tl.minimum(tl.load(next_pos_ptr) - tl.load(base_ptr + (bh // HKV) * stride_base), ring).to(tl.int32)
+        packed_end = (ring + tl.load(var_len_ptr + bh)).to(tl.int32)
+        lo0, hi0, lo1, hi1 = lo, tl.minimum(hi, fill), tl.maximum(lo, ring), tl.minimum(hi, packed_end)
+    else:
+        lo0, hi0, lo1, hi1 = lo, hi, hi, hi
+    m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, tl.load(start_ptr + bh), bh, lo0, hi0, lo1, hi1,
+                                 stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale,
+                                 HKV, G, G_PAD, D, BLOCK, IEEE)
+    _store_partial(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS + split, m_i, l_i, acc, G, G_PAD, D)
+
+
+@triton.jit
+def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_outh,
+                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS,
+                    CHUNK: tl.constexpr):
+    bh = tl.program_id(0)
+    gi = tl.program_id(1)
+    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS, NUM_SPLITS, gi, G, D, CHUNK)
+    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, D)
+
+
+@triton.jit
+def _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring, NSEG, P,
+                   HKV: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, LIVE: tl.constexpr):
+    """Where each segment's live slots lie in the stream of all of them, segment after segment.
+
+    Over segments ``[NSEG_PAD]``: the ring fill (the live run at offset 0; the whole segment
+    when not LIVE), the live length, the first stream slot, and the first and last program
+    whose share of the stream meets the segment (an empty segment goes to the program whose
+    share holds its stream position: it still needs its output written); then the share,
+    whole blocks. Slot counts are int32: all rows' live slots together stay below 2**31
+    (their K and V alone would take 1 TiB at D = 128).
+    """
+    seg = tl.arange(0, NSEG_PAD)
+    real = seg < NSEG
+    length = tl.load(length_ptr + seg, mask=real, other=0)
+    if LIVE:
+        # The same live runs as ``_split_kernel`` reads, bounded by the segment.
+        base = tl.load(base_ptr + (seg // HKV) * stride_base, mask=real, other=0)
+        fill = tl.minimum(tl.maximum(tl.load(next_pos_ptr) - base, 0), ring).to(tl.int32)
+        packed = tl.minimum(tl.load(var_len_ptr + seg, mask=real, other=0).to(tl.int32), length - ring)
+        n = tl.where(real, fill + packed, 0)
+    else:
+        fill = length
+        n = length
+    begin = tl.cumsum(n, 0) - n
+    share = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), P), BLOCK) * BLOCK, BLOCK)
+    first = tl.where(real, tl.minimum(begin // share, P - 1), P)  # padding segments: no program
+    last = tl.minimum((begin + tl.maximum(n, 1) - 1) // share, P - 1)
+    return fill, n, begin, first, last, share
+
+
+@triton.jit
+def _pick(x, at):
+    """The element of the segment vector ``x`` where ``at`` holds (one-hot)."""
+    return tl.sum(tl.where(at, x, 0), 0)
+
+
+@triton.jit
+def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                     o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_kb, stride_ks,
+                     stride_vb, stride_vs, stride_ownb, stride_base, stride_outb, stride_outh, scale, ring, NSEG, P,
+                     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, GP2: tl.constexpr, D: tl.constexpr,
+                     NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr,
+                     IEEE: tl.constexpr, FUSED: tl.constexpr, MERGE: tl.constexpr = True, dbg_ptr=None, SEM: tl.constexpr = "acq_rel", BAR: tl.constexpr = True, ONLY_ATOMIC: tl.constexpr = False, PAD: tl.constexpr = 1):
+    pid = tl.program_id(0)
+    fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                                                        stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
+    seg = tl.arange(0, NSEG_PAD)
+    # Loaded with the layout, not per segment: the first K/V loads wait on one round trip fewer
+    # (no gain above noise on the H200: BENCHMARKS.md, 2026-12-04).
+    starts = tl.load(start_ptr + seg, mask=seg < NSEG, other=0)
+    mine = (first <= pid) & (pid <= last)
+    share_lo = pid * share
+    seg_lo = tl.min(tl.where(mine, seg, NSEG_PAD), 0)
+    seg_hi = tl.max(tl.where(mine, seg, -1), 0)
+    for bh in range(seg_lo, seg_hi + 1):
+        at = seg == bh
+        seg_fill, seg_begin = _pick(fill, at), _pick(begin, at)
+        lo = tl.maximum(share_lo - seg_begin, 0)
+        hi = tl.minimum(share_lo + share - seg_begin, _pick(n, at))
+        # Live offsets [lo, hi) of the segment: those in the ring fill, then those of the packed
+        # run at ``ring`` (without LIVE the fill is the whole segment and the second run is empty).
+        m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, _pick(starts, at), bh, lo,
+                                     tl.minimum(hi, seg_fill),
+                                     ring + tl.maximum(lo - seg_fill, 0), ring + hi - seg_fill, stride_qb,
+                                     stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV,
+                                     G, G_PAD, D, BLOCK, IEEE)
+        # Entry pid + bh: unique, as the programs meeting a segment are consecutive and a
+        # program's segments are too (the next program starts at or after its last segment).
+        _store_partial(o_ptr, m_ptr, l_ptr, pid + bh, m_i, l_i, acc, G, G_PAD, D)
+    if FUSED:
+        # Stream-K fix-up: the last program to finish a segment merges it. After the attention
+        # loop, not inside it, so the merge's tiles do not share registers with the pipelined
+        # K/V loads. Every thread's partial stores precede the count that publishes them: a
+        # CTA barrier, then one thread's acq_rel atomic at GPU scope (as CUTLASS's semaphores).
+        if BAR:
+            tl.debug_barrier()
+        for bh in range(seg_lo, seg_hi + 1):
+            at = seg == bh
+            seg_first = _pick(first, at)
+            arrived = tl.atomic_add(count_ptr + bh * PAD, 1, sem=SEM)
+            if (not ONLY_ATOMIC) and arrived == _pick(last, at) - seg_first:
+                tl.store(count_ptr + bh * PAD, 0)  # zero again for the next launch (or CUDA-graph replay)
+                tl.atomic_add(dbg_ptr + bh, 1)
+            if MERGE and arrived == _pick(last, at) - seg_first:
+                m_run, l_run, merged = _merge_heads(o_ptr, m_ptr, l_ptr, seg_first + bh,
+                                                    _pick(last, at) - seg_first + 1, G, GP2, D, CHUNK)
+                _store_output(out_ptr, lse_ptr, bh, 0, m_run, l_run, merged, stride_outb, stride_outh, HKV, G, D,
+                              GP2)
+
+
+@triton.jit
+def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                             stride_base, stride_outb, stride_outh, ring, NSEG, P, HKV: tl.constexpr,
+                             G: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                             CHUNK: tl.constexpr, LIVE: tl.constexpr):
+    bh = tl.program_id(0)
+    gi = tl.program_id(1)
+    _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
+                                             NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
+    at = tl.arange(0, NSEG_PAD) == bh
+    seg_first = _pick(first, at)
+    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi, G,
+                                        D, CHUNK)
+    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, D)
+
+
+def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PROGRAMS) -> int:
+    """Slots per program: about ``programs`` programs over all segments together.
+
+    Decode reads each kept byte once, so the kernel is bound by how many loads
+    are in flight: enough programs to fill every SM several times over, each
+    streaming a few blocks, whatever the heads' (very unequal) lengths.
+    """
+    per = max(block, -(-total_slots // programs))
+    return -(-per // block) * block
+
+
+def _partials(entries: int, group: int, d: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Buffers of the per-(program, segment) partial results (m, l, un-normalised output)."""
+    m = torch.empty(entries * group, dtype=torch.float32, device=device)
+    return {"o_ptr": torch.empty(entries * group, d, dtype=torch.float32, device=device), "m_ptr": m,
+            "l_ptr": torch.empty_like(m)}
+
+
+def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, total_slots: int | None,
+                  programs: int) -> None:
+    group, d = attend["G"], attend["D"]
+    if total_slots is None:
+        total_slots = max_segment * segments
+    split = split_size(total_slots, attend["BLOCK"], programs)
+    num_splits = max(1, -(-max_segment // split))
+    parts = _partials(segments * num_splits, group, d, attend["q_ptr"].device)
+    _split_kernel[(num_splits, segments)](**attend, **parts, SPLIT=split, NUM_SPLITS=num_splits)
+    _combine_kernel[(segments, group)](**parts, **output, HKV=attend["HKV"], G=group, D=d, NUM_SPLITS=num_splits,
+                                       CHUNK=COMBINE_CHUNK)
+
+
+def _launch_balanced(attend: dict, output: dict, segments: int, programs: int,
+                     counters: torch.Tensor | None) -> None:
+    group = attend["G"]
+    # Entries program + segment: at most programs + segments - 1 (see _balanced_kernel).
+    parts = _partials(programs + segments - 1, group, attend["D"], attend["q_ptr"].device)
+    stream = dict(NSEG=segments, P=programs, NSEG_PAD=triton.next_power_of_2(segments))
+    fused = counters is not None
+    gp2 = triton.next_power_of_2(group)
+    _balanced_kernel[(programs,)](**attend, **parts, **stream, **output,
+                                  count_ptr=counters if fused else attend["length_ptr"], GP2=gp2,
+                                  CHUNK=max(1, FUSED_CHUNK // gp2), FUSED=fused, MERGE=MERGE, dbg_ptr=DBG, SEM=SEM, BAR=BAR, ONLY_ATOMIC=ONLY_ATOMIC, PAD=PAD)
+    if fused:
+        return
+    layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
+                                              "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
+    _balanced_combine_kernel[(segments, group)](**parts, **output, **layout, **stream, G=group, D=attend["D"],
+                                                CHUNK=COMBINE_CHUNK)
+
+
+def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
+           seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int, scale: float,
+           total_slots: int | None = None, live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+           block: int | None = None, programs: int | None = None, num_warps: int | None = None,
+           num_stages: int | None = None, schedule: str | None = None,
+           counters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernels of one schedule.
+
+    Args:
+        q_bhd: ``[B, H_q, D]`` (stride 1 over ``D``).
+        k_bsd, v_bsd: ``[B, S, D]`` contiguous flat buffers.
+        owner_bs: int32 ``[B, S]`` contiguous: KV head of each live slot, ``-1`` if free.
+        seg_start, seg_len: int32 ``[B, H_kv]`` contiguous: each head's segment (slots).
+        max_segment: Python int >= every ``seg_len`` (sizes the "split" grid).
+        scale: softmax scale.
+        total_slots: Python int, the segments' total length (sizes the
+            splits; default ``max_segment`` times the number of segments).
+        live: ``(var_len, next_pos, base, ring)`` of a TCA cache: int64
+            ``[B, H_kv]`` packed tokens per head, int64 0-d next position,
+            int64 ``[B]`` (or 0-d: shared) base position of each row's ring,
+            and the ring size (Python int). Only offsets
+            ``[0, min(next_pos - base, ring))`` and ``[ring, ring + var_len)`` of
+            each segment are read (the live lengths, read on the device each
+            step); ``None``: the whole segment.
+        block, num_warps, num_stages: tuning knobs; ``None`` takes the module's
+            ``BLOCK_N``, ``NUM_WARPS`` and ``NUM_STAGES``.
+        programs: "split": about how many programs share the segments (sizes
+            the splits; ``TARGET_PROGRAMS``); "balanced": the grid
+            (``BALANCED_PROGRAMS``).
+        schedule: one of ``SCHEDULES``; ``None`` takes ``SCHEDULE``.
+
+    Returns:
+        (``[B, H_q, D]`` output in q's dtype, float32 ``[B, H_q]`` log-sum-exp).
+    """
+    schedule = schedule or SCHEDULE
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
+    bsz, hq, d = q_bhd.shape
+    hkv = seg_start.shape[1]
+    group = hq // hkv
+    # Unused pointers when the whole segment is read (LIVE=False): any valid tensor will do.
+    var_len, next_pos, base, ring = live if live is not None else (seg_len, seg_len, seg_len, 0)
+    attend = dict(q_ptr=q_bhd, k_ptr=k_bsd, v_ptr=v_bsd, owner_ptr=owner_bs, start_ptr=seg_start, length_ptr=seg_len,
+                  var_len_ptr=var_len, next_pos_ptr=next_pos, base_ptr=base, stride_qb=q_bhd.stride(0),
+                  stride_qh=q_bhd.stride(1), stride_kb=k_bsd.stride(0), stride_ks=k_bsd.stride(1),
+                  stride_vb=v_bsd.stride(0), stride_vs=v_bsd.stride(1), stride_ownb=owner_bs.stride(0),
+                  stride_base=base.stride(0) if live is not None and base.dim() else 0, scale=scale, ring=ring,
+                  HKV=hkv, G=group, G_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
+                  D=d, BLOCK=block or BLOCK_N, LIVE=live is not None, IEEE=q_bhd.dtype == torch.float32,
+                  num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES)
+    out = torch.empty(bsz, hq, d, dtype=q_bhd.dtype, device=q_bhd.device)
+    lse = torch.empty(bsz, hq, dtype=torch.float32, device=q_bhd.device)
+    output = dict(out_ptr=out, lse_ptr=lse, stride_outb=out.stride(0), stride_outh=out.stride(1))
+    if schedule == "split":
+        _launch_split(attend, output, bsz * hkv, max_segment, total_slots, programs or TARGET_PROGRAMS)
+    else:
+        # No more programs than blocks of capacity: the extra ones would only exit (and in Triton's
+        # interpreter, which runs programs one by one, a small cache would pay for all 396).
+        slots = total_slots if total_slots is not None else max_segment * bsz * hkv
+        programs = min(programs or BALANCED_PROGRAMS, max(1, -(-slots // attend["BLOCK"])))
+        if schedule == "fused" and counters is None:
+            counters = torch.zeros(bsz * hkv, dtype=torch.int32, device=q_bhd.device)
+        _launch_balanced(attend, output, bsz * hkv, programs, counters if schedule == "fused" else None)
+    return out, lse
