@@ -51,14 +51,16 @@ import triton.language as tl
 # "blocks" (2026-12-04, commit 91f6a4d, since removed): balanced as one pipelined loop over whole
 # blocks across segments and live runs: 65.9 us against 63.0 (26.6 against 24.8 at 32K). The merge
 # costs ~6 us of the 63 (scripts/gpu_decode_parts.py); launching it as a programmatic dependent of
-# the balanced kernel (commit ff15645, since removed) saved nothing measurable.
+# the balanced kernel (commit ff15645, since removed) saved nothing measurable. A second "fused"
+# (2026-12-04, commit 8963fde): the merge after the attention loop, all heads at once, 103 us
+# against 62: one CTA merging a segment's ~50 partials is slower than the 32-program merge kernel,
+# and the counter's branch alone cost ~20 us at 396 programs.
 BLOCK_N = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
 NUM_STAGES = 2
 COMBINE_CHUNK = 32
-FUSED_CHUNK = 64
-SCHEDULES = ("split", "balanced", "fused")
+SCHEDULES = ("split", "balanced")
 SCHEDULE = "balanced"
 BALANCED_PROGRAMS = 396
 
@@ -161,41 +163,11 @@ def _merge_partials(o_ptr, m_ptr, l_ptr, first, count, g0, G: tl.constexpr, D: t
 
 
 @triton.jit
-def _merge_heads(o_ptr, m_ptr, l_ptr, first, count, G: tl.constexpr, GP2: tl.constexpr, D: tl.constexpr,
-                 CHUNK: tl.constexpr):
-    """``_merge_partials`` for all ``G`` query heads of a segment at once: ``[CHUNK, GP2, D]`` tiles.
-
-    Loads go to L2 (``.cg``): other programs of the same launch wrote these entries.
-    """
-    c = tl.arange(0, CHUNK)
-    g = tl.arange(0, GP2)
-    d = tl.arange(0, D)
-    m_run = tl.full([GP2], float("-inf"), tl.float32)
-    l_run = tl.zeros([GP2], tl.float32)
-    acc = tl.zeros([GP2, D], tl.float32)
-    for c0 in range(0, count, CHUNK):
-        row = (first + c0 + c)[:, None] * G + g[None, :]
-        inside = ((c0 + c) < count)[:, None] & (g < G)[None, :]
-        m = tl.load(m_ptr + row, mask=inside, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(l_ptr + row, mask=inside, other=0.0, cache_modifier=".cg")
-        o = tl.load(o_ptr + row[:, :, None] * D + d[None, None, :], mask=inside[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        m_new = tl.maximum(m_run, tl.max(m, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp(m - shift[None, :])
-        alpha = tl.exp(m_run - shift)
-        l_run = l_run * alpha + tl.sum(l_s * w, 0)
-        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
-        m_run = m_new
-    return m_run, l_run, acc
-
-
-@triton.jit
 def _store_output(out_ptr, lse_ptr, bh, g0, m_run, l_run, acc, stride_outb, stride_outh, HKV: tl.constexpr,
-                  G: tl.constexpr, D: tl.constexpr, GM: tl.constexpr = 1):
+                  G: tl.constexpr, D: tl.constexpr):
     # A head with no live slot gets l = 0: output 0 / 0 (NaN) and lse -inf, as the "math" backend gives.
     b = bh // HKV
-    g = g0 + tl.arange(0, GM)
+    g = g0 + tl.arange(0, 1)
     head = (bh % HKV) * G + g
     real = g < G
     d = tl.arange(0, D)
@@ -277,11 +249,10 @@ def _pick(x, at):
 
 @triton.jit
 def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
-                     o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_kb, stride_ks,
-                     stride_vb, stride_vs, stride_ownb, stride_base, stride_outb, stride_outh, scale, ring, NSEG, P,
-                     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, GP2: tl.constexpr, D: tl.constexpr,
-                     NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr,
-                     IEEE: tl.constexpr, FUSED: tl.constexpr):
+                     o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
+                     stride_ownb, stride_base, scale, ring, NSEG, P, HKV: tl.constexpr, G: tl.constexpr,
+                     G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                     LIVE: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                                                         stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
@@ -291,9 +262,7 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
     starts = tl.load(start_ptr + seg, mask=seg < NSEG, other=0)
     mine = (first <= pid) & (pid <= last)
     share_lo = pid * share
-    seg_lo = tl.min(tl.where(mine, seg, NSEG_PAD), 0)
-    seg_hi = tl.max(tl.where(mine, seg, -1), 0)
-    for bh in range(seg_lo, seg_hi + 1):
+    for bh in range(tl.min(tl.where(mine, seg, NSEG_PAD), 0), tl.max(tl.where(mine, seg, -1), 0) + 1):
         at = seg == bh
         seg_fill, seg_begin = _pick(fill, at), _pick(begin, at)
         lo = tl.maximum(share_lo - seg_begin, 0)
@@ -308,22 +277,6 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
         # Entry pid + bh: unique, as the programs meeting a segment are consecutive and a
         # program's segments are too (the next program starts at or after its last segment).
         _store_partial(o_ptr, m_ptr, l_ptr, pid + bh, m_i, l_i, acc, G, G_PAD, D)
-    if FUSED:
-        # Stream-K fix-up: the last program to finish a segment merges it. After the attention
-        # loop, not inside it, so the merge's tiles do not share registers with the pipelined
-        # K/V loads. Every thread's partial stores precede the count that publishes them: a
-        # CTA barrier, then one thread's acq_rel atomic at GPU scope (as CUTLASS's semaphores).
-        tl.debug_barrier()
-        for bh in range(seg_lo, seg_hi + 1):
-            at = seg == bh
-            seg_first = _pick(first, at)
-            arrived = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")
-            if arrived == _pick(last, at) - seg_first:
-                tl.store(count_ptr + bh, 0)  # zero again for the next launch (or CUDA-graph replay)
-                m_run, l_run, merged = _merge_heads(o_ptr, m_ptr, l_ptr, seg_first + bh,
-                                                    _pick(last, at) - seg_first + 1, G, GP2, D, CHUNK)
-                _store_output(out_ptr, lse_ptr, bh, 0, m_run, l_run, merged, stride_outb, stride_outh, HKV, G, D,
-                              GP2)
 
 
 @triton.jit
@@ -373,19 +326,12 @@ def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, t
                                        CHUNK=COMBINE_CHUNK)
 
 
-def _launch_balanced(attend: dict, output: dict, segments: int, programs: int,
-                     counters: torch.Tensor | None) -> None:
+def _launch_balanced(attend: dict, output: dict, segments: int, programs: int) -> None:
     group = attend["G"]
     # Entries program + segment: at most programs + segments - 1 (see _balanced_kernel).
     parts = _partials(programs + segments - 1, group, attend["D"], attend["q_ptr"].device)
     stream = dict(NSEG=segments, P=programs, NSEG_PAD=triton.next_power_of_2(segments))
-    fused = counters is not None
-    gp2 = triton.next_power_of_2(group)
-    _balanced_kernel[(programs,)](**attend, **parts, **stream, **output,
-                                  count_ptr=counters if fused else attend["length_ptr"], GP2=gp2,
-                                  CHUNK=max(1, FUSED_CHUNK // gp2), FUSED=fused)
-    if fused:
-        return
+    _balanced_kernel[(programs,)](**attend, **parts, **stream)
     layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
                                               "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
     _balanced_combine_kernel[(segments, group)](**parts, **output, **layout, **stream, G=group, D=attend["D"],
@@ -396,8 +342,7 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
            seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int, scale: float,
            total_slots: int | None = None, live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
            block: int | None = None, programs: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None, schedule: str | None = None,
-           counters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           num_stages: int | None = None, schedule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernels of one schedule.
 
     Args:
@@ -452,7 +397,5 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
         # interpreter, which runs programs one by one, a small cache would pay for all 396).
         slots = total_slots if total_slots is not None else max_segment * bsz * hkv
         programs = min(programs or BALANCED_PROGRAMS, max(1, -(-slots // attend["BLOCK"])))
-        if schedule == "fused" and counters is None:
-            counters = torch.zeros(bsz * hkv, dtype=torch.int32, device=q_bhd.device)
-        _launch_balanced(attend, output, bsz * hkv, programs, counters if schedule == "fused" else None)
+        _launch_balanced(attend, output, bsz * hkv, programs)
     return out, lse
