@@ -666,7 +666,9 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--prefill-backends", nargs="+", choices=["triton", "flash"], default=None,
                         help="FlexAttention backends of the prefill phase (default: triton, and flash where "
                              "FlashAttention-4 is installed on a Hopper GPU)")
-    parser.add_argument("--e2e-layers", type=int, default=2, help="layers of the 8B-shaped model (0: skip)")
+    parser.add_argument("--e2e-layers", type=int, default=2,
+                        help="layers of the 8B-shaped model (0: skip the e2e phase; generate, chunks and batch "
+                             "take at least 1)")
     parser.add_argument("--compile-model", action="store_true", help="also time torch.compile(model) after apply")
     parser.add_argument("--e2e-static", action=argparse.BooleanOptionalAction, default=True,
                         help="also time dense decode over transformers' StaticCache (slow at full depth)")
@@ -703,6 +705,9 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                         help="batch phase: decode steps timed per batch (default 128; smoke 40)")
     parser.add_argument("--generate-steps", type=int_at_least(1), default=None,
                         help="generate phase: new tokens timed after the first (default 128; smoke 40)")
+    parser.add_argument("--generate-compile", action="store_true",
+                        help="generate phase: also the rows where generate compiles its decode step and replays "
+                             "it from CUDA graphs (dense StaticCache, TCACache with reserve_tokens)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -764,7 +769,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
 
         new = generate_rows([n for n in lengths if n >= 32768] or lengths[-1:], max(1, args.e2e_layers),
                             e2e_budgets, window, device, dtype, args.smoke,
-                            args.generate_steps or (40 if args.smoke else 128))
+                            args.generate_steps or (40 if args.smoke else 128), args.generate_compile)
         rows.extend(new)
         print_generate(new)
         measured([])

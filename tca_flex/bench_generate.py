@@ -1,6 +1,7 @@
-"""Benchmark phase ``generate``: what a user of plain ``model.generate`` sees, eager, no CUDA graphs.
+"""Benchmark phase ``generate``: what a user of plain ``model.generate`` sees.
 
     python -m tca_flex.bench --phases generate --e2e-layers 32 --lengths 32768 131072
+    python -m tca_flex.bench --phases generate --generate-compile ...   # + transformers' auto-compile
     python -m tca_flex.bench --phases generate --smoke          # tiny CPU shapes, for CI
 
 A LLaMA-3.1-8B-shaped model with random weights (``--e2e-layers`` layers). Per prompt length,
@@ -12,6 +13,15 @@ token through ``generate``) and one of ``1 + steps``; the time per output token 
 difference over ``steps`` (default 128: one block leaves the window and is compressed). No
 ``torch.compile`` and no CUDA graphs: the host's time (Python, kernel launches) counts, as it
 does for these users; the ``e2e`` phase times the graph-replayed and compiled steps.
+
+With ``compiled`` (``--generate-compile``), also the path where ``generate`` compiles the decode
+step itself and replays it from CUDA graphs (transformers' auto-compile, ``reduce-overhead``, for
+a compileable cache): dense with ``cache_implementation="static"`` (the ``StaticCache`` that
+``generate`` makes once and reuses) and TCA with ``TCACache(model, reserve_tokens=...)``, a new
+cache per call as a new request would have (so the timed call records its CUDA graphs again for
+the new buffers). Their untimed call generates the timed call's tokens, so every compile (the
+decode step, its recompile at the second step) falls there; every compiled row is compared
+with the compiled dense row.
 """
 
 from __future__ import annotations
@@ -42,9 +52,11 @@ def _synced_ms(fn, device: torch.device) -> float:
 
 @torch.no_grad()
 def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float]], window: int,
-                  device: torch.device, dtype: torch.dtype, smoke: bool, steps: int) -> list[dict[str, Any]]:
+                  device: torch.device, dtype: torch.dtype, smoke: bool, steps: int,
+                  compiled: bool = False) -> list[dict[str, Any]]:
     """Rows ``{"phase": "generate", "length", "method", "ttft_ms", "total_ms", "ms_per_token",
-    "new_tokens", "cache", "layers", "kv_bytes"}`` per length and method (see the module doc)."""
+    "new_tokens", "cache", "compiled", "layers", "kv_bytes"}`` per length and method (see the module
+    doc)."""
     from transformers import DynamicCache
 
     model = llama_8b_shaped(num_layers, device, dtype, smoke, max(lengths) + steps + 64)
@@ -53,33 +65,57 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
     config = TCAConfig(block_size=128 if not smoke else 32, window=window)
     rows: list[dict[str, Any]] = []
 
-    def generate(ids: torch.Tensor, new: int, cache) -> torch.Tensor:
+    hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    # transformers compiles only on accelerators unless told (its flag for tests): the smoke run on
+    # the CPU goes through the same code, compiled by aot_eager (no codegen).
+    compile_config = None
+    if compiled and device.type != "cuda":
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(backend="aot_eager", mode=None)
+        compile_config._compile_all_devices = True
+
+    def generate(ids: torch.Tensor, new: int, cache, **kwargs: Any) -> torch.Tensor:
+        given = cache_kwargs(model, cache) if cache is not None else {}
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
+                             do_sample=False, pad_token_id=0, **given, **kwargs)
         if out.shape[1] != ids.shape[1] + new:
             raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens, not {new}")
         return out
 
-    def measure(ids: torch.Tensor, method: str, make_cache) -> None:
-        generate(ids, 2, make_cache())
-        first = _synced_ms(lambda: generate(ids, 1, make_cache()), device)
+    def measure(ids: torch.Tensor, method: str, make_cache, compile_step: bool = False, **kwargs: Any) -> None:
+        if compile_step:
+            kwargs["compile_config"] = compile_config
+        generate(ids, 1 + steps if compile_step else 2, make_cache(), **kwargs)
+        first = _synced_ms(lambda: generate(ids, 1, make_cache(), **kwargs), device)
         cache = make_cache()
-        total = _synced_ms(lambda: generate(ids, 1 + steps, cache), device)
-        kv = (cache.memory_report().total.bytes_used if isinstance(cache, TCACache)
-              else sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)))
+        total = _synced_ms(lambda: generate(ids, 1 + steps, cache, **kwargs), device)
+        if isinstance(cache, TCACache):
+            kv = cache.memory_report().total.bytes_used
+        elif cache is not None:
+            kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        else:  # the StaticCache generate makes: room for the prompt and the new tokens
+            kv = 2 * num_layers * hkv * (ids.shape[1] + 1 + steps) * d * torch.finfo(dtype).bits // 8
         rows.append({"phase": "generate", "length": ids.shape[1], "method": method, "ttft_ms": first,
                      "total_ms": total, "ms_per_token": (total - first) / steps, "new_tokens": 1 + steps,
-                     "cache": type(cache).__name__, "layers": num_layers, "kv_bytes": kv})
+                     "cache": type(cache).__name__ if cache is not None else "StaticCache",
+                     "compiled": compile_step, "layers": num_layers, "kv_bytes": kv})
         if not smoke:
             print("generate row:", rows[-1], flush=True)
+        if compile_step:
+            torch._dynamo.reset()  # the next method compiles its own step
 
     for length in lengths:
         ids = torch.randint(1, cfg.vocab_size, (1, length), device=device)
         measure(ids, "dense", lambda: DynamicCache(config=cfg))
+        if compiled:
+            measure(ids, "dense compiled", lambda: None, True, cache_implementation="static")
         for label, keep in budgets:
             apply(model, budgets=HeadBudgets.uniform(num_layers, cfg.num_key_value_heads, keep, config))
             try:
                 measure(ids, label, lambda: TCACache(model))
+                if compiled:
+                    measure(ids, f"{label} compiled", lambda: TCACache(model, reserve_tokens=steps + 16), True)
             finally:
                 remove(model)
             if device.type == "cuda":
@@ -89,9 +125,9 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
 
 def print_generate(rows: list[dict[str, Any]]) -> None:
     """Per length, each method's times against dense's (speedup = dense time / method time)."""
-    dense = {r["length"]: r for r in rows if r["method"] == "dense"}
-    print(f"\n{'L':>8}  {'method':<14}{'TTFT ms':>10}{'per token ms':>14}{'vs dense':>10}  cache, KV")
+    dense = {(r["length"], r.get("compiled", False)): r for r in rows if r["method"].startswith("dense")}
+    print(f"\n{'L':>8}  {'method':<22}{'TTFT ms':>10}{'per token ms':>14}{'vs dense':>10}  cache, KV")
     for r in rows:
-        base = dense.get(r["length"], r)
-        print(f"{r['length']:>8}  {r['method']:<14}{r['ttft_ms']:>10.1f}{r['ms_per_token']:>14.3f}"
+        base = dense.get((r["length"], r.get("compiled", False)), r)
+        print(f"{r['length']:>8}  {r['method']:<22}{r['ttft_ms']:>10.1f}{r['ms_per_token']:>14.3f}"
               f"{base['ms_per_token'] / r['ms_per_token']:>9.2f}x  {r['cache']}, {r['kv_bytes'] / 2**20:,.0f} MiB")

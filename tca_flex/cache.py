@@ -94,10 +94,13 @@ class TCACacheLayer(CacheLayerMixin):
         reserve_tokens: after the prefill, leave room for this many decode
             tokens, so a generation of that length never grows (a growth
             changes buffer shapes: one recompile, one CUDA-graph re-capture).
+            With room reserved the layer is compileable for transformers:
+            ``generate`` on CUDA then compiles its decode step and replays it
+            from CUDA graphs, as for a ``StaticCache`` (``disable_compile=True``
+            in ``generate`` opts out; docs/cache.md).
         backend: decode kernel, see ``decode.decode_attention``.
     """
 
-    is_compileable = False
     is_sliding = False
     is_croppable = False
     supports_early_init = False
@@ -125,6 +128,13 @@ class TCACacheLayer(CacheLayerMixin):
         self.link = link
         self.growth, self.min_chunk_blocks, self.backend = growth, min_chunk_blocks, backend
         self._clear()
+
+    @property
+    def is_compileable(self) -> bool:
+        # transformers' generate compiles the decode step ("reduce-overhead": CUDA graphs) of a
+        # compileable cache. Only with reserved room: without it the buffers re-lay every few
+        # blocks, and each re-lay would re-record the graphs.
+        return self.reserve_tokens > 0
 
     def _clear(self) -> None:
         self.keys = self.values = None
@@ -266,6 +276,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.ncs = base_t.clone()  # first position not yet compressed, per row
         self.next_pos = torch.tensor(length, device=dev)
         self.prefilled, self._awaiting_prune = True, False
+        self._static_for_graphs()
 
     def set_prior(self, scores: torch.Tensor) -> None:
         """Rank the tokens of the prefill's final window by ``scores`` when their blocks leave it.
@@ -380,6 +391,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.owner = torch.where(valid, self.owner.gather(1, src), -1)
         self.pos = torch.where(valid, self.pos.gather(1, src), -1)
         self._set_layout(new)
+        self._static_for_graphs()
 
     def _select_rows(self, rows: torch.Tensor) -> None:
         if not self.prefilled:
@@ -395,17 +407,29 @@ class TCACacheLayer(CacheLayerMixin):
         self.pads = [self.pads[r] for r in order]
         self.batch_size = len(order)
         self._set_layout(self.layout.rows(order))
+        self._static_for_graphs()
 
     def mark_static(self) -> None:
-        """Mark the buffers as static addresses (for CUDA graphs); call after the prefill, outside compile.
+        """Mark the buffers as static addresses (for CUDA graphs); outside compile, after the prefill.
 
-        Dynamo then guards on the buffers' identity: a new cache, or a growth
-        of this one, recompiles. Reserve capacity (``reserve_tokens``) so a
-        generation does not grow.
+        A layer with ``reserve_tokens`` does this itself each time its buffers
+        are made. Unguarded: dynamo does not recompile for a new cache or a
+        re-lay of this one; CUDA-graph trees record new graphs for the new
+        addresses. Reserve capacity (``reserve_tokens``) so a generation does
+        not re-lay.
         """
         for t in (self.k_buf, self.v_buf, self.owner, self.pos, self.var_len, self.ncs, self.next_pos,
                   self.seg_start, self.base, self.segments.start, self.segments.length):
-            torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static_address(t, guard=False)
+
+    def _static_for_graphs(self) -> None:
+        # A compileable layer's buffers, each time they are (re)made: CUDA-graph trees replay a step
+        # that updates them in place only if their addresses are static (else they skip the graphs).
+        # Unguarded (mark_static_address's default), so a new cache re-records graphs, not recompiles.
+        # Not while tracing (a growth inside a compiled step): those buffers stay unmarked and the
+        # step runs compiled, without graphs, until the next re-lay outside a trace.
+        if self.is_compileable and not torch.compiler.is_compiling():
+            self.mark_static()
 
     # ------------------------------------------------------------- decode
 

@@ -64,6 +64,19 @@ def test_generate_phase_runs_plain_generate_for_dense_and_each_budget():
     assert rows["tca_10%+w"]["kv_bytes"] < rows["tca_40%+w"]["kv_bytes"] < rows["dense"]["kv_bytes"]
 
 
+def test_generate_phase_compiled_rows_compile_inside_generate():
+    """``--generate-compile``: dense over the ``StaticCache`` generate makes and TCA over a ``TCACache``
+    with reserved room, both compiled by ``generate`` itself (aot_eager on the CPU), beside the eager rows."""
+    result = bench.main(["--smoke", "--phases", "generate", "--e2e-layers", "1", "--e2e-keep", "0.25",
+                         "--generate-steps", "20", "--generate-compile"])
+    rows = {r["method"]: r for r in result["rows"] if r["phase"] == "generate"}
+    assert set(rows) == {"dense", "dense compiled", "tca_25%+w", "tca_25%+w compiled"}
+    assert [(rows[m]["cache"], rows[m]["compiled"]) for m in ("dense compiled", "tca_25%+w compiled")] == [
+        ("StaticCache", True), ("TCACache", True)]
+    assert not rows["dense"]["compiled"] and not rows["tca_25%+w"]["compiled"]
+    assert rows["tca_25%+w compiled"]["kv_bytes"] < rows["dense compiled"]["kv_bytes"]
+
+
 def test_generate_phase_refuses_no_timed_tokens(capsys):
     """Zero timed tokens would divide by zero after minutes of prefill: refused up front."""
     with pytest.raises(SystemExit):

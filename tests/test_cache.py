@@ -1,6 +1,7 @@
 import os
 import random
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -343,6 +344,43 @@ def test_tca_compile_compiles_the_decode_step_once(tca_compile_settings):
                 torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
                 tok = want.logits[:, -1:].argmax(-1)
         assert any(leaves[1:]), "no block was compressed in the compiled steps"
+    finally:
+        torch._dynamo.reset()
+
+
+def test_generate_compiles_the_decode_of_a_cache_with_reserved_room():
+    """``reserve_tokens`` makes the cache compileable for transformers: ``generate`` compiles the decode
+    step (on CUDA with CUDA graphs; here forced on the CPU) over buffers marked static each time they are
+    made, and greedy tokens equal eager ``generate``'s; a cache without reserved room is not compiled."""
+    from transformers import CompileConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)).eval()
+    tca_flex.apply(model, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=1))
+    x = ids(200, seed=random.randrange(2**31))  # fresh prompt each run
+    gen = dict(attention_mask=torch.ones_like(x), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+               pad_token_id=0)
+    plain = TCACache(model)
+    assert not plain.is_compileable
+    torch._dynamo.reset()
+    marked = []
+    mark = torch._dynamo.mark_static_address
+    try:
+        with torch.no_grad():
+            want = model.generate(x, **gen, **cache_kwargs(model, plain))
+            assert not hasattr(model, "_compiled_call"), "a cache without reserved room was compiled"
+            cache = TCACache(model, reserve_tokens=48)
+            assert cache.is_compileable
+            # aot_eager: what is compiled and how often is dynamo's business, as in the tests above.
+            config = CompileConfig(backend="aot_eager", mode=None)
+            config._compile_all_devices = True
+            with mock.patch.object(torch._dynamo, "mark_static_address",
+                                   side_effect=lambda t, guard=False: (marked.append(t), mark(t, guard=guard))):
+                got = model.generate(x, **gen, compile_config=config, **cache_kwargs(model, cache))
+        assert hasattr(model, "_compiled_call"), "generate did not compile the decode step"
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        layer = cache.layers[0]
+        assert any(t is layer.k_buf for t in marked) and any(t is layer.next_pos for t in marked)
     finally:
         torch._dynamo.reset()
 
