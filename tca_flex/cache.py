@@ -425,7 +425,7 @@ class TCACacheLayer(CacheLayerMixin):
     def _static_for_graphs(self) -> None:
         # A compileable layer's buffers, each time they are (re)made: CUDA-graph trees replay a step
         # that updates them in place only if their addresses are static (else they skip the graphs).
-        # Unguarded (mark_static_address's default), so a new cache re-records graphs, not recompiles.
+        # Unguarded, so a new cache re-records graphs; it does not recompile.
         # Not while tracing (a growth inside a compiled step): those buffers stay unmarked and the
         # step runs compiled, without graphs, until the next re-lay outside a trace.
         if self.is_compileable and not torch.compiler.is_compiling():

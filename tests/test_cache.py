@@ -386,6 +386,47 @@ def test_generate_compiles_the_decode_of_a_cache_with_reserved_room():
 
 
 @torch.no_grad()
+def test_a_layer_with_reserved_room_marks_every_buffer_it_makes_static():
+    """After the prefill, a re-lay past the reserve and a beam reorder, the buffers the decode step
+    updates in place are the ones marked static (CUDA-graph trees skip graphs over unmarked ones)."""
+    torch.manual_seed(random.randrange(2**31))
+    cfg = TCAConfig(block_size=16, window=64)
+    d = 32
+    q, k, v = (torch.randn(2, 2, 300, d) for _ in range(3))
+    budgets = mixed_budgets([0.25, 0.5], cfg)
+    knobs = SelectionConfig(block_size=16, window=64)
+    marked = []
+    mark = torch._dynamo.mark_static_address
+    with mock.patch.object(torch._dynamo, "mark_static_address",
+                           side_effect=lambda t, guard=False: (marked.append((t, guard)), mark(t, guard=guard))):
+        plain = TCACacheLayer(cfg, budgets.keep_per_block()[0].tolist(), backend="math")
+        plain.update(k, v)
+        plain.finish_prefill(k, v, select(q, k, budgets.cdf(0), knobs, scaling=d**-0.5))
+        assert not plain.is_compileable and marked == []
+        layer = TCACacheLayer(cfg, budgets.keep_per_block()[0].tolist(), reserve_tokens=16, backend="math")
+        layer.update(k, v)
+        layer.finish_prefill(k, v, select(q, k, budgets.cdf(0), knobs, scaling=d**-0.5))
+
+        def buffers():
+            return [layer.k_buf, layer.v_buf, layer.owner, layer.pos, layer.var_len, layer.ncs, layer.next_pos,
+                    layer.base, layer.segments.start, layer.segments.length]
+
+        def all_marked():
+            return all(any(t is m for m, _ in marked) for t in buffers())
+
+        assert layer.is_compileable and all_marked() and not any(guard for _, guard in marked)
+        slots = layer.k_buf.shape[1]
+        for _ in range(80):  # five blocks leave the window: past the one block of reserve
+            step = torch.randn(2, 2, 1, d)
+            layer.update(step, step)
+            layer.decode_step(torch.randn(2, 2, 1, d), d**-0.5)
+        assert layer.k_buf.shape[1] > slots, "the layer should have re-laid its buffers"
+        assert all_marked()
+        layer.reorder_cache(torch.tensor([1, 0]))
+        assert all_marked()
+
+
+@torch.no_grad()
 def test_unsupported_uses_raise_clear_errors(tiny_llama):
     with pytest.raises(ValueError, match="not prepared by tca_flex.apply"):
         TCACache(tiny_llama)
