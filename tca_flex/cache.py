@@ -301,6 +301,7 @@ class TCACacheLayer(CacheLayerMixin):
                              f"{tuple(scores.shape)}")
         self.prior = scores.detach().to(self.device, torch.float32)
         self._drop_spent_prior()
+        self._static_for_graphs()
 
     def _prior_pending(self) -> bool:
         """Whether a whole block of the prior's range has yet to leave the window (host ints)."""
@@ -419,8 +420,9 @@ class TCACacheLayer(CacheLayerMixin):
         not re-lay.
         """
         for t in (self.k_buf, self.v_buf, self.owner, self.pos, self.var_len, self.ncs, self.next_pos,
-                  self.seg_start, self.base, self.segments.start, self.segments.length):
-            torch._dynamo.mark_static_address(t, guard=False)
+                  self.seg_start, self.base, self.segments.start, self.segments.length, self.prior):
+            if t is not None:  # no prior: no reconstruction pending
+                torch._dynamo.mark_static_address(t, guard=False)
 
     def _static_for_graphs(self) -> None:
         # A compileable layer's buffers, each time they are (re)made: CUDA-graph trees replay a step

@@ -415,6 +415,8 @@ def test_a_layer_with_reserved_room_marks_every_buffer_it_makes_static():
             return all(any(t is m for m, _ in marked) for t in buffers())
 
         assert layer.is_compileable and all_marked() and not any(guard for _, guard in marked)
+        layer.set_prior(torch.rand(2, 2, 300))  # a reconstruction's scores, read by every decode step
+        assert any(layer.prior is m for m, _ in marked)
         slots = layer.k_buf.shape[1]
         for _ in range(80):  # five blocks leave the window: past the one block of reserve
             step = torch.randn(2, 2, 1, d)
