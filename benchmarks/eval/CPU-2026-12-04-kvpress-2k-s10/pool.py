@@ -1,0 +1,37 @@
+"""Pools the 2K equal-KV runs of seeds 0-4 (2026-12-02), 5-9 and 10-19 (2026-12-04): each method's
+average over the seeds it ran, and TCA's paired difference to each (by seed: the same prompts).
+
+    python benchmarks/eval/CPU-2026-12-04-kvpress-2k-s10/pool.py
+"""
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from tca_flex.eval.report import paired_difference
+
+EVAL = Path(__file__).resolve().parent.parent
+RUNS = [
+    "CPU-2026-12-02-kvpress-equal-kv/2k-a",  # dense, SnapKV w32k7, TOVA, StreamingLLM: seeds 0-4
+    "CPU-2026-12-02-kvpress-equal-kv/2k-b",  # PyramidKV w32k7, Knorm: seeds 0-4
+    "CPU-2026-12-02-kvpress-equal-kv/2k-tca",  # tca[smollm2_budgets]: seeds 0-4
+    "CPU-2026-12-04-kvpress-2k-s5/2k-presses-s5",  # dense, TOVA: seeds 5-9
+    "CPU-2026-12-04-kvpress-2k-s5/2k-tca-s5",  # tca[smollm2_budgets]: seeds 5-9
+    "CPU-2026-12-04-kvpress-2k-s10/2k-presses-s10",  # dense, TOVA: seeds 10-19
+    "CPU-2026-12-04-kvpress-2k-s10/2k-tca-s10",  # tca[smollm2_budgets]: seeds 10-19
+]
+TCA = "tca[smollm2_budgets]"
+
+records = [r for run in RUNS for r in json.loads((EVAL / run / "results.json").read_text())["records"]
+           if r["length"] == 2048 and r["kind"] == "task"]
+by_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+for r in records:
+    by_method[r["method"]][r["seed"]].append(100.0 * r["score"])
+print(f"{'method':<38}{'seeds':>7}{'avg':>7}   TCA - method (95% CI)")
+for method, seeds in sorted(by_method.items(), key=lambda kv: -statistics.fmean(
+        statistics.fmean(v) for v in kv[1].values())):
+    avg = statistics.fmean(statistics.fmean(v) for v in seeds.values())
+    mean, half = paired_difference(records, 2048, TCA, method)
+    gap = "-" if mean is None else f"{mean:+.1f} ± {half:.1f}" if half is not None else f"{mean:+.1f}"
+    print(f"{method:<38}{min(seeds)}-{max(seeds):<5}{avg:>7.1f}   {gap}")
