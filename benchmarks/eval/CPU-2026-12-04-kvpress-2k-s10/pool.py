@@ -2,6 +2,8 @@
 average over the seeds it ran, and TCA's paired difference to each (by seed: the same prompts).
 
     python benchmarks/eval/CPU-2026-12-04-kvpress-2k-s10/pool.py
+
+(It replaces the seeds 0-9 pool that sat beside the 5-9 run, git commit b90df06.)
 """
 
 import json
