@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import tca_prefill_attention
-from .bench_models import captured_decode, fastest_dense_sdpa, llama_8b_shaped, one_step_dense, static_copy
+from .bench_models import (
+    captured_decode,
+    dense_kv_bytes,
+    fastest_dense_sdpa,
+    llama_8b_shaped,
+    one_step_dense,
+    static_copy,
+)
 from .budgets import HeadBudgets
 from .cli_args import float_in, int_at_least
 from .compile import flex, kernel_options_for, prefill_backend, prefill_kernel_options
@@ -517,7 +524,6 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
     config = TCAConfig(block_size=128 if not smoke else 32, window=window)
     steps = tpot_steps or config.block_size
     hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    elem = torch.finfo(dtype).bits // 8
     fused = device.type == "cuda" and triton_supported(torch.empty(1, 1, 1, d, device=device, dtype=dtype))
     rows = []
 
@@ -543,7 +549,7 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
         model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dynamic))
         add("ttft", length, "dense_sdpa", timed(forward, device, warmup=0, reps=ttft_reps))
         dense = one_step_dense(dynamic)
-        dense_bytes = 2 * num_layers * hkv * (length + 1) * d * elem
+        dense_bytes = dense_kv_bytes(cfg, length + 1, dtype)
         add("tpot", length, "dense_tpot", cache="preallocated, maskless SDPA", kv_bytes=dense_bytes,
             **tpot(model, dense, length, device, steps))
         if static_baseline:

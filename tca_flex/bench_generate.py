@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .bench_models import fastest_dense_sdpa, llama_8b_shaped
+from .bench_models import dense_kv_bytes, fastest_dense_sdpa, llama_8b_shaped
 from .budgets import HeadBudgets
 from .cache import TCACache
 from .config import TCAConfig
@@ -65,7 +65,6 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
     config = TCAConfig(block_size=128 if not smoke else 32, window=window)
     rows: list[dict[str, Any]] = []
 
-    hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     # transformers compiles only on accelerators unless told (its flag for tests): the smoke run on
     # the CPU goes through the same code, compiled by aot_eager (no codegen).
     compile_config = None
@@ -95,7 +94,7 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
         elif cache is not None:
             kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         else:  # the StaticCache generate makes: room for the prompt and the new tokens
-            kv = 2 * num_layers * hkv * (ids.shape[1] + 1 + steps) * d * torch.finfo(dtype).bits // 8
+            kv = dense_kv_bytes(cfg, ids.shape[1] + 1 + steps, dtype)
         rows.append({"phase": "generate", "length": ids.shape[1], "method": method, "ttft_ms": first,
                      "total_ms": total, "ms_per_token": (total - first) / steps, "new_tokens": 1 + steps,
                      "cache": type(cache).__name__ if cache is not None else "StaticCache",

@@ -9,6 +9,12 @@ from typing import Any
 import torch
 
 
+def dense_kv_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of a dense K/V cache of ``tokens`` positions for a model of ``config`` (every layer, KV head)."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * torch.finfo(dtype).bits // 8
+
+
 def fastest_dense_sdpa() -> str:
     """Registers and names transformers' SDPA attention with no materialised mask for unpadded
     causal shapes (``integration.tca_mask``): prefill takes SDPA's causal kernel (cuDNN on

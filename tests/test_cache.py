@@ -1,3 +1,4 @@
+import contextlib
 import os
 import random
 import warnings
@@ -348,6 +349,20 @@ def test_tca_compile_compiles_the_decode_step_once(tca_compile_settings):
         torch._dynamo.reset()
 
 
+@contextlib.contextmanager
+def recorded_static_marks():
+    """Every ``mark_static_address(t, guard)`` call as ``(t, guard)``, still marking."""
+    marked = []
+    mark = torch._dynamo.mark_static_address
+
+    def record(t, guard=False):
+        marked.append((t, guard))
+        mark(t, guard=guard)
+
+    with mock.patch.object(torch._dynamo, "mark_static_address", side_effect=record):
+        yield marked
+
+
 def test_generate_compiles_the_decode_of_a_cache_with_reserved_room():
     """``reserve_tokens`` makes the cache compileable for transformers: ``generate`` compiles the decode
     step (on CUDA with CUDA graphs; here forced on the CPU) over buffers marked static each time they are
@@ -363,8 +378,6 @@ def test_generate_compiles_the_decode_of_a_cache_with_reserved_room():
     plain = TCACache(model)
     assert not plain.is_compileable
     torch._dynamo.reset()
-    marked = []
-    mark = torch._dynamo.mark_static_address
     try:
         with torch.no_grad():
             want = model.generate(x, **gen, **cache_kwargs(model, plain))
@@ -374,13 +387,12 @@ def test_generate_compiles_the_decode_of_a_cache_with_reserved_room():
             # aot_eager: what is compiled and how often is dynamo's business, as in the tests above.
             config = CompileConfig(backend="aot_eager", mode=None)
             config._compile_all_devices = True
-            with mock.patch.object(torch._dynamo, "mark_static_address",
-                                   side_effect=lambda t, guard=False: (marked.append(t), mark(t, guard=guard))):
+            with recorded_static_marks() as marked:
                 got = model.generate(x, **gen, compile_config=config, **cache_kwargs(model, cache))
         assert hasattr(model, "_compiled_call"), "generate did not compile the decode step"
         torch.testing.assert_close(got, want, atol=0, rtol=0)
         layer = cache.layers[0]
-        assert any(t is layer.k_buf for t in marked) and any(t is layer.next_pos for t in marked)
+        assert any(t is layer.k_buf for t, _ in marked) and any(t is layer.next_pos for t, _ in marked)
     finally:
         torch._dynamo.reset()
 
@@ -395,10 +407,7 @@ def test_a_layer_with_reserved_room_marks_every_buffer_it_makes_static():
     q, k, v = (torch.randn(2, 2, 300, d) for _ in range(3))
     budgets = mixed_budgets([0.25, 0.5], cfg)
     knobs = SelectionConfig(block_size=16, window=64)
-    marked = []
-    mark = torch._dynamo.mark_static_address
-    with mock.patch.object(torch._dynamo, "mark_static_address",
-                           side_effect=lambda t, guard=False: (marked.append((t, guard)), mark(t, guard=guard))):
+    with recorded_static_marks() as marked:
         plain = TCACacheLayer(cfg, budgets.keep_per_block()[0].tolist(), backend="math")
         plain.update(k, v)
         plain.finish_prefill(k, v, select(q, k, budgets.cdf(0), knobs, scaling=d**-0.5))
