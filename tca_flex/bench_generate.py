@@ -55,8 +55,9 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
                   device: torch.device, dtype: torch.dtype, smoke: bool, steps: int,
                   compiled: bool = False) -> list[dict[str, Any]]:
     """Rows ``{"phase": "generate", "length", "method", "ttft_ms", "total_ms", "ms_per_token",
-    "new_tokens", "cache", "compiled", "layers", "kv_bytes"}`` per length and method (see the module
-    doc)."""
+    "new_tokens", "cache", "compiled", "first_call_ms", "layers", "kv_bytes"}`` per length and method
+    (see the module doc; ``first_call_ms``: the untimed warm-up call of 2 new tokens, or of the timed
+    call's tokens where generate compiles)."""
     from transformers import DynamicCache
 
     model = llama_8b_shaped(num_layers, device, dtype, smoke, max(lengths) + steps + 64)
@@ -85,7 +86,9 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
     def measure(ids: torch.Tensor, method: str, make_cache, compile_step: bool = False, **kwargs: Any) -> None:
         if compile_step:
             kwargs["compile_config"] = compile_config
-        generate(ids, 1 + steps if compile_step else 2, make_cache(), **kwargs)
+        # The untimed call, timed too: the first request's own cost (compiles included when generate compiles).
+        first_call = _synced_ms(lambda: generate(ids, 1 + steps if compile_step else 2, make_cache(), **kwargs),
+                                device)
         first = _synced_ms(lambda: generate(ids, 1, make_cache(), **kwargs), device)
         cache = make_cache()
         total = _synced_ms(lambda: generate(ids, 1 + steps, cache, **kwargs), device)
@@ -98,7 +101,7 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
         rows.append({"phase": "generate", "length": ids.shape[1], "method": method, "ttft_ms": first,
                      "total_ms": total, "ms_per_token": (total - first) / steps, "new_tokens": 1 + steps,
                      "cache": type(cache).__name__ if cache is not None else "StaticCache",
-                     "compiled": compile_step, "layers": num_layers, "kv_bytes": kv})
+                     "compiled": compile_step, "first_call_ms": first_call, "layers": num_layers, "kv_bytes": kv})
         if not smoke:
             print("generate row:", rows[-1], flush=True)
         if compile_step:

@@ -74,6 +74,7 @@ def test_generate_phase_compiled_rows_compile_inside_generate():
     assert [(rows[m]["cache"], rows[m]["compiled"]) for m in ("dense compiled", "tca_25%+w compiled")] == [
         ("StaticCache", True), ("TCACache", True)]
     assert not rows["dense"]["compiled"] and not rows["tca_25%+w"]["compiled"]
+    assert all(r["first_call_ms"] > 0 for r in rows.values())  # each row keeps its first request's time
     assert rows["tca_25%+w compiled"]["kv_bytes"] < rows["dense compiled"]["kv_bytes"]
 
 
