@@ -6,6 +6,7 @@
     python -m tca_flex.bench --phases chunks # chunked prefill and conversations (bench_chunks.py)
     python -m tca_flex.bench --phases batch  # left-padded mixed-length batches (bench_batch.py)
     python -m tca_flex.bench --phases generate  # plain model.generate, eager (bench_generate.py)
+    python -m tca_flex.bench --phases generate_stream  # requests through generate (bench_generate_stream.py)
 
 Every TCA variant is checked against SDPA with an explicit mask (on the last
 queries) before it is timed. Results go to ``benchmarks/results/<device>-<date>.json``
@@ -695,11 +696,14 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the torch.compile'd decode step at the last length given")
     parser.add_argument("--phases", nargs="+",
-                        choices=["prefill", "decode", "e2e", "generate", "stream", "chunks", "batch"],
+                        choices=["prefill", "decode", "e2e", "generate", "generate_stream", "stream", "chunks",
+                                 "batch"],
                         default=["prefill", "decode", "e2e"])
-    parser.add_argument("--stream-count", type=int, default=24, help="requests in the stream phase")
+    parser.add_argument("--stream-count", type=int, default=24,
+                        help="requests in the stream and generate_stream phases")
     parser.add_argument("--stream-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="prompt lengths of the stream phase (default 8192 131072; smoke 900 1500)")
+                        help="prompt lengths of the stream phase (default 8192 131072; smoke 900 1500) and the "
+                             "generate_stream phase (default 8192 65536; smoke 300 700)")
     parser.add_argument("--chunk-prompt", type=int, default=131072, help="chunks phase: prompt length")
     parser.add_argument("--chunk-size", type=int, default=8192, help="chunks phase: tokens per chunk")
     parser.add_argument("--turns", type=int, nargs="+", default=[32768, 2048, 2048, 2048],
@@ -710,7 +714,8 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--batch-decode-steps", type=int, default=None,
                         help="batch phase: decode steps timed per batch (default 128; smoke 40)")
     parser.add_argument("--generate-steps", type=int_at_least(1), default=None,
-                        help="generate phase: new tokens timed after the first (default 128; smoke 40)")
+                        help="generate phase: new tokens timed after the first (default 128; smoke 40); "
+                             "generate_stream: new tokens per request (default 64; smoke 40)")
     parser.add_argument("--generate-compile", action="store_true",
                         help="generate phase: also the rows where generate compiles its decode step and replays "
                              "it from CUDA graphs (dense StaticCache, TCACache with reserve_tokens)")
@@ -778,6 +783,16 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                             args.generate_steps or (40 if args.smoke else 128), args.generate_compile)
         rows.extend(new)
         print_generate(new)
+        measured([])
+    if "generate_stream" in args.phases:
+        from .bench_generate_stream import generate_stream_rows, print_generate_stream
+
+        lo, hi = args.stream_range or ((300, 700) if args.smoke else (8192, 65536))
+        result["generate_stream"] = generate_stream_rows(
+            args.stream_count, lo, hi, max(1, args.e2e_layers), args.e2e_keep[0], 128 if args.smoke else window,
+            device, dtype, args.smoke, args.generate_steps or (40 if args.smoke else 64))
+        rows.extend(result["generate_stream"].pop("rows"))
+        print_generate_stream({**result["generate_stream"], "rows": rows})
         measured([])
     if "chunks" in args.phases:
         from .bench_chunks import chunk_bench_rows
