@@ -12,9 +12,10 @@ same stream, one after the other:
 - ``dense``: transformers' default ``DynamicCache``, eager;
 - ``dense compiled``: ``cache_implementation="static"``: ``generate`` compiles its decode step and
   replays it from CUDA graphs (transformers' auto-compile);
-- ``tca``: ``tca_flex.apply`` + ``tca_flex.warmup`` (timed apart) + a new ``TCACache`` per request;
+- ``tca``: ``tca_flex.apply`` + ``tca_flex.warmup(..., generate=True)`` (timed apart: the
+  prefill's graphs and generate's compiled decode step) + a new ``TCACache`` per request;
 - ``tca compiled``: the same with ``TCACache(model, reserve_tokens=...)``, which ``generate``
-  compiles like the static cache.
+  compiles like the static cache (the warm-up compiled it: each request records CUDA graphs only).
 
 Per request the row keeps the graphs dynamo compiled during it and, on CUDA, the memory held
 after it (allocated and reserved): a path that recompiles or records per length shows it here.
@@ -102,14 +103,14 @@ def generate_stream_rows(count: int, lo: int, hi: int, num_layers: int, keep: fl
     fresh()
     apply(model, budgets=HeadBudgets.uniform(num_layers, cfg.num_key_value_heads, keep, config))
     try:
-        report = warmup(model, hi, progress=False)
+        report = warmup(model, hi, generate=True, compile_config=compile_config, progress=False)
         stream("tca", lambda: TCACache(model))
         stream("tca compiled", lambda: TCACache(model, reserve_tokens=new_tokens + 16),
                compile_config=compile_config)
     finally:
         remove(model)
     return {"lengths": lengths, "keep": keep, "new_tokens": new_tokens, "warmup_s": report.seconds,
-            "warmup_graphs": report.graphs, "rows": rows}
+            "warmup_generate_s": report.generate_seconds, "warmup_graphs": report.graphs, "rows": rows}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -132,7 +133,8 @@ def print_generate_stream(result: dict[str, Any]) -> None:
     lengths = result["lengths"]
     print(f"\ngenerate stream: {len(lengths)} distinct lengths {min(lengths)}-{max(lengths)}, "
           f"{result['new_tokens']} new tokens each, TCA {round(100 * result['keep'])}% + window; "
-          f"tca_flex.warmup {result['warmup_s']:.1f} s ({result['warmup_graphs']} graphs)")
+          f"tca_flex.warmup {result['warmup_s']:.1f} s ({result['warmup_graphs']} graphs; generate's step "
+          f"{result['warmup_generate_s']:.1f} s of it)")
     print(f"  {'method':<16}{'first ms':>11}{'median ms':>11}{'max ms':>11}{'total s':>9}{'graphs':>8}  "
           "total vs dense (same compile path)")
     for method, s in summarise(result["rows"]).items():

@@ -125,6 +125,9 @@ class TCACacheLayer(CacheLayerMixin):
         self.keep_host = keep
         self._keep_list = keep.tolist()
         self.reserve_tokens = reserve_tokens
+        # A bool, read by transformers inside the compiled step: dynamo guards on its value, so
+        # requests with other reserves reuse the step (guarding on the int would recompile).
+        self._compileable = reserve_tokens > 0
         self.link = link
         self.growth, self.min_chunk_blocks, self.backend = growth, min_chunk_blocks, backend
         self._clear()
@@ -134,7 +137,7 @@ class TCACacheLayer(CacheLayerMixin):
         # transformers' generate compiles the decode step ("reduce-overhead": CUDA graphs) of a
         # compileable cache. Only with reserved room: without it the buffers re-lay every few
         # blocks, and each re-lay would re-record the graphs.
-        return self.reserve_tokens > 0
+        return self._compileable
 
     def _clear(self) -> None:
         self.keys = self.values = None

@@ -304,7 +304,8 @@ def pack_positions(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
 
 
 def observed_queries(q_bhsd: torch.Tensor, num_queries: int, num_spread: int = 0, window: int = 0) -> torch.Tensor:
-    """``[B, H_q, num_queries + num_spread, D]``: the observation queries' rows (contiguous).
+    """``[B, H_q, num_queries + num_spread, D]``: the observation queries' rows, a new tensor
+    with standard contiguous strides (none depends on the prompt length).
 
     What a selection with ``observed=True`` takes instead of every query: the
     selection reads no other query row, so a caller that compiles it passes
@@ -314,7 +315,10 @@ def observed_queries(q_bhsd: torch.Tensor, num_queries: int, num_spread: int = 0
     if num_spread == 0 and length >= num_queries:
         # The common case as one slice: the general path's few index ops cost more host time
         # than the GPU spends on the whole selection (32K tokens, H200).
-        return q_bhsd[:, :, length - num_queries:].contiguous()
+        # A copy, not .contiguous(): with one row per head (or a batch of one) the slice already
+        # counts as contiguous and keeps the full tensor's batch stride, L * H * D, which a
+        # compiled caller's guards would then tie to this prompt length (one graph per length).
+        return q_bhsd[:, :, length - num_queries:].clone(memory_format=torch.contiguous_format)
     positions = observation_queries(length, num_queries, num_spread, window, q_bhsd.device)[0]
     return q_bhsd.index_select(2, positions)
 

@@ -18,12 +18,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
 
 from .attention import prefill_attention_op, tca_prefill_attention
-from .cache import TCACacheLayer
+from .cache import TCACache, TCACacheLayer
+from .hfcompat import cache_kwargs
 from .integration import attention_modules, is_applied
 from .layer import TCALayer, tca_layer
 from .selection import Selection
@@ -42,6 +44,8 @@ class WarmupReport:
         seconds: wall time of the whole warm-up.
         per_length: seconds spent at each length (compiles included).
         compiled: names of the paths exercised.
+        generate_seconds: of ``seconds``, the time spent warming ``generate``'s
+            compiled decode step (0 without ``generate=True``).
     """
 
     lengths: tuple[int, ...]
@@ -49,6 +53,7 @@ class WarmupReport:
     seconds: float
     per_length: tuple[float, ...]
     compiled: tuple[str, ...] = field(default=("prefill selection", "prefill attention", "decode step"))
+    generate_seconds: float = 0.0
 
     def __str__(self) -> str:
         steps = ", ".join(f"{n}: {s:.1f} s" for n, s in zip(self.lengths, self.per_length, strict=True))
@@ -77,7 +82,7 @@ def warmup_lengths(window: int, max_length: int, block: int) -> list[int]:
 
 def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None = None,
            device: torch.device | str | None = None, batch_size: int = 1, decode: bool = True,
-           progress: bool = True) -> WarmupReport:
+           generate: bool = False, compile_config: Any = None, progress: bool = True) -> WarmupReport:
     """Compile everything a server needs for prompts up to ``max_length`` tokens.
 
     Runs the TCA prefill of one attention layer (every layer shares its
@@ -91,14 +96,24 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
         dtype, device: what the model will run in (default: its parameters').
         batch_size: the batch size to serve (the graphs are specialised on it).
         decode: also warm the pruned cache's decode path.
+        generate: also compile the decode step that ``model.generate`` compiles
+            by itself over a ``TCACache(model, reserve_tokens=N)`` (transformers'
+            auto-compile): two short generations at two prompt lengths, after
+            which the step's sizes are symbolic and no later request, of any
+            length, reserve or number of new tokens, compiles it again (each new
+            cache still records its CUDA graphs). Runs the whole model.
+        compile_config: the ``transformers.CompileConfig`` your ``generate``
+            calls will pass (default: the model's ``generation_config``'s, as
+            ``generate`` does); ``generate`` keeps one compiled step per config.
         progress: show a progress bar (tqdm, if installed) over the lengths.
 
     Returns:
         A ``WarmupReport``; ``str(report)`` is a one-line summary.
 
     Raises:
-        ValueError: the model was not prepared by ``tca_flex.apply``, or
-            ``max_length`` leaves no room for a sparse prefill.
+        ValueError: the model was not prepared by ``tca_flex.apply``,
+            ``max_length`` leaves no room for a sparse prefill, or ``generate``
+            was asked where transformers would not compile (see below).
     """
     if not is_applied(model):
         raise ValueError("tca_flex.warmup: call tca_flex.apply(model) first")
@@ -114,6 +129,8 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
     hq = hkv * (model.config.num_attention_heads // model.config.num_key_value_heads)
     d = mod.head_dim
     lengths = warmup_lengths(config.window, max_length, config.block_size)
+    if generate:
+        _check_generate_compiles(model, device, compile_config)
     cdf = layer.cdf.to(device)
     start, before, per_length = time.perf_counter(), _graphs(), []
     bar = _progress(lengths, progress)
@@ -134,9 +151,15 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             per_length.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        if generate:
+            _generate_twice(model, lengths[0], config.block_size, batch_size, device, compile_config)
+        generate_seconds = time.perf_counter() - t0 if generate else 0.0
     report = WarmupReport(lengths=tuple(lengths), graphs=_graphs() - before,
                           seconds=time.perf_counter() - start, per_length=tuple(per_length),
-                          compiled=("prefill selection", "prefill attention") + (("decode step",) if decode else ()))
+                          compiled=("prefill selection", "prefill attention") + (("decode step",) if decode else ())
+                          + (("generate's compiled decode step",) if generate else ()),
+                          generate_seconds=generate_seconds)
     logger.info("%s", report)
     return report
 
@@ -150,6 +173,42 @@ def _decode_once(layer: TCALayer, key: torch.Tensor, value: torch.Tensor, sel: S
         new_k = torch.randn_like(key[:, :, :1])
         cache.update(new_k, torch.randn_like(new_k))
         cache.decode_step(torch.randn(key.shape[0], hq, 1, d, device=key.device, dtype=key.dtype), d ** -0.5)
+
+
+def _check_generate_compiles(model: torch.nn.Module, device: torch.device, compile_config: Any) -> None:
+    """Refuse ``generate=True`` where transformers' ``generate`` would not compile: nothing to warm."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not hasattr(model, "generate"):
+        raise ValueError("tca_flex.warmup(generate=True) needs a transformers model with generate()")
+    if config.disable_compile:
+        raise ValueError("tca_flex.warmup(generate=True): the model's generation_config has disable_compile=True, "
+                         "so generate compiles nothing; drop generate=True or re-enable compiling")
+    chosen = compile_config or config.compile_config
+    if device.type == "cpu" and not (chosen is not None and chosen._compile_all_devices):
+        raise ValueError("tca_flex.warmup(generate=True): transformers' generate compiles its decode step on "
+                         "accelerators only, so on the CPU there is nothing to warm; run on the GPU, or pass the "
+                         "compile_config (with _compile_all_devices=True) that your generate calls use")
+
+
+def _generate_twice(model: torch.nn.Module, length: int, block: int, batch_size: int, device: torch.device,
+                    compile_config: Any) -> None:
+    """Two greedy generations of 3 tokens over ``TCACache(reserve_tokens=...)`` at two prompt lengths.
+
+    generate compiles its step at the first decode step with every size
+    specialised, again at the second (the token count turns symbolic), and
+    once more at the second prompt length (the buffers' sizes turn
+    symbolic); after that no length compiles anything.
+    """
+    gen = torch.Generator(device=device).manual_seed(1)
+    vocab = model.config.vocab_size
+    pad = model.generation_config.pad_token_id
+    # None would replace the generation_config's own compile_config: pass only a given one.
+    given = {"compile_config": compile_config} if compile_config is not None else {}
+    for n in (length, length + 2 * block + 17):
+        ids = torch.randint(1, vocab, (batch_size, n), generator=gen, device=device)
+        cache = TCACache(model, reserve_tokens=block)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
+                       do_sample=False, pad_token_id=0 if pad is None else pad, **given, **cache_kwargs(model, cache))
 
 
 def _progress(lengths: list[int], show: bool):

@@ -155,11 +155,10 @@ def test_smoke_batch_phase_times_padded_batches_against_rows_and_dense():
         assert 0 < tca["kv_bytes"] < dense["kv_bytes"] and 0 < tca["kept_fraction"] < 1
 
 
-def test_smoke_generate_stream_phase_compiles_decode_for_two_lengths_only():
-    """``--phases generate_stream``: every method sees every distinct length once, in the same order;
-    the eager TCA requests compile nothing after ``tca_flex.warmup``, and generate's compiled decode
-    step over ``TCACache(reserve_tokens=...)`` compiles on the first two lengths only (then its sizes
-    are dynamic), so no later request of the stream pays a compile."""
+def test_smoke_generate_stream_phase_compiles_nothing_after_the_warmup():
+    """``--phases generate_stream``: every method sees every distinct length once, in the same order,
+    and after ``tca_flex.warmup(generate=True)`` no TCA request compiles anything, eager or through
+    generate's own compiled decode step over ``TCACache(reserve_tokens=...)``."""
     result = bench.main(["--smoke", "--phases", "generate_stream", "--stream-count", "5", "--e2e-layers", "1",
                          "--generate-steps", "36"])
     lengths = result["generate_stream"]["lengths"]
@@ -170,6 +169,6 @@ def test_smoke_generate_stream_phase_compiles_decode_for_two_lengths_only():
         assert [r["length"] for r in mine] == lengths, method
         assert all(r["ms"] > 0 and r["new_tokens"] == 36 for r in mine)
     graphs = {m: [r["graphs"] for r in rows if r["method"] == m] for m in ("tca", "tca compiled")}
-    assert graphs["tca"] == [0] * 5
-    assert graphs["tca compiled"][0] > 0 and graphs["tca compiled"][2:] == [0] * 3
+    assert graphs == {"tca": [0] * 5, "tca compiled": [0] * 5}
+    assert result["generate_stream"]["warmup_generate_s"] > 0
     assert {r["cache"] for r in rows if r["method"].startswith("tca")} == {"TCACache"}

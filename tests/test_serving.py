@@ -55,21 +55,27 @@ def test_ten_prompt_lengths_compile_one_graph_and_match_the_reference(tiny_llama
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"length {n}: {m}")
 
 
-def test_compiled_selection_is_length_generic():
+@pytest.mark.parametrize("config", [TCAConfig.accurate(block_size=16, window=64, anchor_blocks=30, guard_floor=0.9,
+                                                       span=1),
+                                    TCAConfig(block_size=16, window=64)], ids=["accurate", "paper"])
+def test_compiled_selection_is_length_generic(config):
     """The CUDA path compiles the selection too: one graph for every length (checked on the CPU),
-    fed only the observation queries' rows, and equal to the selection over every query."""
+    fed only the observation queries' rows, and equal to the selection over every query. The
+    queries are laid out as a model's projections hand them over (``[B, L, H, D]`` transposed):
+    the paper's single observation row was once a view keeping the batch stride ``L * H * D``,
+    and the graph compiled again for every length."""
     from tca_flex.attention import _select_positions, tca_select
     from tca_flex.compile import length_generic
     from tca_flex.masks import KERNEL_BLOCK, key_positions
     from tca_flex.selection import observed_queries
 
-    config = TCAConfig.accurate(block_size=16, window=64, anchor_blocks=30, guard_floor=0.9, span=1)
+    torch._dynamo.reset()  # the other config's graph would otherwise count as this one's recompile
     probs = torch.rand(2, config.block_size + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     cdf = HeadBudgets(probs=(probs / probs.sum(-1, keepdim=True)).unsqueeze(0), config=config).cdf(0)
     select = length_generic(_select_positions, (1, 2))
     gen = torch.Generator().manual_seed(4)
     for i, n in enumerate(LENGTHS[:6]):
-        q, k = torch.randn(1, 4, n, 8, generator=gen), torch.randn(1, 2, n, 8, generator=gen)
+        q, k = torch.randn(1, n, 4, 8, generator=gen).transpose(1, 2), torch.randn(1, 2, n, 8, generator=gen)
         q_obs = observed_queries(q, config.num_observation_queries, config.spread_observation_queries,
                                  config.window)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
@@ -115,6 +121,47 @@ def test_warmup_compiles_ahead_and_leaves_no_global_change(tiny_llama):
     assert torch._dynamo.config.recompile_limit == limit
     with pytest.raises(ValueError, match="no room above the window"):
         tca_flex.warmup(tiny_llama, max_length=100)
+
+
+@torch.no_grad()
+def test_warmup_generate_compiles_generates_step_once_for_every_later_request(tiny_llama):
+    """``warmup(generate=True)`` compiles the decode step that ``generate`` compiles by itself over a
+    ``TCACache`` with reserved room (on the CPU forced, with aot_eager: dynamo's guards are what is
+    tested): afterwards requests of new lengths, reserves (one outgrown mid-generation) and answer
+    lengths compile nothing, and their tokens equal eager ``generate``'s."""
+    import random
+
+    from transformers import CompileConfig
+
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, CONFIG))
+    config = CompileConfig(backend="aot_eager", mode=None)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        report = tca_flex.warmup(tiny_llama, max_length=900, generate=True, compile_config=config, progress=False)
+        assert "generate's compiled decode step" in report.compiled and 0 < report.generate_seconds < report.seconds
+        assert hasattr(tiny_llama, "_compiled_call")
+        gen = torch.Generator().manual_seed(random.randrange(2**31))  # fresh prompts each run
+        for n, new, reserve in ((347, 30, 40), (541, 21, 100), (263, 40, 8)):
+            x = torch.randint(0, 256, (1, n), generator=gen)
+            kwargs = dict(attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=0)
+            want = tiny_llama.generate(x, **kwargs, **cache_kwargs(tiny_llama, tca_flex.TCACache(tiny_llama)))
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                got = tiny_llama.generate(x, **kwargs, compile_config=config, **cache_kwargs(
+                    tiny_llama, tca_flex.TCACache(tiny_llama, reserve_tokens=reserve)))
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_warmup_generate_refuses_where_generate_compiles_nothing(tiny_llama):
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, CONFIG))
+    with pytest.raises(ValueError, match="accelerators only"):
+        tca_flex.warmup(tiny_llama, max_length=900, generate=True, progress=False)
+    tiny_llama.generation_config.disable_compile = True
+    with pytest.raises(ValueError, match="disable_compile"):
+        tca_flex.warmup(tiny_llama, max_length=900, generate=True, progress=False)
 
 
 def test_warmup_refuses_a_model_without_apply(tiny_llama):
