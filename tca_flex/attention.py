@@ -82,6 +82,13 @@ def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.
     return output_and_lse_if(return_lse, flex_attention, q_bhsd, k_all, v_all, **kwargs)
 
 
+def compiles_selection(q_bhsd: torch.Tensor) -> bool:
+    """Whether ``tca_prefill_attention`` runs the selection as its compiled graph (on CUDA, outside
+    a caller's compiled graph). A function, so that the CPU tests can take the CUDA path's route
+    through a model (its layouts, its custom op) and check that the graph serves every length."""
+    return q_bhsd.is_cuda and not torch.compiler.is_compiling()
+
+
 def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
                           cdf_hk: torch.Tensor, config: TCAConfig, scaling: float,
                           return_lse: bool = False, return_selection: bool = False,
@@ -123,7 +130,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     # their work (2.5 ms at 32K): compiled, they fuse into a few. On the CPU it
     # stays eager (cheap at CPU lengths, and no compile in every test process).
     select_fn = _select_positions
-    if q_bhsd.is_cuda and not torch.compiler.is_compiling():
+    if compiles_selection(q_bhsd):
         select_fn = length_generic(_select_positions, (1, 2))
     # The compiled selection sees the few observation rows and contiguous keys: one graph
     # whatever layout the caller's tensors have (a model's transposed projections, a
