@@ -435,6 +435,12 @@ class TCACacheLayer(CacheLayerMixin):
         # step runs compiled, without graphs, until the next re-lay outside a trace.
         if self.is_compileable and not torch.compiler.is_compiling():
             self.mark_static()
+            # The slot count differs per request: a compiled step takes it symbolic from its first
+            # compile, instead of compiling again at the second prompt length.
+            for t in (self.k_buf, self.v_buf, self.owner, self.pos):
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+            if self.prior is not None:
+                torch._dynamo.maybe_mark_dynamic(self.prior, 2)
 
     # ------------------------------------------------------------- decode
 

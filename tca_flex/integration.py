@@ -41,9 +41,10 @@ from .layer import TCALayer, attach, detach
 from .unpad import Unpadder
 
 logger = logging.getLogger(__name__)
-# Dynamo's name for every TCACache layer's count of tokens seen (a Python int that grows each
-# decode step), as a regex over source names such as ``L['kwargs']['cache'].layers[0]._seen``.
-TCA_LENGTH_SOURCE = r".*\.layers\[\d+\]\._seen$"
+# Dynamo's names for every TCACache layer's count of tokens seen (a Python int that grows each
+# decode step) and the count at which its buffers next grow (differs per request), as a regex over
+# source names such as ``L['kwargs']['cache'].layers[0]._seen``.
+TCA_LENGTH_SOURCE = r".*\.layers\[\d+\]\.(_seen|_grow_at)$"
 
 ATTN_NAME = "tca"
 DEFAULT_KEEP_FRACTION = 0.25

@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 from .attention import prefill_attention_op, tca_prefill_attention
 from .cache import TCACache, TCACacheLayer
 from .hfcompat import cache_kwargs
-from .integration import attention_modules, is_applied
+from .integration import TCA_LENGTH_SOURCE, attention_modules, is_applied
 from .layer import TCALayer, tca_layer
 from .selection import Selection
 
@@ -190,25 +190,37 @@ def _check_generate_compiles(model: torch.nn.Module, device: torch.device, compi
                          "compile_config (with _compile_all_devices=True) that your generate calls use")
 
 
+# The attention mask ``generate`` passes to the compiled step, as dynamo names it.
+_MASK_SOURCE = r".*\['attention_mask'\]$"
+
+
 def _generate_twice(model: torch.nn.Module, length: int, block: int, batch_size: int, device: torch.device,
                     compile_config: Any) -> None:
     """Two greedy generations of 3 tokens over ``TCACache(reserve_tokens=...)`` at two prompt lengths.
 
-    generate compiles its step at the first decode step with every size
-    specialised, again at the second (the token count turns symbolic), and
-    once more at the second prompt length (the buffers' sizes turn
-    symbolic); after that no length compiles anything.
+    Left to itself, generate compiles its step at the first decode step with
+    every size specialised, again at the second (the token count turns
+    symbolic) and once more at the second prompt length (the slot count
+    turns symbolic). Here the first compile takes them symbolic; the second
+    generation checks that nothing compiles again.
     """
     gen = torch.Generator(device=device).manual_seed(1)
     vocab = model.config.vocab_size
     pad = model.generation_config.pad_token_id
     # None would replace the generation_config's own compile_config: pass only a given one.
     given = {"compile_config": compile_config} if compile_config is not None else {}
-    for n in (length, length + 2 * block + 17):
-        ids = torch.randint(1, vocab, (batch_size, n), generator=gen, device=device)
-        cache = TCACache(model, reserve_tokens=block)
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
-                       do_sample=False, pad_token_id=0 if pad is None else pad, **given, **cache_kwargs(model, cache))
+    # The cache's token counts symbolic from the first compile (its buffers' slot counts are marked
+    # by the cache itself), and the mask generate hands the step (transformers < 5.23 makes it 4-D,
+    # as long as the tokens seen): one compile instead of three. Patched for these calls only: the
+    # compiled step keeps its symbolic sizes, and no setting outlives the warm-up.
+    sources = ",".join(filter(None, (torch.compiler.config.dynamic_sources, TCA_LENGTH_SOURCE, _MASK_SOURCE)))
+    with torch.compiler.config.patch(dynamic_sources=sources):
+        for n in (length, length + 2 * block + 17):
+            ids = torch.randint(1, vocab, (batch_size, n), generator=gen, device=device)
+            cache = TCACache(model, reserve_tokens=block)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
+                           do_sample=False, pad_token_id=0 if pad is None else pad, **given,
+                           **cache_kwargs(model, cache))
 
 
 def _progress(lengths: list[int], show: bool):

@@ -133,9 +133,9 @@ def test_warmup_compiles_ahead_and_leaves_no_global_change(tiny_llama):
 
 @torch.no_grad()
 def test_warmup_generate_compiles_generates_step_once_for_every_later_request(tiny_llama):
-    """``warmup(generate=True)`` compiles the decode step that ``generate`` compiles by itself over a
-    ``TCACache`` with reserved room (on the CPU forced, with aot_eager: dynamo's guards are what is
-    tested): afterwards requests of new lengths, reserves (one outgrown mid-generation) and answer
+    """``warmup(generate=True)`` compiles, once, the decode step that ``generate`` compiles by itself
+    over a ``TCACache`` with reserved room (on the CPU forced, with aot_eager: dynamo's guards are
+    what is tested): afterwards requests of new lengths, reserves (one outgrown mid-generation) and answer
     lengths compile nothing, and their tokens equal eager ``generate``'s."""
     import random
 
@@ -144,10 +144,16 @@ def test_warmup_generate_compiles_generates_step_once_for_every_later_request(ti
     tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, CONFIG))
     config = CompileConfig(backend="aot_eager", mode=None)
     config._compile_all_devices = True
+    sources_before = torch.compiler.config.dynamic_sources
     torch._dynamo.reset()
     try:
+        tca_flex.warmup(tiny_llama, max_length=900, progress=False)  # the prefill's graphs
         report = tca_flex.warmup(tiny_llama, max_length=900, generate=True, compile_config=config, progress=False)
         assert "generate's compiled decode step" in report.compiled and 0 < report.generate_seconds < report.seconds
+        # One compile of the step, its sizes symbolic from the start (left to itself, generate
+        # compiles it three times: first step, second step, second prompt length).
+        assert report.graphs == 1
+        assert torch.compiler.config.dynamic_sources == sources_before  # patched for the warm-up only
         assert hasattr(tiny_llama, "_compiled_call")
         gen = torch.Generator().manual_seed(random.randrange(2**31))  # fresh prompts each run
         for n, new, reserve in ((347, 30, 40), (541, 21, 100), (263, 40, 8)):
