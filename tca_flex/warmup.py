@@ -98,10 +98,10 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
         decode: also warm the pruned cache's decode path.
         generate: also compile the decode step that ``model.generate`` compiles
             by itself over a ``TCACache(model, reserve_tokens=N)`` (transformers'
-            auto-compile): two short generations at two prompt lengths, after
-            which the step's sizes are symbolic and no later request, of any
-            length, reserve or number of new tokens, compiles it again (each new
-            cache still records its CUDA graphs). Runs the whole model.
+            auto-compile): one compile, its sizes symbolic, during two short
+            generations at two prompt lengths; no later request, of any length,
+            reserve or number of new tokens, compiles it again (each new cache
+            still records its CUDA graphs). Runs the whole model.
         compile_config: the ``transformers.CompileConfig`` your ``generate``
             calls will pass (default: the model's ``generation_config``'s, as
             ``generate`` does); ``generate`` keeps one compiled step per config.
@@ -113,7 +113,9 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
     Raises:
         ValueError: the model was not prepared by ``tca_flex.apply``,
             ``max_length`` leaves no room for a sparse prefill, or ``generate``
-            was asked where transformers would not compile (see below).
+            was asked where transformers' ``generate`` compiles nothing (on the
+            CPU without a ``compile_config`` that forces it, or with
+            ``disable_compile=True`` in the model's generation config).
     """
     if not is_applied(model):
         raise ValueError("tca_flex.warmup: call tca_flex.apply(model) first")
@@ -153,7 +155,8 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
             per_length.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         if generate:
-            _generate_twice(model, lengths[0], config.block_size, batch_size, device, compile_config)
+            _generate_twice(model, lengths[0], min(lengths[0] + 2 * config.block_size + 17, max_length),
+                            batch_size, device, compile_config)
         generate_seconds = time.perf_counter() - t0 if generate else 0.0
     report = WarmupReport(lengths=tuple(lengths), graphs=_graphs() - before,
                           seconds=time.perf_counter() - start, per_length=tuple(per_length),
@@ -194,7 +197,7 @@ def _check_generate_compiles(model: torch.nn.Module, device: torch.device, compi
 _MASK_SOURCE = r".*\['attention_mask'\]$"
 
 
-def _generate_twice(model: torch.nn.Module, length: int, block: int, batch_size: int, device: torch.device,
+def _generate_twice(model: torch.nn.Module, first: int, second: int, batch_size: int, device: torch.device,
                     compile_config: Any) -> None:
     """Two greedy generations of 3 tokens over ``TCACache(reserve_tokens=...)`` at two prompt lengths.
 
@@ -210,14 +213,14 @@ def _generate_twice(model: torch.nn.Module, length: int, block: int, batch_size:
     # None would replace the generation_config's own compile_config: pass only a given one.
     given = {"compile_config": compile_config} if compile_config is not None else {}
     # The cache's token counts symbolic from the first compile (its buffers' slot counts are marked
-    # by the cache itself), and the mask generate hands the step (transformers < 5.23 makes it 4-D,
+    # by the cache itself), and the mask generate hands the step (transformers 5.17 makes it 4-D,
     # as long as the tokens seen): one compile instead of three. Patched for these calls only: the
     # compiled step keeps its symbolic sizes, and no setting outlives the warm-up.
     sources = ",".join(filter(None, (torch.compiler.config.dynamic_sources, TCA_LENGTH_SOURCE, _MASK_SOURCE)))
     with torch.compiler.config.patch(dynamic_sources=sources):
-        for n in (length, length + 2 * block + 17):
+        for n in (first, second if second != first else first + 1):
             ids = torch.randint(1, vocab, (batch_size, n), generator=gen, device=device)
-            cache = TCACache(model, reserve_tokens=block)
+            cache = TCACache(model, reserve_tokens=16)
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
                            do_sample=False, pad_token_id=0 if pad is None else pad, **given,
                            **cache_kwargs(model, cache))
