@@ -132,7 +132,7 @@ def test_warmup_compiles_ahead_and_leaves_no_global_change(tiny_llama):
 
 
 @torch.no_grad()
-def test_warmup_generate_compiles_generates_step_once_for_every_later_request(tiny_llama):
+def test_warmup_generate_compiles_the_step_once_for_every_later_request(tiny_llama):
     """``warmup(generate=True)`` compiles, once, the decode step that ``generate`` compiles by itself
     over a ``TCACache`` with reserved room (on the CPU forced, with aot_eager: dynamo's guards are
     what is tested): afterwards requests of new lengths, reserves (one outgrown mid-generation) and answer
