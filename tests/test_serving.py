@@ -135,8 +135,10 @@ def test_warmup_compiles_ahead_and_leaves_no_global_change(tiny_llama):
 def test_warmup_generate_compiles_the_step_once_for_every_later_request(tiny_llama):
     """``warmup(generate=True)`` compiles, once, the decode step that ``generate`` compiles by itself
     over a ``TCACache`` with reserved room (on the CPU forced, with aot_eager: dynamo's guards are
-    what is tested): afterwards requests of new lengths, reserves (one outgrown mid-generation) and answer
-    lengths compile nothing, and their tokens equal eager ``generate``'s."""
+    what is tested): afterwards requests of new lengths, reserves (one below the answer's length, within
+    the buffers' headroom) and answer lengths compile nothing, and their tokens equal eager ``generate``'s.
+    A generation that outgrows reserve and headroom re-lays its buffers inside the compiled step: that
+    compiles the step again (docs/cache.md), and its tokens still equal eager ``generate``'s."""
     import random
 
     from transformers import CompileConfig
@@ -165,6 +167,17 @@ def test_warmup_generate_compiles_the_step_once_for_every_later_request(tiny_lla
                 got = tiny_llama.generate(x, **kwargs, compile_config=config, **cache_kwargs(
                     tiny_llama, tca_flex.TCACache(tiny_llama, reserve_tokens=reserve)))
             torch.testing.assert_close(got, want, atol=0, rtol=0)
+        x = torch.randint(0, 256, (1, 300), generator=gen)
+        kwargs = dict(attention_mask=torch.ones_like(x), max_new_tokens=150, min_new_tokens=150, do_sample=False,
+                      pad_token_id=0)
+        want = tiny_llama.generate(x, **kwargs, **cache_kwargs(tiny_llama, tca_flex.TCACache(tiny_llama)))
+        cache = tca_flex.TCACache(tiny_llama, reserve_tokens=8)
+        got = tiny_llama.generate(x, **kwargs, compile_config=config, **cache_kwargs(tiny_llama, cache))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        prefilled = tca_flex.TCACache(tiny_llama, reserve_tokens=8)
+        tiny_llama.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, pad_token_id=0,
+                            **cache_kwargs(tiny_llama, prefilled))
+        assert cache.layers[0].k_buf.shape[1] > prefilled.layers[0].k_buf.shape[1], "the buffers did not regrow"
     finally:
         torch._dynamo.reset()
 
