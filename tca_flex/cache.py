@@ -147,6 +147,7 @@ class TCACacheLayer(CacheLayerMixin):
         self._chunk: tuple[torch.Tensor, torch.Tensor] | None = None
         self._seen = 0
         self._grow_at = NEVER
+        self.regrew = False  # see TCACache.regrew
         self.pads: list[int] = []
         self.prior: torch.Tensor | None = None
 
@@ -396,6 +397,8 @@ class TCACacheLayer(CacheLayerMixin):
         self.pos = torch.where(valid, self.pos.gather(1, src), -1)
         self._set_layout(new)
         self._static_for_graphs()
+        # Written, never read, inside a compiled step: dynamo replays the store and guards on nothing.
+        self.regrew = True
 
     def _select_rows(self, rows: torch.Tensor) -> None:
         if not self.prefilled:
@@ -745,6 +748,13 @@ class TCACache(Cache):
         """``TCACacheLayer.mark_static`` on every layer (CUDA graphs)."""
         for layer in self.layers:
             layer.mark_static()
+
+    @property
+    def regrew(self) -> bool:
+        """Whether any layer re-laid its buffers after the prefill (decode or a later chunk outgrew
+        the reserve and headroom). Under a compiled ``generate`` that compiled the step again and ran
+        the rest of that generation without CUDA graphs: a server can log it and raise ``reserve_tokens``."""
+        return any(layer.regrew for layer in self.layers)
 
     def memory_report(self) -> MemoryReport:
         """Bytes kept per layer and in total vs a dense cache of the same logical length."""

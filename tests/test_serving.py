@@ -163,10 +163,11 @@ def test_warmup_generate_compiles_the_step_once_for_every_later_request(tiny_lla
             kwargs = dict(attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
                           do_sample=False, pad_token_id=0)
             want = tiny_llama.generate(x, **kwargs, **cache_kwargs(tiny_llama, tca_flex.TCACache(tiny_llama)))
+            cache = tca_flex.TCACache(tiny_llama, reserve_tokens=reserve)
             with torch._dynamo.config.patch(error_on_recompile=True):
-                got = tiny_llama.generate(x, **kwargs, compile_config=config, **cache_kwargs(
-                    tiny_llama, tca_flex.TCACache(tiny_llama, reserve_tokens=reserve)))
+                got = tiny_llama.generate(x, **kwargs, compile_config=config, **cache_kwargs(tiny_llama, cache))
             torch.testing.assert_close(got, want, atol=0, rtol=0)
+            assert not cache.regrew
         x = torch.randint(0, 256, (1, 300), generator=gen)
         kwargs = dict(attention_mask=torch.ones_like(x), max_new_tokens=150, min_new_tokens=150, do_sample=False,
                       pad_token_id=0)
@@ -178,6 +179,7 @@ def test_warmup_generate_compiles_the_step_once_for_every_later_request(tiny_lla
         tiny_llama.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, pad_token_id=0,
                             **cache_kwargs(tiny_llama, prefilled))
         assert cache.layers[0].k_buf.shape[1] > prefilled.layers[0].k_buf.shape[1], "the buffers did not regrow"
+        assert cache.regrew and not prefilled.regrew  # what a server can log
     finally:
         torch._dynamo.reset()
 
