@@ -45,8 +45,9 @@ def generate_stream_rows(count: int, lo: int, hi: int, num_layers: int, keep: fl
                          device: torch.device, dtype: torch.dtype, smoke: bool, new_tokens: int,
                          seed: int = 0) -> dict[str, Any]:
     """``{"lengths", "warmup_s", "warmup_graphs", "rows"}``; rows ``{"phase": "generate_stream", "index",
-    "length", "method", "ms", "graphs", "cache", "layers", "new_tokens"}`` (+ ``"allocated_bytes"``,
-    ``"reserved_bytes"`` on CUDA), one per request and method, in stream order."""
+    "length", "method", "ms", "graphs", "cache", "layers", "new_tokens"}`` (+ ``"regrew"`` for a
+    ``TCACache``, ``"allocated_bytes"`` and ``"reserved_bytes"`` on CUDA), one per request and method,
+    in stream order."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig, DynamicCache
 
@@ -84,6 +85,8 @@ def generate_stream_rows(count: int, lo: int, hi: int, num_layers: int, keep: fl
                    "ms": ms, "graphs": counters["stats"]["unique_graphs"] - graphs,
                    "cache": type(cache).__name__ if cache is not None else "StaticCache",
                    "layers": num_layers, "new_tokens": new_tokens}
+            if isinstance(cache, TCACache):
+                row["regrew"] = cache.regrew  # a re-lay inside the compiled step: a recompile, no graphs
             if device.type == "cuda":
                 row |= {"allocated_bytes": torch.cuda.memory_allocated(device),
                         "reserved_bytes": torch.cuda.memory_reserved(device)}

@@ -172,3 +172,4 @@ def test_smoke_generate_stream_phase_compiles_nothing_after_the_warmup():
     assert graphs == {"tca": [0] * 5, "tca compiled": [0] * 5}
     assert result["generate_stream"]["warmup_generate_s"] > 0
     assert {r["cache"] for r in rows if r["method"].startswith("tca")} == {"TCACache"}
+    assert not any(r["regrew"] for r in rows if r["method"] == "tca compiled")  # the reserve covers the answer
