@@ -94,6 +94,14 @@ def _chunk_flex(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, table
                     kernel_options=kernel_options)
 
 
+def compiles_chunk(q_bhcd: torch.Tensor) -> bool:
+    """Whether ``flex_chunk_attention`` runs as its compiled graph: on CUDA (the cache's chunks use
+    it there), outside a caller's compiled graph. Inductor's CPU FlexAttention has no log-sum-exp
+    (torch 2.13), so on the CPU it runs eagerly; a function, so that a CPU test can compile the
+    CUDA route with another backend and check that one graph serves every length."""
+    return q_bhcd.is_cuda and not torch.compiler.is_compiling()
+
+
 def flex_chunk_attention(q_bhcd: torch.Tensor, k_bhmd: torch.Tensor, v_bhmd: torch.Tensor, live_bhm: torch.Tensor,
                          k_chunk: torch.Tensor, v_chunk: torch.Tensor, scale: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,9 +119,7 @@ def flex_chunk_attention(q_bhcd: torch.Tensor, k_bhmd: torch.Tensor, v_bhmd: tor
     indices = chunk_block_indices(live, chunk // KERNEL_BLOCK, q.shape[1] // k_all.shape[1])
     args = (q, k_all, v_all, key_positions(live, chunk), *indices)
     attend = _chunk_flex
-    # Compiled on CUDA (the cache's chunks use this there). Inductor's CPU FlexAttention has no
-    # log-sum-exp (torch 2.13), so on the CPU this runs eagerly: only the tests call it there.
-    if q_bhcd.is_cuda and not torch.compiler.is_compiling():
+    if compiles_chunk(q_bhcd):
         attend = length_generic(_chunk_flex, (0, 2), (1, 2), (2, 2), (3, 0), (4, 2), (5, 2), (5, 3), (6, 2), (7, 2),
                                 (7, 3))
     out, lse = attend(*args, scale, kernel_options_for(q_bhcd.device))

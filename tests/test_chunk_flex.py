@@ -61,3 +61,36 @@ def test_chunk_block_indices_cover_exactly_the_visible_tiles(seed, past_tiles, c
                 assert not partial & full
                 assert full == set(torch.nonzero(all_t[i]).flatten().tolist())
                 assert partial == set(torch.nonzero(any_t[i] & ~all_t[i]).flatten().tolist())
+
+
+def test_compiled_chunk_attention_serves_every_past_and_chunk_length(monkeypatch):
+    """The CUDA route (compiled, ``compile.length_generic``) taken on the CPU, compiled by aot_eager
+    (Inductor's CPU FlexAttention has no log-sum-exp; dynamo's guards are what is tested): after the
+    first call no past or chunk length compiles again, with the queries laid out as a model hands
+    them over, and the results equal the float64 reference."""
+    import random
+
+    import tca_flex.chunk_flex as chunk_flex
+    from tca_flex.compile import _length_generic
+
+    monkeypatch.setattr(chunk_flex, "compiles_chunk", lambda q: not torch.compiler.is_compiling())
+    torch._dynamo.reset()
+    monkeypatch.setitem(_length_generic, chunk_flex._chunk_flex,
+                        torch.compile(chunk_flex._chunk_flex, fullgraph=True, dynamic=False, backend="aot_eager"))
+    from torch._dynamo.utils import counters
+
+    gen = torch.Generator().manual_seed(random.randrange(2**31))  # fresh inputs each run
+    hq, hkv, d = 4, 2, 16
+    before = counters["stats"]["unique_graphs"]
+    for i, (past, chunk) in enumerate([(300, 150), (513, 200), (700, 129), (260, 300)]):
+        q = torch.randn(1, chunk, hq, d, generator=gen).transpose(1, 2)
+        k_past, v_past = (torch.randn(1, hkv, past, d, generator=gen) for _ in range(2))
+        k_new, v_new = (torch.randn(1, chunk, hkv, d, generator=gen).transpose(1, 2) for _ in range(2))
+        live = _live(gen, 1, hkv, past, 0.4)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out, lse = flex_chunk_attention(q, k_past, v_past, live, k_new, v_new, 0.3)
+        ref_out, ref_lse = chunk_attention(q.double(), k_past.double(), v_past.double(), live, k_new.double(),
+                                           v_new.double(), 0.3)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5, msg=lambda m, p=past: f"{p}: {m}")
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+    assert counters["stats"]["unique_graphs"] - before == 1  # the compiled route ran: one graph for all
