@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .bench_models import dense_kv_bytes, fastest_dense_sdpa, llama_8b_shaped
+from .bench_models import dense_kv_bytes, fastest_dense_sdpa, generate_compile_config, llama_8b_shaped
 from .budgets import HeadBudgets
 from .cache import TCACache
 from .config import TCAConfig
@@ -66,14 +66,7 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
     config = TCAConfig(block_size=128 if not smoke else 32, window=window)
     rows: list[dict[str, Any]] = []
 
-    # transformers compiles only on accelerators unless told (its flag for tests): the smoke run on
-    # the CPU goes through the same code, compiled by aot_eager (no codegen).
-    compile_config = None
-    if compiled and device.type != "cuda":
-        from transformers import CompileConfig
-
-        compile_config = CompileConfig(backend="aot_eager", mode=None)
-        compile_config._compile_all_devices = True
+    compile_config = generate_compile_config(device)
 
     def generate(ids: torch.Tensor, new: int, cache, **kwargs: Any) -> torch.Tensor:
         given = cache_kwargs(model, cache) if cache is not None else {}

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .bench_models import fastest_dense_sdpa, llama_8b_shaped
+from .bench_models import fastest_dense_sdpa, generate_compile_config, llama_8b_shaped
 from .bench_stream import stream_lengths
 from .budgets import HeadBudgets
 from .cache import TCACache
@@ -49,17 +49,14 @@ def generate_stream_rows(count: int, lo: int, hi: int, num_layers: int, keep: fl
     ``TCACache``, ``"allocated_bytes"`` and ``"reserved_bytes"`` on CUDA), one per request and method,
     in stream order."""
     from torch._dynamo.utils import counters
-    from transformers import CompileConfig, DynamicCache
+    from transformers import DynamicCache
 
     lengths = stream_lengths(count, lo, hi, seed)
     model = llama_8b_shaped(num_layers, device, dtype, smoke, hi + new_tokens + 64)
     model.set_attn_implementation(fastest_dense_sdpa())
     cfg = model.config
     config = TCAConfig(block_size=32 if smoke else 128, window=window)
-    compile_config = CompileConfig()
-    if device.type != "cuda":  # transformers compiles only on accelerators unless told; aot_eager: no codegen
-        compile_config = CompileConfig(backend="aot_eager", mode=None)
-        compile_config._compile_all_devices = True
+    compile_config = generate_compile_config(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     prompts = [torch.randint(1, cfg.vocab_size, (1, n), device=device, generator=gen) for n in lengths]
     rows: list[dict[str, Any]] = []

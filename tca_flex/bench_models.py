@@ -15,6 +15,20 @@ def dense_kv_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * torch.finfo(dtype).bits // 8
 
 
+def generate_compile_config(device: torch.device) -> Any:
+    """The ``compile_config`` the benchmarks hand ``generate`` where it compiles its decode step:
+    ``None`` (transformers' own default) on CUDA; elsewhere one that makes it compile anyway (a flag
+    transformers keeps for its tests), by aot_eager (no codegen), so CPU smoke runs go through the
+    same code."""
+    if device.type == "cuda":
+        return None
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="aot_eager", mode=None)
+    config._compile_all_devices = True
+    return config
+
+
 def fastest_dense_sdpa() -> str:
     """Registers and names transformers' SDPA attention with no materialised mask for unpadded
     causal shapes (``integration.tca_mask``): prefill takes SDPA's causal kernel (cuDNN on
