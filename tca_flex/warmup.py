@@ -153,11 +153,12 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             per_length.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        generate_seconds = 0.0
         if generate:
+            t0 = time.perf_counter()
             _generate_twice(model, lengths[0], min(lengths[0] + 2 * config.block_size + 17, max_length),
                             batch_size, device, compile_config)
-        generate_seconds = time.perf_counter() - t0 if generate else 0.0
+            generate_seconds = time.perf_counter() - t0
     report = WarmupReport(lengths=tuple(lengths), graphs=_graphs() - before,
                           seconds=time.perf_counter() - start, per_length=tuple(per_length),
                           compiled=("prefill selection", "prefill attention") + (("decode step",) if decode else ())
