@@ -59,7 +59,14 @@ BLOCK_N = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
 NUM_STAGES = 2
-COMBINE_CHUNK = 32
+# The merge: one program per (segment, query head, 64 dims), 128 partials an iteration, 4 warps.
+# Measured on an H200 (2026-12-04 (night), BENCHMARKS.md): 2-3 us faster a call than one program
+# per (segment, query head) merging 32 partials an iteration (128K 39% kept: 59.2 us against 62.3;
+# 32K 25% + window: 16.8 against 18.2); the merge is latency-bound, so more programs with one
+# round of loads each beat fewer that loop.
+COMBINE_CHUNK = 128
+COMBINE_DIMS = 64
+COMBINE_WARPS = 4
 SCHEDULES = ("split", "balanced")
 SCHEDULE = "balanced"
 BALANCED_PROGRAMS = 396
@@ -138,42 +145,42 @@ def _store_partial(o_ptr, m_ptr, l_ptr, entry, m_i, l_i, acc, G: tl.constexpr, G
 
 
 @triton.jit
-def _merge_partials(o_ptr, m_ptr, l_ptr, first, count, g0, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
-    """(m, l, acc) of query head ``g0`` merged over partial entries ``first .. first + count``."""
+def _merge_partials(o_ptr, m_ptr, l_ptr, first, count, g0, d0, G: tl.constexpr, D: tl.constexpr,
+                    DS: tl.constexpr, CHUNK: tl.constexpr):
+    """(m, l, acc) of query head ``g0``, dims ``[d0, d0 + DS)``, merged over partial entries
+    ``first .. first + count``."""
     c = tl.arange(0, CHUNK)
-    g = g0 + tl.arange(0, 1)
-    d = tl.arange(0, D)
+    d = d0 + tl.arange(0, DS)
     m_run = tl.full([1], float("-inf"), tl.float32)
     l_run = tl.zeros([1], tl.float32)
-    acc = tl.zeros([1, D], tl.float32)
+    acc = tl.zeros([1, DS], tl.float32)
     for c0 in range(0, count, CHUNK):
-        row = (first + c0 + c)[:, None] * G + g[None, :]
-        inside = ((c0 + c) < count)[:, None] & (g < G)[None, :]
+        inside = (c0 + c) < count
+        row = (first + c0 + c) * G + g0
         m = tl.load(m_ptr + row, mask=inside, other=float("-inf"))
         l_s = tl.load(l_ptr + row, mask=inside, other=0.0)
-        o = tl.load(o_ptr + row[:, :, None] * D + d[None, None, :], mask=inside[:, :, None], other=0.0)
+        o = tl.load(o_ptr + row[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
         m_new = tl.maximum(m_run, tl.max(m, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp(m - shift[None, :])  # empty entries have m = -inf: weight 0
+        w = tl.exp(m - shift)  # empty entries have m = -inf: weight 0
         alpha = tl.exp(m_run - shift)
         l_run = l_run * alpha + tl.sum(l_s * w, 0)
-        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, None], 0)[None, :]
         m_run = m_new
     return m_run, l_run, acc
 
 
 @triton.jit
-def _store_output(out_ptr, lse_ptr, bh, g0, m_run, l_run, acc, stride_outb, stride_outh, HKV: tl.constexpr,
-                  G: tl.constexpr, D: tl.constexpr):
+def _store_output(out_ptr, lse_ptr, bh, g0, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV: tl.constexpr,
+                  G: tl.constexpr, DS: tl.constexpr):
     # A head with no live slot gets l = 0: output 0 / 0 (NaN) and lse -inf, as the "math" backend gives.
     b = bh // HKV
-    g = g0 + tl.arange(0, 1)
-    head = (bh % HKV) * G + g
-    real = g < G
-    d = tl.arange(0, D)
-    tl.store(out_ptr + b * stride_outb + head[:, None] * stride_outh + d[None, :],
-             (acc / l_run[:, None]).to(out_ptr.dtype.element_ty), mask=real[:, None])
-    tl.store(lse_ptr + b * (HKV * G) + head, m_run + tl.log(l_run), mask=real)
+    head = (bh % HKV) * G + g0
+    d = d0 + tl.arange(0, DS)
+    tl.store(out_ptr + b * stride_outb + head * stride_outh + d[None, :],
+             (acc / l_run[:, None]).to(out_ptr.dtype.element_ty))
+    one = tl.arange(0, 1)
+    tl.store(lse_ptr + b * (HKV * G) + head + one, m_run + tl.log(l_run), mask=(one + d0) == 0)
 
 
 @triton.jit
@@ -203,11 +210,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
 @triton.jit
 def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_outh,
                     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS,
-                    CHUNK: tl.constexpr):
+                    DS: tl.constexpr, CHUNK: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
-    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS, NUM_SPLITS, gi, G, D, CHUNK)
-    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, D)
+    d0 = tl.program_id(2) * DS
+    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS, NUM_SPLITS, gi, d0, G, D, DS, CHUNK)
+    _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
 
 
 @triton.jit
@@ -283,16 +291,17 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
 def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                              stride_base, stride_outb, stride_outh, ring, NSEG, P, HKV: tl.constexpr,
                              G: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                             CHUNK: tl.constexpr, LIVE: tl.constexpr):
+                             DS: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
+    d0 = tl.program_id(2) * DS
     _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
                                              NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
     at = tl.arange(0, NSEG_PAD) == bh
     seg_first = _pick(first, at)
-    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi, G,
-                                        D, CHUNK)
-    _store_output(out_ptr, lse_ptr, bh, gi, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, D)
+    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi,
+                                        d0, G, D, DS, CHUNK)
+    _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
 
 
 def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PROGRAMS) -> int:
@@ -304,6 +313,15 @@ def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PR
     """
     per = max(block, -(-total_slots // programs))
     return -(-per // block) * block
+
+
+def _merge_dims(d: int) -> int:
+    return min(COMBINE_DIMS, d)
+
+
+def _merge_options(d: int) -> dict[str, int]:
+    """The merge kernels' tile: ``COMBINE_CHUNK`` partials x ``COMBINE_DIMS`` dims a program."""
+    return dict(DS=_merge_dims(d), CHUNK=COMBINE_CHUNK, num_warps=COMBINE_WARPS)
 
 
 def _partials(entries: int, group: int, d: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -322,8 +340,8 @@ def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, t
     num_splits = max(1, -(-max_segment // split))
     parts = _partials(segments * num_splits, group, d, attend["q_ptr"].device)
     _split_kernel[(num_splits, segments)](**attend, **parts, SPLIT=split, NUM_SPLITS=num_splits)
-    _combine_kernel[(segments, group)](**parts, **output, HKV=attend["HKV"], G=group, D=d, NUM_SPLITS=num_splits,
-                                       CHUNK=COMBINE_CHUNK)
+    _combine_kernel[(segments, group, d // _merge_dims(d))](**parts, **output, HKV=attend["HKV"], G=group, D=d,
+                                                           NUM_SPLITS=num_splits, **_merge_options(d))
 
 
 def _launch_balanced(attend: dict, output: dict, segments: int, programs: int) -> None:
@@ -334,8 +352,9 @@ def _launch_balanced(attend: dict, output: dict, segments: int, programs: int) -
     _balanced_kernel[(programs,)](**attend, **parts, **stream)
     layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
                                               "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
-    _balanced_combine_kernel[(segments, group)](**parts, **output, **layout, **stream, G=group, D=attend["D"],
-                                                CHUNK=COMBINE_CHUNK)
+    d = attend["D"]
+    _balanced_combine_kernel[(segments, group, d // _merge_dims(d))](**parts, **output, **layout, **stream, G=group,
+                                                                     D=d, **_merge_options(d))
 
 
 def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,

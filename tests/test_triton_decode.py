@@ -24,11 +24,20 @@ SCHEDULES = decode.triton_decode.SCHEDULES if decode.triton_decode is not None e
 # The grid of "balanced", below and above the 1-6 segments drawn (the interpreter runs programs one
 # by one: the default, BALANCED_PROGRAMS, would be slow).
 PROGRAMS = st.sampled_from([1, 2, 5, 48])
+# The merge's tile (partials an iteration, dims a program): the shipped one, and one small enough that
+# the merge loops over chunks and splits the head's dims over programs at every size drawn.
+MERGE_TILES = st.sampled_from([None, (2, 8)])
 
 
-def run_kernels(q, k, v, owner, segments, scale, block=64, live=None, schedule="split", programs=None):
-    """``programs``: the grid of "balanced"; "split" keeps its default target."""
+def run_kernels(q, k, v, owner, segments, scale, block=64, live=None, schedule="split", programs=None,
+                merge_tile=None):
+    """``programs``: the grid of "balanced"; "split" keeps its default target. ``merge_tile``:
+    ``(COMBINE_CHUNK, COMBINE_DIMS)`` for this call, ``None`` the module's."""
     kernels = decode.triton_decode
+    if merge_tile is not None:
+        with mock.patch.object(kernels, "COMBINE_CHUNK", merge_tile[0]), \
+                mock.patch.object(kernels, "COMBINE_DIMS", merge_tile[1]):
+            return run_kernels(q, k, v, owner, segments, scale, block, live, schedule, programs)
     if schedule == "split":
         programs = None
     if block == 64:  # through the op, as the cache calls it: schedule and grid as the module's defaults
@@ -90,11 +99,11 @@ def reference(q, k, v, owner, group, scale, readable=None):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @given(bsz=st.integers(1, 2), hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 8]),
        d=st.sampled_from([16, 32]), max_len=st.sampled_from([40, 300, 700]), live=st.floats(0.05, 1.0),
-       half=st.booleans(), block=st.sampled_from([16, 64]), programs=PROGRAMS, seed=st.integers(0, 2**31 - 1))
+       half=st.booleans(), block=st.sampled_from([16, 64]), programs=PROGRAMS, merge_tile=MERGE_TILES,
+       seed=st.integers(0, 2**31 - 1))
 @torch.no_grad()
 def test_kernels_equal_float64_attention_over_live_slots(schedule, bsz, hkv, group, d, max_len, live, half, block,
-                                                         programs, seed):
-    # block 16 over 700 slots gives > COMBINE_CHUNK splits: the combine loops over chunks.
+                                                         programs, merge_tile, seed):
     gen = torch.Generator().manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if half else torch.float32
@@ -102,7 +111,8 @@ def test_kernels_equal_float64_attention_over_live_slots(schedule, bsz, hkv, gro
     k, v, owner, segments = random_cache(bsz, hkv, d, seg_lens, live, dtype, device, gen)
     q = torch.randn(bsz, hkv * group, 1, d, generator=gen).to(dtype).to(device)
     scale = d ** -0.5
-    out, lse = run_kernels(q, k, v, owner, segments, scale, block, schedule=schedule, programs=programs)
+    out, lse = run_kernels(q, k, v, owner, segments, scale, block, schedule=schedule, programs=programs,
+                           merge_tile=merge_tile)
     ref_out, ref_lse = reference(q, k, v, owner, group, scale)
     tol = 2e-3 if half else 1e-5
     assert out.dtype == dtype and out.shape == q.shape
