@@ -264,9 +264,6 @@ def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, de
     while not layer.block_leaves_at(layer.get_seq_length()):
         layer.update(new, new)
         layer.decode_step(q, scale)
-    # The append's own kernel: the attention below is called directly, not through decode_step,
-    # which writes the token itself under the "auto" append.
-    layer.append_kernel = "triton" if triton_supported(q) else "math"
     layer.update(new, new)  # this step's append makes a whole block leave the window
     _, lse = decode_attention(q, layer.k_buf, layer.v_buf, layer.owner, group=q.shape[1] // layer.num_heads,
                               scale=scale, backend=layer.backend, segments=layer.segments)
@@ -297,7 +294,7 @@ def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, de
             rows.append(row(method, graph_timed(lambda: layer.compress(q, lse, scale), device)))
         except Exception as err:
             rows.append(row(method, float("nan"), error=repr(err)[-1500:]))
-    layer.compression = layer.append_kernel = "auto"
+    layer.compression = "auto"
     return rows
 
 
@@ -379,11 +376,7 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
             finally:
                 layer.compression, layer.assume_leaves, layer.append_kernel = "auto", None, "auto"
 
-        # "auto" appends inside the attention's kernels (tca_step); tca_step_append_kernel launches the
-        # append's own kernel, as before 2026-12-04 (night).
         for method, kernel, leaves, append in (("tca_step", "auto", True, "auto"),
-                                               ("tca_step_append_kernel", "auto", True,
-                                                "triton" if triton_supported(q) else "math"),
                                                ("tca_step_math", "math", True, "auto"),
                                                ("tca_step_append_math", "auto", True, "math"),
                                                ("tca_step_skip", "auto", False, "auto")):

@@ -62,7 +62,6 @@ from .decode import (
     compress_block,
     compress_targets,
     decode_attention,
-    decode_attention_appending,
     resolve_backend,
     top_t_in_block,
 )
@@ -146,7 +145,6 @@ class TCACacheLayer(CacheLayerMixin):
         self.prefilled = False
         self._awaiting_prune = False
         self._chunk: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # see _append
         self._seen = 0
         self._grow_at = NEVER
         self.regrew = False  # see TCACache.regrew
@@ -175,10 +173,6 @@ class TCACacheLayer(CacheLayerMixin):
         if self._awaiting_prune:
             raise RuntimeError("TCACache: the previous prefill was never pruned. TCACache only works with a "
                                "model prepared by tca_flex.apply (attn_implementation 'tca')")
-        if self._pending is not None:
-            raise RuntimeError("TCACache: the previous decode step's token never reached the TCA attention. "
-                               "TCACache only works with a model prepared by tca_flex.apply (attn_implementation "
-                               "'tca'); after an error inside a forward, start again with a fresh cache")
         if self._chunk is not None:
             raise RuntimeError("TCACache: the previous chunk of new tokens never reached the TCA attention. "
                                "TCACache only works with a model prepared by tca_flex.apply (attn_implementation "
@@ -456,28 +450,22 @@ class TCACacheLayer(CacheLayerMixin):
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write the new token of every (row, head) into its ring slot.
 
-        Where the decode attention's Triton kernels can write it themselves (append ``"auto"``), the
-        token waits for ``decode_step`` (``decode.decode_attention_appending``: one launch fewer a
-        step); else the append's own Triton kernel (``decode.append_token``) or the tensor form
-        (``decode.append_token_math``), which is also the reference of both.
+        The Triton kernel (``decode.append_token``) where it runs; otherwise
+        the tensor form (``decode.append_token_math``), which is also its reference.
         """
         if self._seen >= self._grow_at:
             self._grow()
-        self._seen += 1
         # The key stands in for the step's query in the backend rule: same device, dtype and head dim.
-        if self.append_kernel == "auto" and self._fused(self.append_kernel, key_states):
-            self._pending = (key_states, value_states)
-            return
         fused = self._fused(self.append_kernel, key_states)
         append = append_token if fused else append_token_math
         append(key_states, value_states, self.k_buf, self.v_buf, self.owner, self.pos, self.seg_start, self.next_pos,
                self.base, ring=self.ring, heads=self._heads)
+        self._seen += 1
 
     # Kernels of the per-step cache updates, the block compression and the append: "auto" (the
-    # Triton kernel wherever the decode attention runs the "triton" backend, else tensor ops; for the
-    # append, the attention's own kernels write the token), "triton" (the update's own kernel) or
-    # "math" (the tensor ops of ``compress`` / ``decode.append_token_math``, the reference). Set per
-    # layer, or on every layer with ``TCACache.set_compression`` / ``set_append``.
+    # Triton kernel wherever the decode attention runs the "triton" backend, else tensor ops),
+    # "triton" or "math" (the tensor ops of ``compress`` / ``decode.append_token_math``, the
+    # reference). Set per layer, or on every layer with ``TCACache.set_compression`` / ``set_append``.
     KERNELS = ("auto", "triton", "math")
     COMPRESSIONS = APPENDS = KERNELS
     compression = "auto"
@@ -498,13 +486,8 @@ class TCACacheLayer(CacheLayerMixin):
         """
         group = query.shape[1] // self.num_heads
         live = LiveRanges(self.var_len, self.next_pos, self.base, self.ring)
-        if self._pending is not None:
-            (key, value), self._pending = self._pending, None
-            out, lse = decode_attention_appending(query, key, value, self.k_buf, self.v_buf, self.owner, self.pos,
-                                                  segments=self.segments, live=live, scale=scale)
-        else:
-            out, lse = decode_attention(query, self.k_buf, self.v_buf, self.owner, group=group, scale=scale,
-                                        backend=self.backend, segments=self.segments, live=live)
+        out, lse = decode_attention(query, self.k_buf, self.v_buf, self.owner, group=group, scale=scale,
+                                    backend=self.backend, segments=self.segments, live=live)
         if self._host_knows_no_block_leaves():
             return out
         self.compress(query, lse, scale)

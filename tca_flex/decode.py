@@ -105,24 +105,6 @@ if triton_decode is not None:
         # Contiguous, as the launcher allocates them (q may be a strided view).
         return q_bhd.new_empty(q_bhd.shape), q_bhd.new_empty(q_bhd.shape[:2], dtype=torch.float32)
 
-    # The append and the attention in one op: the "balanced" kernels write the step's token as they
-    # attend to it (no launch of the append's own), so the cache buffers and next_pos are mutated.
-    @torch.library.custom_op("tca_flex::decode_append",
-                             mutates_args=("k_bsd", "v_bsd", "owner_bs", "pos_bs", "next_pos"))
-    def _decode_append_op(q_bhd: torch.Tensor, key_bhd: torch.Tensor, value_bhd: torch.Tensor, k_bsd: torch.Tensor,
-                          v_bsd: torch.Tensor, owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
-                          seg_len: torch.Tensor, var_len: torch.Tensor, next_pos: torch.Tensor, base: torch.Tensor,
-                          ring: int, max_segment: int, total_slots: int,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return triton_decode.launch(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, max_segment, scale,
-                                    total_slots=total_slots, live=(var_len, next_pos, base, ring),
-                                    append=(key_bhd, value_bhd, pos_bs))
-
-    @_decode_append_op.register_fake
-    def _(q_bhd, key_bhd, value_bhd, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, seg_len, var_len, next_pos, base,
-          ring, max_segment, total_slots, scale):
-        return q_bhd.new_empty(q_bhd.shape), q_bhd.new_empty(q_bhd.shape[:2], dtype=torch.float32)
-
     # Opaque for the same reason; it mutates the cache in place (declared, so a compiled graph
     # orders it after the reads of these buffers and before the next step's).
     @torch.library.custom_op("tca_flex::compress_block",
@@ -243,25 +225,6 @@ def _triton_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tenso
     out, lse = torch.ops.tca_flex.decode_segments(q_bhsd[:, :, 0], k_bsd, v_bsd, owner_bs, segments.start,
                                                   segments.length, var_len, next_pos, base, ring,
                                                   segments.max_length, segments.total_length, scale)
-    return out.unsqueeze(2), lse
-
-
-def decode_attention_appending(q_bhsd: torch.Tensor, key_bhsd: torch.Tensor, value_bhsd: torch.Tensor,
-                               k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor, pos_bs: torch.Tensor,
-                               *, segments: Segments, live: LiveRanges, scale: float
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``append_token`` then ``decode_attention`` on the ``"triton"`` backend, in the attention's kernels.
-
-    Same arguments and results as the two calls (``key_bhsd``, ``value_bhsd``:
-    ``[B, H_kv, 1, D]`` the step's token; ``pos_bs``: int32 ``[B, S]``), same
-    effect on the cache (the token in its ring slot, ``next_pos`` advanced),
-    one launch fewer a step. Needs the ``"triton"`` backend to run.
-    """
-    var_len, next_pos, base, ring = live
-    out, lse = torch.ops.tca_flex.decode_append(q_bhsd[:, :, 0], key_bhsd[:, :, 0].detach(),
-                                                value_bhsd[:, :, 0].detach(), k_bsd, v_bsd, owner_bs, pos_bs,
-                                                segments.start, segments.length, var_len, next_pos, base, ring,
-                                                segments.max_length, segments.total_length, scale)
     return out.unsqueeze(2), lse
 
 

@@ -41,8 +41,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tca_flex import triton_append
-
 # Measured on an H200 (scripts/gpu_decode_sweep.py, BENCHMARKS.md 2026-12-03): at 128K with 39% kept
 # and the live lengths read on the device, "balanced" with 396 programs (three per SM of 132) of
 # 64-slot blocks, 4 warps, 2 stages took 62.7 us; the best "split" setting 67.7 us (512 programs),
@@ -75,9 +73,9 @@ BALANCED_PROGRAMS = 396
 
 
 @triton.jit
-def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, skip, h, stride_ks, stride_vs, scale,
+def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h, stride_ks, stride_vs, scale,
                    D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
-    """Online-softmax update of (m, l, acc) over segment offsets ``[lo, hi)`` but ``skip``."""
+    """Online-softmax update of (m, l, acc) over segment offsets ``[lo, hi)``."""
     d = tl.arange(0, D)
     for n0 in range(lo, hi, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
@@ -86,7 +84,7 @@ def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, s
         inside = n < hi
         # Free slots (ring not yet filled, freed by a compression) are -1 and masked out
         # of the scores; K/V loads do not wait on ``owner`` so they can be pipelined.
-        live = (tl.load(own_row + slot, mask=inside, other=-1) == h) & (n != skip)
+        live = tl.load(own_row + slot, mask=inside, other=-1) == h
         k = tl.load(k_row + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
         # float32 caches get full-precision dots (Triton would use TF32 on the GPU).
         if IEEE:
@@ -112,11 +110,9 @@ def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, s
 @triton.jit
 def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo0, hi0, lo1, hi1, stride_qb, stride_qh, stride_kb,
                  stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV: tl.constexpr, G: tl.constexpr,
-                 G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr, skip, new_k, new_v,
-                 with_new):
+                 G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
     """(m, l, acc) of segment ``bh`` (first slot ``seg_start``)'s ``G`` query heads over its offsets
-    ``[lo0, hi0)`` but ``skip`` and ``[lo1, hi1)``, and, where ``with_new``, the token ``new_k``,
-    ``new_v`` (``[D]``, float32)."""
+    ``[lo0, hi0)`` and ``[lo1, hi1)``."""
     b = bh // HKV
     h = bh % HKV
     g = tl.arange(0, G_PAD)
@@ -126,13 +122,12 @@ def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo0, hi0, lo1, h
     k_row = k_ptr + b.to(tl.int64) * stride_kb
     v_row = v_ptr + b.to(tl.int64) * stride_vb
     own_row = owner_ptr + b.to(tl.int64) * stride_ownb
-    # With the new token, it is the first key seen: m = its score, l = 1, acc = its value.
-    m_i = tl.where(with_new, tl.sum(q.to(tl.float32) * new_k[None, :], 1) * scale, float("-inf"))
-    l_i = tl.where(with_new, tl.full([G_PAD], 1.0, tl.float32), 0.0)
-    acc = tl.where(with_new, tl.zeros([G_PAD, D], tl.float32) + new_v[None, :], 0.0)
-    m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo0, hi0, skip, h, stride_ks,
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo0, hi0, h, stride_ks,
                                    stride_vs, scale, D, BLOCK, IEEE)
-    return _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo1, hi1, -1, h, stride_ks, stride_vs,
+    return _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo1, hi1, h, stride_ks, stride_vs,
                           scale, D, BLOCK, IEEE)
 
 
@@ -206,10 +201,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
         lo0, hi0, lo1, hi1 = lo, tl.minimum(hi, fill), tl.maximum(lo, ring), tl.minimum(hi, packed_end)
     else:
         lo0, hi0, lo1, hi1 = lo, hi, hi, hi
-    none = tl.zeros([D], tl.float32)
     m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, tl.load(start_ptr + bh), bh, lo0, hi0, lo1, hi1,
                                  stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale,
-                                 HKV, G, G_PAD, D, BLOCK, IEEE, -1, none, none, False)
+                                 HKV, G, G_PAD, D, BLOCK, IEEE)
     _store_partial(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS + split, m_i, l_i, acc, G, G_PAD, D)
 
 
@@ -264,10 +258,9 @@ def _pick(x, at):
 @triton.jit
 def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                      o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
-                     stride_ownb, stride_base, scale, ring, NSEG, P, new_k_ptr, new_v_ptr, pos_ptr, layout_ptr,
-                     stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_posb, HKV: tl.constexpr,
-                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr, LIVE: tl.constexpr, IEEE: tl.constexpr, APPEND: tl.constexpr):
+                     stride_ownb, stride_base, scale, ring, NSEG, P, HKV: tl.constexpr, G: tl.constexpr,
+                     G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                     LIVE: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                                                         stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
@@ -275,49 +268,20 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
     # Loaded with the layout, not per segment: the first K/V loads wait on one round trip fewer
     # (no gain above noise on the H200: BENCHMARKS.md, 2026-12-04).
     starts = tl.load(start_ptr + seg, mask=seg < NSEG, other=0)
-    if APPEND:
-        # The merge reads the layout from here: it advances next_pos, so it cannot recompute it.
-        if pid == 0:
-            tl.store(layout_ptr + seg, first)
-            tl.store(layout_ptr + NSEG_PAD + seg, last)
-        next_pos = tl.load(next_pos_ptr)
     mine = (first <= pid) & (pid <= last)
     share_lo = pid * share
-    d = tl.arange(0, D)
     for bh in range(tl.min(tl.where(mine, seg, NSEG_PAD), 0), tl.max(tl.where(mine, seg, -1), 0) + 1):
         at = seg == bh
-        seg_fill, seg_begin, seg_start = _pick(fill, at), _pick(begin, at), _pick(starts, at)
+        seg_fill, seg_begin = _pick(fill, at), _pick(begin, at)
         lo = tl.maximum(share_lo - seg_begin, 0)
         hi = tl.minimum(share_lo + share - seg_begin, _pick(n, at))
-        skip = -1
-        new_k = tl.zeros([D], tl.float32)
-        new_v = tl.zeros([D], tl.float32)
-        owns_new = False
-        if APPEND:
-            # This step's token, not yet in the cache: the segment's first program attends to it from
-            # the step's key and value and writes it to its ring slot (as ``triton_append`` does);
-            # every program skips that slot, whose old contents others may still be reading.
-            b = tl.full([], 0, tl.int64) + bh // HKV
-            skip = (next_pos - tl.load(base_ptr + b * stride_base)) % ring
-            skip = tl.where(skip < 0, skip + ring, skip)  # torch's % floors; Triton's truncates
-            owns_new = pid == _pick(first, at)
-            if owns_new:
-                h = bh % HKV
-                key = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d)
-                value = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + d)
-                new_k = key.to(tl.float32)
-                new_v = value.to(tl.float32)
-                slot = seg_start + skip
-                tl.store(k_ptr + b * stride_kb + slot * stride_ks + d, key.to(k_ptr.dtype.element_ty))
-                tl.store(v_ptr + b * stride_vb + slot * stride_vs + d, value.to(v_ptr.dtype.element_ty))
-                tl.store(owner_ptr + b * stride_ownb + slot, h.to(tl.int32))
-                tl.store(pos_ptr + b * stride_posb + slot, next_pos.to(tl.int32))
         # Live offsets [lo, hi) of the segment: those in the ring fill, then those of the packed
         # run at ``ring`` (without LIVE the fill is the whole segment and the second run is empty).
-        m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo, tl.minimum(hi, seg_fill),
+        m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, _pick(starts, at), bh, lo,
+                                     tl.minimum(hi, seg_fill),
                                      ring + tl.maximum(lo - seg_fill, 0), ring + hi - seg_fill, stride_qb,
                                      stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV,
-                                     G, G_PAD, D, BLOCK, IEEE, skip, new_k, new_v, owns_new)
+                                     G, G_PAD, D, BLOCK, IEEE)
         # Entry pid + bh: unique, as the programs meeting a segment are consecutive and a
         # program's segments are too (the next program starts at or after its last segment).
         _store_partial(o_ptr, m_ptr, l_ptr, pid + bh, m_i, l_i, acc, G, G_PAD, D)
@@ -325,28 +289,19 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
 
 @triton.jit
 def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
-                             layout_ptr, stride_base, stride_outb, stride_outh, ring, NSEG, P, HKV: tl.constexpr,
+                             stride_base, stride_outb, stride_outh, ring, NSEG, P, HKV: tl.constexpr,
                              G: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                             DS: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr, APPEND: tl.constexpr):
+                             DS: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
     d0 = tl.program_id(2) * DS
-    if APPEND:
-        seg_first = tl.load(layout_ptr + bh)
-        seg_last = tl.load(layout_ptr + NSEG_PAD + bh)
-    else:
-        _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
-                                                 NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
-        at = tl.arange(0, NSEG_PAD) == bh
-        seg_first = _pick(first, at)
-        seg_last = _pick(last, at)
-    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, seg_last - seg_first + 1, gi, d0, G, D,
-                                        DS, CHUNK)
+    _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
+                                             NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
+    at = tl.arange(0, NSEG_PAD) == bh
+    seg_first = _pick(first, at)
+    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi,
+                                        d0, G, D, DS, CHUNK)
     _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
-    if APPEND:
-        # The step's token is in the cache now; no program of this launch reads next_pos.
-        if (bh == 0) & (gi == 0) & (d0 == 0):
-            tl.store(next_pos_ptr, tl.load(next_pos_ptr) + 1)
 
 
 def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PROGRAMS) -> int:
@@ -389,33 +344,24 @@ def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, t
                                                            NUM_SPLITS=num_splits, **_merge_options(d))
 
 
-def _launch_balanced(attend: dict, output: dict, segments: int, programs: int, new: dict | None) -> None:
-    group, d = attend["G"], attend["D"]
+def _launch_balanced(attend: dict, output: dict, segments: int, programs: int) -> None:
+    group = attend["G"]
     # Entries program + segment: at most programs + segments - 1 (see _balanced_kernel).
-    parts = _partials(programs + segments - 1, group, d, attend["q_ptr"].device)
+    parts = _partials(programs + segments - 1, group, attend["D"], attend["q_ptr"].device)
     stream = dict(NSEG=segments, P=programs, NSEG_PAD=triton.next_power_of_2(segments))
-    layout_buf = torch.empty(2 * stream["NSEG_PAD"], dtype=torch.int32, device=attend["q_ptr"].device)
-    if new is None:  # unused pointers: any valid tensor will do
-        q = attend["q_ptr"]
-        new = dict(new_k_ptr=q, new_v_ptr=q, pos_ptr=attend["owner_ptr"], stride_nkb=0, stride_nkh=0, stride_nvb=0,
-                   stride_nvh=0, stride_posb=0)
-        appending = False
-    else:
-        appending = True
-    _balanced_kernel[(programs,)](**attend, **parts, **stream, **new, layout_ptr=layout_buf, APPEND=appending)
+    _balanced_kernel[(programs,)](**attend, **parts, **stream)
     layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
                                               "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
+    d = attend["D"]
     _balanced_combine_kernel[(segments, group, d // _merge_dims(d))](**parts, **output, **layout, **stream, G=group,
-                                                                     D=d, layout_ptr=layout_buf, APPEND=appending,
-                                                                     **_merge_options(d))
+                                                                     D=d, **_merge_options(d))
 
 
 def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
            seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int, scale: float,
            total_slots: int | None = None, live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
            block: int | None = None, programs: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None, schedule: str | None = None,
-           append: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           num_stages: int | None = None, schedule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernels of one schedule.
 
     Args:
@@ -440,12 +386,6 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
             the splits; ``TARGET_PROGRAMS``); "balanced": the grid
             (``BALANCED_PROGRAMS``).
         schedule: one of ``SCHEDULES``; ``None`` takes ``SCHEDULE``.
-        append: ``(key, value, pos)``: first append this step's token, as
-            ``triton_append.launch`` does (``key``, ``value``: ``[B, H_kv, D]``;
-            ``pos``: int32 ``[B, S]``; ``next_pos`` advances by one), which
-            needs ``live``. "balanced" does it inside its two kernels (no launch
-            of its own: the token is attended from ``key``/``value`` and written
-            by the program that meets its segment first).
 
     Returns:
         (``[B, H_q, D]`` output in q's dtype, float32 ``[B, H_q]`` log-sum-exp).
@@ -453,8 +393,6 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
     schedule = schedule or SCHEDULE
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
-    if append is not None and live is None:
-        raise ValueError("append needs the live ranges (next_pos, base, ring) of a TCA cache")
     bsz, hq, d = q_bhd.shape
     hkv = seg_start.shape[1]
     group = hq // hkv
@@ -472,21 +410,11 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=q_bhd.device)
     output = dict(out_ptr=out, lse_ptr=lse, stride_outb=out.stride(0), stride_outh=out.stride(1))
     if schedule == "split":
-        if append is not None:
-            key, value, pos = append
-            triton_append.launch(key, value, k_bsd, v_bsd, owner_bs, pos, seg_start, next_pos, base, ring=ring)
         _launch_split(attend, output, bsz * hkv, max_segment, total_slots, programs or TARGET_PROGRAMS)
     else:
         # No more programs than blocks of capacity: the extra ones would only exit (and in Triton's
         # interpreter, which runs programs one by one, a small cache would pay for all 396).
         slots = total_slots if total_slots is not None else max_segment * bsz * hkv
         programs = min(programs or BALANCED_PROGRAMS, max(1, -(-slots // attend["BLOCK"])))
-        new = None
-        if append is not None:
-            key, value, pos = append
-            key, value = key.contiguous(), value.contiguous()  # the kernel walks D with stride 1
-            new = dict(new_k_ptr=key, new_v_ptr=value, pos_ptr=pos, stride_nkb=key.stride(0),
-                       stride_nkh=key.stride(1), stride_nvb=value.stride(0), stride_nvh=value.stride(1),
-                       stride_posb=pos.stride(0))
-        _launch_balanced(attend, output, bsz * hkv, programs, new)
+        _launch_balanced(attend, output, bsz * hkv, programs)
     return out, lse

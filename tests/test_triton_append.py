@@ -182,23 +182,8 @@ def test_decode_with_the_fused_append_equals_the_tensor_form(padded, monkeypatch
             assert torch.equal(getattr(fused, name), getattr(ref, name)), f"{name}, seed {seed}"
 
 
-def count_appending_attention(monkeypatch):
-    """The decode attention launches that append the step's token themselves, from now on."""
-    calls, launch = [], decode.triton_decode.launch
-
-    def counted(*args, **kwargs):
-        if kwargs.get("append") is not None:
-            calls.append(1)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(decode.triton_decode, "launch", counted)
-    return calls
-
-
-# "triton": the append's own kernel; "auto": the attention's kernels write the token (one launch fewer).
-@pytest.mark.parametrize("append", ["triton", "auto"])
 @torch.no_grad()
-def test_compiled_step_with_the_fused_append_equals_eager(monkeypatch, append):
+def test_compiled_step_with_the_fused_append_equals_eager(monkeypatch):
     """The op inside a torch.compile'd decode step (update + attention + compression, fullgraph): the
     same outputs and buffers as eager steps, across a compression."""
     gen = torch.Generator().manual_seed(8)
@@ -208,7 +193,6 @@ def test_compiled_step_with_the_fused_append_equals_eager(monkeypatch, append):
     layers = []
     for _ in range(2):
         layer = TCACacheLayer(cfg, [1, 3], backend="triton", reserve_tokens=32)
-        layer.append_kernel = append
         layer.update(k.to(DEVICE), v.to(DEVICE))
         layer.finish_prefill(k.to(DEVICE), v.to(DEVICE), None, pads=[0, 15])  # ring bases 12 and 15
         layers.append(layer)
@@ -218,17 +202,13 @@ def test_compiled_step_with_the_fused_append_equals_eager(monkeypatch, append):
         return layer.decode_step(query, d**-0.5)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    own_kernel = count_launches(monkeypatch)
-    in_attention = count_appending_attention(monkeypatch)
+    launches = count_launches(monkeypatch)
     for _ in range(10):  # a block leaves each row's window on the way
         key, value = (torch.randn(bsz, hkv, 1, d, generator=gen).to(DEVICE) for _ in range(2))
         query = torch.randn(bsz, hkv * group, 1, d, generator=gen).to(DEVICE)
         want, got = step(layers[0], key, value, query), compiled(layers[1], key, value, query)
         assert torch.equal(got, want)
     assert (layers[0].ncs > layers[0].base).all(), "a block must have left every row's window"
-    launches = own_kernel if append == "triton" else in_attention
     assert len(launches) == 2 * 10, "the kernel ran in the eager and in the compiled steps"
-    if append == "auto" and decode.triton_decode.SCHEDULE == "balanced":
-        assert not own_kernel, "the balanced schedule appends inside its own kernels"
     for name in (*BUFFERS, "var_len", "ncs"):
         assert torch.equal(getattr(layers[1], name), getattr(layers[0], name)), name
