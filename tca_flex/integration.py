@@ -42,9 +42,10 @@ from .unpad import Unpadder
 
 logger = logging.getLogger(__name__)
 # Dynamo's names for every TCACache layer's count of tokens seen (a Python int that grows each
-# decode step) and the count at which its buffers next grow (differs per request), as a regex over
-# source names such as ``L['kwargs']['cache'].layers[0]._seen``.
-TCA_LENGTH_SOURCE = r".*\.layers\[\d+\]\.(_seen|_grow_at)$"
+# decode step), the count at which its buffers next grow, and its layout's slot counts (the
+# Triton decode kernels' grid sizes: both differ per request), as a regex over source names such
+# as ``L['kwargs']['cache'].layers[0]._seen`` or ``...layers[0].segments.max_length``.
+TCA_LENGTH_SOURCE = r".*\.layers\[\d+\]\.(_seen|_grow_at|segments\.(max_length|total_length))$"
 
 ATTN_NAME = "tca"
 DEFAULT_KEEP_FRACTION = 0.25

@@ -223,3 +223,53 @@ def test_saved_compile_cache_loads_in_a_second_process(tiny_llama, tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.strip().splitlines()[-1]) == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.skipif(not tca_flex.decode.triton_supported(torch.empty(1, 1, 1, 16)),
+                    reason="needs Triton's interpreter (a machine without a GPU)")
+@torch.no_grad()
+def test_warmup_generate_compiles_the_triton_decode_step_once(tiny_llama, monkeypatch):
+    """The GPU's decode route through ``warmup(generate=True)``: the Triton kernels take the cache
+    layout's slot counts as Python ints (their grid sizes), which differ per request. Taken here on
+    the CPU (Triton's interpreter; the rule "auto" follows on CUDA), the step compiles once in the
+    warm-up, a request of a new length compiles nothing, and its tokens equal eager ``generate``'s."""
+    import random
+
+    from transformers import CompileConfig
+
+    import tca_flex.cache as cache_module
+    import tca_flex.decode as decode
+
+    real = decode.resolve_backend
+
+    def cuda_rule(q, segments, backend="auto"):
+        if backend == "auto" and segments is not None and decode.triton_supported(q):
+            return "triton"
+        return real(q, segments, backend)
+
+    monkeypatch.setattr(decode, "resolve_backend", cuda_rule)
+    monkeypatch.setattr(cache_module, "resolve_backend", cuda_rule)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, CONFIG))
+    config = CompileConfig(backend="aot_eager", mode=None)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        tca_flex.warmup(tiny_llama, max_length=900, progress=False)  # the prefill's graphs
+        report = tca_flex.warmup(tiny_llama, max_length=900, generate=True, compile_config=config, progress=False)
+        assert report.graphs == 1
+        steps = counters["stats"]["unique_graphs"]
+        launches, launch = [], decode.triton_decode.launch
+        monkeypatch.setattr(decode.triton_decode, "launch", lambda *a, **k: launches.append(1) or launch(*a, **k))
+        gen = torch.Generator().manual_seed(random.randrange(2**31))  # a fresh prompt each run
+        x = torch.randint(0, 256, (1, random.choice([263, 301, 347])), generator=gen)
+        kwargs = dict(attention_mask=torch.ones_like(x), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                      pad_token_id=0)
+        want = tiny_llama.generate(x, **kwargs, **cache_kwargs(tiny_llama, tca_flex.TCACache(tiny_llama)))
+        cache = tca_flex.TCACache(tiny_llama, reserve_tokens=16)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = tiny_llama.generate(x, **kwargs, compile_config=config, **cache_kwargs(tiny_llama, cache))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert counters["stats"]["unique_graphs"] == steps
+        assert launches, "the decode steps did not take the Triton kernels"
+    finally:
+        torch._dynamo.reset()
