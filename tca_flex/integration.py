@@ -430,8 +430,8 @@ def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
     process-wide settings, only here, on request, each with a log line: it
     raises dynamo's recompile limit (``torch._dynamo.config.recompile_limit``)
     to at least 64, because a compiled whole model re-traces its decode step
-    each time a ``TCACache`` grows; and it adds the cache layers' token count
-    (``TCA_LENGTH_SOURCE``) to ``torch.compiler.config.dynamic_sources``, so the
+    each time a ``TCACache`` grows; and it adds the cache layers' token count and
+    layout slot counts (``TCA_LENGTH_SOURCE``) to ``torch.compiler.config.dynamic_sources``, so the
     first decode step compiles a graph for every length. Without it dynamo
     specialises the first step's length (transformers reads it as a Python int)
     and compiles the step a second time at the next one. The prefill itself compiles
