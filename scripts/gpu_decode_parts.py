@@ -15,7 +15,6 @@ import triton
 
 from tca_flex import bench
 from tca_flex import triton_decode as td
-from tca_flex.config import TCAConfig
 
 
 @triton.jit
@@ -37,16 +36,7 @@ def main() -> None:
     empty2 = bench.graph_timed(lambda: (_empty[(1,)](x), _empty[(1,)](x)), device)
     for length in (32768, 131072):
         for target in (0.39, 0.15):
-            layer = bench.build_cache_layer(length, 32, 8, 128, bench.head_fractions(target, length, 4096, 8),
-                                            TCAConfig(block_size=128, window=4096), dtype, device)
-            q = torch.randn(1, 32, 128, device=device, dtype=dtype)
-            seg = layer.segments
-            live = (layer.var_len, layer.next_pos, layer.base, layer.ring)
-
-            def launch(q=q, layer=layer, seg=seg, live=live):
-                return td.launch(q, layer.k_buf, layer.v_buf, layer.owner, seg.start, seg.length, seg.max_length,
-                                 128 ** -0.5, total_slots=seg.total_length, live=live)
-
+            launch = bench.kernel_launch(length, target, device, dtype)
             full = bench.graph_timed(launch, device)
             with mock.patch.object(td, "_balanced_combine_kernel", _Skipped()):
                 main_only = bench.graph_timed(launch, device)

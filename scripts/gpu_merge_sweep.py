@@ -14,23 +14,13 @@ import torch
 
 from tca_flex import bench
 from tca_flex import triton_decode as td
-from tca_flex.config import TCAConfig
 
 
 def main() -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
     for length in (32768, 131072):
         for target in (0.39, 0.25):
-            layer = bench.build_cache_layer(length, 32, 8, 128, bench.head_fractions(target, length, 4096, 8),
-                                            TCAConfig(block_size=128, window=4096), dtype, device)
-            q = torch.randn(1, 32, 128, device=device, dtype=dtype)
-            seg = layer.segments
-            live = (layer.var_len, layer.next_pos, layer.base, layer.ring)
-
-            def launch(q=q, layer=layer, seg=seg, live=live):
-                return td.launch(q, layer.k_buf, layer.v_buf, layer.owner, seg.start, seg.length, seg.max_length,
-                                 128 ** -0.5, total_slots=seg.total_length, live=live)
-
+            launch = bench.kernel_launch(length, target, device, dtype)
             ref_out, ref_lse = launch()
             rows = [("defaults", bench.graph_timed(launch, device), 0.0)]
             for dims in (128, 64, 32, 16):

@@ -238,6 +238,21 @@ def build_cache_layer(length: int, hq: int, hkv: int, d: int, fractions: list[fl
     return layer
 
 
+def kernel_launch(length: int, target: float, device: torch.device,
+                  dtype: torch.dtype = torch.bfloat16) -> Callable[[], Any]:
+    """``triton_decode.launch`` over a ``build_cache_layer`` of LLaMA-3.1-8B attention shapes (32 query
+    heads, 8 KV heads, head dim 128, block 128, window 4096) keeping ``target`` of ``length`` tokens,
+    with the module's settings at call time, as a no-argument callable (what the GPU scripts time)."""
+    from . import triton_decode
+
+    layer = build_cache_layer(length, 32, 8, 128, head_fractions(target, length, 4096, 8),
+                              TCAConfig(block_size=128, window=4096), dtype, device)
+    q = torch.randn(1, 32, 128, device=device, dtype=dtype)
+    seg, live = layer.segments, (layer.var_len, layer.next_pos, layer.base, layer.ring)
+    return lambda: triton_decode.launch(q, layer.k_buf, layer.v_buf, layer.owner, seg.start, seg.length,
+                                        seg.max_length, 128 ** -0.5, total_slots=seg.total_length, live=live)
+
+
 # Per-KV-head keep fractions of the global region, as unequal as calibrated heads are;
 # scaled so the whole cache keeps a given fraction.
 HEAD_SPREAD = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.98]
