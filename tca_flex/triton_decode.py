@@ -54,7 +54,9 @@ import triton.language as tl
 # the balanced kernel (commit ff15645, since removed) saved nothing measurable. A second "fused"
 # (2026-12-04, commit 8963fde): the merge after the attention loop, all heads at once, 103 us
 # against 62: one CTA merging a segment's ~50 partials is slower than the 32-program merge kernel,
-# and the counter's branch alone cost ~20 us at 396 programs.
+# and the counter's branch alone cost ~20 us at 396 programs. The append of the step's token done
+# by the balanced kernel itself (2026-12-04 night, commit 0a0b500, reverted): the whole step 85 us
+# against 64 with the append's own kernel, another data-dependent branch in the segment loop.
 BLOCK_N = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
