@@ -17,6 +17,7 @@ import functools
 import itertools
 import json
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -357,6 +358,12 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
 
 
+# The last decode mask accepted: (weak reference, its in-place version, pads). transformers hands
+# every layer of one forward the same mask tensor, so the layers after the first skip the check,
+# which reads mask values: on a GPU a host-device sync that would stall every layer's launches.
+_accepted_decode_mask: tuple[weakref.ref, int, tuple[int, ...]] | None = None
+
+
 def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> None:
     """Refuse a decode mask that hides anything but each row's leading ``pads`` (the prefill's padding).
 
@@ -365,9 +372,16 @@ def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> N
     compiled step would be a data-dependent branch, and inside a CUDA-graph
     capture a sync the capture refuses; there the prefill's ``left_pads`` has
     checked the pattern, the eager warm-up before a capture has checked the
-    step, and generate's masks only append visible tokens to it.
+    step, and generate's masks only append visible tokens to it. A mask
+    already accepted with the same ``pads`` (the same tensor, not modified in
+    place since) is not read again.
     """
+    global _accepted_decode_mask
     if attention_mask is None or building_graph():
+        return
+    key = (attention_mask._version, tuple(pads))
+    last = _accepted_decode_mask
+    if last is not None and last[0]() is attention_mask and last[1:] == key:
         return
     visible = visible_keys(attention_mask)
     visible = visible.reshape(visible.shape[0], -1, 1, visible.shape[-1])  # one query: [B, H, 1, kv]
@@ -375,6 +389,7 @@ def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> N
         raise ValueError("TCACache decodes left-padded batches only: this decode mask hides other tokens than "
                          "each row's leading padding of the prefill. Pad on the left (tokenizer.padding_side = "
                          "'left') and pass generate the same attention_mask for the whole batch")
+    _accepted_decode_mask = (weakref.ref(attention_mask), *key)
 
 
 def _warn_if_detached(*tensors: torch.Tensor) -> None:

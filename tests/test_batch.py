@@ -195,6 +195,25 @@ def test_masks_the_cache_cannot_honour_raise(compiled, length):
 
 
 @torch.no_grad()
+def test_decode_mask_is_read_once_a_step_not_once_a_layer(monkeypatch):
+    """Every layer of a forward gets the same mask: the first layer checks it (reading its values,
+    a host-device sync on a GPU), the others do not; each new step's mask is checked again."""
+    import tca_flex.attention as attention
+
+    model = tiny_model((4, 2), fresh_seed())
+    assert model.config.num_hidden_layers > 1
+    _, ids, mask = left_padded([30, 24], fresh_seed())
+    cache = TCACache(model)
+    model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+    reads, real = [], attention.is_causal_left_padded
+    monkeypatch.setattr(attention, "is_causal_left_padded", lambda *args: reads.append(1) or real(*args))
+    for _ in range(3):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        model(torch.randint(1, 256, (2, 1)), attention_mask=mask, **cache_kwargs(model, cache))
+    assert len(reads) == 3
+
+
+@torch.no_grad()
 def test_decode_and_chunk_masks_must_hide_exactly_the_padding():
     model = tiny_model((4, 2), fresh_seed())
     _, ids, mask = left_padded([30, 24], fresh_seed())
@@ -281,6 +300,15 @@ def test_decode_mask_check_refuses_holes_eagerly_and_stays_off_the_host_under_ca
     holed[row, pads[row] + hidden % (width - pads[row])] = False
     with pytest.raises(ValueError, match="left-padded batches only"):
         check_decode_mask(holed, pads)
+    # An accepted mask is not read again, unless it changed in place or comes with other pads.
+    check_decode_mask(visible, pads)
+    visible[row, pads[row] + hidden % (width - pads[row])] = False
+    with pytest.raises(ValueError, match="left-padded batches only"):
+        check_decode_mask(visible, pads)
+    nothing_hidden = torch.ones_like(holed)
+    check_decode_mask(nothing_hidden, [0] * len(pads))
+    with pytest.raises(ValueError, match="left-padded batches only"):
+        check_decode_mask(nothing_hidden, [1] * len(pads))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: True)
         patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
