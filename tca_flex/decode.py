@@ -37,7 +37,7 @@ the same kernels in Triton's interpreter (``TRITON_INTERPRET=1``; tests only).
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -87,8 +87,7 @@ class LiveRanges(NamedTuple):
 
 
 if triton_decode is not None:
-    @torch.library.custom_op("tca_flex::decode_segments", mutates_args=())
-    def _decode_segments_op(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
+    def _decode_segments(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
                             seg_start: torch.Tensor, seg_len: torch.Tensor, var_len: torch.Tensor | None,
                             next_pos: torch.Tensor | None, base: torch.Tensor | None, ring: int, max_segment: int,
                             total_slots: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +98,8 @@ if triton_decode is not None:
         return triton_decode.launch(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, max_segment, scale,
                                     total_slots=total_slots, live=live)
 
+    _decode_segments_op = torch.library.custom_op("tca_flex::decode_segments", _decode_segments, mutates_args=())
+
     @_decode_segments_op.register_fake
     def _(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, var_len, next_pos, base, ring, max_segment,
           total_slots, scale):
@@ -107,15 +108,17 @@ if triton_decode is not None:
 
     # Opaque for the same reason; it mutates the cache in place (declared, so a compiled graph
     # orders it after the reads of these buffers and before the next step's).
-    @torch.library.custom_op("tca_flex::compress_block",
-                             mutates_args=("k_bsd", "v_bsd", "owner_bs", "pos_bs", "var_len", "ncs"))
-    def _compress_block_op(q_bhd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
+    def _compress_block(q_bhd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
                            owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
                            var_len: torch.Tensor, keep_h: torch.Tensor, ncs: torch.Tensor, next_pos: torch.Tensor,
                            base: torch.Tensor, window: int, block: int, ring: int, scale: float,
                            use_max: bool) -> None:
         triton_compress.launch(q_bhd, lse_bh, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, var_len, keep_h, ncs,
                                next_pos, base, window=window, block=block, ring=ring, scale=scale, use_max=use_max)
+
+    _compress_block_op = torch.library.custom_op(
+        "tca_flex::compress_block", _compress_block,
+        mutates_args=("k_bsd", "v_bsd", "owner_bs", "pos_bs", "var_len", "ncs"))
 
     @_compress_block_op.register_fake
     def _(q_bhd, lse_bh, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, var_len, keep_h, ncs, next_pos, base, window,
@@ -124,17 +127,25 @@ if triton_decode is not None:
 
     # Opaque for the same reason. It writes next_pos too: declared, so a compiled step reads the
     # advanced position after it (the decode attention's live ring fill, the compression).
-    @torch.library.custom_op("tca_flex::append_token",
-                             mutates_args=("k_bsd", "v_bsd", "owner_bs", "pos_bs", "next_pos"))
-    def _append_token_op(key_bhd: torch.Tensor, value_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
+    def _append_token(key_bhd: torch.Tensor, value_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
                          owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
                          next_pos: torch.Tensor, base: torch.Tensor, ring: int) -> None:
         triton_append.launch(key_bhd, value_bhd, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, next_pos, base,
                              ring=ring)
 
+    _append_token_op = torch.library.custom_op("tca_flex::append_token", _append_token,
+                                               mutates_args=("k_bsd", "v_bsd", "owner_bs", "pos_bs", "next_pos"))
+
     @_append_token_op.register_fake
     def _(key_bhd, value_bhd, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, next_pos, base, ring):
         return None
+
+
+def _run(op: Any, impl: Any, *args: Any) -> Any:
+    """The registered op inside torch.compile (opaque to Inductor, its mutations declared); eagerly
+    the function it wraps: the op's dispatch costs 20-50 us a call on the host (CPU,
+    ``scripts/host_overhead.py``), which eager decode pays per layer and step."""
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
 def _interpreting() -> bool:
@@ -222,9 +233,9 @@ def _flex_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
 def _triton_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
                    segments: Segments, scale: float, live: LiveRanges | None) -> tuple[torch.Tensor, torch.Tensor]:
     var_len, next_pos, base, ring = live if live is not None else (None, None, None, 0)
-    out, lse = torch.ops.tca_flex.decode_segments(q_bhsd[:, :, 0], k_bsd, v_bsd, owner_bs, segments.start,
-                                                  segments.length, var_len, next_pos, base, ring,
-                                                  segments.max_length, segments.total_length, scale)
+    out, lse = _run(torch.ops.tca_flex.decode_segments, _decode_segments, q_bhsd[:, :, 0], k_bsd, v_bsd, owner_bs,
+                    segments.start, segments.length, var_len, next_pos, base, ring, segments.max_length,
+                    segments.total_length, scale)
     return out.unsqueeze(2), lse
 
 
@@ -337,9 +348,9 @@ def compress_block(q_bhsd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tens
         window, block: the cache's window and block size (ring = window + block).
         scale: softmax scale; aggregation: ``"mean"`` or ``"max"`` over query heads.
     """
-    torch.ops.tca_flex.compress_block(q_bhsd[:, :, 0], lse_bh.contiguous(), k_bsd, v_bsd, owner_bs, pos_bs,
-                                      seg_start, var_len, keep_h, ncs, next_pos, base, window, block,
-                                      window + block, scale, aggregation == "max")
+    _run(torch.ops.tca_flex.compress_block, _compress_block, q_bhsd[:, :, 0], lse_bh.contiguous(), k_bsd, v_bsd,
+         owner_bs, pos_bs, seg_start, var_len, keep_h, ncs, next_pos, base, window, block, window + block, scale,
+         aggregation == "max")
 
 
 def append_token(key_bhsd: torch.Tensor, value_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
@@ -350,8 +361,8 @@ def append_token(key_bhsd: torch.Tensor, value_bhsd: torch.Tensor, k_bsd: torch.
     Does what ``append_token_math`` does with tensor ops (same arguments;
     ``heads`` is not needed here). Needs Triton on CUDA, or its interpreter.
     """
-    torch.ops.tca_flex.append_token(key_bhsd[:, :, 0].detach(), value_bhsd[:, :, 0].detach(), k_bsd, v_bsd,
-                                    owner_bs, pos_bs, seg_start, next_pos, base, ring)
+    _run(torch.ops.tca_flex.append_token, _append_token, key_bhsd[:, :, 0].detach(), value_bhsd[:, :, 0].detach(),
+         k_bsd, v_bsd, owner_bs, pos_bs, seg_start, next_pos, base, ring)
 
 
 def append_token_math(key_bhsd: torch.Tensor, value_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
