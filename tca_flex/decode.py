@@ -88,9 +88,9 @@ class LiveRanges(NamedTuple):
 
 if triton_decode is not None:
     def _decode_segments(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
-                            seg_start: torch.Tensor, seg_len: torch.Tensor, var_len: torch.Tensor | None,
-                            next_pos: torch.Tensor | None, base: torch.Tensor | None, ring: int, max_segment: int,
-                            total_slots: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         seg_start: torch.Tensor, seg_len: torch.Tensor, var_len: torch.Tensor | None,
+                         next_pos: torch.Tensor | None, base: torch.Tensor | None, ring: int, max_segment: int,
+                         total_slots: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         # An opaque custom op, not a triton_op: on torch 2.11 + Triton 3.6 Inductor failed to
         # recompile these kernels inside a compiled graph (BENCHMARKS.md, 2026-12-02), while
         # an opaque op launches the same JIT kernels as eager and stays CUDA-graph capturable.
@@ -109,10 +109,10 @@ if triton_decode is not None:
     # Opaque for the same reason; it mutates the cache in place (declared, so a compiled graph
     # orders it after the reads of these buffers and before the next step's).
     def _compress_block(q_bhd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
-                           owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
-                           var_len: torch.Tensor, keep_h: torch.Tensor, ncs: torch.Tensor, next_pos: torch.Tensor,
-                           base: torch.Tensor, window: int, block: int, ring: int, scale: float,
-                           use_max: bool) -> None:
+                        owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
+                        var_len: torch.Tensor, keep_h: torch.Tensor, ncs: torch.Tensor, next_pos: torch.Tensor,
+                        base: torch.Tensor, window: int, block: int, ring: int, scale: float,
+                        use_max: bool) -> None:
         triton_compress.launch(q_bhd, lse_bh, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, var_len, keep_h, ncs,
                                next_pos, base, window=window, block=block, ring=ring, scale=scale, use_max=use_max)
 
@@ -128,8 +128,8 @@ if triton_decode is not None:
     # Opaque for the same reason. It writes next_pos too: declared, so a compiled step reads the
     # advanced position after it (the decode attention's live ring fill, the compression).
     def _append_token(key_bhd: torch.Tensor, value_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
-                         owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
-                         next_pos: torch.Tensor, base: torch.Tensor, ring: int) -> None:
+                      owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
+                      next_pos: torch.Tensor, base: torch.Tensor, ring: int) -> None:
         triton_append.launch(key_bhd, value_bhd, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, next_pos, base,
                              ring=ring)
 
