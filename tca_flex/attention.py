@@ -17,7 +17,6 @@ import functools
 import itertools
 import json
 import warnings
-import weakref
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .chunks import building_graph, is_causal_left_padded
+from .chunks import AcceptedMask, building_graph, is_causal_left_padded
 from .compile import kernel_options_for, length_generic, output_and_lse_if, prefill_kernel_options
 from .config import TCAConfig
 from .layer import TCALayer, tca_layer
@@ -358,10 +357,8 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
 
 
-# The last decode mask accepted: (weak reference, its in-place version, pads). transformers hands
-# every layer of one forward the same mask tensor, so the layers after the first skip the check,
-# which reads mask values: on a GPU a host-device sync that would stall every layer's launches.
-_accepted_decode_mask: tuple[weakref.ref, int, tuple[int, ...]] | None = None
+# The decode mask last accepted: every layer of a forward gets the same one.
+_accepted_decode_mask = AcceptedMask()
 
 
 def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> None:
@@ -374,14 +371,9 @@ def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> N
     checked the pattern, the eager warm-up before a capture has checked the
     step, and generate's masks only append visible tokens to it. A mask
     already accepted with the same ``pads`` (the same tensor, not modified in
-    place since) is not read again.
+    place since) is not read again (``chunks.AcceptedMask``).
     """
-    global _accepted_decode_mask
-    if attention_mask is None or building_graph():
-        return
-    key = (attention_mask._version, tuple(pads))
-    last = _accepted_decode_mask
-    if last is not None and last[0]() is attention_mask and last[1:] == key:
+    if attention_mask is None or building_graph() or _accepted_decode_mask.seen(attention_mask, tuple(pads)):
         return
     visible = visible_keys(attention_mask)
     visible = visible.reshape(visible.shape[0], -1, 1, visible.shape[-1])  # one query: [B, H, 1, kv]
@@ -389,7 +381,7 @@ def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> N
         raise ValueError("TCACache decodes left-padded batches only: this decode mask hides other tokens than "
                          "each row's leading padding of the prefill. Pad on the left (tokenizer.padding_side = "
                          "'left') and pass generate the same attention_mask for the whole batch")
-    _accepted_decode_mask = (weakref.ref(attention_mask), *key)
+    _accepted_decode_mask.accept(attention_mask, tuple(pads))
 
 
 def _warn_if_detached(*tensors: torch.Tensor) -> None:

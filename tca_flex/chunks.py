@@ -15,6 +15,8 @@ Everything computes in float32, or in float64 for float64 inputs.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 # Scores per query tile (float32: 256 MB); bounds a chunk's memory whatever its length.
@@ -146,6 +148,26 @@ def is_causal_left_padded(visible: torch.Tensor, past_length: int, pads: list[in
     return torch.equal(visible, want.unsqueeze(1).expand_as(visible))
 
 
+class AcceptedMask:
+    """The last mask a check accepted: a weak reference, its in-place version and the check's other
+    arguments. transformers hands every layer of one forward the same mask tensor, so the layers
+    after the first skip reading it again (on a GPU each read is a host-device sync, which stalls
+    the launches that follow); a new tensor, an in-place change or other arguments are checked."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._key: tuple = ()
+
+    def seen(self, mask: torch.Tensor, *args: object) -> bool:
+        return self._ref is not None and self._ref() is mask and self._key == (mask._version, *args)
+
+    def accept(self, mask: torch.Tensor, *args: object) -> None:
+        self._ref, self._key = weakref.ref(mask), (mask._version, *args)
+
+
+_accepted_chunk_mask = AcceptedMask()
+
+
 def check_chunk_mask(attention_mask: torch.Tensor | None, past_length: int, pads: list[int] | None = None) -> None:
     """Refuse any mask but the causal one (hiding each row's leading ``pads``) for a chunk after ``past_length``.
 
@@ -155,11 +177,16 @@ def check_chunk_mask(attention_mask: torch.Tensor | None, past_length: int, pads
     (``[B, 1, c, past + c]``, bool, or float with 0 where visible). Checked
     eagerly only: reading mask values inside a compiled graph would be a
     data-dependent branch, and inside a CUDA-graph capture a sync the capture refuses.
+    A mask already accepted with the same arguments is not read again (``AcceptedMask``).
     """
     if attention_mask is None or building_graph():
+        return
+    key = (past_length, tuple(pads or ()))
+    if _accepted_chunk_mask.seen(attention_mask, *key):
         return
     visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     if not is_causal_left_padded(visible, past_length, pads):
         raise ValueError("TCACache does not support this mask for new tokens on top of the cache: it hides "
                          "tokens other than each row's left padding of the prefill (a padded chunk, right "
                          "padding or a hole). Pass the conversation with the prompt's left padding only")
+    _accepted_chunk_mask.accept(attention_mask, *key)

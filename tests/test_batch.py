@@ -195,10 +195,11 @@ def test_masks_the_cache_cannot_honour_raise(compiled, length):
 
 
 @torch.no_grad()
-def test_decode_mask_is_read_once_a_step_not_once_a_layer(monkeypatch):
+def test_decode_and_chunk_masks_are_read_once_a_forward_not_once_a_layer(monkeypatch):
     """Every layer of a forward gets the same mask: the first layer checks it (reading its values,
-    a host-device sync on a GPU), the others do not; each new step's mask is checked again."""
+    a host-device sync on a GPU), the others do not; each new step's (or chunk's) mask is checked again."""
     import tca_flex.attention as attention
+    import tca_flex.chunks as chunks
 
     model = tiny_model((4, 2), fresh_seed())
     assert model.config.num_hidden_layers > 1
@@ -206,11 +207,13 @@ def test_decode_mask_is_read_once_a_step_not_once_a_layer(monkeypatch):
     cache = TCACache(model)
     model(ids, attention_mask=mask, **cache_kwargs(model, cache))
     reads, real = [], attention.is_causal_left_padded
-    monkeypatch.setattr(attention, "is_causal_left_padded", lambda *args: reads.append(1) or real(*args))
-    for _ in range(3):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        model(torch.randint(1, 256, (2, 1)), attention_mask=mask, **cache_kwargs(model, cache))
-    assert len(reads) == 3
+    counted = lambda *args: reads.append(1) or real(*args)  # noqa: E731
+    monkeypatch.setattr(attention, "is_causal_left_padded", counted)  # decode steps
+    monkeypatch.setattr(chunks, "is_causal_left_padded", counted)  # chunks of new tokens
+    for new in (1, 1, 4, 1):
+        mask = torch.cat([mask, torch.ones(2, new, dtype=torch.long)], 1)
+        model(torch.randint(1, 256, (2, new)), attention_mask=mask, **cache_kwargs(model, cache))
+    assert len(reads) == 4
 
 
 @torch.no_grad()
