@@ -28,6 +28,7 @@ import torch
 import tca_flex
 from tca_flex.eval.tasks import passkey, score
 from tca_flex.hfcompat import cache_kwargs
+from tca_flex.memory import cache_bytes
 from tca_flex.models import load_smollm2
 
 
@@ -43,12 +44,6 @@ def request(model, tok, prompt: str, new: int, cache) -> tuple[str, float]:
     if ids.device.type == "cuda":
         torch.cuda.synchronize()
     return " ".join(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split()), time.perf_counter() - start
-
-
-def kv_bytes(cache) -> int:
-    if isinstance(cache, tca_flex.TCACache):
-        return cache.memory_report().total.bytes_used
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def main() -> None:
@@ -67,7 +62,7 @@ def main() -> None:
     for sample in samples:
         cache = DynamicCache(config=model.config)
         text, seconds = request(model, tok, sample.prompt, args.new, cache)
-        rows.append(("dense", sample, text, seconds, kv_bytes(cache)))
+        rows.append(("dense", sample, text, seconds, cache_bytes(cache)))
 
     tca_flex.apply(model, budgets=tca_flex.shipped_budgets("smollm2"))
     # generate compiles its decode step on accelerators only: warm it there.
@@ -75,7 +70,7 @@ def main() -> None:
     for sample in samples:
         cache = tca_flex.TCACache(model, reserve_tokens=args.new + 16)
         text, seconds = request(model, tok, sample.prompt, args.new, cache)
-        rows.append(("TCA", sample, text, seconds, kv_bytes(cache)))
+        rows.append(("TCA", sample, text, seconds, cache_bytes(cache)))
 
     print(f"\n{'method':<7}{'tokens':>8}{'seconds':>9}{'KV MiB':>8}  right  answer")
     for method, sample, text, seconds, kv in rows:

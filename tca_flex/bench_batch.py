@@ -44,6 +44,7 @@ from .cache import TCACache
 from .config import TCAConfig
 from .hfcompat import cache_kwargs
 from .integration import apply, remove
+from .memory import cache_bytes
 
 
 def batch_lengths(size: int, lo: int, hi: int, seed: int) -> list[int]:
@@ -156,10 +157,6 @@ def _replayed_decode_ms(model, cache: Any, logits: torch.Tensor, mask: torch.Ten
     return start.elapsed_time(end)
 
 
-def _dense_bytes(cache: Any) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 def _safely(rows: list[dict[str, Any]], base: dict[str, Any], method: str, fn: Callable[[], dict[str, Any]],
             device: torch.device) -> None:
     try:
@@ -207,7 +204,7 @@ def batch_bench_rows(batch_sizes: list[int], lo: int, hi: int, num_layers: int, 
             logits = _prefill(model, ids, mask, cache)
             static = static_copy(model, cache, ids.shape[1], device)
             tok_ms = _decode_ms(model, cache, logits, mask, lengths, decode_steps, device)
-            kv_bytes = _dense_bytes(cache)
+            kv_bytes = cache_bytes(cache)
             graph_ms = _replayed_decode_ms(model, static, logits, mask, lengths, decode_steps, device)
             del static
             # transformers' padded SDPA decode repeats the KV heads for the masked kernel; the same

@@ -37,6 +37,7 @@ from .cache import TCACache
 from .config import TCAConfig
 from .hfcompat import cache_kwargs
 from .integration import apply, remove
+from .memory import cache_bytes
 
 
 def _synced_ms(fn, device: torch.device) -> float:
@@ -85,10 +86,8 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
         first = _synced_ms(lambda: generate(ids, 1, make_cache(), **kwargs), device)
         cache = make_cache()
         total = _synced_ms(lambda: generate(ids, 1 + steps, cache, **kwargs), device)
-        if isinstance(cache, TCACache):
-            kv = cache.memory_report().total.bytes_used
-        elif cache is not None:
-            kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        if cache is not None:
+            kv = cache_bytes(cache)
         else:  # the StaticCache generate makes: room for the prompt and the new tokens
             kv = dense_kv_bytes(cfg, ids.shape[1] + 1 + steps, dtype)
         rows.append({"phase": "generate", "length": ids.shape[1], "method": method, "ttft_ms": first,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,11 @@ class MemoryReport:
                         f"{m.bytes_used / 2**20:>9.2f} {m.dense_bytes / 2**20:>9.2f} "
                         f"{100 * m.bytes_fraction:>5.1f}% {100 * m.overhead:>7.1f}%")
         return "\n".join(rows)
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes a KV cache holds: what a ``TCACache`` keeps (its ``memory_report``), or the key and
+    value tensors of any other transformers cache (``DynamicCache``; a ``StaticCache``'s whole room)."""
+    if hasattr(cache, "memory_report"):
+        return cache.memory_report().total.bytes_used
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
