@@ -373,7 +373,10 @@ def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> N
     already accepted with the same ``pads`` (the same tensor, not modified in
     place since) is not read again (``chunks.AcceptedMask``).
     """
-    if attention_mask is None or building_graph() or _accepted_decode_mask.seen(attention_mask, tuple(pads)):
+    if attention_mask is None or building_graph():
+        return
+    key = tuple(pads)
+    if _accepted_decode_mask.seen(attention_mask, key):
         return
     visible = visible_keys(attention_mask)
     visible = visible.reshape(visible.shape[0], -1, 1, visible.shape[-1])  # one query: [B, H, 1, kv]
@@ -381,7 +384,7 @@ def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> N
         raise ValueError("TCACache decodes left-padded batches only: this decode mask hides other tokens than "
                          "each row's leading padding of the prefill. Pad on the left (tokenizer.padding_side = "
                          "'left') and pass generate the same attention_mask for the whole batch")
-    _accepted_decode_mask.accept(attention_mask, tuple(pads))
+    _accepted_decode_mask.accept(attention_mask, key)
 
 
 def _warn_if_detached(*tensors: torch.Tensor) -> None:
