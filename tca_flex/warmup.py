@@ -213,8 +213,9 @@ def _generate_twice(model: torch.nn.Module, first: int, second: int, batch_size:
     pad = model.generation_config.pad_token_id
     # None would replace the generation_config's own compile_config: pass only a given one.
     given = {"compile_config": compile_config} if compile_config is not None else {}
-    # The cache's token counts symbolic from the first compile (its buffers' slot counts are marked
-    # by the cache itself), and the mask generate hands the step (transformers 5.17 makes it 4-D,
+    # The cache's token counts and its layout's slot counts (the decode kernels' grid sizes)
+    # symbolic from the first compile (its buffers' slot dims are marked by the cache itself),
+    # and the mask generate hands the step (transformers 5.17 makes it 4-D,
     # as long as the tokens seen): one compile instead of three. Patched for these calls only: the
     # compiled step keeps its symbolic sizes, and no setting outlives the warm-up.
     sources = ",".join(filter(None, (torch.compiler.config.dynamic_sources, TCA_LENGTH_SOURCE, _MASK_SOURCE)))
