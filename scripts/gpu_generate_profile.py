@@ -1,17 +1,24 @@
-"""Where eager ``model.generate`` spends a decode step, dense and TCA, on the GPU.
+"""Where eager decode spends a step, dense and TCA, on the GPU.
 
     PYTHONPATH=. python scripts/gpu_generate_profile.py [LAYERS] [LENGTH]
 
 Why: through plain ``generate`` eager dense decode took 65-87 ms a token on the H200 whatever the
-depth (BENCHMARKS.md, 2026-12-04), while a hand-written loop of the same model's forwards took
-~23 ms at 32 layers with the same attention (2026-12-04, night). This times a token both ways for
-dense (the benchmarks' maskless SDPA, under SDPA's default kernel choice and with cuDNN or
-flash forced, and transformers' own ``"sdpa"``) and for TCA after
-``apply`` with a ``TCACache``, then profiles 8 tokens of ``generate`` (torch.profiler, CPU and
-CUDA) and prints the ops that take the host's and the device's time.
+depth, eager TCA 41-69 ms at 32 layers (BENCHMARKS.md, 2026-12-04), while a hand-written loop of
+the same dense model's forwards took ~23 ms. Three probes:
+
+1. ``generate`` of 33 tokens twice over the same prompt, dense (maskless SDPA, SDPA's default
+   kernel choice): if the first call is much slower, a per-key-length cost that is paid once
+   per process (cuDNN builds a plan for each new shape) sets eager dense's pace, not the step.
+2. Decode steps only (after the prefill, a hand loop of forwards as ``generate`` makes them),
+   profiled with torch.profiler: the host's and the device's top ops, dense and TCA.
+3. One TCA decode step under ``torch.cuda.set_sync_debug_mode("warn")``: where the host waits
+   for the device (each such wait stalls the launches behind it).
 """
+import statistics
 import sys
 import time
+import traceback
+import warnings
 
 import torch
 from transformers import DynamicCache
@@ -25,8 +32,8 @@ layers = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 L = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: tiny shapes, to check the script
 smoke = dev.type == "cpu"
-model = llama_8b_shaped(layers, dev, torch.bfloat16 if not smoke else torch.float32, smoke, L + 128)
-ids = torch.randint(1, model.config.vocab_size, (1, L), device=dev)
+model = llama_8b_shaped(layers, dev, torch.bfloat16 if not smoke else torch.float32, smoke, L + 256)
+model.set_attn_implementation(fastest_dense_sdpa())
 config = TCAConfig(block_size=128 if not smoke else 32, window=4096 if not smoke else 64)
 
 
@@ -35,58 +42,96 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def generate(new: int, cache) -> None:
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                   do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
-
-
-def hand_loop(new: int, cache) -> None:
-    mask = torch.ones_like(ids)
-    out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-    for _ in range(new - 1):
-        token = out.logits[:, -1:].argmax(-1)
-        mask = torch.cat([mask, mask[:, :1]], 1)
-        out = model(token, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
-
-
-def ms(fn, new: int, make_cache) -> float:
+def ms(fn) -> float:
     sync()
     start = time.perf_counter()
-    fn(new, make_cache())
+    fn()
     sync()
     return (time.perf_counter() - start) * 1e3
 
 
+def generate(ids: torch.Tensor, new: int, cache) -> None:
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                   do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
+
+
+class Decoder:
+    """A prefill, then one forward per new token, as generate makes them (growing 2-D mask)."""
+
+    def __init__(self, ids: torch.Tensor, cache) -> None:
+        self.cache, self.mask = cache, torch.ones_like(ids)
+        out = model(ids, attention_mask=self.mask, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        self.token = out.logits[:, -1:].argmax(-1)
+
+    def step(self) -> None:
+        self.mask = torch.cat([self.mask, self.mask[:, :1]], 1)
+        out = model(self.token, attention_mask=self.mask, use_cache=True, **cache_kwargs(model, self.cache))
+        self.token = out.logits[:, -1:].argmax(-1)
+
+
 @torch.no_grad()
-def study(name: str, make_cache) -> None:
-    generate(2, make_cache())
-    for label, fn in (("generate", generate), ("hand loop", hand_loop)):
-        per_token = (ms(fn, 33, make_cache) - ms(fn, 1, make_cache)) / 32
-        print(f"{name:<38}{label:<10} {per_token:8.2f} ms a token ({layers} layers, {L} tokens)", flush=True)
-    cache = make_cache()
-    generate(1, cache)  # the prefill outside the profile
+def per_length_cost() -> None:
+    ids = torch.randint(1, model.config.vocab_size, (1, L + 7), device=dev)  # lengths not seen before
+    first = ms(lambda: generate(ids, 33, DynamicCache(config=model.config)))
+    again = ms(lambda: generate(ids, 33, DynamicCache(config=model.config)))
+    print(f"probe 1, dense generate of 33 tokens over {L + 7} new key lengths: first {first:.0f} ms, "
+          f"same lengths again {again:.0f} ms", flush=True)
+
+
+@torch.no_grad()
+def decode_profile(name: str, make_cache) -> Decoder:
+    ids = torch.randint(1, model.config.vocab_size, (1, L), device=dev)
+    dec = Decoder(ids, make_cache())
+    for _ in range(4):
+        dec.step()
+    times = [ms(dec.step) for _ in range(16)]
+    print(f"{name}: eager decode step, median {statistics.median(times):.2f} ms ({layers} layers, {L} tokens; "
+          f"steps {min(times):.2f}-{max(times):.2f})", flush=True)
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        generate(9, make_cache())
+        for _ in range(8):
+            dec.step()
         sync()
     table = prof.key_averages()
-    print(f"--- {name}: by host time (self), generate of 9 tokens, prefill included")
-    print(table.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+    print(f"--- {name}: 8 decode steps, by host time (self)")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=70))
     if dev.type == "cuda":
-        print(f"--- {name}: by device time")
-        print(table.table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=60))
+        print(f"--- {name}: 8 decode steps, by device time (self)")
+        print(table.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=70))
+    return dec
 
 
-model.set_attn_implementation(fastest_dense_sdpa())
-study("dense (maskless sdpa)", lambda: DynamicCache(config=model.config))
-if dev.type == "cuda":
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
-        study("dense (maskless, cuDNN/flash forced)", lambda: DynamicCache(config=model.config))
-model.set_attn_implementation("sdpa")
-study("dense (sdpa)", lambda: DynamicCache(config=model.config))
-model.set_attn_implementation(fastest_dense_sdpa())
+@torch.no_grad()
+def sync_sites(dec: Decoder) -> None:
+    if dev.type != "cuda":
+        return
+    sites: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack() if "/warnings.py" not in f.filename][-5:-1]
+        key = " <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
+        sites[key] = sites.get(key, 0) + 1
+
+    shown, warnings.showwarning = warnings.showwarning, record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                dec.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = shown
+    print(f"probe 3: {sum(sites.values())} synchronising calls in one TCA decode step ({layers} layers)")
+    for key, count in sorted(sites.items(), key=lambda kv: -kv[1]):
+        print(f"  {count:4d}x  {key}")
+
+
+per_length_cost()
+decode_profile("dense (maskless sdpa)", lambda: DynamicCache(config=model.config))
 apply(model, budgets=HeadBudgets.uniform(layers, model.config.num_key_value_heads, 0.25, config))
-study("TCA 25% + w", lambda: TCACache(model))
+sync_sites(decode_profile("TCA 25% + w", lambda: TCACache(model)))
 remove(model)
