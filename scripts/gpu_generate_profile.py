@@ -11,9 +11,12 @@ the same dense model's forwards took ~23 ms. Three probes:
    per process (cuDNN builds a plan for each new shape) sets eager dense's pace, not the step.
 2. Decode steps only (after the prefill, a hand loop of forwards as ``generate`` makes them),
    profiled with torch.profiler: the host's and the device's top ops, dense and TCA.
-3. One TCA decode step under ``torch.cuda.set_sync_debug_mode("warn")``: where the host waits
+3. The Python functions of 8 decode steps (cProfile): the host time the op profile does not
+   see (Triton's launcher, the cache's own code).
+4. One TCA decode step under ``torch.cuda.set_sync_debug_mode("warn")``: where the host waits
    for the device (each such wait stalls the launches behind it).
 """
+import re
 import statistics
 import sys
 import time
@@ -99,7 +102,28 @@ def decode_profile(name: str, make_cache) -> Decoder:
     if dev.type == "cuda":
         print(f"--- {name}: 8 decode steps, by device time (self)")
         print(table.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=70))
+    python_profile(name, dec)
     return dec
+
+
+def python_profile(name: str, dec: Decoder) -> None:
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    sync()
+    prof.enable()
+    for _ in range(8):
+        dec.step()
+    sync()
+    prof.disable()
+    for key, rows in (("cumulative", 45), ("tottime", 20)):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(rows)
+        lines = text.getvalue().splitlines()
+        start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+        print(f"--- {name}: 8 decode steps, Python functions by {key}")
+        print("\n".join(re.sub(r"\S*site-packages/", "", line)[:170] for line in lines[start - 1:start + rows + 1]))
 
 
 @torch.no_grad()
@@ -125,7 +149,7 @@ def sync_sites(dec: Decoder) -> None:
                 torch.cuda.set_sync_debug_mode("default")
     finally:
         warnings.showwarning = shown
-    print(f"probe 3: {sum(sites.values())} synchronising calls in one TCA decode step ({layers} layers)")
+    print(f"probe 4: {sum(sites.values())} synchronising calls in one TCA decode step ({layers} layers)")
     for key, count in sorted(sites.items(), key=lambda kv: -kv[1]):
         print(f"  {count:4d}x  {key}")
 
