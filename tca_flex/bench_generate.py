@@ -10,9 +10,12 @@ with transformers' default cache (``DynamicCache``; the fastest dense SDPA, ``fa
 and TCA after ``apply`` with a ``TCACache``, one row per budget of ``--e2e-keep``. Each method
 runs one untimed call (compiles, cuDNN plans), then one call of 1 new token (the time to first
 token through ``generate``) and one of ``1 + steps``; the time per output token is their
-difference over ``steps`` (default 128: one block leaves the window and is compressed). No
-``torch.compile`` and no CUDA graphs: the host's time (Python, kernel launches) counts, as it
-does for these users; the ``e2e`` phase times the graph-replayed and compiled steps.
+difference over ``steps`` (default 128: one block leaves the window and is compressed).
+Eagerly, a call of ``1 + steps`` tokens runs before the timed ones, over key lengths not decoded
+before in the process: ``unseen_ms_per_token`` is its per-token time (eager dense pays SDPA
+kernel plans for new key lengths there). No ``torch.compile`` and no CUDA graphs: the host's time
+(Python, kernel launches) counts, as it does for these users; the ``e2e`` phase times the
+graph-replayed and compiled steps.
 
 With ``compiled`` (``--generate-compile``), also the path where ``generate`` compiles the decode
 step itself and replays it from CUDA graphs (transformers' auto-compile, ``reduce-overhead``, for
@@ -57,8 +60,8 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
                   compiled: bool = False) -> list[dict[str, Any]]:
     """Rows ``{"phase": "generate", "length", "method", "ttft_ms", "total_ms", "ms_per_token",
     "new_tokens", "cache", "compiled", "first_call_ms", "layers", "kv_bytes"}`` per length and method
-    (see the module doc; ``first_call_ms``: the untimed warm-up call of 2 new tokens, or of the timed
-    call's tokens where generate compiles)."""
+    and ``unseen_ms_per_token`` (see the module doc; ``first_call_ms``: the untimed warm-up call of 2 new
+    tokens, or of the timed call's tokens where generate compiles)."""
     from transformers import DynamicCache
 
     model = llama_8b_shaped(num_layers, device, dtype, smoke, max(lengths) + steps + 64)
@@ -83,6 +86,11 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
         # The untimed call, timed too: the first request's own cost (compiles included when generate compiles).
         first_call = _synced_ms(lambda: generate(ids, 1 + steps if compile_step else 2, make_cache(), **kwargs),
                                 device)
+        # Eagerly, a call over key lengths this process has not decoded yet, before the timed one: what is
+        # paid once per process and shape (eager dense: the SDPA kernel's plan for each new key length,
+        # ~0.1 s each on the H200, BENCHMARKS.md). Where generate compiles, the untimed call did it.
+        unseen = None if compile_step else _synced_ms(lambda: generate(ids, 1 + steps, make_cache(), **kwargs),
+                                                      device)
         first = _synced_ms(lambda: generate(ids, 1, make_cache(), **kwargs), device)
         cache = make_cache()
         total = _synced_ms(lambda: generate(ids, 1 + steps, cache, **kwargs), device)
@@ -91,7 +99,9 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
         else:  # the StaticCache generate makes: room for the prompt and the new tokens
             kv = dense_kv_bytes(cfg, ids.shape[1] + 1 + steps, dtype)
         rows.append({"phase": "generate", "length": ids.shape[1], "method": method, "ttft_ms": first,
-                     "total_ms": total, "ms_per_token": (total - first) / steps, "new_tokens": 1 + steps,
+                     "total_ms": total, "ms_per_token": (total - first) / steps,
+                     "unseen_ms_per_token": None if unseen is None else (unseen - first) / steps,
+                     "new_tokens": 1 + steps,
                      "cache": type(cache).__name__ if cache is not None else "StaticCache",
                      "compiled": compile_step, "first_call_ms": first_call, "layers": num_layers, "kv_bytes": kv})
         if not smoke:
@@ -120,8 +130,12 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
 def print_generate(rows: list[dict[str, Any]]) -> None:
     """Per length, each method's times against dense's (speedup = dense time / method time)."""
     dense = {(r["length"], r.get("compiled", False)): r for r in rows if r["method"].startswith("dense")}
-    print(f"\n{'L':>8}  {'method':<22}{'TTFT ms':>10}{'per token ms':>14}{'vs dense':>10}  cache, KV")
+    print(f"\n{'L':>8}  {'method':<22}{'TTFT ms':>10}{'per token ms':>14}{'vs dense':>10}"
+          f"{'unseen lengths':>15}{'vs dense':>10}  cache, KV")
     for r in rows:
         base = dense.get((r["length"], r.get("compiled", False)), r)
+        cold = r.get("unseen_ms_per_token") or float("nan")
         print(f"{r['length']:>8}  {r['method']:<22}{r['ttft_ms']:>10.1f}{r['ms_per_token']:>14.3f}"
-              f"{base['ms_per_token'] / r['ms_per_token']:>9.2f}x  {r['cache']}, {r['kv_bytes'] / 2**20:,.0f} MiB")
+              f"{base['ms_per_token'] / r['ms_per_token']:>9.2f}x{cold:>15.3f}"
+              f"{(base.get('unseen_ms_per_token') or float('nan')) / cold:>9.2f}x"
+              f"  {r['cache']}, {r['kv_bytes'] / 2**20:,.0f} MiB")

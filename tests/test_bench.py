@@ -75,6 +75,9 @@ def test_generate_phase_compiled_rows_compile_inside_generate():
         ("StaticCache", True), ("TCACache", True)]
     assert not rows["dense"]["compiled"] and not rows["tca_25%+w"]["compiled"]
     assert all(r["first_call_ms"] > 0 for r in rows.values())  # each row keeps its first request's time
+    # Eager rows also time a call over key lengths not decoded before; compiled rows did that while compiling.
+    assert [rows[m]["unseen_ms_per_token"] is None for m in rows] == [m.endswith("compiled") for m in rows]
+    assert all(rows[m]["unseen_ms_per_token"] > 0 for m in ("dense", "tca_25%+w"))
     assert rows["tca_25%+w compiled"]["kv_bytes"] < rows["dense compiled"]["kv_bytes"]
 
 
