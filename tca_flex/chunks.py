@@ -128,8 +128,12 @@ def leaving_importance(q_obs: torch.Tensor, k_leave: torch.Tensor, lse_obs: torc
 
 def building_graph() -> bool:
     """Whether torch.compile is tracing or a CUDA graph is being captured: then no code may read a
-    device value on the host (a data-dependent branch, or a sync that a capture refuses)."""
-    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    device value on the host (a data-dependent branch, or a sync that a capture refuses).
+
+    Eager decode asks this several times a layer and step: ``torch.cuda.is_initialized`` (a flag)
+    stands in for ``is_available`` (a driver query: several us a call on the H200's host), as nothing
+    can be capturing before CUDA starts."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 def is_causal_left_padded(visible: torch.Tensor, past_length: int, pads: list[int] | None) -> bool:

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_decode import next_pow2
+
 NUM_WARPS = 4
 TILE_ELEMENTS = 4096  # (row, head) pairs per tile times the padded head dim
 
@@ -88,8 +90,8 @@ def launch(key_bhd: torch.Tensor, value_bhd: torch.Tensor, k_bsd: torch.Tensor, 
         ring: ring slots per head (window + block).
     """
     bsz, hkv, d = key_bhd.shape
-    d_pad = triton.next_power_of_2(d)
-    rows = min(triton.next_power_of_2(bsz * hkv), max(1, TILE_ELEMENTS // d_pad))
+    d_pad = next_pow2(d)
+    rows = min(next_pow2(bsz * hkv), max(1, TILE_ELEMENTS // d_pad))
     _append_kernel[(1,)](
         key_bhd, value_bhd, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, next_pos, base,
         key_bhd.stride(0), key_bhd.stride(1), key_bhd.stride(2), value_bhd.stride(0), value_bhd.stride(1),

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_decode import next_pow2
+
 NUM_WARPS = 4
 
 
@@ -131,6 +133,6 @@ def launch(q_bhd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tensor, v_bsd
         q_bhd.stride(0), q_bhd.stride(1), lse_bh.stride(0), k_bsd.stride(0), k_bsd.stride(1), v_bsd.stride(0),
         v_bsd.stride(1), owner_bs.stride(0), pos_bs.stride(0), ncs.stride(0) if ncs.dim() else 0,
         base.stride(0) if base.dim() else 0, scale, window, ring,
-        HKV=hkv, G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block,
-        B_PAD=max(16, triton.next_power_of_2(block)), USE_MAX=use_max, IEEE=q_bhd.dtype == torch.float32,
+        HKV=hkv, G=group, G_PAD=max(16, next_pow2(group)), D=d, BLOCK=block,
+        B_PAD=max(16, next_pow2(block)), USE_MAX=use_max, IEEE=q_bhd.dtype == torch.float32,
         num_warps=num_warps or NUM_WARPS)

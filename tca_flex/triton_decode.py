@@ -306,6 +306,13 @@ def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, 
     _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``), as ``triton.next_power_of_2`` but plain
+    Python: launchers call it every eager decode step, and Triton 3.9's is a constexpr function
+    costing a few us a call on the host."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def split_size(total_slots: int, block: int = BLOCK_N, programs: int = TARGET_PROGRAMS) -> int:
     """Slots per program: about ``programs`` programs over all segments together.
 
@@ -350,7 +357,7 @@ def _launch_balanced(attend: dict, output: dict, segments: int, programs: int) -
     group = attend["G"]
     # Entries program + segment: at most programs + segments - 1 (see _balanced_kernel).
     parts = _partials(programs + segments - 1, group, attend["D"], attend["q_ptr"].device)
-    stream = dict(NSEG=segments, P=programs, NSEG_PAD=triton.next_power_of_2(segments))
+    stream = dict(NSEG=segments, P=programs, NSEG_PAD=next_pow2(segments))
     _balanced_kernel[(programs,)](**attend, **parts, **stream)
     layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
                                               "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
@@ -405,7 +412,7 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
                   stride_qh=q_bhd.stride(1), stride_kb=k_bsd.stride(0), stride_ks=k_bsd.stride(1),
                   stride_vb=v_bsd.stride(0), stride_vs=v_bsd.stride(1), stride_ownb=owner_bs.stride(0),
                   stride_base=base.stride(0) if live is not None and base.dim() else 0, scale=scale, ring=ring,
-                  HKV=hkv, G=group, G_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
+                  HKV=hkv, G=group, G_PAD=max(16, next_pow2(group)),  # tl.dot needs >= 16 rows
                   D=d, BLOCK=block or BLOCK_N, LIVE=live is not None, IEEE=q_bhd.dtype == torch.float32,
                   num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES)
     out = torch.empty(bsz, hq, d, dtype=q_bhd.dtype, device=q_bhd.device)
