@@ -9,6 +9,11 @@ length, which eager decode over a ``DynamicCache`` gives it at every step. This 
 eager steps (default 2 layers, 16K prompt, 32 steps; median of the steps after the first) for
 transformers' own ``"sdpa"`` attention (it passes a mask) and for the maskless variant the
 benchmarks use as dense, each under SDPA's default choice and with one kernel forced.
+
+Mind the order: every run decodes over the same key lengths, so only the first run meets them
+new; the runs after it reuse the plans it built. That guess holds (``gpu_generate_profile.py``,
+probe 1: the same call again, over lengths already met, is fast); the forced kernels were not
+faster on their own (BENCHMARKS.md, 2026-12-04, second session).
 """
 import statistics
 import sys
