@@ -88,7 +88,7 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
                                 device)
         # Eagerly, a call over key lengths this process has not decoded yet, before the timed one: what is
         # paid once per process and shape (eager dense: the SDPA kernel's plan for each new key length,
-        # ~0.1 s each on the H200, BENCHMARKS.md). Where generate compiles, the untimed call did it.
+        # ~0.14 s each on the H200, BENCHMARKS.md). Where generate compiles, the untimed call did it.
         unseen = None if compile_step else _synced_ms(lambda: generate(ids, 1 + steps, make_cache(), **kwargs),
                                                       device)
         first = _synced_ms(lambda: generate(ids, 1, make_cache(), **kwargs), device)

@@ -214,3 +214,13 @@ def test_triton_backend_refuses_what_it_cannot_run():
     owner = torch.zeros(1, 8, dtype=torch.int32)
     with pytest.raises(ValueError, match="backend 'triton' needs"):
         decode_attention(q, k, v, owner, group=4, scale=0.25, backend="triton")
+
+
+@given(st.integers(1, 1 << 20))
+def test_next_pow2_is_the_smallest_power_of_two_at_least_n(n):
+    """The launchers' plain-Python rounding agrees with Triton's for every size they pass (>= 1)."""
+    import triton
+
+    p = decode.triton_decode.next_pow2(n)
+    assert p == triton.next_power_of_2(n)
+    assert p >= n and p & (p - 1) == 0 and (p == 1 or p // 2 < n)
