@@ -313,7 +313,7 @@ def test_decode_mask_check_refuses_holes_eagerly_and_stays_off_the_host_under_ca
     with pytest.raises(ValueError, match="left-padded batches only"):
         check_decode_mask(nothing_hidden, [1] * len(pads))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "is_initialized", lambda: True)
         patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
         check_decode_mask(holed, pads)  # no host read while capturing
 
