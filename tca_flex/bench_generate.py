@@ -12,8 +12,8 @@ runs one untimed call (compiles, cuDNN plans), then one call of 1 new token (the
 token through ``generate``) and one of ``1 + steps``; the time per output token is their
 difference over ``steps`` (default 128: one block leaves the window and is compressed).
 Eagerly, a call of ``1 + steps`` tokens runs before the timed ones, over key lengths not decoded
-before in the process: ``unseen_ms_per_token`` is its per-token time (eager dense pays SDPA
-kernel plans for new key lengths there). No ``torch.compile`` and no CUDA graphs: the host's time
+before in the process: ``unseen_ms_per_token`` is its per-token time (eager dense pays a cost per
+new key length there, likely SDPA's cuDNN plans). No ``torch.compile`` and no CUDA graphs: the host's time
 (Python, kernel launches) counts, as it does for these users; the ``e2e`` phase times the
 graph-replayed and compiled steps.
 
@@ -87,8 +87,8 @@ def generate_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, 
         first_call = _synced_ms(lambda: generate(ids, 1 + steps if compile_step else 2, make_cache(), **kwargs),
                                 device)
         # Eagerly, a call over key lengths this process has not decoded yet, before the timed one: what is
-        # paid once per process and shape (eager dense: the SDPA kernel's plan for each new key length,
-        # ~0.14 s each on the H200, BENCHMARKS.md). Where generate compiles, the untimed call did it.
+        # paid once per process and shape (eager dense: ~0.14 s for each new key length on the H200, likely
+        # the SDPA kernel's cuDNN plan, BENCHMARKS.md). Where generate compiles, the untimed call did it.
         unseen = None if compile_step else _synced_ms(lambda: generate(ids, 1 + steps, make_cache(), **kwargs),
                                                       device)
         first = _synced_ms(lambda: generate(ids, 1, make_cache(), **kwargs), device)
