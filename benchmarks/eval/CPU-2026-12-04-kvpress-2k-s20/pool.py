@@ -1,9 +1,10 @@
-"""Pools the 2K equal-KV runs of seeds 0-4 (2026-12-02), 5-9 and 10-19 (2026-12-04): each method's
-average over the seeds it ran, and TCA's paired difference to each (by seed: the same prompts).
+"""Pools the 2K equal-KV runs of seeds 0-4 (2026-12-02), 5-9, 10-19 and 20-39 (2026-12-04): each
+method's average over the seeds it ran, and TCA's paired difference to each (by seed: the same prompts).
 
-    python benchmarks/eval/CPU-2026-12-04-kvpress-2k-s10/pool.py
+    python benchmarks/eval/CPU-2026-12-04-kvpress-2k-s20/pool.py
 
-(It replaces the seeds 0-9 pool that sat beside the 5-9 run, git commit b90df06.)
+(It replaces the seeds 0-19 pool that sat beside the 10-19 run, and the seeds 0-9 one before that,
+git commit b90df06.)
 """
 
 import json
@@ -22,6 +23,8 @@ RUNS = [
     "CPU-2026-12-04-kvpress-2k-s5/2k-tca-s5",  # tca[smollm2_budgets]: seeds 5-9
     "CPU-2026-12-04-kvpress-2k-s10/2k-presses-s10",  # dense, TOVA: seeds 10-19
     "CPU-2026-12-04-kvpress-2k-s10/2k-tca-s10",  # tca[smollm2_budgets]: seeds 10-19
+    "CPU-2026-12-04-kvpress-2k-s20/2k-presses-s20",  # dense, TOVA: seeds 20-39
+    "CPU-2026-12-04-kvpress-2k-s20/2k-tca-s20",  # tca[smollm2_budgets]: seeds 20-39
 ]
 TCA = "tca[smollm2_budgets]"
 
