@@ -1,0 +1,103 @@
+"""Where a compiled, graph-replayed decode step's device time goes, kernel by kernel (H200 probe).
+
+    PYTHONPATH=. python scripts/gpu_step_profile.py [LAYERS] [LENGTH ...]
+
+LLaMA-3.1-8B shapes with random bf16 weights (``bench.llama_8b_shaped``): dense over a
+preallocated cache with maskless SDPA, compiled by ``torch.compile``, and TCA 25% + 4096
+(``tca_flex.compile``, two captured graphs as in the ``e2e`` phase's compiled rows); each step
+replayed from its CUDA graph under ``torch.profiler``. Prints per kernel the device microseconds
+a step (summed over layers) and the launches a step, then the step's wall time (CUDA events,
+outside the profiler) against the sum of its kernels: the difference is the time between kernels.
+"""
+
+import statistics
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tca_flex import TCACache, TCAConfig
+from tca_flex.bench_models import captured_decode, fastest_dense_sdpa, llama_8b_shaped, one_step_dense
+from tca_flex.budgets import HeadBudgets
+from tca_flex.hfcompat import cache_kwargs
+from tca_flex.integration import apply, remove
+from tca_flex.integration import compile as tca_compile
+
+STEPS = 64
+
+
+def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None:
+    def one() -> None:
+        graphs[cache.block_leaves_next() if tca else None].replay()
+        if tca:
+            cache.replayed()
+
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        one()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            one()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total, count = kernels.get(event.name, (0.0, 0))
+            kernels[event.name] = (total + event.device_time, count + 1)
+    busy = sum(t for t, _ in kernels.values()) / steps
+    print(f"== {label}: step median {statistics.median(times):.1f} us (mean {statistics.fmean(times):.1f}), "
+          f"kernels {busy:.1f} us a step, between kernels {statistics.median(times) - busy:.1f} us; "
+          f"{sum(c for _, c in kernels.values()) / steps:.0f} launches a step", flush=True)
+    for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {total / steps:9.1f} us {count / steps:6.1f}x  {name[:150]}", flush=True)
+
+
+@torch.no_grad()
+def main() -> None:
+    layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+    lengths = [int(x) for x in sys.argv[2:]] or [32768, 131072]
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    model = llama_8b_shaped(layers, device, dtype, False, max(lengths) + 512)
+    model.set_attn_implementation(fastest_dense_sdpa())
+    config = TCAConfig(block_size=128, window=4096)
+    step_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    for length in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+        pos = torch.full((1, 1), length, device=device)
+        cache_position = torch.full((1,), length, device=device)
+
+        def step(fn, cache, pos=pos, cache_position=cache_position):
+            return fn(input_ids=step_ids, position_ids=pos, cache_position=cache_position, use_cache=True,
+                      logits_to_keep=1, **cache_kwargs(model, cache)).logits
+
+        from transformers import DynamicCache
+
+        dynamic = DynamicCache(config=model.config)
+        model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dynamic))
+        dense = one_step_dense(dynamic)
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        graphs = captured_decode(lambda i, c=compiled, d=dense: step(c, d), dense)
+        replay_stats(graphs, dense, False, f"{length} dense compiled, {layers} layers", STEPS)
+        del graphs, dense, dynamic
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        apply(model, budgets=HeadBudgets.uniform(layers, 8, 0.25, config))
+        cache = TCACache(model, reserve_tokens=4 * STEPS + 64)
+        model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        compiled = tca_compile(model)
+        graphs = captured_decode(lambda i, c=compiled, k=cache: step(c, k), cache, variants=(False, True))
+        replay_stats(graphs, cache, True, f"{length} TCA 25% + 4096 compiled, two graphs, {layers} layers", STEPS)
+        del graphs, cache
+        remove(model)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
