@@ -44,17 +44,27 @@ def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None
         for _ in range(steps):
             one()
         torch.cuda.synchronize()
-    kernels = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            total, count = kernels.get(event.name, (0.0, 0))
-            kernels[event.name] = (total + event.device_time, count + 1)
+    kernels, gaps = {}, {}
+    device_events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                           key=lambda e: e.time_range.start)
+    for prev, event in zip([None, *device_events[:-1]], device_events, strict=True):
+        total, count = kernels.get(event.name, (0.0, 0))
+        kernels[event.name] = (total + event.device_time, count + 1)
+        gap = event.time_range.start - prev.time_range.end if prev is not None else None
+        if gap is not None and gap < 50:  # longer: the host's next replay, not a gap inside a step
+            key = f"{prev.name[:40]} -> {event.name[:40]}"
+            total, count = gaps.get(key, (0.0, 0))
+            gaps[key] = (total + gap, count + 1)
     busy = sum(t for t, _ in kernels.values()) / steps
     print(f"== {label}: step median {statistics.median(times):.1f} us (mean {statistics.fmean(times):.1f}), "
           f"kernels {busy:.1f} us a step, between kernels {statistics.median(times) - busy:.1f} us; "
           f"{sum(c for _, c in kernels.values()) / steps:.0f} launches a step", flush=True)
-    for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
+    for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:16]:
         print(f"  {total / steps:9.1f} us {count / steps:6.1f}x  {name[:150]}", flush=True)
+    print("  gaps inside a step (profiled), by the kernels either side: us a step, times a step, mean us",
+          flush=True)
+    for key, (total, count) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:14]:
+        print(f"  {total / steps:9.1f} us {count / steps:6.1f}x {total / count:6.2f}  {key}", flush=True)
 
 
 @torch.no_grad()
