@@ -72,15 +72,11 @@ COMBINE_WARPS = 4
 SCHEDULES = ("split", "balanced")
 SCHEDULE = "balanced"
 BALANCED_PROGRAMS = 396
-# Load hints of the K/V/owner stream (Triton's ``eviction_policy`` and ``cache_modifier``; "" = none).
-KV_EVICTION = ""
-KV_CACHE_MODIFIER = ""
 
 
 @triton.jit
 def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h, stride_ks, stride_vs, scale,
-                   D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr, EVICT: tl.constexpr,
-                   CACHE: tl.constexpr):
+                   D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax update of (m, l, acc) over segment offsets ``[lo, hi)``."""
     d = tl.arange(0, D)
     for n0 in range(lo, hi, BLOCK):
@@ -90,9 +86,8 @@ def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h
         inside = n < hi
         # Free slots (ring not yet filled, freed by a compression) are -1 and masked out
         # of the scores; K/V loads do not wait on ``owner`` so they can be pipelined.
-        live = tl.load(own_row + slot, mask=inside, other=-1, eviction_policy=EVICT, cache_modifier=CACHE) == h
-        k = tl.load(k_row + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0,
-                    eviction_policy=EVICT, cache_modifier=CACHE)
+        live = tl.load(own_row + slot, mask=inside, other=-1) == h
+        k = tl.load(k_row + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
         # float32 caches get full-precision dots (Triton would use TF32 on the GPU).
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -104,8 +99,7 @@ def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - shift)
         p = tl.exp(s - shift[:, None])
-        v = tl.load(v_row + slot[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0,
-                    eviction_policy=EVICT, cache_modifier=CACHE)
+        v = tl.load(v_row + slot[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -118,8 +112,7 @@ def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h
 @triton.jit
 def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo0, hi0, lo1, hi1, stride_qb, stride_qh, stride_kb,
                  stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV: tl.constexpr, G: tl.constexpr,
-                 G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
-                 EVICT: tl.constexpr, CACHE: tl.constexpr):
+                 G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
     """(m, l, acc) of segment ``bh`` (first slot ``seg_start``)'s ``G`` query heads over its offsets
     ``[lo0, hi0)`` and ``[lo1, hi1)``."""
     b = bh // HKV
@@ -135,9 +128,9 @@ def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo0, hi0, lo1, h
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo0, hi0, h, stride_ks,
-                                   stride_vs, scale, D, BLOCK, IEEE, EVICT, CACHE)
+                                   stride_vs, scale, D, BLOCK, IEEE)
     return _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo1, hi1, h, stride_ks, stride_vs,
-                          scale, D, BLOCK, IEEE, EVICT, CACHE)
+                          scale, D, BLOCK, IEEE)
 
 
 @triton.jit
@@ -197,7 +190,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
                   o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
                   stride_ownb, stride_base, scale, ring, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                   D: tl.constexpr, SPLIT, NUM_SPLITS, BLOCK: tl.constexpr,
-                  LIVE: tl.constexpr, IEEE: tl.constexpr, EVICT: tl.constexpr, CACHE: tl.constexpr):
+                  LIVE: tl.constexpr, IEEE: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     lo = split * SPLIT
@@ -212,7 +205,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
         lo0, hi0, lo1, hi1 = lo, hi, hi, hi
     m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, tl.load(start_ptr + bh), bh, lo0, hi0, lo1, hi1,
                                  stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale,
-                                 HKV, G, G_PAD, D, BLOCK, IEEE, EVICT, CACHE)
+                                 HKV, G, G_PAD, D, BLOCK, IEEE)
     _store_partial(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS + split, m_i, l_i, acc, G, G_PAD, D)
 
 
@@ -269,7 +262,7 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
                      o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
                      stride_ownb, stride_base, scale, ring, NSEG, P, HKV: tl.constexpr, G: tl.constexpr,
                      G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                     LIVE: tl.constexpr, IEEE: tl.constexpr, EVICT: tl.constexpr, CACHE: tl.constexpr):
+                     LIVE: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                                                         stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
@@ -290,7 +283,7 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
                                      tl.minimum(hi, seg_fill),
                                      ring + tl.maximum(lo - seg_fill, 0), ring + hi - seg_fill, stride_qb,
                                      stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV,
-                                     G, G_PAD, D, BLOCK, IEEE, EVICT, CACHE)
+                                     G, G_PAD, D, BLOCK, IEEE)
         # Entry pid + bh: unique, as the programs meeting a segment are consecutive and a
         # program's segments are too (the next program starts at or after its last segment).
         _store_partial(o_ptr, m_ptr, l_ptr, pid + bh, m_i, l_i, acc, G, G_PAD, D)
@@ -421,7 +414,6 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
                   stride_base=base.stride(0) if live is not None and base.dim() else 0, scale=scale, ring=ring,
                   HKV=hkv, G=group, G_PAD=max(16, next_pow2(group)),  # tl.dot needs >= 16 rows
                   D=d, BLOCK=block or BLOCK_N, LIVE=live is not None, IEEE=q_bhd.dtype == torch.float32,
-                  EVICT=KV_EVICTION, CACHE=KV_CACHE_MODIFIER,
                   num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES)
     out = torch.empty(bsz, hq, d, dtype=q_bhd.dtype, device=q_bhd.device)
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=q_bhd.device)
