@@ -1,9 +1,9 @@
 """Where a compiled, graph-replayed decode step's device time goes, kernel by kernel (H200 probe).
 
-    PYTHONPATH=. python scripts/gpu_step_profile.py [LAYERS] [LENGTH ...]
+    PYTHONPATH=. python scripts/gpu_step_profile.py [LAYERS] [KEEP] [LENGTH ...]
 
 LLaMA-3.1-8B shapes with random bf16 weights (``bench.llama_8b_shaped``): dense over a
-preallocated cache with maskless SDPA, compiled by ``torch.compile``, and TCA 25% + 4096
+preallocated cache with maskless SDPA, compiled by ``torch.compile``, and TCA KEEP (default 0.25) + 4096
 (``tca_flex.compile``, two captured graphs as in the ``e2e`` phase's compiled rows); each step
 replayed from its CUDA graph under ``torch.profiler``. Prints per kernel the device microseconds
 a step (summed over layers) and the launches a step, then the step's wall time (CUDA events,
@@ -70,7 +70,8 @@ def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None
 @torch.no_grad()
 def main() -> None:
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
-    lengths = [int(x) for x in sys.argv[2:]] or [32768, 131072]
+    keep = float(sys.argv[2]) if len(sys.argv) > 2 else 0.25
+    lengths = [int(x) for x in sys.argv[3:]] or [32768, 131072]
     device, dtype = torch.device("cuda"), torch.bfloat16
     model = llama_8b_shaped(layers, device, dtype, False, max(lengths) + 512)
     model.set_attn_implementation(fastest_dense_sdpa())
@@ -97,12 +98,13 @@ def main() -> None:
         del graphs, dense, dynamic
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-        apply(model, budgets=HeadBudgets.uniform(layers, 8, 0.25, config))
+        apply(model, budgets=HeadBudgets.uniform(layers, 8, keep, config))
         cache = TCACache(model, reserve_tokens=4 * STEPS + 64)
         model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         compiled = tca_compile(model)
         graphs = captured_decode(lambda i, c=compiled, k=cache: step(c, k), cache, variants=(False, True))
-        replay_stats(graphs, cache, True, f"{length} TCA 25% + 4096 compiled, two graphs, {layers} layers", STEPS)
+        label = f"{length} TCA {keep:.0%} + 4096 compiled, two graphs, {layers} layers"
+        replay_stats(graphs, cache, True, label, STEPS)
         del graphs, cache
         remove(model)
         torch._dynamo.reset()
