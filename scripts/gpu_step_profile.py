@@ -5,11 +5,13 @@
 LLaMA-3.1-8B shapes with random bf16 weights (``bench.llama_8b_shaped``): dense over a
 preallocated cache with maskless SDPA, compiled by ``torch.compile``, and TCA KEEP (default 0.25) + 4096
 (``tca_flex.compile``, two captured graphs as in the ``e2e`` phase's compiled rows); each step
-replayed from its CUDA graph under ``torch.profiler``. Prints per kernel the device microseconds
+replayed from its CUDA graph under ``torch.profiler``. ``TCA_PROBE_APPEND=math`` compiles the
+append's tensor form instead of its Triton kernel. Prints per kernel the device microseconds
 a step (summed over layers) and the launches a step, then the step's wall time (CUDA events,
 outside the profiler) against the sum of its kernels: the difference is the time between kernels.
 """
 
+import os
 import statistics
 import sys
 
@@ -24,6 +26,9 @@ from tca_flex.integration import apply, remove
 from tca_flex.integration import compile as tca_compile
 
 STEPS = 64
+# The decode step's append (``TCACache.set_append``): "auto" (the Triton kernel, as shipped) or "math"
+# (tensor ops, which Inductor compiles with the step's own kernels).
+APPEND = os.environ.get("TCA_PROBE_APPEND", "auto")
 
 
 def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None:
@@ -100,10 +105,11 @@ def main() -> None:
         torch.cuda.empty_cache()
         apply(model, budgets=HeadBudgets.uniform(layers, 8, keep, config))
         cache = TCACache(model, reserve_tokens=4 * STEPS + 64)
+        cache.set_append(APPEND)
         model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         compiled = tca_compile(model)
         graphs = captured_decode(lambda i, c=compiled, k=cache: step(c, k), cache, variants=(False, True))
-        label = f"{length} TCA {keep:.0%} + 4096 compiled, two graphs, {layers} layers"
+        label = f"{length} TCA {keep:.0%} + 4096 compiled, two graphs, append {APPEND}, {layers} layers"
         replay_stats(graphs, cache, True, label, STEPS)
         del graphs, cache
         remove(model)
