@@ -870,3 +870,27 @@ def test_kvpress_caches_from_the_shared_prefill_equal_the_press_own(tiny_llama, 
         prepared.cleanup()
     for a, b in zip(caches["p"].layers, own.layers, strict=True):
         assert a.keys.shape[-2] < 290 and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_cli_says_when_a_budget_file_adds_its_tca_method(tiny_llama, tmp_path, monkeypatch, capsys):
+    """``--methods snapkv --budgets FILE`` also runs ``tca[FILE]``: documented, and said when it happens."""
+    from tca_flex.eval import cli
+
+    path = tmp_path / "b.json"
+    HeadBudgets.uniform(2, 2, random.uniform(0.15, 0.6), CFG).save(path)
+    seen = []
+
+    def stop(model, tokenizer, methods_, cfg):
+        seen.extend(methods_)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_suite", stop)
+    for listed, said in ((["snapkv"], True), (["snapkv", "tca"], False), (["snapkv", "tca_prefill"], False)):
+        seen.clear()
+        args = parse_args(["--keep", "--budgets", str(path), "--methods", *listed, "--no-progress",
+                           "--out", str(tmp_path / "out")])
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(tiny_llama, TOK, args, tmp_path / "out")
+        err = capsys.readouterr().err
+        assert ("also runs tca[b]" in err) == said
+        assert ("tca[b]" in [m.name for m in seen]) == ("tca_prefill" not in listed)

@@ -197,6 +197,9 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
         listed = [v for v in TCA_VARIANTS if v in args.methods]
         if "tca" in args.methods or not listed:  # tca[FILE] unless only other TCA variants are asked for
             methods.append(tca_budgets(budgets, label, args.tca_backend))  # tca[FILE] (mask: tca_mask[FILE])
+            if "tca" not in args.methods:  # said, not silent: it doubles a run meant for baselines only
+                print(f"--budgets {path}: also runs {methods[-1].name} (--methods lists no TCA family; list "
+                      f"another one, e.g. tca_prefill, to leave it out)", file=sys.stderr, flush=True)
         if "tca_prefill" in args.methods:  # the same budgets with a full-cache decode
             methods.append(tca_budgets_prefill(budgets, label, args.tca_backend))
         for variant in listed:  # the same budgets, the other listed variants (tca_reprefill, tca_recon, ...)
