@@ -47,8 +47,10 @@ SHIPPED_BUDGETS = {"smollm2": "smollm2_budgets.json"}
 #   prefill keeps;
 # - guard_floor may be raised, not lowered: the guard only adds tokens (a higher
 #   floor adds a longer prefix of the same order, selection.guard_keep), so every
-#   head keeps at least the mass it was calibrated for; a lower floor would not.
-RUNTIME_FIELDS = ("min_sparse_length",)
+#   head keeps at least the mass it was calibrated for; a lower floor would not;
+# - grace_blocks decides only when decode compresses a block that has left the
+#   window, not what a prefill keeps (calibration measures prefills only).
+RUNTIME_FIELDS = ("min_sparse_length", "grace_blocks")
 
 
 @dataclass(frozen=True)

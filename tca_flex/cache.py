@@ -3,8 +3,9 @@
 What is kept (docs/method.md, "Decode: the pruned cache and its compression"): after the
 prefill each KV head keeps its global subset plus the last ``w`` tokens. New
 tokens join an exact window; whenever a whole block of ``b`` tokens has left
-the window it is compressed to its top-``t`` tokens by the attention the
-current query gave them (GQA-aggregated), ``t = floor(E[k])`` of that head.
+the window (and, with ``TCAConfig.grace_blocks = n``, lies ``n`` blocks past
+it) it is compressed to its top-``t`` tokens by the attention the current
+query gave them (GQA-aggregated), ``t = floor(E[k])`` of that head.
 Keys are cached after RoPE, so a kept token keeps its position for free.
 
 Several new tokens at once after the prefill (the next turn of a
@@ -20,12 +21,12 @@ its own window, so its compression schedule (``ncs[r]``, the host's
 Storage: one flat buffer per batch row, ``[B, S, D]``, in which every KV head
 owns a contiguous segment
 
-    [ ring: w + b slots, the exact window + the block about to leave it |
+    [ ring: w + (n + 1) b slots, the exact window, the n grace blocks and the block about to go |
       packed: global subset, then compressed blocks | headroom ]
 
 so bytes follow what each head keeps (heads keep very different counts; a
 rectangular per-head buffer would pad all of them to the largest). The ring
-never moves data: position ``p`` lives in ring slot ``(p - base) % (w + b)``.
+never moves data: position ``p`` lives in ring slot ``(p - base) % ring``.
 ``owner [B, S]`` names the KV head of each live slot (``-1``: free), which is
 all the decode kernel needs (``decode.py``). The packed region grows in
 chunks (``growth`` of the kept size, at least ``min_chunk_blocks`` blocks),
@@ -118,8 +119,12 @@ class TCACacheLayer(CacheLayerMixin):
         if not 0.0 <= growth <= 10.0 or min_chunk_blocks < 1 or reserve_tokens < 0:
             raise ValueError(f"need 0 <= growth <= 10, min_chunk_blocks >= 1 and reserve_tokens >= 0, got "
                              f"{growth}, {min_chunk_blocks}, {reserve_tokens}")
+        # ``window``: the prefill's exact tail; ``compress_window``: how far behind the newest token a
+        # block must lie before decode compresses it (the window plus ``grace_blocks``). The ring holds
+        # every exact token up to it, plus the block being filled.
         self.window, self.block = config.window, config.block_size
-        self.ring = config.window + config.block_size
+        self.compress_window = config.compress_window
+        self.ring = self.compress_window + config.block_size
         self.aggregation = config.gqa_aggregation
         self.num_observation_queries = config.num_observation_queries
         self.keep_host = keep
@@ -348,7 +353,7 @@ class TCACacheLayer(CacheLayerMixin):
     def _done(self, seen: int) -> list[int]:
         """Blocks each row has compressed once every position ``< seen`` was decoded (rows of a padded
         batch have their own windows, so their own schedules)."""
-        return [compressions_done(seen, base, self.window, self.block) for base in self._base]
+        return [compressions_done(seen, base, self.compress_window, self.block) for base in self._base]
 
     def _packed_lengths(self) -> tuple[list[int], list[list[int]]]:
         done = self._done(self._seen)
@@ -383,7 +388,7 @@ class TCACacheLayer(CacheLayerMixin):
     def _refresh_grow_at(self) -> None:
         done, var_len = self._packed_lengths()
         self._grow_at = min(next_growth(self.layout.rows([r]), [var_len[r]], self._keep_list, done[r],
-                                        self._base[r], self.window, self.block) for r in range(len(done)))
+                                        self._base[r], self.compress_window, self.block) for r in range(len(done)))
 
     def _grow(self, var_len: list[list[int]] | None = None) -> None:
         """Re-lay the buffers with room for ``var_len`` packed tokens (default: what is packed now) plus
@@ -519,19 +524,20 @@ class TCACacheLayer(CacheLayerMixin):
         return kernel == "triton"
 
     def compress(self, query: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
-        """Moves the top-t of the leaving block when a whole block has left the window (else no-op).
+        """Moves the top-t of the oldest exact block once it lies ``grace_blocks`` blocks past the window
+        (``compress_window`` tokens behind the newest; else a no-op).
 
         The Triton kernel (``decode.compress_block``) where it runs; otherwise
         the branch-free tensor form below, which is also its reference.
         """
         if self._fused_compression(query) and not self._prior_pending():
             compress_block(query, lse, self.k_buf, self.v_buf, self.owner, self.pos, self.seg_start, self.var_len,
-                           self.keep, self.ncs, self.next_pos, self.base, window=self.window, block=self.block,
+                           self.keep, self.ncs, self.next_pos, self.base, window=self.compress_window, block=self.block,
                            scale=scale, aggregation=self.aggregation)
             return
         bsz, hkv, d = self.k_buf.shape[0], self.num_heads, self.head_dim
         newest = self.next_pos - 1
-        do = (newest - self.window + 1 - self.ncs >= self.block).view(bsz, 1, 1)  # per row
+        do = (newest - self.compress_window + 1 - self.ncs >= self.block).view(bsz, 1, 1)  # per row
         ring_slots = self.seg_start.unsqueeze(-1) + ((self.ncs - self.base).view(bsz, 1, 1)
                                                      + self._block_offsets) % self.ring
         flat = ring_slots.view(bsz, -1)
@@ -588,8 +594,8 @@ class TCACacheLayer(CacheLayerMixin):
                              "their compression schedules, differ otherwise); run shorter rows separately")
         base = self._base[0]
         n, c = self._seen, key.shape[-2]
-        done = compressions_done(n, base, self.window, self.block)
-        done_after = compressions_done(n + c, base, self.window, self.block)
+        done = compressions_done(n, base, self.compress_window, self.block)
+        done_after = compressions_done(n + c, base, self.compress_window, self.block)
         needed = packed_lengths(self._counts0, self._keep_list, done_after)
         if any(v > cap for row, caps in zip(needed, self.layout.var_cap, strict=True)
                for v, cap in zip(row, caps, strict=True)):

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 CONFIG_VERSION = 1
+# Decode's grace in ``TCAConfig.accurate()``: long_recall answers at 4K read up to ~100 tokens behind the
+# window's start; 128 tokens of grace kept every one of them level with no compression at all
+# (EVALUATION.md, 2026-12-04), 64 did not (one prompt of ten).
+ACCURATE_GRACE_TOKENS = 128
 
 _GQA_AGGREGATIONS = ("mean", "max")
 _MASS_CRITERIA = ("column_mean", "lse")
@@ -84,6 +88,14 @@ class TCAConfig:
             budgets (tau 0.5-0.7: +21 points at 2K and 4K); at tau 0.9 it empties
             too many low-ranked blocks. 0 = the quantile ladder at every length
             (docs/method.md, "The budget ladder").
+        grace_blocks: decode (and appended chunks) compress a block only once
+            it lies this many blocks past the window, not as soon as it leaves
+            it (0 = the paper's). Each head's ring of exact tokens holds these
+            blocks too (``grace_blocks * block_size`` more slots per head).
+            Why: an answer that copies text from the prompt's end reads a few
+            tokens behind the window's start, so the block that just left is
+            the one being copied, and its top-``t`` under the current query
+            lose the rest of it (EVALUATION.md, 2026-12-04: ``long_recall``).
     """
 
     block_size: int = 128
@@ -103,6 +115,7 @@ class TCAConfig:
     span: int = 0
     spread_observation_queries: int = 0
     anchor_blocks: int = 0
+    grace_blocks: int = 0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -127,6 +140,7 @@ class TCAConfig:
         _check_int("span", self.span, 0, 512)
         _check_int("spread_observation_queries", self.spread_observation_queries, 0, 65536)
         _check_int("anchor_blocks", self.anchor_blocks, 0, 1 << 20)
+        _check_int("grace_blocks", self.grace_blocks, 0, 1024)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"TCAConfig.pool_kernel={self.pool_kernel} must be odd (centred on the token)")
         if isinstance(self.version, bool) or self.version != CONFIG_VERSION:
@@ -143,6 +157,11 @@ class TCAConfig:
                                aggregation=self.gqa_aggregation, guard_floor=self.guard_floor,
                                pool_kernel=self.pool_kernel, span=self.span,
                                num_spread=self.spread_observation_queries, anchor_blocks=self.anchor_blocks)
+
+    @property
+    def compress_window(self) -> int:
+        """Tokens behind the newest one past which decode compresses a block: the window plus the grace."""
+        return self.window + self.grace_blocks * self.block_size
 
     @property
     def dense_up_to(self) -> int:
@@ -175,13 +194,19 @@ class TCAConfig:
         ``sigma=2.0`` (wide candidate ladders: top-ranked blocks keep many
         tokens, low-ranked ones few), ``alpha=0`` (rank blocks by mass),
         ``num_observation_queries=32`` (the question, not only its last token),
-        ``pool_kernel=7`` (keep spans) and ``spread_observation_queries=32``
+        ``pool_kernel=7`` (keep spans), ``spread_observation_queries=32``
         (serve the whole prompt, which lets calibration pass with fewer
-        tokens). The shipped SmolLM2 budgets use them. Budgets must be
-        calibrated with the same knobs.
+        tokens) and a grace of ``ACCURATE_GRACE_TOKENS`` (decode compresses a
+        block only once it lies that many tokens, in whole blocks, past the
+        window, so a long answer copying the prompt's end keeps what it is
+        reading: ``grace_blocks = 2`` at block size 64, 1 at 128). The
+        shipped SmolLM2 budgets use them. Budgets must be calibrated with the
+        same knobs (``grace_blocks`` excepted: calibration never decodes).
         """
+        block = overrides.get("block_size", cls.block_size)
         knobs: dict[str, Any] = dict(sigma=2.0, alpha=0.0, num_observation_queries=32, pool_kernel=7,
-                                     spread_observation_queries=32)
+                                     spread_observation_queries=32,
+                                     grace_blocks=-(-ACCURATE_GRACE_TOKENS // block) if block > 0 else 0)
         return cls(**{**knobs, **overrides})
 
 

@@ -345,7 +345,9 @@ def compress_block(q_bhsd: torch.Tensor, lse_bh: torch.Tensor, k_bsd: torch.Tens
         ncs: int64 ``[B]`` (or 0-d), first position not yet compressed per row
             (updated); next_pos: int64 0-d; base: int64 ``[B]`` (or 0-d), each
             row's first ring position.
-        window, block: the cache's window and block size (ring = window + block).
+        window, block: the cache's ``compress_window`` (its window plus the grace blocks: a
+            block is compressed once it lies that far behind the newest token) and block
+            size (ring = window + block).
         scale: softmax scale; aggregation: ``"mean"`` or ``"max"`` over query heads.
     """
     _run(torch.ops.tca_flex.compress_block, _compress_block, q_bhsd[:, :, 0], lse_bh.contiguous(), k_bsd, v_bsd,

@@ -166,7 +166,7 @@ def reference_tca(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs_hk: t
 
 def reference_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_after_prefill: torch.Tensor,
                      chunk_sizes: list[int], keep_per_block: list[int], *, scaling: float, block_size: int,
-                     window: int, num_queries: int = 1, aggregation: str = "mean"
+                     window: int, num_queries: int = 1, aggregation: str = "mean", grace_blocks: int = 0
                      ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Chunks appended to a pruned cache, by the rule of ``docs/chunked_prefill.md``, in float64.
 
@@ -183,6 +183,8 @@ def reference_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_aft
         num_queries: ``m``; a chunk's last ``min(m, c)`` queries score the
             blocks that leave the window.
         aggregation: ``"mean"`` or ``"max"`` over a KV head's query heads.
+        grace_blocks: a block is compressed once it lies this many blocks past
+            the window (``TCAConfig.grace_blocks``).
 
     Returns:
         (float64 output ``[B, H_q, T - L0, D]``, bool ``[B, H_kv, T]`` kept set
@@ -219,7 +221,7 @@ def reference_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_aft
         importance = score.mean(2) if aggregation == "mean" else score.amax(2)
         kept[..., n: n + c] = True
         n += c
-        while first_uncompressed + block_size - 1 <= n - 1 - window:
+        while first_uncompressed + block_size - 1 <= n - 1 - (window + grace_blocks * block_size):
             block = list(range(first_uncompressed, first_uncompressed + block_size))
             for b in range(bsz):
                 for kvh in range(hkv):

@@ -73,8 +73,8 @@ class ReferenceModel:
     prompt (``reference_selection``; dense when ``L <= dense_up_to``), then
     float64 attention under its mask. Decode (one query): with ``pruned``, the
     query sees the head's kept global tokens plus every position from the
-    first not-yet-compressed one on; when a whole block of ``b`` has left the
-    window, its ``t = floor(E[k])`` tokens with the highest attention (GQA
+    first not-yet-compressed one on; when a whole block of ``b`` lies
+    ``grace_blocks`` blocks past the window, its ``t = floor(E[k])`` tokens with the highest attention (GQA
     aggregated, ties to the older token) join the kept set. Without
     ``pruned`` a decode step attends to every key (a full cache).
     """
@@ -110,7 +110,7 @@ class ReferenceModel:
         probs = logits.masked_fill(~visible.repeat_interleave(g, 1)[:, :, None, :], float("-inf")).softmax(-1)
         out = probs @ value.double().repeat_interleave(g, 1)
         newest, ncs, b = k_len - 1, st["ncs"], cfg.block_size
-        if self.pruned and newest - cfg.window + 1 - ncs >= b:
+        if self.pruned and newest - (cfg.window + cfg.grace_blocks * b) + 1 - ncs >= b:
             block = probs[:, :, 0, ncs: ncs + b].view(bsz, hkv, g, b)
             imp = block.mean(2) if cfg.gqa_aggregation == "mean" else block.amax(2)
             for row in range(bsz):

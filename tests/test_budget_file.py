@@ -35,7 +35,8 @@ def budgets(draw) -> HeadBudgets:
     unknown = torch.rand(layers, heads, generator=g) < 0.3
     unknown[0, 0] = False  # all unknown is written as no retained mass at all
     mass[unknown] = math.nan
-    # anchor_blocks stays 0: files older than that field lack it and load as 0 (budget_file.py).
+    # anchor_blocks and grace_blocks stay 0: files older than those fields lack them and load as 0
+    # (budget_file.py).
     config = TCAConfig(block_size=b, window=4 * b, tau=draw(st.floats(0.0, 1.0)),
                        mass_quantile=draw(st.none() | st.floats(0.0, 1.0)),
                        guard_floor=draw(st.none() | st.floats(0.0, 1.0)), normalize_redundancy=draw(st.booleans()))

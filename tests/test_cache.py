@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import os
 import random
 import warnings
@@ -73,15 +74,18 @@ def interpreted_triton():
 
 # "every step": the compression runs on every step, as in a captured or compiled step, so the
 # Triton kernel's on-device "no block leaves" exit and the tensor form's no-op are exercised too.
-@pytest.mark.parametrize("backend,every_step", [("math", False), ("triton", False), ("math", True),
-                                                ("triton", True)])
+# "grace": blocks wait that many blocks past the window before they are compressed; each backend
+# runs with and without.
+@pytest.mark.parametrize("backend,every_step,grace", [("math", False, 1), ("triton", False, 0), ("math", True, 0),
+                                                      ("triton", True, 2)])
 @torch.no_grad()
-def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, every_step):
+def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, every_step, grace):
     if backend == "triton":
         interpreted_triton()
     torch.manual_seed(7)
     bsz, hq, hkv, d, length, steps = 2, 4, 2, 16, 150, 70
-    cfg = TCAConfig(block_size=8, window=32)
+    cfg = TCAConfig(block_size=8, window=32, grace_blocks=grace)
+    lag = 32 + 8 * grace  # a block is compressed once it lies this far behind the newest token
     budgets = mixed_budgets([0.25, 0.625], cfg)
     t = budgets.keep_per_block()[0]
     assert t.tolist() == [2, 5]
@@ -115,13 +119,13 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, eve
         after = kept_sets(layer, bsz, hkv)
         slots_seen.add(layer.k_buf.shape[1])
         assert layer.var_len.tolist() == layer._packed_lengths()[1]
-        leaving = p - 32 + 1 - ncs == 8  # a whole block has left the window
+        leaving = p - lag + 1 - ncs == 8  # a whole block lies `grace` blocks past the window
         block = torch.arange(ncs, ncs + 8)
         for b in range(bsz):
             for h in range(hkv):
                 pos = after[b][h]
                 assert pos.unique().numel() == pos.numel(), "a token is kept twice"
-                assert torch.isin(torch.arange(p - 31, p + 1), pos).all(), "the window must stay exact"
+                assert torch.isin(torch.arange(max(p - lag + 1, length - 32), p + 1), pos).all(), "window, grace exact"
                 # Positions are preserved: the stored key is the key of that position.
                 live = (layer.owner[b] == h).nonzero()[:, 0]
                 assert torch.equal(layer.k_buf[b, live], k_hist[b, h, layer.pos[b, live].long()])
@@ -136,7 +140,7 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, eve
         if leaving:
             ncs, compressions = ncs + 8, compressions + 1
         assert layer.ncs.tolist() == [ncs] * layer.batch_size
-    assert compressions == 8
+    assert compressions == (steps + 32 - lag) // 8  # every block that got `lag` tokens behind
     assert layer._fused_compression(q[:, :, None]) == (backend == "triton")
     assert len(slots_seen) > 2, "the packed region should have grown in chunks"
 
@@ -232,6 +236,30 @@ def test_sparse_generation_rows_have_their_own_selection(tiny_llama):
     used = torch.stack([step[beam.beam_indices[0, i]] for i, step in enumerate(beam.logits)])
     torch.testing.assert_close(used, reference.logits(tiny_llama, beam.sequences, 200)[0].float(), atol=1e-4,
                                rtol=1e-4)
+
+
+@torch.no_grad()
+def test_grace_blocks_is_a_run_time_knob_of_the_cache(tiny_llama):
+    """A config that differs from the budgets' only in ``grace_blocks`` applies without a conflict
+    (calibration never sees it), and the cache then keeps the grace blocks exact during decode:
+    the same generation as the float64 reference that compresses that late."""
+    grace = random.randint(1, 3)
+    budgets = mixed_budgets([0.25, 0.5], SPARSE, layers=2)
+    config = SPARSE.replace(grace_blocks=grace)
+    tca_flex.apply(tiny_llama, config=config, budgets=budgets)
+    x = ids(200, seed=random.randint(0, 10**6))
+    cache = TCACache(tiny_llama)
+    out = tiny_llama.generate(x, max_new_tokens=80, do_sample=False, return_dict_in_generate=True,
+                              output_logits=True, eos_token_id=None, **cache_kwargs(tiny_llama, cache))
+    layer = cache.layers[1]
+    assert (layer.compress_window, layer.ring) == (64 + 16 * grace, 64 + 16 * (grace + 1))
+    n = layer.get_seq_length()
+    assert layer.ncs.tolist() == [136 + 16 * ((n - 136 - layer.compress_window) // 16)]
+    for h in range(2):
+        assert torch.isin(torch.arange(n - layer.compress_window, n), layer.kept_positions(0, h)).all()
+    want = ReferenceModel(dataclasses.replace(budgets, config=config), pruned=True).logits(
+        tiny_llama, out.sequences, 200)
+    torch.testing.assert_close(torch.stack(out.logits, 1), want.float(), atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()

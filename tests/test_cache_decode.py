@@ -75,7 +75,7 @@ class KeptSetReference:
                 out[r, h, 0] = p @ value[r, h // g, pos].double()
                 probs[r, h, pos] = p
         first = self.first_uncompressed[layer]
-        if newest - w + 1 - first >= b:  # the block [first, first + b) has left the window
+        if newest - (w + cfg.grace_blocks * b) + 1 - first >= b:  # [first, first + b) is `grace` blocks past it
             block = torch.arange(first, first + b)
             for r in range(bsz):
                 for kvh in range(hkv):
@@ -105,13 +105,15 @@ def reference_generate(model, prompt, new_tokens, budgets):
     return tokens, torch.stack(logits, 1), ref
 
 
+@pytest.mark.parametrize("grace", [0, 1])
 @torch.no_grad()
-def test_long_generation_equals_the_float64_kept_set_reference():
+def test_long_generation_equals_the_float64_kept_set_reference(grace):
     torch.manual_seed(11)
     # std 0.2: a random tiny model whose greedy tokens vary (the default init repeats one token).
     model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.2)).eval()
+    model.generation_config.eos_token_id = None  # every run makes all its tokens, as the reference does
     reference_model = copy.deepcopy(model).double()
-    config = TCAConfig(block_size=16, window=64)
+    config = TCAConfig(block_size=16, window=64, grace_blocks=grace)
     budgets = mixed_budgets([[0.25, 0.5], [0.125, 0.75]], config)
     prompt = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(3))
     new_tokens = 320
@@ -128,7 +130,7 @@ def test_long_generation_equals_the_float64_kept_set_reference():
     for layer, cache_layer in enumerate(cache.layers):
         for h in range(2):
             assert torch.equal(cache_layer.kept_positions(0, h), ref.kept[layer][0, h].nonzero()[:, 0])
-        assert ref.first_uncompressed[layer] - (200 - 64) == 16 * ((200 + new_tokens - 1 - 200) // 16)
+        assert ref.first_uncompressed[layer] - (200 - 64) == 16 * ((new_tokens - 1 - 16 * grace) // 16)
     assert len(set(want_tokens[0, 200:].tolist())) > 20, "a degenerate generation would test little"
     # Sparse decode must matter here, or the comparison proves nothing: dense decoding differs.
     tca_flex.remove(model)

@@ -53,11 +53,12 @@ def kept_mask(layer, bsz, hkv, total):
 @given(seed=st.integers(0, 10**6), bsz=st.integers(1, 2), prefill=st.integers(3, 70),
        chunks=st.lists(st.integers(1, 45), min_size=1, max_size=4),
        keep=st.lists(st.integers(0, 8), min_size=2, max_size=2), num_queries=st.sampled_from([1, 3, 64]),
-       aggregation=st.sampled_from(["mean", "max"]))
-@example(seed=1, bsz=1, prefill=40, chunks=[3, 1, 30, 2], keep=[2, 8], num_queries=1, aggregation="mean")
-@example(seed=2, bsz=2, prefill=12, chunks=[45, 1, 1], keep=[0, 5], num_queries=3, aggregation="max")
+       aggregation=st.sampled_from(["mean", "max"]), grace=st.integers(0, 2))
+@example(seed=1, bsz=1, prefill=40, chunks=[3, 1, 30, 2], keep=[2, 8], num_queries=1, aggregation="mean", grace=0)
+@example(seed=2, bsz=2, prefill=12, chunks=[45, 1, 1], keep=[0, 5], num_queries=3, aggregation="max", grace=0)
+@example(seed=3, bsz=1, prefill=40, chunks=[1] * 30 + [20], keep=[2, 5], num_queries=1, aggregation="mean", grace=1)
 @torch.no_grad()
-def test_chunks_follow_the_written_rule(seed, bsz, prefill, chunks, keep, num_queries, aggregation):
+def test_chunks_follow_the_written_rule(seed, bsz, prefill, chunks, keep, num_queries, aggregation, grace):
     """Chunks smaller than a block, larger than window + block, and one-token decode steps, against
     the float64 reference of docs/chunked_prefill.md; invariants after every chunk."""
     block, window, hq, hkv, d = 8, 16, 4, 2, 8
@@ -68,10 +69,11 @@ def test_chunks_follow_the_written_rule(seed, bsz, prefill, chunks, keep, num_qu
     sel, kept0 = random_selection(bsz, hkv, prefill, window, gen)
     scale = d**-0.5
     want, states, gap = reference_chunks(q, k, v, kept0, chunks, keep, scaling=scale, block_size=block,
-                                         window=window, num_queries=num_queries, aggregation=aggregation)
+                                         window=window, num_queries=num_queries, aggregation=aggregation,
+                                         grace_blocks=grace)
     assume(gap > 1e-4)  # below float32 rounding the cut is a tie either side may break
     cfg = TCAConfig(block_size=block, window=window, num_observation_queries=num_queries,
-                    gqa_aggregation=aggregation)
+                    gqa_aggregation=aggregation, grace_blocks=grace)
     # No headroom beyond one block: chunks must re-lay the buffers themselves.
     layer = TCACacheLayer(cfg, keep, growth=0.0, min_chunk_blocks=1, backend="math")
     layer.update(k[:, :, :prefill], v[:, :, :prefill])

@@ -1,6 +1,7 @@
 import pytest
 
 from tca_flex import HeadBudgets, TCAConfig
+from tca_flex.config import ACCURATE_GRACE_TOKENS
 
 
 def test_defaults_are_the_papers():
@@ -8,11 +9,17 @@ def test_defaults_are_the_papers():
     assert (c.block_size, c.window, c.tau, c.alpha, c.num_candidates) == (128, 4096, 0.9, 0.5, 14)
 
 
-def test_accurate_preset_changes_only_selection_knobs_and_round_trips():
+def test_accurate_preset_changes_only_selection_and_decode_knobs_and_round_trips():
     c = TCAConfig.accurate(block_size=64, window=512, pool_kernel=5)
     paper = TCAConfig(block_size=64, window=512)
     changed = {k for k, v in c.to_dict().items() if paper.to_dict()[k] != v}
-    assert changed == {"sigma", "alpha", "num_observation_queries", "pool_kernel", "spread_observation_queries"}
+    assert changed == {"sigma", "alpha", "num_observation_queries", "pool_kernel", "spread_observation_queries",
+                       "grace_blocks"}
+    assert c.compress_window == 512 + 64 * c.grace_blocks > paper.compress_window == 512
+    # The grace is ACCURATE_GRACE_TOKENS in whole blocks, whatever the block size.
+    for block in (16, 64, 100, 128, 256):
+        grace = TCAConfig.accurate(block_size=block, window=1024).grace_blocks
+        assert (grace - 1) * block < ACCURATE_GRACE_TOKENS <= grace * block
     assert c.pool_kernel == 5 and c.tau == paper.tau and TCAConfig.from_dict(c.to_dict()) == c
 
 
