@@ -1,7 +1,9 @@
 """Pools the grace runs of long_recall at 4K (CPU, float32, one thread, 2026-12-04) with the same seeds'
 dense, `tca` and `tca_emulated` records: the ten prompts whose list ends inside the final window (records
 beside this folder, `../s<seed>/`) and nine whose list lies in the global region (seeds 1, 2, 5-11;
-`../../CPU-2026-12-04-long-recall-emulated/`). `g<G>/s<seed>/` holds `grace.py G`'s run of one seed.
+`../../CPU-2026-12-04-long-recall-emulated/`). `g<G>/s<seed>/` holds `grace.py G`'s run of one seed;
+`shipped/s<seed>/` the plain `tca` method at commit 95cb2ab, whose shipped budgets carry `grace_blocks = 2`
+(the package's own grace, which should answer as the prototype's `g2`).
 
     python benchmarks/eval/CPU-2026-12-04-long-recall-window/grace/pool.py
 """
@@ -26,11 +28,10 @@ base = [r for d in sorted(HERE.parent.glob("s*/results.json")) for r in task_rec
 base += task_records(HERE.parent.parent / "CPU-2026-12-04-long-recall-emulated" / "results.json")
 grace = [r for d in sorted(HERE.glob("g*/s*/results.json"))
          for r in task_records(d, f"tca_grace{d.parent.parent.name[1:]}")]
-records = base + grace
+shipped = [r for d in sorted(HERE.glob("shipped/s*/results.json")) for r in task_records(d, "tca_shipped_grace2")]
+records = base + grace + shipped
 for label, seeds in (("list ends in the final window", WINDOW), ("list in the global region", GLOBAL)):
-    chosen = [r for r in records if r["seed"] in seeds and r["method"] in
-              ("dense", TCA, "tca_emulated[smollm2_budgets]") or r["method"].startswith("tca_grace")]
-    chosen = [r for r in chosen if r["seed"] in seeds]
+    chosen = [r for r in records if r["seed"] in seeds]
     print(f"== {label}: seeds {seeds}")
     for m in sorted({r["method"] for r in chosen}, key=lambda m: (m != "dense", m != TCA, m)):
         scores = {r["seed"]: 100 * r["score"] for r in chosen if r["method"] == m}
