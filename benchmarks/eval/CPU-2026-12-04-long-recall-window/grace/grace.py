@@ -3,7 +3,9 @@ so a copy that trails the window's start still reads the block whole. The prefil
 are unchanged; each head's ring holds G more blocks (G x 64 more KV slots per head with the shipped
 budgets). G = 8 (512 tokens) outlasts a long_recall answer: no compression at all, as `tca_emulated`.
 
-Run from the repository root (CPU float32, one thread; seeds as listed in EVALUATION.md):
+Ran at commit 0bedb22, before the package had the knob; since 95cb2ab the same is `TCAConfig.grace_blocks`
+(`--tca-option grace_blocks=G` with a budget file, or the file's own value), and this patch refuses to run.
+At 0bedb22, from the repository root (CPU float32, one thread; seeds as listed in EVALUATION.md):
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python3 benchmarks/eval/CPU-2026-12-04-long-recall-window/grace/grace.py G \
         --tasks long_recall --methods tca_grace --keep --budgets tca_flex/data/smollm2_budgets.json \
@@ -16,6 +18,9 @@ import sys
 from tca_flex.cache import TCACacheLayer
 from tca_flex.eval import cli, methods
 
+if hasattr(TCACacheLayer, "compress_window") or "compress_window" in TCACacheLayer.__init__.__code__.co_names:
+    sys.exit("grace.py patches the cache of commit 0bedb22; this tca_flex has TCAConfig.grace_blocks: "
+             "use --tca-option grace_blocks=G (EVALUATION.md, 2026-12-04)")
 G = int(sys.argv.pop(1))
 _init, _finish = TCACacheLayer.__init__, TCACacheLayer.finish_prefill
 
