@@ -204,9 +204,10 @@ class TCAConfig:
         same knobs (``grace_blocks`` excepted: calibration never decodes).
         """
         block = overrides.get("block_size", cls.block_size)
+        # An invalid block size gets no grace here: __post_init__ then refuses it with its own message.
+        grace = -(-ACCURATE_GRACE_TOKENS // block) if isinstance(block, int) and block > 0 else 0
         knobs: dict[str, Any] = dict(sigma=2.0, alpha=0.0, num_observation_queries=32, pool_kernel=7,
-                                     spread_observation_queries=32,
-                                     grace_blocks=-(-ACCURATE_GRACE_TOKENS // block) if block > 0 else 0)
+                                     spread_observation_queries=32, grace_blocks=grace)
         return cls(**{**knobs, **overrides})
 
 
