@@ -894,3 +894,21 @@ def test_cli_says_when_a_budget_file_adds_its_tca_method(tiny_llama, tmp_path, m
         err = capsys.readouterr().err
         assert ("also runs tca[b]" in err) == said
         assert ("tca[b]" in [m.name for m in seen]) == ("tca_prefill" not in listed)
+
+
+def test_pooled_against_lists_each_method_with_its_paired_difference():
+    """The pool scripts' table: methods by average, each with ``method - it`` paired by seed over every run."""
+    rng = random.Random()
+    seeds = {"tca[b]": range(0, 6), "dense": range(0, 6), "snapkv": range(0, 3)}  # snapkv ran fewer seeds
+    records = [{"kind": "task", "length": 2048, "method": m, "seed": s, "task": t, "score": rng.random()}
+               for m, ss in seeds.items() for s in ss for t in ("passkey", "niah_single")]
+    records.append({"kind": "task", "length": 4096, "method": "dense", "seed": 0, "task": "passkey", "score": 1.0})
+    table = report.pooled_against(records, 2048, "tca[b]").splitlines()
+    averages = {m: sum(100 * r["score"] for r in records if r["method"] == m and r["length"] == 2048)
+                / (2 * len(ss)) for m, ss in seeds.items()}
+    assert [line.split()[0] for line in table[1:]] == sorted(averages, key=lambda m: -averages[m])
+    for line in table[1:]:
+        name, span, avg = line.split()[:3]
+        assert span == f"0-{max(seeds[name])}" and float(avg) == pytest.approx(averages[name], abs=0.05)
+        mean, half = report.paired_difference(records, 2048, "tca[b]", name)
+        assert line.endswith("-" if mean is None else f"{mean:+.1f} ± {half:.1f}")

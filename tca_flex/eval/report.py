@@ -88,6 +88,25 @@ def paired_difference(records: list[dict[str, Any]], length: int, method: str,
     return mean, 1.96 * math.sqrt(var / len(diffs))
 
 
+def pooled_against(records: list[dict[str, Any]], length: int, method: str) -> str:
+    """A text table of runs pooled by seed (records of several runs of the same prompts): each method's
+    seeds, average score and ``method - it`` (``paired_difference``), best average first.
+
+    What the ``pool.py`` scripts under ``benchmarks/eval/`` print.
+    """
+    scores: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["kind"] == "task" and r["length"] == length:
+            scores[r["method"]][r["seed"]].append(100.0 * r["score"])
+    average = {m: _mean([_mean(v) for v in seeds.values()]) for m, seeds in scores.items()}
+    lines = [f"{'method':<42}{'seeds':>7}{'avg':>7}   {method.split('[')[0]} - method (95% CI)"]
+    for m in sorted(scores, key=lambda m: -average[m]):
+        mean, half = paired_difference(records, length, method, m)
+        seeds = scores[m]
+        lines.append(f"{m:<42}{min(seeds)}-{max(seeds):<5}{average[m]:>7.1f}   {_delta(mean, half)}")
+    return "\n".join(lines)
+
+
 def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 

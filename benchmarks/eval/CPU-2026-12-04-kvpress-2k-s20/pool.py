@@ -8,11 +8,9 @@ git commit b90df06.)
 """
 
 import json
-import statistics
-from collections import defaultdict
 from pathlib import Path
 
-from tca_flex.eval.report import paired_difference
+from tca_flex.eval.report import pooled_against
 
 EVAL = Path(__file__).resolve().parent.parent
 RUNS = [
@@ -28,15 +26,5 @@ RUNS = [
 ]
 TCA = "tca[smollm2_budgets]"
 
-records = [r for run in RUNS for r in json.loads((EVAL / run / "results.json").read_text())["records"]
-           if r["length"] == 2048 and r["kind"] == "task"]
-by_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-for r in records:
-    by_method[r["method"]][r["seed"]].append(100.0 * r["score"])
-print(f"{'method':<38}{'seeds':>7}{'avg':>7}   TCA - method (95% CI)")
-for method, seeds in sorted(by_method.items(), key=lambda kv: -statistics.fmean(
-        statistics.fmean(v) for v in kv[1].values())):
-    avg = statistics.fmean(statistics.fmean(v) for v in seeds.values())
-    mean, half = paired_difference(records, 2048, TCA, method)
-    gap = "-" if mean is None else f"{mean:+.1f} ± {half:.1f}" if half is not None else f"{mean:+.1f}"
-    print(f"{method:<38}{min(seeds)}-{max(seeds):<5}{avg:>7.1f}   {gap}")
+records = [r for run in RUNS for r in json.loads((EVAL / run / "results.json").read_text())["records"]]
+print(pooled_against(records, 2048, TCA))
