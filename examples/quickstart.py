@@ -84,7 +84,7 @@ def main() -> None:
         reports.append(cache.memory_report())
 
     print(f"\nSmolLM2-135M-Instruct on {device}; TCA block {config.block_size}, window {config.window}, "
-          f"{label}")
+          f"decode compresses {config.grace_blocks} block(s) past the window, {label}")
     print(f"{'tokens':>6} {'depth':>5} {'key':>6} | {'dense':<12} ok {'s':>5} | {'TCA, full cache':<15} ok {'s':>5} "
           f"| {'TCA, TCACache':<13} ok {'s':>5} | kept KV min/mean/max")
     columns = (dense, prefill_only, pruned)
