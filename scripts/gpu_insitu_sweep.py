@@ -10,7 +10,9 @@ layers. ``triton_decode.launch`` reads ``BALANCED_PROGRAMS``, ``BLOCK_N``, ``NUM
 ``NUM_STAGES`` at launch, so each setting is captured anew (not compiled), over a fresh cache
 prefilled from the same prompt, and replayed under ``torch.profiler``; printed: the device time a
 layer of the attention kernel and of the merge (us, mean over 32 replays), and the step's median
-wall time over 64 replays (CUDA events).
+wall time over 64 replays (CUDA events; the version run on 2026-12-04 timed the host's choice of
+graph inside the step, so its wall times, never cited, read high). The replay loops are the step
+probe's (``gpu_step_profile.py``, beside this file: a script's folder is on its import path).
 """
 
 import itertools
@@ -18,6 +20,7 @@ import statistics
 import sys
 
 import torch
+from gpu_step_profile import replay_once, timed_replays
 from torch.profiler import ProfilerActivity, profile
 
 from tca_flex import TCACache, TCAConfig
@@ -38,21 +41,10 @@ def use(setting: tuple[int, int, int, int]) -> None:
 
 
 def measure(graphs: dict, cache, layers: int) -> tuple[float, float, float]:
-    def one() -> None:
-        graphs[cache.block_leaves_next()].replay()
-        cache.replayed()
-
-    times = []
-    for _ in range(64):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        one()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+    times = timed_replays(graphs, cache, True, 64)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(32):
-            one()
+            replay_once(graphs, cache, True)
         torch.cuda.synchronize()
     attend = merge = 0.0
     for event in prof.events():

@@ -31,12 +31,15 @@ STEPS = 64
 APPEND = os.environ.get("TCA_PROBE_APPEND", "auto")
 
 
-def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None:
-    def one() -> None:
-        graphs[cache.block_leaves_next() if tca else None].replay()
-        if tca:
-            cache.replayed()
+def replay_once(graphs: dict, cache, tca: bool) -> None:
+    """One decode step from its captured graph: for a ``TCACache``, the one ``block_leaves_next`` names."""
+    graphs[cache.block_leaves_next() if tca else None].replay()
+    if tca:
+        cache.replayed()
 
+
+def timed_replays(graphs: dict, cache, tca: bool, steps: int) -> list[float]:
+    """Wall microseconds of ``steps`` replayed steps, one at a time (CUDA events)."""
     times = []
     for _ in range(steps):
         # The host picks the graph before the first event: its Python is not the step's device time.
@@ -49,9 +52,14 @@ def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None
         if tca:
             cache.replayed()
         times.append(start.elapsed_time(end) * 1e3)
+    return times
+
+
+def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None:
+    times = timed_replays(graphs, cache, tca, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            one()
+            replay_once(graphs, cache, tca)
         torch.cuda.synchronize()
     kernels, gaps = {}, {}
     device_events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
