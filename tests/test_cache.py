@@ -1,5 +1,4 @@
 import contextlib
-import dataclasses
 import os
 import random
 import warnings
@@ -257,8 +256,7 @@ def test_grace_blocks_is_a_run_time_knob_of_the_cache(tiny_llama):
     assert layer.ncs.tolist() == [136 + 16 * ((n - 136 - layer.compress_window) // 16)]
     for h in range(2):
         assert torch.isin(torch.arange(n - layer.compress_window, n), layer.kept_positions(0, h)).all()
-    want = ReferenceModel(dataclasses.replace(budgets, config=config), pruned=True).logits(
-        tiny_llama, out.sequences, 200)
+    want = ReferenceModel(budgets.with_config(config), pruned=True).logits(tiny_llama, out.sequences, 200)
     torch.testing.assert_close(torch.stack(out.logits, 1), want.float(), atol=1e-4, rtol=1e-4)
 
 
