@@ -872,7 +872,7 @@ def test_kvpress_caches_from_the_shared_prefill_equal_the_press_own(tiny_llama, 
         assert a.keys.shape[-2] < 290 and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
-def test_cli_says_when_a_budget_file_adds_its_tca_method(tiny_llama, tmp_path, monkeypatch, capsys):
+def test_cli_says_when_a_budget_file_adds_its_tca_method(tiny_llama, tmp_path, monkeypatch, caplog):
     """``--methods snapkv --budgets FILE`` also runs ``tca[FILE]``: documented, and said when it happens."""
     from tca_flex.eval import cli
 
@@ -887,12 +887,12 @@ def test_cli_says_when_a_budget_file_adds_its_tca_method(tiny_llama, tmp_path, m
     monkeypatch.setattr(cli, "run_suite", stop)
     for listed, said in ((["snapkv"], True), (["snapkv", "tca"], False), (["snapkv", "tca_prefill"], False)):
         seen.clear()
+        caplog.clear()
         args = parse_args(["--keep", "--budgets", str(path), "--methods", *listed, "--no-progress",
                            "--out", str(tmp_path / "out")])
         with pytest.raises(KeyboardInterrupt):
             evaluate(tiny_llama, TOK, args, tmp_path / "out")
-        err = capsys.readouterr().err
-        assert ("also runs tca[b]" in err) == said
+        assert ("also runs tca[b]" in caplog.text) == said
         assert ("tca[b]" in [m.name for m in seen]) == ("tca_prefill" not in listed)
 
 

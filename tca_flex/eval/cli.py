@@ -36,6 +36,8 @@ from .report import write_reports
 from .runner import SuiteConfig, run_suite, shortest_context
 from .tasks import TASKS
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_METHODS = ["dense", "tca", "streaming", "snapkv"]
 # CI: one short sample of two tasks and one perplexity window, every method at one level.
 SMOKE = dict(lengths=[512], samples=1, tasks=["passkey", "niah_single"], keep=[0.25], window=128, block=32,
@@ -198,8 +200,8 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
         if "tca" in args.methods or not listed:  # tca[FILE] unless only other TCA variants are asked for
             methods.append(tca_budgets(budgets, label, args.tca_backend))  # tca[FILE] (mask: tca_mask[FILE])
             if "tca" not in args.methods:  # said, not silent: it doubles a run meant for baselines only
-                print(f"--budgets {path}: also runs {methods[-1].name} (--methods lists no TCA family; list "
-                      f"another one, e.g. tca_prefill, to leave it out)", file=sys.stderr, flush=True)
+                logger.warning("--budgets %s: also runs %s (--methods lists no TCA family; list another one, "
+                               "e.g. tca_prefill, to leave it out)", path, methods[-1].name)
         if "tca_prefill" in args.methods:  # the same budgets with a full-cache decode
             methods.append(tca_budgets_prefill(budgets, label, args.tca_backend))
         for variant in listed:  # the same budgets, the other listed variants (tca_reprefill, tca_recon, ...)
