@@ -48,23 +48,30 @@ def list_start_from_end(tokenizer, seed: int) -> int:
     return len(enc.input_ids) - first
 
 
-records = load()
-tokenizer = load_smollm2_tokenizer()
-seeds = sorted({r["seed"] for r in records})
-distance = {s: list_start_from_end(tokenizer, s) for s in seeds}
-window_seeds = {s for s in seeds if distance[s] <= WINDOW + LIST_TOKENS}
-print(f"lists ending in the final window: seeds {sorted(window_seeds)} "
-      f"(start {min(distance[s] for s in window_seeds)}-{max(distance[s] for s in window_seeds)} tokens from the end)")
-for name, part in (("all", set(seeds)), ("list ends in the final window", window_seeds),
-                   ("list in the global region", set(seeds) - window_seeds)):
-    sub = [r for r in records if r["seed"] in part]
-    cells = []
-    for m in METHODS:
-        scores = [100 * r["score"] for r in sub if r["method"] == m]
-        cell = f"{m.split('[')[0]} {sum(scores) / len(scores):.1f}"
-        if m != "dense":
-            mean, half = paired_difference(sub, LENGTH, m, "dense")
-            cell += f" ({mean:+.1f} ± {half:.1f})"
-        cells.append(cell)
-    mean, half = paired_difference(sub, LENGTH, METHODS[2], METHODS[1])
-    print(f"{name} ({len(part)}): " + ", ".join(cells) + f"; emulated - tca {mean:+.1f} ± {half:.1f}")
+
+def main() -> None:
+    records = load()
+    tokenizer = load_smollm2_tokenizer()
+    seeds = sorted({r["seed"] for r in records})
+    distance = {s: list_start_from_end(tokenizer, s) for s in seeds}
+    window_seeds = {s for s in seeds if distance[s] <= WINDOW + LIST_TOKENS}
+    near = [distance[s] for s in window_seeds]
+    print(f"lists ending in the final window: seeds {sorted(window_seeds)} "
+          f"(start {min(near)}-{max(near)} tokens from the end)")
+    for name, part in (("all", set(seeds)), ("list ends in the final window", window_seeds),
+                       ("list in the global region", set(seeds) - window_seeds)):
+        sub = [r for r in records if r["seed"] in part]
+        cells = []
+        for m in METHODS:
+            scores = [100 * r["score"] for r in sub if r["method"] == m]
+            cell = f"{m.split('[')[0]} {sum(scores) / len(scores):.1f}"
+            if m != "dense":
+                mean, half = paired_difference(sub, LENGTH, m, "dense")
+                cell += f" ({mean:+.1f} ± {half:.1f})"
+            cells.append(cell)
+        mean, half = paired_difference(sub, LENGTH, METHODS[2], METHODS[1])
+        print(f"{name} ({len(part)}): " + ", ".join(cells) + f"; emulated - tca {mean:+.1f} ± {half:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ The split into "final window" and "global region" prompts is the one of
 `H200-2026-12-04-long-recall-emulated-50/split.py`, imported from there.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -46,14 +47,14 @@ records = ([r for r in fused if r["method"] == "dense"] + [r for r in old if r["
            + [r for r in fused if r["method"].startswith("tca_recon")] + grace)
 methods = ["tca[smollm2_budgets]", "tca_grace", "tca_emulated[smollm2_budgets]", "tca_recon[smollm2_budgets]"]
 
-# The list positions of the prompts the suite built (the emulated run's script, without running its table).
-source = (EVAL / "H200-2026-12-04-long-recall-emulated-50/split.py").read_text().split("\nrecords = load()")[0]
-helpers: dict = {"__file__": str(EVAL / "H200-2026-12-04-long-recall-emulated-50/split.py")}
-exec(compile(source, "split50", "exec"), helpers)
+# The list positions of the prompts the suite built: the emulated run's script, imported.
+spec = importlib.util.spec_from_file_location("split50", EVAL / "H200-2026-12-04-long-recall-emulated-50/split.py")
+split50 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(split50)
 tokenizer = load_smollm2_tokenizer()
 seeds = sorted(dense)
-distance = {s: helpers["list_start_from_end"](tokenizer, s) for s in seeds}
-window_seeds = {s for s in seeds if distance[s] <= helpers["WINDOW"] + helpers["LIST_TOKENS"]}
+distance = {s: split50.list_start_from_end(tokenizer, s) for s in seeds}
+window_seeds = {s for s in seeds if distance[s] <= split50.WINDOW + split50.LIST_TOKENS}
 print(f"lists ending in the final window: seeds {sorted(window_seeds)}")
 for name, part in (("all", set(seeds)), ("list ends in the final window", window_seeds),
                    ("list in the global region", set(seeds) - window_seeds)):
