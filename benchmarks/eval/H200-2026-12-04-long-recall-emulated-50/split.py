@@ -19,8 +19,8 @@ from tca_flex.models import load_smollm2_tokenizer
 
 EVAL = Path(__file__).resolve().parent.parent
 RUNS = {  # folder -> the methods taken from it (each run's dense is the same prompts' dense)
-    "H200-2026-12-03-long-recall-4k": None,  # dense, tca: seeds 0-11
-    "H200-2026-12-03-real-50/long_recall": None,  # dense, tca: seeds 12-49
+    "H200-2026-12-03-long-recall-4k": None,  # dense, tca: seeds 12-49
+    "H200-2026-12-03-real-50/long_recall": None,  # dense, tca: seeds 0-11
     "H200-2026-12-03-long-recall-recon-fused-50": {"tca_recon[smollm2_budgets]"},
     "H200-2026-12-04-long-recall-emulated-50": None,  # tca_emulated
 }
