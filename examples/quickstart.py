@@ -101,7 +101,8 @@ def main() -> None:
               + f" | {frac.min():.2f}/{frac.mean():.2f}/{frac.max():.2f}")
     print(f"correct: dense {correct[0]}/{len(samples)}, TCA with full-cache decode {correct[1]}/{len(samples)}, "
           f"TCA with the pruned TCACache {correct[2]}/{len(samples)}")
-    print("\nTCACache after the last prompt: kept KV vs a dense cache of the same length")
+    print("\nTCACache after the last prompt: kept KV entries (tokens x KV heads) vs a dense cache of the same\n"
+          "length; bytes include the slot indices and free headroom (overhead)")
     print(reports[-1].format())
     if args.report:
         ids = tok(samples[0].prompt, return_tensors="pt").input_ids.to(model.device)
