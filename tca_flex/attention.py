@@ -396,6 +396,17 @@ def _warn_if_detached(*tensors: torch.Tensor) -> None:
                       "before training", UserWarning, stacklevel=3)
 
 
+def _warn_if_full_cache_decode(layer: TCALayer, q_len: int, k_len: int) -> None:
+    # New tokens over more keys than the window, without a TCACache: the caller's cache (transformers
+    # makes a DynamicCache when none is passed) kept every token. Worth a word: the KV cache a user
+    # applied TCA to shrink did not shrink. Eager only, as above; Python shows it once per process.
+    if q_len < k_len and k_len > layer.config.dense_up_to and not torch.compiler.is_compiling():
+        warnings.warn("tca_flex: new tokens attend over a cache that is not a TCACache (transformers makes a "
+                      "DynamicCache when none is passed), so every token's K/V is kept and read, as dense; "
+                      "the prefill was TCA's. For the pruned cache pass cache=tca_flex.TCACache(model) to "
+                      "generate (docs/cache.md)", UserWarning, stacklevel=3)
+
+
 def _sparse_scale(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   dropout: float, scaling: float | None) -> float:
     """The checks every sparse prefill makes before it runs (inputs, eval mode, grad mode); its scale."""
@@ -447,6 +458,8 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if attention_mask is not None and q_len == k_len:  # a prefill: only left padding can be honoured
         pads = torch.ops.tca_flex.left_pads(visible_keys(attention_mask))
     if not sparse:
+        if cache_layer is None:
+            _warn_if_full_cache_decode(layer, q_len, k_len)
         if attention_mask is not None and attention_mask.dim() == 2:
             if q_len != k_len:
                 raise ValueError(f"tca_flex got a 2-D attention mask for {q_len} queries over {k_len} keys; "

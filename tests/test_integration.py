@@ -1,6 +1,7 @@
 import dataclasses
 import logging
 import re
+import warnings
 
 import pytest
 import torch
@@ -270,6 +271,22 @@ def test_forward_with_autograd_on_runs_detached_and_says_so(tiny_llama):
     # Queries reach the output only through TCA attention, which is detached; the MLPs still learn.
     assert all(layer.self_attn.q_proj.weight.grad is None for layer in tiny_llama.model.layers)
     assert all(layer.mlp.up_proj.weight.grad.abs().sum() > 0 for layer in tiny_llama.model.layers)
+
+
+@torch.no_grad()
+def test_decode_over_a_cache_that_is_not_pruned_says_so(tiny_llama):
+    """Without a TCACache, generate's own cache keeps every token: a warning names the fix; with a
+    TCACache, or a prompt the window covers (nothing to prune), there is nothing to say."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    long, short = ids(300, seed=seed), ids(SPARSE.dense_up_to - 8, seed=seed + 1)
+    with pytest.warns(UserWarning, match="not a TCACache.*every token's K/V is kept.*cache=tca_flex.TCACache"):
+        tiny_llama.generate(long, max_new_tokens=2, do_sample=False)
+    for prompt, cache in ((long, tca_flex.TCACache(tiny_llama)), (short, None)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            tiny_llama.generate(prompt, max_new_tokens=2, do_sample=False, **cache_kwargs(tiny_llama, cache))
+        assert not [w for w in seen if "not a TCACache" in str(w.message)]
 
 
 def registered(name):
