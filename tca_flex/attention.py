@@ -398,13 +398,13 @@ def _warn_if_detached(*tensors: torch.Tensor) -> None:
 
 def _warn_if_full_cache_decode(layer: TCALayer, q_len: int, k_len: int) -> None:
     # New tokens over more keys than the window, without a TCACache: the caller's cache (transformers
-    # makes a DynamicCache when none is passed) kept every token. Worth a word: the KV cache a user
-    # applied TCA to shrink did not shrink. Eager only, as above; Python shows it once per process.
+    # makes a DynamicCache when none is passed) keeps every token. Worth a word: the KV cache a user
+    # applied TCA to shrink does not shrink. Eager only, as above; Python's default filter shows it once.
     if q_len < k_len and k_len > layer.config.dense_up_to and not torch.compiler.is_compiling():
         warnings.warn("tca_flex: new tokens attend over a cache that is not a TCACache (transformers makes a "
-                      "DynamicCache when none is passed), so every token's K/V is kept and read, as dense; "
-                      "the prefill was TCA's. For the pruned cache pass cache=tca_flex.TCACache(model) to "
-                      "generate (docs/cache.md)", UserWarning, stacklevel=3)
+                      "DynamicCache when none is passed): every token's K/V is kept and read, as dense. For "
+                      "the pruned cache pass cache=tca_flex.TCACache(model) to generate (docs/cache.md)",
+                      UserWarning, stacklevel=3)
 
 
 def _sparse_scale(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
