@@ -6,7 +6,8 @@ the same seeds on the H200, then the variants (EVALUATION.md, "A CPU proxy for t
 
 Each CPU run is one `--samples 1 --seed S` run in its own folder here, `RUN-SEED/` (commands in
 EVALUATION.md): `dense`, `tca`, and the variants `gqamax` (budgets recalibrated with
-`gqa_aggregation=max`) and `tau95` (recalibrated with tau 0.95). The H200 side: `tca` from
+`gqa_aggregation=max`), `tau93` / `tau95` (recalibrated with tau 0.93 / 0.95) and `recon` (`tca_recon`,
+the shipped budgets, the prompt selected by reconstruction). The H200 side: `tca` from
 `H200-2026-12-04-long-recall-grace/lrg4k/`, dense from `H200-2026-12-03-long-recall-recon-fused-50/`.
 """
 
@@ -32,7 +33,8 @@ cpu: dict[str, dict[int, dict]] = defaultdict(dict)
 for run in sorted(HERE.glob("*-*/results.json")):
     name = run.parent.name.split("-")[0]
     # The dense runs passed --budgets too, so they also ran tca[FILE]: the same prompts a second time.
-    cpu[name].update(records(run, {"dense": "dense", "tca": TCA}.get(name, f"tca[{name}]")))
+    method = {"dense": "dense", "tca": TCA, "recon": "tca_recon[smollm2_budgets]"}.get(name, f"tca[{name}]")
+    cpu[name].update(records(run, method))
     if name == "dense":
         cpu["tca, again"].update(records(run, TCA))
 variants = [v for v in cpu if v not in ("dense", "tca", "tca, again")]
