@@ -53,7 +53,7 @@ def profile_length(length: int, frac: float, out: Path) -> dict:
 
     q_obs = observed_queries(q, config.num_observation_queries, config.spread_observation_queries, config.window)
     select_fn = length_generic(_select_positions, (1, 2))
-    positions, _, table = select_fn(q_obs, k, cdf, config, scale)
+    positions, _, table, _, _ = select_fn(q_obs, k, cdf, config, scale)
     padded = whole_tiles(length)
     args = [tiled(t, padded, True) for t in (q, k, v)] + [positions.unflatten(-1, (-1, KERNEL_BLOCK))]
     attend = length_generic(_packed_attention, (0, 2), (1, 2), (2, 2), (3, 2), (4, 0))

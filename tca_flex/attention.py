@@ -42,17 +42,34 @@ def tca_select(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor,
 
 
 def _select_positions(q_obs: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
-                      scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      scaling: float, q_cache: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The selection's ``(positions, counts)`` from the observation queries' rows (``observed_queries``),
-    and the packed mask's ``masks.key_positions`` table for the prompt padded to whole tiles.
+    the packed mask's ``masks.key_positions`` table for the prompt padded to whole tiles, and the
+    ``(positions, counts)`` the pruned cache keeps: the same, or, with ``q_cache`` (the rows of
+    ``config.cache_selection``'s observation queries), that selection's.
 
     The table is made here, in the selection's graph, so that it enters the attention's graph
     as an input (``masks.table_mask_mod``) at no extra host cost: built eagerly between the
-    two graphs, its few small ops delayed the attention kernel's launch (32K, H200).
+    two graphs, its few small ops delayed the attention kernel's launch (32K, H200). The
+    cache's selection joins the same graph for the same reason.
     """
     sel = tca_select(q_obs, k_bhsd, cdf_hk, config, scaling, observed=True)
     padded = whole_tiles(k_bhsd.shape[2])
-    return sel.positions, sel.counts, key_positions(sel.positions, padded)
+    table = key_positions(sel.positions, padded)
+    knobs = config.cache_selection
+    if q_cache is None or knobs is None:
+        return sel.positions, sel.counts, table, sel.positions, sel.counts
+    kept = select(q_cache, k_bhsd, cdf_hk, knobs, scaling=scaling, capacity_multiple=KERNEL_BLOCK, observed=True)
+    return sel.positions, sel.counts, table, kept.positions, kept.counts
+
+
+def cache_selection(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
+                    scaling: float) -> Selection:
+    """What the pruned cache keeps of a prompt: ``config.cache_selection``'s choice, or, without one, the
+    prefill's (``tca_select``). The eager form of what ``tca_prefill_attention`` returns for the cache."""
+    knobs = config.cache_selection or config.selection
+    return select(q_bhsd, k_bhsd, cdf_hk, knobs, scaling=scaling, capacity_multiple=KERNEL_BLOCK)
 
 
 def _packed_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, positions: torch.Tensor,
@@ -106,10 +123,13 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
         config: TCAConfig; requires ``L > config.window``.
         scaling: softmax scale.
         return_lse: also return the float32 ``[B, H_q, L]`` log-sum-exp of
-            every query's scores over its kept keys, and the ``Selection``
-            (FlexAttention supports this on CUDA only; ``mass.py`` has the
-            device-independent computation).
-        return_selection: return ``(out, selection)`` (ignored with return_lse).
+            every query's scores over its kept keys, and the ``Selection`` the
+            prefill attended to (FlexAttention supports this on CUDA only;
+            ``mass.py`` has the device-independent computation).
+        return_selection: return ``(out, selection)``, the selection the pruned
+            cache keeps (``cache_selection``: the prefill's unless
+            ``config.cache_spread_observation_queries`` chooses another);
+            ignored with return_lse.
         kernel_options: FlexAttention kernel options (default: ``compile.prefill_kernel_options``,
             the FLASH backend on Hopper when FlashAttention-4 is installed, else Triton).
 
@@ -137,8 +157,11 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     # cache's concatenation), since compiled graphs are specialised on strides.
     q_obs = observed_queries(q_bhsd, config.num_observation_queries, config.spread_observation_queries,
                              config.window)
+    knobs = config.cache_selection
+    q_cache = None if knobs is None else observed_queries(q_bhsd, knobs.num_queries, knobs.num_spread, knobs.window)
     k_bhsd = k_bhsd.contiguous()  # once: the attention's tiles below reuse it when no padding is needed
-    positions, counts, table = select_fn(q_obs, k_bhsd, cdf_hk, config, scaling)
+    positions, counts, table, kept_positions, kept_counts = select_fn(q_obs, k_bhsd, cdf_hk, config, scaling,
+                                                                      q_cache)
     # The attention runs on whole tiles: a padded tail of < KERNEL_BLOCK queries and keys
     # (causal: invisible to the real queries; computed only in the last tile).
     padded = whole_tiles(length)
@@ -157,11 +180,10 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
         attend = length_generic(_packed_attention, (0, 2), (1, 2), (2, 2), (3, 2), (4, 0))
     result = attend(*args, config.window, scaling, return_lse, options)
     result = (result[0][:, :, :length], result[1][:, :, :length]) if return_lse else result[:, :, :length]
-    sel = Selection(positions=positions, counts=counts)
     if return_lse:
         out, lse = result
-        return out, lse, sel
-    return (result, sel) if return_selection else result
+        return out, lse, Selection(positions=positions, counts=counts)
+    return (result, Selection(positions=kept_positions, counts=kept_counts)) if return_selection else result
 
 
 @functools.lru_cache(maxsize=64)

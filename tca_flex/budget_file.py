@@ -42,7 +42,8 @@ FINGERPRINT_TYPES: dict[str, tuple[type, ...]] = {
 # that reproduces a file without them (the behaviour before the field existed).
 # Every other config field must be in the file: a default would silently stand
 # in for the knob the budgets were calibrated with.
-CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"anchor_blocks": 0, "grace_blocks": 0}
+CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"anchor_blocks": 0, "grace_blocks": 0,
+                                             "cache_spread_observation_queries": None}
 # How far a stored expected_kept_fraction may be from its probs: both are
 # float64 from the same formula, so only a hand edit exceeds this.
 DERIVED_TOLERANCE = 1e-9

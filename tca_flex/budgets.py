@@ -49,8 +49,10 @@ SHIPPED_BUDGETS = {"smollm2": "smollm2_budgets.json"}
 #   floor adds a longer prefix of the same order, selection.guard_keep), so every
 #   head keeps at least the mass it was calibrated for; a lower floor would not;
 # - grace_blocks decides only when decode compresses a block that has left the
-#   window, not what a prefill keeps (calibration measures prefills only).
-RUNTIME_FIELDS = ("min_sparse_length", "grace_blocks")
+#   window, not what a prefill keeps (calibration measures prefills only);
+# - cache_spread_observation_queries decides which tokens the cache keeps at the
+#   same budgets, not what the prefill attends to (calibration measures that).
+RUNTIME_FIELDS = ("min_sparse_length", "grace_blocks", "cache_spread_observation_queries")
 
 
 @dataclass(frozen=True)

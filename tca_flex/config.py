@@ -96,6 +96,15 @@ class TCAConfig:
             tokens behind the window's start, so the block that just left is
             the one being copied, and its top-``t`` under the current query
             lose the rest of it (EVALUATION.md, 2026-12-04: ``long_recall``).
+        cache_spread_observation_queries: ``None`` (default): the pruned
+            cache keeps what the prefill attended to. A number: the cache keeps
+            a second selection at the same budgets, made with this many spread
+            observation queries instead of ``spread_observation_queries``
+            (0 = the last queries alone); the prefill is unchanged. Why: the
+            spread observers make the prefill serve every query, but they also
+            rank filler the answer never reads above what the question points
+            at; the cache only serves what comes after the prompt
+            (EVALUATION.md, 2026-12-04: ``long_recall``).
     """
 
     block_size: int = 128
@@ -116,6 +125,7 @@ class TCAConfig:
     spread_observation_queries: int = 0
     anchor_blocks: int = 0
     grace_blocks: int = 0
+    cache_spread_observation_queries: int | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -141,6 +151,8 @@ class TCAConfig:
         _check_int("spread_observation_queries", self.spread_observation_queries, 0, 65536)
         _check_int("anchor_blocks", self.anchor_blocks, 0, 1 << 20)
         _check_int("grace_blocks", self.grace_blocks, 0, 1024)
+        if self.cache_spread_observation_queries is not None:
+            _check_int("cache_spread_observation_queries", self.cache_spread_observation_queries, 0, 65536)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"TCAConfig.pool_kernel={self.pool_kernel} must be odd (centred on the token)")
         if isinstance(self.version, bool) or self.version != CONFIG_VERSION:
@@ -157,6 +169,14 @@ class TCAConfig:
                                aggregation=self.gqa_aggregation, guard_floor=self.guard_floor,
                                pool_kernel=self.pool_kernel, span=self.span,
                                num_spread=self.spread_observation_queries, anchor_blocks=self.anchor_blocks)
+
+    @property
+    def cache_selection(self) -> SelectionConfig | None:
+        """The knobs of the cache's own selection, or ``None`` where the cache keeps the prefill's."""
+        spread = self.cache_spread_observation_queries
+        if spread is None or spread == self.spread_observation_queries:
+            return None
+        return dataclasses.replace(self.selection, num_spread=spread)
 
     @property
     def compress_window(self) -> int:

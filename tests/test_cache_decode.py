@@ -56,10 +56,17 @@ class KeptSetReference:
         g = hq // hkv
         if q_len == total:  # prefill
             assert total > cfg.dense_up_to, "the reference covers sparse prefills only"
-            imp = reference_importance(query, key, scale, cfg.num_observation_queries, cfg.gqa_aggregation)
-            glob = reference_keep(imp, self.probs[layer], SelectionConfig(block_size=b, window=w, alpha=cfg.alpha,
-                                                                          normalize=cfg.normalize_redundancy))
+            knobs = SelectionConfig(block_size=b, window=w, alpha=cfg.alpha, normalize=cfg.normalize_redundancy)
+
+            def keep(spread):
+                imp = reference_importance(query, key, scale, cfg.num_observation_queries, cfg.gqa_aggregation,
+                                           spread, w)
+                return reference_keep(imp, self.probs[layer], knobs)
+
+            glob = keep(cfg.spread_observation_queries)
             out = reference_attention(query, key, value, reference_mask(glob, w, hq), scale)
+            if cfg.cache_spread_observation_queries is not None:  # the cache keeps its own selection
+                glob = keep(cfg.cache_spread_observation_queries)
             glob[..., total - w:] = True  # the final window
             self.kept[layer], self.first_uncompressed[layer] = glob, total - w
             return out.transpose(1, 2).to(query.dtype), None
@@ -105,15 +112,19 @@ def reference_generate(model, prompt, new_tokens, budgets):
     return tokens, torch.stack(logits, 1), ref
 
 
-@pytest.mark.parametrize("grace", [0, 1])
+@pytest.mark.parametrize("grace, spread, cache_spread", [(0, 0, None), (1, 0, None), (1, 6, 0)],
+                         ids=["paper", "grace", "grace-cache-last"])
 @torch.no_grad()
-def test_long_generation_equals_the_float64_kept_set_reference(grace):
+def test_long_generation_equals_the_float64_kept_set_reference(grace, spread, cache_spread):
+    """Prefill, decode and block compression of ``TCACache`` against ``KeptSetReference``; with
+    ``cache_spread`` the prefill attends over one selection and the cache keeps another."""
     torch.manual_seed(11)
     # std 0.2: a random tiny model whose greedy tokens vary (the default init repeats one token).
     model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.2)).eval()
     model.generation_config.eos_token_id = None  # every run makes all its tokens, as the reference does
     reference_model = copy.deepcopy(model).double()
-    config = TCAConfig(block_size=16, window=64, grace_blocks=grace)
+    config = TCAConfig(block_size=16, window=64, grace_blocks=grace, spread_observation_queries=spread,
+                       cache_spread_observation_queries=cache_spread)
     budgets = mixed_budgets([[0.25, 0.5], [0.125, 0.75]], config)
     prompt = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(3))
     new_tokens = 320

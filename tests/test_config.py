@@ -37,6 +37,8 @@ def test_round_trip_through_dict():
     (dict(gqa_aggregation="median"), "gqa_aggregation"),
     (dict(num_observation_queries=0), "num_observation_queries"),
     (dict(spread_observation_queries=-1), "spread_observation_queries"),
+    (dict(cache_spread_observation_queries=-1), "cache_spread_observation_queries"),
+    (dict(cache_spread_observation_queries=0.5), "cache_spread_observation_queries"),
     (dict(mass_criterion="kl"), "mass_criterion"),
     (dict(block_size=64.0), "block_size"),
     (dict(version=99), "version"),

@@ -199,7 +199,7 @@ OTHER_VALUES = {
     "mass_criterion": st.just("column_mean"), "mass_quantile": st.none() | st.floats(0.0, 1.0),
     "guard_floor": st.none() | st.floats(0.0, 1.0), "pool_kernel": st.sampled_from([3, 5, 7]),
     "span": st.integers(1, 8), "spread_observation_queries": st.integers(1, 64), "anchor_blocks": st.integers(1, 99),
-    "grace_blocks": st.integers(1, 4),
+    "grace_blocks": st.integers(1, 4), "cache_spread_observation_queries": st.integers(0, 64),
 }
 
 
@@ -215,9 +215,10 @@ def test_apply_refuses_a_config_the_budgets_were_not_calibrated_with(data):
     config = CALIBRATED.replace(**changes)
     budgets = HeadBudgets.uniform(2, 2, float(data.draw(st.floats(0.0, 1.0))), CALIBRATED)
     model = LlamaForCausalLM(tiny_llama_config()).eval()
-    # Only the dense/sparse threshold, decode's grace and a higher guard leave what calibration measured intact.
-    free = name in ("min_sparse_length", "grace_blocks") or (name == "guard_floor" and value is not None
-                                                           and value >= 0.5)
+    # Only the dense/sparse threshold, decode's grace, the cache's own selection and a higher guard leave
+    # what calibration measured (the prefill) intact.
+    free = name in ("min_sparse_length", "grace_blocks", "cache_spread_observation_queries") or (
+        name == "guard_floor" and value is not None and value >= 0.5)
     if free:
         tca_flex.apply(model, config, budgets=budgets)
         assert tca_flex.integration.applied_budgets(model).config == config

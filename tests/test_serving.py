@@ -65,14 +65,15 @@ def test_ten_prompt_lengths_compile_once_and_match_the_reference(tiny_llama, mon
 
 @pytest.mark.parametrize("config", [TCAConfig.accurate(block_size=16, window=64, anchor_blocks=30, guard_floor=0.9,
                                                        span=1),
-                                    TCAConfig(block_size=16, window=64)], ids=["accurate", "paper"])
+                                    TCAConfig.accurate(block_size=16, window=64, cache_spread_observation_queries=0),
+                                    TCAConfig(block_size=16, window=64)], ids=["accurate", "cache-last", "paper"])
 def test_compiled_selection_is_length_generic(config):
     """The CUDA path compiles the selection too: one graph for every length (checked on the CPU),
     fed only the observation queries' rows, and equal to the selection over every query. The
     queries are laid out as a model's projections hand them over (``[B, L, H, D]`` transposed):
     the paper's single observation row was once a view keeping the batch stride ``L * H * D``,
     and the graph compiled again for every length."""
-    from tca_flex.attention import _select_positions, tca_select
+    from tca_flex.attention import _select_positions, cache_selection, tca_select
     from tca_flex.compile import length_generic
     from tca_flex.masks import KERNEL_BLOCK, key_positions
     from tca_flex.selection import observed_queries
@@ -86,11 +87,15 @@ def test_compiled_selection_is_length_generic(config):
         q, k = torch.randn(1, n, 4, 8, generator=gen).transpose(1, 2), torch.randn(1, 2, n, 8, generator=gen)
         q_obs = observed_queries(q, config.num_observation_queries, config.spread_observation_queries,
                                  config.window)
+        knobs = config.cache_selection
+        q_cache = None if knobs is None else observed_queries(q, knobs.num_queries, knobs.num_spread, knobs.window)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            positions, counts, table = select(q_obs, k, cdf, config, 8 ** -0.5)
+            positions, counts, table, kept, kept_counts = select(q_obs, k, cdf, config, 8 ** -0.5, q_cache)
         want = tca_select(q, k, cdf, config, 8 ** -0.5)
         assert torch.equal(positions, want.positions) and torch.equal(counts, want.counts), n
         assert torch.equal(table, key_positions(want.positions, -(-n // KERNEL_BLOCK) * KERNEL_BLOCK)), n
+        want = cache_selection(q, k, cdf, config, 8 ** -0.5)
+        assert torch.equal(kept, want.positions) and torch.equal(kept_counts, want.counts), n
 
 
 def _row_max_of_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

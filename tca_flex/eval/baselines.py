@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import tca_prefill_attention, tca_select
+from ..attention import cache_selection, tca_prefill_attention, tca_select
 from ..config import TCAConfig
 from ..layer import tca_layer
 from ..reference import reference_mask
@@ -199,8 +199,7 @@ class TCAPolicy:
         if length <= cfg.dense_up_to:
             keep = torch.ones(k.shape[0], k.shape[1], length, dtype=torch.bool, device=k.device)
             return dense_attention(q, k, v, scaling), keep
-        out = tca_prefill_attention(q, k, v, layer.cdf, cfg, scaling)
-        sel = tca_select(q, k, layer.cdf, cfg, scaling)
+        out, sel = tca_prefill_attention(q, k, v, layer.cdf, cfg, scaling, return_selection=True)  # the cache's
         return out, tca_keep(sel.positions, sel.counts, length, cfg.window)
 
     def decode_visible(self, keep, q_pos, k_len):
@@ -228,7 +227,10 @@ class TCAMaskPolicy:
         glob = sel.keep_mask(length)
         visible = functools.partial(reference_mask, glob, cfg.window, glob.shape[1])  # per KV head
         out = masked_attention(q, k, v, visible, scaling)
-        return out, (tca_keep(sel.positions, sel.counts, length, cfg.window) if self.pruned else full)
+        if not self.pruned:
+            return out, full
+        kept = cache_selection(q, k, self.cdf, cfg, scaling)
+        return out, tca_keep(kept.positions, kept.counts, length, cfg.window)
 
     def decode_visible(self, keep, q_pos, k_len):
         return keep_then_new(keep, q_pos, k_len)
