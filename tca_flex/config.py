@@ -263,24 +263,31 @@ def parse_overrides(items: list[str], flag: str = "option", reserved: dict[str, 
             raise ValueError(f"{flag} {item!r}: {name} has its own flag, use {reserved[name]}")
         if name in out:
             raise ValueError(f"{flag} {item!r}: {name} is given twice")
-        out[name] = _parse_value(name, fields[name].default, raw.strip(), f"{flag} {item!r}")
+        out[name] = _parse_value(fields[name], raw.strip(), f"{flag} {item!r}")
     return out
 
 
-def _parse_value(name: str, default: Any, raw: str, where: str) -> Any:
-    """``raw`` as the type of the field's ``default``."""
+# The type of an optional field's value (its default, None, does not say it).
+_OPTIONAL_TYPES = {"float | None": float, "int | None": int}
+
+
+def _parse_value(field: dataclasses.Field, raw: str, where: str) -> Any:
+    """``raw`` as the type of the field (of its default; an optional field's ``none`` is None)."""
     low = raw.lower()
+    default = field.default
+    kind = _OPTIONAL_TYPES[field.type] if default is None else type(default)
     try:
-        if isinstance(default, bool):
+        if kind is bool:
             if low not in _TRUE + _FALSE:
                 raise ValueError(raw)
             return low in _TRUE
-        if default is None:  # optional floats (mass_quantile, guard_floor)
-            return None if low == "none" else float(raw)
-        return type(default)(raw)  # int, float, str
+        if default is None and low == "none":
+            return None
+        return kind(raw)  # int, float, str
     except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a number or none")
-        raise ValueError(f"{where}: {name} takes {kind}, got {raw!r}") from None
+        what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "text")
+        raise ValueError(f"{where}: {field.name} takes {what}{' or none' if default is None else ''}, "
+                         f"got {raw!r}") from None
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None, hint: str = "") -> None:

@@ -398,6 +398,20 @@ def test_config_overrides_parse_into_config_fields():
         parse_overrides(["windw=3"])
 
 
+def test_every_config_field_parses_back_from_its_text():
+    """Each field, written as a command line writes it, parses to the same value and type (optional
+    fields included: their default, None, does not give their type)."""
+    config = TCAConfig.accurate(block_size=64, window=512, mass_quantile=0.1, guard_floor=0.5,
+                                cache_spread_observation_queries=3, normalize_redundancy=True)
+    for name, value in config.to_dict().items():
+        parsed = parse_overrides([f"{name}={value}"])[name]
+        assert parsed == value and type(parsed) is type(value), name
+    assert parse_overrides(["cache_spread_observation_queries=none", "mass_quantile=None"]) == {
+        "cache_spread_observation_queries": None, "mass_quantile": None}
+    with pytest.raises(ValueError, match="cache_spread_observation_queries takes an integer or none"):
+        parse_overrides(["cache_spread_observation_queries=0.5"])
+
+
 def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="unknown methods"):
         methods.build_methods(["dense", "h2o"], [0.5], CFG)
