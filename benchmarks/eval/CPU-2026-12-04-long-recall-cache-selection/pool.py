@@ -70,7 +70,8 @@ for label, part in (("all", seeds), ("picked", [s for s in seeds if s in PICKED]
 
 # Part two: the knob itself (`--tca-option cache_spread_observation_queries=0`, folder `c0`) against the shipped
 # `tca` and dense of one run (`--methods dense` with `--budgets`, folder `base`) on the same prompts: the eight
-# needle tasks at 4K (seeds 0-4), `multi_turn` at 2K (seeds 0-7), `long_recall` at 4K (seeds 26-49).
+# needle tasks at 4K (seeds 0-4) and 2K (seeds 0-2), `multi_turn` at 2K (seeds 0-7), `long_recall` at 4K
+# (seeds 26-49) and 2K (seeds 0-15).
 def task_records(folder: str, method: str) -> dict[tuple[str, int, int], dict]:
     """``method``'s records in ``folder/results.json`` by (task, length, seed)."""
     records = json.loads((HERE / folder / "results.json").read_text())["records"]
@@ -78,9 +79,11 @@ def task_records(folder: str, method: str) -> dict[tuple[str, int, int], dict]:
 
 
 runs = {"dense": task_records("base", "dense"), "tca": task_records("base", TCA), "c0": task_records("c0", TCA)}
-for label, length, pick in (("needle tasks", 4096, lambda t: t not in ("multi_turn", "long_recall")),
+NEEDLES = lambda t: t not in ("multi_turn", "long_recall")  # noqa: E731
+for label, length, pick in (("needle tasks", 4096, NEEDLES), ("needle tasks", 2048, NEEDLES),
                             ("multi_turn", 2048, lambda t: t == "multi_turn"),
-                            ("long_recall, seeds 26-49", 4096, lambda t: t == "long_recall")):
+                            ("long_recall, seeds 26-49", 4096, lambda t: t == "long_recall"),
+                            ("long_recall", 2048, lambda t: t == "long_recall")):
     keys = sorted(k for k in runs["dense"] if k[1] == length and pick(k[0]) and k in runs["tca"] and k in runs["c0"])
     if not keys:
         continue
@@ -108,7 +111,7 @@ for label, length, pick in (("needle tasks", 4096, lambda t: t not in ("multi_tu
 # on the three seeds run both ways; c0 on 26-49) minus the shipped tca, each against the same run's tca.
 pooled = {s: 100 * (variants["hyb0"][s]["score"] - tca[s]["score"]) for s in seeds}
 pooled.update({k[2]: 100 * (runs["c0"][k]["score"] - runs["tca"][k]["score"])
-               for k in runs["c0"] if k[0] == "long_recall" and k in runs["tca"]})
+               for k in runs["c0"] if k[:2] == ("long_recall", 4096) and k in runs["tca"]})
 for label, part in (("all", sorted(pooled)), ("not picked", [s for s in sorted(pooled) if s not in PICKED])):
     d = [pooled[s] for s in part]
     half = 1.96 * statistics.stdev(d) / len(d) ** 0.5
