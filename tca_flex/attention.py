@@ -58,10 +58,20 @@ def _select_positions(q_obs: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.T
     padded = whole_tiles(k_bhsd.shape[2])
     table = key_positions(sel.positions, padded)
     knobs = config.cache_selection
-    if q_cache is None or knobs is None:
+    if (q_cache is None) != (knobs is None):
+        raise ValueError("q_cache must be cache_queries(q, config): the rows of config.cache_selection's "
+                         "observation queries, None without one")
+    if knobs is None:
         return sel.positions, sel.counts, table, sel.positions, sel.counts
     kept = select(q_cache, k_bhsd, cdf_hk, knobs, scaling=scaling, capacity_multiple=KERNEL_BLOCK, observed=True)
     return sel.positions, sel.counts, table, kept.positions, kept.counts
+
+
+def cache_queries(q_bhsd: torch.Tensor, config: TCAConfig) -> torch.Tensor | None:
+    """The observation queries' rows of the cache's own selection (``observed_queries``), or ``None`` where the
+    cache keeps the prefill's (``config.cache_selection`` is None)."""
+    knobs = config.cache_selection
+    return None if knobs is None else observed_queries(q_bhsd, knobs.num_queries, knobs.num_spread, knobs.window)
 
 
 def cache_selection(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, cdf_hk: torch.Tensor, config: TCAConfig,
@@ -157,8 +167,7 @@ def tca_prefill_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: to
     # cache's concatenation), since compiled graphs are specialised on strides.
     q_obs = observed_queries(q_bhsd, config.num_observation_queries, config.spread_observation_queries,
                              config.window)
-    knobs = config.cache_selection
-    q_cache = None if knobs is None else observed_queries(q_bhsd, knobs.num_queries, knobs.num_spread, knobs.window)
+    q_cache = cache_queries(q_bhsd, config)
     k_bhsd = k_bhsd.contiguous()  # once: the attention's tiles below reuse it when no padding is needed
     positions, counts, table, kept_positions, kept_counts = select_fn(q_obs, k_bhsd, cdf_hk, config, scaling,
                                                                       q_cache)

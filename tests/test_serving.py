@@ -73,7 +73,7 @@ def test_compiled_selection_is_length_generic(config):
     queries are laid out as a model's projections hand them over (``[B, L, H, D]`` transposed):
     the paper's single observation row was once a view keeping the batch stride ``L * H * D``,
     and the graph compiled again for every length."""
-    from tca_flex.attention import _select_positions, cache_selection, tca_select
+    from tca_flex.attention import _select_positions, cache_queries, cache_selection, tca_select
     from tca_flex.compile import length_generic
     from tca_flex.masks import KERNEL_BLOCK, key_positions
     from tca_flex.selection import observed_queries
@@ -87,8 +87,7 @@ def test_compiled_selection_is_length_generic(config):
         q, k = torch.randn(1, n, 4, 8, generator=gen).transpose(1, 2), torch.randn(1, 2, n, 8, generator=gen)
         q_obs = observed_queries(q, config.num_observation_queries, config.spread_observation_queries,
                                  config.window)
-        knobs = config.cache_selection
-        q_cache = None if knobs is None else observed_queries(q, knobs.num_queries, knobs.num_spread, knobs.window)
+        q_cache = cache_queries(q, config)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             positions, counts, table, kept, kept_counts = select(q_obs, k, cdf, config, 8 ** -0.5, q_cache)
         want = tca_select(q, k, cdf, config, 8 ** -0.5)
@@ -96,6 +95,10 @@ def test_compiled_selection_is_length_generic(config):
         assert torch.equal(table, key_positions(want.positions, -(-n // KERNEL_BLOCK) * KERNEL_BLOCK)), n
         want = cache_selection(q, k, cdf, config, 8 ** -0.5)
         assert torch.equal(kept, want.positions) and torch.equal(kept_counts, want.counts), n
+    # The cache's rows are the config's to choose: rows that do not match it are refused, never ignored.
+    wrong = observed_queries(q, config.num_observation_queries) if q_cache is None else None
+    with pytest.raises(ValueError, match="q_cache must be cache_queries"):
+        _select_positions(q_obs, k, cdf, config, 8 ** -0.5, wrong)
 
 
 def _row_max_of_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -229,7 +229,7 @@ class TCAMaskPolicy:
         out = masked_attention(q, k, v, visible, scaling)
         if not self.pruned:
             return out, full
-        kept = cache_selection(q, k, self.cdf, cfg, scaling)
+        kept = sel if cfg.cache_selection is None else cache_selection(q, k, self.cdf, cfg, scaling)
         return out, tca_keep(kept.positions, kept.counts, length, cfg.window)
 
     def decode_visible(self, keep, q_pos, k_len):
