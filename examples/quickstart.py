@@ -89,6 +89,9 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct on {device}; TCA block {config.block_size}, window {config.window}, "
           f"decode compresses {config.grace_blocks} block(s) past the window, {label}")
+    if config.cache_selection is not None:
+        print(f"the cache keeps its own selection at the same budgets ({config.cache_spread_observation_queries} "
+              "spread observation queries; docs/method.md, section 5)")
     print(f"{'tokens':>6} {'depth':>5} {'key':>6} | {'dense':<12} ok {'s':>5} | {'TCA, full cache':<15} ok {'s':>5} "
           f"| {'TCA, TCACache':<13} ok {'s':>5} | kept KV min/mean/max")
     columns = (dense, prefill_only, pruned)

@@ -96,15 +96,16 @@ class TCAConfig:
             tokens behind the window's start, so the block that just left is
             the one being copied, and its top-``t`` under the current query
             lose the rest of it (EVALUATION.md, 2026-12-04: ``long_recall``).
-        cache_spread_observation_queries: ``None`` (default): the pruned
-            cache keeps what the prefill attended to. A number: the cache keeps
-            a second selection at the same budgets, made with this many spread
-            observation queries instead of ``spread_observation_queries``
-            (0 = the last queries alone); the prefill is unchanged. Why: the
+        cache_spread_observation_queries: ``None`` (the paper's, default;
+            ``accurate()`` sets 0): the pruned cache keeps what the prefill
+            attended to. A number: the cache keeps a second selection at the
+            same budgets, made with this many spread observation queries
+            instead of ``spread_observation_queries`` (0 = the last queries
+            alone); the prefill is unchanged. Why: the
             spread observers make the prefill serve every query, but they also
             rank filler the answer never reads above what the question points
             at; the cache only serves what comes after the prompt
-            (EVALUATION.md, 2026-12-04: ``long_recall``).
+            (EVALUATION.md, 2026-12-05: "The cache's own selection").
     """
 
     block_size: int = 128
@@ -219,15 +220,21 @@ class TCAConfig:
         tokens) and a grace of ``ACCURATE_GRACE_TOKENS`` (decode compresses a
         block only once it lies that many tokens, in whole blocks, past the
         window, so a long answer copying the prompt's end keeps what it is
-        reading: ``grace_blocks = 2`` at block size 64, 1 at 128). The
-        shipped SmolLM2 budgets use them. Budgets must be calibrated with the
-        same knobs (``grace_blocks`` excepted: calibration never decodes).
+        reading: ``grace_blocks = 2`` at block size 64, 1 at 128) and
+        ``cache_spread_observation_queries=0`` (the pruned cache keeps what
+        the question's last 32 queries read, at the same budgets: +2.1 points
+        on long answers and +1.8 on the needle tasks over keeping the prefill's
+        selection, 2K-8K, H200; EVALUATION.md, 2026-12-05). The shipped SmolLM2
+        budgets use them. Budgets must be calibrated with the same knobs
+        (``grace_blocks`` and ``cache_spread_observation_queries`` excepted:
+        calibration never decodes).
         """
         block = overrides.get("block_size", cls.block_size)
         # An invalid block size gets no grace here: __post_init__ then refuses it with its own message.
         grace = -(-ACCURATE_GRACE_TOKENS // block) if isinstance(block, int) and block > 0 else 0
         knobs: dict[str, Any] = dict(sigma=2.0, alpha=0.0, num_observation_queries=32, pool_kernel=7,
-                                     spread_observation_queries=32, grace_blocks=grace)
+                                     spread_observation_queries=32, grace_blocks=grace,
+                                     cache_spread_observation_queries=0)
         return cls(**{**knobs, **overrides})
 
 

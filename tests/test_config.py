@@ -14,7 +14,7 @@ def test_accurate_preset_changes_only_selection_and_decode_knobs_and_round_trips
     paper = TCAConfig(block_size=64, window=512)
     changed = {k for k, v in c.to_dict().items() if paper.to_dict()[k] != v}
     assert changed == {"sigma", "alpha", "num_observation_queries", "pool_kernel", "spread_observation_queries",
-                       "grace_blocks"}
+                       "grace_blocks", "cache_spread_observation_queries"}
     assert c.compress_window == 512 + 64 * c.grace_blocks > paper.compress_window == 512
     # The grace is ACCURATE_GRACE_TOKENS in whole blocks, whatever the block size.
     for block in (16, 64, 100, 128, 256):
