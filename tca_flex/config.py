@@ -101,11 +101,11 @@ class TCAConfig:
             attended to. A number: the cache keeps a second selection at the
             same budgets, made with this many spread observation queries
             instead of ``spread_observation_queries`` (0 = the last queries
-            alone); the prefill is unchanged. Why: the
-            spread observers make the prefill serve every query, but they also
-            rank filler the answer never reads above what the question points
-            at; the cache only serves what comes after the prompt
-            (EVALUATION.md, 2026-12-05: "The cache's own selection").
+            alone); the prefill is unchanged. Why: the spread observers make
+            the prefill serve every query, but they also rank filler the answer
+            never reads above what the question points at; the cache only
+            serves what comes after the prompt (EVALUATION.md, 2026-12-05:
+            "The cache's own selection").
     """
 
     block_size: int = 128
