@@ -21,6 +21,13 @@ COMPARISONS = {
         "CPU-2026-12-04-kvpress-2k-s5/2k-tca-s5", "CPU-2026-12-04-kvpress-2k-s10/2k-presses-s10",
         "CPU-2026-12-04-kvpress-2k-s10/2k-tca-s10", "CPU-2026-12-04-kvpress-2k-s20/2k-presses-s20",
         "CPU-2026-12-04-kvpress-2k-s20/2k-tca-s20"]),
+    (8192, "smollm2_budgets"): (["k8a", "k8b"], [
+        "CPU-2026-12-03-kvpress-8k/8k-presses", "CPU-2026-12-03-kvpress-8k/8k-tca",
+        "CPU-2026-12-03-kvpress-8k/8k-presses-s5", "CPU-2026-12-03-kvpress-8k/8k-tca-s5",
+        "CPU-2026-12-03-kvpress-8k/8k-presses-s10", "CPU-2026-12-03-kvpress-8k/8k-tca-s10"]),
+    (4096, "smollm2_tau0.5_anchored"): (["k4a", "k4b"], [
+        "CPU-2026-12-03-kvpress-4k-21pct/4k25-presses", "CPU-2026-12-03-kvpress-4k-21pct/4k25-tca",
+        "CPU-2026-12-04-kvpress-4k-21pct-s5/4k21-presses-s5", "CPU-2026-12-04-kvpress-4k-21pct-s5/4k21-tca-s5"]),
     (8192, "smollm2_tau0.7"): (["k8s18"], [
         "CPU-2026-12-03-kvpress-8k-18pct/8k18-presses", "CPU-2026-12-03-kvpress-8k-18pct/8k18-tca",
         "CPU-2026-12-04-kvpress-8k-18pct-s5/8k18-presses-s5", "CPU-2026-12-04-kvpress-8k-18pct-s5/8k18-tca-s5"]),
