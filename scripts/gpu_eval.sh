@@ -26,7 +26,7 @@ park() {
 }
 
 case $stage in
-  part1|part)
+  part1)
     park && ls -la $SMOL ;;
   run)
     park

@@ -13,7 +13,7 @@ from tca_flex.eval.report import pooled_against
 
 HERE = Path(__file__).resolve().parent
 EVAL = HERE.parent
-# (length, budget file's label): (this folder's runs, the earlier runs, TCA's label there)
+# (length, budget file's label, which names TCA's method): (this folder's runs, the earlier runs)
 COMPARISONS = {
     (2048, "smollm2_budgets"): (["k2"], [
         "CPU-2026-12-02-kvpress-equal-kv/2k-a", "CPU-2026-12-02-kvpress-equal-kv/2k-b",

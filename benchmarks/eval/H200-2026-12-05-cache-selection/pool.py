@@ -21,7 +21,7 @@ EVAL = HERE.parent
 TCA = "tca[smollm2_budgets]"
 C0 = "cache_selection"
 GRACE = EVAL / "H200-2026-12-04-long-recall-grace"
-# (name, tasks, length): (this folder's run, earlier runs holding dense and the default)
+# (tasks, length): (this folder's run, earlier runs holding dense and the default)
 ROWS = {
     ("8 needle tasks", 2048): ("t2k", [EVAL / "H200-2026-12-03-real-50"]),
     ("8 needle tasks", 4096): ("t4k", [EVAL / "H200-2026-12-03-real-50"]),
