@@ -5,8 +5,8 @@
 LLaMA-3.1-8B shapes with random bf16 weights (``bench.llama_8b_shaped``): dense over a
 preallocated cache with maskless SDPA, compiled by ``torch.compile``, and TCA KEEP (default 0.25) + 4096
 (``tca_flex.compile``, two captured graphs as in the ``e2e`` phase's compiled rows); each step
-replayed from its CUDA graph under ``torch.profiler``. ``TCA_PROBE_APPEND=math`` compiles the
-append's tensor form instead of its Triton kernel. Prints per kernel the device microseconds
+replayed from its CUDA graph under ``torch.profiler``. ``TCA_PROBE_APPEND`` picks the append
+(``triton``: its own kernel; ``math``: its tensor form, compiled; default: the merge's). Prints per kernel the device microseconds
 a step (summed over layers) and the launches a step, then the step's wall time (CUDA events,
 outside the profiler) against the sum of its kernels: the difference is the time between kernels.
 """
@@ -26,8 +26,9 @@ from tca_flex.integration import apply, remove
 from tca_flex.integration import compile as tca_compile
 
 STEPS = 64
-# The decode step's append (``TCACache.set_append``): "auto" (the Triton kernel, as shipped) or "math"
-# (tensor ops, which Inductor compiles with the step's own kernels).
+# The decode step's append (``TCACache.set_append``): "auto" (the attention's merge kernel, as shipped),
+# "triton" (the append's own kernel, before the attention) or "math" (tensor ops, which Inductor
+# compiles with the step's own kernels).
 APPEND = os.environ.get("TCA_PROBE_APPEND", "auto")
 
 

@@ -276,6 +276,8 @@ def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, de
     graph replay of ``layer``)."""
     from .decode import decode_attention, triton_supported
 
+    # The updates below are not followed by decode_step, which appends a deferred token ("auto").
+    layer.append_kernel = "math"
     while not layer.block_leaves_at(layer.get_seq_length()):
         layer.update(new, new)
         layer.decode_step(q, scale)
@@ -309,7 +311,7 @@ def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, de
             rows.append(row(method, graph_timed(lambda: layer.compress(q, lse, scale), device)))
         except Exception as err:
             rows.append(row(method, float("nan"), error=repr(err)[-1500:]))
-    layer.compression = "auto"
+    layer.compression = layer.append_kernel = "auto"
     return rows
 
 
@@ -392,6 +394,7 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
                 layer.compression, layer.assume_leaves, layer.append_kernel = "auto", None, "auto"
 
         for method, kernel, leaves, append in (("tca_step", "auto", True, "auto"),
+                                               ("tca_step_append_kernel", "auto", True, "triton"),
                                                ("tca_step_math", "math", True, "auto"),
                                                ("tca_step_append_math", "auto", True, "math"),
                                                ("tca_step_skip", "auto", False, "auto")):

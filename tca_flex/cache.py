@@ -56,6 +56,7 @@ from .config import TCAConfig
 from .decode import (
     DECODE_BACKENDS,
     LiveRanges,
+    NewToken,
     Segments,
     append_token,
     append_token_math,
@@ -150,6 +151,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.prefilled = False
         self._awaiting_prune = False
         self._chunk: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._token: tuple[torch.Tensor, torch.Tensor] | None = None  # see _append
         self._seen = 0
         self._grow_at = NEVER
         self.regrew = False  # see TCACache.regrew
@@ -178,6 +180,11 @@ class TCACacheLayer(CacheLayerMixin):
         if self._awaiting_prune:
             raise RuntimeError("TCACache: the previous prefill was never pruned. TCACache only works with a "
                                "model prepared by tca_flex.apply (attn_implementation 'tca')")
+        if self._token is not None:
+            raise RuntimeError("TCACache: the previous decode token never reached the TCA attention (decode_step "
+                               "appends it). TCACache only works with a model prepared by tca_flex.apply "
+                               "(attn_implementation 'tca'); after an error inside a forward, start again with a "
+                               "fresh cache")
         if self._chunk is not None:
             raise RuntimeError("TCACache: the previous chunk of new tokens never reached the TCA attention. "
                                "TCACache only works with a model prepared by tca_flex.apply (attn_implementation "
@@ -455,11 +462,18 @@ class TCACacheLayer(CacheLayerMixin):
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write the new token of every (row, head) into its ring slot.
 
-        The Triton kernel (``decode.append_token``) where it runs; otherwise
-        the tensor form (``decode.append_token_math``), which is also its reference.
+        With ``append_kernel`` "auto" on the ``"triton"`` decode backend the token waits for
+        ``decode_step``, whose merge kernel attends to it and writes it (attention first: one
+        launch fewer a layer and step, ``triton_decode._fold_token``). Otherwise now: the Triton
+        kernel (``decode.append_token``) where it runs, else the tensor form
+        (``decode.append_token_math``), which is the reference of both.
         """
         if self._seen >= self._grow_at:
             self._grow()
+        if self.append_kernel == "auto" and self._fused("auto", key_states):
+            self._token = (key_states.detach(), value_states.detach())
+            self._seen += 1
+            return
         # The key stands in for the step's query in the backend rule: same device, dtype and head dim.
         fused = self._fused(self.append_kernel, key_states)
         append = append_token if fused else append_token_math
@@ -468,9 +482,10 @@ class TCACacheLayer(CacheLayerMixin):
         self._seen += 1
 
     # Kernels of the per-step cache updates, the block compression and the append: "auto" (the
-    # Triton kernel wherever the decode attention runs the "triton" backend, else tensor ops),
-    # "triton" or "math" (the tensor ops of ``compress`` / ``decode.append_token_math``, the
-    # reference). Set per layer, or on every layer with ``TCACache.set_compression`` / ``set_append``.
+    # Triton kernel wherever the decode attention runs the "triton" backend, else tensor ops; for
+    # the append, the attention's merge kernel), "triton" (the append's own kernel) or "math" (the
+    # tensor ops of ``compress`` / ``decode.append_token_math``, the reference). Set per layer, or on
+    # every layer with ``TCACache.set_compression`` / ``set_append``.
     KERNELS = ("auto", "triton", "math")
     COMPRESSIONS = APPENDS = KERNELS
     compression = "auto"
@@ -483,7 +498,7 @@ class TCACacheLayer(CacheLayerMixin):
         """Attention of the newest token over the kept set, then compression.
 
         Args:
-            query: ``[B, H_q, 1, D]`` (call after ``update`` appended its key).
+            query: ``[B, H_q, 1, D]`` (call after ``update`` took its key).
             scale: softmax scale.
 
         Returns:
@@ -491,8 +506,10 @@ class TCACacheLayer(CacheLayerMixin):
         """
         group = query.shape[1] // self.num_heads
         live = LiveRanges(self.var_len, self.next_pos, self.base, self.ring)
+        token = None if self._token is None else NewToken(*self._token, self.pos)
+        self._token = None
         out, lse = decode_attention(query, self.k_buf, self.v_buf, self.owner, group=group, scale=scale,
-                                    backend=self.backend, segments=self.segments, live=live)
+                                    backend=self.backend, segments=self.segments, live=live, token=token)
         if self._host_knows_no_block_leaves():
             return out
         self.compress(query, lse, scale)

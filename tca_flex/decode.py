@@ -86,6 +86,18 @@ class LiveRanges(NamedTuple):
     ring: int
 
 
+class NewToken(NamedTuple):
+    """The step's new token, for the ``"triton"`` backend to append after its attention (``decode_attention``).
+
+    ``key``, ``value``: ``[B, H_kv, 1, D]`` (stored in the buffers' dtype);
+    ``pos``: the cache's int32 ``[B, S]`` positions (updated with the rest).
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    pos: torch.Tensor
+
+
 if triton_decode is not None:
     def _decode_segments(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
                          seg_start: torch.Tensor, seg_len: torch.Tensor, var_len: torch.Tensor | None,
@@ -104,6 +116,25 @@ if triton_decode is not None:
     def _(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, var_len, next_pos, base, ring, max_segment,
           total_slots, scale):
         # Contiguous, as the launcher allocates them (q may be a strided view).
+        return q_bhd.new_empty(q_bhd.shape), q_bhd.new_empty(q_bhd.shape[:2], dtype=torch.float32)
+
+    # The same kernels with the step's new token appended by the merge (attention first: ``triton_decode.launch``'s
+    # ``token``); it writes the cache, declared so a compiled graph orders it after the reads of these buffers.
+    def _decode_append(q_bhd: torch.Tensor, key_bhd: torch.Tensor, value_bhd: torch.Tensor, k_bsd: torch.Tensor,
+                       v_bsd: torch.Tensor, owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor,
+                       seg_len: torch.Tensor, var_len: torch.Tensor, next_pos: torch.Tensor, base: torch.Tensor,
+                       ring: int, max_segment: int, total_slots: int,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return triton_decode.launch(q_bhd, k_bsd, v_bsd, owner_bs, seg_start, seg_len, max_segment, scale,
+                                    total_slots=total_slots, live=(var_len, next_pos, base, ring),
+                                    token=(key_bhd, value_bhd, pos_bs))
+
+    _decode_append_op = torch.library.custom_op(
+        "tca_flex::decode_append", _decode_append, mutates_args=("k_bsd", "v_bsd", "owner_bs", "pos_bs", "next_pos"))
+
+    @_decode_append_op.register_fake
+    def _(q_bhd, key_bhd, value_bhd, k_bsd, v_bsd, owner_bs, pos_bs, seg_start, seg_len, var_len, next_pos, base,
+          ring, max_segment, total_slots, scale):
         return q_bhd.new_empty(q_bhd.shape), q_bhd.new_empty(q_bhd.shape[:2], dtype=torch.float32)
 
     # Opaque for the same reason; it mutates the cache in place (declared, so a compiled graph
@@ -231,7 +262,14 @@ def _flex_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
 
 
 def _triton_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
-                   segments: Segments, scale: float, live: LiveRanges | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   segments: Segments, scale: float, live: LiveRanges | None,
+                   token: NewToken | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if token is not None:
+        out, lse = _run(torch.ops.tca_flex.decode_append, _decode_append, q_bhsd[:, :, 0], token.key[:, :, 0].detach(),
+                        token.value[:, :, 0].detach(), k_bsd, v_bsd, owner_bs, token.pos, segments.start,
+                        segments.length, live.var_len, live.next_pos, live.base, live.ring, segments.max_length,
+                        segments.total_length, scale)
+        return out.unsqueeze(2), lse
     var_len, next_pos, base, ring = live if live is not None else (None, None, None, 0)
     out, lse = _run(torch.ops.tca_flex.decode_segments, _decode_segments, q_bhsd[:, :, 0], k_bsd, v_bsd, owner_bs,
                     segments.start, segments.length, var_len, next_pos, base, ring, segments.max_length,
@@ -241,7 +279,7 @@ def _triton_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tenso
 
 def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
                      *, group: int, scale: float, backend: str = "auto", segments: Segments | None = None,
-                     live: LiveRanges | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     live: LiveRanges | None = None, token: NewToken | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of attention over the head-packed kept set.
 
     Args:
@@ -259,14 +297,22 @@ def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Ten
             ring fill and packed lengths); lets ``"triton"`` skip the free
             headroom. ``None``: read whole segments. Every backend masks free
             slots by ``owner_bs`` either way.
+        token: the step's new token, not yet in the cache (``"triton"`` only,
+            with ``live``): attended with the kept set, then written to its ring
+            slot and ``next_pos`` advanced, by the attention's own merge kernel
+            (what ``append_token`` before the attention does, one launch fewer).
 
     Returns:
         (``[B, H_q, 1, D]`` output in q's dtype, float32 ``[B, H_q]`` log-sum-exp
         of each query head's scores over its kept keys).
     """
     backend = resolve_backend(q_bhsd, segments, backend)
+    if token is not None and (backend != "triton" or live is None):
+        raise ValueError(f"decode_attention appends a token only on the 'triton' backend with the cache's live "
+                         f"ranges (got backend {backend!r}, live={'given' if live is not None else None}); append "
+                         "it first with append_token / append_token_math and pass token=None")
     if backend == "triton":
-        return _triton_decode(q_bhsd, k_bsd, v_bsd, owner_bs, segments, scale, live)
+        return _triton_decode(q_bhsd, k_bsd, v_bsd, owner_bs, segments, scale, live, token)
     fn = _flex_decode if backend == "flex" else _math_decode
     return fn(q_bhsd, k_bsd, v_bsd, owner_bs, group, scale)
 

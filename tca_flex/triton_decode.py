@@ -186,13 +186,60 @@ def _store_output(out_ptr, lse_ptr, bh, g0, d0, m_run, l_run, acc, stride_outb, 
 
 
 @triton.jit
+def _fold_token(m_run, l_run, acc, bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr,
+                next_pos_ptr, advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh, stride_valb,
+                stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, stride_posb, stride_base, scale,
+                ring, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DS: tl.constexpr):
+    """Attention first, then the append: (m, l, acc) of query head ``g0`` with the step's new token folded
+    in, and the token written to its ring slot (``triton_append.py``'s rule), in the merge.
+
+    The attention read the cache before the token's slot was written: that slot is free then (the block
+    that held it was compressed at the step before, the ring being one block longer than the
+    compression window) or past the ring's fill, so no slot is attended twice or stale. The program of
+    query head 0 and dims 0 writes the token; the one of segment 0 also advances the cache's position
+    (``advance_ptr``). No program of this launch reads that: ``next_pos_ptr`` is the copy the attention
+    kernel made of it, as programs of one launch have no order (``triton_append.py``)."""
+    b = bh // HKV
+    h = bh % HKV
+    d = tl.arange(0, D)
+    # The key and value as the cache stores them (its dtype), so scores match a token read back.
+    key = tl.load(key_ptr + b * stride_keyb + h * stride_keyh + d).to(k_ptr.dtype.element_ty)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + gi) * stride_qh + d).to(tl.float32)
+    s = tl.sum(q * key.to(tl.float32), 0) * scale
+    ds = d0 + tl.arange(0, DS)
+    value = tl.load(value_ptr + b * stride_valb + h * stride_valh + ds).to(v_ptr.dtype.element_ty)
+    m_new = tl.maximum(m_run, s)
+    alpha = tl.exp(m_run - m_new)  # a segment with no live slot has m = -inf: weight 0
+    p = tl.exp(s - m_new)
+    acc = acc * alpha[:, None] + p[:, None] * value.to(tl.float32)[None, :]
+    l_run = l_run * alpha + p
+    next_pos = tl.load(next_pos_ptr)
+    offset = (next_pos - tl.load(base_ptr + b * stride_base)) % ring
+    offset = tl.where(offset < 0, offset + ring, offset)  # torch's % floors; Triton's truncates
+    slot = tl.load(start_ptr + bh).to(tl.int64) + offset
+    writer = (gi == 0) & (d0 == 0)
+    # The row mask as a comparison: Triton's interpreter gives (scalar & block) an int dtype it cannot mask with.
+    whole = d < tl.where(writer, D, 0)
+    row = b.to(tl.int64)
+    tl.store(k_ptr + row * stride_kb + slot * stride_ks + d, key, mask=whole)
+    full_value = tl.load(value_ptr + b * stride_valb + h * stride_valh + d, mask=whole, other=0.0)
+    tl.store(v_ptr + row * stride_vb + slot * stride_vs + d, full_value.to(v_ptr.dtype.element_ty), mask=whole)
+    tl.store(owner_ptr + row * stride_ownb + slot, h.to(tl.int32), mask=writer)
+    tl.store(pos_ptr + row * stride_posb + slot, next_pos.to(tl.int32), mask=writer)
+    tl.store(advance_ptr, next_pos + 1, mask=writer & (bh == 0))
+    return m_new, l_run, acc
+
+
+@triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                   o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
                   stride_ownb, stride_base, scale, ring, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                   D: tl.constexpr, SPLIT, NUM_SPLITS, BLOCK: tl.constexpr,
-                  LIVE: tl.constexpr, IEEE: tl.constexpr):
+                  LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
+    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_fold_token)
+        tl.store(copy_ptr, tl.load(next_pos_ptr), mask=(split == 0) & (bh == 0))
     lo = split * SPLIT
     hi = tl.minimum(lo + SPLIT, tl.load(length_ptr + bh))
     if LIVE:
@@ -212,11 +259,20 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
 @triton.jit
 def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_outh,
                     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS,
-                    DS: tl.constexpr, CHUNK: tl.constexpr):
+                    DS: tl.constexpr, CHUNK: tl.constexpr, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr,
+                    pos_ptr, start_ptr, next_pos_ptr, advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb,
+                    stride_keyh, stride_valb, stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
+                    stride_posb, stride_base, scale, ring, TOKEN: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
     d0 = tl.program_id(2) * DS
     m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS, NUM_SPLITS, gi, d0, G, D, DS, CHUNK)
+    if TOKEN:
+        m_run, l_run, acc = _fold_token(m_run, l_run, acc, bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr,
+                                        owner_ptr, pos_ptr, start_ptr, next_pos_ptr, advance_ptr, base_ptr, stride_qb,
+                                        stride_qh, stride_keyb, stride_keyh, stride_valb, stride_valh, stride_kb,
+                                        stride_ks, stride_vb, stride_vs, stride_ownb, stride_posb, stride_base, scale,
+                                        ring, HKV, G, D, DS)
     _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
 
 
@@ -262,8 +318,10 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
                      o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
                      stride_ownb, stride_base, scale, ring, NSEG, P, HKV: tl.constexpr, G: tl.constexpr,
                      G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                     LIVE: tl.constexpr, IEEE: tl.constexpr):
+                     LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr):
     pid = tl.program_id(0)
+    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_fold_token)
+        tl.store(copy_ptr, tl.load(next_pos_ptr), mask=pid == 0)
     fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                                                         stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
     seg = tl.arange(0, NSEG_PAD)
@@ -293,7 +351,10 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
 def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                              stride_base, stride_outb, stride_outh, ring, NSEG, P, HKV: tl.constexpr,
                              G: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                             DS: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr):
+                             DS: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr, q_ptr, key_ptr, value_ptr,
+                             k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr, advance_ptr, stride_qb, stride_qh,
+                             stride_keyb, stride_keyh, stride_valb, stride_valh, stride_kb, stride_ks, stride_vb,
+                             stride_vs, stride_ownb, stride_posb, scale, TOKEN: tl.constexpr):
     bh = tl.program_id(0)
     gi = tl.program_id(1)
     d0 = tl.program_id(2) * DS
@@ -303,6 +364,12 @@ def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, 
     seg_first = _pick(first, at)
     m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi,
                                         d0, G, D, DS, CHUNK)
+    if TOKEN:
+        m_run, l_run, acc = _fold_token(m_run, l_run, acc, bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr,
+                                        owner_ptr, pos_ptr, start_ptr, next_pos_ptr, advance_ptr, base_ptr, stride_qb,
+                                        stride_qh, stride_keyb, stride_keyh, stride_valb, stride_valh, stride_kb,
+                                        stride_ks, stride_vb, stride_vs, stride_ownb, stride_posb, stride_base, scale,
+                                        ring, HKV, G, D, DS)
     _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
 
 
@@ -340,7 +407,7 @@ def _partials(entries: int, group: int, d: int, device: torch.device) -> dict[st
             "l_ptr": torch.empty_like(m)}
 
 
-def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, total_slots: int | None,
+def _launch_split(attend: dict, output: dict, fold: dict, segments: int, max_segment: int, total_slots: int | None,
                   programs: int) -> None:
     group, d = attend["G"], attend["D"]
     if total_slots is None:
@@ -349,28 +416,44 @@ def _launch_split(attend: dict, output: dict, segments: int, max_segment: int, t
     num_splits = max(1, -(-max_segment // split))
     parts = _partials(segments * num_splits, group, d, attend["q_ptr"].device)
     _split_kernel[(num_splits, segments)](**attend, **parts, SPLIT=split, NUM_SPLITS=num_splits)
-    _combine_kernel[(segments, group, d // _merge_dims(d))](**parts, **output, HKV=attend["HKV"], G=group, D=d,
-                                                           NUM_SPLITS=num_splits, **_merge_options(d))
+    _combine_kernel[(segments, group, d // _merge_dims(d))](
+        **parts, **output, **fold, **{name: attend[name] for name in ("base_ptr", "stride_base", "ring")},
+        next_pos_ptr=attend["copy_ptr"], HKV=attend["HKV"], G=group, D=d, NUM_SPLITS=num_splits, **_merge_options(d))
 
 
-def _launch_balanced(attend: dict, output: dict, segments: int, programs: int) -> None:
+def _launch_balanced(attend: dict, output: dict, fold: dict, segments: int, programs: int) -> None:
     group = attend["G"]
     # Entries program + segment: at most programs + segments - 1 (see _balanced_kernel).
     parts = _partials(programs + segments - 1, group, attend["D"], attend["q_ptr"].device)
     stream = dict(NSEG=segments, P=programs, NSEG_PAD=next_pow2(segments))
     _balanced_kernel[(programs,)](**attend, **parts, **stream)
-    layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "next_pos_ptr", "base_ptr",
-                                              "stride_base", "ring", "HKV", "BLOCK", "LIVE")}
+    layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "base_ptr", "stride_base", "ring", "HKV",
+                                              "BLOCK", "LIVE")}
+    # With a token the merge advances next_pos, so its layout reads the attention kernel's copy.
+    layout["next_pos_ptr"] = attend["copy_ptr"] if fold["TOKEN"] else attend["next_pos_ptr"]
     d = attend["D"]
-    _balanced_combine_kernel[(segments, group, d // _merge_dims(d))](**parts, **output, **layout, **stream, G=group,
-                                                                     D=d, **_merge_options(d))
+    _balanced_combine_kernel[(segments, group, d // _merge_dims(d))](**parts, **output, **layout, **stream, **fold,
+                                                                     G=group, D=d, **_merge_options(d))
+
+
+def _fold_arguments(attend: dict, token: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> dict:
+    """What the merge kernels take to fold in and append the step's token (``_fold_token``)."""
+    key, value, pos = token if token is not None else (attend["q_ptr"], attend["q_ptr"], attend["owner_ptr"])
+    key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))  # the kernel reads rows whole
+    return dict(**{name: attend[name] for name in ("q_ptr", "k_ptr", "v_ptr", "owner_ptr", "start_ptr", "stride_qb",
+                                                   "stride_qh", "stride_kb", "stride_ks", "stride_vb", "stride_vs",
+                                                   "stride_ownb", "scale")},
+                key_ptr=key, value_ptr=value, pos_ptr=pos, advance_ptr=attend["next_pos_ptr"],
+                stride_keyb=key.stride(0), stride_keyh=key.stride(1), stride_valb=value.stride(0),
+                stride_valh=value.stride(1), stride_posb=pos.stride(0), TOKEN=token is not None)
 
 
 def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
            seg_start: torch.Tensor, seg_len: torch.Tensor, max_segment: int, scale: float,
            total_slots: int | None = None, live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
            block: int | None = None, programs: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None, schedule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           num_stages: int | None = None, schedule: str | None = None,
+           token: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernels of one schedule.
 
     Args:
@@ -395,6 +478,13 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
             the splits; ``TARGET_PROGRAMS``); "balanced": the grid
             (``BALANCED_PROGRAMS``).
         schedule: one of ``SCHEDULES``; ``None`` takes ``SCHEDULE``.
+        token: ``(key_bhd, value_bhd, pos_bs)``: the step's new token, not yet in
+            the cache (``[B, H_kv, D]`` each, any strides; int32 ``[B, S]`` positions,
+            stride 1 over ``S``). The attention runs over the cache as it is and
+            the merge folds the token in, then writes it to its ring slot and
+            advances ``next_pos``, as ``triton_append.launch`` would before the
+            attention (one launch fewer a step). Needs ``live``. ``k_bsd``,
+            ``v_bsd``, ``owner_bs``, ``pos_bs`` and ``next_pos`` are then updated.
 
     Returns:
         (``[B, H_q, D]`` output in q's dtype, float32 ``[B, H_q]`` log-sum-exp).
@@ -402,6 +492,9 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
     schedule = schedule or SCHEDULE
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
+    if token is not None and live is None:
+        raise ValueError("a token to append needs the cache's live ranges (live=...): the merge writes it to the "
+                         "ring slot they define")
     bsz, hq, d = q_bhd.shape
     hkv = seg_start.shape[1]
     group = hq // hkv
@@ -414,16 +507,18 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
                   stride_base=base.stride(0) if live is not None and base.dim() else 0, scale=scale, ring=ring,
                   HKV=hkv, G=group, G_PAD=max(16, next_pow2(group)),  # tl.dot needs >= 16 rows
                   D=d, BLOCK=block or BLOCK_N, LIVE=live is not None, IEEE=q_bhd.dtype == torch.float32,
-                  num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES)
+                  num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+                  copy_ptr=torch.empty_like(next_pos) if token is not None else next_pos, TOKEN=token is not None)
+    fold = _fold_arguments(attend, token)
     out = torch.empty(bsz, hq, d, dtype=q_bhd.dtype, device=q_bhd.device)
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=q_bhd.device)
     output = dict(out_ptr=out, lse_ptr=lse, stride_outb=out.stride(0), stride_outh=out.stride(1))
     if schedule == "split":
-        _launch_split(attend, output, bsz * hkv, max_segment, total_slots, programs or TARGET_PROGRAMS)
+        _launch_split(attend, output, fold, bsz * hkv, max_segment, total_slots, programs or TARGET_PROGRAMS)
     else:
         # No more programs than blocks of capacity: the extra ones would only exit (and in Triton's
         # interpreter, which runs programs one by one, a small cache would pay for all 396).
         slots = total_slots if total_slots is not None else max_segment * bsz * hkv
         programs = min(programs or BALANCED_PROGRAMS, max(1, -(-slots // attend["BLOCK"])))
-        _launch_balanced(attend, output, bsz * hkv, programs)
+        _launch_balanced(attend, output, fold, bsz * hkv, programs)
     return out, lse

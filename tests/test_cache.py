@@ -110,7 +110,10 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, eve
     for step in range(steps):
         p = length + step
         layer.update(k_hist[:, :, p: p + 1], v_hist[:, :, p: p + 1])
-        before = kept_sets(layer, bsz, hkv)
+        # What the step attends: the cache and the new token (on "triton" the attention's merge writes
+        # the token after reading the cache; the other backends appended it already).
+        before = [[torch.unique(torch.cat([kept, torch.tensor([p])])) for kept in row]
+                  for row in kept_sets(layer, bsz, hkv)]
         q = q_hist[:, :, p]
         out = layer.decode_step(q[:, :, None], scale)
         torch.testing.assert_close(out[:, :, 0].double(), reference_decode(q, k_hist, v_hist, before, scale),

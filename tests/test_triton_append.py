@@ -123,15 +123,19 @@ def test_append_kernel_follows_the_decode_backend():
         layer._fused(layer.append_kernel, torch.randn(1, 2, 1, 12, device=DEVICE))  # head dim not a power of 2
 
 
-def count_launches(monkeypatch):
-    """The calls of the kernel's launcher from now on (the cache must not fall back to tensor ops unseen)."""
-    calls, launch = [], decode.triton_append.launch
+def count_launches(monkeypatch, merged=False):
+    """The calls of the append kernel's launcher from now on (the cache must not fall back to tensor ops
+    unseen); ``merged``: of the decode launcher with a token to append (``append_kernel`` "auto")."""
+    calls = []
+    module = decode.triton_decode if merged else decode.triton_append
+    launch = module.launch
 
     def counted(*args, **kwargs):
-        calls.append(1)
-        launch(*args, **kwargs)
+        if not merged or kwargs.get("token") is not None:
+            calls.append(1)
+        return launch(*args, **kwargs)
 
-    monkeypatch.setattr(decode.triton_append, "launch", counted)
+    monkeypatch.setattr(module, "launch", counted)
     return calls
 
 
@@ -182,10 +186,12 @@ def test_decode_with_the_fused_append_equals_the_tensor_form(padded, monkeypatch
             assert torch.equal(getattr(fused, name), getattr(ref, name)), f"{name}, seed {seed}"
 
 
+@pytest.mark.parametrize("kernel", ["triton", "auto"])
 @torch.no_grad()
-def test_compiled_step_with_the_fused_append_equals_eager(monkeypatch):
+def test_compiled_step_with_the_fused_append_equals_eager(kernel, monkeypatch):
     """The op inside a torch.compile'd decode step (update + attention + compression, fullgraph): the
-    same outputs and buffers as eager steps, across a compression."""
+    same outputs and buffers as eager steps, across a compression; with the append's own kernel
+    ("triton") and with the attention's merge appending ("auto")."""
     gen = torch.Generator().manual_seed(8)
     cfg = TCAConfig(block_size=4, window=8)
     bsz, hkv, group, d, length = 2, 2, 2, 16, 20
@@ -193,6 +199,7 @@ def test_compiled_step_with_the_fused_append_equals_eager(monkeypatch):
     layers = []
     for _ in range(2):
         layer = TCACacheLayer(cfg, [1, 3], backend="triton", reserve_tokens=32)
+        layer.append_kernel = kernel
         layer.update(k.to(DEVICE), v.to(DEVICE))
         layer.finish_prefill(k.to(DEVICE), v.to(DEVICE), None, pads=[0, 15])  # ring bases 12 and 15
         layers.append(layer)
@@ -202,7 +209,7 @@ def test_compiled_step_with_the_fused_append_equals_eager(monkeypatch):
         return layer.decode_step(query, d**-0.5)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    launches = count_launches(monkeypatch)
+    launches = count_launches(monkeypatch, merged=kernel == "auto")
     for _ in range(10):  # a block leaves each row's window on the way
         key, value = (torch.randn(bsz, hkv, 1, d, generator=gen).to(DEVICE) for _ in range(2))
         query = torch.randn(bsz, hkv * group, 1, d, generator=gen).to(DEVICE)
@@ -212,3 +219,58 @@ def test_compiled_step_with_the_fused_append_equals_eager(monkeypatch):
     assert len(launches) == 2 * 10, "the kernel ran in the eager and in the compiled steps"
     for name in (*BUFFERS, "var_len", "ncs"):
         assert torch.equal(getattr(layers[1], name), getattr(layers[0], name)), name
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@torch.no_grad()
+def test_decode_with_the_merge_appending_matches_the_tensor_form(padded, monkeypatch):
+    """Attention first, the token appended by the merge (``append_kernel`` "auto" on the "triton"
+    backend) against the tensor-form append before the attention: the same greedy tokens, logits
+    within float32 rounding (the merge scores the new token on its own, in another order), and the
+    same caches after 39 decode steps while blocks leave the window (which also checks that the slot
+    the merge writes was free when the attention read the ring): the same slots, positions and
+    counts, and keys and values bit for bit in the first layer, within rounding after it (their
+    inputs went through the attention above)."""
+    if not decode.triton_supported(torch.zeros(1, 1, 1, 16, device=DEVICE)):
+        pytest.skip("the Triton kernels cannot run here (no GPU and no TRITON_INTERPRET=1)")
+    seed = random.SystemRandom().randrange(1, 10**6)
+    model = tiny_model(seed).to(DEVICE)
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [45, 10] if padded else [45]
+    ids = torch.randint(1, 256, (len(lengths), max(lengths)), generator=gen)
+    mask = (torch.arange(max(lengths)) >= max(lengths) - torch.tensor(lengths)[:, None]).long()
+    merged, separate = count_launches(monkeypatch, merged=True), count_launches(monkeypatch)
+    runs = []
+    for kernel in ("math", "auto"):
+        cache = TCACache(model, backend="triton", growth=0.0, min_chunk_blocks=1)
+        cache.set_append(kernel)
+        out = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=40, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, **cache_kwargs(model, cache))
+        runs.append((out, cache))
+    assert len(merged) == 39 * 2 and not separate, "the merge appends at every decode step and layer"
+    (want, ref_cache), (got, merged_cache) = runs
+    assert torch.equal(got.sequences, want.sequences), f"seed {seed}"
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=1e-4)
+    for i, (ref, fused) in enumerate(zip(ref_cache.layers, merged_cache.layers, strict=True)):
+        assert fused._token is None, "every deferred token was appended"
+        assert (fused.ncs - fused.base >= 4 * 8).all(), "several blocks must have left the window"
+        for name in ("owner", "pos", "next_pos", "var_len", "ncs"):
+            assert torch.equal(getattr(fused, name), getattr(ref, name)), f"layer {i}: {name}, seed {seed}"
+        for name in ("k_buf", "v_buf"):  # bit for bit where the inputs are (the first layer: embeddings only)
+            check = torch.equal if i == 0 else lambda a, b: torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+            assert check(getattr(fused, name), getattr(ref, name)), f"layer {i}: {name}, seed {seed}"
+
+
+def test_a_token_left_unattended_is_refused():
+    """An update whose token no decode_step appended (a forward that did not reach the TCA attention)
+    must not be silently dropped by the next update."""
+    if not decode.triton_supported(torch.zeros(1, 1, 1, 16, device=DEVICE)):
+        pytest.skip("the Triton kernels cannot run here (no GPU and no TRITON_INTERPRET=1)")
+    gen = torch.Generator().manual_seed(3)
+    key = torch.randn(1, 2, 20, 16, generator=gen).to(DEVICE)
+    layer = TCACacheLayer(TCAConfig(block_size=4, window=8), [1, 2], backend="triton")
+    layer.update(key, key)
+    layer.finish_prefill(key, key, None)
+    layer.update(key[:, :, :1], key[:, :, :1])
+    with pytest.raises(RuntimeError, match="never reached the TCA attention"):
+        layer.update(key[:, :, :1], key[:, :, :1])

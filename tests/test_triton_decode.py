@@ -224,3 +224,71 @@ def test_next_pow2_is_the_smallest_power_of_two_at_least_n(n):
     p = decode.triton_decode.next_pow2(n)
     assert p == triton.next_power_of_2(n)
     assert p >= n and p & (p - 1) == 0 and (p == 1 or p // 2 < n)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@given(bsz=st.integers(1, 2), hkv=st.integers(1, 3), group=st.sampled_from([1, 4]), ring=st.integers(1, 60),
+       ahead=st.lists(st.integers(0, 150), min_size=2, max_size=2), packed=st.lists(st.integers(0, 200), min_size=6,
+                                                                                    max_size=6),
+       half=st.booleans(), block=st.sampled_from([16, 64]), programs=PROGRAMS, merge_tile=MERGE_TILES,
+       seed=st.integers(0, 2**31 - 1))
+@torch.no_grad()
+def test_the_merge_appends_the_token_as_an_append_before_the_attention(schedule, bsz, hkv, group, ring, ahead,
+                                                                       packed, half, block, programs, merge_tile,
+                                                                       seed):
+    """``token=``: the attention over the cache as it is, the new token folded in by the merge and then
+    written. The output and log-sum-exp equal float64 attention over the cache after a tensor-form
+    append (``append_token_math``), and every buffer equals that append's, bit for bit. Each row has its
+    own ring base and fill (``ahead`` tokens since it: filling, or wrapped, where the slot the token
+    takes was freed by a compression, as the cache guarantees)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if half else torch.float32  # (Triton's interpreter mis-reads bfloat16 in tl.dot)
+    d, scale = 16, 0.25
+    var_len = torch.tensor(packed[: bsz * hkv]).view(bsz, hkv)
+    seg_lens = (ring + var_len + torch.randint(0, 40, (bsz, hkv), generator=gen)).tolist()
+    k, v, owner, segments = random_cache(bsz, hkv, d, seg_lens, 0.7, dtype, device, gen)
+    next_pos = 500
+    base = torch.tensor([next_pos - a for a in ahead[:bsz]])
+    for b in range(bsz):
+        for h in range(hkv):
+            s0 = int(segments.start[b, h])
+            owner[b, s0 + (next_pos - int(base[b])) % ring] = -1  # the token's slot: free (or past the fill)
+            owner[b, s0 + ring: s0 + ring + int(var_len[b, h])] = h  # the packed run is dense
+    pos = torch.randint(0, next_pos, owner.shape, generator=gen, dtype=torch.int32).to(device)
+    key, value = (torch.randn(bsz, hkv, 1, d, generator=gen).to(device, dtype) for _ in range(2))
+    q = torch.randn(bsz, hkv * group, 1, d, generator=gen).to(device, dtype)
+    state = dict(k=k, v=v, owner=owner, pos=pos, next_pos=torch.tensor(next_pos, device=device))
+    want = {name: t.clone() for name, t in state.items()}
+    decode.append_token_math(key, value, want["k"], want["v"], want["owner"], want["pos"],
+                             segments.start.long(), want["next_pos"], base.to(device), ring=ring)
+    live = LiveRanges(var_len.to(device), state["next_pos"], base.to(device), ring)
+    kernels = decode.triton_decode
+    tile = merge_tile or (kernels.COMBINE_CHUNK, kernels.COMBINE_DIMS)
+    with mock.patch.object(kernels, "COMBINE_CHUNK", tile[0]), mock.patch.object(kernels, "COMBINE_DIMS", tile[1]):
+        out, lse = kernels.launch(q[:, :, 0], k, v, owner, segments.start, segments.length, segments.max_length,
+                                  scale, total_slots=segments.total_length, live=live, block=block,
+                                  schedule=schedule, programs=programs, token=(key[:, :, 0], value[:, :, 0], pos))
+    for name in state:
+        assert torch.equal(state[name], want[name]), name
+    readable = torch.zeros(owner.shape, dtype=torch.bool)
+    for b in range(bsz):
+        fill = min(ahead[b] + 1, ring)
+        for h in range(hkv):
+            s0 = int(segments.start[b, h])
+            readable[b, s0: s0 + fill] = True
+            readable[b, s0 + ring: s0 + ring + int(var_len[b, h])] = True
+    ref_out, ref_lse = reference(q, want["k"], want["v"], want["owner"], group, scale, readable)
+    tol = 2e-3 if half else 1e-5
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=tol, rtol=tol)
+
+
+def test_a_token_needs_the_live_ranges():
+    """The token's ring slot comes from the live ranges: without them the launch refuses."""
+    gen = torch.Generator().manual_seed(2)
+    k, v, owner, segments = random_cache(1, 1, 16, [[8]], 1.0, torch.float32, "cpu", gen)
+    q = torch.randn(1, 1, 16)
+    with pytest.raises(ValueError, match="live ranges"):
+        decode.triton_decode.launch(q, k, v, owner, segments.start, segments.length, 8, 0.25,
+                                    token=(q, q, owner))
