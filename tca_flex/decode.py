@@ -279,7 +279,8 @@ def _triton_decode(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tenso
 
 def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_bs: torch.Tensor,
                      *, group: int, scale: float, backend: str = "auto", segments: Segments | None = None,
-                     live: LiveRanges | None = None, token: NewToken | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     live: LiveRanges | None = None,
+                     token: NewToken | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of attention over the head-packed kept set.
 
     Args:
