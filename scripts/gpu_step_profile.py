@@ -7,8 +7,9 @@ preallocated cache with maskless SDPA, compiled by ``torch.compile``, and TCA KE
 (``tca_flex.compile``, two captured graphs as in the ``e2e`` phase's compiled rows); each step
 replayed from its CUDA graph under ``torch.profiler``. ``TCA_PROBE_APPEND`` picks the append
 (``triton``: its own kernel; ``math``: its tensor form, compiled; default: the merge's). Prints per
-kernel the device microseconds a step (summed over layers) and the launches a step, then the step's wall time (CUDA events,
-outside the profiler) against the sum of its kernels: the difference is the time between kernels.
+kernel the device microseconds a step (summed over layers) and the launches a step, then the
+step's wall time (CUDA events, outside the profiler) against the sum of its kernels: the
+difference is the time between kernels.
 """
 
 import os
