@@ -186,33 +186,29 @@ def _store_output(out_ptr, lse_ptr, bh, g0, d0, m_run, l_run, acc, stride_outb, 
 
 
 @triton.jit
-def _fold_token(m_run, l_run, acc, bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr,
-                next_pos_ptr, advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh, stride_valb,
-                stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, stride_posb, stride_base, scale,
-                ring, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DS: tl.constexpr):
-    """Attention first, then the append: (m, l, acc) of query head ``g0`` with the step's new token folded
-    in, and the token written to its ring slot (``triton_append.py``'s rule), in the merge.
+def _append_token(bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr, next_pos_ptr,
+                  advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh, stride_valb, stride_valh,
+                  stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, stride_posb, stride_base, scale, ring,
+                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DS: tl.constexpr):
+    """Attention first, then the append, in the merge: the step's new token written to its ring slot
+    (``triton_append.py``'s rule), and what ``_fold_token`` needs of it: its score under query head
+    ``g0`` and its value's dims ``[d0, d0 + DS)`` (float32).
 
     The attention read the cache before the token's slot was written: that slot is free then (the block
     that held it was compressed at the step before, the ring being one block longer than the
     compression window) or past the ring's fill, so no slot is attended twice or stale. The program of
     query head 0 and dims 0 writes the token; the one of segment 0 also advances the cache's position
     (``advance_ptr``). No program of this launch reads that: ``next_pos_ptr`` is the copy the attention
-    kernel made of it, as programs of one launch have no order (``triton_append.py``)."""
+    kernel made of it, as programs of one launch have no order (``triton_append.py``). Called before the
+    merge of the partials, which reads none of what it writes: its loads then wait alongside the
+    merge's instead of after them."""
     b = bh // HKV
     h = bh % HKV
     d = tl.arange(0, D)
     # The key and value as the cache stores them (its dtype), so scores match a token read back.
     key = tl.load(key_ptr + b * stride_keyb + h * stride_keyh + d).to(k_ptr.dtype.element_ty)
     q = tl.load(q_ptr + b * stride_qb + (h * G + gi) * stride_qh + d).to(tl.float32)
-    s = tl.sum(q * key.to(tl.float32), 0) * scale
-    ds = d0 + tl.arange(0, DS)
-    value = tl.load(value_ptr + b * stride_valb + h * stride_valh + ds).to(v_ptr.dtype.element_ty)
-    m_new = tl.maximum(m_run, s)
-    alpha = tl.exp(m_run - m_new)  # a segment with no live slot has m = -inf: weight 0
-    p = tl.exp(s - m_new)
-    acc = acc * alpha[:, None] + p[:, None] * value.to(tl.float32)[None, :]
-    l_run = l_run * alpha + p
+    value = tl.load(value_ptr + b * stride_valb + h * stride_valh + d0 + tl.arange(0, DS)).to(v_ptr.dtype.element_ty)
     next_pos = tl.load(next_pos_ptr)
     offset = (next_pos - tl.load(base_ptr + b * stride_base)) % ring
     offset = tl.where(offset < 0, offset + ring, offset)  # torch's % floors; Triton's truncates
@@ -227,7 +223,16 @@ def _fold_token(m_run, l_run, acc, bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr,
     tl.store(owner_ptr + row * stride_ownb + slot, h.to(tl.int32), mask=writer)
     tl.store(pos_ptr + row * stride_posb + slot, next_pos.to(tl.int32), mask=writer)
     tl.store(advance_ptr, next_pos + 1, mask=writer & (bh == 0))
-    return m_new, l_run, acc
+    return tl.sum(q * key.to(tl.float32), 0) * scale, value.to(tl.float32)
+
+
+@triton.jit
+def _fold_token(m_run, l_run, acc, s, value):
+    """(m, l, acc) with one more key of score ``s`` and value ``value`` (``_append_token``'s)."""
+    m_new = tl.maximum(m_run, s)
+    alpha = tl.exp(m_run - m_new)  # a segment with no live slot has m = -inf: weight 0
+    p = tl.exp(s - m_new)
+    return m_new, l_run * alpha + p, acc * alpha[:, None] + p[:, None] * value[None, :]
 
 
 @triton.jit
@@ -238,7 +243,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
                   LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_fold_token)
+    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_append_token)
         tl.store(copy_ptr, tl.load(next_pos_ptr), mask=(split == 0) & (bh == 0))
     lo = split * SPLIT
     hi = tl.minimum(lo + SPLIT, tl.load(length_ptr + bh))
@@ -266,13 +271,15 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_o
     bh = tl.program_id(0)
     gi = tl.program_id(1)
     d0 = tl.program_id(2) * DS
+    s, value = 0.0, tl.zeros([DS], tl.float32)
+    if TOKEN:
+        s, value = _append_token(bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr,
+                                 next_pos_ptr, advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh,
+                                 stride_valb, stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
+                                 stride_posb, stride_base, scale, ring, HKV, G, D, DS)
     m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS, NUM_SPLITS, gi, d0, G, D, DS, CHUNK)
     if TOKEN:
-        m_run, l_run, acc = _fold_token(m_run, l_run, acc, bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr,
-                                        owner_ptr, pos_ptr, start_ptr, next_pos_ptr, advance_ptr, base_ptr, stride_qb,
-                                        stride_qh, stride_keyb, stride_keyh, stride_valb, stride_valh, stride_kb,
-                                        stride_ks, stride_vb, stride_vs, stride_ownb, stride_posb, stride_base, scale,
-                                        ring, HKV, G, D, DS)
+        m_run, l_run, acc = _fold_token(m_run, l_run, acc, s, value)
     _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
 
 
@@ -320,7 +327,7 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
                      G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr):
     pid = tl.program_id(0)
-    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_fold_token)
+    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_append_token)
         tl.store(copy_ptr, tl.load(next_pos_ptr), mask=pid == 0)
     fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                                                         stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
@@ -358,6 +365,12 @@ def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, 
     bh = tl.program_id(0)
     gi = tl.program_id(1)
     d0 = tl.program_id(2) * DS
+    s, value = 0.0, tl.zeros([DS], tl.float32)
+    if TOKEN:
+        s, value = _append_token(bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr,
+                                 next_pos_ptr, advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh,
+                                 stride_valb, stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
+                                 stride_posb, stride_base, scale, ring, HKV, G, D, DS)
     _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
                                              NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
     at = tl.arange(0, NSEG_PAD) == bh
@@ -365,11 +378,7 @@ def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, 
     m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi,
                                         d0, G, D, DS, CHUNK)
     if TOKEN:
-        m_run, l_run, acc = _fold_token(m_run, l_run, acc, bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr,
-                                        owner_ptr, pos_ptr, start_ptr, next_pos_ptr, advance_ptr, base_ptr, stride_qb,
-                                        stride_qh, stride_keyb, stride_keyh, stride_valb, stride_valh, stride_kb,
-                                        stride_ks, stride_vb, stride_vs, stride_ownb, stride_posb, stride_base, scale,
-                                        ring, HKV, G, D, DS)
+        m_run, l_run, acc = _fold_token(m_run, l_run, acc, s, value)
     _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
 
 
@@ -437,7 +446,7 @@ def _launch_balanced(attend: dict, output: dict, fold: dict, segments: int, prog
 
 
 def _fold_arguments(attend: dict, token: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> dict:
-    """What the merge kernels take to fold in and append the step's token (``_fold_token``)."""
+    """What the merge kernels take to append and fold in the step's token (``_append_token``)."""
     key, value, pos = token if token is not None else (attend["q_ptr"], attend["q_ptr"], attend["owner_ptr"])
     key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))  # the kernel reads rows whole
     return dict(**{name: attend[name] for name in ("q_ptr", "k_ptr", "v_ptr", "owner_ptr", "start_ptr", "stride_qb",
