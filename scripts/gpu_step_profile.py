@@ -80,8 +80,9 @@ def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None
           f"{sum(c for _, c in kernels.values()) / steps:.0f} launches a step", flush=True)
     for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:16]:
         print(f"  {total / steps:9.1f} us {count / steps:6.1f}x  {name[:150]}", flush=True)
-    print("  gaps inside a step (profiled), by the kernels either side: us a step, times a step, mean us",
-          flush=True)
+    print(f"  gaps inside a step (profiled): {sum(t for t, _ in gaps.values()) / steps:.1f} us a step in all "
+          "(the rest of 'between kernels': the graph's launch, before its first kernel and after its last); "
+          "by the kernels either side: us a step, times a step, mean us", flush=True)
     for key, (total, count) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:14]:
         print(f"  {total / steps:9.1f} us {count / steps:6.1f}x {total / count:6.2f}  {key}", flush=True)
 
