@@ -25,7 +25,10 @@ query heads only, flash-decoding style, so both bytes and FLOPs follow what
 each head keeps, and stops at the head's live length (``LiveRanges``). With
 it, the block compression runs as one kernel too (``triton_compress.py``,
 ``compress_block``), which exits at once on the steps where no block leaves,
-and so does the append of the new token (``triton_append.py``, ``append_token``).
+and the append of the new token costs no launch of its own: the attention's
+merge kernel writes it after the attention has read the cache (``NewToken``;
+``triton_append.py``, ``append_token``, is the append's own kernel, kept as an
+option and as the rule the merge follows).
 ``"flex"`` stays as the fallback where Triton is missing or the head
 dimension is not a power of two. ``"math"`` is the same
 computation in plain tensor ops: the CPU path (compiled FlexAttention on CPU

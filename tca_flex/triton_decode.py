@@ -12,8 +12,11 @@ scoring it with the head's ``g`` query heads at once (one ``tl.dot`` of
 Flash-decoding in two passes: ``_split_kernel`` reduces each split of a
 segment to (max, sum, un-normalised output); ``_combine_kernel`` merges the
 splits of a (row, query head) and writes the output and the log-sum-exp that
-compression needs. Splits are sized from the layout's segment capacities
-(Python ints), so the grid is fixed between layout growths and the launch
+compression needs; given the step's new token (``launch``'s ``token``), the
+merge also folds it in and writes it to the cache (``_append_token``), so the
+attention runs first and no launch of its own appends it. Splits are sized
+from the layout's segment capacities (Python ints), so the grid is fixed
+between layout growths and the launch
 can be captured in a CUDA graph. The split size and count are runtime
 arguments, not compile-time constants: every request has its own layout, and
 a constant would JIT-compile the kernels again for each (docs/serving.md).
