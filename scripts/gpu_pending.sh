@@ -6,7 +6,7 @@
 # Parts, run in the order given (each stage's limit below; keep a call under 600 s):
 # tests: the Triton kernel tests compiled on the GPU. decode: per-layer decode rows (the step with
 #   the merge appending against the append's own kernel). profile: the 4-layer compiled step
-#   kernel by kernel, both ways. selection-cost: the cache's own selection's prefill cost.
+#   kernel by kernel, both ways.
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
 set -uo pipefail
@@ -22,7 +22,7 @@ stage() {  # stage SECONDS NAME COMMAND...: bounded, its output in NAME.log
 }
 E2E=(python -u -m tca_flex.bench --out "$OUT" --phases e2e --e2e-layers 32 --no-e2e-static --ttft-reps 1
      --tpot-variants two-graph+fused --compile-tpot inductor --compiled-variants two-graph+fused)
-[ $# -gt 0 ] || { echo "parts: tests decode profile selection-cost e2e-32k e2e-128k" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "parts: tests decode profile e2e-32k e2e-128k" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
 for part in "$@"; do
   case "$part" in
@@ -34,7 +34,6 @@ for part in "$@"; do
       stage 110 profile-merged python -u scripts/gpu_step_profile.py 4 0.25 32768 131072
       TCA_PROBE_APPEND=triton stage 110 profile-append-kernel python -u scripts/gpu_step_profile.py 4 0.25 32768 \
         131072 ;;
-    selection-cost) stage 80 selection-cost python -u scripts/gpu_cache_selection_cost.py --out "$OUT/selection-cost.json" ;;
     e2e-32k) stage 560 e2e-32k "${E2E[@]}" --lengths 32768 --e2e-keep 0.25 ;;
     e2e-128k) stage 560 e2e-128k "${E2E[@]}" --lengths 131072 --e2e-keep 0.37 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
