@@ -183,8 +183,8 @@ def tca_block_indices(positions: torch.Tensor, seq_len: int, window: int, num_q_
 
     # Packed part: keys visible to every query of the tile form a full prefix,
     # keys visible to some query end at ceil(hi / block).
-    lo = torch.searchsorted(positions, (q0 - window).expand(bsz, hkv, n_q).contiguous(), right=True)
-    hi = torch.searchsorted(positions, (q1 - window).expand(bsz, hkv, n_q).contiguous(), right=True)
+    lo = count_at_most(positions, (q0 - window).expand(bsz, hkv, n_q).contiguous())
+    hi = count_at_most(positions, (q1 - window).expand(bsz, hkv, n_q).contiguous())
     g_full = lo // block
     g_any = -(-hi // block)
 
@@ -221,6 +221,18 @@ def tca_block_indices(positions: torch.Tensor, seq_len: int, window: int, num_q_
         return x.repeat_interleave(group, dim=1) if group > 1 else x
 
     return to_q_heads(kv_num), to_q_heads(kv_idx), to_q_heads(full_num), to_q_heads(full_idx)
+
+
+def count_at_most(sorted_rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``torch.searchsorted(sorted_rows, values, right=True)``: per row, how many entries are <= each value.
+
+    A single value per row (a prefill of one query tile) is counted by comparison instead: there
+    Inductor (torch 2.11, Triton 3.6, CUDA) folds the values to one scalar and fails to compile its
+    searchsorted loop ("Loop-carried variable low ... re-assigned", BENCHMARKS.md 2026-12-05).
+    """
+    if values.shape[-1] == 1:
+        return (sorted_rows <= values).sum(-1, keepdim=True)
+    return torch.searchsorted(sorted_rows, values, right=True)
 
 
 def causal_mask_mod(b, h, q_idx, kv_idx):

@@ -1,11 +1,13 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import tca_prefill_attention
 from tca_flex.config import SelectionConfig
-from tca_flex.masks import capacity_mask_mod, tca_block_mask, tca_mask_mod
+from tca_flex.masks import capacity_mask_mod, count_at_most, tca_block_mask, tca_mask_mod
 from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
 from tca_flex.selection import select
 
@@ -18,6 +20,7 @@ CASES = [
     (1, 4, 2, 700, 32, 256, 64, 0.3),
     (2, 4, 4, 333, 16, 128, 32, 0.5),
     (1, 6, 2, 1000, 64, 192, 128, 0.1),
+    (2, 4, 2, 100, 16, 32, 16, 0.4),  # one query tile of the 128-wide kernel: lo/hi counted by comparison
 ]
 
 
@@ -52,6 +55,18 @@ def test_prefill_matches_reference(case, dtype, tol):
             q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
         tol = 2 * (eager.double() - ref).abs().max().item() + 1e-3
     assert err < tol, f"max abs error {err} > {tol} (seed {seed})"
+
+
+@given(rows=st.integers(1, 4), width=st.integers(1, 40), values=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_count_at_most_is_searchsorted_right(rows, width, values, seed):
+    """Both of its forms (one value per row: by comparison; more: searchsorted) against torch.searchsorted
+    on sorted rows with repeats and a large padding value, values below, inside and past the rows."""
+    g = torch.Generator().manual_seed(seed)
+    sorted_rows = torch.randint(0, 30, (rows, 2, width), generator=g).sort(-1).values
+    sorted_rows[..., width // 2:] = torch.where(torch.rand(rows, 2, width - width // 2, generator=g) < 0.3,
+                                                2**40, sorted_rows[..., width // 2:]).sort(-1).values
+    v = torch.randint(-3, 35, (rows, 2, values), generator=g)
+    assert torch.equal(count_at_most(sorted_rows, v), torch.searchsorted(sorted_rows, v, right=True))
 
 
 @pytest.mark.parametrize("case", CASES)
