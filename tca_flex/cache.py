@@ -464,7 +464,7 @@ class TCACacheLayer(CacheLayerMixin):
 
         With ``append_kernel`` "auto" on the ``"triton"`` decode backend the token waits for
         ``decode_step``, whose merge kernel attends to it and writes it (attention first: one
-        launch fewer a layer and step, ``triton_decode._fold_token``). Otherwise now: the Triton
+        launch fewer a layer and step, ``triton_decode._append_token``). Otherwise now: the Triton
         kernel (``decode.append_token``) where it runs, else the tensor form
         (``decode.append_token_math``), which is the reference of both.
         """

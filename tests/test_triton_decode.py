@@ -292,3 +292,32 @@ def test_a_token_needs_the_live_ranges():
     with pytest.raises(ValueError, match="live ranges"):
         decode.triton_decode.launch(q, k, v, owner, segments.start, segments.length, 8, 0.25,
                                     token=(q, q, owner))
+
+
+@torch.no_grad()
+def test_decode_append_op_declares_what_it_mutates():
+    """opcheck of the op a compiled step runs (``tca_flex::decode_append``): schema (every buffer the
+    merge writes declared as mutated, nothing else written), fake tensor and autograd registrations."""
+    gen = torch.Generator().manual_seed(4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bsz, hkv, d, ring = 2, 2, 16, 8
+    k, v, owner, segments = random_cache(bsz, hkv, d, [[ring + 5, ring + 9], [ring + 3, ring + 7]], 0.8,
+                                         torch.float32, device, gen)
+    pos = torch.randint(0, 40, owner.shape, generator=gen, dtype=torch.int32).to(device)
+    key, value = (torch.randn(bsz, hkv, d, generator=gen).to(device) for _ in range(2))
+    q = torch.randn(bsz, 2 * hkv, d, generator=gen).to(device)
+    var_len = torch.tensor([[3, 5], [2, 4]], device=device)
+    args = (q, key, value, k, v, owner, pos, segments.start, segments.length, var_len,
+            torch.tensor(40, device=device), torch.tensor([35, 30], device=device), ring, segments.max_length,
+            segments.total_length, 0.25)
+    torch.library.opcheck(torch.ops.tca_flex.decode_append.default, args)
+
+
+def test_decode_attention_refuses_a_token_it_cannot_append():
+    """Only the "triton" backend's merge appends a token: the others would drop it, so they refuse it."""
+    gen = torch.Generator().manual_seed(6)
+    k, v, owner, segments = random_cache(1, 1, 16, [[8]], 1.0, torch.float32, "cpu", gen)
+    q = torch.randn(1, 1, 1, 16, generator=gen)
+    token = decode.NewToken(q, q, torch.zeros_like(owner))
+    with pytest.raises(ValueError, match="appends a token only on the 'triton' backend"):
+        decode_attention(q, k, v, owner, group=1, scale=0.25, backend="math", segments=segments, token=token)
