@@ -38,7 +38,7 @@ def main() -> None:
         for target in (0.39, 0.15):
             launch = bench.kernel_launch(length, target, device, dtype)
             full = bench.graph_timed(launch, device)
-            with mock.patch.object(td, "_balanced_combine_kernel", _Skipped()):
+            with mock.patch.object(td, "_combine_kernel", _Skipped()):
                 main_only = bench.graph_timed(launch, device)
             with mock.patch.object(td, "_balanced_kernel", _Skipped()):
                 merge_only = bench.graph_timed(launch, device)

@@ -51,7 +51,7 @@ def measure(graphs: dict, cache, layers: int) -> tuple[float, float, float]:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             if event.name == "_balanced_kernel":
                 attend += event.device_time
-            elif event.name == "_balanced_combine_kernel":
+            elif event.name == "_combine_kernel":
                 merge += event.device_time
     return attend / (32 * layers), merge / (32 * layers), statistics.median(times)
 

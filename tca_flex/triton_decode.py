@@ -29,7 +29,7 @@ of short heads exit at once and the working ones run in uneven waves. The
 "balanced" schedule (stream-K style) launches a fixed grid of ``programs``
 instead; on the device every program lays all the live slots end to end,
 segment after segment, and attends an equal contiguous share of them, one
-partial per (program, segment) it meets; ``_balanced_combine_kernel`` merges
+partial per (program, segment) it meets; ``_combine_kernel`` merges
 each segment's partials. The grid depends on Python ints only, so it replays
 from a CUDA graph while the live lengths change.
 
@@ -39,6 +39,8 @@ tensors in Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
@@ -265,28 +267,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
 
 
 @triton.jit
-def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, stride_outb, stride_outh,
-                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS,
-                    DS: tl.constexpr, CHUNK: tl.constexpr, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr,
-                    pos_ptr, start_ptr, next_pos_ptr, advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb,
-                    stride_keyh, stride_valb, stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
-                    stride_posb, stride_base, scale, ring, TOKEN: tl.constexpr):
-    bh = tl.program_id(0)
-    gi = tl.program_id(1)
-    d0 = tl.program_id(2) * DS
-    s, value = 0.0, tl.zeros([DS], tl.float32)
-    if TOKEN:
-        s, value = _append_token(bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr,
-                                 next_pos_ptr, advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh,
-                                 stride_valb, stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
-                                 stride_posb, stride_base, scale, ring, HKV, G, D, DS)
-    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS, NUM_SPLITS, gi, d0, G, D, DS, CHUNK)
-    if TOKEN:
-        m_run, l_run, acc = _fold_token(m_run, l_run, acc, s, value)
-    _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
-
-
-@triton.jit
 def _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring, NSEG, P,
                    HKV: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, LIVE: tl.constexpr):
     """Where each segment's live slots lie in the stream of all of them, segment after segment.
@@ -358,13 +338,17 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
 
 
 @triton.jit
-def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
-                             stride_base, stride_outb, stride_outh, ring, NSEG, P, HKV: tl.constexpr,
-                             G: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                             DS: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr, q_ptr, key_ptr, value_ptr,
-                             k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr, advance_ptr, stride_qb, stride_qh,
-                             stride_keyb, stride_keyh, stride_valb, stride_valh, stride_kb, stride_ks, stride_vb,
-                             stride_vs, stride_ownb, stride_posb, scale, TOKEN: tl.constexpr):
+def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
+                    stride_base, stride_outb, stride_outh, ring, NUM_SPLITS, NSEG, P, HKV: tl.constexpr,
+                    G: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr, DS: tl.constexpr,
+                    CHUNK: tl.constexpr, LIVE: tl.constexpr, BALANCED: tl.constexpr, q_ptr, key_ptr, value_ptr, k_ptr,
+                    v_ptr, owner_ptr, pos_ptr, start_ptr, advance_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh,
+                    stride_valb, stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, stride_posb,
+                    scale, TOKEN: tl.constexpr):
+    """The merge of either schedule: (row, KV head) ``bh``'s partials for query head ``gi`` and dims
+    ``[d0, d0 + DS)``: ``NUM_SPLITS`` consecutive entries ("split"), or the entries of the programs
+    whose share met the segment ("balanced", from ``_stream_layout``); with ``TOKEN``, the step's new
+    token folded in (``_append_token``)."""
     bh = tl.program_id(0)
     gi = tl.program_id(1)
     d0 = tl.program_id(2) * DS
@@ -374,12 +358,14 @@ def _balanced_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, 
                                  next_pos_ptr, advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh,
                                  stride_valb, stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
                                  stride_posb, stride_base, scale, ring, HKV, G, D, DS)
-    _, _, _, first, last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base, ring,
-                                             NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
-    at = tl.arange(0, NSEG_PAD) == bh
-    seg_first = _pick(first, at)
-    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, seg_first + bh, _pick(last, at) - seg_first + 1, gi,
-                                        d0, G, D, DS, CHUNK)
+    first, count = bh * NUM_SPLITS, NUM_SPLITS
+    if BALANCED:
+        _, _, _, seg_first, seg_last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base,
+                                                         ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
+        at = tl.arange(0, NSEG_PAD) == bh
+        # Entry program + segment (``_balanced_kernel``).
+        first, count = _pick(seg_first, at) + bh, _pick(seg_last, at) - _pick(seg_first, at) + 1
+    m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, first, count, gi, d0, G, D, DS, CHUNK)
     if TOKEN:
         m_run, l_run, acc = _fold_token(m_run, l_run, acc, s, value)
     _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
@@ -428,9 +414,8 @@ def _launch_split(attend: dict, output: dict, fold: dict, segments: int, max_seg
     num_splits = max(1, -(-max_segment // split))
     parts = _partials(segments * num_splits, group, d, attend["q_ptr"].device)
     _split_kernel[(num_splits, segments)](**attend, **parts, SPLIT=split, NUM_SPLITS=num_splits)
-    _combine_kernel[(segments, group, d // _merge_dims(d))](
-        **parts, **output, **fold, **{name: attend[name] for name in ("base_ptr", "stride_base", "ring")},
-        next_pos_ptr=attend["copy_ptr"], HKV=attend["HKV"], G=group, D=d, NUM_SPLITS=num_splits, **_merge_options(d))
+    _launch_combine(attend, output, fold, parts, segments, NUM_SPLITS=num_splits, NSEG=segments, P=1, NSEG_PAD=1,
+                    BALANCED=False)
 
 
 def _launch_balanced(attend: dict, output: dict, fold: dict, segments: int, programs: int) -> None:
@@ -439,13 +424,18 @@ def _launch_balanced(attend: dict, output: dict, fold: dict, segments: int, prog
     parts = _partials(programs + segments - 1, group, attend["D"], attend["q_ptr"].device)
     stream = dict(NSEG=segments, P=programs, NSEG_PAD=next_pow2(segments))
     _balanced_kernel[(programs,)](**attend, **parts, **stream)
+    _launch_combine(attend, output, fold, parts, segments, NUM_SPLITS=0, **stream, BALANCED=True)
+
+
+def _launch_combine(attend: dict, output: dict, fold: dict, parts: dict, segments: int, **schedule: Any) -> None:
+    """The merge (``_combine_kernel``): one program per (segment, query head, ``COMBINE_DIMS`` dims)."""
     layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "base_ptr", "stride_base", "ring", "HKV",
-                                              "BLOCK", "LIVE")}
-    # With a token the merge advances next_pos, so its layout reads the attention kernel's copy.
+                                              "G", "D", "BLOCK", "LIVE")}
+    # With a token the merge advances next_pos, so it reads the attention kernel's copy (_append_token).
     layout["next_pos_ptr"] = attend["copy_ptr"] if fold["TOKEN"] else attend["next_pos_ptr"]
     d = attend["D"]
-    _balanced_combine_kernel[(segments, group, d // _merge_dims(d))](**parts, **output, **layout, **stream, **fold,
-                                                                     G=group, D=d, **_merge_options(d))
+    _combine_kernel[(segments, attend["G"], d // _merge_dims(d))](**parts, **output, **layout, **fold, **schedule,
+                                                                **_merge_options(d))
 
 
 def _fold_arguments(attend: dict, token: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> dict:
