@@ -5,7 +5,8 @@
 #   run(command="bash scripts/gpu_pending.sh tests decode e2e-32k", timeout_s=600)
 # Parts, run in the order given (each stage's limit below; keep a call under 600 s):
 # tests: the Triton kernel tests compiled on the GPU. decode: per-layer decode rows (the step with
-#   the merge appending against the append's own kernel). profile: the 4-layer compiled step
+#   the merge appending against the append's own kernel). parts: the decode launch, its main kernel
+#   and its merge alone, without and with a token to append. profile: the 4-layer compiled step
 #   kernel by kernel, both ways.
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
@@ -22,7 +23,7 @@ stage() {  # stage SECONDS NAME COMMAND...: bounded, its output in NAME.log
 }
 E2E=(python -u -m tca_flex.bench --out "$OUT" --phases e2e --e2e-layers 32 --no-e2e-static --ttft-reps 1
      --tpot-variants two-graph+fused --compile-tpot inductor --compiled-variants two-graph+fused)
-[ $# -gt 0 ] || { echo "parts: tests decode profile e2e-32k e2e-128k" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "parts: tests decode parts profile e2e-32k e2e-128k" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
 for part in "$@"; do
   case "$part" in
@@ -30,6 +31,7 @@ for part in "$@"; do
              tests/test_triton_append.py ;;
     decode) stage 100 decode python -u -m tca_flex.bench --out "$OUT" --phases decode --lengths 32768 131072 \
               --decode-backends triton --no-compile-step ;;
+    parts) stage 150 parts python -u scripts/gpu_decode_parts.py ;;
     profile)
       stage 110 profile-merged python -u scripts/gpu_step_profile.py 4 0.25 32768 131072
       TCA_PROBE_APPEND=triton stage 110 profile-append-kernel python -u scripts/gpu_step_profile.py 4 0.25 32768 \

@@ -239,18 +239,23 @@ def build_cache_layer(length: int, hq: int, hkv: int, d: int, fractions: list[fl
 
 
 def kernel_launch(length: int, target: float, device: torch.device,
-                  dtype: torch.dtype = torch.bfloat16) -> Callable[[], Any]:
+                  dtype: torch.dtype = torch.bfloat16, token: bool = False) -> Callable[[], Any]:
     """``triton_decode.launch`` over a ``build_cache_layer`` of LLaMA-3.1-8B attention shapes (32 query
     heads, 8 KV heads, head dim 128, block 128, window 4096) keeping ``target`` of ``length`` tokens,
-    with the module's settings at call time, as a no-argument callable (what the GPU scripts time)."""
+    with the module's settings at call time, as a no-argument callable (what the GPU scripts time).
+    ``token``: each call also appends a new token through the merge, as a decode step does (for
+    timing only: with no compression between calls, the ring's slots are reused while live)."""
     from . import triton_decode
 
     layer = build_cache_layer(length, 32, 8, 128, head_fractions(target, length, 4096, 8),
                               TCAConfig(block_size=128, window=4096), dtype, device)
     q = torch.randn(1, 32, 128, device=device, dtype=dtype)
+    new = (torch.randn(1, 8, 128, device=device, dtype=dtype), torch.randn(1, 8, 128, device=device, dtype=dtype),
+           layer.pos) if token else None
     seg, live = layer.segments, (layer.var_len, layer.next_pos, layer.base, layer.ring)
     return lambda: triton_decode.launch(q, layer.k_buf, layer.v_buf, layer.owner, seg.start, seg.length,
-                                        seg.max_length, 128 ** -0.5, total_slots=seg.total_length, live=live)
+                                        seg.max_length, 128 ** -0.5, total_slots=seg.total_length, live=live,
+                                        token=new)
 
 
 # Per-KV-head keep fractions of the global region, as unequal as calibrated heads are;
