@@ -191,53 +191,61 @@ def _store_output(out_ptr, lse_ptr, bh, g0, d0, m_run, l_run, acc, stride_outb, 
 
 
 @triton.jit
-def _append_token(bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr, next_pos_ptr,
-                  advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh, stride_valb, stride_valh,
-                  stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, stride_posb, stride_base, scale, ring,
-                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DS: tl.constexpr):
-    """Attention first, then the append, in the merge: the step's new token written to its ring slot
-    (``triton_append.py``'s rule), and what ``_fold_token`` needs of it: its score under query head
-    ``g0`` and its value's dims ``[d0, d0 + DS)`` (float32).
+def _load_token(bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, start_ptr, next_pos_ptr, base_ptr, stride_qb,
+                stride_qh, stride_keyb, stride_keyh, stride_valb, stride_valh, stride_base, HKV: tl.constexpr,
+                G: tl.constexpr, D: tl.constexpr, DS: tl.constexpr):
+    """Every load ``_append_token`` needs, issued first in the merge: nothing uses them before the
+    partials are merged, so they wait alongside the merge's own loads, not after them (a reduction or
+    a store on them before the merge's loads would hold those back by one round trip). Returns query
+    head ``g0``'s query, the token's key (in the cache's dtype), its value's dims ``[d0, d0 + DS)``
+    and, for the program that writes it, its whole value; the position, the row's ring base and the
+    segment's first slot."""
+    b = bh // HKV
+    h = bh % HKV
+    d = tl.arange(0, D)
+    # The row mask as a comparison: Triton's interpreter gives (scalar & block) an int dtype it cannot mask with.
+    whole = d < tl.where((gi == 0) & (d0 == 0), D, 0)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + gi) * stride_qh + d)
+    # The key and value as the cache stores them, so scores match a token read back.
+    key = tl.load(key_ptr + b * stride_keyb + h * stride_keyh + d).to(k_ptr.dtype.element_ty)
+    value = tl.load(value_ptr + b * stride_valb + h * stride_valh + d0 + tl.arange(0, DS)).to(v_ptr.dtype.element_ty)
+    full_value = tl.load(value_ptr + b * stride_valb + h * stride_valh + d, mask=whole, other=0.0)
+    return (q, key, value, full_value.to(v_ptr.dtype.element_ty), tl.load(next_pos_ptr),
+            tl.load(base_ptr + b * stride_base), tl.load(start_ptr + bh))
+
+
+@triton.jit
+def _append_token(m_run, l_run, acc, bh, gi, d0, q, key, value, full_value, next_pos, base, start, k_ptr, v_ptr,
+                  owner_ptr, pos_ptr, advance_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
+                  stride_posb, scale, ring, HKV: tl.constexpr, D: tl.constexpr):
+    """Attention first, then the append, in the merge: (m, l, acc) of query head ``g0`` with the step's
+    new token folded in (``_load_token``'s loads), and the token written to its ring slot
+    (``triton_append.py``'s rule).
 
     The attention read the cache before the token's slot was written: that slot is free then (the block
     that held it was compressed at the step before, the ring being one block longer than the
     compression window) or past the ring's fill, so no slot is attended twice or stale. The program of
     query head 0 and dims 0 writes the token; the one of segment 0 also advances the cache's position
-    (``advance_ptr``). No program of this launch reads that: ``next_pos_ptr`` is the copy the attention
-    kernel made of it, as programs of one launch have no order (``triton_append.py``). Called before the
-    merge of the partials, which reads none of what it writes: its loads then wait alongside the
-    merge's instead of after them."""
-    b = bh // HKV
-    h = bh % HKV
-    d = tl.arange(0, D)
-    # The key and value as the cache stores them (its dtype), so scores match a token read back.
-    key = tl.load(key_ptr + b * stride_keyb + h * stride_keyh + d).to(k_ptr.dtype.element_ty)
-    q = tl.load(q_ptr + b * stride_qb + (h * G + gi) * stride_qh + d).to(tl.float32)
-    value = tl.load(value_ptr + b * stride_valb + h * stride_valh + d0 + tl.arange(0, DS)).to(v_ptr.dtype.element_ty)
-    next_pos = tl.load(next_pos_ptr)
-    offset = (next_pos - tl.load(base_ptr + b * stride_base)) % ring
-    offset = tl.where(offset < 0, offset + ring, offset)  # torch's % floors; Triton's truncates
-    slot = tl.load(start_ptr + bh).to(tl.int64) + offset
-    writer = (gi == 0) & (d0 == 0)
-    # The row mask as a comparison: Triton's interpreter gives (scalar & block) an int dtype it cannot mask with.
-    whole = d < tl.where(writer, D, 0)
-    row = b.to(tl.int64)
-    tl.store(k_ptr + row * stride_kb + slot * stride_ks + d, key, mask=whole)
-    full_value = tl.load(value_ptr + b * stride_valb + h * stride_valh + d, mask=whole, other=0.0)
-    tl.store(v_ptr + row * stride_vb + slot * stride_vs + d, full_value.to(v_ptr.dtype.element_ty), mask=whole)
-    tl.store(owner_ptr + row * stride_ownb + slot, h.to(tl.int32), mask=writer)
-    tl.store(pos_ptr + row * stride_posb + slot, next_pos.to(tl.int32), mask=writer)
-    tl.store(advance_ptr, next_pos + 1, mask=writer & (bh == 0))
-    return tl.sum(q * key.to(tl.float32), 0) * scale, value.to(tl.float32)
-
-
-@triton.jit
-def _fold_token(m_run, l_run, acc, s, value):
-    """(m, l, acc) with one more key of score ``s`` and value ``value`` (``_append_token``'s)."""
+    (``advance_ptr``). No program of this launch reads that: ``next_pos`` came from the copy the
+    attention kernel made of it, as programs of one launch have no order (``triton_append.py``)."""
+    s = tl.sum(q.to(tl.float32) * key.to(tl.float32), 0) * scale
     m_new = tl.maximum(m_run, s)
     alpha = tl.exp(m_run - m_new)  # a segment with no live slot has m = -inf: weight 0
     p = tl.exp(s - m_new)
-    return m_new, l_run * alpha + p, acc * alpha[:, None] + p[:, None] * value[None, :]
+    acc = acc * alpha[:, None] + p[:, None] * value.to(tl.float32)[None, :]
+    offset = (next_pos - base) % ring
+    offset = tl.where(offset < 0, offset + ring, offset)  # torch's % floors; Triton's truncates
+    slot = start.to(tl.int64) + offset
+    writer = (gi == 0) & (d0 == 0)
+    d = tl.arange(0, D)
+    whole = d < tl.where(writer, D, 0)
+    row = (bh // HKV).to(tl.int64)
+    tl.store(k_ptr + row * stride_kb + slot * stride_ks + d, key, mask=whole)
+    tl.store(v_ptr + row * stride_vb + slot * stride_vs + d, full_value, mask=whole)
+    tl.store(owner_ptr + row * stride_ownb + slot, (bh % HKV).to(tl.int32), mask=writer)
+    tl.store(pos_ptr + row * stride_posb + slot, next_pos.to(tl.int32), mask=writer)
+    tl.store(advance_ptr, next_pos + 1, mask=writer & (bh == 0))
+    return m_new, l_run * alpha + p, acc
 
 
 @triton.jit
@@ -248,7 +256,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
                   LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_append_token)
+    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_load_token)
         tl.store(copy_ptr, tl.load(next_pos_ptr), mask=(split == 0) & (bh == 0))
     lo = split * SPLIT
     hi = tl.minimum(lo + SPLIT, tl.load(length_ptr + bh))
@@ -310,7 +318,7 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
                      G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr):
     pid = tl.program_id(0)
-    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_append_token)
+    if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_load_token)
         tl.store(copy_ptr, tl.load(next_pos_ptr), mask=pid == 0)
     fill, n, begin, first, last, share = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr,
                                                         stride_base, ring, NSEG, P, HKV, NSEG_PAD, BLOCK, LIVE)
@@ -348,16 +356,15 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_p
     """The merge of either schedule: (row, KV head) ``bh``'s partials for query head ``gi`` and dims
     ``[d0, d0 + DS)``: ``NUM_SPLITS`` consecutive entries ("split"), or the entries of the programs
     whose share met the segment ("balanced", from ``_stream_layout``); with ``TOKEN``, the step's new
-    token folded in (``_append_token``)."""
+    token folded in and written (``_load_token``, ``_append_token``)."""
     bh = tl.program_id(0)
     gi = tl.program_id(1)
     d0 = tl.program_id(2) * DS
-    s, value = 0.0, tl.zeros([DS], tl.float32)
+    q, key, value, full_value, next_pos, base, start = 0, 0, 0, 0, 0, 0, 0
     if TOKEN:
-        s, value = _append_token(bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, owner_ptr, pos_ptr, start_ptr,
-                                 next_pos_ptr, advance_ptr, base_ptr, stride_qb, stride_qh, stride_keyb, stride_keyh,
-                                 stride_valb, stride_valh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb,
-                                 stride_posb, stride_base, scale, ring, HKV, G, D, DS)
+        q, key, value, full_value, next_pos, base, start = _load_token(
+            bh, gi, d0, q_ptr, key_ptr, value_ptr, k_ptr, v_ptr, start_ptr, next_pos_ptr, base_ptr, stride_qb,
+            stride_qh, stride_keyb, stride_keyh, stride_valb, stride_valh, stride_base, HKV, G, D, DS)
     first, count = bh * NUM_SPLITS, NUM_SPLITS
     if BALANCED:
         _, _, _, seg_first, seg_last, _ = _stream_layout(length_ptr, var_len_ptr, next_pos_ptr, base_ptr, stride_base,
@@ -367,7 +374,9 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, length_ptr, var_len_p
         first, count = _pick(seg_first, at) + bh, _pick(seg_last, at) - _pick(seg_first, at) + 1
     m_run, l_run, acc = _merge_partials(o_ptr, m_ptr, l_ptr, first, count, gi, d0, G, D, DS, CHUNK)
     if TOKEN:
-        m_run, l_run, acc = _fold_token(m_run, l_run, acc, s, value)
+        m_run, l_run, acc = _append_token(m_run, l_run, acc, bh, gi, d0, q, key, value, full_value, next_pos, base,
+                                          start, k_ptr, v_ptr, owner_ptr, pos_ptr, advance_ptr, stride_kb, stride_ks,
+                                          stride_vb, stride_vs, stride_ownb, stride_posb, scale, ring, HKV, D)
     _store_output(out_ptr, lse_ptr, bh, gi, d0, m_run, l_run, acc, stride_outb, stride_outh, HKV, G, DS)
 
 
@@ -431,7 +440,7 @@ def _launch_combine(attend: dict, output: dict, fold: dict, parts: dict, segment
     """The merge (``_combine_kernel``): one program per (segment, query head, ``COMBINE_DIMS`` dims)."""
     layout = {name: attend[name] for name in ("length_ptr", "var_len_ptr", "base_ptr", "stride_base", "ring", "HKV",
                                               "G", "D", "BLOCK", "LIVE")}
-    # With a token the merge advances next_pos, so it reads the attention kernel's copy (_append_token).
+    # With a token the merge advances next_pos, so it reads the attention kernel's copy (_load_token).
     layout["next_pos_ptr"] = attend["copy_ptr"] if fold["TOKEN"] else attend["next_pos_ptr"]
     d = attend["D"]
     _combine_kernel[(segments, attend["G"], d // _merge_dims(d))](**parts, **output, **layout, **fold, **schedule,
@@ -439,7 +448,7 @@ def _launch_combine(attend: dict, output: dict, fold: dict, parts: dict, segment
 
 
 def _fold_arguments(attend: dict, token: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> dict:
-    """What the merge kernels take to append and fold in the step's token (``_append_token``)."""
+    """What the merge kernel takes to fold in and append the step's token (``_load_token``, ``_append_token``)."""
     key, value, pos = token if token is not None else (attend["q_ptr"], attend["q_ptr"], attend["owner_ptr"])
     key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))  # the kernel reads rows whole
     return dict(**{name: attend[name] for name in ("q_ptr", "k_ptr", "v_ptr", "owner_ptr", "start_ptr", "stride_qb",
