@@ -470,15 +470,14 @@ class TCACacheLayer(CacheLayerMixin):
         """
         if self._seen >= self._grow_at:
             self._grow()
-        if self.append_kernel == "auto" and self._fused("auto", key_states):
-            self._token = (key_states.detach(), value_states.detach())
-            self._seen += 1
-            return
         # The key stands in for the step's query in the backend rule: same device, dtype and head dim.
         fused = self._fused(self.append_kernel, key_states)
-        append = append_token if fused else append_token_math
-        append(key_states, value_states, self.k_buf, self.v_buf, self.owner, self.pos, self.seg_start, self.next_pos,
-               self.base, ring=self.ring, heads=self._heads)
+        if fused and self.append_kernel == "auto":
+            self._token = (key_states.detach(), value_states.detach())
+        else:
+            append = append_token if fused else append_token_math
+            append(key_states, value_states, self.k_buf, self.v_buf, self.owner, self.pos, self.seg_start,
+                   self.next_pos, self.base, ring=self.ring, heads=self._heads)
         self._seen += 1
 
     # Kernels of the per-step cache updates, the block compression and the append: "auto" (the

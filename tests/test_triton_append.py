@@ -150,11 +150,12 @@ def tiny_model(seed):
     return tca_flex.apply(model, budgets=HeadBudgets(probs=budgets, config=TCAConfig(block_size=8, window=16)))
 
 
-def generate_with_appends(padded, kernels):
+def generate_with_appends(padded, kernels, launches):
     """40 greedy tokens of a fresh random tiny model through ``TCACache`` on the "triton" backend (kernels
     in Triton's interpreter on the CPU), once per append kernel; growth=0 re-lays the buffers on the
     way. ``padded``: two left-padded rows, the short one's window (ring base) starting later.
-    Returns (seed, prompt lengths, [(generate's output, cache)] in ``kernels``' order)."""
+    Returns (seed, prompt lengths, [(generate's output, cache)] in ``kernels``' order, and the length
+    of ``launches`` (a ``count_launches`` list) after each run)."""
     if not decode.triton_supported(torch.zeros(1, 1, 1, 16, device=DEVICE)):
         pytest.skip("the Triton kernels cannot run here (no GPU and no TRITON_INTERPRET=1)")
     seed = random.SystemRandom().randrange(1, 10**6)
@@ -163,14 +164,15 @@ def generate_with_appends(padded, kernels):
     lengths = [45, 10] if padded else [45]
     ids = torch.randint(1, 256, (len(lengths), max(lengths)), generator=gen)
     mask = (torch.arange(max(lengths)) >= max(lengths) - torch.tensor(lengths)[:, None]).long()
-    runs = []
+    runs, counted = [], []
     for kernel in kernels:
         cache = TCACache(model, backend="triton", growth=0.0, min_chunk_blocks=1)
         cache.set_append(kernel)
         out = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=40, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, **cache_kwargs(model, cache))
         runs.append((out, cache))
-    return seed, lengths, runs
+        counted.append(len(launches))
+    return seed, lengths, runs, counted
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -180,9 +182,8 @@ def test_decode_with_the_fused_append_equals_the_tensor_form(padded, monkeypatch
     the fused append and once with the tensor form: identical tokens, logits and caches after 39
     decode steps (four blocks of 8 leave the window of 16 in every row; growth=0 re-lays the
     buffers on the way). In the left-padded batch the rows have different ring bases."""
-    launches = count_launches(monkeypatch)
-    seed, lengths, runs = generate_with_appends(padded, ("math", "triton"))
-    assert len(launches) == 39 * 2, "one launch per decode step and layer, none with the tensor form"
+    seed, lengths, runs, counted = generate_with_appends(padded, ("math", "triton"), count_launches(monkeypatch))
+    assert counted == [0, 39 * 2], "one launch per decode step and layer, none with the tensor form"
     with pytest.raises(ValueError, match="append"):
         runs[1][1].set_append("fast")
     (want, ref_cache), (got, fused_cache) = runs
@@ -240,9 +241,10 @@ def test_decode_with_the_merge_appending_matches_the_tensor_form(padded, monkeyp
     the merge writes was free when the attention read the ring): the same slots, positions and
     counts, and keys and values bit for bit in the first layer, within rounding after it (their
     inputs went through the attention above)."""
-    merged, separate = count_launches(monkeypatch, merged=True), count_launches(monkeypatch)
-    seed, lengths, runs = generate_with_appends(padded, ("math", "auto"))
-    assert len(merged) == 39 * 2 and not separate, "the merge appends at every decode step and layer"
+    separate = count_launches(monkeypatch)
+    seed, lengths, runs, counted = generate_with_appends(padded, ("math", "auto"),
+                                                         count_launches(monkeypatch, merged=True))
+    assert counted == [0, 39 * 2] and not separate, "the merge appends at every decode step and layer"
     (want, ref_cache), (got, merged_cache) = runs
     assert torch.equal(got.sequences, want.sequences), f"seed {seed}"
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=1e-4)
