@@ -3,7 +3,7 @@
     python examples/plot_budgets.py [budgets.json] [--out budgets.png]
 
 Without a file, plots the shipped SmolLM2 budgets. Needs matplotlib
-(``pip install tca_flex[examples]``).
+(``pip install -e '.[examples]'`` in the repository).
 """
 
 from __future__ import annotations
