@@ -438,12 +438,25 @@ def _warn_if_full_cache_decode(layer: TCALayer, q_len: int, k_len: int) -> None:
                       UserWarning, stacklevel=3)
 
 
+def _check_no_dropout(module: torch.nn.Module, dropout: float) -> None:
+    if dropout and module.training:
+        raise ValueError("tca_flex is inference-only: call model.eval() before running TCA (attention dropout "
+                         "would be dropped without a word)")
+
+
+def _warn_no_weights() -> None:
+    # Eager only, as _warn_if_detached; transformers' own SDPA warns the same way.
+    if not torch.compiler.is_compiling():
+        warnings.warn("tca_flex: TCA attention returns no attention weights, so output_attentions=True gives None "
+                      "for its layers; run tca_flex.remove(model) and attn_implementation='eager' to get them",
+                      UserWarning, stacklevel=3)
+
+
 def _sparse_scale(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   dropout: float, scaling: float | None) -> float:
     """The checks every sparse prefill makes before it runs (inputs, eval mode, grad mode); its scale."""
     _check_inputs(query, key, value)
-    if dropout and module.training:
-        raise ValueError("tca_flex is inference-only: call model.eval() before running TCA")
+    _check_no_dropout(module, dropout)
     _warn_if_detached(query, key, value)
     return scaling if scaling is not None else query.shape[-1] ** -0.5
 
@@ -469,9 +482,12 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             f"{type(module).__name__} runs with attn_implementation='tca' but was not prepared by "
             "tca_flex.apply(model); call tca_flex.apply on the model instead of setting the name by hand"
         )
+    if kwargs.get("output_attentions"):
+        _warn_no_weights()
     cache_layer = layer.link.take(key)
     if cache_layer is not None and cache_layer.prefilled:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        _check_no_dropout(module, dropout)
         _warn_if_detached(query, key, value)
         with torch.no_grad():  # inference-only; detached too: CPU FlexAttention refuses inputs requiring grad
             if cache_layer.chunk_pending:  # several new tokens on top of the pruned cache

@@ -145,6 +145,10 @@ class TCAConfig:
         _check_choice("mass_criterion", self.mass_criterion, _MASS_CRITERIA)
         if self.mass_quantile is not None:
             _check_float("mass_quantile", self.mass_quantile, 0.0, 1.0)
+            if self.mass_criterion != "lse":
+                # column_mean has no per-query masses to take a quantile of: it would be ignored.
+                raise ValueError(f"TCAConfig.mass_quantile={self.mass_quantile} applies to mass_criterion='lse' only "
+                                 f"(got {self.mass_criterion!r}); set mass_quantile=None or mass_criterion='lse'")
         if self.guard_floor is not None:
             _check_float("guard_floor", self.guard_floor, 0.0, 1.0)
         _check_int("pool_kernel", self.pool_kernel, 1, 1025)

@@ -427,7 +427,7 @@ def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
     """``torch.compile(model, **kwargs)`` for a model prepared by ``tca_flex.apply``.
 
     Calling ``torch.compile`` yourself works too. This also changes two
-    process-wide settings, only here, on request, each with a log line: it
+    process-wide settings, only here, on request, each with a logged warning: it
     raises dynamo's recompile limit (``torch._dynamo.config.recompile_limit``)
     to at least 64, because a compiled whole model re-traces its decode step
     each time a ``TCACache`` grows; and it adds the cache layers' token count and
@@ -448,10 +448,13 @@ def compile(model: torch.nn.Module, **kwargs: Any) -> Any:
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < MIN_RECOMPILE_LIMIT:
-            logger.info("tca_flex.compile: raising torch._dynamo.config.%s to %d", name, MIN_RECOMPILE_LIMIT)
+            # A warning, not info: a process-wide setting changes (once: later calls find it raised).
+            logger.warning("tca_flex.compile: raising torch._dynamo.config.%s to %d (process-wide; a compiled "
+                           "model re-traces its decode step when a TCACache grows)", name, MIN_RECOMPILE_LIMIT)
             setattr(cfg, name, MIN_RECOMPILE_LIMIT)
     sources = torch.compiler.config.dynamic_sources
     if TCA_LENGTH_SOURCE not in sources.split(","):
-        logger.info("tca_flex.compile: adding %s to torch.compiler.config.dynamic_sources", TCA_LENGTH_SOURCE)
+        logger.warning("tca_flex.compile: adding %s to torch.compiler.config.dynamic_sources (process-wide; the "
+                       "decode step compiles once for every length)", TCA_LENGTH_SOURCE)
         torch.compiler.config.dynamic_sources = ",".join(filter(None, (sources, TCA_LENGTH_SOURCE)))
     return torch.compile(model, **kwargs)

@@ -36,6 +36,7 @@ from .layer import tca_layers
 from .selection import (
     Selection,
     budget_ladder,
+    dilate_keep,
     global_region_length,
     keep_from_importance,
     pack_positions,
@@ -50,7 +51,19 @@ except ImportError:  # no Triton (e.g. a CPU-only install): the "math" backend r
     triton_reconstruct = None
 
 REDUCTIONS = ("max", "mean")
+QUOTAS = ("blocks", "head")
 SCORE_BACKENDS = ("auto", "triton", "math")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def _check_context_chunk(context_chunk: int | None) -> None:
+    if context_chunk is not None and (isinstance(context_chunk, bool) or not isinstance(context_chunk, int)
+                                      or context_chunk < 1):
+        raise ValueError(f"context_chunk must be an int >= 1 or None, got {context_chunk!r}")
 
 
 def _check(input_ids: torch.Tensor, prompt_ids: torch.Tensor) -> None:
@@ -103,8 +116,7 @@ def score_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
         (``[B, H_q, Lq, D]`` attention output in ``query``'s dtype, float32
         ``[B, H_kv, context]`` scores).
     """
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce={reduce!r} is not one of {list(REDUCTIONS)}")
+    _check_choice("reduce", reduce, REDUCTIONS)
     if score_backend(query, key, value, backend) == "triton":
         return triton_reconstruct.fused_rows(query, key, value, scaling, context, scored_from, reduce)
     bsz, hq, lq, d = query.shape
@@ -164,9 +176,8 @@ def reconstruction_importance(model: torch.nn.Module, past: Sequence[tuple[torch
     bsz, length = context_ids.shape
     prompt_ids = prompt_ids.expand(bsz, -1).to(context_ids.device)
     r = prompt_ids.shape[1]
+    _check_context_chunk(context_chunk)
     piece = length if context_chunk is None else context_chunk
-    if isinstance(piece, bool) or not isinstance(piece, int) or piece < 1:
-        raise ValueError(f"context_chunk must be an int >= 1 or None, got {context_chunk!r}")
     scores: list[torch.Tensor | None] = [None] * len(past)
     counts: list[int] = [0] * len(past)
 
@@ -198,7 +209,8 @@ def reconstruction_importance(model: torch.nn.Module, past: Sequence[tuple[torch
 
 def head_top_keep(s: torch.Tensor, cdf_hk: torch.Tensor, knobs: SelectionConfig, global_len: int) -> torch.Tensor:
     """Per KV head, the top tokens of the whole global region by pooled importance, as many as the
-    budget ladder would keep there in total (no per-block quota).
+    budget ladder would keep there in total (no per-block quota), each with its ``span`` neighbours
+    (``dilate_keep``), as the per-block quota keeps them.
 
     Returns bool ``[B, H_kv, G]``.
     """
@@ -207,7 +219,7 @@ def head_top_keep(s: torch.Tensor, cdf_hk: torch.Tensor, knobs: SelectionConfig,
     sizes = to_blocks(torch.ones(global_len, device=s.device), knobs.block_size, 0.0).sum(-1)
     total = torch.minimum(ladder, sizes.long()).sum(-1)  # [H_kv]: the ladder's tokens, ranks capped by sizes
     pooled = pool_importance(s, knobs.pool_kernel)[..., :global_len]
-    return rank_of(pooled) < total.view(1, -1, 1)
+    return dilate_keep(rank_of(pooled) < total.view(1, -1, 1), knobs.span)
 
 
 def selection_from_importance(model: torch.nn.Module, importance: Sequence[torch.Tensor], length: int,
@@ -220,6 +232,7 @@ def selection_from_importance(model: torch.nn.Module, importance: Sequence[torch
         importance: per layer, ``[B, H_kv, length]`` non-negative scores.
         length: the prompt length ``L`` (must exceed the window).
     """
+    _check_choice("quota", quota, QUOTAS)
     records = tca_layers(model)
     if len(records) != len(importance):
         raise ValueError(f"{len(importance)} importance rows for {len(records)} TCA layers")
@@ -274,9 +287,21 @@ def prefill_by_reconstruction(model: torch.nn.Module, input_ids: torch.Tensor, c
     _check(input_ids, prompt_ids)
     if "attention_mask" in model_kwargs:
         raise ValueError("prefill_by_reconstruction takes unpadded rows only: drop attention_mask")
+    # Checked here, not where they are used: a prompt that fits the window never gets there.
+    _check_choice("reduce", reduce, REDUCTIONS)
+    _check_choice("quota", quota, QUOTAS)
+    _check_context_chunk(context_chunk)
     records = tca_layers(model)
     if not records:
         raise ValueError("prefill_by_reconstruction: this model was not prepared by tca_flex.apply")
+    guarded = sorted({r.config.guard_floor for r in records if r.config.guard_floor is not None})
+    if guarded:
+        # The guard tops up what the prompt's last query reads; this selection scores by the repeat
+        # pass and never sees that query, so the guard's guarantee would not hold.
+        raise ValueError(f"prefill_by_reconstruction cannot apply guard_floor={guarded[0]} (the guard measures the "
+                         "prompt's last query, which the repeat pass's selection does not see): apply the budgets "
+                         "with guard_floor=None (budgets.with_config(guard_floor=None)) for this call, or prefill "
+                         "the ordinary way")
     if cache.get_seq_length() != 0:
         raise ValueError("prefill_by_reconstruction needs an empty TCACache (later turns append as usual)")
     full = DynamicCache(config=model.config)

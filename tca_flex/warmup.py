@@ -130,6 +130,9 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
     hkv = layer.cdf.shape[0]
     hq = hkv * (model.config.num_attention_heads // model.config.num_key_value_heads)
     d = mod.head_dim
+    # The scale the model's layers pass (Granite's attention_multiplier is not head_dim ** -0.5): graphs
+    # warmed with another float could be specialised on it.
+    scale = getattr(mod, "scaling", None) or d ** -0.5
     lengths = warmup_lengths(config.window, max_length, config.block_size)
     if generate:
         _check_generate_compiles(model, device, compile_config)
@@ -146,10 +149,10 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
                        .transpose(1, 2) for h in (hq, hkv, hkv))
             # Both ways in: the model's (the custom op, which runs below autograd, and
             # dynamo's guards see that dispatch state) and a direct call's.
-            prefill_attention_op(q, k, v, cdf, layer.config_json, d ** -0.5)
-            _, sel = tca_prefill_attention(q, k, v, cdf, config, d ** -0.5, return_selection=True)
+            prefill_attention_op(q, k, v, cdf, layer.config_json, scale)
+            _, sel = tca_prefill_attention(q, k, v, cdf, config, scale, return_selection=True)
             if decode:
-                _decode_once(layer, k, v, sel, q.shape[1], d)
+                _decode_once(layer, k, v, sel, q.shape[1], scale)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             per_length.append(time.perf_counter() - t0)
@@ -168,7 +171,8 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
     return report
 
 
-def _decode_once(layer: TCALayer, key: torch.Tensor, value: torch.Tensor, sel: Selection, hq: int, d: int) -> None:
+def _decode_once(layer: TCALayer, key: torch.Tensor, value: torch.Tensor, sel: Selection, hq: int,
+                 scale: float) -> None:
     """A pruned cache filled from the prefill, then ``block_size`` decode steps (one compression)."""
     cache = TCACacheLayer(layer.config, layer.keep_per_block)
     cache.lazy_initialization(key, value)
@@ -176,7 +180,7 @@ def _decode_once(layer: TCALayer, key: torch.Tensor, value: torch.Tensor, sel: S
     for _ in range(layer.config.block_size):
         new_k = torch.randn_like(key[:, :, :1])
         cache.update(new_k, torch.randn_like(new_k))
-        cache.decode_step(torch.randn(key.shape[0], hq, 1, d, device=key.device, dtype=key.dtype), d ** -0.5)
+        cache.decode_step(torch.randn(key.shape[0], hq, 1, key.shape[-1], device=key.device, dtype=key.dtype), scale)
 
 
 def _check_generate_compiles(model: torch.nn.Module, device: torch.device, compile_config: Any) -> None:
@@ -261,4 +265,7 @@ def load_compile_cache(path: str | os.PathLike) -> None:
         FileNotFoundError: ``path`` does not exist.
     """
     data = Path(path).read_bytes()
-    torch.compiler.load_cache_artifacts(data)
+    if torch.compiler.load_cache_artifacts(data) is None:
+        # torch logs its own reason; say what it means for the requests.
+        logger.warning("tca_flex.load_compile_cache: nothing was loaded from %s (empty, damaged, or written by "
+                       "another torch version): the first request compiles as without it", path)

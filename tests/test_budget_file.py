@@ -37,8 +37,9 @@ def budgets(draw) -> HeadBudgets:
     mass[unknown] = math.nan
     # anchor_blocks and grace_blocks stay 0: files older than those fields lack them and load as 0
     # (budget_file.py).
-    config = TCAConfig(block_size=b, window=4 * b, tau=draw(st.floats(0.0, 1.0)),
-                       mass_quantile=draw(st.none() | st.floats(0.0, 1.0)),
+    quantile = draw(st.none() | st.floats(0.0, 1.0))  # a quantile needs the per-query criterion
+    config = TCAConfig(block_size=b, window=4 * b, tau=draw(st.floats(0.0, 1.0)), mass_quantile=quantile,
+                       mass_criterion="lse" if quantile is not None else draw(st.sampled_from(["column_mean", "lse"])),
                        guard_floor=draw(st.none() | st.floats(0.0, 1.0)), normalize_redundancy=draw(st.booleans()))
     return HeadBudgets(probs=probs / probs.sum(-1, keepdim=True), config=config,
                        retained_mass=draw(st.sampled_from([None, mass])),

@@ -291,6 +291,9 @@ def test_bad_inputs_are_refused(calibrated):
         calibrate(model, text_ids(need - 1, 107), CONFIG, progress=False)
     with pytest.raises(ValueError, match="one sequence"):
         calibrate(model, text_ids(need, 108).repeat(2, 1), CONFIG, progress=False)
+    for chunk in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="chunk"):
+            calibrate(model, text_ids(need, 108), CONFIG, progress=False, chunk=chunk)
     unsupported = tiny_model(109)
     unsupported.config.model_type = "gpt2"
     with pytest.raises(ValueError, match="does not support model_type"):
@@ -357,6 +360,7 @@ def test_cli_calibrates_a_local_model_directory(tmp_path, capsys):
     (["--tau", "1.5"], "argument --tau: must be in [0.0, 1.0], got 1.5"),
     (["--sigma", "nan"], "argument --sigma: must be >= 0.0, got nan"),
     (["--quantile", "0.1"], "argument --quantile: applies to --criterion lse only"),
+    (["--anchor", "--option", "anchor_blocks=4"], "argument --anchor: sets anchor_blocks from the calibration"),
     (["--window", "8"], "argument --window: TCAConfig.window=8 is out of range"),
     (["--out", "{tmp}"], "argument --out: {tmp} is a directory"),
     (["--out", "{tmp}/no/b.json"], "argument --out: the folder {tmp}/no does not exist"),

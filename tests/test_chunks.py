@@ -190,6 +190,8 @@ def test_chunks_refuse_padding_and_leave_the_cache_usable(tiny_llama):
         tca_flex.chunked_prefill(tiny_llama, ids(10), TCACache(tiny_llama), 0)
     with pytest.raises(ValueError, match="unpadded"):
         tca_flex.chunked_prefill(tiny_llama, ids(10), TCACache(tiny_llama), 4, attention_mask=torch.ones(1, 10))
+    with pytest.raises(TypeError, match="needs the cache to fill"):
+        tca_flex.chunked_prefill(tiny_llama, ids(10), None, 4)
     layer = TCACacheLayer(SPARSE, [4, 4])
     layer.update(torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16))
     layer.finish_prefill(torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16), None)

@@ -40,6 +40,7 @@ def test_round_trip_through_dict():
     (dict(cache_spread_observation_queries=-1), "cache_spread_observation_queries"),
     (dict(cache_spread_observation_queries=0.5), "cache_spread_observation_queries"),
     (dict(mass_criterion="kl"), "mass_criterion"),
+    (dict(mass_quantile=0.1), "applies to mass_criterion='lse' only"),
     (dict(block_size=64.0), "block_size"),
     (dict(version=99), "version"),
 ])

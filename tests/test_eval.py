@@ -401,7 +401,7 @@ def test_config_overrides_parse_into_config_fields():
 def test_every_config_field_parses_back_from_its_text():
     """Each field, written as a command line writes it, parses to the same value and type (optional
     fields included: their default, None, does not give their type)."""
-    config = TCAConfig.accurate(block_size=64, window=512, mass_quantile=0.1, guard_floor=0.5,
+    config = TCAConfig.accurate(block_size=64, window=512, mass_criterion="lse", mass_quantile=0.1, guard_floor=0.5,
                                 cache_spread_observation_queries=3, normalize_redundancy=True)
     for name, value in config.to_dict().items():
         parsed = parse_overrides([f"{name}={value}"])[name]

@@ -212,6 +212,8 @@ def test_apply_refuses_a_config_the_budgets_were_not_calibrated_with(data):
     name = data.draw(st.sampled_from(sorted(OTHER_VALUES)))
     value = data.draw(OTHER_VALUES[name].filter(lambda v: v != getattr(CALIBRATED, name)))
     changes = {name: value, "window": max(128, value)} if name == "block_size" else {name: value}
+    if name == "mass_criterion":  # column_mean takes no quantile
+        changes["mass_quantile"] = None
     config = CALIBRATED.replace(**changes)
     budgets = HeadBudgets.uniform(2, 2, float(data.draw(st.floats(0.0, 1.0))), CALIBRATED)
     model = LlamaForCausalLM(tiny_llama_config()).eval()
@@ -272,6 +274,30 @@ def test_forward_with_autograd_on_runs_detached_and_says_so(tiny_llama):
     # Queries reach the output only through TCA attention, which is detached; the MLPs still learn.
     assert all(layer.self_attn.q_proj.weight.grad is None for layer in tiny_llama.model.layers)
     assert all(layer.mlp.up_proj.weight.grad.abs().sum() > 0 for layer in tiny_llama.model.layers)
+
+
+@torch.no_grad()
+def test_what_tca_layers_cannot_give_is_said_or_refused(tiny_llama):
+    """No attention weights (output_attentions) is said; attention dropout in training mode is refused,
+    in the sparse prefill and in a step over the pruned cache alike."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    x = ids(300, seed=seed)
+    with pytest.warns(UserWarning, match="no attention weights.*output_attentions"):
+        out = tiny_llama(x, output_attentions=True)
+    assert torch.isfinite(out.logits).all()
+    cache = tca_flex.TCACache(tiny_llama)
+    tiny_llama(x, use_cache=True, **cache_kwargs(tiny_llama, cache))
+    for layer in tiny_llama.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    tiny_llama.train()
+    try:
+        with pytest.raises(ValueError, match="inference-only: call model.eval"):
+            tiny_llama(x)
+        with pytest.raises(ValueError, match="inference-only: call model.eval"):
+            tiny_llama(ids(1, seed=seed + 1), use_cache=True, **cache_kwargs(tiny_llama, cache))
+    finally:
+        tiny_llama.eval()
 
 
 @torch.no_grad()

@@ -209,11 +209,12 @@ def test_importance_is_the_attention_of_a_dense_repeat_pass(tiny_llama, reduce):
         torch.testing.assert_close(got[layer][0].double(), want, atol=1e-5, rtol=1e-4)
 
 
-@given(seed=st.integers(0, 10**6), length=st.integers(1, 200), kernel=st.sampled_from([1, 3, 7]))
-def test_head_top_keep_takes_the_ladders_total_by_pooled_score(seed, length, kernel):
+@given(seed=st.integers(0, 10**6), length=st.integers(1, 200), kernel=st.sampled_from([1, 3, 7]),
+       span=st.sampled_from([0, 0, 1, 3]))
+def test_head_top_keep_takes_the_ladders_total_by_pooled_score(seed, length, kernel, span):
     gen = torch.Generator().manual_seed(seed)
     budgets = HeadBudgets.uniform(1, 2, 0.3, SPARSE)
-    knobs = SPARSE.replace(pool_kernel=kernel).selection
+    knobs = SPARSE.replace(pool_kernel=kernel, span=span).selection
     s = torch.rand(1, 2, length + 64, generator=gen)
     keep = head_top_keep(s, budgets.cdf(0), knobs, length)
     n = -(-length // 16)
@@ -222,9 +223,13 @@ def test_head_top_keep_takes_the_ladders_total_by_pooled_score(seed, length, ker
     pooled = pool_importance(s, kernel)[..., :length]
     for h in range(2):
         total = int(torch.minimum(ladder[h], sizes).sum())
-        assert int(keep[0, h].sum()) == total
-        if 0 < total < length:  # every kept token scores at least as high as every dropped one
-            assert pooled[0, h][keep[0, h]].min() >= pooled[0, h][~keep[0, h]].max()
+        top = torch.zeros(length, dtype=torch.bool)
+        top[pooled[0, h].argsort(descending=True, stable=True)[:total]] = True
+        # Each of the top tokens with its span neighbours on both sides, as the block quota keeps them.
+        want = top.clone()
+        for i in top.nonzero().flatten().tolist():
+            want[max(0, i - span): i + span + 1] = True
+        assert torch.equal(keep[0, h], want)
 
 
 @torch.no_grad()
@@ -295,6 +300,21 @@ def test_prefill_by_reconstruction_refuses_a_used_cache(tiny_llama):
         tiny_llama(ids(100), use_cache=True, **cache_kwargs(tiny_llama, cache))
     with pytest.raises(ValueError, match="empty TCACache"):
         prefill_by_reconstruction(tiny_llama, ids(100), cache, ids(3))
+
+
+def test_prefill_by_reconstruction_refuses_what_it_cannot_honour(tiny_llama):
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    # Checked whatever the prompt's length (a prompt that fits the window never scores anything).
+    for length in (40, 120):
+        for bad, match in (({"quota": "heads"}, "quota="), ({"reduce": "sum"}, "reduce="),
+                           ({"context_chunk": 0}, "context_chunk")):
+            with pytest.raises(ValueError, match=match):
+                prefill_by_reconstruction(tiny_llama, ids(length), TCACache(tiny_llama), ids(3), **bad)
+    # The guard measures the prompt's last query, which this selection never sees.
+    tca_flex.remove(tiny_llama)
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE.replace(guard_floor=0.9)))
+    with pytest.raises(ValueError, match="guard_floor"):
+        prefill_by_reconstruction(tiny_llama, ids(120), TCACache(tiny_llama), ids(3))
 
 
 def top_t_by(scores, start, stop, block, t):

@@ -206,6 +206,14 @@ def test_warmup_refuses_a_model_without_apply(tiny_llama):
         tca_flex.warmup(tiny_llama, max_length=900)
 
 
+def test_a_damaged_compile_cache_is_said(tmp_path, caplog):
+    path = tmp_path / "compiled.bin"
+    path.write_bytes(bytes(torch.randint(0, 256, (64,), dtype=torch.uint8).tolist()))
+    with caplog.at_level("WARNING", logger="tca_flex.warmup"):
+        tca_flex.load_compile_cache(path)
+    assert "nothing was loaded" in caplog.text and str(path) in caplog.text
+
+
 _SECOND_PROCESS = """
 import sys, torch, tca_flex
 from tca_flex import HeadBudgets, TCAConfig

@@ -101,6 +101,9 @@ def parse_args(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argpar
     fields = dict(block_size=args.block_size, window=args.window, tau=args.tau, mass_criterion=args.criterion,
                   mass_quantile=args.quantile, num_candidates=args.num_candidates, sigma=args.sigma)
     options = overrides_or_error(parser, args.option, "--option", FLAGS)
+    if args.anchor and "anchor_blocks" in options:
+        parser.error("argument --anchor: sets anchor_blocks from the calibration length; drop "
+                     "--option anchor_blocks=... or --anchor")
     config = config_or_error(parser, {**fields, **options}, {**FLAGS, **{k: "--option" for k in options}})
     need = min_calibration_tokens(config)
     if args.tokens is not None and args.tokens < need:

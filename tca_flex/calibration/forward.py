@@ -102,6 +102,9 @@ def score_candidates(model: torch.nn.Module, input_ids: torch.Tensor, config: TC
     """
     config = config or TCAConfig()
     ids = _check_input_ids(input_ids, config)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        # A chunk < 1 would score no query at all, and every head would come out dense.
+        raise ValueError(f"chunk (queries per step) must be an int >= 1, got {chunk!r}")
     check_model(model)
     if model.training:
         raise ValueError("call model.eval() before calibrating (dropout would make budgets random)")

@@ -194,6 +194,10 @@ def evaluate(model, tokenizer, args: argparse.Namespace, out: Path) -> tuple[lis
         budgets, label = load_budgets(path), Path(path).stem
         if options:  # a probe of other knobs with these budgets (block size and window stay the file's)
             budgets = budgets.with_config(**options)
+        own = (budgets.config.block_size, budgets.config.window)
+        if own != (args.block, args.window):
+            logger.warning("--budgets %s runs with its own block size and window %s; --block/--window %s apply to "
+                           "the --keep methods only", path, own, (args.block, args.window))
         if budgets.fingerprint:  # before any compute, not when the method's turn comes
             check_fingerprint(budgets.fingerprint, model_fingerprint(model))
         listed = [v for v in TCA_VARIANTS if v in args.methods]
