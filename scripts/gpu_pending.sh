@@ -10,6 +10,9 @@
 #   kernel by kernel, both ways.
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
+# combo-profile / combo-32k / combo-128k: the profile and the e2e parts with Inductor's combo kernels
+#   (independent pointwise kernels, e.g. q's and k's RoPE, horizontally fused into one launch) on for
+#   the whole process, dense and TCA alike (scripts/with_inductor.py).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -21,9 +24,12 @@ stage() {  # stage SECONDS NAME COMMAND...: bounded, its output in NAME.log
   echo "$name: exit $?" | tee -a "$OUT/stages.txt"
   tail -n 4 "$OUT/$name.log"
 }
-E2E=(python -u -m tca_flex.bench --out "$OUT" --phases e2e --e2e-layers 32 --no-e2e-static --ttft-reps 1
+# Each e2e part writes its JSON to a folder of its own (the bench names the file by device, date, phases).
+E2E=(-m tca_flex.bench --phases e2e --e2e-layers 32 --no-e2e-static --ttft-reps 1
      --tpot-variants two-graph+fused --compile-tpot inductor --compiled-variants two-graph+fused)
-[ $# -gt 0 ] || { echo "parts: tests decode parts profile e2e-32k e2e-128k" >&2; exit 2; }
+COMBO=(python -u scripts/with_inductor.py combo_kernels=1 --)
+[ $# -gt 0 ] || { echo "parts: tests decode parts profile e2e-32k e2e-128k combo-profile combo-32k combo-128k" >&2
+                  exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
 for part in "$@"; do
   case "$part" in
@@ -36,8 +42,13 @@ for part in "$@"; do
       stage 110 profile-merged python -u scripts/gpu_step_profile.py 4 0.25 32768 131072
       TCA_PROBE_APPEND=triton stage 110 profile-append-kernel python -u scripts/gpu_step_profile.py 4 0.25 32768 \
         131072 ;;
-    e2e-32k) stage 560 e2e-32k "${E2E[@]}" --lengths 32768 --e2e-keep 0.25 ;;
-    e2e-128k) stage 560 e2e-128k "${E2E[@]}" --lengths 131072 --e2e-keep 0.37 ;;
+    e2e-32k) stage 560 e2e-32k python -u "${E2E[@]}" --out "$OUT/e2e-32k" --lengths 32768 --e2e-keep 0.25 ;;
+    e2e-128k) stage 560 e2e-128k python -u "${E2E[@]}" --out "$OUT/e2e-128k" --lengths 131072 --e2e-keep 0.37 ;;
+    combo-profile) stage 110 combo-profile "${COMBO[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
+    combo-32k) stage 560 combo-32k "${COMBO[@]}" "${E2E[@]}" --out "$OUT/combo-32k" --lengths 32768 \
+                 --e2e-keep 0.25 ;;
+    combo-128k) stage 560 combo-128k "${COMBO[@]}" "${E2E[@]}" --out "$OUT/combo-128k" --lengths 131072 \
+                  --e2e-keep 0.37 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
