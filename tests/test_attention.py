@@ -1,6 +1,6 @@
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
@@ -11,7 +11,7 @@ from tca_flex.masks import capacity_mask_mod, count_at_most, tca_block_mask, tca
 from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
 from tca_flex.selection import select
 
-from .oracles import reference_selection
+from .oracles import reference_selection, selection_is_ambiguous
 
 # (bsz, H_q, H_kv, L, D, window, block, keep fraction): GQA and MHA, lengths
 # that are not multiples of any block, windows that are and are not multiples
@@ -33,15 +33,21 @@ def make(case, dtype, seed):
 
 
 def expected(q, k, v, config, budgets):
-    """float64 output and kept set, from the reference's own importance and selection."""
-    keep = reference_selection(q, k, budgets.probs[0], config)[1]
+    """float64 output and kept set, from the reference's own importance and selection; draws where
+    float32 rounding may legitimately choose other tokens are skipped (``selection_is_ambiguous``)."""
+    s_ref, keep = reference_selection(q, k, budgets.probs[0], config)
+    assume(not selection_is_ambiguous(s_ref, keep, config))
     return reference_attention(q, k, v, reference_mask(keep, config.window, q.shape[1]), q.shape[-1] ** -0.5), keep
+
+
+seeds = st.integers(0, 2**31 - 1)
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, None)])
-def test_prefill_matches_reference(case, dtype, tol):
-    seed = 100 + CASES.index(case)  # fixed per case: never drawn from the global RNG
+@settings(max_examples=3)  # the shapes stay the case's: fresh inputs, no new compile
+@given(seed=seeds)
+def test_prefill_matches_reference(case, dtype, tol, seed):
     q, k, v, config, budgets = make(case, dtype, seed)
     out = tca_prefill_attention(q, k, v, budgets.cdf(0), config, q.shape[-1] ** -0.5)
     ref, keep = expected(q, k, v, config, budgets)
@@ -70,9 +76,11 @@ def test_count_at_most_is_searchsorted_right(rows, width, values, seed):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_block_mask_is_exact(case):
+@settings(max_examples=3)
+@given(seed=seeds)
+def test_block_mask_is_exact(case, seed):
     """Every visible key is in a listed block; full blocks are entirely visible."""
-    q, k, v, config, budgets = make(case, torch.float32, 11)
+    q, k, v, config, budgets = make(case, torch.float32, seed)
     sel = select(q, k, budgets.cdf(0), SelectionConfig(block_size=config.block_size, window=config.window,
                                                         alpha=config.alpha), scaling=q.shape[-1] ** -0.5)
     bsz, hq, length = q.shape[0], q.shape[1], q.shape[2]
@@ -101,10 +109,12 @@ def test_block_mask_is_exact(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_packed_mask_function_gives_the_reference_mask(case):
+@settings(max_examples=3)
+@given(seed=seeds)
+def test_packed_mask_function_gives_the_reference_mask(case, seed):
     """Both packed mask functions (key-position table; capacity split), evaluated on every
     (query, packed or local key), see exactly the keys of the explicit reference mask, each once."""
-    q, k, v, config, budgets = make(case, torch.float32, 5)
+    q, k, v, config, budgets = make(case, torch.float32, seed)
     sel = select(q, k, budgets.cdf(0), SelectionConfig(block_size=config.block_size, window=config.window,
                                                         alpha=config.alpha), scaling=q.shape[-1] ** -0.5)
     bsz, hq, length = q.shape[0], q.shape[1], q.shape[2]
@@ -124,9 +134,10 @@ def test_packed_mask_function_gives_the_reference_mask(case):
         assert torch.equal(folded.bool(), ref.expand_as(folded))
 
 
-def test_prefill_with_spread_observers_matches_reference_end_to_end():
+@settings(max_examples=4)
+@given(seed=seeds)
+def test_prefill_with_spread_observers_matches_reference_end_to_end(seed):
     """The accuracy knobs (last-m + spread observers, pooling, normalised score) end to end vs float64."""
-    seed = 7  # fixed: never drawn from the global RNG
     g = torch.Generator().manual_seed(seed)
     hq, hkv, length, d, window, block = CASES[0][1:7]  # a compiled shape: no extra compile
     q, k, v = (torch.randn(1, h, length, d, generator=g) for h in (hq, hkv, hkv))
@@ -138,6 +149,7 @@ def test_prefill_with_spread_observers_matches_reference_end_to_end():
     s_ref = reference_importance(q, k, scale, 8, "mean", 6, window)
     keep = reference_keep(s_ref, budgets.probs[0], SelectionConfig(block_size=block, window=window,
                                                                     alpha=config.alpha, normalize=True, pool_kernel=5))
+    assume(not selection_is_ambiguous(s_ref, keep, config))
     ref = reference_attention(q, k, v, reference_mask(keep, window, hq), scale)
     err = (out.double() - ref).abs().max().item()
     assert err < 2e-5, f"max abs error {err} (seed {seed})"
