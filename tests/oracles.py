@@ -16,7 +16,13 @@ from transformers import AttentionInterface, DynamicCache
 
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.hfcompat import cache_kwargs
-from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
+from tca_flex.reference import (
+    reference_attention,
+    reference_chunks,
+    reference_importance,
+    reference_keep,
+    reference_mask,
+)
 
 
 def reference_selection(q: torch.Tensor, k: torch.Tensor, probs_hk: torch.Tensor, config: TCAConfig,
@@ -77,14 +83,21 @@ class ReferenceModel:
     ``grace_blocks`` blocks past the window, its ``t = floor(E[k])`` tokens with the highest attention (GQA
     aggregated, ties to the older token) join the kept set. Without
     ``pruned`` a decode step attends to every key (a full cache).
+
+    With ``chunks`` (and ``pruned``), every call after the prefill, of one
+    token or several, follows ``reference.reference_chunks`` (the written rule
+    of docs/chunked_prefill.md, re-run from the prefill each call); ``min_gap``
+    then holds its smallest relative importance gap at a compressed block's cut
+    (below float32 rounding a tie either side may break).
     """
 
     name = "tca_test_reference"
 
-    def __init__(self, budgets: HeadBudgets, pruned: bool) -> None:
-        self.budgets, self.config, self.pruned = budgets, budgets.config, pruned
+    def __init__(self, budgets: HeadBudgets, pruned: bool, chunks: bool = False) -> None:
+        self.budgets, self.config, self.pruned, self.chunks = budgets, budgets.config, pruned, chunks
         self.keep_per_block = torch.floor(budgets.expected_per_block() + 1e-9).long()
         self.state: dict[int, dict] = {}
+        self.min_gap = float("inf")
         AttentionInterface.register(self.name, self.attention)
 
     def attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -100,8 +113,11 @@ class ReferenceModel:
             else:
                 keep[..., : max(k_len - cfg.window, 0)] = True
             out = reference_attention(query, key, value, reference_mask(keep, cfg.window, hq), scale)
-            self.state[layer] = {"kept": keep, "ncs": max(k_len - cfg.window, 0)}
+            self.state[layer] = {"kept": keep, "ncs": max(k_len - cfg.window, 0), "queries": [], "sizes": [],
+                                 "kept0": keep | (torch.arange(k_len) >= k_len - cfg.window)}
             return out.to(query.dtype).transpose(1, 2).contiguous(), None
+        if self.chunks and self.pruned:
+            return self._chunk(layer, query, key, value, scale), None
         assert q_len == 1, "the reference decodes one token per step"
         st = self.state[layer]
         kept = torch.nn.functional.pad(st["kept"], (0, k_len - st["kept"].shape[-1]))
@@ -121,6 +137,22 @@ class ReferenceModel:
             ncs += b
         st["kept"], st["ncs"] = kept, ncs
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    def _chunk(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        st, cfg = self.state[layer], self.config
+        st["queries"].append(query.double())
+        st["sizes"].append(query.shape[2])
+        prefill = st["kept0"].shape[-1]
+        # reference_chunks reads the queries of the chunks' positions only; the prefill's are placeholders.
+        before = query.new_zeros(*query.shape[:2], prefill, query.shape[-1], dtype=torch.float64)
+        out, _, gap = reference_chunks(torch.cat([before, *st["queries"]], 2), key, value, st["kept0"], st["sizes"],
+                                       self.keep_per_block[layer].tolist(), scaling=scale,
+                                       block_size=cfg.block_size, window=cfg.window,
+                                       num_queries=cfg.num_observation_queries, aggregation=cfg.gqa_aggregation,
+                                       grace_blocks=cfg.grace_blocks)
+        self.min_gap = min(self.min_gap, gap)
+        return out[:, :, -query.shape[2]:].to(query.dtype).transpose(1, 2).contiguous()
 
     @torch.no_grad()
     def logits(self, model, sequences: torch.Tensor, prompt_len: int) -> torch.Tensor:

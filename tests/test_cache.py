@@ -241,6 +241,36 @@ def test_sparse_generation_rows_have_their_own_selection(tiny_llama):
 
 
 @torch.no_grad()
+def test_repeated_rows_keep_their_own_selection_and_reset_empties_the_cache(tiny_llama):
+    """``batch_repeat_interleave`` (generate's expansion of a filled cache) copies each row's kept set
+    and buffers to its copies, which then decode as the original row; after ``reset`` the same cache
+    serves a new prompt as a fresh one does."""
+    seed = random.randint(1, 10**6)
+    tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    x = ids(200, bsz=2, seed=seed)
+    cache = TCACache(tiny_llama)
+    tiny_llama(x, **cache_kwargs(tiny_llama, cache))
+    before = [[layer.kept_positions(row, h) for row in range(2) for h in range(2)] for layer in cache.layers]
+    cache.batch_repeat_interleave(2)
+    assert cache.batch_size == 4
+    for layer, kept in zip(cache.layers, before, strict=True):
+        for row in range(4):
+            for h in range(2):
+                assert torch.equal(layer.kept_positions(row, h), kept[(row // 2) * 2 + h])
+    step = ids(1, bsz=2, seed=seed + 1).repeat_interleave(2, 0)
+    logits = tiny_llama(step, position_ids=torch.full((4, 1), 200), **cache_kwargs(tiny_llama, cache)).logits
+    torch.testing.assert_close(logits[0::2], logits[1::2], atol=0, rtol=0)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    y = ids(180, seed=seed + 2)
+    fresh = TCACache(tiny_llama)
+    want = tiny_llama(y, **cache_kwargs(tiny_llama, fresh)).logits
+    torch.testing.assert_close(tiny_llama(y, **cache_kwargs(tiny_llama, cache)).logits, want, atol=0, rtol=0)
+    for layer, other in zip(cache.layers, fresh.layers, strict=True):
+        assert torch.equal(layer.kept_positions(0, 1), other.kept_positions(0, 1))
+
+
+@torch.no_grad()
 def test_grace_blocks_is_a_run_time_knob_of_the_cache(tiny_llama):
     """A config that differs from the budgets' only in ``grace_blocks`` applies without a conflict
     (calibration never sees it), and the cache then keeps the grace blocks exact during decode:

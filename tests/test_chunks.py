@@ -16,6 +16,7 @@ from tca_flex.reference import reference_chunks
 from tca_flex.selection import PAD_POSITION, Selection
 
 from .conftest import tiny_llama_config
+from .oracles import ReferenceModel
 
 SPARSE = TCAConfig(block_size=16, window=64)
 
@@ -162,6 +163,41 @@ def test_sparse_conversation_keeps_window_and_budget(tiny_llama):
     assert cache.get_seq_length() == seen + 130
 
 
+def feed(model, cache, calls):
+    """Every position's logits of each forward in ``calls`` (token blocks), in order, over ``cache``."""
+    return [model(tokens, **cache_kwargs(model, cache)).logits for tokens in calls]
+
+
+@torch.no_grad()
+def test_sparse_chunks_and_steps_match_the_float64_rule(tiny_llama):
+    """A sparse prefill, then chunks (40 tokens: larger than a block, within the window) and decode
+    steps through TCACache, every position's logits against a float64 model that applies the written
+    rule of docs/chunked_prefill.md (``reference_chunks``) by hand; ``chunked_prefill`` returns the
+    last of them."""
+    from transformers import DynamicCache
+
+    budgets = HeadBudgets.uniform(2, 2, 0.25, SPARSE)
+    for _ in range(5):  # draws whose compressed blocks tie within float32 rounding are redrawn
+        seed = fresh_seed()
+        prompt, more, steps = ids(200, seed=seed), ids(130, seed=seed + 1), ids(3, seed=seed + 2)
+        calls = [prompt, *more.split(40, 1), *steps.split(1, 1)]
+        reference = ReferenceModel(budgets, pruned=True, chunks=True)
+        tiny_llama.set_attn_implementation(reference.name)
+        want = feed(tiny_llama, DynamicCache(config=tiny_llama.config), calls)
+        tiny_llama.set_attn_implementation("sdpa")
+        if reference.min_gap > 1e-4:
+            break
+    assert reference.min_gap > 1e-4, "five draws in a row with a tie at a block's cut"
+    tca_flex.apply(tiny_llama, budgets=budgets)
+    got = feed(tiny_llama, TCACache(tiny_llama), calls)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    cache = TCACache(tiny_llama)
+    tiny_llama(prompt, **cache_kwargs(tiny_llama, cache))
+    torch.testing.assert_close(tca_flex.chunked_prefill(tiny_llama, more, cache, 40), want[4][:, -1], atol=1e-4,
+                               rtol=1e-4)
+
+
 @torch.no_grad()
 def test_chunked_prefill_then_generate_matches_one_shot_prefill_with_keep_all(tiny_llama):
     x = ids(200, seed=fresh_seed())
@@ -185,7 +221,16 @@ def test_chunks_refuse_padding_and_leave_the_cache_usable(tiny_llama):
     assert cache.get_seq_length() == 100
     out = tiny_llama(ids(10, bsz=2), attention_mask=torch.ones(2, 110, dtype=torch.long),
                      **cache_kwargs(tiny_llama, cache))
-    assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 110
+    assert cache.get_seq_length() == 110
+    # As if the refused chunk had never come: the same tokens through a cache that never saw it.
+    clean = TCACache(tiny_llama)
+    tiny_llama(ids(100, bsz=2), **cache_kwargs(tiny_llama, clean))
+    want = tiny_llama(ids(10, bsz=2), attention_mask=torch.ones(2, 110, dtype=torch.long),
+                      **cache_kwargs(tiny_llama, clean))
+    torch.testing.assert_close(out.logits, want.logits, atol=0, rtol=0)
+    for layer, other in zip(cache.layers, clean.layers, strict=True):
+        for name in ("k_buf", "v_buf", "owner", "pos"):
+            assert torch.equal(getattr(layer, name), getattr(other, name)), name
     with pytest.raises(ValueError, match="chunk_size"):
         tca_flex.chunked_prefill(tiny_llama, ids(10), TCACache(tiny_llama), 0)
     with pytest.raises(ValueError, match="unpadded"):

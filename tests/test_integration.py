@@ -1,5 +1,6 @@
 import dataclasses
 import logging
+import random
 import re
 import warnings
 
@@ -33,6 +34,20 @@ def test_window_covering_the_prompt_is_exactly_dense(tiny_llama):
     tca_flex.apply(tiny_llama, TCAConfig(block_size=32, window=256))
     assert torch.equal(tiny_llama(x).logits, dense_logits)
     assert torch.equal(tiny_llama.generate(x, max_new_tokens=6, do_sample=False), dense_gen)
+
+
+@torch.no_grad()
+def test_min_sparse_length_runs_shorter_prompts_dense(tiny_llama):
+    """A prompt no longer than ``min_sparse_length`` (a run-time knob: budgets calibrated without it
+    take it) runs transformers' SDPA, exactly dense, with the sparse budgets; one token longer runs TCA."""
+    x = ids(300, seed=random.randint(1, 10**6))
+    dense_logits = tiny_llama(x).logits
+    budgets = HeadBudgets.uniform(2, 2, 0.1, SPARSE)
+    tca_flex.apply(tiny_llama, SPARSE.replace(min_sparse_length=300), budgets=budgets)
+    assert torch.equal(tiny_llama(x).logits, dense_logits)
+    tca_flex.remove(tiny_llama)
+    tca_flex.apply(tiny_llama, SPARSE.replace(min_sparse_length=299), budgets=budgets)
+    assert (tiny_llama(x).logits - dense_logits).abs().max() > 1e-4
 
 
 @torch.no_grad()

@@ -225,7 +225,7 @@ torch.manual_seed(1234)
 model = LlamaForCausalLM(tiny_llama_config()).eval()
 tca_flex.apply(model, budgets=HeadBudgets.uniform(2, 2, 0.3, TCAConfig(block_size=16, window=64)))
 with torch.no_grad():
-    print(float(model(torch.arange(420).remainder(256)[None]).logits[0, -1, :4].sum()))
+    print(" ".join(repr(float(x)) for x in model(torch.arange(420).remainder(256)[None]).logits[0, -1]))
 """
 
 
@@ -235,11 +235,13 @@ def test_saved_compile_cache_loads_in_a_second_process(tiny_llama, tmp_path):
     tca_flex.warmup(tiny_llama, max_length=700, decode=False, progress=False)
     path = tca_flex.save_compile_cache(tmp_path / "compiled.bin")
     assert path.stat().st_size > 0
-    want = float(tiny_llama(torch.arange(420).remainder(256)[None]).logits[0, -1, :4].sum())
+    want = tiny_llama(torch.arange(420).remainder(256)[None]).logits[0, -1]
     done = subprocess.run([sys.executable, "-c", _SECOND_PROCESS, str(path)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.strip().splitlines()[-1]) == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert "nothing was loaded" not in done.stderr, done.stderr[-2000:]  # load_compile_cache's warning
+    got = torch.tensor([float(x) for x in done.stdout.strip().splitlines()[-1].split()])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not tca_flex.decode.triton_supported(torch.empty(1, 1, 1, 16)),
