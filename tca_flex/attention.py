@@ -485,15 +485,24 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if kwargs.get("output_attentions"):
         _warn_no_weights()
     cache_layer = layer.link.take(key)
+    if cache_layer is None and key.dim() != 4:
+        # A TCACache layer's flat [B, S, D] buffers, posted to another module's link.
+        raise ValueError("tca_flex: this attention got a TCACache made for another model (or before the model was "
+                         "applied again): make a new tca_flex.TCACache(model) for the model you run")
     if cache_layer is not None and cache_layer.prefilled:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        _check_no_dropout(module, dropout)
+        try:  # a refused step leaves the cache as before it (abandon_step), so the caller can go on
+            _check_no_dropout(module, dropout)
+            if not cache_layer.chunk_pending:  # (a chunk's mask is checked by chunk_step, before any change)
+                check_decode_mask(attention_mask, cache_layer.pads)
+        except ValueError:
+            cache_layer.abandon_step()
+            raise
         _warn_if_detached(query, key, value)
         with torch.no_grad():  # inference-only; detached too: CPU FlexAttention refuses inputs requiring grad
             if cache_layer.chunk_pending:  # several new tokens on top of the pruned cache
                 out = cache_layer.chunk_step(query.detach(), scale, attention_mask)
             else:
-                check_decode_mask(attention_mask, cache_layer.pads)
                 out = cache_layer.decode_step(query.detach(), scale)
         return out.transpose(1, 2).contiguous(), None
     q_len, k_len = query.shape[2], key.shape[2]

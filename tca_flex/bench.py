@@ -281,12 +281,12 @@ def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, de
     graph replay of ``layer``)."""
     from .decode import decode_attention, triton_supported
 
-    # The updates below are not followed by decode_step, which appends a deferred token ("auto").
+    # Two appends below are not followed by decode_step, which appends a deferred token ("auto").
     layer.append_kernel = "math"
     while not layer.block_leaves_at(layer.get_seq_length()):
         layer.update(new, new)
         layer.decode_step(q, scale)
-    layer.update(new, new)  # this step's append makes a whole block leave the window
+    layer.append_only(new, new)  # this step's append makes a whole block leave the window
     _, lse = decode_attention(q, layer.k_buf, layer.v_buf, layer.owner, group=q.shape[1] // layer.num_heads,
                               scale=scale, backend=layer.backend, segments=layer.segments)
     saved = {name: getattr(layer, name).clone() for name in ("owner", "var_len", "ncs")}
@@ -312,7 +312,7 @@ def compression_rows(layer, q: torch.Tensor, new: torch.Tensor, scale: float, de
             method = "compress_fused_idle"
             restore()
             layer.compress(q, lse, scale)
-            layer.update(new, new)  # a step where no block leaves
+            layer.append_only(new, new)  # a step where no block leaves
             rows.append(row(method, graph_timed(lambda: layer.compress(q, lse, scale), device)))
         except Exception as err:
             rows.append(row(method, float("nan"), error=repr(err)[-1500:]))

@@ -152,6 +152,7 @@ class TCACacheLayer(CacheLayerMixin):
         self._awaiting_prune = False
         self._chunk: tuple[torch.Tensor, torch.Tensor] | None = None
         self._token: tuple[torch.Tensor, torch.Tensor] | None = None  # see _append
+        self._step_pending = False  # a decode token appended by update, not yet attended (abandon_step)
         self._seen = 0
         self._grow_at = NEVER
         self.regrew = False  # see TCACache.regrew
@@ -177,14 +178,18 @@ class TCACacheLayer(CacheLayerMixin):
         Decode: appends one token per sequence and returns the flat buffers ``[B, S, D]``.
         A chunk of several tokens after the prefill: returns them; the attention
         function then runs ``chunk_step``, which stores them."""
+        if self.link is not None and self.link.closed:
+            raise RuntimeError("TCACache: the model this cache was made for had tca_flex.remove run on it (or was "
+                               "applied again) since; a TCACache serves the applied model it was made for: make a "
+                               "new tca_flex.TCACache(model)")
         if self._awaiting_prune:
             raise RuntimeError("TCACache: the previous prefill was never pruned. TCACache only works with a "
                                "model prepared by tca_flex.apply (attn_implementation 'tca')")
-        if self._token is not None:
+        if self._step_pending:
             raise RuntimeError("TCACache: the previous decode token never reached the TCA attention (decode_step "
-                               "appends it). TCACache only works with a model prepared by tca_flex.apply "
-                               "(attn_implementation 'tca'); after an error inside a forward, start again with a "
-                               "fresh cache")
+                               "attends to it). TCACache only works with the model prepared by tca_flex.apply it "
+                               "was made for (attn_implementation 'tca'); after an error inside a forward, start "
+                               "again with a fresh cache")
         if self._chunk is not None:
             raise RuntimeError("TCACache: the previous chunk of new tokens never reached the TCA attention. "
                                "TCACache only works with a model prepared by tca_flex.apply (attn_implementation "
@@ -194,6 +199,7 @@ class TCACacheLayer(CacheLayerMixin):
             self._awaiting_prune = True
             self._post(key_states)
             return key_states, value_states
+        self._check_step(key_states)
         if key_states.shape[-2] != 1:
             self._chunk = (key_states.detach(), value_states.detach())  # the buffers keep no autograd history
             self._post(key_states)
@@ -201,6 +207,46 @@ class TCACacheLayer(CacheLayerMixin):
         self._append(key_states, value_states)
         self._post(self.keys)
         return self.keys, self.values
+
+    def _check_step(self, key_states: torch.Tensor) -> None:
+        # Static checks (shapes, dtype): free under torch.compile, and clearer than a scatter's error.
+        if key_states.shape[0] != self.batch_size:
+            raise ValueError(f"TCACache holds {self.batch_size} rows but this call brings {key_states.shape[0]}: a "
+                             "cache serves the batch it was prefilled with (generate expands beams and "
+                             "num_return_sequences itself); use a new TCACache for another batch")
+        if key_states.dtype != self.dtype:
+            raise TypeError(f"TCACache holds {self.dtype} K/V but the model now gives {key_states.dtype} (its dtype "
+                            "changed after the prefill): use a new TCACache, or keep the model's dtype")
+
+    def append_only(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """A decode step's append with no attention after it (benchmarks that time the compression
+        alone). Needs an append that writes at once (``append_kernel`` "math" or "triton")."""
+        if self.append_kernel == "auto":
+            raise ValueError("append_only needs append_kernel 'math' or 'triton' ('auto' may leave the token to "
+                             "the attention's merge kernel)")
+        self.update(key_states, value_states)
+        self._step_pending = False
+
+    def abandon_step(self) -> None:
+        """Undo this layer's ``update`` of a step its attention then refused (a mask it cannot honour,
+        dropout): the cache is as before the call, so the caller can fix the input and go on.
+
+        A held chunk or token is dropped. A token the update already wrote took a slot that was free
+        before it (``decode.append_token_math``'s ring slot: its block left at the step before, or the
+        ring was not full yet); that slot is freed again and the position taken back."""
+        if self._chunk is not None:
+            self._chunk = None
+            return
+        if not self._step_pending:
+            return
+        self._step_pending = False
+        if self._token is not None:
+            self._token = None
+        else:
+            self.next_pos -= 1
+            slot = self.seg_start + (self.next_pos - self.base.unsqueeze(-1)) % self.ring
+            self.owner.scatter_(1, slot, -1)
+        self._seen -= 1
 
     @property
     def chunk_pending(self) -> bool:
@@ -238,7 +284,8 @@ class TCACacheLayer(CacheLayerMixin):
         self._select_rows(torch.as_tensor(indices))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
+        if self.prefilled:  # an empty cache has no rows to repeat (as transformers' own caches)
+            self._select_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     # ------------------------------------------------------------- prefill
 
@@ -479,6 +526,7 @@ class TCACacheLayer(CacheLayerMixin):
             append(key_states, value_states, self.k_buf, self.v_buf, self.owner, self.pos, self.seg_start,
                    self.next_pos, self.base, ring=self.ring, heads=self._heads)
         self._seen += 1
+        self._step_pending = True
 
     # Kernels of the per-step cache updates, the block compression and the append: "auto" (the
     # Triton kernel wherever the decode attention runs the "triton" backend, else tensor ops; for
@@ -507,6 +555,7 @@ class TCACacheLayer(CacheLayerMixin):
         live = LiveRanges(self.var_len, self.next_pos, self.base, self.ring)
         token = None if self._token is None else NewToken(*self._token, self.pos)
         self._token = None
+        self._step_pending = False
         out, lse = decode_attention(query, self.k_buf, self.v_buf, self.owner, group=group, scale=scale,
                                     backend=self.backend, segments=self.segments, live=live, token=token)
         if self._host_knows_no_block_leaves():
@@ -765,6 +814,13 @@ class TCACache(Cache):
                                 min_chunk_blocks=min_chunk_blocks, reserve_tokens=reserve_tokens, backend=backend)
                   for record in records]
         super().__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx >= len(self.layers):  # a model with more layers than the one the cache was made for
+            raise ValueError(f"TCACache was made for a model of {len(self.layers)} TCA layers, this model has "
+                             f"more (layer {layer_idx}): make a new tca_flex.TCACache(model) for the model you run")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def mark_static(self) -> None:
         """``TCACacheLayer.mark_static`` on every layer (CUDA graphs)."""

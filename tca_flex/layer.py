@@ -25,14 +25,17 @@ class CacheLink:
     transformers calls ``cache.update`` right before the attention function but
     does not pass it the cache. The identity check makes a stale post harmless:
     if ``update`` raised, or a later forward uses another cache, the attention
-    call does not pick up a layer whose K/V it was not given.
+    call does not pick up a layer whose K/V it was not given. ``closed``: the
+    module's record was detached (``remove``), so no TCA attention will take a
+    post again; a cache layer tied to it refuses to update (``TCACacheLayer.update``).
     """
 
-    __slots__ = ("active", "key")
+    __slots__ = ("active", "key", "closed")
 
     def __init__(self) -> None:
         self.active: Any = None
         self.key: torch.Tensor | None = None
+        self.closed = False
 
     def post(self, layer: Any, key: torch.Tensor) -> None:
         self.active, self.key = layer, key
@@ -74,6 +77,7 @@ def attach(module: torch.nn.Module, layer: TCALayer) -> None:
 
 def detach(module: torch.nn.Module) -> None:
     if hasattr(module, _ATTR):
+        getattr(module, _ATTR).link.closed = True
         delattr(module, _ATTR)
 
 

@@ -6,6 +6,7 @@ from unittest import mock
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 import tca_flex
 from tca_flex import HeadBudgets, TCACache, TCAConfig
@@ -268,6 +269,85 @@ def test_repeated_rows_keep_their_own_selection_and_reset_empties_the_cache(tiny
     torch.testing.assert_close(tiny_llama(y, **cache_kwargs(tiny_llama, cache)).logits, want, atol=0, rtol=0)
     for layer, other in zip(cache.layers, fresh.layers, strict=True):
         assert torch.equal(layer.kept_positions(0, 1), other.kept_positions(0, 1))
+
+
+@pytest.mark.parametrize("backend", ["math", "flex", "triton"])
+@torch.no_grad()
+def test_a_refused_step_leaves_the_cache_as_before(tiny_llama, backend):
+    """A decode step the attention refuses (a mask with a hole; attention dropout in training mode)
+    undoes its layer's append (written by the update, or held for the Triton merge): the retry gives
+    the logits and buffers of a cache that never saw it."""
+    if backend == "triton" and not tca_flex.decode.triton_supported(torch.zeros(1, 1, 1, 16)):
+        pytest.skip("the Triton kernels cannot run here (no GPU and no TRITON_INTERPRET=1)")
+    seed = random.randint(1, 10**6)
+    tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    x, steps = ids(200, bsz=2, seed=seed), ids(20, bsz=2, seed=seed + 1)
+    refused, clean = TCACache(tiny_llama, backend=backend), TCACache(tiny_llama, backend=backend)
+    for cache in (refused, clean):
+        tiny_llama(x, **cache_kwargs(tiny_llama, cache))
+    for i in range(steps.shape[1]):  # crosses a block compression
+        tok, n = steps[:, i: i + 1], 201 + i
+        if i in (3, 15):
+            holed = torch.ones(2, n, dtype=torch.long)
+            holed[1, 50] = 0
+            with pytest.raises(ValueError, match="left-padded batches only"):
+                tiny_llama(tok, attention_mask=holed, **cache_kwargs(tiny_llama, refused))
+            for layer in tiny_llama.model.layers:
+                layer.self_attn.attention_dropout = 0.1
+            tiny_llama.train()
+            with pytest.raises(ValueError, match="inference-only"):
+                tiny_llama(tok, **cache_kwargs(tiny_llama, refused))
+            tiny_llama.eval()
+            for layer in tiny_llama.model.layers:
+                layer.self_attn.attention_dropout = 0.0
+        got = tiny_llama(tok, **cache_kwargs(tiny_llama, refused)).logits
+        want = tiny_llama(tok, **cache_kwargs(tiny_llama, clean)).logits
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for layer, other in zip(refused.layers, clean.layers, strict=True):
+        assert layer.get_seq_length() == other.get_seq_length() == 220
+        for name in ("owner", "pos", "var_len", "ncs", "next_pos"):
+            assert torch.equal(getattr(layer, name), getattr(other, name)), name
+        live = layer.owner >= 0
+        assert torch.equal(layer.k_buf[live], other.k_buf[live])
+
+
+@torch.no_grad()
+def test_a_cache_the_model_cannot_use_is_refused(tiny_llama):
+    """A cache after remove (or re-apply), made for another model, for another batch or dtype: clear
+    errors, never attention over another model's buffers."""
+    tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    x = ids(200, bsz=2, seed=random.randint(1, 10**6))
+
+    def prefilled():
+        cache = TCACache(tiny_llama)
+        tiny_llama(x, **cache_kwargs(tiny_llama, cache))
+        return cache
+
+    TCACache(tiny_llama).batch_repeat_interleave(2)  # an empty cache: nothing to repeat
+    cache = prefilled()
+    with pytest.raises(ValueError, match="holds 2 rows but this call brings 1"):
+        tiny_llama(x[:1, :1], **cache_kwargs(tiny_llama, cache))
+    with pytest.raises(TypeError, match="holds torch.float32 K/V but the model now gives torch.bfloat16"):
+        tiny_llama.to(torch.bfloat16)(x[:, :1], **cache_kwargs(tiny_llama, cache))
+    tiny_llama.float()
+    step = tiny_llama(x[:, :1], **cache_kwargs(tiny_llama, cache))  # both refused before any change
+    assert cache.get_seq_length() == 201 and torch.isfinite(step.logits).all()
+    # Another applied model: its attention finds the cache's buffers, not its own layer.
+    small = LlamaForCausalLM(tiny_llama_config()).eval()
+    tca_flex.apply(small, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    with pytest.raises(ValueError, match="TCACache made for another model"):
+        small(x[:, :1], **cache_kwargs(small, prefilled()))
+    # A plain model with more layers: the cache has none for its third.
+    deeper = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3)).eval()
+    spoiled = prefilled()
+    with pytest.raises(ValueError, match="made for a model of 2 TCA layers"):
+        deeper(x[:, :1], **cache_kwargs(deeper, spoiled))
+    with pytest.raises(RuntimeError, match="never reached the TCA attention"):  # and says so at the next use
+        tiny_llama(x[:, :1], **cache_kwargs(tiny_llama, spoiled))
+    cache = prefilled()
+    tca_flex.remove(tiny_llama)
+    with pytest.raises(RuntimeError, match="tca_flex.remove run on it"):
+        tiny_llama(x[:, :1], **cache_kwargs(tiny_llama, cache))
 
 
 @torch.no_grad()
