@@ -14,6 +14,8 @@ from tca_flex.hfcompat import cache_kwargs
 from tca_flex.integration import attention_routed
 from tca_flex.reference import reference_attention, reference_importance, reference_keep, reference_mask
 
+from .oracles import ReferenceModel
+
 CONFIG = TCAConfig(block_size=16, window=64)
 # Distinct lengths, none a multiple of the 128-wide kernel tile or of the block; every one
 # keeps each symbolic size >= 2 (dynamo specialises sizes 0 and 1).
@@ -129,12 +131,15 @@ def test_warmup_compiles_ahead_and_leaves_no_global_change(tiny_llama):
     assert report.lengths[0] > CONFIG.window and report.lengths[-1] == 900 and math.isfinite(report.seconds)
     assert "decode step" in report.compiled and str(report).startswith("tca_flex warm-up")
     gen = torch.Generator().manual_seed(9)
+    reference = ReferenceModel(HeadBudgets.uniform(2, 2, 0.3, CONFIG), pruned=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for n in (333, 700, 871):
             x = torch.randint(0, 256, (1, n), generator=gen)
-            out = tiny_llama.generate(x, max_new_tokens=3, do_sample=False,
-                                      **cache_kwargs(tiny_llama, tca_flex.TCACache(tiny_llama)))
-            assert out.shape == (1, n + 3)
+            out = tiny_llama.generate(x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                      output_logits=True, **cache_kwargs(tiny_llama, tca_flex.TCACache(tiny_llama)))
+            # The warmed graphs compute what the float64 model that prunes by hand does.
+            want = reference.logits(tiny_llama, out.sequences, n)
+            torch.testing.assert_close(torch.stack(out.logits, 1), want.float(), atol=1e-4, rtol=1e-4)
     assert torch._dynamo.config.recompile_limit == limit
     with pytest.raises(ValueError, match="no room above the window"):
         tca_flex.warmup(tiny_llama, max_length=100)
