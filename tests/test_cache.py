@@ -383,9 +383,12 @@ def test_memory_report_shows_the_kept_fraction(tiny_llama):
     for i, m in enumerate(report.layers):
         kept = sum(cache.layers[i].kept_positions(0, h).numel() for h in range(2))
         assert m.kept_tokens == kept and m.dense_tokens == 2 * seen
-    # global 25% of the blocks that left the window, plus the exact window and the pending block
-    left = seen - 64
-    assert report.total.kept_fraction == pytest.approx((0.25 * left + 64 + left % 16 * 0.75) / seen, abs=0.02)
+    # Per head: t = 4 of each prefill block (the short last one too), t of each block compressed since,
+    # and every position from the first not yet compressed one on (the window and the pending block).
+    t, b, w, base = 4, 16, 64, 200 - 64
+    done = (seen - w - base) // b
+    per_head = sum(min(t, b, base - j) for j in range(0, base, b)) + done * t + seen - (base + done * b)
+    assert report.total.kept_fraction == pytest.approx(per_head / seen, rel=1e-12)
     assert report.total.bytes_fraction < 0.7
     assert "total" in report.format()
 
