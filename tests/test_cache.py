@@ -281,11 +281,12 @@ def test_a_refused_step_leaves_the_cache_as_before(tiny_llama, backend):
         pytest.skip("the Triton kernels cannot run here (no GPU and no TRITON_INTERPRET=1)")
     seed = random.randint(1, 10**6)
     tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
-    x, steps = ids(200, bsz=2, seed=seed), ids(20, bsz=2, seed=seed + 1)
+    # Triton's interpreter is slow: there, four steps and one refusal (the held token's case is simple).
+    x, steps = ids(200, bsz=2, seed=seed), ids(5 if backend == "triton" else 17, bsz=2, seed=seed + 1)
     refused, clean = TCACache(tiny_llama, backend=backend), TCACache(tiny_llama, backend=backend)
     for cache in (refused, clean):
         tiny_llama(x, **cache_kwargs(tiny_llama, cache))
-    for i in range(steps.shape[1]):  # crosses a block compression
+    for i in range(steps.shape[1]):  # step 15 (position 215) compresses the first block past the window
         tok, n = steps[:, i: i + 1], 201 + i
         if i in (3, 15):
             holed = torch.ones(2, n, dtype=torch.long)
@@ -304,7 +305,8 @@ def test_a_refused_step_leaves_the_cache_as_before(tiny_llama, backend):
         want = tiny_llama(tok, **cache_kwargs(tiny_llama, clean)).logits
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     for layer, other in zip(refused.layers, clean.layers, strict=True):
-        assert layer.get_seq_length() == other.get_seq_length() == 220
+        assert layer.get_seq_length() == other.get_seq_length() == 200 + steps.shape[1]
+        assert backend == "triton" or int(layer.ncs.min()) > 136  # a block was compressed on the way
         for name in ("owner", "pos", "var_len", "ncs", "next_pos"):
             assert torch.equal(getattr(layer, name), getattr(other, name)), name
         live = layer.owner >= 0
