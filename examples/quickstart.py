@@ -113,7 +113,7 @@ def main() -> None:
               + f" | {frac.min():.2f}/{frac.mean():.2f}/{frac.max():.2f}")
     print(f"correct: dense {correct[0]}/{len(samples)}, TCA with full-cache decode {correct[1]}/{len(samples)}, "
           f"TCA with the pruned TCACache {correct[2]}/{len(samples)}")
-    print("time (prefill + 8 tokens), against dense: " + ", ".join(
+    print("time (prefill + 8 tokens), against dense: " + "; ".join(
         _speed(sum(r[1] for r in dense), sum(r[1] for r in col), name)
         for name, col in (("TCA, full cache", prefill_only), ("TCA, TCACache", pruned))))
     if device == "cpu":
