@@ -392,8 +392,9 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
 _accepted_decode_mask = AcceptedMask()
 
 
-def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> None:
-    """Refuse a decode mask that hides anything but each row's leading ``pads`` (the prefill's padding).
+def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int], length: int) -> None:
+    """Refuse a decode mask that hides anything but each row's leading ``pads`` (the prefill's padding),
+    or that does not span the ``length`` tokens the cache has seen with this step's.
 
     The pruned cache stores no padding and no other hole, so such a mask
     cannot be honoured. Checked eagerly only: reading mask values inside a
@@ -406,9 +407,14 @@ def check_decode_mask(attention_mask: torch.Tensor | None, pads: list[int]) -> N
     """
     if attention_mask is None or building_graph():
         return
-    key = tuple(pads)
+    key = (tuple(pads), length)
     if _accepted_decode_mask.seen(attention_mask, key):
         return
+    if attention_mask.shape[-1] != length:
+        # Dense attention would fail on the shapes; the pruned cache must not read it against other tokens.
+        raise ValueError(f"this decode step's attention mask spans {attention_mask.shape[-1]} positions, but the "
+                         f"sequence is {length} tokens long with this step's: pass a mask over every token so far "
+                         "(as generate does)")
     visible = visible_keys(attention_mask)
     visible = visible.reshape(visible.shape[0], -1, 1, visible.shape[-1])  # one query: [B, H, 1, kv]
     if len(pads) != visible.shape[0] or not is_causal_left_padded(visible, visible.shape[-1] - 1, pads):
@@ -494,7 +500,7 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         try:  # a refused step leaves the cache as before it (abandon_step), so the caller can go on
             _check_no_dropout(module, dropout)
             if not cache_layer.chunk_pending:  # (a chunk's mask is checked by chunk_step, before any change)
-                check_decode_mask(attention_mask, cache_layer.pads)
+                check_decode_mask(attention_mask, cache_layer.pads, cache_layer.get_seq_length())
         except ValueError:
             cache_layer.abandon_step()
             raise

@@ -297,25 +297,27 @@ def test_decode_mask_check_refuses_holes_eagerly_and_stays_off_the_host_under_ca
 
     width = 10
     visible = torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]
-    check_decode_mask(visible, pads)  # exactly the prefill's padding: accepted
+    check_decode_mask(visible, pads, width)  # exactly the prefill's padding: accepted
     row = hidden % len(pads)
     holed = visible.clone()
     holed[row, pads[row] + hidden % (width - pads[row])] = False
     with pytest.raises(ValueError, match="left-padded batches only"):
-        check_decode_mask(holed, pads)
+        check_decode_mask(holed, pads, width)
     # An accepted mask is not read again, unless it changed in place or comes with other pads.
-    check_decode_mask(visible, pads)
+    check_decode_mask(visible, pads, width)
     visible[row, pads[row] + hidden % (width - pads[row])] = False
     with pytest.raises(ValueError, match="left-padded batches only"):
-        check_decode_mask(visible, pads)
+        check_decode_mask(visible, pads, width)
     nothing_hidden = torch.ones_like(holed)
-    check_decode_mask(nothing_hidden, [0] * len(pads))
+    check_decode_mask(nothing_hidden, [0] * len(pads), width)
     with pytest.raises(ValueError, match="left-padded batches only"):
-        check_decode_mask(nothing_hidden, [1] * len(pads))
+        check_decode_mask(nothing_hidden, [1] * len(pads), width)
+    with pytest.raises(ValueError, match="spans 10 positions, but the sequence is 11 tokens long"):
+        check_decode_mask(nothing_hidden, [0] * len(pads), width + 1)  # a mask one step behind
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_initialized", lambda: True)
         patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-        check_decode_mask(holed, pads)  # no host read while capturing
+        check_decode_mask(holed, pads, width)  # no host read while capturing
 
 
 @settings(max_examples=8, deadline=None)
