@@ -30,6 +30,7 @@ from tca_flex.eval.tasks import passkey, score
 from tca_flex.hfcompat import cache_kwargs
 from tca_flex.memory import cache_bytes
 from tca_flex.models import load_smollm2
+from tca_flex.warmup import min_warmup_length
 
 
 @torch.no_grad()
@@ -52,6 +53,11 @@ def main() -> None:
                         help="prompt lengths in tokens, one request each (SmolLM2's context is 8K)")
     parser.add_argument("--new", type=int, default=16, help="greedy tokens per request")
     args = parser.parse_args()
+    config = tca_flex.shipped_budgets("smollm2").config
+    shortest = min_warmup_length(config.window, config.block_size)
+    if max(args.lengths) + args.new < shortest:  # checked before the dense requests run
+        parser.error(f"argument --lengths: the warm-up needs room for a {shortest}-token prompt; ask for at least "
+                     f"one length >= {shortest - args.new}")
     logging.basicConfig(level=logging.WARNING)
     on_gpu = torch.cuda.is_available()
     model, tok = load_smollm2(dtype=torch.bfloat16 if on_gpu else torch.float32, device="cuda" if on_gpu else "cpu")

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import tca_flex
+from tca_flex.hfcompat import cache_kwargs
 from tca_flex.integration import applied_budgets, applied_kv_heads
 from tca_flex.selection import global_region_length
 
@@ -98,10 +99,13 @@ def main() -> None:
     ids = torch.randint(0, cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(model.device)
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: compiles for this length
+        # Each rank's TCACache holds its own KV heads' kept tokens (the pruned cache shards with the heads).
+        model.generate(ids, max_new_tokens=2, do_sample=False,
+                       **cache_kwargs(model, tca_flex.TCACache(model)))  # warm-up: compiles for this length
         dist.barrier()
+        cache = tca_flex.TCACache(model)
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)
+        out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, **cache_kwargs(model, cache))
         elapsed = time.perf_counter() - start
 
     first, stop = applied_kv_heads(model)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .bench_models import fastest_dense_sdpa, generate_compile_config, llama_8b_shaped
-from .bench_stream import stream_lengths
+from .bench_stream import speed_words, stream_lengths
 from .budgets import HeadBudgets
 from .cache import TCACache
 from .config import TCAConfig
@@ -141,4 +141,4 @@ def print_generate_stream(result: dict[str, Any]) -> None:
         print(f"  {method:<16}{s['first_ms']:>11.0f}{s['median_rest_ms']:>11.0f}{s['max_rest_ms']:>11.0f}"
               f"{s['total_s']:>9.1f}{s['graphs']:>8.0f}  "
               + ("(baseline)" if method.startswith("dense") else
-                 f"{s['total_vs_dense']:.2f}x {'faster' if s['total_vs_dense'] >= 1 else 'slower'}"))
+                 speed_words(s["total_vs_dense"])))

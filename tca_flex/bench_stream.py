@@ -35,8 +35,17 @@ import torch
 import torch.nn.functional as F
 
 
+def speed_words(dense_over_method: float) -> str:
+    """``"1.37x faster"`` or, below 1, ``"1.47x slower"``: a slowdown said as one."""
+    if dense_over_method >= 1:
+        return f"{dense_over_method:.2f}x faster"
+    return f"{1 / dense_over_method:.2f}x slower"
+
+
 def stream_lengths(count: int, lo: int, hi: int, seed: int) -> list[int]:
     """``count`` distinct lengths drawn uniformly from ``[lo, hi]``."""
+    if count > hi - lo + 1:
+        raise ValueError(f"{count} distinct lengths do not fit in [{lo}, {hi}]: widen the range or ask for fewer")
     rng = random.Random(seed)
     seen: list[int] = []
     while len(seen) < count:
@@ -163,8 +172,9 @@ def print_stream(result: dict[str, Any]) -> None:
             d, t = per["dense_sdpa"], per["tca"]
             print(f"    {scope:<9} dense p50 {d['p50_ms']:.1f} p99 {d['p99_ms']:.1f} max {d['max_ms']:.1f} ms, "
                   f"total {d['total_s']:.2f} s | TCA p50 {t['p50_ms']:.1f} p99 {t['p99_ms']:.1f} "
-                  f"max {t['max_ms']:.1f} ms, total {t['total_s']:.2f} s = {per['tca_over_dense_total']:.2f}x "
-                  f"dense ({per['tca_over_dense_total_with_warmup']:.2f}x with the warm-up); first/warm "
+                  f"max {t['max_ms']:.1f} ms, total {t['total_s']:.2f} s: "
+                  f"{speed_words(1 / per['tca_over_dense_total'])} than dense "
+                  f"({speed_words(1 / per['tca_over_dense_total_with_warmup'])} with the warm-up); first/warm "
                   f"max {t['max_first_over_warm']:.2f}")
 
 

@@ -57,12 +57,17 @@ class WarmupReport:
 
     def __str__(self) -> str:
         steps = ", ".join(f"{n}: {s:.1f} s" for n, s in zip(self.lengths, self.per_length, strict=True))
-        return (f"tca_flex warm-up: {self.graphs} graph(s) compiled in {self.seconds:.1f} s "
-                f"({', '.join(self.compiled)}; lengths {steps})")
+        return (f"tca_flex warm-up: {self.graphs} graph(s) compiled in {self.seconds:.1f} s; ran "
+                f"{', '.join(self.compiled)} at lengths {steps}")
 
 
 def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
+
+
+def min_warmup_length(window: int, block: int) -> int:
+    """The shortest prompt the warm-up runs (``warmup_lengths``' first): ``max_length`` must reach it."""
+    return window + 4 * max(block, 128) + 37
 
 
 def warmup_lengths(window: int, max_length: int, block: int) -> list[int]:
@@ -72,10 +77,12 @@ def warmup_lengths(window: int, max_length: int, block: int) -> list[int]:
     sizes 0 and 1, which would tie the graph to tiny prompts); the others
     check that nothing new compiles.
     """
-    first = window + 4 * max(block, 128) + 37
+    first = min_warmup_length(window, block)
     if first > max_length:
-        raise ValueError(f"max_length={max_length} leaves no room above the window ({window}) for a sparse "
-                         f"prefill of at least {first} tokens: prompts this short run dense and need no warm-up")
+        raise ValueError(f"max_length={max_length} leaves no room above the window ({window}) for the warm-up's "
+                         f"shortest prefill ({first} tokens, every symbolic size at least 2): warm up with "
+                         f"max_length >= {first}; sparse prompts shorter than that may compile at their first "
+                         "request")
     middle = (first + max_length) // 2 | 1
     return sorted({first, middle, max_length - (1 if max_length % 128 == 0 else 0)})
 

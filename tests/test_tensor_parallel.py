@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM
 
 import tca_flex
 from tca_flex import HeadBudgets, TCAConfig
+from tca_flex.hfcompat import cache_kwargs
 from tca_flex.integration import applied_budgets, applied_kv_heads, attention_modules
 from tca_flex.layer import tca_layer
 
@@ -27,6 +28,7 @@ from .conftest import tiny_llama_config
 WORLD = 2
 SPARSE = TCAConfig(block_size=32, window=128)
 LENGTH, NEW_TOKENS = 300, 4
+PRUNED_TOKENS = 40  # through TCACache: crosses a block compression (the first at position 331)
 # Tokens kept per block by each (layer, KV head): every head differs.
 KEEP = [[2, 24], [16, 4]]
 WORKER_TIMEOUT_S = 240
@@ -59,6 +61,13 @@ def tp_plan_kwargs() -> dict:
     return {"distributed_config": DistributedConfig(tp_plan="auto")}
 
 
+def pruned_generate(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens and every step's logits through a ``TCACache`` (each rank's holds its own KV heads)."""
+    out = model.generate(prompt(), max_new_tokens=PRUNED_TOKENS, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, **cache_kwargs(model, tca_flex.TCACache(model)))
+    return out.sequences, torch.stack(out.logits, 1)
+
+
 def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     """One TP rank: load with tp_plan="auto", apply TCA, save logits, tokens and its budget slice."""
     torch.set_num_threads(1)
@@ -72,8 +81,9 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         with torch.no_grad():
             logits = model(prompt()).logits
             tokens = model.generate(prompt(), max_new_tokens=NEW_TOKENS, do_sample=False)
+            pruned = pruned_generate(model)
         torch.save({
-            "logits": logits, "tokens": tokens, "kv_heads": applied_kv_heads(model),
+            "logits": logits, "tokens": tokens, "kv_heads": applied_kv_heads(model), "pruned": pruned,
             "local_kv_heads": mods[0].k_proj.weight.to_local().shape[0] // mods[0].head_dim,
             "probs": applied_budgets(model).probs, "cdfs": [tca_layer(m).cdf for m in mods],
         }, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -104,6 +114,7 @@ def test_tp2_matches_single_process_and_slices_budgets(tmp_path):
     tca_flex.apply(model, budgets=budgets)
     ref_logits = model(prompt()).logits
     ref_tokens = model.generate(prompt(), max_new_tokens=NEW_TOKENS, do_sample=False)
+    ref_pruned = pruned_generate(model)
     tca_flex.remove(model)
     swapped = HeadBudgets(probs=budgets.probs.flip(1), config=SPARSE)
     tca_flex.apply(model, budgets=swapped)
@@ -120,6 +131,8 @@ def test_tp2_matches_single_process_and_slices_budgets(tmp_path):
             torch.testing.assert_close(cdf, budgets.cdf(layer)[rank:rank + 1])
         torch.testing.assert_close(out["logits"], ref_logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(out["tokens"], ref_tokens)
+        assert torch.equal(out["pruned"][0], ref_pruned[0])
+        torch.testing.assert_close(out["pruned"][1], ref_pruned[1], atol=1e-4, rtol=1e-4)
 
 
 def test_slice_heads_and_mismatched_head_counts(tiny_llama):
