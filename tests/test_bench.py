@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tca_flex import bench
 from tca_flex.hfcompat import cache_kwargs
@@ -178,3 +180,24 @@ def test_smoke_generate_stream_phase_compiles_nothing_after_the_warmup():
     assert math.isfinite(result["generate_stream"]["warmup_generate_s"])
     assert {r["cache"] for r in rows if r["method"].startswith("tca")} == {"TCACache"}
     assert not any(r["regrew"] for r in rows if r["method"] == "tca compiled")  # the reserve covers the answer
+
+
+@given(ratio=st.floats(0.01, 100.0))
+def test_speeds_are_said_as_faster_or_slower(ratio):
+    from tca_flex.bench_stream import speed_words
+
+    words = speed_words(ratio)
+    number = float(words.split("x ")[0])
+    if ratio >= 1:
+        assert words.endswith("x faster") and number == pytest.approx(ratio, abs=0.006)
+    else:
+        assert words.endswith("x slower") and number == pytest.approx(1 / ratio, abs=0.006)
+
+
+def test_stream_lengths_are_distinct_or_refused():
+    from tca_flex.bench_stream import stream_lengths
+
+    lengths = stream_lengths(5, 100, 104, seed=int(torch.randint(0, 10**6, ())))
+    assert sorted(lengths) == list(range(100, 105))
+    with pytest.raises(ValueError, match="6 distinct lengths do not fit"):
+        stream_lengths(6, 100, 104, seed=0)
