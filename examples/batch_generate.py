@@ -5,8 +5,8 @@ in one batch, the way a server batches requests: the tokenizer pads on the
 left and ``generate`` gets the ``attention_mask``. TCA runs the batch over one
 ``TCACache`` (each row selects, keeps and compresses on its own tokens; the
 padding is computed on nowhere) and each row again alone; the script prints
-every row's answer from dense, TCA batched and TCA alone, whether the batched
-tokens equal the row's solo tokens, and the batch's KV bytes against dense's.
+every row's answer from dense and from TCA batched, whether the batched tokens
+equal the row's tokens alone, and the batch's KV bytes against dense's.
 
     python examples/batch_generate.py [--tokens 1500 2600 3700 5000] [--new 8]
 """

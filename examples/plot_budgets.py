@@ -53,7 +53,10 @@ def main() -> None:
     parser.add_argument("budgets", nargs="?", help="budget file (default: shipped SmolLM2 budgets)")
     parser.add_argument("--out", default="budgets.png", help="PNG to write")
     args = parser.parse_args()
-    budgets = HeadBudgets.load(args.budgets) if args.budgets else shipped_budgets("smollm2")
+    try:
+        budgets = HeadBudgets.load(args.budgets) if args.budgets else shipped_budgets("smollm2")
+    except (OSError, ValueError) as err:
+        parser.error(f"argument budgets: {err}")
     plot(budgets, args.out)
     print(f"wrote {args.out}")
 

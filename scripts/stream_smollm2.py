@@ -1,6 +1,6 @@
 """Per-request latency on the bundled SmolLM2 over prompts of distinct lengths (GPU).
 
-    python scripts/stream_smollm2.py --out results.json [--count 20 --lo 2048 --hi 8192 --new 32]
+    python scripts/stream_smollm2.py --out results.json [--count 20 --lo 2048 --hi 8000 --new 32]
 
 Prompts come from the accuracy suite's generators (passkey and needle tasks),
 each at its own length drawn from ``[lo, hi]``. Dense: transformers' SDPA with

@@ -43,6 +43,8 @@ def main(argv: list[str]) -> None:
             sys.exit(f"with_inductor.py: {item!r} is not NAME=VALUE with NAME an option of torch._inductor.config")
         options[name] = parse_value(value)
     target = argv[split + 1:]
+    if target[0] == "-m" and len(target) < 2:
+        sys.exit("with_inductor.py: -m needs a module name")
     for name, value in options.items():
         setattr(inductor_config, name, value)
     print(f"torch._inductor.config: {options}", flush=True)
