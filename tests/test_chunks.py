@@ -185,9 +185,9 @@ def test_sparse_chunks_and_steps_match_the_float64_rule(tiny_llama):
         tiny_llama.set_attn_implementation(reference.name)
         want = feed(tiny_llama, DynamicCache(config=tiny_llama.config), calls)
         tiny_llama.set_attn_implementation("sdpa")
-        if reference.min_gap > 1e-4:
+        if reference.min_gap > 1e-4 and not reference.ambiguous:
             break
-    assert reference.min_gap > 1e-4, "five draws in a row with a tie at a block's cut"
+    assert reference.min_gap > 1e-4 and not reference.ambiguous, "five draws in a row with a tie at a cut"
     tca_flex.apply(tiny_llama, budgets=budgets)
     got = feed(tiny_llama, TCACache(tiny_llama), calls)
     for g, w in zip(got, want, strict=True):

@@ -279,8 +279,12 @@ def test_prefill_by_reconstruction_keeps_the_selection_and_the_window(tiny_llama
         context, prompt = ids(200, seed=seed), ids(9, seed=seed + 1)
         scores = repeat_pass_importance(tiny_llama, budgets, context, prompt)
         keeps = [reference_keep(s, budgets.probs[i], SPARSE.selection) for i, s in enumerate(scores)]
-        if not any(selection_is_ambiguous(s, k, SPARSE) for s, k in zip(scores, keeps, strict=True)):
+        # One budget for every rank (uniform): only cuts inside blocks can flip, at float32 rounding.
+        ambiguous = any(selection_is_ambiguous(s, k, SPARSE, rtol=1e-5, ranks_matter=False)
+                        for s, k in zip(scores, keeps, strict=True))
+        if not ambiguous:
             break
+    assert not ambiguous, "five draws in a row with a tie at a cut"
     tca_flex.apply(tiny_llama, budgets=budgets)
     cache = TCACache(tiny_llama)
     logits = prefill_by_reconstruction(tiny_llama, context, cache, prompt)
