@@ -250,6 +250,24 @@ def run_method(model, prepared, ids, forced=None):
 
 
 @torch.no_grad()
+def test_streaming_prefill_is_sdpa_under_its_explicit_mask(tiny_llama):
+    """The StreamingLLM baseline's prompt logits equal the model's own SDPA under the 4-D mask of
+    ``streaming_visible`` (sinks + recent window), built here outside the policy."""
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
+    budget = methods.tca_kv_tokens(300, 0.25 * CFG.block_size, CFG)
+    visible = baselines.streaming_visible(torch.arange(300), 300, budget, 4)
+    additive = torch.zeros(1, 1, 300, 300).masked_fill(~visible, torch.finfo(torch.float32).min)
+    want = tiny_llama(ids, attention_mask=additive).logits
+    prepared = methods.streaming(0.25, CFG).prepare(tiny_llama, 300)
+    try:
+        got = tiny_llama(ids).logits
+    finally:
+        prepared.cleanup()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - tiny_llama(ids).logits).abs().max() > 1e-4  # the mask matters on this prompt
+
+
+@torch.no_grad()
 def test_methods_keep_equal_budgets_on_a_model(tiny_llama):
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
     dense_logits = tiny_llama(ids).logits
