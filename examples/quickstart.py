@@ -26,6 +26,7 @@ import warnings
 import torch
 
 import tca_flex
+from tca_flex.bench_stream import speed_words
 from tca_flex.eval.tasks import passkey, score
 from tca_flex.hfcompat import cache_kwargs
 from tca_flex.models import load_smollm2
@@ -42,11 +43,6 @@ def answer(model, tok, prompt: str, cache=None) -> tuple[str, float, int]:
     elapsed = time.perf_counter() - start
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return " ".join(text.split()), elapsed, ids.shape[1]  # one line for the table
-
-
-def _speed(dense_s: float, method_s: float, name: str) -> str:
-    ratio = dense_s / method_s
-    return f"{name} {ratio:.2f}x dense's speed (" + ("faster)" if ratio >= 1 else f"{1 / ratio:.2f}x slower)")
 
 
 def main() -> None:
@@ -114,7 +110,7 @@ def main() -> None:
     print(f"correct: dense {correct[0]}/{len(samples)}, TCA with full-cache decode {correct[1]}/{len(samples)}, "
           f"TCA with the pruned TCACache {correct[2]}/{len(samples)}")
     print("time (prefill + 8 tokens), against dense: " + "; ".join(
-        _speed(sum(r[1] for r in dense), sum(r[1] for r in col), name)
+        f"{name} {speed_words(sum(r[1] for r in dense) / sum(r[1] for r in col))}"
         for name, col in (("TCA, full cache", prefill_only), ("TCA, TCACache", pruned))))
     if device == "cpu":
         print("(on a CPU at a few thousand tokens TCA is not expected to be faster: its speedups are measured at "

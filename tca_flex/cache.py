@@ -65,6 +65,7 @@ from .decode import (
     compress_targets,
     decode_attention,
     resolve_backend,
+    token_slots,
     top_t_in_block,
 )
 from .layer import CacheLink, tca_layers
@@ -232,8 +233,8 @@ class TCACacheLayer(CacheLayerMixin):
         dropout): the cache is as before the call, so the caller can fix the input and go on.
 
         A held chunk or token is dropped. A token the update already wrote took a slot that was free
-        before it (``decode.append_token_math``'s ring slot: its block left at the step before, or the
-        ring was not full yet); that slot is freed again and the position taken back."""
+        before it (``decode.token_slots``: its block left at the step before, or the ring was not
+        full yet); that slot is freed again and the position taken back."""
         if self._chunk is not None:
             self._chunk = None
             return
@@ -244,8 +245,7 @@ class TCACacheLayer(CacheLayerMixin):
             self._token = None
         else:
             self.next_pos -= 1
-            slot = self.seg_start + (self.next_pos - self.base.unsqueeze(-1)) % self.ring
-            self.owner.scatter_(1, slot, -1)
+            self.owner.scatter_(1, token_slots(self.seg_start, self.next_pos, self.base, self.ring), -1)
         self._seen -= 1
 
     @property

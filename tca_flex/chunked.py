@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import Cache
 
 from .hfcompat import cache_kwargs
 
@@ -38,8 +39,6 @@ def chunked_prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any,
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
-    from transformers import Cache
-
     if not isinstance(cache, Cache):
         # With no cache each chunk would be a prefill of its own, attending to nothing before it.
         raise TypeError(f"chunked_prefill needs the cache to fill (e.g. tca_flex.TCACache(model), or a transformers "

@@ -417,6 +417,11 @@ def append_token(key_bhsd: torch.Tensor, value_bhsd: torch.Tensor, k_bsd: torch.
          k_bsd, v_bsd, owner_bs, pos_bs, seg_start, next_pos, base, ring)
 
 
+def token_slots(seg_start: torch.Tensor, next_pos: torch.Tensor, base: torch.Tensor, ring: int) -> torch.Tensor:
+    """``[B, H_kv]``: the ring slot of position ``next_pos`` in each (row, KV head)'s segment."""
+    return seg_start + (next_pos - base.unsqueeze(-1)) % ring
+
+
 def append_token_math(key_bhsd: torch.Tensor, value_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor,
                       owner_bs: torch.Tensor, pos_bs: torch.Tensor, seg_start: torch.Tensor, next_pos: torch.Tensor,
                       base: torch.Tensor, *, ring: int, heads: torch.Tensor | None = None) -> None:
@@ -441,7 +446,7 @@ def append_token_math(key_bhsd: torch.Tensor, value_bhsd: torch.Tensor, k_bsd: t
     bsz, hkv, _, d = key_bhsd.shape
     if heads is None:
         heads = torch.arange(hkv, dtype=torch.int32, device=owner_bs.device)
-    slot = seg_start + (next_pos - base.unsqueeze(-1)) % ring  # [B, H_kv]
+    slot = token_slots(seg_start, next_pos, base, ring)
     idx = slot.unsqueeze(-1).expand(bsz, hkv, d)
     k_bsd.scatter_(1, idx, key_bhsd[:, :, 0].detach())
     v_bsd.scatter_(1, idx, value_bhsd[:, :, 0].detach())

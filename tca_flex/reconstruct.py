@@ -80,8 +80,7 @@ def score_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
     holds, else ``"math"``. An explicit ``"triton"`` also runs CPU tensors
     under Triton's interpreter (``TRITON_INTERPRET=1``; slow, for tests).
     """
-    if backend not in SCORE_BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {list(SCORE_BACKENDS)}")
+    _check_choice("backend", backend, SCORE_BACKENDS)
     fused = triton_reconstruct is not None and triton_reconstruct.supported(query, key, value)
     if backend == "auto":
         return "triton" if fused and query.is_cuda else "math"
