@@ -491,10 +491,15 @@ def tca_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if kwargs.get("output_attentions"):
         _warn_no_weights()
     cache_layer = layer.link.take(key)
-    if cache_layer is None and key.dim() != 4:
-        # A TCACache layer's flat [B, S, D] buffers, posted to another module's link.
+    if cache_layer is None and key.shape[-1] != query.shape[-1]:
+        # A TCACache layer's flat buffers (``TCACacheLayer.update``), posted to another module's link.
         raise ValueError("tca_flex: this attention got a TCACache made for another model (or before the model was "
                          "applied again): make a new tca_flex.TCACache(model) for the model you run")
+    if cache_layer is not None and kwargs.get("use_cache") is False:
+        cache_layer.abandon_step()
+        raise ValueError("tca_flex: a TCACache was passed with use_cache=False: generate would feed the whole "
+                         "sequence again at every step, on top of the tokens the cache already holds. "
+                         "Leave use_cache at True with a TCACache, or pass no cache")
     if cache_layer is not None and cache_layer.prefilled:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         try:  # a refused step leaves the cache as before it (abandon_step), so the caller can go on

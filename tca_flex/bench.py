@@ -746,7 +746,9 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--generate-compile", action="store_true",
                         help="generate phase: also the rows where generate compiles its decode step and replays "
                              "it from CUDA graphs (dense StaticCache, TCACache with reserve_tokens)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of the JSON results (default benchmarks/results; a --smoke run writes none "
+                             "unless given one)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("the full benchmark runs LLaMA-3.1-8B-shaped layers on a CUDA GPU; on a CPU run --smoke "
@@ -777,13 +779,14 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     suffix = ("-notma" if args.no_tma else "") + ("" if args.phases == ["prefill", "decode", "e2e"]
                                                  else "-" + "-".join(args.phases))
     suffix += f"-{args.e2e_layers}layers" if e2e and args.e2e_layers != 2 else ""
-    path = args.out / f"{result['device']}-{result['date'][:10]}{suffix}.json"
+    out = args.out if args.out is not None or args.smoke else Path("benchmarks/results")
+    path = out / f"{result['device']}-{result['date'][:10]}{suffix}.json" if out is not None else None
 
     def measured(new: list[dict[str, Any]]) -> None:  # printed and saved per length: a run cut short keeps them
         rows.extend(new)
         print_table(new)
-        if not args.smoke:
-            args.out.mkdir(parents=True, exist_ok=True)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1))
 
     for length in lengths:
@@ -850,7 +853,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         result["stream"] = run_stream(args.smoke, args.stream_count, lo, hi, 0.25, window)
         print_stream(result["stream"])
         measured([])
-    if not args.smoke:
+    if path is not None:
         print(f"\nwrote {path}")
     return result
 

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .checks import check_choice
 from .chunk_flex import flex_chunk_attention
 from .chunks import building_graph, check_chunk_mask, chunk_attention, gather_segments, leaving_importance
 from .config import TCAConfig
@@ -116,8 +117,7 @@ class TCACacheLayer(CacheLayerMixin):
         if keep.dim() != 1 or keep.numel() == 0 or (keep < 0).any() or (keep > config.block_size).any():
             raise ValueError(f"keep_per_block must list 0 <= t <= block_size={config.block_size} per KV "
                              f"head, got {keep.tolist()}")
-        if backend not in DECODE_BACKENDS:
-            raise ValueError(f"backend={backend!r} is not one of {list(DECODE_BACKENDS)}")
+        check_choice("backend", backend, DECODE_BACKENDS)
         if not 0.0 <= growth <= 10.0 or min_chunk_blocks < 1 or reserve_tokens < 0:
             raise ValueError(f"need 0 <= growth <= 10, min_chunk_blocks >= 1 and reserve_tokens >= 0, got "
                              f"{growth}, {min_chunk_blocks}, {reserve_tokens}")
@@ -206,8 +206,12 @@ class TCACacheLayer(CacheLayerMixin):
             self._post(key_states)
             return key_states, value_states
         self._append(key_states, value_states)
-        self._post(self.keys)
-        return self.keys, self.values
+        # The TCA attention reads the cache layer, not these tensors (the link matches them by
+        # identity). Their last dim is S * D, not the head dim, so an attention that is not TCA's
+        # (a plain model given this cache) fails on them instead of attending over flat buffers.
+        keys, values = (t.view(t.shape[0], 1, 1, -1) for t in (self.keys, self.values))
+        self._post(keys)
+        return keys, values
 
     def _check_step(self, key_states: torch.Tensor) -> None:
         # Static checks (shapes, dtype): free under torch.compile, and clearer than a scatter's error.
@@ -232,9 +236,13 @@ class TCACacheLayer(CacheLayerMixin):
         """Undo this layer's ``update`` of a step its attention then refused (a mask it cannot honour,
         dropout): the cache is as before the call, so the caller can fix the input and go on.
 
-        A held chunk or token is dropped. A token the update already wrote took a slot that was free
-        before it (``decode.token_slots``: its block left at the step before, or the ring was not
-        full yet); that slot is freed again and the position taken back."""
+        A prefill not yet pruned leaves the layer empty again. A held chunk or token is dropped. A
+        token the update already wrote took a slot that was free before it (``decode.token_slots``:
+        its block left at the step before, or the ring was not full yet); that slot is freed again
+        and the position taken back."""
+        if self._awaiting_prune:
+            self._clear()
+            return
         if self._chunk is not None:
             self._chunk = None
             return
@@ -580,8 +588,7 @@ class TCACacheLayer(CacheLayerMixin):
     def _fused(self, kernel: str, probe: torch.Tensor) -> bool:
         """Whether the Triton kernel runs for setting ``kernel``, decided as the decode backend is for
         ``probe`` (the step's query, or a tensor of its device, dtype and head dim)."""
-        if kernel not in self.KERNELS:
-            raise ValueError(f"kernel={kernel!r} is not one of {list(self.KERNELS)}")
+        check_choice("kernel", kernel, self.KERNELS)
         if kernel == "auto":
             return resolve_backend(probe, self.segments, self.backend) == "triton"
         if kernel == "triton":
@@ -840,16 +847,14 @@ class TCACache(Cache):
 
     def set_compression(self, kernel: str) -> None:
         """Block compression on every layer: ``"auto"``, ``"triton"`` or ``"math"`` (``TCACacheLayer.compression``)."""
-        if kernel not in TCACacheLayer.COMPRESSIONS:
-            raise ValueError(f"compression={kernel!r} is not one of {list(TCACacheLayer.COMPRESSIONS)}")
+        check_choice("compression", kernel, TCACacheLayer.COMPRESSIONS)
         for layer in self.layers:
             layer.compression = kernel
 
     def set_append(self, kernel: str) -> None:
         """The decode step's append on every layer: ``"auto"``, ``"triton"`` or ``"math"``
         (``TCACacheLayer.append_kernel``)."""
-        if kernel not in TCACacheLayer.APPENDS:
-            raise ValueError(f"append={kernel!r} is not one of {list(TCACacheLayer.APPENDS)}")
+        check_choice("append", kernel, TCACacheLayer.APPENDS)
         for layer in self.layers:
             layer.append_kernel = kernel
 

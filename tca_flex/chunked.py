@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from transformers import Cache
 
+from .checks import check_count
 from .hfcompat import cache_kwargs
 
 
@@ -35,8 +36,7 @@ def chunked_prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any,
     Returns:
         ``[B, V]`` logits of the last position.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    check_count("chunk_size", chunk_size)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
     if not isinstance(cache, Cache):

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
+from .checks import check_choice
+
 # Dynamo's recompile limit inside the prefill's compiled calls, and what
 # ``tca_flex.compile`` (integration.py) raises it to for the process (on request
 # only): a compiled *whole model* still re-traces its decode step when a TCACache grows.
@@ -131,9 +133,7 @@ def prefill_backend(device: torch.device, backend: str | None = None) -> str:
     never a silent fallback.
     """
     backend = backend or os.environ.get(PREFILL_BACKEND_ENV, "auto")
-    if backend not in PREFILL_BACKENDS:
-        raise ValueError(f"prefill backend {backend!r} (from {PREFILL_BACKEND_ENV} or the argument) is not one of "
-                         f"{list(PREFILL_BACKENDS)}")
+    check_choice("prefill backend", backend, PREFILL_BACKENDS, hint=f"(from {PREFILL_BACKEND_ENV} or the argument)")
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
     if backend == "flash" and not (hopper and flash_available()):
         raise RuntimeError("the FLASH prefill backend needs an NVIDIA Hopper GPU (H100/H200) and FlashAttention-4: "

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .checks import check_choice
+
 CONFIG_VERSION = 1
 # Decode's grace in ``TCAConfig.accurate()``: long_recall answers at 4K read up to ~100 tokens behind the
 # window's start; 128 tokens of grace kept every one of them level with no compression at all
@@ -318,5 +320,4 @@ def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"TCAConfig.{name}={value!r} is not one of {list(allowed)}")
+    check_choice(f"TCAConfig.{name}", value, allowed)

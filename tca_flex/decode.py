@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .checks import check_choice
 from .compile import compiled_flex_attention, with_lse
 from .selection import rank_of
 
@@ -201,8 +202,7 @@ def resolve_backend(q_bhsd: torch.Tensor, segments: Segments | None, backend: st
     ``"auto"``: ``"math"`` off CUDA, ``"triton"`` on CUDA where it can run
     (``triton_supported`` and ``segments`` given), else ``"flex"``.
     """
-    if backend not in DECODE_BACKENDS:
-        raise ValueError(f"decode backend={backend!r} is not one of {list(DECODE_BACKENDS)}")
+    check_choice("decode backend", backend, DECODE_BACKENDS)
     if backend == "auto":
         if q_bhsd.device.type != "cuda":
             return "math"

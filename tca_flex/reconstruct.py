@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .checks import check_choice, check_count
 from .config import SelectionConfig
 from .hfcompat import cache_kwargs, output_cache
 from .layer import tca_layers
@@ -55,15 +56,6 @@ QUOTAS = ("blocks", "head")
 SCORE_BACKENDS = ("auto", "triton", "math")
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
-
-
-def _check_context_chunk(context_chunk: int | None) -> None:
-    if context_chunk is not None and (isinstance(context_chunk, bool) or not isinstance(context_chunk, int)
-                                      or context_chunk < 1):
-        raise ValueError(f"context_chunk must be an int >= 1 or None, got {context_chunk!r}")
 
 
 def _check(input_ids: torch.Tensor, prompt_ids: torch.Tensor) -> None:
@@ -80,7 +72,7 @@ def score_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
     holds, else ``"math"``. An explicit ``"triton"`` also runs CPU tensors
     under Triton's interpreter (``TRITON_INTERPRET=1``; slow, for tests).
     """
-    _check_choice("backend", backend, SCORE_BACKENDS)
+    check_choice("backend", backend, SCORE_BACKENDS)
     fused = triton_reconstruct is not None and triton_reconstruct.supported(query, key, value)
     if backend == "auto":
         return "triton" if fused and query.is_cuda else "math"
@@ -115,7 +107,7 @@ def score_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
         (``[B, H_q, Lq, D]`` attention output in ``query``'s dtype, float32
         ``[B, H_kv, context]`` scores).
     """
-    _check_choice("reduce", reduce, REDUCTIONS)
+    check_choice("reduce", reduce, REDUCTIONS)
     if score_backend(query, key, value, backend) == "triton":
         return triton_reconstruct.fused_rows(query, key, value, scaling, context, scored_from, reduce)
     bsz, hq, lq, d = query.shape
@@ -175,7 +167,7 @@ def reconstruction_importance(model: torch.nn.Module, past: Sequence[tuple[torch
     bsz, length = context_ids.shape
     prompt_ids = prompt_ids.expand(bsz, -1).to(context_ids.device)
     r = prompt_ids.shape[1]
-    _check_context_chunk(context_chunk)
+    check_count("context_chunk", context_chunk, optional=True)
     piece = length if context_chunk is None else context_chunk
     scores: list[torch.Tensor | None] = [None] * len(past)
     counts: list[int] = [0] * len(past)
@@ -231,7 +223,7 @@ def selection_from_importance(model: torch.nn.Module, importance: Sequence[torch
         importance: per layer, ``[B, H_kv, length]`` non-negative scores.
         length: the prompt length ``L`` (must exceed the window).
     """
-    _check_choice("quota", quota, QUOTAS)
+    check_choice("quota", quota, QUOTAS)
     records = tca_layers(model)
     if len(records) != len(importance):
         raise ValueError(f"{len(importance)} importance rows for {len(records)} TCA layers")
@@ -287,9 +279,9 @@ def prefill_by_reconstruction(model: torch.nn.Module, input_ids: torch.Tensor, c
     if "attention_mask" in model_kwargs:
         raise ValueError("prefill_by_reconstruction takes unpadded rows only: drop attention_mask")
     # Checked here, not where they are used: a prompt that fits the window never gets there.
-    _check_choice("reduce", reduce, REDUCTIONS)
-    _check_choice("quota", quota, QUOTAS)
-    _check_context_chunk(context_chunk)
+    check_choice("reduce", reduce, REDUCTIONS)
+    check_choice("quota", quota, QUOTAS)
+    check_count("context_chunk", context_chunk, optional=True)
     records = tca_layers(model)
     if not records:
         raise ValueError("prefill_by_reconstruction: this model was not prepared by tca_flex.apply")

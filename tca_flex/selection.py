@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_choice
 from .config import SelectionConfig
 
 # Position used for unused slots of the packed index list. Large enough that
@@ -117,6 +118,7 @@ def importance(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float,
     Returns:
         float32 ``[B, H_kv, L]``; with ``num_spread = 0`` each row sums to 1.
     """
+    check_choice("aggregation", aggregation, ("mean", "max"))
     b, hq, d = q_bhsd.shape[0], q_bhsd.shape[1], q_bhsd.shape[3]
     hkv, length = k_bhsd.shape[1], k_bhsd.shape[2]
     g = hq // hkv
@@ -131,11 +133,7 @@ def importance(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, scaling: float,
     # Spread rows count only their far keys.
     far = (k_pos[None, :] <= q_pos[:, None] - window) | ~far_only[:, None]
     probs = (probs * (far * weight[:, None])).sum(dim=3) / weight.sum()
-    if aggregation == "mean":
-        return probs.mean(dim=2)
-    if aggregation == "max":
-        return probs.amax(dim=2)
-    raise ValueError(f"aggregation={aggregation!r} is not one of ['mean', 'max']")
+    return probs.mean(dim=2) if aggregation == "mean" else probs.amax(dim=2)
 
 
 def to_blocks(values: torch.Tensor, block_size: int, fill: float) -> torch.Tensor:

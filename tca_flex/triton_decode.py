@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_choice
+
 # Measured on an H200 (scripts/gpu_decode_sweep.py, BENCHMARKS.md 2026-12-03): at 128K with 39% kept
 # and the live lengths read on the device, "balanced" with 396 programs (three per SM of 132) of
 # 64-slot blocks, 4 warps, 2 stages took 62.7 us; the best "split" setting 67.7 us (512 programs),
@@ -501,8 +503,7 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
         (``[B, H_q, D]`` output in q's dtype, float32 ``[B, H_q]`` log-sum-exp).
     """
     schedule = schedule or SCHEDULE
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
+    check_choice("schedule", schedule, SCHEDULES)
     if token is not None and live is None:
         raise ValueError("a token to append needs the cache's live ranges (live=...): the merge writes it to the "
                          "ring slot they define")

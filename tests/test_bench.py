@@ -1,5 +1,6 @@
 """The benchmark's --smoke mode runs the real code paths on tiny CPU shapes so it cannot rot."""
 
+import json
 import math
 
 import pytest
@@ -37,13 +38,15 @@ def test_smoke_benchmark_runs_and_checks_correctness():
     assert all(math.isfinite(r["ms"]) for r in result["rows"] if "ms" in r)
 
 
-def test_e2e_times_the_compiled_model_for_dense_and_each_budget(tca_compile_settings):
+def test_e2e_times_the_compiled_model_for_dense_and_each_budget(tca_compile_settings, tmp_path):
     """``--compile-tpot``: dense decodes through ``torch.compile(model)``, every budget through
     ``tca_flex.compile(model)`` in each of ``--compiled-variants``; the keep fractions of
-    ``--e2e-keep`` order the kept share."""
+    ``--e2e-keep`` order the kept share. A smoke run given ``--out`` writes its JSON there."""
     result = bench.main(["--smoke", "--phases", "e2e", "--e2e-layers", "1", "--no-e2e-static", "--compile-tpot",
                          "aot_eager", "--tpot-variants", "fused-graph", "--compiled-variants", "fused-graph",
-                         "two-graph+fused", "--e2e-keep", "0.4", "0.1"])
+                         "two-graph+fused", "--e2e-keep", "0.4", "0.1", "--out", str(tmp_path)])
+    (written,) = tmp_path.glob("*-e2e-1layers.json")
+    assert json.loads(written.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert TCA_LENGTH_SOURCE in torch.compiler.config.dynamic_sources
     rows = {r["method"]: r for r in result["rows"] if r["phase"] == "tpot"}
     assert set(rows) == {"dense_tpot", "dense_tpot compiled"} | {

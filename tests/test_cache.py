@@ -320,9 +320,9 @@ def test_a_cache_the_model_cannot_use_is_refused(tiny_llama):
     tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
     x = ids(200, bsz=2, seed=random.randint(1, 10**6))
 
-    def prefilled():
+    def prefilled(rows=x):
         cache = TCACache(tiny_llama)
-        tiny_llama(x, **cache_kwargs(tiny_llama, cache))
+        tiny_llama(rows, **cache_kwargs(tiny_llama, cache))
         return cache
 
     TCACache(tiny_llama).batch_repeat_interleave(2)  # an empty cache: nothing to repeat
@@ -339,13 +339,33 @@ def test_a_cache_the_model_cannot_use_is_refused(tiny_llama):
     tca_flex.apply(small, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
     with pytest.raises(ValueError, match="TCACache made for another model"):
         small(x[:, :1], **cache_kwargs(small, prefilled()))
-    # A plain model with more layers: the cache has none for its third.
-    deeper = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3)).eval()
-    spoiled = prefilled()
+    # A plain model (SDPA, eager): its attention cannot use the flat buffers a decode update
+    # returns (with one row SDPA would broadcast 3-D ones silently), and the cache says why at
+    # the next use.
+    for implementation in ("sdpa", "eager"):
+        plain = LlamaForCausalLM(tiny_llama_config(attn_implementation=implementation)).eval()
+        spoiled = prefilled(x[:1])
+        with pytest.raises(RuntimeError):
+            plain(x[:1, :1], **cache_kwargs(plain, spoiled))
+        with pytest.raises(RuntimeError, match="never reached the TCA attention"):
+            tiny_llama(x[:1, :1], **cache_kwargs(tiny_llama, spoiled))
+    # use_cache=False: generate would feed the whole sequence on top of the cache at every step.
+    # Refused in the prefill and in a step, each leaving the cache as before the call.
+    cache = TCACache(tiny_llama)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        tiny_llama.generate(x, max_new_tokens=3, do_sample=False, use_cache=False,
+                            **cache_kwargs(tiny_llama, cache))
+    assert cache.get_seq_length() == 0
+    tiny_llama(x, **cache_kwargs(tiny_llama, cache))
+    with pytest.raises(ValueError, match="use_cache=False"):
+        tiny_llama(x[:, :1], use_cache=False, **cache_kwargs(tiny_llama, cache))
+    step = tiny_llama(x[:, :1], **cache_kwargs(tiny_llama, cache)).logits
+    torch.testing.assert_close(step, tiny_llama(x[:, :1], **cache_kwargs(tiny_llama, prefilled())).logits,
+                               atol=0, rtol=0)
+    # A model with more layers: the cache has none for its third.
+    k = torch.randn(2, 2, 1, 16)
     with pytest.raises(ValueError, match="made for a model of 2 TCA layers"):
-        deeper(x[:, :1], **cache_kwargs(deeper, spoiled))
-    with pytest.raises(RuntimeError, match="never reached the TCA attention"):  # and says so at the next use
-        tiny_llama(x[:, :1], **cache_kwargs(tiny_llama, spoiled))
+        prefilled().update(k, k, 2)
     cache = prefilled()
     tca_flex.remove(tiny_llama)
     with pytest.raises(RuntimeError, match="tca_flex.remove run on it"):

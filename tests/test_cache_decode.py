@@ -11,6 +11,7 @@ head's query heads, ``t = floor(E[k])``. Nothing of the implementation's state f
 
 import copy
 import math
+import random
 
 import pytest
 import torch
@@ -171,10 +172,20 @@ def test_replay_bookkeeping_leaves_the_cache_as_eager_steps(tiny_llama, two_grap
     for cache in caches:
         tiny_llama(prompt, **cache_kwargs(tiny_llama, cache))
     steps = 40  # crosses compressions at positions 215 and 231
-    timing = bench.tpot(tiny_llama, caches[0], 200, torch.device("cpu"), steps, two_graphs=two_graphs)
+    # A fresh token at every step (a replay's static input buffer rewritten by the caller), so
+    # the compressions choose among distinct keys rather than copies of one.
+    tokens = torch.randint(0, 256, (steps, 1, 1), generator=torch.Generator().manual_seed(random.randint(0, 10**6)))
+    fed = iter(tokens)
+
+    def step_fn(input_ids, **kwargs):
+        return tiny_llama(input_ids=next(fed), **kwargs)
+
+    timing = bench.tpot(tiny_llama, caches[0], 200, torch.device("cpu"), steps, two_graphs=two_graphs,
+                        step_fn=step_fn)
     assert timing["steps"] == steps and timing["ms_leaving"] is not None
-    for _ in range(steps):
-        tiny_llama(**decode_inputs(200), **cache_kwargs(tiny_llama, caches[1]))
+    assert next(fed, None) is None  # every step ran through step_fn
+    for token in tokens:
+        tiny_llama(**{**decode_inputs(200), "input_ids": token}, **cache_kwargs(tiny_llama, caches[1]))
     for replayed, eager in zip(caches[0].layers, caches[1].layers, strict=True):
         assert replayed.get_seq_length() == eager.get_seq_length() == 240
         for name in ("k_buf", "v_buf", "owner", "pos", "var_len", "ncs", "next_pos"):

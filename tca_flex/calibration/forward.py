@@ -21,6 +21,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..budgets import HeadBudgets
+from ..checks import check_count
 from ..config import TCAConfig
 from ..integration import attention_modules, attention_routed, check_model, model_fingerprint
 from .candidates import CandidateScores, budgets_from_scores, candidate_distributions
@@ -102,9 +103,8 @@ def score_candidates(model: torch.nn.Module, input_ids: torch.Tensor, config: TC
     """
     config = config or TCAConfig()
     ids = _check_input_ids(input_ids, config)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        # A chunk < 1 would score no query at all, and every head would come out dense.
-        raise ValueError(f"chunk (queries per step) must be an int >= 1, got {chunk!r}")
+    # A chunk < 1 would score no query at all, and every head would come out dense.
+    check_count("chunk (queries per step)", chunk)
     check_model(model)
     if model.training:
         raise ValueError("call model.eval() before calibrating (dropout would make budgets random)")

@@ -45,6 +45,7 @@ import torch
 import tca_flex
 
 from ..budgets import HeadBudgets
+from ..checks import check_choice
 from ..config import TCAConfig
 from ..integration import model_fingerprint
 from ..selection import global_region_length
@@ -270,8 +271,7 @@ TCA_BACKENDS = ("flex", "mask")
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in TCA_BACKENDS:
-        raise ValueError(f"TCA backend {backend!r} is not one of {list(TCA_BACKENDS)}")
+    check_choice("TCA backend", backend, TCA_BACKENDS)
 
 
 def tca_budgets(budgets: HeadBudgets, label: str, backend: str = "flex") -> Method:
