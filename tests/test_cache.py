@@ -349,6 +349,11 @@ def test_a_cache_the_model_cannot_use_is_refused(tiny_llama):
             plain(x[:1, :1], **cache_kwargs(plain, spoiled))
         with pytest.raises(RuntimeError, match="never reached the TCA attention"):
             tiny_llama(x[:1, :1], **cache_kwargs(tiny_llama, spoiled))
+        spoiled = prefilled(x[:1])  # a chunk: the mask spans the cache, the keys only the chunk
+        with pytest.raises(RuntimeError):
+            plain(x[:1, :5], **cache_kwargs(plain, spoiled))
+        with pytest.raises(RuntimeError, match="chunk of new tokens never reached"):
+            tiny_llama(x[:1, :1], **cache_kwargs(tiny_llama, spoiled))
     # use_cache=False: generate would feed the whole sequence on top of the cache at every step.
     # Refused in the prefill and in a step, each leaving the cache as before the call.
     cache = TCACache(tiny_llama)
