@@ -13,12 +13,11 @@ def check_choice(name: str, value: Any, choices: Collection[str], hint: str = ""
         raise ValueError(f"{name}={value!r}{extra} is not one of {list(choices)}")
 
 
-def check_count(name: str, value: Any, *, optional: bool = False, why: str = "") -> None:
+def check_count(name: str, value: Any, *, optional: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is an int >= 1 (or None where ``optional``); bools are refused,
     as ``True`` would pass for 1."""
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         allowed = "an int >= 1 or None" if optional else "an int >= 1"
-        extra = f" ({why})" if why else ""
-        raise ValueError(f"{name} must be {allowed}{extra}, got {value!r}")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
