@@ -6,8 +6,11 @@ from hypothesis import strategies as st
 
 from tca_flex import HeadBudgets, TCAConfig
 from tca_flex.attention import tca_prefill_attention
+from tca_flex.cache import TCACacheLayer
+from tca_flex.config import SelectionConfig
 from tca_flex.mass import retained_mass
 from tca_flex.reference import causal_mask, reference_attention, reference_mask
+from tca_flex.selection import select
 
 from .oracles import reference_selection, selection_is_ambiguous
 
@@ -68,3 +71,45 @@ def test_bound_holds_for_tca_selection(seed, frac):
     assert ((out - dense).abs() <= (2 * gamma * v.abs().max()).unsqueeze(-1) + tol).all()
     if frac == 0.0:
         assert gamma[..., window:].max() > 0  # the test exercises real dropping
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(100, 220), st.floats(0.05, 0.6), st.integers(20, 60),
+       st.sampled_from(["math", "flex"]))
+def test_bound_holds_for_pruned_cache_decode(seed, length, frac, steps, backend):
+    """Decode over ``TCACache``'s pruned layer (a real prefill selection, then steps that compress
+    blocks leaving the window): each step's output is attention over exactly the tokens the cache
+    holds, so against dense attention over every token so far it obeys the bound with gamma = the
+    dense mass on the tokens the cache dropped."""
+    g = torch.Generator().manual_seed(seed)
+    hkv, group, d, block, window = 2, 2, 16, 16, 32
+    config = TCAConfig(block_size=block, window=window)
+    scale = d ** -0.5
+    q = torch.randn(1, hkv * group, length, d, generator=g) * 2
+    keys = torch.randn(1, hkv, length, d, generator=g) * 2
+    values = torch.randn(1, hkv, length, d, generator=g)
+    budgets = HeadBudgets.uniform(1, hkv, frac, config)
+    sel = select(q, keys, budgets.cdf(0), SelectionConfig(block_size=block, window=window, alpha=config.alpha),
+                 scaling=scale)
+    layer = TCACacheLayer(config, budgets.keep_per_block()[0].tolist(), backend=backend)
+    layer.update(keys, values)
+    layer.finish_prefill(keys, values, sel)
+    dropped_any = False
+    for _ in range(steps):
+        k_new, v_new = torch.randn(1, hkv, 1, d, generator=g) * 2, torch.randn(1, hkv, 1, d, generator=g)
+        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        layer.update(k_new, v_new)
+        n = keys.shape[2]
+        kept = torch.zeros(1, hkv, 1, n, dtype=torch.bool)
+        for h in range(hkv):
+            kept[0, h, 0, layer.kept_positions(0, h)] = True
+        mask = kept.repeat_interleave(group, 1)
+        query = torch.randn(1, hkv * group, 1, d, generator=g) * 2
+        out = layer.decode_step(query, scale).double()
+        dense = reference_attention(query, keys, values, torch.ones_like(mask), scale)
+        p, _ = dense_probs(query, keys, scale)
+        gamma = (p * ~mask).sum(-1)
+        dropped_any |= bool(gamma.max() > 1e-3)
+        torch.testing.assert_close(out, reference_attention(query, keys, values, mask, scale), atol=1e-5, rtol=1e-5)
+        assert ((out - dense).abs() <= (2 * gamma * values.abs().max()).unsqueeze(-1) + 1e-5).all()
+    assert layer.get_seq_length() == length + steps
+    assert dropped_any or frac > 0.5  # sparse budgets really drop mass
