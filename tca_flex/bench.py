@@ -779,8 +779,8 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     suffix = ("-notma" if args.no_tma else "") + ("" if args.phases == ["prefill", "decode", "e2e"]
                                                  else "-" + "-".join(args.phases))
     suffix += f"-{args.e2e_layers}layers" if e2e and args.e2e_layers != 2 else ""
-    out = args.out if args.out is not None or args.smoke else Path("benchmarks/results")
-    path = out / f"{result['device']}-{result['date'][:10]}{suffix}.json" if out is not None else None
+    out = args.out or (None if args.smoke else Path("benchmarks/results"))
+    path = out / f"{result['device']}-{result['date'][:10]}{suffix}.json" if out else None
 
     def measured(new: list[dict[str, Any]]) -> None:  # printed and saved per length: a run cut short keeps them
         rows.extend(new)

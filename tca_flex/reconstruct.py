@@ -56,8 +56,6 @@ QUOTAS = ("blocks", "head")
 SCORE_BACKENDS = ("auto", "triton", "math")
 
 
-
-
 def _check(input_ids: torch.Tensor, prompt_ids: torch.Tensor) -> None:
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got {tuple(input_ids.shape)}")
