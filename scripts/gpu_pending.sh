@@ -13,6 +13,9 @@
 # combo-profile / combo-32k / combo-128k: the profile and the e2e parts with Inductor's combo kernels
 #   (independent pointwise kernels, e.g. q's and k's RoPE, horizontally fused into one launch) on for
 #   the whole process, dense and TCA alike (scripts/with_inductor.py).
+# freeze-profile / freeze-32k / freeze-128k: the same with Inductor's freezing (weights as constants:
+#   on CUDA, q/k/v and gate/up projections of one input fused into one matmul each), dense and TCA
+#   alike; fast-32k / fast-128k: freezing and combo kernels together.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -28,7 +31,10 @@ stage() {  # stage SECONDS NAME COMMAND...: bounded, its output in NAME.log
 E2E=(-m tca_flex.bench --phases e2e --e2e-layers 32 --no-e2e-static --ttft-reps 1
      --tpot-variants two-graph+fused --compile-tpot inductor --compiled-variants two-graph+fused)
 COMBO=(python -u scripts/with_inductor.py combo_kernels=1 --)
-[ $# -gt 0 ] || { echo "parts: tests decode parts profile e2e-32k e2e-128k combo-profile combo-32k combo-128k" >&2
+FREEZE=(python -u scripts/with_inductor.py freezing=1 --)
+FAST=(python -u scripts/with_inductor.py freezing=1 combo_kernels=1 --)
+[ $# -gt 0 ] || { echo "parts: tests decode parts profile e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
+                       "freeze-profile freeze-32k freeze-128k fast-32k fast-128k" >&2
                   exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
 for part in "$@"; do
@@ -49,6 +55,14 @@ for part in "$@"; do
                  --e2e-keep 0.25 ;;
     combo-128k) stage 560 combo-128k "${COMBO[@]}" "${E2E[@]}" --out "$OUT/combo-128k" --lengths 131072 \
                   --e2e-keep 0.37 ;;
+    freeze-profile) stage 150 freeze-profile "${FREEZE[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
+    freeze-32k) stage 560 freeze-32k "${FREEZE[@]}" "${E2E[@]}" --out "$OUT/freeze-32k" --lengths 32768 \
+                  --e2e-keep 0.25 ;;
+    freeze-128k) stage 560 freeze-128k "${FREEZE[@]}" "${E2E[@]}" --out "$OUT/freeze-128k" --lengths 131072 \
+                   --e2e-keep 0.37 ;;
+    fast-32k) stage 560 fast-32k "${FAST[@]}" "${E2E[@]}" --out "$OUT/fast-32k" --lengths 32768 --e2e-keep 0.25 ;;
+    fast-128k) stage 560 fast-128k "${FAST[@]}" "${E2E[@]}" --out "$OUT/fast-128k" --lengths 131072 \
+                 --e2e-keep 0.37 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done

@@ -2,11 +2,13 @@
 
     python scripts/with_inductor.py combo_kernels=1 -- -m tca_flex.bench --phases e2e ...
     python scripts/with_inductor.py combo_kernels=1 -- scripts/gpu_step_profile.py 4 0.25 32768
+    python scripts/with_inductor.py freezing=1 cpp.enable_concat_linear=1 -- -m tca_flex.bench --smoke ...
 
 For benchmarks that compile dense and TCA in one process: an option set here applies to both
 (a comparison against the fastest dense step must give dense the same chance). The library
 itself never changes Inductor's settings. Values: ``1/0``, ``true/false`` as booleans, integers,
-floats, else strings; an unknown option name is refused.
+floats, else strings; a dotted name reaches a sub-config (``cpp.enable_concat_linear``); an
+unknown option name is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def option_owner(config: Any, name: str) -> Any:
+    """The (sub-)config holding option ``name`` (dotted: ``cpp.enable_concat_linear``), or None."""
+    *path, leaf = name.split(".")
+    for part in path:
+        config = getattr(config, part, None)
+        if config is None:
+            return None
+    return config if hasattr(config, leaf) else None
+
+
 def main(argv: list[str]) -> None:
     import torch._inductor.config as inductor_config
 
@@ -39,14 +51,14 @@ def main(argv: list[str]) -> None:
     options = {}
     for item in argv[:split]:
         name, sep, value = item.partition("=")
-        if not sep or not hasattr(inductor_config, name):
+        if not sep or option_owner(inductor_config, name) is None:
             sys.exit(f"with_inductor.py: {item!r} is not NAME=VALUE with NAME an option of torch._inductor.config")
         options[name] = parse_value(value)
     target = argv[split + 1:]
     if target[0] == "-m" and len(target) < 2:
         sys.exit("with_inductor.py: -m needs a module name")
     for name, value in options.items():
-        setattr(inductor_config, name, value)
+        setattr(option_owner(inductor_config, name), name.rpartition(".")[2], value)
     print(f"torch._inductor.config: {options}", flush=True)
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]
