@@ -773,6 +773,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         "triton_decode": triton_decode_settings(),
         # Off unless a run turns it on for the whole process (scripts/with_inductor.py), dense and TCA alike.
         "inductor_combo_kernels": bool(torch._inductor.config.combo_kernels),
+        "inductor_freezing": bool(torch._inductor.config.freezing),
         "rows": rows,
     }
     e2e = bool(args.e2e_layers) and "e2e" in args.phases
