@@ -489,22 +489,27 @@ def test_compiled_decode_step_does_not_recompile():
         assert torch.equal(caches[0].layers[0].kept_positions(0, h), caches[1].layers[0].kept_positions(0, h))
 
 
-def test_tca_compile_compiles_the_decode_step_once(tca_compile_settings):
+# Inductor's freezing (weights as constants; q/k/v and gate/up fused into one matmul each) is an option
+# users set for dense decode: the TCA step must compile once and stay exact under it too.
+@pytest.mark.parametrize("backend, inductor_options", [
+    ("aot_eager", {}), ("inductor", {"freezing": True, "cpp.enable_concat_linear": True})])
+def test_tca_compile_compiles_the_decode_step_once(tca_compile_settings, backend, inductor_options):
     """``tca_flex.compile``: the first decode step's graph serves every later length (the cache's
-    token count is a dynamic source), where plain ``torch.compile`` compiles the second step again."""
+    token count is a dynamic source), where plain ``torch.compile`` compiles the second step again;
+    its logits equal eager's through the steps, compressions included."""
+    import torch._inductor.config as inductor_config
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(1234)
     model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)).eval()
     tca_flex.apply(model, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=1))
     eager_cache, cache = TCACache(model, reserve_tokens=64), TCACache(model, reserve_tokens=64)
     x = ids(200, seed=random.randrange(2**31))  # fresh prompt each run
     torch._dynamo.reset()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inductor_config.patch(inductor_options):
             tok = model(x, **cache_kwargs(model, eager_cache)).logits[:, -1:].argmax(-1)
             model(x, **cache_kwargs(model, cache))
-            step = tca_flex.compile(model, fullgraph=True, backend="aot_eager")
+            step = tca_flex.compile(model, fullgraph=True, backend=backend)
             leaves = []
             for i, pos in enumerate(range(200, 240)):
                 leaves.append(cache.block_leaves_next())
@@ -514,35 +519,6 @@ def test_tca_compile_compiles_the_decode_step_once(tca_compile_settings):
                 torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
                 tok = want.logits[:, -1:].argmax(-1)
         assert any(leaves[1:]), "no block was compressed in the compiled steps"
-    finally:
-        torch._dynamo.reset()
-
-
-@torch.no_grad()
-def test_tca_compile_with_inductor_freezing_matches_eager(tca_compile_settings):
-    """Inductor's freezing (weights as constants; q/k/v and gate/up fused into one matmul each) is an
-    option users set for dense decode: the compiled TCA step under it, compressions included, gives
-    eager's logits."""
-    import torch._inductor.config as inductor_config
-
-    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)).eval()
-    tca_flex.apply(model, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=1))
-    eager_cache, cache = TCACache(model, reserve_tokens=64), TCACache(model, reserve_tokens=64)
-    x = ids(200, seed=random.randrange(2**31))
-    torch._dynamo.reset()
-    try:
-        with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": True}):
-            tok = model(x, **cache_kwargs(model, eager_cache)).logits[:, -1:].argmax(-1)
-            model(x, **cache_kwargs(model, cache))
-            step = tca_flex.compile(model, fullgraph=True, backend="inductor")
-            leaves = []
-            for pos in range(200, 240):
-                leaves.append(cache.block_leaves_next())
-                got = step(input_ids=tok, position_ids=torch.tensor([[pos]]), **cache_kwargs(model, cache))
-                want = model(input_ids=tok, position_ids=torch.tensor([[pos]]), **cache_kwargs(model, eager_cache))
-                torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
-                tok = want.logits[:, -1:].argmax(-1)
-        assert any(leaves), "no block was compressed in the compiled steps"
     finally:
         torch._dynamo.reset()
 
