@@ -30,9 +30,14 @@ stage() {  # stage SECONDS NAME COMMAND...: bounded, its output in NAME.log
 # Each e2e part writes its JSON to a folder of its own (the bench names the file by device, date, phases).
 E2E=(-m tca_flex.bench --phases e2e --e2e-layers 32 --no-e2e-static --ttft-reps 1
      --tpot-variants two-graph+fused --compile-tpot inductor --compiled-variants two-graph+fused)
-COMBO=(python -u scripts/with_inductor.py combo_kernels=1 --)
-FREEZE=(python -u scripts/with_inductor.py freezing=1 --)
-FAST=(python -u scripts/with_inductor.py freezing=1 combo_kernels=1 --)
+python_with() {  # python_with SET: RUN, the Python command line of that Inductor option set (a part's prefix)
+  case "$1" in
+    e2e) RUN=(python -u) ;;
+    combo) RUN=(python -u scripts/with_inductor.py combo_kernels=1 --) ;;
+    freeze) RUN=(python -u scripts/with_inductor.py freezing=1 --) ;;
+    fast) RUN=(python -u scripts/with_inductor.py freezing=1 combo_kernels=1 --) ;;
+  esac
+}
 [ $# -gt 0 ] || { echo "parts: tests decode parts profile e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
                        "freeze-profile freeze-32k freeze-128k fast-32k fast-128k" >&2
                   exit 2; }
@@ -48,21 +53,14 @@ for part in "$@"; do
       stage 110 profile-merged python -u scripts/gpu_step_profile.py 4 0.25 32768 131072
       TCA_PROBE_APPEND=triton stage 110 profile-append-kernel python -u scripts/gpu_step_profile.py 4 0.25 32768 \
         131072 ;;
-    e2e-32k) stage 560 e2e-32k python -u "${E2E[@]}" --out "$OUT/e2e-32k" --lengths 32768 --e2e-keep 0.25 ;;
-    e2e-128k) stage 560 e2e-128k python -u "${E2E[@]}" --out "$OUT/e2e-128k" --lengths 131072 --e2e-keep 0.37 ;;
-    combo-profile) stage 110 combo-profile "${COMBO[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
-    combo-32k) stage 560 combo-32k "${COMBO[@]}" "${E2E[@]}" --out "$OUT/combo-32k" --lengths 32768 \
-                 --e2e-keep 0.25 ;;
-    combo-128k) stage 560 combo-128k "${COMBO[@]}" "${E2E[@]}" --out "$OUT/combo-128k" --lengths 131072 \
-                  --e2e-keep 0.37 ;;
-    freeze-profile) stage 150 freeze-profile "${FREEZE[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
-    freeze-32k) stage 560 freeze-32k "${FREEZE[@]}" "${E2E[@]}" --out "$OUT/freeze-32k" --lengths 32768 \
-                  --e2e-keep 0.25 ;;
-    freeze-128k) stage 560 freeze-128k "${FREEZE[@]}" "${E2E[@]}" --out "$OUT/freeze-128k" --lengths 131072 \
-                   --e2e-keep 0.37 ;;
-    fast-32k) stage 560 fast-32k "${FAST[@]}" "${E2E[@]}" --out "$OUT/fast-32k" --lengths 32768 --e2e-keep 0.25 ;;
-    fast-128k) stage 560 fast-128k "${FAST[@]}" "${E2E[@]}" --out "$OUT/fast-128k" --lengths 131072 \
-                 --e2e-keep 0.37 ;;
+    e2e-32k|combo-32k|freeze-32k|fast-32k)
+      python_with "${part%-*}"
+      stage 560 "$part" "${RUN[@]}" "${E2E[@]}" --out "$OUT/$part" --lengths 32768 --e2e-keep 0.25 ;;
+    e2e-128k|combo-128k|freeze-128k|fast-128k)
+      python_with "${part%-*}"
+      stage 560 "$part" "${RUN[@]}" "${E2E[@]}" --out "$OUT/$part" --lengths 131072 --e2e-keep 0.37 ;;
+    combo-profile) python_with combo; stage 110 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
+    freeze-profile) python_with freeze; stage 150 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
