@@ -9,7 +9,8 @@ replayed from its CUDA graph under ``torch.profiler``. ``TCA_PROBE_APPEND`` pick
 (``triton``: its own kernel; ``math``: its tensor form, compiled; default: the merge's). Prints per
 kernel the device microseconds a step (summed over layers) and the launches a step, then the
 step's wall time (CUDA events, outside the profiler) against the sum of its kernels: the
-difference is the time between kernels.
+difference is the time between kernels; and the mean step of replays queued without a sync between
+them (if the difference shrinks there, it is the graph's launch, which a served stream also overlaps).
 """
 
 import os
@@ -57,8 +58,21 @@ def timed_replays(graphs: dict, cache, tca: bool, steps: int) -> list[float]:
     return times
 
 
+def back_to_back(graphs: dict, cache, tca: bool, steps: int) -> float:
+    """Mean wall microseconds a step over ``steps`` replays queued without a sync between them: the
+    host launches ahead, so a graph's launch latency overlaps the previous step's kernels."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        replay_once(graphs, cache, tca)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / steps
+
+
 def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None:
     times = timed_replays(graphs, cache, tca, steps)
+    queued = back_to_back(graphs, cache, tca, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             replay_once(graphs, cache, tca)
@@ -77,7 +91,8 @@ def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None
     busy = sum(t for t, _ in kernels.values()) / steps
     print(f"== {label}: step median {statistics.median(times):.1f} us (mean {statistics.fmean(times):.1f}), "
           f"kernels {busy:.1f} us a step, between kernels {statistics.median(times) - busy:.1f} us; "
-          f"{sum(c for _, c in kernels.values()) / steps:.0f} launches a step", flush=True)
+          f"{sum(c for _, c in kernels.values()) / steps:.0f} launches a step; queued back to back "
+          f"{queued:.1f} us a step", flush=True)
     for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:16]:
         print(f"  {total / steps:9.1f} us {count / steps:6.1f}x  {name[:150]}", flush=True)
     print(f"  gaps inside a step (profiled): {sum(t for t, _ in gaps.values()) / steps:.1f} us a step in all "
