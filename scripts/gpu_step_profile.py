@@ -1,4 +1,4 @@
-"""Where a compiled, graph-replayed decode step's device time goes, kernel by kernel (H200 probe).
+"""Where a compiled, graph-replayed decode step's device time goes, kernel by kernel (GPU probe).
 
     PYTHONPATH=. python scripts/gpu_step_profile.py [LAYERS] [KEEP] [LENGTH ...]
 
@@ -9,13 +9,19 @@ replayed from its CUDA graph under ``torch.profiler``. ``TCA_PROBE_APPEND`` pick
 (``triton``: its own kernel; ``math``: its tensor form, compiled; default: the merge's). Prints per
 kernel the device microseconds a step (summed over layers) and the launches a step, then the
 step's wall time (CUDA events, outside the profiler) against the sum of its kernels: the
-difference is the time between kernels; and the mean step of replays queued without a sync between
-them (if the difference shrinks there, it is the graph's launch, which a served stream also overlaps).
+difference is the time between kernels; the host time of each ``graph.replay()`` (after a sync the
+GPU waits for it); and the mean step of replays queued without a sync between them (the host
+launches ahead, hiding that wait).
+
+Probe switches: ``TCA_PROBE_EAGER=1`` captures both steps uncompiled; ``TCA_PROBE_ONE_GRAPH=1``
+captures one TCA graph (the device decides whether a block leaves); ``TCA_PROBE_DUMP=DIR`` keeps the
+graphs (``keep_graph=True``: instantiated at their first replay) and writes them to DIR as DOT files.
 """
 
 import os
 import statistics
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -32,11 +38,17 @@ STEPS = 64
 # "triton" (the append's own kernel, before the attention) or "math" (tensor ops, which Inductor
 # compiles with the step's own kernels).
 APPEND = os.environ.get("TCA_PROBE_APPEND", "auto")
+# A folder: the graphs are captured in debug mode and written there as DOT files (node types and
+# attributes, to see what a slow graph launch is made of).
+DUMP = os.environ.get("TCA_PROBE_DUMP")
+HOST: list[float] = []  # host microseconds of each timed graph.replay() call
+EAGER = os.environ.get("TCA_PROBE_EAGER") == "1"  # capture the steps uncompiled
+ONE_GRAPH = os.environ.get("TCA_PROBE_ONE_GRAPH") == "1"  # TCA: one graph, the device decides on compression
 
 
 def replay_once(graphs: dict, cache, tca: bool) -> None:
     """One decode step from its captured graph: for a ``TCACache``, the one ``block_leaves_next`` names."""
-    graphs[cache.block_leaves_next() if tca else None].replay()
+    graphs[cache.block_leaves_next() if tca and not ONE_GRAPH else None].replay()
     if tca:
         cache.replayed()
 
@@ -46,10 +58,12 @@ def timed_replays(graphs: dict, cache, tca: bool, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         # The host picks the graph before the first event: its Python is not the step's device time.
-        graph = graphs[cache.block_leaves_next() if tca else None]
+        graph = graphs[cache.block_leaves_next() if tca and not ONE_GRAPH else None]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         graph.replay()
+        HOST.append((time.perf_counter() - t0) * 1e6)
         end.record()
         end.synchronize()
         if tca:
@@ -70,8 +84,16 @@ def back_to_back(graphs: dict, cache, tca: bool, steps: int) -> float:
     return start.elapsed_time(end) * 1e3 / steps
 
 
+def dumped(graphs: dict, name: str) -> None:
+    for variant, graph in graphs.items():
+        graph.debug_dump(os.path.join(DUMP, f"{name}-{variant}.dot"))
+
+
 def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None:
+    HOST.clear()
     times = timed_replays(graphs, cache, tca, steps)
+    print(f"  host graph.replay(): median {statistics.median(HOST):.1f} us, max {max(HOST):.1f}; step times "
+          f"min {min(times):.1f} max {max(times):.1f} us", flush=True)
     queued = back_to_back(graphs, cache, tca, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -95,6 +117,8 @@ def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None
           f"{queued:.1f} us a step", flush=True)
     for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:16]:
         print(f"  {total / steps:9.1f} us {count / steps:6.1f}x  {name[:150]}", flush=True)
+    copies = {name: count / steps for name, (_, count) in kernels.items() if name.startswith(("Memcpy", "Memset"))}
+    print(f"  copies and fills a step: {copies}; {len(kernels)} distinct names", flush=True)
     print(f"  gaps inside a step (profiled): {sum(t for t, _ in gaps.values()) / steps:.1f} us a step in all "
           "(the rest of 'between kernels': the graph's launch, before its first kernel and after its last); "
           "by the kernels either side: us a step, times a step, mean us", flush=True)
@@ -108,6 +132,16 @@ def main() -> None:
     keep = float(sys.argv[2]) if len(sys.argv) > 2 else 0.25
     lengths = [int(x) for x in sys.argv[3:]] or [32768, 131072]
     device, dtype = torch.device("cuda"), torch.bfloat16
+    if DUMP:
+        os.makedirs(DUMP, exist_ok=True)
+        plain = torch.cuda.CUDAGraph
+
+        def debug_graph(*args, **kwargs):
+            graph = plain(*args, keep_graph=True, **kwargs)
+            graph.enable_debug_mode()
+            return graph
+
+        torch.cuda.CUDAGraph = debug_graph
     model = llama_8b_shaped(layers, device, dtype, False, max(lengths) + 512)
     model.set_attn_implementation(fastest_dense_sdpa())
     config = TCAConfig(block_size=128, window=4096)
@@ -127,9 +161,11 @@ def main() -> None:
         model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dynamic))
         dense = one_step_dense(dynamic)
         torch._dynamo.reset()
-        compiled = torch.compile(model)
+        compiled = model if EAGER else torch.compile(model)
         graphs = captured_decode(lambda i, c=compiled, d=dense: step(c, d), dense)
         replay_stats(graphs, dense, False, f"{length} dense compiled, {layers} layers", STEPS)
+        if DUMP:
+            dumped(graphs, f"dense-{length}")
         del graphs, dense, dynamic
         torch._dynamo.reset()
         torch.cuda.empty_cache()
@@ -137,10 +173,13 @@ def main() -> None:
         cache = TCACache(model, reserve_tokens=4 * STEPS + 64)
         cache.set_append(APPEND)
         model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-        compiled = tca_compile(model)
-        graphs = captured_decode(lambda i, c=compiled, k=cache: step(c, k), cache, variants=(False, True))
+        compiled = model if EAGER else tca_compile(model)
+        variants = (None,) if ONE_GRAPH else (False, True)
+        graphs = captured_decode(lambda i, c=compiled, k=cache: step(c, k), cache, variants=variants)
         label = f"{length} TCA {keep:.0%} + 4096 compiled, two graphs, append {APPEND}, {layers} layers"
         replay_stats(graphs, cache, True, label, STEPS)
+        if DUMP:
+            dumped(graphs, f"tca-{length}")
         del graphs, cache
         remove(model)
         torch._dynamo.reset()
