@@ -35,6 +35,8 @@ def main(paths: list[str]) -> None:
             extra = []
             if r.get("ms_leaving") is not None:
                 extra.append(f"leaving-step {r['ms_leaving']:.3f} ms")
+            if r.get("ms_synced") is not None:
+                extra.append(f"synchronised {r['ms_synced']:.3f} ms a step")
             if "kept_fraction" in r:
                 extra.append(f"kept {100 * r['kept_fraction']:.1f}%")
             if "kv_bytes" in r and phase == "tpot":

@@ -421,7 +421,7 @@ def decode_rows(length: int, shape: dict[str, int], targets: list[float], device
 
 
 def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs: bool = False,
-         step_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
+         step_fn: Callable[..., Any] | None = None, sync_steps: bool = False) -> dict[str, Any]:
     """Milliseconds per decode step over ``steps`` consecutive steps of ``model`` over ``cache``,
     each replayed from a CUDA graph: static inputs (token 0 at position ``length``), no host sync.
 
@@ -436,10 +436,17 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
     ``step_fn`` (default ``model``) is what each step calls, e.g. ``torch.compile(model)``: its
     compiles happen in the warm-up steps before the capture, and count in ``capture_s``.
 
+    ``sync_steps`` (CUDA): then ``steps`` more replays, each started after the previous one has
+    finished, as in a loop that reads a result every step (``generate``'s stopping check): the
+    GPU waits for the host to launch each graph, which the queued steps hide (a TCA step's graph
+    launches slower than dense's: BENCHMARKS.md, 2026-12-05 twelfth session). A TCA cache needs
+    ``steps`` more tokens of ``reserve_tokens`` for them.
+
     Returns:
         ``ms`` (mean), ``ms_median``, ``ms_leaving`` (mean of the steps where a block left; None if
-        none did or the cache is dense), ``steps`` and ``capture_s`` (seconds of warm-up and capture
-        on CUDA, compiles included; None on CPU).
+        none did or the cache is dense), ``steps``, ``capture_s`` (seconds of warm-up and capture
+        on CUDA, compiles included; None on CPU) and ``ms_synced`` (mean of the synchronised
+        steps; None without ``sync_steps`` or on CPU, where every step is synchronous).
     """
     import contextlib
 
@@ -462,7 +469,7 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
     def captured(compress: bool | None):
         return cache.graph_capture(compress) if tca else contextlib.nullcontext()
 
-    times, leaving = [], []
+    times, leaving, synced = [], [], None
     if device.type != "cuda":
         for _ in range(steps):
             leaving.append(tca and cache.block_leaves_next())
@@ -477,24 +484,33 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
         graphs = captured_decode(lambda i: step(), cache, variants=(False, True) if two_graphs else (None,))
         torch.cuda.synchronize()
         capture_s = time.perf_counter() - t0
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for start, end in events:
-            if tca and cache.replayable_steps() < 1:
-                raise RuntimeError("tpot: the TCACache would grow during replays; raise reserve_tokens")
-            leaving.append(tca and cache.block_leaves_next())
-            graph = graphs[choice()]
-            start.record()
-            graph.replay()
-            end.record()
-            if tca:
-                cache.replayed()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
+
+        def timed_steps(sync: bool) -> list[float]:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(steps)]
+            for start, end in events:
+                if tca and cache.replayable_steps() < 1:
+                    raise RuntimeError("tpot: the TCACache would grow during replays; raise reserve_tokens")
+                if not sync:
+                    leaving.append(tca and cache.block_leaves_next())
+                graph = graphs[choice()]
+                start.record()
+                graph.replay()
+                end.record()
+                if sync:
+                    end.synchronize()
+                if tca:
+                    cache.replayed()
+            torch.cuda.synchronize()
+            return [start.elapsed_time(end) for start, end in events]
+
+        times = timed_steps(sync=False)
+        synced = timed_steps(sync=True) if sync_steps else None
         del graphs
     at_leaving = [t for t, leaves in zip(times, leaving, strict=True) if leaves]
     return {"ms": statistics.fmean(times), "ms_median": statistics.median(times),
             "ms_leaving": statistics.fmean(at_leaving) if at_leaving else None, "steps": steps,
-            "capture_s": capture_s}
+            "capture_s": capture_s, "ms_synced": statistics.fmean(synced) if synced else None}
 
 
 # TPOT variants of the TCA cache: (compression kernel, two graphs). "fused-graph": one graph whose Triton
@@ -506,7 +522,7 @@ TPOT_VARIANTS = {"fused-graph": ("auto", False), "two-graph": ("math", True), "t
 
 
 def compiled_tpot(model, cache, length: int, device: torch.device, steps: int, backend: str,
-                  two_graphs: bool = False) -> dict[str, Any]:
+                  two_graphs: bool = False, sync_steps: bool = False) -> dict[str, Any]:
     """``tpot`` of the model compiled as a user would, from a clean dynamo state: the previous
     method's graphs (another cache, another attention) are dropped, so the warm-up's compiles are
     this method's own. A model prepared by ``apply`` goes through ``tca_flex.compile`` (its decode
@@ -518,7 +534,8 @@ def compiled_tpot(model, cache, length: int, device: torch.device, steps: int, b
     torch._dynamo.reset()
     compile_fn = tca_compile if is_applied(model) else torch.compile
     try:
-        return tpot(model, cache, length, device, steps, two_graphs, step_fn=compile_fn(model, backend=backend))
+        return tpot(model, cache, length, device, steps, two_graphs, step_fn=compile_fn(model, backend=backend),
+                    sync_steps=sync_steps)
     finally:
         torch._dynamo.reset()
 
@@ -538,7 +555,8 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
     ``compile_tpot`` (a ``torch.compile`` backend, e.g. ``"inductor"``) adds the path users run:
     ``torch.compile(model)`` for dense, ``tca_flex.compile(model)`` after ``apply`` for each budget
     in each of ``compiled_variants``, each replayed from CUDA graphs; ``capture_s`` holds its
-    compile time."""
+    compile time, and ``ms_synced`` the mean step when each starts after the previous one ended
+    (``tpot``'s ``sync_steps``)."""
     from transformers import DynamicCache
 
     from .cache import TCACache
@@ -584,14 +602,17 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
                 **tpot(model, static_copy(model, dense, length, device), length, device, steps))
         if compile_tpot:
             add("tpot", length, "dense_tpot compiled", cache="preallocated, maskless SDPA", kv_bytes=dense_bytes,
-                backend=compile_tpot, **compiled_tpot(model, dense, length, device, steps, compile_tpot))
+                backend=compile_tpot,
+                **compiled_tpot(model, dense, length, device, steps, compile_tpot, sync_steps=True))
         del dynamic, dense
         free()
         for label, keep in budgets:
             apply(model, budgets=HeadBudgets.uniform(num_layers, hkv, keep, config))
-            # Room for every variant's warm-up and replays (a replay cannot grow the cache).
-            timed_variants = len(variants) + (len(compiled_variants) if compile_tpot else 0)
-            cache = TCACache(model, reserve_tokens=timed_variants * (steps + 8))
+            # Room for every variant's warm-up and replays, the compiled ones' synchronised replays
+            # too (a replay cannot grow the cache).
+            compiled_runs = len(compiled_variants) if compile_tpot else 0
+            reserve = (len(variants) + compiled_runs) * (steps + 8) + compiled_runs * steps
+            cache = TCACache(model, reserve_tokens=reserve)
             model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
             add("ttft", length, label, timed(forward, device, warmup=0, reps=ttft_reps))
             report = cache.memory_report().total
@@ -601,7 +622,8 @@ def e2e_rows(lengths: list[int], num_layers: int, budgets: list[tuple[str, float
             for variant, kernel, two_graphs, backend in runs:
                 cache.set_compression(kernel)
                 try:
-                    timing = (compiled_tpot(model, cache, length, device, steps, backend, two_graphs) if backend
+                    timing = (compiled_tpot(model, cache, length, device, steps, backend, two_graphs, sync_steps=True)
+                              if backend
                               else tpot(model, cache, length, device, steps, two_graphs))
                 except Exception as err:  # recorded, not fatal: the other rows still stand
                     timing = {"ms": float("nan"), "error": repr(err)[-1500:]}
@@ -672,6 +694,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             notes += f" kept {100 * r['kept_fraction']:.0f}%"
         if r.get("ms_leaving") is not None:
             notes += f", {r['ms_leaving']:.3f} ms where a block leaves"
+        if r.get("ms_synced") is not None:
+            notes += f", {r['ms_synced']:.3f} ms a step synchronised"
         if r.get("backend") and r.get("capture_s") is not None:
             notes += f"; compile + capture {r['capture_s']:.1f} s"
         if "heads_differing_from_math" in r:

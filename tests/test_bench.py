@@ -55,6 +55,7 @@ def test_e2e_times_the_compiled_model_for_dense_and_each_budget(tca_compile_sett
     assert [rows[f"tca_40%+w TCACache {v} compiled"]["two_graphs"] for v in ("fused-graph", "two-graph+fused")] == [
         False, True]
     assert not any("error" in r for r in rows.values())
+    assert all(r["ms_synced"] is None for r in rows.values())  # CPU steps are all synchronous
     assert rows["dense_tpot compiled"]["backend"] == "aot_eager"
     kept = {p: rows[f"tca_{p}%+w TCACache fused-graph compiled"]["kept_fraction"] for p in (40, 10)}
     assert 1.0 > kept[40] > kept[10] > 0.0
