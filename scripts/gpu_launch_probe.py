@@ -1,18 +1,25 @@
 """Host time of replaying a CUDA graph, by how its kernels were launched when it was captured (GPU probe).
 
-    python scripts/gpu_launch_probe.py
+    PYTHONPATH=. python scripts/gpu_launch_probe.py
 
-Graphs of about 600 kernels each: launched by Triton's own launcher, by PyTorch's eager ops, and by an
-Inductor-compiled function (its Triton kernels go through Inductor's launcher). Prints the median host
-microseconds of ``graph.replay()`` right after a sync, when the GPU is idle and waits for the launch.
+Graphs of about 600 kernels each, launched by Triton's own launcher, by PyTorch's eager ops and by an
+Inductor-compiled function (its Triton kernels go through Inductor's launcher); and graphs of 32 of
+TCA's decode launches (``bench.kernel_launch``: attention and merge, each alone, between matmuls,
+with and without a token to append). Prints the median host microseconds of ``graph.replay()``
+right after a sync, when the GPU is idle and waits for the launch. A replayed TCA decode step took
+the host far longer than any of these (BENCHMARKS.md, 2026-12-05 twelfth session).
 """
 
 import statistics
 import time
+from unittest import mock
 
 import torch
 import triton
 import triton.language as tl
+
+from tca_flex import bench
+from tca_flex import triton_decode as td
 
 
 @triton.jit
@@ -29,15 +36,7 @@ class _Skipped:
 
 
 def host_replay_us(fn, reps: int = 30) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = bench.captured_graph(fn)
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -73,11 +72,6 @@ def main() -> None:
     compiled = torch.compile(chain)
     print(f"600 Triton-launcher kernels: host replay {host_replay_us(triton_launcher):.1f} us", flush=True)
     print(f"600 eager kernels: host replay {host_replay_us(eager):.1f} us", flush=True)
-    from unittest import mock
-
-    from tca_flex import bench
-    from tca_flex import triton_decode as td
-
     launch = bench.kernel_launch(32768, 0.39, torch.device("cuda"), torch.bfloat16)
 
     def decode_32():

@@ -44,6 +44,7 @@ DUMP = os.environ.get("TCA_PROBE_DUMP")
 HOST: list[float] = []  # host microseconds of each timed graph.replay() call
 EAGER = os.environ.get("TCA_PROBE_EAGER") == "1"  # capture the steps uncompiled
 ONE_GRAPH = os.environ.get("TCA_PROBE_ONE_GRAPH") == "1"  # TCA: one graph, the device decides on compression
+MODE = "eager" if EAGER else "compiled"
 
 
 def replay_once(graphs: dict, cache, tca: bool) -> None:
@@ -163,7 +164,7 @@ def main() -> None:
         torch._dynamo.reset()
         compiled = model if EAGER else torch.compile(model)
         graphs = captured_decode(lambda i, c=compiled, d=dense: step(c, d), dense)
-        replay_stats(graphs, dense, False, f"{length} dense compiled, {layers} layers", STEPS)
+        replay_stats(graphs, dense, False, f"{length} dense {MODE}, {layers} layers", STEPS)
         if DUMP:
             dumped(graphs, f"dense-{length}")
         del graphs, dense, dynamic
@@ -176,7 +177,8 @@ def main() -> None:
         compiled = model if EAGER else tca_compile(model)
         variants = (None,) if ONE_GRAPH else (False, True)
         graphs = captured_decode(lambda i, c=compiled, k=cache: step(c, k), cache, variants=variants)
-        label = f"{length} TCA {keep:.0%} + 4096 compiled, two graphs, append {APPEND}, {layers} layers"
+        label = (f"{length} TCA {keep:.0%} + 4096 {MODE}, {'one graph' if ONE_GRAPH else 'two graphs'}, "
+                 f"append {APPEND}, {layers} layers")
         replay_stats(graphs, cache, True, label, STEPS)
         if DUMP:
             dumped(graphs, f"tca-{length}")

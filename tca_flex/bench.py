@@ -99,10 +99,9 @@ def back_to_back(fn: Callable[[], Any], device: torch.device, warmup: int = 2, r
     return start.elapsed_time(end) / reps
 
 
-def graph_timed(fn: Callable[[], Any], device: torch.device, reps: int = 50) -> float:
-    """Median microseconds of one ``fn`` call replayed from a CUDA graph (eager timing on CPU)."""
-    if device.type != "cuda":
-        return timed(fn, device) * 1e3
+def captured_graph(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph, after three warm-up calls on a side stream (they load its
+    kernels, which a capture must not)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -112,6 +111,14 @@ def graph_timed(fn: Callable[[], Any], device: torch.device, reps: int = 50) -> 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph
+
+
+def graph_timed(fn: Callable[[], Any], device: torch.device, reps: int = 50) -> float:
+    """Median microseconds of one ``fn`` call replayed from a CUDA graph (eager timing on CPU)."""
+    if device.type != "cuda":
+        return timed(fn, device) * 1e3
+    graph = captured_graph(fn)
     inner = 20
     return timed(lambda: [graph.replay() for _ in range(inner)], device, reps=reps // 5 or 1) * 1e3 / inner
 
