@@ -7,7 +7,8 @@ Inductor-compiled function (its Triton kernels go through Inductor's launcher); 
 TCA's decode launches (``bench.kernel_launch``: attention and merge, each alone, between matmuls,
 with and without a token to append). Prints the median host microseconds of ``graph.replay()``
 right after a sync, when the GPU is idle and waits for the launch. A replayed TCA decode step took
-the host far longer than any of these (BENCHMARKS.md, 2026-12-05 twelfth session).
+the host far longer than any of these, timed after a profiler session in its process
+(BENCHMARKS.md, 2026-12-05 twelfth session).
 """
 
 import statistics

@@ -11,11 +11,14 @@ kernel the device microseconds a step (summed over layers) and the launches a st
 step's wall time (CUDA events, outside the profiler) against the sum of its kernels: the
 difference is the time between kernels; the host time of each ``graph.replay()`` (after a sync the
 GPU waits for it); and the mean step of replays queued without a sync between them (the host
-launches ahead, hiding that wait).
+launches ahead, hiding that wait). Both steps are timed before either is profiled: after a
+profiler session in the process a graph's launch took the host far longer (a later length's
+lines say so).
 
-Probe switches: ``TCA_PROBE_EAGER=1`` captures both steps uncompiled; ``TCA_PROBE_ONE_GRAPH=1``
-captures one TCA graph (the device decides whether a block leaves); ``TCA_PROBE_DUMP=DIR`` keeps the
-graphs (``keep_graph=True``: instantiated at their first replay) and writes them to DIR as DOT files.
+Probe switches: ``TCA_PROBE_PROFILE=0`` times without profiling; ``TCA_PROBE_EAGER=1`` captures
+both steps uncompiled; ``TCA_PROBE_ONE_GRAPH=1`` captures one TCA graph (the device decides whether a
+block leaves); ``TCA_PROBE_DUMP=DIR`` keeps the graphs (``keep_graph=True``: instantiated at their
+first replay) and writes them to DIR as DOT files.
 """
 
 import os
@@ -44,6 +47,8 @@ DUMP = os.environ.get("TCA_PROBE_DUMP")
 HOST: list[float] = []  # host microseconds of each timed graph.replay() call
 EAGER = os.environ.get("TCA_PROBE_EAGER") == "1"  # capture the steps uncompiled
 ONE_GRAPH = os.environ.get("TCA_PROBE_ONE_GRAPH") == "1"  # TCA: one graph, the device decides on compression
+PROFILE = os.environ.get("TCA_PROBE_PROFILE", "1") != "0"  # 0: timings only, no profiler session
+PROFILED = [False]  # whether a profiler session has run in this process
 MODE = "eager" if EAGER else "compiled"
 
 
@@ -90,16 +95,28 @@ def dumped(graphs: dict, name: str) -> None:
         graph.debug_dump(os.path.join(DUMP, f"{name}-{variant}.dot"))
 
 
-def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None:
+def timings(graphs: dict, cache, tca: bool, steps: int) -> dict:
+    """Synchronised steps (CUDA events), the host time of each ``graph.replay()`` and the queued mean."""
     HOST.clear()
     times = timed_replays(graphs, cache, tca, steps)
-    print(f"  host graph.replay(): median {statistics.median(HOST):.1f} us, max {max(HOST):.1f}; step times "
-          f"min {min(times):.1f} max {max(times):.1f} us", flush=True)
-    queued = back_to_back(graphs, cache, tca, steps)
+    return {"times": times, "host": list(HOST), "queued": back_to_back(graphs, cache, tca, steps),
+            "after_profiler": PROFILED[0]}
+
+
+def timing_line(label: str, timing: dict) -> str:
+    times, host = timing["times"], timing["host"]
+    after = " (timed after a profiler session in this process)" if timing["after_profiler"] else ""
+    return (f"== {label}: step median {statistics.median(times):.1f} us (mean {statistics.fmean(times):.1f}, "
+            f"min {min(times):.1f}, max {max(times):.1f}); queued back to back {timing['queued']:.1f} us a step; "
+            f"host graph.replay() median {statistics.median(host):.1f} us, max {max(host):.1f}{after}")
+
+
+def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int, timing: dict) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             replay_once(graphs, cache, tca)
         torch.cuda.synchronize()
+    PROFILED[0] = True
     kernels, gaps = {}, {}
     device_events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                            key=lambda e: e.time_range.start)
@@ -112,10 +129,10 @@ def replay_stats(graphs: dict, cache, tca: bool, label: str, steps: int) -> None
             total, count = gaps.get(key, (0.0, 0))
             gaps[key] = (total + gap, count + 1)
     busy = sum(t for t, _ in kernels.values()) / steps
-    print(f"== {label}: step median {statistics.median(times):.1f} us (mean {statistics.fmean(times):.1f}), "
-          f"kernels {busy:.1f} us a step, between kernels {statistics.median(times) - busy:.1f} us; "
-          f"{sum(c for _, c in kernels.values()) / steps:.0f} launches a step; queued back to back "
-          f"{queued:.1f} us a step", flush=True)
+    median = statistics.median(timing["times"])
+    print(timing_line(label, timing), flush=True)
+    print(f"  kernels {busy:.1f} us a step, between kernels {median - busy:.1f} us; "
+          f"{sum(c for _, c in kernels.values()) / steps:.0f} launches a step", flush=True)
     for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:16]:
         print(f"  {total / steps:9.1f} us {count / steps:6.1f}x  {name[:150]}", flush=True)
     copies = {name: count / steps for name, (_, count) in kernels.items() if name.startswith(("Memcpy", "Memset"))}
@@ -163,13 +180,11 @@ def main() -> None:
         dense = one_step_dense(dynamic)
         torch._dynamo.reset()
         compiled = model if EAGER else torch.compile(model)
-        graphs = captured_decode(lambda i, c=compiled, d=dense: step(c, d), dense)
-        replay_stats(graphs, dense, False, f"{length} dense {MODE}, {layers} layers", STEPS)
-        if DUMP:
-            dumped(graphs, f"dense-{length}")
-        del graphs, dense, dynamic
+        dense_graphs = captured_decode(lambda i, c=compiled, d=dense: step(c, d), dense)
+        # Both steps are timed before either is profiled: after a profiler session in the process,
+        # a graph's launch took the host far longer (BENCHMARKS.md, 2026-12-05 twelfth session).
+        dense_timing = timings(dense_graphs, dense, False, STEPS)
         torch._dynamo.reset()
-        torch.cuda.empty_cache()
         apply(model, budgets=HeadBudgets.uniform(layers, 8, keep, config))
         cache = TCACache(model, reserve_tokens=4 * STEPS + 64)
         cache.set_append(APPEND)
@@ -177,12 +192,20 @@ def main() -> None:
         compiled = model if EAGER else tca_compile(model)
         variants = (None,) if ONE_GRAPH else (False, True)
         graphs = captured_decode(lambda i, c=compiled, k=cache: step(c, k), cache, variants=variants)
+        tca_timing = timings(graphs, cache, True, STEPS)
+        dense_label = f"{length} dense {MODE}, {layers} layers"
         label = (f"{length} TCA {keep:.0%} + 4096 {MODE}, {'one graph' if ONE_GRAPH else 'two graphs'}, "
                  f"append {APPEND}, {layers} layers")
-        replay_stats(graphs, cache, True, label, STEPS)
+        if PROFILE:
+            replay_stats(dense_graphs, dense, False, dense_label, STEPS, dense_timing)
+            replay_stats(graphs, cache, True, label, STEPS, tca_timing)
+        else:
+            print(timing_line(dense_label, dense_timing), flush=True)
+            print(timing_line(label, tca_timing), flush=True)
         if DUMP:
+            dumped(dense_graphs, f"dense-{length}")
             dumped(graphs, f"tca-{length}")
-        del graphs, cache
+        del graphs, cache, dense_graphs, dense, dynamic
         remove(model)
         torch._dynamo.reset()
         torch.cuda.empty_cache()

@@ -445,8 +445,7 @@ def tpot(model, cache, length: int, device: torch.device, steps: int, two_graphs
 
     ``sync_steps`` (CUDA): then ``steps`` more replays, each started after the previous one has
     finished, as in a loop that reads a result every step (``generate``'s stopping check): the
-    GPU waits for the host to launch each graph, which the queued steps hide (a TCA step's graph
-    launches slower than dense's: BENCHMARKS.md, 2026-12-05 twelfth session). A TCA cache needs
+    GPU waits for the host to launch each graph, which the queued steps hide. A TCA cache needs
     ``steps`` more tokens of ``reserve_tokens`` for them.
 
     Returns:
