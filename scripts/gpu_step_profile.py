@@ -44,7 +44,6 @@ APPEND = os.environ.get("TCA_PROBE_APPEND", "auto")
 # A folder: the graphs are captured in debug mode and written there as DOT files (node types and
 # attributes, to see what a slow graph launch is made of).
 DUMP = os.environ.get("TCA_PROBE_DUMP")
-HOST: list[float] = []  # host microseconds of each timed graph.replay() call
 EAGER = os.environ.get("TCA_PROBE_EAGER") == "1"  # capture the steps uncompiled
 ONE_GRAPH = os.environ.get("TCA_PROBE_ONE_GRAPH") == "1"  # TCA: one graph, the device decides on compression
 PROFILE = os.environ.get("TCA_PROBE_PROFILE", "1") != "0"  # 0: timings only, no profiler session
@@ -52,30 +51,36 @@ PROFILED = [False]  # whether a profiler session has run in this process
 MODE = "eager" if EAGER else "compiled"
 
 
+def next_graph(graphs: dict, cache, tca: bool):
+    """The graph of the next step: for a ``TCACache`` in two graphs, the one ``block_leaves_next`` names."""
+    return graphs[cache.block_leaves_next() if tca and not ONE_GRAPH else None]
+
+
 def replay_once(graphs: dict, cache, tca: bool) -> None:
-    """One decode step from its captured graph: for a ``TCACache``, the one ``block_leaves_next`` names."""
-    graphs[cache.block_leaves_next() if tca and not ONE_GRAPH else None].replay()
+    """One decode step from its captured graph."""
+    next_graph(graphs, cache, tca).replay()
     if tca:
         cache.replayed()
 
 
-def timed_replays(graphs: dict, cache, tca: bool, steps: int) -> list[float]:
-    """Wall microseconds of ``steps`` replayed steps, one at a time (CUDA events)."""
-    times = []
+def timed_replays(graphs: dict, cache, tca: bool, steps: int) -> tuple[list[float], list[float]]:
+    """Wall microseconds of ``steps`` replayed steps, one at a time (CUDA events), and the host
+    microseconds of each ``graph.replay()`` call."""
+    times, host = [], []
     for _ in range(steps):
         # The host picks the graph before the first event: its Python is not the step's device time.
-        graph = graphs[cache.block_leaves_next() if tca and not ONE_GRAPH else None]
+        graph = next_graph(graphs, cache, tca)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         t0 = time.perf_counter()
         graph.replay()
-        HOST.append((time.perf_counter() - t0) * 1e6)
+        host.append((time.perf_counter() - t0) * 1e6)
         end.record()
         end.synchronize()
         if tca:
             cache.replayed()
         times.append(start.elapsed_time(end) * 1e3)
-    return times
+    return times, host
 
 
 def back_to_back(graphs: dict, cache, tca: bool, steps: int) -> float:
@@ -97,9 +102,8 @@ def dumped(graphs: dict, name: str) -> None:
 
 def timings(graphs: dict, cache, tca: bool, steps: int) -> dict:
     """Synchronised steps (CUDA events), the host time of each ``graph.replay()`` and the queued mean."""
-    HOST.clear()
-    times = timed_replays(graphs, cache, tca, steps)
-    return {"times": times, "host": list(HOST), "queued": back_to_back(graphs, cache, tca, steps),
+    times, host = timed_replays(graphs, cache, tca, steps)
+    return {"times": times, "host": host, "queued": back_to_back(graphs, cache, tca, steps),
             "after_profiler": PROFILED[0]}
 
 
