@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the H200 still has to time (issue: decode faster end to end), one part per device call
+# What the GPU still has to time (issue: decode faster end to end), one part per device call
 # (no model files needed: random-weight 8B-shaped layers); each stage bounded in time, its log
 # and JSON under $OUT:
 #   run(command="bash scripts/gpu_pending.sh tests decode e2e-32k", timeout_s=600)
@@ -8,7 +8,7 @@
 #   the merge appending against the append's own kernel). parts: the decode launch, its main kernel
 #   and its merge alone, without and with a token to append. profile: the 4-layer compiled step
 #   kernel by kernel, both ways. launch: the 32-layer step at 128K timed without a profiler session
-#   in the process (does TCA's graph launch cost the host more than dense's? BENCHMARKS.md, twelfth session).
+#   in the process (TCA's graph launch is as quick as dense's there: BENCHMARKS.md, thirteenth session).
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
 # combo-profile / combo-32k / combo-128k: the profile and the e2e parts with Inductor's combo kernels
@@ -45,7 +45,7 @@ python_with() {  # python_with SET: RUN, the Python command line of that Inducto
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
 for part in "$@"; do
   case "$part" in
-    tests) stage 170 tests python -m pytest -q -p no:cacheprovider tests/test_triton_decode.py \
+    tests) stage 200 tests python -m pytest -q -p no:cacheprovider tests/test_triton_decode.py \
              tests/test_triton_append.py ;;
     decode) stage 100 decode python -u -m tca_flex.bench --out "$OUT" --phases decode --lengths 32768 131072 \
               --decode-backends triton --no-compile-step ;;
