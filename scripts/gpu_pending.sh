@@ -9,6 +9,10 @@
 #   and its merge alone, without and with a token to append. profile: the 4-layer compiled step
 #   kernel by kernel, both ways. launch: the 32-layer step at 128K timed without a profiler session
 #   in the process (TCA's graph launch is as quick as dense's there: BENCHMARKS.md, thirteenth session).
+# generate / generate-steps: plain model.generate at 32 layers, 32K, TCA 25% + 4096 with a reserved
+#   TCACache (transformers compiles the step, reduce-overhead) against dense's static cache; the
+#   per-step times of TCA's (did the compiled step's CUDA graphs replay since the fix of the
+#   thirteenth session? Before it, 10.7-11.4 ms a step on the H100 against 7.3 replayed by hand).
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
 # combo-profile / combo-32k / combo-128k: the profile and the e2e parts with Inductor's combo kernels
@@ -39,7 +43,7 @@ python_with() {  # python_with SET: RUN, the Python command line of that Inducto
     fast) RUN=(python -u scripts/with_inductor.py freezing=1 combo_kernels=1 --) ;;
   esac
 }
-[ $# -gt 0 ] || { echo "parts: tests decode parts profile launch e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
+[ $# -gt 0 ] || { echo "parts: tests decode parts profile launch generate generate-steps e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
                        "freeze-profile freeze-32k freeze-128k fast-32k fast-128k" >&2
                   exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
@@ -60,6 +64,9 @@ for part in "$@"; do
     e2e-128k|combo-128k|freeze-128k|fast-128k)
       python_with "${part%-*}"
       stage 560 "$part" "${RUN[@]}" "${E2E[@]}" --out "$OUT/$part" --lengths 131072 --e2e-keep 0.37 ;;
+    generate) stage 450 generate python -u -m tca_flex.bench --out "$OUT/generate" --phases generate \
+                --generate-compile --e2e-layers 32 --lengths 32768 --e2e-keep 0.25 ;;
+    generate-steps) stage 300 generate-steps python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
     launch) TCA_PROBE_PROFILE=0 stage 300 launch python -u scripts/gpu_step_profile.py 32 0.37 131072 ;;
     combo-profile) python_with combo; stage 110 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
     freeze-profile) python_with freeze; stage 150 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;

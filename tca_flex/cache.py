@@ -155,6 +155,7 @@ class TCACacheLayer(CacheLayerMixin):
         self._token: tuple[torch.Tensor, torch.Tensor] | None = None  # see _append
         self._step_pending = False  # a decode token appended by update, not yet attended (abandon_step)
         self._seen = 0
+        self._prepared = 0  # tokens of the next step ``_seen`` already counts (``prepare_decode_step``)
         self._grow_at = NEVER
         self.regrew = False  # see TCACache.regrew
         self.pads: list[int] = []
@@ -195,6 +196,8 @@ class TCACacheLayer(CacheLayerMixin):
             raise RuntimeError("TCACache: the previous chunk of new tokens never reached the TCA attention. "
                                "TCACache only works with a model prepared by tca_flex.apply (attn_implementation "
                                "'tca'); after an error inside a forward, start again with a fresh cache")
+        if key_states.shape[-2] != 1:
+            self._unprepare()  # a prepared one-token step that did not come (a chunk, or a new prefill, did)
         if not self.prefilled:
             self.lazy_initialization(key_states, value_states)
             self._awaiting_prune = True
@@ -243,6 +246,7 @@ class TCACacheLayer(CacheLayerMixin):
         if self._awaiting_prune:
             self._clear()
             return
+        self._unprepare()
         if self._chunk is not None:
             self._chunk = None
             return
@@ -266,13 +270,35 @@ class TCACacheLayer(CacheLayerMixin):
             self.link.post(self, key)
 
     def get_seq_length(self) -> int:
-        """Logical length: every token seen, kept or not (it drives positions)."""
-        return self._seen
+        """Logical length: every token seen, kept or not (it drives positions). The token of a step
+        the host prepared (``prepare_decode_step``) counts from its append on."""
+        return self._seen - self._prepared
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Logical sizes, as for a dense cache. The decode kernel builds its own
         # mask from ``owner`` and does not use transformers' mask.
-        return self._seen + query_length, 0
+        return self.get_seq_length() + query_length, 0
+
+    def prepare_decode_step(self) -> None:
+        """Do the host's bookkeeping of the next one-token decode step before the step runs: grow the
+        buffers if it needs room, and count its token.
+
+        A compiled step whose ``_append`` reads and advances ``_seen`` takes it as an int input that
+        changes every step, and CUDA-graph trees (``mode="reduce-overhead"``, what ``generate``
+        compiles with) record graphs per distinct int input: such a step never replays a graph. With
+        the bookkeeping done here, outside the compiled forward, the step reads only the constant
+        ``_prepared`` (``apply`` makes ``generate`` call this through ``prepare_inputs_for_generation``).
+        A prepared step that never ran (its forward failed before the append) is taken back first.
+        """
+        self._unprepare()
+        if self._seen >= self._grow_at:
+            self._grow()
+        self._seen += 1
+        self._prepared = 1
+
+    def _unprepare(self) -> None:
+        self._seen -= self._prepared
+        self._prepared = 0
 
     def get_max_length(self) -> int:
         return -1
@@ -523,7 +549,8 @@ class TCACacheLayer(CacheLayerMixin):
         kernel (``decode.append_token``) where it runs, else the tensor form
         (``decode.append_token_math``), which is the reference of both.
         """
-        if self._seen >= self._grow_at:
+        prepared, self._prepared = self._prepared, 0  # the host did the bookkeeping (prepare_decode_step)
+        if not prepared and self._seen >= self._grow_at:
             self._grow()
         # The key stands in for the step's query in the backend rule: same device, dtype and head dim.
         fused = self._fused(self.append_kernel, key_states)
@@ -533,7 +560,8 @@ class TCACacheLayer(CacheLayerMixin):
             append = append_token if fused else append_token_math
             append(key_states, value_states, self.k_buf, self.v_buf, self.owner, self.pos, self.seg_start,
                    self.next_pos, self.base, ring=self.ring, heads=self._heads)
-        self._seen += 1
+        if not prepared:
+            self._seen += 1
         self._step_pending = True
 
     # Kernels of the per-step cache updates, the block compression and the append: "auto" (the
@@ -837,8 +865,9 @@ class TCACache(Cache):
     @property
     def regrew(self) -> bool:
         """Whether any layer re-laid its buffers after the prefill (decode or a later chunk outgrew
-        the reserve and headroom). Under a compiled ``generate`` that compiled the step again and ran
-        the rest of that generation without CUDA graphs: a server can log it and raise ``reserve_tokens``."""
+        the reserve and headroom). Under a compiled ``generate`` the step's CUDA graphs were recorded
+        again for the new buffers (and a compiled step without ``prepare_decode_step`` compiled again
+        and ran on without graphs): a server can log it and raise ``reserve_tokens``."""
         return any(layer.regrew for layer in self.layers)
 
     def memory_report(self) -> MemoryReport:
@@ -897,6 +926,13 @@ class TCACache(Cache):
         finally:
             for layer, n in zip(self.layers, seen, strict=True):
                 layer._seen, layer.assume_leaves = n, None
+
+    def prepare_decode_step(self) -> None:
+        """``TCACacheLayer.prepare_decode_step`` on every layer, when the next step decodes one token
+        over a prefilled cache (else nothing to prepare)."""
+        if all(layer.prefilled and not layer.chunk_pending for layer in self.layers):
+            for layer in self.layers:
+                layer.prepare_decode_step()
 
     def replayed(self, steps: int = 1) -> None:
         """Advance the host counters by ``steps`` replayed decode steps."""

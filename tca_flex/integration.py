@@ -7,7 +7,10 @@ small ``TCALayer`` record. No forward is copied, no class is patched and
 nothing is written to ``model.config`` beyond transformers' own
 ``set_attn_implementation``, on a private copy (the caller's config object
 may be shared with other models); ``remove`` hands the original back and
-unregisters the names once no applied model uses them.
+unregisters the names once no applied model uses them. The one method
+replaced, on the instance, is ``prepare_inputs_for_generation``: wrapped so
+that a ``TCACache`` does its per-step bookkeeping outside ``generate``'s
+compiled step (``generate_hook``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from . import generate_hook
 from .attention import tca_attention_forward
 from .budgets import (
     FINGERPRINT_SHAPE_KEYS,
@@ -370,7 +374,7 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     unpadder = None if distributed else Unpadder(model, mods)
     setattr(model, _STATE_ATTR, {"configs": configs, "budgets": budgets, "kv_heads": kv_heads,
-                                 "unpadder": unpadder})
+                                 "unpadder": unpadder, "generate_hook": generate_hook.install(model)})
     _APPLIED.add(model)
     return model
 
@@ -388,6 +392,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
         detach(mod)
     if state["unpadder"] is not None:
         state["unpadder"].remove()
+    generate_hook.uninstall(model, state["generate_hook"])
     delattr(model, _STATE_ATTR)
     _release(model, state["configs"])
     return model

@@ -571,6 +571,69 @@ def test_generate_compiles_the_decode_of_a_cache_with_reserved_room():
         torch._dynamo.reset()
 
 
+def test_generate_compiled_step_takes_no_int_input_that_changes_per_step():
+    """CUDA-graph trees (``generate``'s ``reduce-overhead``) record a graph per distinct tuple of the
+    compiled graph's int inputs: every decode step of ``generate`` must hand the compiled step the same
+    ints (the cache's per-step count is kept outside it, ``TCACache.prepare_decode_step``), over a
+    generation that compresses blocks, and its greedy tokens equal eager ``generate``'s. ``remove``
+    gives the model its own ``prepare_inputs_for_generation`` back."""
+    from transformers import CompileConfig
+
+    torch.manual_seed(random.randrange(2**31))
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=2)).eval()
+    tca_flex.apply(model, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    x = ids(200, seed=random.randrange(2**31))
+    gen = dict(attention_mask=torch.ones_like(x), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+               pad_token_id=0)
+    keys: list[tuple] = []
+
+    def recording_backend(gm, example_inputs):
+        def run(*args):
+            keys.append(tuple(a for a in args if isinstance(a, int)))
+            return gm(*args)
+        return run
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            want = model.generate(x, **gen, disable_compile=True, **cache_kwargs(model, TCACache(model,
+                                                                                                 reserve_tokens=48)))
+            config = CompileConfig(backend=recording_backend, mode=None)
+            config._compile_all_devices = True
+            cache = TCACache(model, reserve_tokens=48)
+            got = model.generate(x, **gen, compile_config=config, **cache_kwargs(model, cache))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert cache.get_seq_length() == 200 + 39 and not cache.regrew
+    assert len(keys) == 39, f"every decode step should run the compiled forward, got {len(keys)} calls"
+    assert len(set(keys)) == 1, f"the compiled step's int inputs changed between steps: {sorted(set(keys))[:4]}"
+    assert "prepare_inputs_for_generation" in model.__dict__
+    tca_flex.remove(model)
+    assert "prepare_inputs_for_generation" not in model.__dict__
+
+
+@torch.no_grad()
+def test_a_prepared_step_that_never_ran_is_taken_back(tiny_llama):
+    """``prepare_decode_step`` counts the next token before its step runs; a prepared step that does not
+    come (a chunk comes instead, or it is prepared twice) is taken back: logits and lengths equal those of
+    a cache that was never prepared."""
+    tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    seed = random.randrange(2**31)
+    calls = [ids(200, seed=seed), ids(5, seed=seed + 1), ids(1, seed=seed + 2), ids(1, seed=seed + 3)]
+    plain, prepared = TCACache(tiny_llama), TCACache(tiny_llama)
+    for i, tokens in enumerate(calls):
+        if i > 0:
+            prepared.prepare_decode_step()
+            assert prepared.get_seq_length() == plain.get_seq_length()
+        if i == 3:
+            prepared.prepare_decode_step()  # twice: the first is taken back
+        want = tiny_llama(tokens, **cache_kwargs(tiny_llama, plain)).logits
+        got = tiny_llama(tokens, **cache_kwargs(tiny_llama, prepared)).logits
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert prepared.get_seq_length() == plain.get_seq_length() == sum(c.shape[1] for c in calls[:i + 1])
+
+
 @torch.no_grad()
 def test_a_layer_with_reserved_room_marks_every_buffer_it_makes_static():
     """After the prefill, a re-lay past the reserve and a beam reorder, the buffers the decode step

@@ -177,7 +177,9 @@ def test_sparse_chunks_and_steps_match_the_float64_rule(tiny_llama):
     from transformers import DynamicCache
 
     budgets = HeadBudgets.uniform(2, 2, 0.25, SPARSE)
-    for _ in range(5):  # draws whose compressed blocks tie within float32 rounding are redrawn
+    # Draws whose compressed blocks tie within float32 rounding are redrawn: ~65% of draws do on this
+    # model (13 of 20 measured), so 5 draws all tied ~12% of runs; 30 leave it at ~2e-6.
+    for _ in range(30):
         seed = fresh_seed()
         prompt, more, steps = ids(200, seed=seed), ids(130, seed=seed + 1), ids(3, seed=seed + 2)
         calls = [prompt, *more.split(40, 1), *steps.split(1, 1)]
@@ -187,7 +189,7 @@ def test_sparse_chunks_and_steps_match_the_float64_rule(tiny_llama):
         tiny_llama.set_attn_implementation("sdpa")
         if reference.min_gap > 1e-4 and not reference.ambiguous:
             break
-    assert reference.min_gap > 1e-4 and not reference.ambiguous, "five draws in a row with a tie at a cut"
+    assert reference.min_gap > 1e-4 and not reference.ambiguous, "30 draws in a row with a tie at a cut"
     tca_flex.apply(tiny_llama, budgets=budgets)
     got = feed(tiny_llama, TCACache(tiny_llama), calls)
     for g, w in zip(got, want, strict=True):

@@ -1,0 +1,103 @@
+"""Where plain ``model.generate``'s time per token goes with a reserved ``TCACache`` (CUDA; on a CPU, tiny
+shapes, to check the script).
+
+    PYTHONPATH=. python scripts/gpu_generate_steps.py [LAYERS] [LENGTH] [KEEP]   # defaults 32 32768 0.25
+
+Prints the host time of every decode step of a call (a logits processor stamps each step;
+``generate`` synchronises every step for its stopping check), for calls of 129 and 257 new tokens,
+each with a new cache, after an untimed call that compiles. The first decode step of a new cache
+records its CUDA graphs; the later ones show whether they replay: before the fix of 2026-12-05
+(``TCACache.prepare_decode_step``) every step ran un-replayed, 10.7-11.4 ms at 32 layers and 32K on
+the H100 against 7.3 ms for the step replayed by hand (BENCHMARKS.md, thirteenth session).
+``TCA_PROBE_CPROFILE=FILE`` writes a cProfile of the last call (host time by function) to FILE.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import itertools
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+from tca_flex import TCACache, apply, remove
+from tca_flex.bench_models import generate_compile_config, llama_8b_shaped
+from tca_flex.budgets import HeadBudgets
+from tca_flex.config import TCAConfig
+from tca_flex.hfcompat import cache_kwargs
+
+
+class Stamps:
+    """A logits processor that records the host time at each call and leaves the scores alone."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+@torch.no_grad()
+def main() -> None:
+    from transformers import LogitsProcessorList
+
+    layers = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+    length = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
+    keep = float(sys.argv[3]) if len(sys.argv) > 3 else 0.25
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = device.type == "cpu"  # tiny shapes: a check of the script itself
+    longest = 257
+    model = llama_8b_shaped(layers, device, torch.bfloat16 if not smoke else torch.float32, smoke,
+                            length + longest + 64)
+    config = TCAConfig(block_size=128, window=4096) if not smoke else TCAConfig(block_size=32, window=64)
+    apply(model, budgets=HeadBudgets.uniform(layers, model.config.num_key_value_heads, keep, config))
+    ids = torch.randint(1, model.config.vocab_size, (1, length), device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def call(new: int) -> tuple[float, list[float]]:
+        stamps = Stamps()
+        cache = TCACache(model, reserve_tokens=longest + 16)
+        sync()
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([stamps]),
+                             compile_config=generate_compile_config(device), **cache_kwargs(model, cache))
+        sync()
+        total = (time.perf_counter() - start) * 1e3
+        assert out.shape[1] == length + new
+        # stamps[0] ends the prefill; stamps[i] - stamps[i-1] is decode step i (its forward and sampling).
+        steps = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps.times)]
+        return total, steps
+
+    t0 = time.perf_counter()
+    call(longest)  # compiles (the step, and again at its second decode step)
+    print(f"untimed call of {longest} tokens: {time.perf_counter() - t0:.1f} s", flush=True)
+    for i, new in enumerate((129, 257, 129)):
+        profile = os.environ.get("TCA_PROBE_CPROFILE") if i == 2 else None
+        if profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+        total, steps = call(new)
+        if profile:
+            profiler.disable()
+            stats = pstats.Stats(profiler, stream=open(profile, "w"))
+            stats.sort_stats("tottime").print_stats(40)
+            stats.sort_stats("cumulative").print_stats(60)
+        steady = steps[8:]
+        print(f"== {layers} layers, {length} tokens, keep {keep}, {new} new tokens: call {total:.1f} ms; "
+              f"decode steps 1-8 (ms): {' '.join(f'{s:.1f}' for s in steps[:8])}; steps 9-{len(steps)}: median "
+              f"{statistics.median(steady):.3f}, mean {statistics.fmean(steady):.3f}, max {max(steady):.2f}; "
+              f"sum of all decode steps {sum(steps):.1f} ms", flush=True)
+    remove(model)
+
+
+if __name__ == "__main__":
+    main()
