@@ -614,6 +614,43 @@ def test_generate_compiled_step_takes_no_int_input_that_changes_per_step():
 
 
 @torch.no_grad()
+def test_a_compiled_loop_of_ones_own_keeps_its_ints_with_prepared_steps(tiny_llama):
+    """A decode loop around a compiled model that calls ``prepare_decode_step`` before each one-token
+    forward and passes its positions (docs/cache.md) hands the compiled step the same int inputs at every step, across a
+    block compression, and its logits equal an eager loop's over the same tokens."""
+    tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    seed = random.randrange(2**31)
+    prompt, steps = ids(200, seed=seed), ids(24, seed=seed + 1).split(1, 1)  # 24 > a 16-token block
+    keys: list[tuple] = []
+
+    def recording_backend(gm, example_inputs):
+        def run(*args):
+            keys.append(tuple(a for a in args if isinstance(a, int)))
+            return gm(*args)
+        return run
+
+    eager_cache, cache = TCACache(tiny_llama, reserve_tokens=32), TCACache(tiny_llama, reserve_tokens=32)
+    compiled = torch.compile(tiny_llama, backend=recording_backend, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        tiny_llama(prompt, **cache_kwargs(tiny_llama, eager_cache))
+        tiny_llama(prompt, **cache_kwargs(tiny_llama, cache))  # the prefill stays eager
+        for i, token in enumerate(steps):
+            want = tiny_llama(token, **cache_kwargs(tiny_llama, eager_cache)).logits
+            cache.prepare_decode_step()
+            # positions as a tensor, as generate passes them (else the model counts them from the cache)
+            position = torch.full((1, 1), 200 + i)
+            got = compiled(token, position_ids=position, **cache_kwargs(tiny_llama, cache)).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert cache.get_seq_length() == eager_cache.get_seq_length() == 224
+    assert len(keys) == len(steps)
+    # The first call compiles with the sizes static, the second with them symbolic; from then on, one key.
+    assert len(set(keys[2:])) == 1, f"the compiled step's int inputs changed between steps: {sorted(set(keys))[:4]}"
+
+
+@torch.no_grad()
 def test_a_prepared_step_that_never_ran_is_taken_back(tiny_llama):
     """``prepare_decode_step`` counts the next token before its step runs; a prepared step that does not
     come (a chunk comes instead, or it is prepared twice) is taken back: logits and lengths equal those of
