@@ -12,7 +12,8 @@
 # generate / generate-steps: plain model.generate at 32 layers, 32K, TCA 25% + 4096 with a reserved
 #   TCACache (transformers compiles the step, reduce-overhead) against dense's static cache; the
 #   per-step times of TCA's (did the compiled step's CUDA graphs replay since the fix of the
-#   thirteenth session? Before it, 10.7-11.4 ms a step on the H100 against 7.3 replayed by hand).
+#   thirteenth session? Before it, 10.7-11.4 ms a step on the H100 against 7.3 replayed by hand),
+#   with a cProfile of the host's time in the last call (generate-steps-cprofile.txt).
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
 # combo-profile / combo-32k / combo-128k: the profile and the e2e parts with Inductor's combo kernels
@@ -66,7 +67,8 @@ for part in "$@"; do
       stage 560 "$part" "${RUN[@]}" "${E2E[@]}" --out "$OUT/$part" --lengths 131072 --e2e-keep 0.37 ;;
     generate) stage 450 generate python -u -m tca_flex.bench --out "$OUT/generate" --phases generate \
                 --generate-compile --e2e-layers 32 --lengths 32768 --e2e-keep 0.25 ;;
-    generate-steps) stage 300 generate-steps python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
+    generate-steps) TCA_PROBE_CPROFILE="$OUT/generate-steps-cprofile.txt" stage 300 generate-steps \
+                      python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
     launch) TCA_PROBE_PROFILE=0 stage 300 launch python -u scripts/gpu_step_profile.py 32 0.37 131072 ;;
     combo-profile) python_with combo; stage 110 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
     freeze-profile) python_with freeze; stage 150 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;

@@ -13,6 +13,7 @@ other models keep theirs) so that each one-token step's count and growth check h
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any
 
 import torch
@@ -22,26 +23,46 @@ _CACHE_KEYS = ("cache", "past_key_values")
 
 
 def install(model: torch.nn.Module) -> Any:
-    """Wrap ``model.prepare_inputs_for_generation``; returns the wrapper (``uninstall`` checks it),
-    or None for a model without one (not a generation model: nothing to do)."""
-    original = getattr(model, "prepare_inputs_for_generation", None)
-    if original is None:
-        return None
+    """Wrap ``model.prepare_inputs_for_generation``; returns what ``uninstall`` needs (the wrapper and
+    the instance's own one it wraps, if any), or None for a model without one (not a generation model)."""
+    own = model.__dict__.get("prepare_inputs_for_generation")  # another wrapper on the instance, if any
+    if own is not None:
+        @functools.wraps(own)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            return prepared(own(*args, **kwargs))
 
-    @functools.wraps(original)
-    def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
-        inputs = original(*args, **kwargs)
-        prepare_tca_step(inputs)
-        return inputs
+        wrapper: Any = wrapped
+    else:
+        method = getattr(type(model), "prepare_inputs_for_generation", None)
+        if method is None:
+            return None
 
-    model.prepare_inputs_for_generation = prepare_inputs_for_generation
-    return prepare_inputs_for_generation
+        @functools.wraps(method)
+        def unbound(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return prepared(method(self, *args, **kwargs))
+
+        # Bound to the model, not a closure over it: a deep copy of the model gets one bound to the copy.
+        wrapper = types.MethodType(unbound, model)
+    model.prepare_inputs_for_generation = wrapper
+    return wrapper, own
 
 
-def uninstall(model: torch.nn.Module, wrapper: Any) -> None:
-    """Undo ``install``, if the wrapper is still the model's (someone may have replaced it since)."""
-    if wrapper is not None and model.__dict__.get("prepare_inputs_for_generation") is wrapper:
-        del model.__dict__["prepare_inputs_for_generation"]
+def uninstall(model: torch.nn.Module, installed: Any) -> None:
+    """Undo ``install``, if its wrapper is still the model's (someone may have replaced it since)."""
+    if installed is None:
+        return
+    wrapper, own = installed
+    if model.__dict__.get("prepare_inputs_for_generation") == wrapper:
+        if own is not None:
+            model.prepare_inputs_for_generation = own
+        else:
+            del model.__dict__["prepare_inputs_for_generation"]
+
+
+def prepared(inputs: Any) -> Any:
+    """``inputs``, after ``prepare_tca_step`` on them."""
+    prepare_tca_step(inputs)
+    return inputs
 
 
 def prepare_tca_step(inputs: Any) -> None:

@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import os
 import random
 import warnings
@@ -571,6 +572,20 @@ def test_generate_compiles_the_decode_of_a_cache_with_reserved_room():
         torch._dynamo.reset()
 
 
+def int_input_recorder():
+    """A torch.compile backend that runs the graph as traced and records, at each call, the tuple of
+    its int inputs (what CUDA-graph trees key their graphs by), and the list it records into."""
+    keys: list[tuple] = []
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            keys.append(tuple(a for a in args if isinstance(a, int)))
+            return gm(*args)
+        return run
+
+    return backend, keys
+
+
 def test_generate_compiled_step_takes_no_int_input_that_changes_per_step():
     """CUDA-graph trees (``generate``'s ``reduce-overhead``) record a graph per distinct tuple of the
     compiled graph's int inputs: every decode step of ``generate`` must hand the compiled step the same
@@ -585,14 +600,7 @@ def test_generate_compiled_step_takes_no_int_input_that_changes_per_step():
     x = ids(200, seed=random.randrange(2**31))
     gen = dict(attention_mask=torch.ones_like(x), max_new_tokens=40, min_new_tokens=40, do_sample=False,
                pad_token_id=0)
-    keys: list[tuple] = []
-
-    def recording_backend(gm, example_inputs):
-        def run(*args):
-            keys.append(tuple(a for a in args if isinstance(a, int)))
-            return gm(*args)
-        return run
-
+    recording_backend, keys = int_input_recorder()
     torch._dynamo.reset()
     try:
         with torch.no_grad():
@@ -609,8 +617,32 @@ def test_generate_compiled_step_takes_no_int_input_that_changes_per_step():
     assert len(keys) == 39, f"every decode step should run the compiled forward, got {len(keys)} calls"
     assert len(set(keys)) == 1, f"the compiled step's int inputs changed between steps: {sorted(set(keys))[:4]}"
     assert "prepare_inputs_for_generation" in model.__dict__
+    clone = copy.deepcopy(model)  # the wrapper is bound to the model it is on
+    assert clone.prepare_inputs_for_generation.__self__ is clone
     tca_flex.remove(model)
     assert "prepare_inputs_for_generation" not in model.__dict__
+
+
+@torch.no_grad()
+def test_an_instance_level_prepare_inputs_wrapper_is_kept(tiny_llama):
+    """A ``prepare_inputs_for_generation`` someone already put on the instance runs under ``apply``'s
+    wrapper (with its signature: generate inspects it) and is the model's again after ``remove``."""
+    calls = []
+    theirs = tiny_llama.prepare_inputs_for_generation
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return theirs(*args, **kwargs)
+
+    tiny_llama.prepare_inputs_for_generation = counting
+    tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    x = ids(150, seed=random.randrange(2**31))
+    cache = TCACache(tiny_llama)
+    tiny_llama.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                        pad_token_id=0, **cache_kwargs(tiny_llama, cache))
+    assert len(calls) == 5 and cache.get_seq_length() == 154
+    tca_flex.remove(tiny_llama)
+    assert tiny_llama.prepare_inputs_for_generation is counting
 
 
 @torch.no_grad()
@@ -621,14 +653,7 @@ def test_a_compiled_loop_of_ones_own_keeps_its_ints_with_prepared_steps(tiny_lla
     tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
     seed = random.randrange(2**31)
     prompt, steps = ids(200, seed=seed), ids(24, seed=seed + 1).split(1, 1)  # 24 > a 16-token block
-    keys: list[tuple] = []
-
-    def recording_backend(gm, example_inputs):
-        def run(*args):
-            keys.append(tuple(a for a in args if isinstance(a, int)))
-            return gm(*args)
-        return run
-
+    recording_backend, keys = int_input_recorder()
     eager_cache, cache = TCACache(tiny_llama, reserve_tokens=32), TCACache(tiny_llama, reserve_tokens=32)
     compiled = torch.compile(tiny_llama, backend=recording_backend, fullgraph=True)
     torch._dynamo.reset()
