@@ -1,0 +1,76 @@
+"""Host time of a compiled decode step outside its graph (Dynamo's guards, the frame, side effects):
+TCA's ``TCACache`` step against dense's ``StaticCache`` step, on the CPU with tiny shapes.
+
+    PYTHONPATH=. python scripts/compiled_step_host_time.py [LAYERS]    # default 32
+
+The model is compiled with a backend that runs the traced graph as it is and times it; a step's
+time minus its graph's is what the host spends around the graph at every step, which a replayed
+CUDA graph does not hide (``generate`` synchronises every step). TCA's step is prepared as
+``generate`` prepares it (``TCACache.prepare_decode_step``) and gets its positions as a tensor.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+from transformers import StaticCache
+
+from tca_flex import TCACache, apply
+from tca_flex.bench_models import llama_8b_shaped
+from tca_flex.budgets import HeadBudgets
+from tca_flex.config import TCAConfig
+from tca_flex.hfcompat import cache_kwargs
+
+
+@torch.no_grad()
+def host_time(layers: int, tca: bool, steps: int = 40, prompt_length: int = 300) -> tuple[float, float]:
+    """Median milliseconds of a compiled decode step and of its graph alone."""
+    torch.manual_seed(0)
+    model = llama_8b_shaped(layers, torch.device("cpu"), torch.float32, True, 1024)
+    inside: list[float] = []
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            start = time.perf_counter()
+            out = gm(*args)
+            inside.append(time.perf_counter() - start)
+            return out
+        return run
+
+    if tca:
+        config = TCAConfig(block_size=32, window=64)
+        apply(model, budgets=HeadBudgets.uniform(layers, model.config.num_key_value_heads, 0.25, config))
+        cache = TCACache(model, reserve_tokens=steps + 24)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=prompt_length + steps + 24)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    model(torch.randint(1, 256, (1, prompt_length)), **cache_kwargs(model, cache))  # the prefill, eager
+    total = []
+    for i in range(steps):
+        position = prompt_length + i
+        kwargs = dict(position_ids=torch.full((1, 1), position))
+        if tca:
+            cache.prepare_decode_step()
+        else:
+            kwargs["cache_position"] = torch.tensor([position])
+        start = time.perf_counter()
+        compiled(torch.randint(1, 256, (1, 1)), **kwargs, **cache_kwargs(model, cache))
+        total.append(time.perf_counter() - start)
+    torch._dynamo.reset()
+    warm = slice(5, None)  # the first calls compile
+    return statistics.median(total[warm]) * 1e3, statistics.median(inside[warm]) * 1e3
+
+
+def main() -> None:
+    layers = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+    for tca in (True, False):
+        step, graph = host_time(layers, tca)
+        print(f"{'TCA, TCACache' if tca else 'dense, StaticCache'}, {layers} layers: step {step:.2f} ms, graph "
+              f"{graph:.2f} ms, around the graph {step - graph:.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
