@@ -658,8 +658,10 @@ class TCACacheLayer(CacheLayerMixin):
         moved = (keep & do).view(bsz, -1)
         heads = self._heads.view(1, hkv, 1).expand(bsz, hkv, self.block).reshape(bsz, -1)
         self.owner.scatter_(1, dst, torch.where(moved, heads, self.owner.gather(1, dst)))
-        self.var_len += torch.where(do.view(bsz, 1), self.keep, 0)
-        self.ncs += torch.where(do.view(bsz), self.block, 0)
+        # add_, not +=: an augmented assignment also stores the attribute, which a compiled step
+        # returns from its graph and sets again after every call.
+        self.var_len.add_(torch.where(do.view(bsz, 1), self.keep, 0))
+        self.ncs.add_(torch.where(do.view(bsz), self.block, 0))
         if self.prior is not None:
             self._drop_spent_prior()
 
