@@ -29,7 +29,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tca_flex import TCACache, TCAConfig
+from tca_flex import TCACache, TCAConfig, bench
 from tca_flex.bench_models import captured_decode, fastest_dense_sdpa, llama_8b_shaped, one_step_dense
 from tca_flex.budgets import HeadBudgets
 from tca_flex.hfcompat import cache_kwargs
@@ -83,18 +83,6 @@ def timed_replays(graphs: dict, cache, tca: bool, steps: int) -> tuple[list[floa
     return times, host
 
 
-def back_to_back(graphs: dict, cache, tca: bool, steps: int) -> float:
-    """Mean wall microseconds a step over ``steps`` replays queued without a sync between them: the
-    host launches ahead, so a graph's launch latency overlaps the previous step's kernels."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        replay_once(graphs, cache, tca)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / steps
-
-
 def dumped(graphs: dict, name: str) -> None:
     for variant, graph in graphs.items():
         graph.debug_dump(os.path.join(DUMP, f"{name}-{variant}.dot"))
@@ -103,8 +91,11 @@ def dumped(graphs: dict, name: str) -> None:
 def timings(graphs: dict, cache, tca: bool, steps: int) -> dict:
     """Synchronised steps (CUDA events), the host time of each ``graph.replay()`` and the queued mean."""
     times, host = timed_replays(graphs, cache, tca, steps)
-    return {"times": times, "host": host, "queued": back_to_back(graphs, cache, tca, steps),
-            "after_profiler": PROFILED[0]}
+    # Queued: no sync between replays, so the host launches ahead and a graph's launch latency
+    # overlaps the previous step's kernels (mean microseconds a step).
+    queued = bench.back_to_back(lambda: replay_once(graphs, cache, tca), torch.device("cuda"), warmup=0,
+                                reps=steps) * 1e3
+    return {"times": times, "host": host, "queued": queued, "after_profiler": PROFILED[0]}
 
 
 def timing_line(label: str, timing: dict) -> str:

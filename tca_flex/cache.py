@@ -291,14 +291,18 @@ class TCACacheLayer(CacheLayerMixin):
         A prepared step that never ran (its forward failed before the append) is taken back first.
         """
         self._unprepare()
-        if self._seen >= self._grow_at:
-            self._grow()
+        self._make_room()
         self._seen += 1
         self._prepared = 1
 
     def _unprepare(self) -> None:
         self._seen -= self._prepared
         self._prepared = 0
+
+    def _make_room(self) -> None:
+        """Re-lay the buffers if the next token would not fit."""
+        if self._seen >= self._grow_at:
+            self._grow()
 
     def get_max_length(self) -> int:
         return -1
@@ -550,8 +554,8 @@ class TCACacheLayer(CacheLayerMixin):
         (``decode.append_token_math``), which is the reference of both.
         """
         prepared, self._prepared = self._prepared, 0  # the host did the bookkeeping (prepare_decode_step)
-        if not prepared and self._seen >= self._grow_at:
-            self._grow()
+        if not prepared:
+            self._make_room()
         # The key stands in for the step's query in the backend rule: same device, dtype and head dim.
         fused = self._fused(self.append_kernel, key_states)
         if fused and self.append_kernel == "auto":

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .cache import TCACache
+
 # transformers' name for the cache argument: "cache" from 5.23 on, "past_key_values" before.
 _CACHE_KEYS = ("cache", "past_key_values")
 
@@ -29,7 +31,7 @@ def install(model: torch.nn.Module) -> Any:
     if own is not None:
         @functools.wraps(own)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            return prepared(own(*args, **kwargs))
+            return prepare_tca_step(own(*args, **kwargs))
 
         wrapper: Any = wrapped
     else:
@@ -39,7 +41,7 @@ def install(model: torch.nn.Module) -> Any:
 
         @functools.wraps(method)
         def unbound(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            return prepared(method(self, *args, **kwargs))
+            return prepare_tca_step(method(self, *args, **kwargs))
 
         # Bound to the model, not a closure over it: a deep copy of the model gets one bound to the copy.
         wrapper = types.MethodType(unbound, model)
@@ -59,22 +61,16 @@ def uninstall(model: torch.nn.Module, installed: Any) -> None:
             del model.__dict__["prepare_inputs_for_generation"]
 
 
-def prepared(inputs: Any) -> Any:
-    """``inputs``, after ``prepare_tca_step`` on them."""
-    prepare_tca_step(inputs)
-    return inputs
-
-
-def prepare_tca_step(inputs: Any) -> None:
+def prepare_tca_step(inputs: Any) -> Any:
     """``TCACache.prepare_decode_step`` for a step's model inputs that decode one token per row
-    over a ``TCACache``; anything else (a prefill, a chunk, another cache) is left alone."""
-    from .cache import TCACache
-
+    over a ``TCACache``; anything else (a prefill, a chunk, another cache) is left alone. Returns
+    ``inputs``."""
     if not isinstance(inputs, dict):
-        return
+        return inputs
     cache = next((inputs[key] for key in _CACHE_KEYS if isinstance(inputs.get(key), TCACache)), None)
     new = inputs.get("input_ids")
     if new is None:
         new = inputs.get("inputs_embeds")
     if cache is not None and new is not None and new.dim() >= 2 and new.shape[1] == 1:
         cache.prepare_decode_step()
+    return inputs
