@@ -88,7 +88,13 @@ def _input_length(args: tuple, kwargs: dict[str, Any]) -> int | None:
 
 
 class Unpadder:
-    """The hooks of one model; ``remove`` takes them all off."""
+    """The hooks of one model; ``remove`` takes them all off.
+
+    Only the model's own two hooks stay on between calls. The per-module hooks that pack and unpack
+    are put on by the model's pre-hook for a padded prefill it packs, and taken off when that call
+    ends (or by the next call, if it raised): a compiled step guards on every hook of every module it
+    runs, ~150 guards a decoder layer, evaluated on the host before each decode step.
+    """
 
     def __init__(self, model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> None:
         self.tokens = RealTokens()
@@ -97,16 +103,11 @@ class Unpadder:
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
         # every layer gets the same rotary tables: packed once (held until the model's call ends)
         self.rotary: tuple[Any, tuple[torch.Tensor, ...]] | None = None
+        self.per_token = per_token_modules(model, attention_modules)
+        self.layers, self.last_module = decoder_layers(model, attention_modules)
         self.handles = [model.register_forward_pre_hook(self._note, with_kwargs=True),
                         model.register_forward_hook(self._done)]
-        for module in per_token_modules(model, attention_modules):
-            self.handles.append(module.register_forward_pre_hook(self._pack))
-            self.handles.append(module.register_forward_hook(self._unpack))
-        layers, last = decoder_layers(model, attention_modules)
-        for layer in layers:
-            self.handles.append(layer.register_forward_pre_hook(self._pack_layer, with_kwargs=True))
-        if last is not None:
-            self.handles.append(last.register_forward_hook(self._unpack_layers))
+        self.call_handles: list[torch.utils.hooks.RemovableHandle] = []  # the packing call's own
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -114,10 +115,27 @@ class Unpadder:
         self.handles = []
         self._done()
 
+    def _attach(self) -> None:
+        # Ahead of the modules' other hooks, where they would be had they been put on with apply.
+        first = {"prepend": True}
+        for module in self.per_token:
+            self.call_handles.append(module.register_forward_pre_hook(self._pack, **first))
+            self.call_handles.append(module.register_forward_hook(self._unpack, **first))
+        for layer in self.layers:
+            self.call_handles.append(layer.register_forward_pre_hook(self._pack_layer, with_kwargs=True, **first))
+        if self.last_module is not None:
+            self.call_handles.append(self.last_module.register_forward_hook(self._unpack_layers, **first))
+
+    def _detach(self) -> None:
+        for handle in self.call_handles:
+            handle.remove()
+        self.call_handles = []
+
     def _note(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if building_graph():  # a traced call packs nothing (see _packs): leave no side effect in the graph
             return
         self.tokens = RealTokens()
+        self._detach()  # a packing call that raised left its hooks on
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
             return
@@ -127,6 +145,7 @@ class Unpadder:
         index = real_token_index(mask)
         if index is not None:
             self.tokens = RealTokens(index, (mask.shape[0], length), _layers_may_pack(module, kwargs))
+            self._attach()
 
     def _done(self, *hook_args: Any) -> None:
         """After the model's call: let go of the index and the packed copies."""
@@ -134,6 +153,7 @@ class Unpadder:
             return
         self.tokens, self.last, self.rotary = RealTokens(), None, None
         self.packed.clear()
+        self._detach()
 
     def _packs(self, x: torch.Tensor) -> bool:
         # Never inside a trace, even after an eager _note (``model.forward`` compiled alone): a graph

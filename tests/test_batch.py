@@ -355,6 +355,40 @@ def test_padded_prefill_runs_projections_and_mlps_on_real_tokens_only(seed, leng
     assert out.shape == (len(lengths), ids.shape[1] + 2)
 
 
+def module_hooks(model):
+    """How many forward hooks and pre-hooks sit on the model's submodules (its own left out)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules() if m is not model)
+
+
+@torch.no_grad()
+def test_packing_hooks_are_on_only_during_a_padded_prefill():
+    """The per-module hooks that pack a padded prefill are put on for that call only (a compiled
+    decode step guards on every hook of every module it runs): none between calls, none during a
+    decode step or an unpadded call, on during the padded prefill, and off again after a packed
+    call that raised, at the next call."""
+    seed = fresh_seed()
+    model = tiny_model(HEADS[0], seed)
+    assert module_hooks(model) == 0
+    during = []
+    probe = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda mod, args: during.append(module_hooks(model)))
+    _, ids, mask = left_padded([random.Random(seed).randrange(3, 30), 40], seed)
+    cache = TCACache(model)
+    model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+    assert during[-1] > 1 and module_hooks(model) == 1  # on during the call; only the probe after it
+    model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), **cache_kwargs(model, cache))
+    model(ids[:1, -20:])
+    assert during[-2:] == [1, 1] and module_hooks(model) == 1
+    model.model.norm.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        model(ids, attention_mask=mask, **cache_kwargs(model, TCACache(model)))
+    assert module_hooks(model) > 2  # the raising call left its packing hooks on ...
+    model.model.norm._forward_hooks.popitem()
+    model(ids[:1, -20:])
+    assert during[-1] == 1 and module_hooks(model) == 1  # ... and the next call took them off
+    probe.remove()
+
+
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 10**6), lengths=st.lists(st.integers(3, 60), min_size=2, max_size=4),
        heads=st.sampled_from(HEADS), cache=st.sampled_from(["tca", "none", "dynamic", "hidden_states"]))
