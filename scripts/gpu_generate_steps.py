@@ -10,6 +10,9 @@ records its CUDA graphs; the later ones show whether they replay: before the fix
 (``TCACache.prepare_decode_step``) every step ran un-replayed, 10.7-11.4 ms at 32 layers and 32K on
 the H100 against 7.3 ms for the step replayed by hand (BENCHMARKS.md, thirteenth session).
 ``TCA_PROBE_CPROFILE=FILE`` writes a cProfile of the last call (host time by function) to FILE.
+``TCA_PROBE_HOOKS=1`` times instead, on one machine, calls of 129 tokens with the padded prefill's
+packing hooks on for good (as before 2026-12-05: the compiled step guards on them) and off between
+calls (as shipped since), alternating, after an untimed call that compiles each.
 """
 
 from __future__ import annotations
@@ -29,6 +32,33 @@ from tca_flex.bench_models import generate_compile_config, llama_8b_shaped
 from tca_flex.budgets import HeadBudgets
 from tca_flex.config import TCAConfig
 from tca_flex.hfcompat import cache_kwargs
+
+
+def hooks_on_and_off(model: torch.nn.Module, call, label: str) -> None:
+    """Steady decode steps with the packing hooks on for good and off between calls, alternating. The
+    hooks go on before the first compile (its guards then include them: PyTorch does not guard on
+    hooks added to a module after a compile); taking them off compiles a second step."""
+    unpadder = model._tca_flex_state["unpadder"]
+    detach = unpadder._detach
+
+    def hooks(on: bool) -> None:
+        unpadder._detach = (lambda: None) if on else detach
+        detach()
+        if on:
+            unpadder._attach()
+
+    for i, on in enumerate((True, False, True, False, True, False)):
+        hooks(on)
+        if i < 2:
+            t0 = time.perf_counter()
+            call(257)  # compiles the step for this state of the hooks
+            print(f"untimed call, hooks {'on' if on else 'off'}: {time.perf_counter() - t0:.1f} s", flush=True)
+        total, steps = call(129)
+        steady = steps[8:]
+        print(f"== {label}, hooks {'on for good' if on else 'off between calls'}: call {total:.1f} ms; steps "
+              f"9-{len(steps)}: median {statistics.median(steady):.3f}, mean {statistics.fmean(steady):.3f}",
+              flush=True)
+    hooks(False)
 
 
 class Stamps:
@@ -77,6 +107,10 @@ def main() -> None:
         steps = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps.times)]
         return total, steps
 
+    if os.environ.get("TCA_PROBE_HOOKS") == "1":
+        hooks_on_and_off(model, call, f"{layers} layers, {length} tokens, keep {keep}")
+        remove(model)
+        return
     t0 = time.perf_counter()
     call(longest)  # compiles (the step, and again at its second decode step)
     print(f"untimed call of {longest} tokens: {time.perf_counter() - t0:.1f} s", flush=True)

@@ -11,8 +11,8 @@
 #   in the process (TCA's graph launch is as quick as dense's there: BENCHMARKS.md, thirteenth session).
 # generate / generate-steps: plain model.generate at 32 layers, 32K, TCA 25% + 4096 with a reserved
 #   TCACache (transformers compiles the step, reduce-overhead) against dense's static cache; the
-#   per-step times of TCA's (did the compiled step's CUDA graphs replay since the fix of the
-#   thirteenth session? Before it, 10.7-11.4 ms a step on the H100 against 7.3 replayed by hand),
+#   per-step times of TCA's (its graphs replay since the thirteenth session's fix: 8.66 ms steady
+#   steps on one H100 machine, 9-12 on machines with slower hosts; BENCHMARKS.md, fourteenth),
 #   with a cProfile of the host's time in the last call (generate-steps-cprofile.txt).
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
