@@ -116,7 +116,8 @@ class Unpadder:
         self._done()
 
     def _attach(self) -> None:
-        # Ahead of the modules' other hooks, where they would be had they been put on with apply.
+        # First among the modules' hooks: one added after apply still sees the packed tokens, as it
+        # did when these stayed on from apply.
         first = {"prepend": True}
         for module in self.per_token:
             self.call_handles.append(module.register_forward_pre_hook(self._pack, **first))
