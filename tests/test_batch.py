@@ -365,7 +365,7 @@ def test_packing_hooks_are_on_only_during_a_padded_prefill():
     """The per-module hooks that pack a padded prefill are put on for that call only (a compiled
     decode step guards on every hook of every module it runs): none between calls, none during a
     decode step or an unpadded call, on during the padded prefill, and off again after a packed
-    call that raised, at the next call."""
+    call that raised, at the next call or at ``remove``."""
     seed = fresh_seed()
     model = tiny_model(HEADS[0], seed)
     assert module_hooks(model) == 0
@@ -386,6 +386,12 @@ def test_packing_hooks_are_on_only_during_a_padded_prefill():
     model.model.norm._forward_hooks.popitem()
     model(ids[:1, -20:])
     assert during[-1] == 1 and module_hooks(model) == 1  # ... and the next call took them off
+    boom = model.model.norm.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        model(ids, attention_mask=mask, **cache_kwargs(model, TCACache(model)))
+    boom.remove()
+    tca_flex.remove(model)  # so does remove
+    assert module_hooks(model) == 1
     probe.remove()
 
 
