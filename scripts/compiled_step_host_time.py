@@ -2,11 +2,14 @@
 TCA's ``TCACache`` step against dense's ``StaticCache`` step, on the CPU with tiny shapes.
 
     PYTHONPATH=. python scripts/compiled_step_host_time.py [LAYERS]    # default 32
+    PYTHONPATH=. python scripts/compiled_step_host_time.py [LAYERS] --hooks
 
 The model is compiled with a backend that runs the traced graph as it is and times it; a step's
 time minus its graph's is what the host spends around the graph at every step, which a replayed
 CUDA graph does not hide (``generate`` synchronises every step). TCA's step is prepared as
 ``generate`` prepares it (``TCACache.prepare_decode_step``) and gets its positions as a tensor.
+``--hooks``: TCA's steps only, compiled and eager, with the padded prefill's packing hooks on for
+good (as before 2026-12-05) and off between calls (as shipped since), alternating.
 """
 
 from __future__ import annotations
@@ -25,9 +28,21 @@ from tca_flex.config import TCAConfig
 from tca_flex.hfcompat import cache_kwargs
 
 
+def set_packing_hooks(model: torch.nn.Module, on: bool) -> None:
+    """Put the padded prefill's packing hooks on for good (``on``), as ``apply`` did before 2026-12-05,
+    or back to on-only-while-packing. Before a compile: PyTorch does not guard on hooks added after."""
+    unpadder = model._tca_flex_state["unpadder"]
+    detach = type(unpadder)._detach.__get__(unpadder)
+    unpadder._detach = (lambda: None) if on else detach
+    detach()
+    if on:
+        unpadder._attach()
+
+
 @torch.no_grad()
-def host_time(layers: int, tca: bool, steps: int = 40, prompt_length: int = 300) -> tuple[float, float]:
-    """Median milliseconds of a compiled decode step and of its graph alone."""
+def host_time(layers: int, tca: bool, steps: int = 40, prompt_length: int = 300, hooks_on: bool = False,
+              compiled: bool = True) -> tuple[float, float]:
+    """Median milliseconds of a decode step and of its compiled graph alone (0 when eager)."""
     torch.manual_seed(0)
     model = llama_8b_shaped(layers, torch.device("cpu"), torch.float32, True, 1024)
     inside: list[float] = []
@@ -43,10 +58,11 @@ def host_time(layers: int, tca: bool, steps: int = 40, prompt_length: int = 300)
     if tca:
         config = TCAConfig(block_size=32, window=64)
         apply(model, budgets=HeadBudgets.uniform(layers, model.config.num_key_value_heads, 0.25, config))
+        set_packing_hooks(model, hooks_on)
         cache = TCACache(model, reserve_tokens=steps + 24)
     else:
         cache = StaticCache(config=model.config, max_cache_len=prompt_length + steps + 24)
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    step = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
     model(torch.randint(1, 256, (1, prompt_length)), **cache_kwargs(model, cache))  # the prefill, eager
     total = []
     for i in range(steps):
@@ -57,15 +73,24 @@ def host_time(layers: int, tca: bool, steps: int = 40, prompt_length: int = 300)
         else:
             kwargs["cache_position"] = torch.tensor([position])
         start = time.perf_counter()
-        compiled(torch.randint(1, 256, (1, 1)), **kwargs, **cache_kwargs(model, cache))
+        step(torch.randint(1, 256, (1, 1)), **kwargs, **cache_kwargs(model, cache))
         total.append(time.perf_counter() - start)
     torch._dynamo.reset()
     warm = slice(5, None)  # the first calls compile
-    return statistics.median(total[warm]) * 1e3, statistics.median(inside[warm]) * 1e3
+    return statistics.median(total[warm]) * 1e3, statistics.median(inside[warm]) * 1e3 if compiled else 0.0
 
 
 def main() -> None:
-    layers = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+    layers = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 32
+    if "--hooks" in sys.argv:
+        for _ in range(2):
+            for on in (True, False):
+                step, graph = host_time(layers, True, hooks_on=on)
+                eager, _ = host_time(layers, True, hooks_on=on, compiled=False)
+                print(f"TCA, {layers} layers, packing hooks {'on for good' if on else 'off between calls'}: compiled "
+                      f"step {step:.2f} ms, around the graph {step - graph:.3f} ms; eager step {eager:.2f} ms",
+                      flush=True)
+        return
     for tca in (True, False):
         step, graph = host_time(layers, tca)
         print(f"{'TCA, TCACache' if tca else 'dense, StaticCache'}, {layers} layers: step {step:.2f} ms, graph "

@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from compiled_step_host_time import set_packing_hooks
 
 from tca_flex import TCACache, apply, remove
 from tca_flex.bench_models import generate_compile_config, llama_8b_shaped
@@ -38,17 +39,8 @@ def hooks_on_and_off(model: torch.nn.Module, call, label: str) -> None:
     """Steady decode steps with the packing hooks on for good and off between calls, alternating. The
     hooks go on before the first compile (its guards then include them: PyTorch does not guard on
     hooks added to a module after a compile); taking them off compiles a second step."""
-    unpadder = model._tca_flex_state["unpadder"]
-    detach = unpadder._detach
-
-    def hooks(on: bool) -> None:
-        unpadder._detach = (lambda: None) if on else detach
-        detach()
-        if on:
-            unpadder._attach()
-
     for i, on in enumerate((True, False, True, False, True, False)):
-        hooks(on)
+        set_packing_hooks(model, on)
         if i < 2:
             t0 = time.perf_counter()
             call(257)  # compiles the step for this state of the hooks
@@ -58,7 +50,7 @@ def hooks_on_and_off(model: torch.nn.Module, call, label: str) -> None:
         print(f"== {label}, hooks {'on for good' if on else 'off between calls'}: call {total:.1f} ms; steps "
               f"9-{len(steps)}: median {statistics.median(steady):.3f}, mean {statistics.fmean(steady):.3f}",
               flush=True)
-    hooks(False)
+    set_packing_hooks(model, False)
 
 
 class Stamps:
