@@ -379,17 +379,18 @@ def test_packing_hooks_are_on_only_during_a_padded_prefill():
     model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), **cache_kwargs(model, cache))
     model(ids[:1, -20:])
     assert during[-2:] == [1, 1] and module_hooks(model) == 1
-    model.model.norm.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="boom"):
-        model(ids, attention_mask=mask, **cache_kwargs(model, TCACache(model)))
-    assert module_hooks(model) > 2  # the raising call left its packing hooks on ...
-    model.model.norm._forward_hooks.popitem()
+
+    def raising_prefill():
+        boom = model.model.norm.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            model(ids, attention_mask=mask, **cache_kwargs(model, TCACache(model)))
+        boom.remove()
+
+    raising_prefill()
+    assert module_hooks(model) > 1  # the raising call left its packing hooks on ...
     model(ids[:1, -20:])
     assert during[-1] == 1 and module_hooks(model) == 1  # ... and the next call took them off
-    boom = model.model.norm.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="boom"):
-        model(ids, attention_mask=mask, **cache_kwargs(model, TCACache(model)))
-    boom.remove()
+    raising_prefill()
     tca_flex.remove(model)  # so does remove
     assert module_hooks(model) == 1
     probe.remove()
