@@ -14,6 +14,9 @@
 #   per-step times of TCA's (its graphs replay since the thirteenth session's fix: 8.66 ms steady
 #   steps on one H100 machine, 9-12 on machines with slower hosts; BENCHMARKS.md, fourteenth),
 #   with a cProfile of the host's time in the last call (generate-steps-cprofile.txt).
+# requests: 150 requests of one length in a row through generate (2 layers, 8K), each with a new
+#   TCACache: does PyTorch 2.11 stop replaying the step's graphs after 128 re-recordings (its
+#   cudagraph_unexpected_rerecord_limit), and do the steps slow down as recorded graphs pile up?
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
 # combo-profile / combo-32k / combo-128k: the profile and the e2e parts with Inductor's combo kernels
@@ -44,7 +47,7 @@ python_with() {  # python_with SET: RUN, the Python command line of that Inducto
     fast) RUN=(python -u scripts/with_inductor.py freezing=1 combo_kernels=1 --) ;;
   esac
 }
-[ $# -gt 0 ] || { echo "parts: tests decode parts profile launch generate generate-steps e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
+[ $# -gt 0 ] || { echo "parts: tests decode parts profile launch generate generate-steps requests e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
                        "freeze-profile freeze-32k freeze-128k fast-32k fast-128k" >&2
                   exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
@@ -70,6 +73,7 @@ for part in "$@"; do
     generate-steps) TCA_PROBE_CPROFILE="$OUT/generate-steps-cprofile.txt" stage 300 generate-steps \
                       python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
     launch) TCA_PROBE_PROFILE=0 stage 300 launch python -u scripts/gpu_step_profile.py 32 0.37 131072 ;;
+    requests) TCA_PROBE_REQUESTS=150 stage 300 requests python -u scripts/gpu_generate_steps.py 2 8192 0.25 ;;
     combo-profile) python_with combo; stage 110 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
     freeze-profile) python_with freeze; stage 150 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
