@@ -118,14 +118,13 @@ class Unpadder:
     def _attach(self) -> None:
         # First among the modules' hooks: one added after apply still sees the packed tokens, as it
         # did when these stayed on from apply.
-        first = {"prepend": True}
         for module in self.per_token:
-            self.call_handles.append(module.register_forward_pre_hook(self._pack, **first))
-            self.call_handles.append(module.register_forward_hook(self._unpack, **first))
+            self.call_handles.append(module.register_forward_pre_hook(self._pack, prepend=True))
+            self.call_handles.append(module.register_forward_hook(self._unpack, prepend=True))
         for layer in self.layers:
-            self.call_handles.append(layer.register_forward_pre_hook(self._pack_layer, with_kwargs=True, **first))
+            self.call_handles.append(layer.register_forward_pre_hook(self._pack_layer, with_kwargs=True, prepend=True))
         if self.last_module is not None:
-            self.call_handles.append(self.last_module.register_forward_hook(self._unpack_layers, **first))
+            self.call_handles.append(self.last_module.register_forward_hook(self._unpack_layers, prepend=True))
 
     def _detach(self) -> None:
         for handle in self.call_handles:
