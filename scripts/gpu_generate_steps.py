@@ -10,9 +10,10 @@ records its CUDA graphs; the later ones show whether they replay: before the fix
 (``TCACache.prepare_decode_step``) every step ran un-replayed, 10.7-11.4 ms at 32 layers and 32K on
 the H100 against 7.3 ms for the step replayed by hand (BENCHMARKS.md, thirteenth session).
 ``TCA_PROBE_CPROFILE=FILE`` writes a cProfile of the last call (host time by function) to FILE.
-``TCA_PROBE_REQUESTS=N`` runs N requests of 17 tokens in a row instead, each with a new cache, and
-prints their steady steps and PyTorch's count of CUDA-graph skips (a new cache's buffers are new
-static addresses: each request records its graphs again, and a re-record limit may stop them).
+``TCA_PROBE_REQUESTS=N`` runs N requests of 17 tokens in a row instead, each with a new cache, then N
+through one cache reset between requests, and prints their first and steady steps and PyTorch's count
+of CUDA-graph skips (a new cache's buffers are new static addresses: each request records its graphs
+again; a reset cache refills its buffers in place).
 ``TCA_PROBE_HOOKS=1`` times instead, on one machine, calls of 129 tokens with the padded prefill's
 packing hooks on for good (as before 2026-12-05: the compiled step guards on them) and off between
 calls (as shipped since), alternating, after an untimed call that compiles each.
@@ -56,17 +57,25 @@ def hooks_on_and_off(model: torch.nn.Module, call, label: str) -> None:
     set_packing_hooks(model, False)
 
 
-def many_requests(call, count: int, label: str) -> None:
-    """Steady decode steps of ``count`` short requests in a row, each with a new cache (new buffers,
-    so its CUDA graphs are recorded anew), and whether PyTorch stopped using CUDA graphs on the way."""
+def many_requests(call, new_cache, count: int, label: str) -> None:
+    """Steady decode steps of ``count`` short requests in a row, each with a new cache (new buffers:
+    its CUDA graphs are recorded anew, and each step first checks the graphs of the requests before),
+    then ``count`` more through one cache reset between requests (its buffers are refilled in place:
+    the graphs of the first of them replay), and PyTorch's count of CUDA-graph skips on the way."""
     from torch._dynamo.utils import counters
 
-    for r in range(count):
-        _, steps = call(17)
-        if r < 3 or (r + 1) % 16 == 0 or r == count - 1:
-            print(f"== {label}, request {r + 1}: first step {steps[0]:.1f} ms, steps 5-16 median "
-                  f"{statistics.median(steps[4:]):.3f} ms; CUDA-graph skips so far: "
-                  f"{counters['inductor']['cudagraph_skips']}", flush=True)
+    for reused in (False, True):
+        cache = None
+        for r in range(count):
+            if reused:
+                cache = cache or new_cache()
+                cache.reset()
+            _, steps = call(17, cache)
+            if r < 3 or (r + 1) % 16 == 0 or r == count - 1:
+                how = "one cache, reset" if reused else "a new cache each"
+                print(f"== {label}, {how}, request {r + 1}: first step {steps[0]:.1f} ms, steps 5-16 median "
+                      f"{statistics.median(steps[4:]):.3f} ms; CUDA-graph skips so far: "
+                      f"{counters['inductor']['cudagraph_skips']}", flush=True)
 
 
 class Stamps:
@@ -100,9 +109,12 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def call(new: int) -> tuple[float, list[float]]:
+    def new_cache() -> TCACache:
+        return TCACache(model, reserve_tokens=longest + 16)
+
+    def call(new: int, cache: TCACache | None = None) -> tuple[float, list[float]]:
         stamps = Stamps()
-        cache = TCACache(model, reserve_tokens=longest + 16)
+        cache = cache or new_cache()
         sync()
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
@@ -120,7 +132,7 @@ def main() -> None:
         remove(model)
         return
     if os.environ.get("TCA_PROBE_REQUESTS"):
-        many_requests(call, int(os.environ["TCA_PROBE_REQUESTS"]), f"{layers} layers, {length} tokens")
+        many_requests(call, new_cache, int(os.environ["TCA_PROBE_REQUESTS"]), f"{layers} layers, {length} tokens")
         remove(model)
         return
     t0 = time.perf_counter()

@@ -15,8 +15,9 @@
 #   steps on one H100 machine, 9-12 on machines with slower hosts; BENCHMARKS.md, fourteenth),
 #   with a cProfile of the host's time in the last call (generate-steps-cprofile.txt).
 # requests: 150 requests of one length in a row through generate (2 layers, 8K), each with a new
-#   TCACache: does PyTorch 2.11 stop replaying the step's graphs after 128 re-recordings (its
-#   cudagraph_unexpected_rerecord_limit), and do the steps slow down as recorded graphs pile up?
+#   TCACache, then 150 through one TCACache reset between requests: what a new cache's first step
+#   (recording) costs against a reset one's (replay), and whether steps slow down as the graphs of
+#   earlier caches pile up (PyTorch keeps them and checks them before each replay).
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
 # combo-profile / combo-32k / combo-128k: the profile and the e2e parts with Inductor's combo kernels

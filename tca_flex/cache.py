@@ -137,6 +137,7 @@ class TCACacheLayer(CacheLayerMixin):
         self._compileable = reserve_tokens > 0
         self.link = link
         self.growth, self.min_chunk_blocks, self.backend = growth, min_chunk_blocks, backend
+        self._spare: dict[str, torch.Tensor] = {}  # the last request's buffers, kept by ``reset``
         self._clear()
 
     @property
@@ -169,9 +170,11 @@ class TCACacheLayer(CacheLayerMixin):
         if self.num_heads != self.keep_host.numel():
             raise ValueError(f"the cache layer was built for {self.keep_host.numel()} KV heads, "
                              f"the model gives {self.num_heads}")
-        self.keep = self.keep_host.to(self.device)
-        self._heads = torch.arange(self.num_heads, dtype=torch.int32, device=self.device)
-        self._block_offsets = torch.arange(self.block, device=self.device)
+        # Constants of the layer: made once per device, so a reset cache keeps their addresses too.
+        if getattr(self, "keep", None) is None or self.keep.device != self.device:
+            self.keep = self.keep_host.to(self.device)
+            self._heads = torch.arange(self.num_heads, dtype=torch.int32, device=self.device)
+            self._block_offsets = torch.arange(self.block, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -308,6 +311,17 @@ class TCACacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        """Empty the layer for a new request, keeping its buffers (as transformers' caches keep theirs).
+
+        The next prefill whose buffers have the same sizes (same batch size, prompt length, budgets and
+        ``reserve_tokens``; nothing re-laid during the last request) refills them in place: their
+        addresses stay, so a compiled decode step's CUDA graphs replay for the new request instead of
+        being recorded again. Buffers of other sizes are freed by that prefill, before it allocates
+        its own. Delete the cache to free them at once.
+        """
+        if self.prefilled:
+            self._spare = {name: getattr(self, name) for name in self._REUSED}
+            self._spare |= {"segments.start": self.segments.start, "segments.length": self.segments.length}
         self._clear()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -372,10 +386,11 @@ class TCACacheLayer(CacheLayerMixin):
         valid = j < counts[..., None]
         dst = self.seg_start[..., None] + self.ring + j
         self._place(positions.clamp(max=max(length - 1, 0)), dst, key, value, valid)
-        self.var_len = counts.to(dev, torch.long).clone(memory_format=torch.contiguous_format)
-        self.base = base_t
-        self.ncs = base_t.clone()  # first position not yet compressed, per row
-        self.next_pos = torch.tensor(length, device=dev)
+        self.var_len = self._reused("var_len", counts.to(dev, torch.long).clone(memory_format=torch.contiguous_format))
+        self.base = self._reused("base", base_t)
+        self.ncs = self._reused("ncs", base_t.clone())  # first position not yet compressed, per row
+        self.next_pos = self._reused("next_pos", torch.tensor(length, device=dev))
+        self._spare = {}  # what did not fit this request
         self.prefilled, self._awaiting_prune = True, False
         self._static_for_graphs()
 
@@ -461,18 +476,38 @@ class TCACacheLayer(CacheLayerMixin):
         # zeros, not empty: the branch-free compression reads ring slots that
         # may not hold a token yet and writes them back unchanged.
         shape = (bsz, layout.slots, self.head_dim)
-        self.k_buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.owner = torch.full((bsz, layout.slots), -1, dtype=torch.int32, device=self.device)
-        self.pos = torch.full((bsz, layout.slots), -1, dtype=torch.int32, device=self.device)
+        self.k_buf = self._filled("k_buf", shape, 0, self.dtype)
+        self.v_buf = self._filled("v_buf", shape, 0, self.dtype)
+        self.owner = self._filled("owner", shape[:2], -1, torch.int32)
+        self.pos = self._filled("pos", shape[:2], -1, torch.int32)
         self._set_layout(layout)
+
+    # The buffers ``reset`` keeps for the next request (``_filled``, ``_reused``).
+    _REUSED = ("k_buf", "v_buf", "owner", "pos", "seg_start", "var_len", "base", "ncs", "next_pos")
+
+    def _filled(self, name: str, shape: tuple[int, ...], fill: int, dtype: torch.dtype) -> torch.Tensor:
+        """A ``shape`` buffer full of ``fill``: the spare one of that name where it fits, else a new one
+        (the spare is let go first, so the two never coexist)."""
+        old = self._spare.pop(name, None)
+        if old is not None and tuple(old.shape) == shape and old.dtype == dtype and old.device == self.device:
+            return old.fill_(fill)
+        old = None
+        return torch.full(shape, fill, dtype=dtype, device=self.device)
+
+    def _reused(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        """``new``, copied into the spare tensor of that name where it fits (same address as before)."""
+        old = self._spare.pop(name, None)
+        if old is not None and old.shape == new.shape and old.dtype == new.dtype and old.device == new.device:
+            return old.copy_(new)
+        return new
 
     def _set_layout(self, layout: Layout) -> None:
         self.layout = layout
-        self.seg_start = torch.tensor(layout.starts, dtype=torch.long, device=self.device)
+        self.seg_start = self._reused("seg_start", torch.tensor(layout.starts, dtype=torch.long, device=self.device))
         seg_len = [[self.ring + c for c in row] for row in layout.var_cap]
-        self.segments = Segments(self.seg_start.to(torch.int32),
-                                 torch.tensor(seg_len, dtype=torch.int32, device=self.device),
+        self.segments = Segments(self._reused("segments.start", self.seg_start.to(torch.int32)),
+                                 self._reused("segments.length", torch.tensor(seg_len, dtype=torch.int32,
+                                                                              device=self.device)),
                                  max(map(max, seg_len)), sum(map(sum, seg_len)))
         self.keys, self.values = self.k_buf, self.v_buf
         self._refresh_grow_at()
@@ -807,8 +842,8 @@ class TCACacheLayer(CacheLayerMixin):
 
     def memory(self) -> LayerMemory:
         """Bytes this layer holds vs a dense cache of the same logical length."""
-        if not self.prefilled:
-            return LayerMemory(0, 0, 0, 0, 0)
+        if not self.prefilled:  # after ``reset``: the buffers it keeps for the next request
+            return LayerMemory(0, 0, 0, sum(t.numel() * t.element_size() for t in self._spare.values()), 0)
         bsz, slots, d = self.k_buf.shape
         token_bytes = 2 * d * self.k_buf.element_size()
         index_bytes = sum(t.numel() * t.element_size() for t in (self.owner, self.pos))
@@ -839,6 +874,11 @@ class TCACache(Cache):
     ``docs/chunked_prefill.md`` (on a padded batch, only when every row fills
     the window). Not supported (clear errors): right padding or any mask
     with holes, ``crop`` (assisted decoding, prompt lookup).
+
+    For a stream of requests, keep one cache and call ``reset()`` before each:
+    a request of the sizes of the last one refills its buffers in place, so a
+    compiled ``generate`` replays the CUDA graphs it recorded instead of
+    recording them again (``TCACacheLayer.reset``).
 
     Args:
         model: a model prepared by ``tca_flex.apply``.

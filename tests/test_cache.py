@@ -572,14 +572,19 @@ def test_generate_compiles_the_decode_of_a_cache_with_reserved_room():
         torch._dynamo.reset()
 
 
-def int_input_recorder():
+def int_input_recorder(addresses: list | None = None):
     """A torch.compile backend that runs the graph as traced and records, at each call, the tuple of
-    its int inputs (what CUDA-graph trees key their graphs by), and the list it records into."""
+    its int inputs (what CUDA-graph trees key their graphs by), and the list it records into. With
+    ``addresses``, also the addresses of its inputs marked static there (a graph replays only over
+    the addresses it was recorded with)."""
     keys: list[tuple] = []
 
     def backend(gm, example_inputs):
         def run(*args):
             keys.append(tuple(a for a in args if isinstance(a, int)))
+            if addresses is not None:
+                addresses.append(tuple(a.data_ptr() for a in args if isinstance(a, torch.Tensor)
+                                       and getattr(a, "_dynamo_static_input_type", None) is not None))
             return gm(*args)
         return run
 
@@ -621,6 +626,51 @@ def test_generate_compiled_step_takes_no_int_input_that_changes_per_step():
     assert clone.prepare_inputs_for_generation.__self__ is clone
     tca_flex.remove(model)
     assert "prepare_inputs_for_generation" not in model.__dict__
+
+
+def test_a_reset_cache_replays_the_steps_of_the_last_request_of_its_sizes():
+    """A cache reset between two requests of one prompt length hands the compiled step the same ints
+    and the same static buffers (a new cache brings new ones: CUDA-graph trees would record the step
+    again), and each request's greedy tokens equal eager ``generate``'s with a new cache; a request of
+    another length after a reset is right too."""
+    from transformers import CompileConfig
+
+    torch.manual_seed(random.randrange(2**31))
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=2)).eval()
+    tca_flex.apply(model, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    gen = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    prompts = [ids(n, seed=random.randrange(2**31)) for n in (200, 200, 200, 168)]
+    addresses: list[tuple] = []
+    recording_backend, keys = int_input_recorder(addresses)
+    config = CompileConfig(backend=recording_backend, mode=None)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            want = [model.generate(x, attention_mask=torch.ones_like(x), **gen, disable_compile=True,
+                                   **cache_kwargs(model, TCACache(model, reserve_tokens=32))) for x in prompts]
+            cache = TCACache(model, reserve_tokens=32)
+            got, seen = [], []
+            for i, x in enumerate(prompts):
+                if i == 2:
+                    cache = TCACache(model, reserve_tokens=32)  # a new cache: new buffers
+                elif i:
+                    held = cache.memory_report().total.bytes_used
+                    cache.reset()
+                    assert cache.get_seq_length() == 0 and cache.memory_report().total.bytes_used >= held > 0
+                got.append(model.generate(x, attention_mask=torch.ones_like(x), **gen, compile_config=config,
+                                          **cache_kwargs(model, cache)))
+                seen.append(set(zip(keys, addresses, strict=True)))
+                keys.clear()
+                addresses.clear()
+    finally:
+        torch._dynamo.reset()
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    assert all(len(s) == 1 for s in seen), "a request's steps should share one key and one set of addresses"
+    assert seen[1] == seen[0], "the reset cache should have kept its buffers (and ints) for the same length"
+    assert seen[2] != seen[1], "a new cache should bring new buffers (else this test cannot fail)"
+    assert seen[3] != seen[2] and not cache.layers[0]._spare
 
 
 @torch.no_grad()
