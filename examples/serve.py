@@ -6,9 +6,11 @@ A server sees prompts of lengths it cannot predict. The recipe:
 2. ``tca_flex.warmup`` once, before the first request: it compiles the sparse
    prefill for every prompt length up to ``max_length`` and, on a GPU with
    ``generate=True``, the decode step that ``generate`` compiles by itself;
-3. per request, a new ``TCACache(model, reserve_tokens=N)`` passed to
-   ``generate``. On a GPU the reserved room makes ``generate`` compile the step
-   and replay it from CUDA graphs; on the CPU it decodes eagerly.
+3. one ``TCACache(model, reserve_tokens=N)``, ``reset()`` before each request
+   and passed to ``generate``. On a GPU the reserved room makes ``generate``
+   compile the step and replay it from CUDA graphs (a request of the sizes of
+   the one before refills its buffers and replays the graphs already recorded);
+   on the CPU it decodes eagerly.
 
 The script runs passkey prompts of distinct lengths through dense attention and
 through this recipe and prints, per request, the latency (compiles included),
@@ -73,8 +75,9 @@ def main() -> None:
     tca_flex.apply(model, budgets=tca_flex.shipped_budgets("smollm2"))
     # generate compiles its decode step on accelerators only: warm it there.
     print(tca_flex.warmup(model, max_length=max(args.lengths) + args.new, generate=on_gpu, progress=False))
+    cache = tca_flex.TCACache(model, reserve_tokens=args.new + 16)
     for sample in samples:
-        cache = tca_flex.TCACache(model, reserve_tokens=args.new + 16)
+        cache.reset()  # empty for the new request; keeps the buffers for one of the same sizes
         text, seconds = request(model, tok, sample.prompt, args.new, cache)
         rows.append(("TCA", sample, text, seconds, cache_bytes(cache)))
 
