@@ -73,6 +73,7 @@ from .layer import CacheLink, tca_layers
 from .layout import (
     NEVER,
     Layout,
+    bucket_blocks,
     compressions_done,
     headroom_blocks,
     next_growth,
@@ -81,7 +82,7 @@ from .layout import (
     slot_map,
 )
 from .memory import LayerMemory, MemoryReport
-from .selection import Selection, rank_of
+from .selection import Selection, budget_ladder, rank_of
 
 
 class TCACacheLayer(CacheLayerMixin):
@@ -103,6 +104,18 @@ class TCACacheLayer(CacheLayerMixin):
             from CUDA graphs, as for a ``StaticCache`` (``disable_compile=True``
             in ``generate`` opts out; docs/cache.md).
         backend: decode kernel, see ``decode.decode_attention``.
+        cdf: the layer's budget distributions (``TCALayer.cdf``); with them the
+            buffers are sized for what any prompt of the length keeps, not
+            what this one happens to keep (see ``size_buckets``). ``None``:
+            sized for this prompt's counts.
+        size_buckets: prompt sizes per doubling of the global region that
+            share one buffer layout (with ``cdf``): the buffers make room for
+            what a prompt of the largest length of its bucket keeps, so
+            requests of nearby lengths through one cache (``reset``) reuse its
+            buffers and a compiled step's CUDA graphs. The price: the budgets
+            of the bucket's extra blocks, which are under ``2^(1/n) - 1`` of
+            the prompt's blocks (9% for 8). ``None``: 8 with ``reserve_tokens``
+            (the graph-replayed path), else 0 (each length its own layout).
     """
 
     is_sliding = False
@@ -111,7 +124,7 @@ class TCACacheLayer(CacheLayerMixin):
 
     def __init__(self, config: TCAConfig, keep_per_block: Sequence[int], link: CacheLink | None = None,
                  growth: float = 0.05, min_chunk_blocks: int = 4, reserve_tokens: int = 0,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", cdf: torch.Tensor | None = None, size_buckets: int | None = None) -> None:
         super().__init__()
         keep = torch.as_tensor(list(keep_per_block), dtype=torch.long)
         if keep.dim() != 1 or keep.numel() == 0 or (keep < 0).any() or (keep > config.block_size).any():
@@ -121,6 +134,17 @@ class TCACacheLayer(CacheLayerMixin):
         if not 0.0 <= growth <= 10.0 or min_chunk_blocks < 1 or reserve_tokens < 0:
             raise ValueError(f"need 0 <= growth <= 10, min_chunk_blocks >= 1 and reserve_tokens >= 0, got "
                              f"{growth}, {min_chunk_blocks}, {reserve_tokens}")
+        size_buckets = (8 if reserve_tokens else 0) if size_buckets is None else size_buckets
+        if not isinstance(size_buckets, int) or not 0 <= size_buckets <= 64:
+            raise ValueError(f"size_buckets must be an int in [0, 64] (sizes per doubling; 0: none), got "
+                             f"{size_buckets}")
+        if cdf is not None and tuple(cdf.shape) != (keep.numel(), config.block_size + 1):
+            raise ValueError(f"cdf must be [H_kv, block_size + 1] = [{keep.numel()}, {config.block_size + 1}], got "
+                             f"{tuple(cdf.shape)}")
+        # On the host: the buffers' sizes are Python ints (layout.py), and so is this bound.
+        self.cdf = None if cdf is None else cdf.detach().to("cpu", torch.float64)
+        self.size_buckets, self.anchor_blocks = size_buckets, config.anchor_blocks
+        self._bounds: dict[int, list[int]] = {}
         # ``window``: the prefill's exact tail; ``compress_window``: how far behind the newest token a
         # block must lie before decode compresses it (the window plus ``grace_blocks``). The ring holds
         # every exact token up to it, plus the block being filled.
@@ -375,7 +399,8 @@ class TCACacheLayer(CacheLayerMixin):
         self.batch_size = bsz  # update() saw the packed row of a padded batch (unpad.py), not its rows
         self._base, self._seen, self.pads = bases, length, pad_list
         extra = -(-self.reserve_tokens // self.block) if self.reserve_tokens else 0
-        self._allocate(self._plan(self._counts0, extra), bsz)
+        room = self._counts0 if selection is None else self._room([length - p for p in pad_list])
+        self._allocate(self._plan(room, extra), bsz)
         win = min(length, self.window)
         base_t = torch.tensor(bases, device=dev)
         ring_pos = torch.arange(length - win, length, device=dev).expand(bsz, hkv, win)
@@ -393,6 +418,24 @@ class TCACacheLayer(CacheLayerMixin):
         self._spare = {}  # what did not fit this request
         self.prefilled, self._awaiting_prune = True, False
         self._static_for_graphs()
+
+    def _room(self, lengths: list[int]) -> list[list[int]]:
+        """Global tokens to make room for, per row of ``lengths`` real tokens and KV head: at least the
+        prompt's own counts, and with ``cdf`` what the budget ladder keeps over its bucket's size.
+
+        Without a runtime guard (``guard_floor``), span (``span``) or partial block a head keeps exactly the
+        ladder's total, whatever the prompt says; a partial last block can only keep fewer. So the layout,
+        and with it the compiled step's sizes, depends on the length alone."""
+        if self.cdf is None:
+            return self._counts0
+        rows = []
+        for counts, n in zip(self._counts0, lengths, strict=True):
+            blocks = bucket_blocks(max(0, -(-(n - self.window) // self.block)), self.size_buckets)
+            if blocks not in self._bounds:
+                ladder = budget_ladder(self.cdf, blocks, self.anchor_blocks) if blocks else None
+                self._bounds[blocks] = ladder.sum(-1).tolist() if blocks else [0] * len(counts)
+            rows.append([max(c, u) for c, u in zip(counts, self._bounds[blocks], strict=True)])
+        return rows
 
     def set_prior(self, scores: torch.Tensor) -> None:
         """Rank the tokens of the prefill's final window by ``scores`` when their blocks leave it.
@@ -882,17 +925,18 @@ class TCACache(Cache):
 
     Args:
         model: a model prepared by ``tca_flex.apply``.
-        growth, min_chunk_blocks, reserve_tokens, backend: see ``TCACacheLayer``.
+        growth, min_chunk_blocks, reserve_tokens, backend, size_buckets: see ``TCACacheLayer``.
     """
 
     def __init__(self, model: torch.nn.Module, *, growth: float = 0.05, min_chunk_blocks: int = 4,
-                 reserve_tokens: int = 0, backend: str = "auto") -> None:
+                 reserve_tokens: int = 0, backend: str = "auto", size_buckets: int | None = None) -> None:
         records = tca_layers(model)
         if not records:
             raise ValueError("TCACache(model): this model was not prepared by tca_flex.apply; "
                              "call tca_flex.apply(model) first")
         layers = [TCACacheLayer(record.config, record.keep_per_block, link=record.link, growth=growth,
-                                min_chunk_blocks=min_chunk_blocks, reserve_tokens=reserve_tokens, backend=backend)
+                                min_chunk_blocks=min_chunk_blocks, reserve_tokens=reserve_tokens, backend=backend,
+                                cdf=record.cdf, size_buckets=size_buckets)
                   for record in records]
         super().__init__(layers=layers)
 

@@ -62,6 +62,18 @@ def plan(var_len: list[list[int]], keep: list[int], ring: int, headroom_blocks: 
     return Layout(var_cap=var_cap, starts=tuple(starts), slots=-(-slots // SLOT_ALIGN) * SLOT_ALIGN)
 
 
+def bucket_blocks(blocks: int, per_octave: int) -> int:
+    """The smallest size ``>= blocks`` on a grid of ``per_octave`` sizes per doubling (``ceil(2^(j / per_octave))``);
+    ``blocks`` itself with ``per_octave = 0``. Prompts whose global regions round to one size share one layout."""
+    if per_octave == 0 or blocks <= 1:
+        return blocks
+    # From below: ceil(2^(j/n)) can reach ``blocks`` while 2^(j/n) is still under it.
+    j = max(0, math.floor(per_octave * math.log2(blocks - 1)) - 1)
+    while math.ceil(2 ** (j / per_octave)) < blocks:
+        j += 1
+    return math.ceil(2 ** (j / per_octave))
+
+
 def headroom_blocks(var_len: list[list[int]], keep: list[int], ring: int, growth: float,
                     min_blocks: int, extra_blocks: int = 0) -> int:
     """Blocks of headroom: ``growth`` of the mean kept size, at least ``min_blocks`` / ``extra_blocks``."""

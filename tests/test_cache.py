@@ -1,5 +1,7 @@
 import contextlib
 import copy
+import itertools
+import math
 import os
 import random
 import warnings
@@ -7,6 +9,8 @@ from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 import tca_flex
@@ -15,6 +19,7 @@ from tca_flex.cache import TCACacheLayer
 from tca_flex.config import SelectionConfig
 from tca_flex.decode import decode_attention
 from tca_flex.hfcompat import cache_kwargs
+from tca_flex.layout import bucket_blocks
 from tca_flex.selection import select
 
 from .conftest import tiny_llama_config
@@ -451,6 +456,57 @@ def test_storage_stays_within_ten_percent_of_what_is_kept():
     assert mem.bytes_fraction < 0.6
 
 
+@given(blocks=st.integers(0, 1 << 16), per_octave=st.integers(0, 64))
+def test_bucket_blocks_is_the_smallest_grid_size_not_below(blocks, per_octave):
+    """``bucket_blocks`` against a scan of the grid ``ceil(2^(j / n))`` from ``j = 0``: the smallest size
+    not below ``blocks``, less than ``2^(1/n)`` times it plus one (the price of a bucket)."""
+    got = bucket_blocks(blocks, per_octave)
+    if per_octave == 0 or blocks <= 1:
+        assert got == blocks
+        return
+    want = next(size for j in itertools.count() if (size := math.ceil(2 ** (j / per_octave))) >= blocks)
+    assert got == want
+    assert blocks <= got < blocks * 2 ** (1 / per_octave) + 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), length=st.integers(200, 1400), offset=st.integers(-40, 40),
+       buckets=st.sampled_from([0, 4, 8]))
+@torch.no_grad()
+def test_buffer_sizes_follow_the_length_bucket_not_the_prompt(seed, length, offset, buckets):
+    """With the budgets' cdf a layer sizes its buffers for what the budget ladder keeps over the prompt's
+    bucket: two prompts whose global regions round to one size get one layout (slots and the kernel's
+    sizes) whatever they say, though their counts differ (partial last blocks under a ladder of unequal
+    budgets); every head's room covers its count; and the extra room is at most the extra blocks' tokens."""
+    torch.manual_seed(seed)
+    cfg = TCAConfig(block_size=32, window=128)
+    probs = torch.distributions.Dirichlet(torch.full((33,), 0.3, dtype=torch.float64)).sample((1, 3))
+    budgets = HeadBudgets(probs=probs / probs.sum(-1, keepdim=True), config=cfg)
+    knobs = SelectionConfig(block_size=32, window=128)
+    keep, d = budgets.keep_per_block()[0].tolist(), 16
+    sizes, blocks = [], []
+    for n in (length, length, length + offset):
+        q, k = torch.randn(1, 6, n, d), torch.randn(1, 3, n, d)
+        selection = select(q, k, budgets.cdf(0), knobs, scaling=d**-0.5)
+        layer = TCACacheLayer(cfg, keep, backend="math", cdf=budgets.cdf(0), size_buckets=buckets, min_chunk_blocks=1,
+                              growth=0.0)
+        layer.update(k, k)
+        layer.finish_prefill(k, k, selection)
+        exact = TCACacheLayer(cfg, keep, backend="math", min_chunk_blocks=1, growth=0.0)
+        exact.update(k, k)
+        exact.finish_prefill(k, k, selection)
+        counts, room, own = selection.counts[0].tolist(), layer.layout.var_cap[0], exact.layout.var_cap[0]
+        assert all(c + t <= r for c, r, t in zip(counts, room, keep, strict=True)), (counts, room)
+        n_blocks = -(-(n - 128) // 32)
+        extra = (bucket_blocks(n_blocks, buckets) - n_blocks) * 32
+        assert all(r - o <= extra + 32 for r, o in zip(room, own, strict=True)), (room, own, extra)
+        sizes.append((layer.layout.slots, layer.segments.max_length, layer.segments.total_length, room))
+        blocks.append(bucket_blocks(n_blocks, buckets))
+    assert sizes[0] == sizes[1], "one length, two prompts: the layout should not depend on what they say"
+    if blocks[2] == blocks[0]:
+        assert sizes[2] == sizes[0], "one bucket, two lengths: the layout should be the same"
+
+
 def test_compiled_decode_step_does_not_recompile():
     from transformers import LlamaForCausalLM
 
@@ -629,17 +685,19 @@ def test_generate_compiled_step_takes_no_int_input_that_changes_per_step():
 
 
 def test_a_reset_cache_replays_the_steps_of_the_last_request_of_its_sizes():
-    """A cache reset between two requests of one prompt length hands the compiled step the same ints
-    and the same static buffers (a new cache brings new ones: CUDA-graph trees would record the step
-    again), and each request's greedy tokens equal eager ``generate``'s with a new cache; a request of
-    another length after a reset is right too."""
+    """A cache reset between two requests of one prompt length, or of two lengths in one size bucket,
+    hands the compiled step the same ints and the same static buffers (a new cache brings new ones:
+    CUDA-graph trees would record the step again), and each request's greedy tokens equal eager
+    ``generate``'s with a new cache; a request of a length in another bucket after a reset is right too."""
     from transformers import CompileConfig
 
     torch.manual_seed(random.randrange(2**31))
     model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=2)).eval()
     tca_flex.apply(model, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
     gen = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
-    prompts = [ids(n, seed=random.randrange(2**31)) for n in (200, 200, 200, 168)]
+    # Global regions (length - window 64) of 17, 17, 17, 18 and 9 blocks of 16: with 8 sizes a doubling
+    # (the default with reserve_tokens) 17 and 18 share the size 18.
+    prompts = [ids(n, seed=random.randrange(2**31)) for n in (330, 330, 330, 345, 200)]
     addresses: list[tuple] = []
     recording_backend, keys = int_input_recorder(addresses)
     config = CompileConfig(backend=recording_backend, mode=None)
@@ -670,7 +728,8 @@ def test_a_reset_cache_replays_the_steps_of_the_last_request_of_its_sizes():
     assert all(len(s) == 1 for s in seen), "a request's steps should share one key and one set of addresses"
     assert seen[1] == seen[0], "the reset cache should have kept its buffers (and ints) for the same length"
     assert seen[2] != seen[1], "a new cache should bring new buffers (else this test cannot fail)"
-    assert seen[3] != seen[2] and not cache.layers[0]._spare
+    assert seen[3] == seen[2], "a length of the same size bucket should have reused the buffers"
+    assert seen[4] != seen[3] and not cache.layers[0]._spare
 
 
 @torch.no_grad()
