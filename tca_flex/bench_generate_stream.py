@@ -14,8 +14,10 @@ same stream, one after the other:
   replays it from CUDA graphs (transformers' auto-compile);
 - ``tca``: ``tca_flex.apply`` + ``tca_flex.warmup(..., generate=True)`` (timed apart: the
   prefill's graphs and generate's compiled decode step) + a new ``TCACache`` per request;
-- ``tca compiled``: the same with ``TCACache(model, reserve_tokens=...)``, which ``generate``
-  compiles like the static cache (the warm-up compiled it: each request records CUDA graphs only).
+- ``tca compiled``: the same with one ``TCACache(model, reserve_tokens=...)``, ``reset()`` before each
+  request (as ``generate`` reuses its static cache), which ``generate`` compiles like the static cache
+  (the warm-up compiled it): a request records CUDA graphs only where its size bucket is new to the
+  cache (since 2026-12-05; before, a new cache per request recorded at every request).
 
 Per request the row keeps the graphs dynamo compiled during it and, on CUDA, the memory held
 after it (allocated and reserved): a path that recompiles or records per length shows it here.
@@ -105,8 +107,13 @@ def generate_stream_rows(count: int, lo: int, hi: int, num_layers: int, keep: fl
     try:
         report = warmup(model, hi, generate=True, compile_config=compile_config, progress=False)
         stream("tca", lambda: TCACache(model))
-        stream("tca compiled", lambda: TCACache(model, reserve_tokens=new_tokens + 16),
-               compile_config=compile_config)
+        reused = TCACache(model, reserve_tokens=new_tokens + 16)
+
+        def reset() -> TCACache:
+            reused.reset()
+            return reused
+
+        stream("tca compiled", reset, compile_config=compile_config)
     finally:
         remove(model)
     return {"lengths": lengths, "keep": keep, "new_tokens": new_tokens, "warmup_s": report.seconds,
