@@ -14,6 +14,9 @@ the H100 against 7.3 ms for the step replayed by hand (BENCHMARKS.md, thirteenth
 through one cache reset between requests, and prints their first and steady steps and PyTorch's count
 of CUDA-graph skips (a new cache's buffers are new static addresses: each request records its graphs
 again; a reset cache refills its buffers in place).
+``TCA_PROBE_BUCKETS=N`` runs N prompts of distinct lengths in one size bucket, each with a new cache
+of a layout per length (each records its graphs), then through one cache of bucketed layouts reset
+between them (the first request's graphs replay for the others), after two untimed calls that compile.
 ``TCA_PROBE_HOOKS=1`` times instead, on one machine, calls of 129 tokens with the padded prefill's
 packing hooks on for good (as before 2026-12-05: the compiled step guards on them) and off between
 calls (as shipped since), alternating, after an untimed call that compiles each.
@@ -78,6 +81,41 @@ def many_requests(call, new_cache, count: int, label: str) -> None:
                       f"{counters['inductor']['cudagraph_skips']}", flush=True)
 
 
+def one_bucket(call, make_cache, count: int, length: int, config: TCAConfig, vocab: int, device: torch.device,
+               label: str) -> None:
+    """``count`` prompts of distinct lengths at or below ``length`` whose global regions share one size
+    bucket (8 a doubling), first each with a new cache of a layout per length (``size_buckets=0``: new
+    sizes, so each request records the step's graphs), then through one cache of bucketed layouts reset
+    between requests (one layout: the graphs of the first replay for the others). Two untimed calls at
+    lengths of two other buckets first compile the step with its sizes symbolic."""
+    from tca_flex.layout import bucket_blocks
+
+    def bucket(n: int) -> int:
+        return bucket_blocks(-(-(n - config.window) // config.block_size), 8)
+
+    lengths = [n for n in range(length, length - 128 * count * 4, -61) if bucket(n) == bucket(length)][:count]
+    others = [n for n in range(lengths[-1] - 1, config.window + 1, -61) if bucket(n) != bucket(length)][:1]
+    others.append(next(n for n in range(others[0], config.window + 1, -61) if bucket(n) < bucket(others[0])))
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def prompt(n: int) -> torch.Tensor:
+        return torch.randint(1, vocab, (1, n), device=device, generator=gen)
+
+    for n in others:
+        t0 = time.perf_counter()
+        call(17, make_cache(0), prompt(n))
+        print(f"untimed call of {n} tokens (compiles): {time.perf_counter() - t0:.1f} s", flush=True)
+    reused = make_cache(8)
+    for buckets in (0, 8):
+        for n in lengths:
+            if buckets:
+                reused.reset()
+            total, steps = call(17, reused if buckets else make_cache(0), prompt(n))
+            how = "one cache, 8 buckets a doubling, reset" if buckets else "a new cache each, a layout per length"
+            print(f"== {label}, {how}, {n} tokens: call {total:.1f} ms, first step {steps[0]:.1f} ms, steps 5-16 "
+                  f"median {statistics.median(steps[4:]):.3f} ms", flush=True)
+
+
 class Stamps:
     """A logits processor that records the host time at each call and leaves the scores alone."""
 
@@ -112,23 +150,30 @@ def main() -> None:
     def new_cache() -> TCACache:
         return TCACache(model, reserve_tokens=longest + 16)
 
-    def call(new: int, cache: TCACache | None = None) -> tuple[float, list[float]]:
+    def call(new: int, cache: TCACache | None = None, prompt: torch.Tensor | None = None) -> tuple[float, list[float]]:
         stamps = Stamps()
         cache = cache or new_cache()
+        prompt = ids if prompt is None else prompt
         sync()
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([stamps]),
                              compile_config=generate_compile_config(device), **cache_kwargs(model, cache))
         sync()
         total = (time.perf_counter() - start) * 1e3
-        assert out.shape[1] == length + new
+        assert out.shape[1] == prompt.shape[1] + new
         # stamps[0] ends the prefill; stamps[i] - stamps[i-1] is decode step i (its forward and sampling).
         steps = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps.times)]
         return total, steps
 
     if os.environ.get("TCA_PROBE_HOOKS") == "1":
         hooks_on_and_off(model, call, f"{layers} layers, {length} tokens, keep {keep}")
+        remove(model)
+        return
+    if os.environ.get("TCA_PROBE_BUCKETS"):
+        one_bucket(call, lambda buckets: TCACache(model, reserve_tokens=longest + 16, size_buckets=buckets),
+                   int(os.environ["TCA_PROBE_BUCKETS"]), length, config, model.config.vocab_size, device,
+                   f"{layers} layers")
         remove(model)
         return
     if os.environ.get("TCA_PROBE_REQUESTS"):

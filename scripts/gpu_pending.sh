@@ -18,6 +18,8 @@
 #   TCACache, then 150 through one TCACache reset between requests: what a new cache's first step
 #   (recording) costs against a reset one's (replay), and whether steps slow down as the graphs of
 #   earlier caches pile up (PyTorch keeps them and checks them before each replay).
+# buckets: six prompts of distinct lengths in one size bucket through generate (32 layers, 32K), each
+#   with a new cache of a layout per length, then through one reset cache of bucketed layouts.
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
 # combo-profile / combo-32k / combo-128k: the profile and the e2e parts with Inductor's combo kernels
@@ -48,7 +50,7 @@ python_with() {  # python_with SET: RUN, the Python command line of that Inducto
     fast) RUN=(python -u scripts/with_inductor.py freezing=1 combo_kernels=1 --) ;;
   esac
 }
-[ $# -gt 0 ] || { echo "parts: tests decode parts profile launch generate generate-steps requests e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
+[ $# -gt 0 ] || { echo "parts: tests decode parts profile launch generate generate-steps requests buckets e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
                        "freeze-profile freeze-32k freeze-128k fast-32k fast-128k" >&2
                   exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
@@ -75,6 +77,7 @@ for part in "$@"; do
                       python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
     launch) TCA_PROBE_PROFILE=0 stage 300 launch python -u scripts/gpu_step_profile.py 32 0.37 131072 ;;
     requests) TCA_PROBE_REQUESTS=150 stage 300 requests python -u scripts/gpu_generate_steps.py 2 8192 0.25 ;;
+    buckets) TCA_PROBE_BUCKETS=6 stage 540 buckets python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
     combo-profile) python_with combo; stage 110 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
     freeze-profile) python_with freeze; stage 150 "$part" "${RUN[@]}" scripts/gpu_step_profile.py 4 0.25 32768 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
