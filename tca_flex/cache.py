@@ -337,8 +337,8 @@ class TCACacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Empty the layer for a new request, keeping its buffers (as transformers' caches keep theirs).
 
-        The next prefill whose buffers have the same sizes (same batch size, prompt length, budgets and
-        ``reserve_tokens``; nothing re-laid during the last request) refills them in place: their
+        The next prefill whose buffers have the same sizes (same batch size, budgets, ``reserve_tokens``
+        and size bucket of the prompt's length; nothing re-laid during the last request) refills them in place: their
         addresses stay, so a compiled decode step's CUDA graphs replay for the new request instead of
         being recorded again. Buffers of other sizes are freed by that prefill, before it allocates
         its own. Delete the cache to free them at once.
@@ -432,8 +432,8 @@ class TCACacheLayer(CacheLayerMixin):
         for counts, n in zip(self._counts0, lengths, strict=True):
             blocks = bucket_blocks(max(0, -(-(n - self.window) // self.block)), self.size_buckets)
             if blocks not in self._bounds:
-                ladder = budget_ladder(self.cdf, blocks, self.anchor_blocks) if blocks else None
-                self._bounds[blocks] = ladder.sum(-1).tolist() if blocks else [0] * len(counts)
+                self._bounds[blocks] = (budget_ladder(self.cdf, blocks, self.anchor_blocks).sum(-1).tolist() if blocks
+                                        else [0] * len(counts))
             rows.append([max(c, u) for c, u in zip(counts, self._bounds[blocks], strict=True)])
         return rows
 
