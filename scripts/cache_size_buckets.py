@@ -18,7 +18,7 @@ import torch
 import tca_flex
 from tca_flex.hfcompat import cache_kwargs
 from tca_flex.layer import tca_layers
-from tca_flex.layout import bucket_blocks
+from tca_flex.layout import bucket_blocks, global_blocks
 from tca_flex.models import load_smollm2
 
 
@@ -39,7 +39,7 @@ def main() -> None:
                 model(ids, **cache_kwargs(model, cache))
                 held[buckets, prompt] = cache.memory_report().total
                 layouts[buckets, prompt] = [layer.layout.slots for layer in cache.layers]
-        blocks = -(-(length - window) // block)
+        blocks = global_blocks(length, window, block)
         row = {"length": length, "blocks": blocks, "bucket_blocks": bucket_blocks(blocks, 8),
                "bytes_exact": held[0, 0].bytes_used, "bytes_bucketed": held[8, 0].bytes_used,
                "extra": held[8, 0].bytes_used / held[0, 0].bytes_used - 1,

@@ -88,10 +88,10 @@ def one_bucket(call, make_cache, count: int, length: int, config: TCAConfig, voc
     sizes, so each request records the step's graphs), then through one cache of bucketed layouts reset
     between requests (one layout: the graphs of the first replay for the others). Two untimed calls at
     lengths of two other buckets first compile the step with its sizes symbolic."""
-    from tca_flex.layout import bucket_blocks
+    from tca_flex.layout import bucket_blocks, global_blocks
 
     def bucket(n: int) -> int:
-        return bucket_blocks(-(-(n - config.window) // config.block_size), 8)
+        return bucket_blocks(global_blocks(n, config.window, config.block_size), 8)
 
     lengths = [n for n in range(length, length - 128 * count * 4, -61) if bucket(n) == bucket(length)][:count]
     others = [n for n in range(lengths[-1] - 1, config.window + 1, -61) if bucket(n) != bucket(length)][:1]

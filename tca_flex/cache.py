@@ -75,6 +75,7 @@ from .layout import (
     Layout,
     bucket_blocks,
     compressions_done,
+    global_blocks,
     headroom_blocks,
     next_growth,
     packed_lengths,
@@ -430,7 +431,7 @@ class TCACacheLayer(CacheLayerMixin):
             return self._counts0
         rows = []
         for counts, n in zip(self._counts0, lengths, strict=True):
-            blocks = bucket_blocks(max(0, -(-(n - self.window) // self.block)), self.size_buckets)
+            blocks = bucket_blocks(global_blocks(n, self.window, self.block), self.size_buckets)
             if blocks not in self._bounds:
                 self._bounds[blocks] = (budget_ladder(self.cdf, blocks, self.anchor_blocks).sum(-1).tolist() if blocks
                                         else [0] * len(counts))

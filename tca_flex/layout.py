@@ -62,6 +62,12 @@ def plan(var_len: list[list[int]], keep: list[int], ring: int, headroom_blocks: 
     return Layout(var_cap=var_cap, starts=tuple(starts), slots=-(-slots // SLOT_ALIGN) * SLOT_ALIGN)
 
 
+def global_blocks(length: int, window: int, block: int) -> int:
+    """Selection blocks of a prompt of ``length`` tokens: its global region (all but the final ``window``)
+    in blocks of ``block``, the last one possibly partial; 0 for a prompt within the window."""
+    return max(0, -(-(length - window) // block))
+
+
 def bucket_blocks(blocks: int, per_octave: int) -> int:
     """The smallest size ``>= blocks`` on a grid of ``per_octave`` sizes per doubling (``ceil(2^(j / per_octave))``);
     ``blocks`` itself with ``per_octave = 0``. Prompts whose global regions round to one size share one layout."""
