@@ -147,8 +147,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def new_cache() -> TCACache:
-        return TCACache(model, reserve_tokens=longest + 16)
+    def new_cache(size_buckets: int | None = None) -> TCACache:
+        return TCACache(model, reserve_tokens=longest + 16, size_buckets=size_buckets)
 
     def call(new: int, cache: TCACache | None = None, prompt: torch.Tensor | None = None) -> tuple[float, list[float]]:
         stamps = Stamps()
@@ -171,9 +171,8 @@ def main() -> None:
         remove(model)
         return
     if os.environ.get("TCA_PROBE_BUCKETS"):
-        one_bucket(call, lambda buckets: TCACache(model, reserve_tokens=longest + 16, size_buckets=buckets),
-                   int(os.environ["TCA_PROBE_BUCKETS"]), length, config, model.config.vocab_size, device,
-                   f"{layers} layers")
+        one_bucket(call, new_cache, int(os.environ["TCA_PROBE_BUCKETS"]), length, config, model.config.vocab_size,
+                   device, f"{layers} layers")
         remove(model)
         return
     if os.environ.get("TCA_PROBE_REQUESTS"):
