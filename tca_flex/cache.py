@@ -136,7 +136,7 @@ class TCACacheLayer(CacheLayerMixin):
             raise ValueError(f"need 0 <= growth <= 10, min_chunk_blocks >= 1 and reserve_tokens >= 0, got "
                              f"{growth}, {min_chunk_blocks}, {reserve_tokens}")
         size_buckets = (8 if reserve_tokens else 0) if size_buckets is None else size_buckets
-        if not isinstance(size_buckets, int) or not 0 <= size_buckets <= 64:
+        if isinstance(size_buckets, bool) or not isinstance(size_buckets, int) or not 0 <= size_buckets <= 64:
             raise ValueError(f"size_buckets must be an int in [0, 64] (sizes per doubling; 0: none), got "
                              f"{size_buckets}")
         if cdf is not None and tuple(cdf.shape) != (keep.numel(), config.block_size + 1):

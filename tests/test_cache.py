@@ -870,6 +870,11 @@ def test_unsupported_uses_raise_clear_errors(tiny_llama):
         tiny_llama(ids(1, bsz=2), attention_mask=padded, **cache_kwargs(tiny_llama, cache))
     with pytest.raises(ValueError, match="0 <= t <= block_size"):
         TCACacheLayer(SPARSE, [3, 17])
+    for bad in (-1, 65, True, 2.0):
+        with pytest.raises(ValueError, match="size_buckets must be an int"):
+            TCACache(tiny_llama, reserve_tokens=8, size_buckets=bad)
+    with pytest.raises(ValueError, match="cdf must be"):
+        TCACacheLayer(SPARSE, [4, 4], cdf=torch.rand(2, 5, dtype=torch.float64))
     layer = TCACacheLayer(SPARSE, [4, 4])
     layer.update(torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16))
     with pytest.raises(RuntimeError, match="never pruned"):
