@@ -2,9 +2,9 @@
 
 A batch of rows of different lengths reaches the model left-padded to the
 longest row: 8 rows of 19K-63K tokens pad 270K real tokens to 500K. While
-``apply`` holds the model, a pre-hook on the model notes where the real tokens
-of a padded prefill from an empty cache are, and the decoder runs on those
-tokens only, in one of two ways:
+``apply`` holds the model, its forward (wrapped on the instance) notes where
+the real tokens of a padded prefill from an empty cache are, and the decoder
+runs on those tokens only, in one of two ways:
 
 - **whole layers** (a ``TCACache``, or no cache at all): the first decoder
   layer's input and every layer's rotary tables are gathered into one packed
@@ -31,6 +31,8 @@ notes its own (or none) first.
 
 from __future__ import annotations
 
+import functools
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,13 +89,20 @@ def _input_length(args: tuple, kwargs: dict[str, Any]) -> int | None:
     return ids.shape[-1]
 
 
-class Unpadder:
-    """The hooks of one model; ``remove`` takes them all off.
+# The model's attribute holding its Unpadder, which the forward wrapper reads at each call (a deep
+# copy of the model gets its copy's).
+_OWNER = "_tca_flex_unpadder"
 
-    Only the model's own two hooks stay on between calls. The per-module hooks that pack and unpack
-    are put on by the model's pre-hook for a padded prefill it packs, and taken off when that call
-    ends (or by the next call, if it raised): a compiled step guards on every hook of every module it
-    runs, ~150 guards a decoder layer, evaluated on the host before each decode step.
+
+class Unpadder:
+    """The padded-prefill packing of one model; ``remove`` undoes it.
+
+    No hook stays on between calls. The model's forward, wrapped on the instance, notes each call's
+    padding first and lets go after it, raising or not. The per-module hooks that pack and unpack
+    are put on for a padded prefill it packs, and taken off when that call ends: a compiled step
+    guards on every hook of every module it runs (~150 guards a decoder layer, evaluated on the
+    host before each decode step), and under ``torch.compile(model)`` hooks on the model itself run
+    as frames of their own around the compiled forward, each with its guards, at every call.
     """
 
     def __init__(self, model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> None:
@@ -105,14 +114,21 @@ class Unpadder:
         self.rotary: tuple[Any, tuple[torch.Tensor, ...]] | None = None
         self.per_token = per_token_modules(model, attention_modules)
         self.layers, self.last_module = decoder_layers(model, attention_modules)
-        self.handles = [model.register_forward_pre_hook(self._note, with_kwargs=True),
-                        model.register_forward_hook(self._done)]
         self.call_handles: list[torch.utils.hooks.RemovableHandle] = []  # the packing call's own
+        self.model = model
+        setattr(model, _OWNER, self)
+        self.wrapped = _wrap_forward(model)
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        """Give the model its forward back (unless someone replaced ours since) and drop any packing state."""
+        wrapper, own = self.wrapped
+        if self.model.__dict__.get("forward") is wrapper:
+            if own is not None:
+                self.model.forward = own
+            else:
+                del self.model.__dict__["forward"]
+        if self.model.__dict__.get(_OWNER) is self:
+            delattr(self.model, _OWNER)
         self._done()
 
     def _attach(self) -> None:
@@ -135,7 +151,6 @@ class Unpadder:
         if building_graph():  # a traced call packs nothing (see _packs): leave no side effect in the graph
             return
         self.tokens = RealTokens()
-        self._detach()  # a packing call that raised left its hooks on
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
             return
@@ -147,7 +162,7 @@ class Unpadder:
             self.tokens = RealTokens(index, (mask.shape[0], length), _layers_may_pack(module, kwargs))
             self._attach()
 
-    def _done(self, *hook_args: Any) -> None:
+    def _done(self) -> None:
         """After the model's call: let go of the index and the packed copies."""
         if building_graph():
             return
@@ -226,6 +241,31 @@ class Unpadder:
             raise TypeError(f"tca_flex packs the padded batch's tokens through {type(module).__name__}, which "
                             f"returned {type(output).__name__}, not one tensor; this module type is not supported")
         return self._scatter(output)
+
+
+def _wrap_forward(model: torch.nn.Module) -> tuple[Any, Any]:
+    """Wrap ``model.forward`` on the instance with its Unpadder's note before and let-go after; returns
+    the wrapper and the instance's own forward it wraps (another library's, e.g. a device-placement
+    hook), or None where the class's runs.
+
+    Compiled, the wrapper is traced into the forward's frame, where both calls return at once
+    (``building_graph``): a traced call packs nothing."""
+    own = model.__dict__.get("forward")
+    method = own if own is not None else type(model).forward
+
+    @functools.wraps(method)
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        unpadder = getattr(self, _OWNER)
+        unpadder._note(self, args, kwargs)
+        try:
+            return own(*args, **kwargs) if own is not None else method(self, *args, **kwargs)
+        finally:
+            unpadder._done()
+
+    # Bound to the model, not a closure over it: a deep copy of the model gets one bound to the copy.
+    wrapper = types.MethodType(forward, model)
+    model.forward = wrapper
+    return wrapper, own
 
 
 def _parents(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

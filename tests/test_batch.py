@@ -356,16 +356,17 @@ def test_padded_prefill_runs_projections_and_mlps_on_real_tokens_only(seed, leng
 
 
 def module_hooks(model):
-    """How many forward hooks and pre-hooks sit on the model's submodules (its own left out)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules() if m is not model)
+    """How many forward hooks and pre-hooks sit on the model and its submodules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @torch.no_grad()
 def test_packing_hooks_are_on_only_during_a_padded_prefill():
     """The per-module hooks that pack a padded prefill are put on for that call only (a compiled
-    decode step guards on every hook of every module it runs): none between calls, none during a
-    decode step or an unpadded call, on during the padded prefill, and off again after a packed
-    call that raised, at the next call or at ``remove``."""
+    decode step guards on every hook of every module it runs), and none sits on the model itself
+    (under ``torch.compile(model)`` each would run as a frame of its own at every call): none
+    between calls, none during a decode step or an unpadded call, on during the padded prefill, off
+    again when a packed call raised, and none after ``remove``."""
     seed = fresh_seed()
     model = tiny_model(HEADS[0], seed)
     assert module_hooks(model) == 0
@@ -387,13 +388,57 @@ def test_packing_hooks_are_on_only_during_a_padded_prefill():
         boom.remove()
 
     raising_prefill()
-    assert module_hooks(model) > 1  # the raising call left its packing hooks on ...
+    assert during[-1] > 1 and module_hooks(model) == 1  # on during the raising call, off after it
     model(ids[:1, -20:])
-    assert during[-1] == 1 and module_hooks(model) == 1  # ... and the next call took them off
-    raising_prefill()
-    tca_flex.remove(model)  # so does remove
+    assert during[-1] == 1 and module_hooks(model) == 1
+    tca_flex.remove(model)
     assert module_hooks(model) == 1
     probe.remove()
+
+
+@torch.no_grad()
+def test_the_forward_wrapper_keeps_the_signature_follows_copies_and_wraps_another_librarys():
+    """``apply`` wraps the model's forward on the instance: ``inspect.signature`` (which transformers
+    reads to pick the kwargs it passes) sees the class's; a deep copy packs its own padded prefill
+    (its wrapper is bound to the copy); a forward another library put on the instance before
+    ``apply`` runs inside ours and is back after ``remove``; a forward put there after ``apply`` is
+    left alone by ``remove``."""
+    import copy
+    import inspect
+
+    seed = fresh_seed()
+    model = tiny_model(HEADS[0], seed)
+    assert inspect.signature(model.forward) == inspect.signature(LlamaForCausalLM.forward.__get__(model))
+    _, ids, mask = left_padded([random.Random(seed).randrange(3, 30), 40], seed)
+    clone = copy.deepcopy(model)
+    assert clone.forward.__self__ is clone
+    rows = []
+    probe = clone.model.layers[0].mlp.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[:2]))
+    clone(ids, attention_mask=mask, **cache_kwargs(clone, TCACache(clone)))
+    model(ids, attention_mask=mask, **cache_kwargs(model, TCACache(model)))
+    assert rows == [(1, int(mask.sum()))]  # the copy packed its prefill; the original's call touched no copy
+    probe.remove()
+
+    calls = []
+    tca_flex.remove(model)
+    dense = model(ids, attention_mask=mask).logits
+
+    def theirs(*args, **kwargs):
+        calls.append(len(args) + len(kwargs))
+        return LlamaForCausalLM.forward(model, *args, **kwargs)
+
+    model.forward = theirs
+    tca_flex.apply(model, budgets=HeadBudgets.uniform(2, 2, 1.0, SMALL))  # keeps every token: dense logits
+    out = model(ids, attention_mask=mask).logits
+    assert calls and model.__dict__["forward"] is not theirs
+    real = mask.bool()
+    torch.testing.assert_close(out[real], dense[real], atol=1e-5, rtol=1e-5)
+    tca_flex.remove(model)
+    assert model.__dict__["forward"] is theirs
+    tca_flex.apply(model, budgets=HeadBudgets.uniform(2, 2, 0.4, SMALL))
+    model.forward = later = theirs.__get__(model)
+    tca_flex.remove(model)
+    assert model.__dict__["forward"] is later
 
 
 @settings(max_examples=6, deadline=None)
