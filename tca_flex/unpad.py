@@ -250,20 +250,31 @@ def _wrap_forward(model: torch.nn.Module) -> tuple[Any, Any]:
 
     Compiled, the wrapper is traced into the forward's frame, where both calls return at once
     (``building_graph``): a traced call packs nothing."""
-    own = model.__dict__.get("forward")
-    method = own if own is not None else type(model).forward
 
-    @functools.wraps(method)
-    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        unpadder = getattr(self, _OWNER)
-        unpadder._note(self, args, kwargs)
+    def around(module: torch.nn.Module, call: Any, bound: tuple, args: tuple, kwargs: dict[str, Any]) -> Any:
+        unpadder = getattr(module, _OWNER)
+        unpadder._note(module, args, kwargs)
         try:
-            return own(*args, **kwargs) if own is not None else method(self, *args, **kwargs)
+            return call(*bound, *args, **kwargs)
         finally:
             unpadder._done()
 
-    # Bound to the model, not a closure over it: a deep copy of the model gets one bound to the copy.
-    wrapper = types.MethodType(forward, model)
+    own = model.__dict__.get("forward")
+    if own is not None:
+        @functools.wraps(own)  # already bound (or taking no self): its signature is the one to show
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            return around(model, own, (), args, kwargs)
+
+        wrapper: Any = wrapped
+    else:
+        method = type(model).forward
+
+        @functools.wraps(method)
+        def unbound(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return around(self, method, (self,), args, kwargs)
+
+        # Bound to the model, not a closure over it: a deep copy of the model gets one bound to the copy.
+        wrapper = types.MethodType(unbound, model)
     model.forward = wrapper
     return wrapper, own
 

@@ -431,6 +431,7 @@ def test_the_forward_wrapper_keeps_the_signature_follows_copies_and_wraps_anothe
     tca_flex.apply(model, budgets=HeadBudgets.uniform(2, 2, 1.0, SMALL))  # keeps every token: dense logits
     out = model(ids, attention_mask=mask).logits
     assert calls and model.__dict__["forward"] is not theirs
+    assert inspect.signature(model.forward) == inspect.signature(theirs)
     real = mask.bool()
     torch.testing.assert_close(out[real], dense[real], atol=1e-5, rtol=1e-5)
     tca_flex.remove(model)
@@ -439,6 +440,10 @@ def test_the_forward_wrapper_keeps_the_signature_follows_copies_and_wraps_anothe
     model.forward = later = theirs.__get__(model)
     tca_flex.remove(model)
     assert model.__dict__["forward"] is later
+    model.forward = bound = LlamaForCausalLM.forward.__get__(model)  # an instance forward with the class's parameters
+    tca_flex.apply(model, budgets=HeadBudgets.uniform(2, 2, 0.4, SMALL))
+    assert inspect.signature(model.forward) == inspect.signature(bound)
+    tca_flex.remove(model)
 
 
 @settings(max_examples=6, deadline=None)
