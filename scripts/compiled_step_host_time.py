@@ -10,13 +10,6 @@ CUDA graph does not hide (``generate`` synchronises every step). TCA's step is p
 ``generate`` prepares it (``TCACache.prepare_decode_step``) and gets its positions as a tensor.
 ``--hooks``: TCA's steps only, compiled and eager, with the padded prefill's packing hooks on for
 good (as before 2026-12-05) and off between calls (as shipped since), alternating.
-``--model-hooks``: TCA's compiled steps only, two models in one process, their steps interleaved
-(this CPU's host time drifts 3-5x between runs minutes apart): the padded prefill's note and
-let-go as a pre-hook and a hook on the model (before the sixteenth session; under
-``torch.compile(model)`` each runs as a Dynamo frame of its own) against the forward wrapper
-``apply`` installs since.
-
-    PYTHONPATH=. python scripts/compiled_step_host_time.py 32 --model-hooks
 """
 
 from __future__ import annotations
@@ -87,68 +80,8 @@ def host_time(layers: int, tca: bool, steps: int = 40, prompt_length: int = 300,
     return statistics.median(total[warm]) * 1e3, statistics.median(inside[warm]) * 1e3 if compiled else 0.0
 
 
-def as_model_hooks(model: torch.nn.Module) -> None:
-    """The padded prefill's note and let-go as the model's own pre-hook and hook, as before the forward
-    wrapper: the class's forward back, the wrapper's two calls in hooks."""
-    unpadder = model._tca_flex_state["unpadder"]
-    del model.__dict__["forward"]
-    model.register_forward_pre_hook(lambda module, args, kwargs: unpadder._note(module, args, kwargs),
-                                    with_kwargs=True)
-    model.register_forward_hook(lambda *hook_args: unpadder._done())
-
-
-@torch.no_grad()
-def interleaved_model_hooks(layers: int, steps: int = 150, prompt_length: int = 300) -> None:
-    """Median host time around the graph of TCA's compiled step, model hooks against the forward
-    wrapper, steps alternating between the two models (order flipped every step)."""
-    torch._dynamo.config.recompile_limit = 64  # two models' frames in one process
-    runs = {}
-    for hooks in (True, False):
-        torch.manual_seed(0)
-        model = llama_8b_shaped(layers, torch.device("cpu"), torch.float32, True, 1024)
-        apply(model, budgets=HeadBudgets.uniform(layers, model.config.num_key_value_heads, 0.25,
-                                                 TCAConfig(block_size=32, window=64)))
-        if hooks:
-            as_model_hooks(model)
-        cache = TCACache(model, reserve_tokens=steps + 24)
-        stamps: dict[str, float] = {}
-
-        def backend(gm, example_inputs, stamps=stamps):
-            def run(*args):
-                stamps["in"] = time.perf_counter()
-                out = gm(*args)
-                stamps["out"] = time.perf_counter()
-                return out
-            return run
-
-        model(torch.randint(1, 256, (1, prompt_length)), **cache_kwargs(model, cache))  # the prefill, eager
-        runs[hooks] = (model, cache, torch.compile(model, backend=backend, fullgraph=True), stamps)
-    around: dict[bool, list[float]] = {True: [], False: []}
-    for i in range(steps):
-        for hooks in ((True, False) if i % 2 else (False, True)):
-            model, cache, step, stamps = runs[hooks]
-            cache.prepare_decode_step()
-            kwargs = dict(position_ids=torch.full((1, 1), prompt_length + i), **cache_kwargs(model, cache))
-            new = torch.randint(1, 256, (1, 1))
-            start = time.perf_counter()
-            step(new, **kwargs)
-            if i >= 10:  # the first calls compile
-                around[hooks].append(stamps["in"] - start + time.perf_counter() - stamps["out"])
-    torch._dynamo.reset()
-    for hooks in (True, False):
-        quartiles = statistics.quantiles(around[hooks], n=4)
-        print(f"TCA, {layers} layers, {'model pre-hook and hook' if hooks else 'forward wrapper'}: around the "
-              f"graph {statistics.median(around[hooks]) * 1e3:.3f} ms (quartiles {quartiles[0] * 1e3:.3f}-"
-              f"{quartiles[2] * 1e3:.3f})", flush=True)
-    paired = [a - b for a, b in zip(around[True], around[False], strict=True)]
-    print(f"paired difference (hooks - wrapper): median {statistics.median(paired) * 1e3:.3f} ms")
-
-
 def main() -> None:
     layers = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 32
-    if "--model-hooks" in sys.argv:
-        interleaved_model_hooks(layers)
-        return
     if "--hooks" in sys.argv:
         for _ in range(2):
             for on in (True, False):
