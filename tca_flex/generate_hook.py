@@ -12,53 +12,28 @@ other models keep theirs) so that each one-token step's count and growth check h
 
 from __future__ import annotations
 
-import functools
-import types
 from typing import Any
 
 import torch
 
+from . import instance_methods
 from .cache import TCACache
 
 # transformers' name for the cache argument: "cache" from 5.23 on, "past_key_values" before.
 _CACHE_KEYS = ("cache", "past_key_values")
+_NAME = "prepare_inputs_for_generation"
 
 
 def install(model: torch.nn.Module) -> Any:
-    """Wrap ``model.prepare_inputs_for_generation``; returns what ``uninstall`` needs (the wrapper and
-    the instance's own one it wraps, if any), or None for a model without one (not a generation model)."""
-    own = model.__dict__.get("prepare_inputs_for_generation")  # another wrapper on the instance, if any
-    if own is not None:
-        @functools.wraps(own)
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            return prepare_tca_step(own(*args, **kwargs))
-
-        wrapper: Any = wrapped
-    else:
-        method = getattr(type(model), "prepare_inputs_for_generation", None)
-        if method is None:
-            return None
-
-        @functools.wraps(method)
-        def unbound(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            return prepare_tca_step(method(self, *args, **kwargs))
-
-        # Bound to the model, not a closure over it: a deep copy of the model gets one bound to the copy.
-        wrapper = types.MethodType(unbound, model)
-    model.prepare_inputs_for_generation = wrapper
-    return wrapper, own
+    """Wrap ``model.prepare_inputs_for_generation``; returns what ``uninstall`` needs, or None for a model
+    without one (not a generation model)."""
+    return instance_methods.wrap(model, _NAME, lambda module, call, bound, args, kwargs:
+                                 prepare_tca_step(call(*bound, *args, **kwargs)))
 
 
 def uninstall(model: torch.nn.Module, installed: Any) -> None:
     """Undo ``install``, if its wrapper is still the model's (someone may have replaced it since)."""
-    if installed is None:
-        return
-    wrapper, own = installed
-    if model.__dict__.get("prepare_inputs_for_generation") == wrapper:
-        if own is not None:
-            model.prepare_inputs_for_generation = own
-        else:
-            del model.__dict__["prepare_inputs_for_generation"]
+    instance_methods.unwrap(model, _NAME, installed)
 
 
 def prepare_tca_step(inputs: Any) -> Any:

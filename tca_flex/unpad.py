@@ -31,13 +31,12 @@ notes its own (or none) first.
 
 from __future__ import annotations
 
-import functools
-import types
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import instance_methods
 from .cache import TCACache
 from .chunks import building_graph
 from .hfcompat import kwargs_cache
@@ -117,16 +116,11 @@ class Unpadder:
         self.call_handles: list[torch.utils.hooks.RemovableHandle] = []  # the packing call's own
         self.model = model
         setattr(model, _OWNER, self)
-        self.wrapped = _wrap_forward(model)
+        self.wrapped = instance_methods.wrap(model, "forward", _around_forward)
 
     def remove(self) -> None:
         """Give the model its forward back (unless someone replaced ours since) and drop any packing state."""
-        wrapper, own = self.wrapped
-        if self.model.__dict__.get("forward") is wrapper:
-            if own is not None:
-                self.model.forward = own
-            else:
-                del self.model.__dict__["forward"]
+        instance_methods.unwrap(self.model, "forward", self.wrapped)
         if self.model.__dict__.get(_OWNER) is self:
             delattr(self.model, _OWNER)
         self._done()
@@ -243,40 +237,17 @@ class Unpadder:
         return self._scatter(output)
 
 
-def _wrap_forward(model: torch.nn.Module) -> tuple[Any, Any]:
-    """Wrap ``model.forward`` on the instance with its Unpadder's note before and let-go after; returns
-    the wrapper and the instance's own forward it wraps (another library's, e.g. a device-placement
-    hook), or None where the class's runs.
+def _around_forward(module: torch.nn.Module, call: Any, bound: tuple, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The model's forward between its Unpadder's note and let-go (``instance_methods.wrap``).
 
-    Compiled, the wrapper is traced into the forward's frame, where both calls return at once
+    Compiled, this is traced into the forward's frame, where both calls return at once
     (``building_graph``): a traced call packs nothing."""
-
-    def around(module: torch.nn.Module, call: Any, bound: tuple, args: tuple, kwargs: dict[str, Any]) -> Any:
-        unpadder = getattr(module, _OWNER)
-        unpadder._note(module, args, kwargs)
-        try:
-            return call(*bound, *args, **kwargs)
-        finally:
-            unpadder._done()
-
-    own = model.__dict__.get("forward")
-    if own is not None:
-        @functools.wraps(own)  # already bound (or taking no self): its signature is the one to show
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            return around(model, own, (), args, kwargs)
-
-        wrapper: Any = wrapped
-    else:
-        method = type(model).forward
-
-        @functools.wraps(method)
-        def unbound(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            return around(self, method, (self,), args, kwargs)
-
-        # Bound to the model, not a closure over it: a deep copy of the model gets one bound to the copy.
-        wrapper = types.MethodType(unbound, model)
-    model.forward = wrapper
-    return wrapper, own
+    unpadder = getattr(module, _OWNER)
+    unpadder._note(module, args, kwargs)
+    try:
+        return call(*bound, *args, **kwargs)
+    finally:
+        unpadder._done()
 
 
 def _parents(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
