@@ -21,6 +21,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -45,12 +46,24 @@ def set_packing_hooks(model: torch.nn.Module, on: bool) -> None:
         unpadder._attach()
 
 
+def model_and_cache(layers: int, tca: bool, steps: int, prompt_length: int) -> tuple[torch.nn.Module, Any]:
+    """A tiny-shape model (TCA applied, 25% + window, or dense) and a cache with room for the steps."""
+    torch.manual_seed(0)
+    model = llama_8b_shaped(layers, torch.device("cpu"), torch.float32, True, 1024)
+    if not tca:
+        return model, StaticCache(config=model.config, max_cache_len=prompt_length + steps + 24)
+    config = TCAConfig(block_size=32, window=64)
+    apply(model, budgets=HeadBudgets.uniform(layers, model.config.num_key_value_heads, 0.25, config))
+    return model, TCACache(model, reserve_tokens=steps + 24)
+
+
 @torch.no_grad()
 def host_time(layers: int, tca: bool, steps: int = 40, prompt_length: int = 300, hooks_on: bool = False,
               compiled: bool = True) -> tuple[float, float]:
     """Median milliseconds of a decode step and of its compiled graph alone (0 when eager)."""
-    torch.manual_seed(0)
-    model = llama_8b_shaped(layers, torch.device("cpu"), torch.float32, True, 1024)
+    model, cache = model_and_cache(layers, tca, steps, prompt_length)
+    if tca:
+        set_packing_hooks(model, hooks_on)
     inside: list[float] = []
 
     def backend(gm, example_inputs):
@@ -61,13 +74,6 @@ def host_time(layers: int, tca: bool, steps: int = 40, prompt_length: int = 300,
             return out
         return run
 
-    if tca:
-        config = TCAConfig(block_size=32, window=64)
-        apply(model, budgets=HeadBudgets.uniform(layers, model.config.num_key_value_heads, 0.25, config))
-        set_packing_hooks(model, hooks_on)
-        cache = TCACache(model, reserve_tokens=steps + 24)
-    else:
-        cache = StaticCache(config=model.config, max_cache_len=prompt_length + steps + 24)
     step = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
     model(torch.randint(1, 256, (1, prompt_length)), **cache_kwargs(model, cache))  # the prefill, eager
     total = []
@@ -91,16 +97,8 @@ class GuardedStep:
     guard check of the compiled frame (``guard_ms``) on the inputs of the step about to run."""
 
     def __init__(self, layers: int, tca: bool, steps: int, prompt_length: int = 300) -> None:
-        torch.manual_seed(0)
-        self.model = llama_8b_shaped(layers, torch.device("cpu"), torch.float32, True, 1024)
+        self.model, self.cache = model_and_cache(layers, tca, steps, prompt_length)
         self.tca, self.position, self.code = tca, prompt_length, None
-        if tca:
-            config = TCAConfig(block_size=32, window=64)
-            apply(self.model, budgets=HeadBudgets.uniform(layers, self.model.config.num_key_value_heads, 0.25,
-                                                          config))
-            self.cache = TCACache(self.model, reserve_tokens=steps + 24)
-        else:
-            self.cache = StaticCache(config=self.model.config, max_cache_len=prompt_length + steps + 24)
 
         def backend(gm, example_inputs):
             def run(*args):
