@@ -55,6 +55,7 @@ def main() -> None:
         base["cache_position"] = torch.tensor([length], device=device)
     forms = {"2-D mask of ones (as generate)": dict(attention_mask=torch.ones_like(seq)), "no mask": {}}
     times: dict[str, list[float]] = {name: [] for name in forms}
+    handed: dict[str, object] = {}
     for _ in range(BLOCKS):
         for name, extra in forms.items():
             for _ in range(CALLS):
@@ -65,12 +66,13 @@ def main() -> None:
                 # ran before preparing the next (TCACache.prepare_decode_step).
                 inputs = model.prepare_inputs_for_generation(seq, **base, **extra)
                 times[name].append((time.perf_counter() - start) * 1e3)
-    mask = inputs.get("attention_mask")
-    print(f"{device}, {length} tokens, transformers {__import__('transformers').__version__}; the last call's mask: "
-          f"{None if mask is None else (type(mask).__name__, tuple(getattr(mask, 'shape', ())))}")
+            mask = inputs.get("attention_mask")
+            handed[name] = None if mask is None else (type(mask).__name__, tuple(getattr(mask, "shape", ())))
+    print(f"{device}, {length} tokens, transformers {__import__('transformers').__version__}")
     for name, values in times.items():
         print(f"prepare_inputs_for_generation, {name}: median {statistics.median(values):.3f} ms, "
-              f"mean {statistics.fmean(values):.3f} ms over {len(values)} calls")
+              f"mean {statistics.fmean(values):.3f} ms over {len(values)} calls; mask handed to the model: "
+              f"{handed[name]}")
 
 
 if __name__ == "__main__":
