@@ -102,10 +102,11 @@ class GuardedStep:
 
         def backend(gm, example_inputs):
             def run(*args):
-                frame = sys._getframe(1)
-                while frame.f_code not in orig_code_map:  # up to the compiled frame's transformed code
-                    frame = frame.f_back
-                self.code = orig_code_map[frame.f_code]
+                if self.code is None:  # the first run: up the stack to the compiled frame's transformed code
+                    frame = sys._getframe(1)
+                    while frame.f_code not in orig_code_map:
+                        frame = frame.f_back
+                    self.code = orig_code_map[frame.f_code]
                 return gm(*args)
             return run
 
