@@ -20,6 +20,8 @@ between them (the first request's graphs replay for the others), after two untim
 ``TCA_PROBE_HOOKS=1`` times instead, on one machine, calls of 129 tokens with the padded prefill's
 packing hooks on for good (as before 2026-12-05: the compiled step guards on them) and off between
 calls (as shipped since), alternating, after an untimed call that compiles each.
+``TCA_PROBE_MASK=1`` times the same way calls with generate's 4-D decode mask built every step (as
+before 2026-12-06) and spared (``generate_hook``: a TCACache's decode does not read it).
 """
 
 from __future__ import annotations
@@ -31,33 +33,50 @@ import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from compiled_step_host_time import set_packing_hooks
 
-from tca_flex import TCACache, apply, remove
+from tca_flex import TCACache, apply, generate_hook, remove
 from tca_flex.bench_models import generate_compile_config, llama_8b_shaped
 from tca_flex.budgets import HeadBudgets
 from tca_flex.config import TCAConfig
 from tca_flex.hfcompat import cache_kwargs
 
 
-def hooks_on_and_off(model: torch.nn.Module, call, label: str) -> None:
-    """Steady decode steps with the packing hooks on for good and off between calls, alternating. The
-    hooks go on before the first compile (its guards then include them: PyTorch does not guard on
-    hooks added to a module after a compile); taking them off compiles a second step."""
-    for i, on in enumerate((True, False, True, False, True, False)):
-        set_packing_hooks(model, on)
-        if i < 2:
+def alternating(call, label: str, states: dict[str, Callable[[], None]]) -> None:
+    """Steady decode steps of calls of 129 tokens in each of ``states`` (name: what puts the process in
+    it), alternating, three calls each, after an untimed call that compiles each state's step."""
+    for i, (name, enter) in enumerate(itertools.islice(itertools.cycle(states.items()), 3 * len(states))):
+        enter()
+        if i < len(states):
             t0 = time.perf_counter()
-            call(257)  # compiles the step for this state of the hooks
-            print(f"untimed call, hooks {'on' if on else 'off'}: {time.perf_counter() - t0:.1f} s", flush=True)
+            call(257)  # compiles the step for this state
+            print(f"untimed call, {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         total, steps = call(129)
         steady = steps[8:]
-        print(f"== {label}, hooks {'on for good' if on else 'off between calls'}: call {total:.1f} ms; steps "
-              f"9-{len(steps)}: median {statistics.median(steady):.3f}, mean {statistics.fmean(steady):.3f}",
-              flush=True)
+        print(f"== {label}, {name}: call {total:.1f} ms; steps 9-{len(steps)}: median "
+              f"{statistics.median(steady):.3f}, mean {statistics.fmean(steady):.3f}", flush=True)
+
+
+def hooks_on_and_off(model: torch.nn.Module, call, label: str) -> None:
+    """The padded prefill's packing hooks on for good and off between calls. The hooks go on before the
+    first compile (its guards then include them: PyTorch does not guard on hooks added to a module
+    after a compile); taking them off compiles a second step."""
+    alternating(call, label, {"hooks on for good": lambda: set_packing_hooks(model, True),
+                              "hooks off between calls": lambda: set_packing_hooks(model, False)})
     set_packing_hooks(model, False)
+
+
+def mask_built_and_spared(call, label: str) -> None:
+    """generate's decode mask built every step (as before generate_hook spared TCACache steps it: the
+    compiled step then takes a 4-D mask and compiles once more) and spared (as shipped)."""
+    shipped = generate_hook.preparing_tca_decode
+    alternating(call, label, {"decode mask built": lambda: setattr(generate_hook, "preparing_tca_decode",
+                                                                   lambda: False),
+                              "decode mask spared": lambda: setattr(generate_hook, "preparing_tca_decode", shipped)})
+    generate_hook.preparing_tca_decode = shipped
 
 
 def many_requests(call, new_cache, count: int, label: str) -> None:
@@ -168,6 +187,10 @@ def main() -> None:
 
     if os.environ.get("TCA_PROBE_HOOKS") == "1":
         hooks_on_and_off(model, call, f"{layers} layers, {length} tokens, keep {keep}")
+        remove(model)
+        return
+    if os.environ.get("TCA_PROBE_MASK") == "1":
+        mask_built_and_spared(call, f"{layers} layers, {length} tokens, keep {keep}")
         remove(model)
         return
     if os.environ.get("TCA_PROBE_BUCKETS"):

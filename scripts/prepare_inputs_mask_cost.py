@@ -8,13 +8,16 @@ For a compileable cache ``generate`` builds each decode step's attention mask in
 ``prepare_inputs_for_generation``, outside the compiled step, through the attention's mask function
 (``tca_mask``); a ``TCACache``'s compiled decode does not read that mask (its eager decode only checks
 it). This times ``prepare_inputs_for_generation`` as ``generate`` calls it for a one-token step (2-D
-mask of ones over every token so far) against the same call with no mask: the difference is what
-building the decode mask costs the host at every token. One 2-layer model with LLaMA-3.1-8B shapes (the
-mask does not depend on depth), prefilled once; calls alternate between the two forms in blocks.
+mask of ones over every token so far), the same through the class's method (without the wrapper
+``apply`` puts on the instance, which spares such a step its mask: ``generate_hook.py``), and the call
+with no mask: what building the decode mask costs the host at every token, and what the wrapper saves.
+One 2-layer model with LLaMA-3.1-8B shapes (the mask does not depend on depth), prefilled once; calls
+alternate between the three forms in blocks.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import statistics
 import sys
@@ -53,18 +56,24 @@ def main() -> None:
         base["next_sequence_length"] = 1
     else:
         base["cache_position"] = torch.tensor([length], device=device)
-    forms = {"2-D mask of ones (as generate)": dict(attention_mask=torch.ones_like(seq)), "no mask": {}}
+    ones = dict(attention_mask=torch.ones_like(seq))
+    # The class's method skips apply's wrapper, which spares a decode step over a TCACache its mask
+    # (generate_hook): what generate cost before the wrapper did.
+    unwrapped = functools.partial(type(model).prepare_inputs_for_generation, model)
+    forms = {"2-D mask of ones (as generate)": (model.prepare_inputs_for_generation, ones),
+             "2-D mask of ones, class method (no wrapper)": (unwrapped, ones),
+             "no mask": (model.prepare_inputs_for_generation, {})}
     times: dict[str, list[float]] = {name: [] for name in forms}
     handed: dict[str, object] = {}
     for _ in range(BLOCKS):
-        for name, extra in forms.items():
+        for name, (prepare, extra) in forms.items():
             for _ in range(CALLS):
                 if cuda:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 # Each call prepares the same step again: the cache takes back a prepared step that never
                 # ran before preparing the next (TCACache.prepare_decode_step).
-                inputs = model.prepare_inputs_for_generation(seq, **base, **extra)
+                inputs = prepare(seq, **base, **extra)
                 times[name].append((time.perf_counter() - start) * 1e3)
             mask = inputs.get("attention_mask")
             handed[name] = None if mask is None else (type(mask).__name__, tuple(getattr(mask, "shape", ())))

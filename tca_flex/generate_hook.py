@@ -8,10 +8,20 @@ trees record a new graph for every distinct int input, so no step would replay o
 ``install`` wraps the model's ``prepare_inputs_for_generation`` on the instance (the class and
 other models keep theirs) so that each one-token step's count and growth check happen there
 (``TCACache.prepare_decode_step``); ``uninstall`` gives the original back.
+
+The wrapper also spares those steps the attention mask: for a compileable cache ``generate`` builds
+a 4-D mask over every token so far before each step, on the host, eagerly (0.49 ms a step against
+0.07 without it at 32K on an H200, transformers 5.17: ``BENCHMARKS.md``), and a ``TCACache``'s
+decode never reads it. While a decode step of ``generate``'s loop over a ``TCACache`` is being
+prepared, ``preparing_tca_decode`` is true and the "tca" mask function returns no mask. What the
+mask could say the cache already knows: it holds no padding (each row's is dropped at the prefill,
+whose mask was checked) and ``generate``'s later masks only append visible tokens to the one of the
+call's first step, checked there (prefill, chunk or decode).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -22,13 +32,40 @@ from .cache import TCACache
 # transformers' name for the cache argument: "cache" from 5.23 on, "past_key_values" before.
 _CACHE_KEYS = ("cache", "past_key_values")
 _NAME = "prepare_inputs_for_generation"
+_preparing = threading.local()  # per thread: servers may run several generate calls at once
+
+
+def preparing_tca_decode() -> bool:
+    """Whether ``generate`` is preparing a one-token decode step of its loop over a ``TCACache``
+    (``install``'s wrapper), in this thread. Always false inside a compiled graph: a step's own
+    forward runs after its preparation, and the flag must not become a guard of it."""
+    return not torch.compiler.is_compiling() and getattr(_preparing, "decode", False)
 
 
 def install(model: torch.nn.Module) -> Any:
     """Wrap ``model.prepare_inputs_for_generation``; returns what ``uninstall`` needs, or None for a model
     without one (not a generation model)."""
-    return instance_methods.wrap(model, _NAME, lambda module, call, bound, args, kwargs:
-                                 prepare_tca_step(call(*bound, *args, **kwargs)))
+    return instance_methods.wrap(model, _NAME, _prepare)
+
+
+def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str, Any]) -> Any:
+    # generate's decode loop asks for one new token a row and leaves is_first_iteration out; its
+    # first step (prefill, or a chunk or a token over a cache kept from an earlier call) passes it as
+    # True and gets its mask built and checked (transformers 5.17 to 5.25).
+    decode = (_tca_cache(kwargs) is not None and kwargs.get("next_sequence_length") == 1
+              and not kwargs.get("is_first_iteration", False))
+    if not decode:
+        return prepare_tca_step(call(*bound, *args, **kwargs))
+    _preparing.decode = True
+    try:
+        inputs = call(*bound, *args, **kwargs)
+    finally:
+        _preparing.decode = False
+    return prepare_tca_step(inputs)
+
+
+def _tca_cache(mapping: dict[str, Any]) -> TCACache | None:
+    return next((mapping[key] for key in _CACHE_KEYS if isinstance(mapping.get(key), TCACache)), None)
 
 
 def uninstall(model: torch.nn.Module, installed: Any) -> None:
@@ -42,7 +79,7 @@ def prepare_tca_step(inputs: Any) -> Any:
     ``inputs``."""
     if not isinstance(inputs, dict):
         return inputs
-    cache = next((inputs[key] for key in _CACHE_KEYS if isinstance(inputs.get(key), TCACache)), None)
+    cache = _tca_cache(inputs)
     new = inputs.get("input_ids")
     if new is None:
         new = inputs.get("inputs_embeds")

@@ -74,12 +74,15 @@ def tca_mask(batch_size: int, q_length: int, kv_length: int, *args, **kwargs):
     itself, not the 4-D one (``B * L^2`` bytes: 32 GiB for 8 rows of 64K):
     the attention function checks it is left padding, runs each row on its
     own tokens, and builds the 4-D mask only for prompts short enough to run
-    dense. Every other case (decode and chunks over a padded cache, packed
-    sequences) gets SDPA's mask.
+    dense. ``generate``'s decode steps over a ``TCACache`` get none
+    (``generate_hook``). Every other case (decode and chunks over a padded
+    cache, packed sequences) gets SDPA's mask.
     """
     padding = kwargs.get("attention_mask")
     causal = (kwargs.get("mask_function", causal_mask_function) is causal_mask_function and not args
               and _last_query_is_last_key(q_length, kv_length, kwargs))
+    if causal and q_length == 1 and generate_hook.preparing_tca_decode():
+        return None  # a TCACache's decode reads no mask; its padding is in the cache (generate_hook)
     if padding is None:
         plain = causal and (q_length == kv_length or q_length == 1)
         return None if plain else sdpa_mask(batch_size, q_length, kv_length, *args, **kwargs)

@@ -170,6 +170,39 @@ def test_compiled_padded_generation_equals_eager():
     assert torch.equal(got, want)
 
 
+@torch.no_grad()
+def test_generate_decode_steps_over_a_reserved_cache_get_no_mask_and_equal_each_row_alone():
+    """For a compileable (reserved) cache ``generate`` builds each step's 4-D mask before the step;
+    a ``TCACache``'s decode does not read it, so its decode steps get none (the cache holds no
+    padding), and each row's greedy tokens still equal its solo run. The first step of a call over a
+    cache kept from an earlier call still gets its mask, and a mask hiding a real token is refused."""
+    model = tiny_model((4, 2), fresh_seed())
+    rows, ids, mask = left_padded([37, 8, 22], fresh_seed())
+    masks = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")),
+                                           with_kwargs=True)
+    new = 3 * SMALL.block_size + SMALL.window
+    try:
+        cache = TCACache(model, reserve_tokens=new + 8)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                             **cache_kwargs(model, cache))
+    finally:
+        hook.remove()
+    assert len(masks) == new and torch.equal(masks[0], mask)
+    assert all(m is None for m in masks[1:]), [type(m) for m in masks[1:4]]
+    width = ids.shape[1]
+    for r, x in enumerate(rows):
+        want = model.generate(x, max_new_tokens=new, do_sample=False,
+                              **cache_kwargs(model, TCACache(model, reserve_tokens=new + 8)))
+        assert got[r, width:].tolist() == want[0, x.shape[1]:].tolist(), r
+    # One more token through generate over the same cache, its mask hiding a real token of row 0.
+    bad = torch.ones_like(got)
+    bad[:, :width] = mask
+    bad[0, width] = 0
+    with pytest.raises(ValueError, match="left-padded batches only"):
+        model.generate(got, attention_mask=bad, max_new_tokens=1, do_sample=False, **cache_kwargs(model, cache))
+
+
 def holes_and_right_padding(width):
     right = torch.ones(2, width, dtype=torch.long)
     right[1, -5:] = 0
