@@ -226,8 +226,9 @@ def _generate_twice(model: torch.nn.Module, first: int, second: int, batch_size:
     given = {"compile_config": compile_config} if compile_config is not None else {}
     # The cache's token counts and its layout's slot counts (the decode kernels' grid sizes)
     # symbolic from the first compile (its buffers' slot dims are marked by the cache itself),
-    # and the mask generate hands the step (transformers 5.17 makes it 4-D,
-    # as long as the tokens seen): one compile instead of three. Patched for these calls only: the
+    # and the mask generate hands the step (none over a TCACache: generate_hook; a generate
+    # that does not say a step is its loop's would hand a 4-D one, as long as the tokens seen):
+    # one compile instead of three. Patched for these calls only: the
     # compiled step keeps its symbolic sizes, and no setting outlives the warm-up.
     sources = ",".join(filter(None, (torch.compiler.config.dynamic_sources, TCA_LENGTH_SOURCE, _MASK_SOURCE)))
     with torch.compiler.config.patch(dynamic_sources=sources):
