@@ -45,16 +45,25 @@ from tca_flex.config import TCAConfig
 from tca_flex.hfcompat import cache_kwargs
 
 
-def alternating(call, label: str, states: dict[str, Callable[[], None]]) -> None:
+def alternating(call, label: str, states: dict[str, Callable[[], None]], rounds: int = 3,
+                caches: dict[str, TCACache] | None = None) -> None:
     """Steady decode steps of calls of 129 tokens in each of ``states`` (name: what puts the process in
-    it), alternating, three calls each, after an untimed call that compiles each state's step."""
-    for i, (name, enter) in enumerate(itertools.islice(itertools.cycle(states.items()), 3 * len(states))):
+    it), alternating, ``rounds`` calls each, after an untimed call that compiles each state's step.
+    With ``caches`` each state's calls run on its own cache, reset before each call: its graphs
+    replay, and no new cache's graphs pile up in the tree as the calls go on (later calls slower)."""
+    for i, (name, enter) in enumerate(itertools.islice(itertools.cycle(states.items()), rounds * len(states))):
         enter()
+        cache = None
+        if caches is not None:
+            cache = caches[name]
+            cache.reset()
         if i < len(states):
             t0 = time.perf_counter()
-            call(257)  # compiles the step for this state
+            call(257, cache)  # compiles the step for this state
             print(f"untimed call, {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-        total, steps = call(129)
+            if cache is not None:
+                cache.reset()
+        total, steps = call(129, cache)
         steady = steps[8:]
         print(f"== {label}, {name}: call {total:.1f} ms; steps 9-{len(steps)}: median "
               f"{statistics.median(steady):.3f}, mean {statistics.fmean(steady):.3f}", flush=True)
@@ -69,13 +78,14 @@ def hooks_on_and_off(model: torch.nn.Module, call, label: str) -> None:
     set_packing_hooks(model, False)
 
 
-def mask_built_and_spared(call, label: str) -> None:
+def mask_built_and_spared(call, new_cache, label: str) -> None:
     """generate's decode mask built every step (as before generate_hook spared TCACache steps it: the
-    compiled step then takes a 4-D mask and compiles once more) and spared (as shipped)."""
+    compiled step then takes a 4-D mask and compiles once more) and spared (as shipped), five calls
+    each, each state on its own reset cache."""
     shipped = generate_hook.preparing_tca_decode
-    alternating(call, label, {"decode mask built": lambda: setattr(generate_hook, "preparing_tca_decode",
-                                                                   lambda: False),
-                              "decode mask spared": lambda: setattr(generate_hook, "preparing_tca_decode", shipped)})
+    states = {"decode mask built": lambda: setattr(generate_hook, "preparing_tca_decode", lambda: False),
+              "decode mask spared": lambda: setattr(generate_hook, "preparing_tca_decode", shipped)}
+    alternating(call, label, states, rounds=5, caches={name: new_cache() for name in states})
     generate_hook.preparing_tca_decode = shipped
 
 
@@ -90,7 +100,7 @@ def many_requests(call, new_cache, count: int, label: str) -> None:
         cache = None
         for r in range(count):
             if reused:
-                cache = cache or new_cache()
+                cache = cache if cache is not None else new_cache()
                 cache.reset()
             _, steps = call(17, cache)
             if r < 3 or (r + 1) % 16 == 0 or r == count - 1:
@@ -171,7 +181,7 @@ def main() -> None:
 
     def call(new: int, cache: TCACache | None = None, prompt: torch.Tensor | None = None) -> tuple[float, list[float]]:
         stamps = Stamps()
-        cache = cache or new_cache()
+        cache = cache if cache is not None else new_cache()
         prompt = ids if prompt is None else prompt
         sync()
         start = time.perf_counter()
@@ -190,7 +200,7 @@ def main() -> None:
         remove(model)
         return
     if os.environ.get("TCA_PROBE_MASK") == "1":
-        mask_built_and_spared(call, f"{layers} layers, {length} tokens, keep {keep}")
+        mask_built_and_spared(call, new_cache, f"{layers} layers, {length} tokens, keep {keep}")
         remove(model)
         return
     if os.environ.get("TCA_PROBE_BUCKETS"):
