@@ -13,7 +13,8 @@ The wrapper also spares those steps the attention mask: for a compileable cache 
 a 4-D mask over every token so far before each step, on the host, eagerly (0.49 ms a step against
 0.07 without it at 32K on an H200, transformers 5.17: ``BENCHMARKS.md``), and a ``TCACache``'s
 decode never reads it. While a decode step of ``generate``'s loop over a ``TCACache`` is being
-prepared, ``preparing_tca_decode`` is true and the "tca" mask function returns no mask. What the
+prepared, ``preparing_tca_decode`` is true and the "tca" mask function returns no mask; for any
+other cache ``generate`` hands the step the 2-D mask, which the wrapper drops. What the
 mask could say the cache already knows: it holds no padding (each row's is dropped at the prefill,
 whose mask was checked) and ``generate``'s later masks only append visible tokens to the one of the
 call's first step, checked there (prefill, chunk or decode).
@@ -61,6 +62,10 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
         inputs = call(*bound, *args, **kwargs)
     finally:
         _preparing.decode = False
+    if isinstance(inputs, dict):
+        # For a cache generate does not compile for, transformers hands on the 2-D mask and the
+        # forward would build the 4-D one (and the first layer read it back from the device).
+        inputs.pop("attention_mask", None)
     return prepare_tca_step(inputs)
 
 

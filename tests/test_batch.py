@@ -170,12 +170,14 @@ def test_compiled_padded_generation_equals_eager():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("reserve", [0, 1])
 @torch.no_grad()
-def test_generate_decode_steps_over_a_reserved_cache_get_no_mask_and_equal_each_row_alone():
-    """For a compileable (reserved) cache ``generate`` builds each step's 4-D mask before the step;
-    a ``TCACache``'s decode does not read it, so its decode steps get none (the cache holds no
-    padding), and each row's greedy tokens still equal its solo run. The first step of a call over a
-    cache kept from an earlier call still gets its mask, and a mask hiding a real token is refused."""
+def test_generate_decode_steps_get_no_mask_and_equal_each_row_alone(reserve):
+    """For a compileable (reserved) cache ``generate`` builds each step's 4-D mask before the step,
+    for another it hands the step the 2-D mask; a ``TCACache``'s decode does not read either, so its
+    decode steps get none (the cache holds no padding), and each row's greedy tokens still equal its
+    solo run. The first step of a call over a cache kept from an earlier call still gets its mask,
+    and a mask hiding a real token is refused."""
     model = tiny_model((4, 2), fresh_seed())
     rows, ids, mask = left_padded([37, 8, 22], fresh_seed())
     masks = []
@@ -183,7 +185,7 @@ def test_generate_decode_steps_over_a_reserved_cache_get_no_mask_and_equal_each_
                                            with_kwargs=True)
     new = 3 * SMALL.block_size + SMALL.window
     try:
-        cache = TCACache(model, reserve_tokens=new + 8)
+        cache = TCACache(model, reserve_tokens=reserve * (new + 8))
         got = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                              **cache_kwargs(model, cache))
     finally:
@@ -193,7 +195,7 @@ def test_generate_decode_steps_over_a_reserved_cache_get_no_mask_and_equal_each_
     width = ids.shape[1]
     for r, x in enumerate(rows):
         want = model.generate(x, max_new_tokens=new, do_sample=False,
-                              **cache_kwargs(model, TCACache(model, reserve_tokens=new + 8)))
+                              **cache_kwargs(model, TCACache(model, reserve_tokens=reserve * (new + 8))))
         assert got[r, width:].tolist() == want[0, x.shape[1]:].tolist(), r
     # One more token through generate over the same cache, its mask hiding a real token of row 0.
     bad = torch.ones_like(got)
