@@ -20,13 +20,15 @@ between them (the first request's graphs replay for the others), after two untim
 ``TCA_PROBE_HOOKS=1`` times instead, on one machine, calls of 129 tokens with the padded prefill's
 packing hooks on for good (as before 2026-12-05: the compiled step guards on them) and off between
 calls (as shipped since), alternating, after an untimed call that compiles each.
-``TCA_PROBE_MASK=1`` times the same way calls with generate's 4-D decode mask built every step (as
+``TCA_PROBE_MASK=1`` times the same way calls with generate's decode mask built every step (as
 before 2026-12-06) and spared (``generate_hook``: a TCACache's decode does not read it).
+``TCA_PROBE_EAGER=1`` makes every cache unreserved, so ``generate`` decodes eagerly.
 """
 
 from __future__ import annotations
 
 import cProfile
+import functools
 import itertools
 import os
 import pstats
@@ -78,15 +80,21 @@ def hooks_on_and_off(model: torch.nn.Module, call, label: str) -> None:
     set_packing_hooks(model, False)
 
 
-def mask_built_and_spared(call, new_cache, label: str) -> None:
-    """generate's decode mask built every step (as before generate_hook spared TCACache steps it: the
-    compiled step then takes a 4-D mask and compiles once more) and spared (as shipped), five calls
-    each, each state on its own reset cache."""
-    shipped = generate_hook.preparing_tca_decode
-    states = {"decode mask built": lambda: setattr(generate_hook, "preparing_tca_decode", lambda: False),
-              "decode mask spared": lambda: setattr(generate_hook, "preparing_tca_decode", shipped)}
-    alternating(call, label, states, rounds=5, caches={name: new_cache() for name in states})
-    generate_hook.preparing_tca_decode = shipped
+def mask_built_and_spared(model: torch.nn.Module, call, new_cache, label: str) -> None:
+    """generate's decode mask built every step (the model's prepare_inputs_for_generation wrapped as
+    before 2026-12-06: the cache's bookkeeping only; a compiled step then takes a 4-D mask and
+    compiles once more, an eager one builds it and reads it back) and spared (as shipped,
+    ``generate_hook``), five calls each, each state on its own reset cache."""
+    name = "prepare_inputs_for_generation"
+    shipped = model.__dict__[name]
+    method = getattr(type(model), name)
+    # functools.wraps: generate reads the signature to pick the kwargs it passes.
+    before = functools.wraps(shipped)(lambda *args, **kwargs: generate_hook.prepare_tca_step(
+        method(model, *args, **kwargs)))
+    states = {"decode mask built": lambda: setattr(model, name, before),
+              "decode mask spared": lambda: setattr(model, name, shipped)}
+    alternating(call, label, states, rounds=5, caches={state: new_cache() for state in states})
+    setattr(model, name, shipped)
 
 
 def many_requests(call, new_cache, count: int, label: str) -> None:
@@ -176,8 +184,11 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    eager = os.environ.get("TCA_PROBE_EAGER") == "1"
+
     def new_cache(size_buckets: int | None = None) -> TCACache:
-        return TCACache(model, reserve_tokens=longest + 16, size_buckets=size_buckets)
+        # Without reserve_tokens a TCACache is not compileable: generate decodes eagerly.
+        return TCACache(model, reserve_tokens=0 if eager else longest + 16, size_buckets=size_buckets)
 
     def call(new: int, cache: TCACache | None = None, prompt: torch.Tensor | None = None) -> tuple[float, list[float]]:
         stamps = Stamps()
@@ -200,7 +211,7 @@ def main() -> None:
         remove(model)
         return
     if os.environ.get("TCA_PROBE_MASK") == "1":
-        mask_built_and_spared(call, new_cache, f"{layers} layers, {length} tokens, keep {keep}")
+        mask_built_and_spared(model, call, new_cache, f"{layers} layers, {length} tokens, keep {keep}")
         remove(model)
         return
     if os.environ.get("TCA_PROBE_BUCKETS"):

@@ -22,7 +22,8 @@
 #   with a new cache of a layout per length, then through one reset cache of bucketed layouts.
 # mask-cost: generate's per-step input preparation at 32K with and without the 2-D padding mask
 #   (scripts/prepare_inputs_mask_cost.py: the 4-D decode mask the image's transformers builds each step).
-# generate-mask: plain generate at 32 layers, 32K, with that mask built every step and spared, alternating.
+# generate-mask: plain generate at 32 layers, 32K, with that mask built every step and spared, alternating;
+#   generate-mask-eager: the same over unreserved caches (generate decodes eagerly).
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
 #   issue's settings (25% + 4096 at 32K, 37% + 4096 at 128K).
 # combo-profile / combo-32k / combo-128k: the profile and the e2e parts with Inductor's combo kernels
@@ -53,7 +54,7 @@ python_with() {  # python_with SET: RUN, the Python command line of that Inducto
     fast) RUN=(python -u scripts/with_inductor.py freezing=1 combo_kernels=1 --) ;;
   esac
 }
-[ $# -gt 0 ] || { echo "parts: tests decode parts profile launch mask-cost generate-mask generate generate-steps requests buckets e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
+[ $# -gt 0 ] || { echo "parts: tests decode parts profile launch mask-cost generate-mask generate-mask-eager generate generate-steps requests buckets e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
                        "freeze-profile freeze-32k freeze-128k fast-32k fast-128k" >&2
                   exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
@@ -80,6 +81,8 @@ for part in "$@"; do
                       python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
     mask-cost) stage 120 mask-cost python -u scripts/prepare_inputs_mask_cost.py 32768 ;;
     generate-mask) TCA_PROBE_MASK=1 stage 450 generate-mask python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
+    generate-mask-eager) TCA_PROBE_MASK=1 TCA_PROBE_EAGER=1 stage 300 generate-mask-eager \
+                           python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
     launch) TCA_PROBE_PROFILE=0 stage 300 launch python -u scripts/gpu_step_profile.py 32 0.37 131072 ;;
     requests) TCA_PROBE_REQUESTS=150 stage 300 requests python -u scripts/gpu_generate_steps.py 2 8192 0.25 ;;
     buckets) TCA_PROBE_BUCKETS=6 stage 540 buckets python -u scripts/gpu_generate_steps.py 32 32768 0.25 ;;
