@@ -21,6 +21,7 @@ from tca_flex.attention import check_left_padded
 from tca_flex.hfcompat import cache_kwargs
 
 from .conftest import tiny_llama_config
+from .layout_checks import assert_slot_layout
 
 # Window 16, block 8: rows of 3-60 tokens lie below and above the window, and a few dozen new
 # tokens cross several compressions. dense_up_to = 16: rows of 17+ tokens run TCA.
@@ -112,6 +113,7 @@ def test_padded_greedy_generation_equals_each_row_alone(seed, lengths, heads, ba
                                    atol=1e-4, rtol=1e-4)
         pad = width - x.shape[1]
         for g_layer, w_layer in zip(cache.layers, alone_cache.layers, strict=True):
+            assert_slot_layout(g_layer)
             assert g_layer._done(g_layer.get_seq_length())[r] >= 3
             for h in range(g_layer.num_heads):
                 assert torch.equal(g_layer.kept_positions(r, h), w_layer.kept_positions(0, h) + pad)
@@ -191,6 +193,8 @@ def test_generate_decode_steps_get_no_mask_and_equal_each_row_alone(reserve):
     finally:
         hook.remove()
     assert len(masks) == new and torch.equal(masks[0], mask)
+    for layer in cache.layers:
+        assert_slot_layout(layer)
     assert all(m is None for m in masks[1:]), [type(m) for m in masks[1:4]]
     width = ids.shape[1]
     for r, x in enumerate(rows):

@@ -23,6 +23,7 @@ from tca_flex.layout import bucket_blocks
 from tca_flex.selection import select
 
 from .conftest import tiny_llama_config
+from .layout_checks import assert_slot_layout
 from .oracles import ReferenceModel
 
 SPARSE = TCAConfig(block_size=16, window=64)
@@ -128,6 +129,7 @@ def test_decode_equals_reference_over_kept_set_and_keeps_invariants(backend, eve
         after = kept_sets(layer, bsz, hkv)
         slots_seen.add(layer.k_buf.shape[1])
         assert layer.var_len.tolist() == layer._packed_lengths()[1]
+        assert_slot_layout(layer)
         leaving = p - lag + 1 - ncs == 8  # a whole block lies `grace` blocks past the window
         block = torch.arange(ncs, ncs + 8)
         for b in range(bsz):

@@ -16,6 +16,7 @@ from tca_flex.reference import reference_chunks
 from tca_flex.selection import PAD_POSITION, Selection
 
 from .conftest import tiny_llama_config
+from .layout_checks import assert_slot_layout
 from .oracles import ReferenceModel
 
 SPARSE = TCAConfig(block_size=16, window=64)
@@ -91,6 +92,7 @@ def test_chunks_follow_the_written_rule(seed, bsz, prefill, chunks, keep, num_qu
         assert layer.get_seq_length() == n
         assert torch.equal(kept_mask(layer, bsz, hkv, n), state[..., :n])
         assert layer.var_len.tolist() == layer._packed_lengths()[1]
+        assert_slot_layout(layer)
         assert layer.ncs.tolist() == [base + done * block
                                       for base, done in zip(layer._base, layer._packed_lengths()[0], strict=True)]
         for b in range(bsz):

@@ -24,6 +24,7 @@ from tca_flex.reconstruct import (
 from tca_flex.reference import reference_keep
 from tca_flex.selection import budget_ladder, keep_from_importance, pool_importance, select
 
+from .layout_checks import assert_slot_layout
 from .oracles import ReferenceModel, selection_is_ambiguous
 
 SPARSE = TCAConfig(block_size=16, window=64, pool_kernel=3)
@@ -390,6 +391,8 @@ def test_a_prior_ranks_the_prefill_windows_blocks_when_they_leave(tiny_llama, ch
     if not chunked:
         assert (logits[0][:, same:] - logits[1][:, same:]).abs().max() > 1e-4
     for plain, primed, prior in zip(caches[0].layers, caches[1].layers, priors, strict=True):
+        assert_slot_layout(plain)
+        assert_slot_layout(primed)
         assert primed.prior is None  # spent: its four whole blocks [86, 150) have left the window
         for h in range(2):
             a, b = plain.kept_positions(0, h), primed.kept_positions(0, h)

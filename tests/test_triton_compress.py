@@ -21,6 +21,8 @@ from tca_flex.config import SelectionConfig
 from tca_flex.decode import decode_attention
 from tca_flex.selection import Selection, select
 
+from .layout_checks import assert_slot_layout
+
 pytestmark = pytest.mark.skipif(
     decode.triton_compress is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs Triton (compiled on a GPU, or its CPU interpreter)")
@@ -119,6 +121,7 @@ def test_kernel_leaves_the_cache_as_the_tensor_form(bsz, hkv, group, d, block, w
     got.compress(q, lse, scale)
     for name in STATE:
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert_slot_layout(got)
     changed = not torch.equal(ref.owner, layer.owner)
     assert changed == leaves, "a block is compressed exactly at the steps where one leaves the window"
     # A second call at the same position does nothing, as the tensor form's second call does.
