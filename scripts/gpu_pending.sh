@@ -20,8 +20,8 @@
 #   earlier caches pile up (PyTorch keeps them and checks them before each replay).
 # buckets: six prompts of distinct lengths in one size bucket through generate (32 layers, 32K), each
 #   with a new cache of a layout per length, then through one reset cache of bucketed layouts.
-# mask-cost: generate's per-step input preparation at 32K with and without the 2-D padding mask
-#   (scripts/prepare_inputs_mask_cost.py: the 4-D decode mask the image's transformers builds each step).
+# mask-cost: generate's per-step input preparation at 32K as generate calls it, through the class's
+#   method (no tca_flex wrapper: the 4-D decode mask built) and with no mask (prepare_inputs_mask_cost.py).
 # generate-mask: plain generate at 32 layers, 32K, with that mask built every step and spared, alternating;
 #   generate-mask-eager: the same over unreserved caches (generate decodes eagerly).
 # e2e-32k / e2e-128k: 32 layers, compiled and graph-replayed TPOT, dense against TCA at the
