@@ -6,8 +6,7 @@
 # Parts, run in the order given (each stage's limit below; keep a call under 600 s):
 # tests: the Triton kernel tests compiled on the GPU. decode: per-layer decode rows (the step with
 #   the merge appending against the append's own kernel). parts: the decode launch, its main kernel
-#   and its merge alone, without and with a token to append. owner-skip: the kernel with and without
-#   owner loads on the packed run, alternating. profile: the 4-layer compiled step
+#   and its merge alone, without and with a token to append. profile: the 4-layer compiled step
 #   kernel by kernel, both ways. launch: the 32-layer step at 128K timed without a profiler session
 #   in the process (TCA's graph launch is as quick as dense's there: BENCHMARKS.md, thirteenth session).
 # generate / generate-steps: plain model.generate at 32 layers, 32K, TCA 25% + 4096 with a reserved
@@ -55,7 +54,7 @@ python_with() {  # python_with SET: RUN, the Python command line of that Inducto
     fast) RUN=(python -u scripts/with_inductor.py freezing=1 combo_kernels=1 --) ;;
   esac
 }
-[ $# -gt 0 ] || { echo "parts: tests decode parts owner-skip profile launch mask-cost generate-mask generate-mask-eager generate generate-steps requests buckets e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
+[ $# -gt 0 ] || { echo "parts: tests decode parts profile launch mask-cost generate-mask generate-mask-eager generate generate-steps requests buckets e2e-32k e2e-128k combo-profile combo-32k combo-128k" \
                        "freeze-profile freeze-32k freeze-128k fast-32k fast-128k" >&2
                   exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/env.txt"
@@ -66,7 +65,6 @@ for part in "$@"; do
     decode) stage 100 decode python -u -m tca_flex.bench --out "$OUT" --phases decode --lengths 32768 131072 \
               --decode-backends triton --no-compile-step ;;
     parts) stage 150 parts python -u scripts/gpu_decode_parts.py ;;
-    owner-skip) stage 150 owner-skip python -u scripts/gpu_owner_skip.py ;;
     profile)
       stage 110 profile-merged python -u scripts/gpu_step_profile.py 4 0.25 32768 131072
       TCA_PROBE_APPEND=triton stage 110 profile-append-kernel python -u scripts/gpu_step_profile.py 4 0.25 32768 \

@@ -77,9 +77,7 @@ class LiveRanges(NamedTuple):
 
     Offsets ``[0, min(next_pos - base, ring))`` (the ring's filled part) and
     ``[ring, ring + var_len)`` (the packed tokens); the rest of a segment is
-    free headroom, which the ``"triton"`` kernel does not read. The packed run
-    has no free slot (the cache keeps it so): that kernel reads ``owner`` in
-    the ring only.
+    free headroom, which the ``"triton"`` kernel does not read.
 
     ``var_len``: int64 ``[B, H_kv]``; ``next_pos``: int64 0-d; ``base``: int64
     ``[B]`` (each row's first ring position: rows of a padded batch differ) or 0-d;
@@ -301,9 +299,8 @@ def decode_attention(q_bhsd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Ten
             picks ``"flex"`` without it).
         live: where the live slots lie inside each segment (a TCA cache's
             ring fill and packed lengths); lets ``"triton"`` skip the free
-            headroom and the owners of the packed run, which must have no free
-            slot. ``None``: read whole segments. The other backends mask free
-            slots by ``owner_bs`` everywhere.
+            headroom. ``None``: read whole segments. Every backend masks free
+            slots by ``owner_bs`` either way.
         token: the step's new token, not yet in the cache (``"triton"`` only,
             with ``live``): attended with the kept set, then written to its ring
             slot and ``next_pos`` advanced, by the attention's own merge kernel

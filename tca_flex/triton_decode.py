@@ -79,15 +79,12 @@ COMBINE_WARPS = 4
 SCHEDULES = ("split", "balanced")
 SCHEDULE = "balanced"
 BALANCED_PROGRAMS = 396
-# A TCA cache's packed run has no free slot (tests/layout_checks.py), so its blocks need no owner load.
-SKIP_PACKED_OWNER = True
 
 
 @triton.jit
 def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h, stride_ks, stride_vs, scale,
-                   D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr, OWNED: tl.constexpr):
-    """Online-softmax update of (m, l, acc) over segment offsets ``[lo, hi)``; ``OWNED``: every slot
-    there is the head's (a TCA cache's packed run), so ``owner`` is not read."""
+                   D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax update of (m, l, acc) over segment offsets ``[lo, hi)``."""
     d = tl.arange(0, D)
     for n0 in range(lo, hi, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
@@ -96,10 +93,7 @@ def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h
         inside = n < hi
         # Free slots (ring not yet filled, freed by a compression) are -1 and masked out
         # of the scores; K/V loads do not wait on ``owner`` so they can be pipelined.
-        if OWNED:
-            live = inside
-        else:
-            live = tl.load(own_row + slot, mask=inside, other=-1) == h
+        live = tl.load(own_row + slot, mask=inside, other=-1) == h
         k = tl.load(k_row + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
         # float32 caches get full-precision dots (Triton would use TF32 on the GPU).
         if IEEE:
@@ -125,11 +119,9 @@ def _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo, hi, h
 @triton.jit
 def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo0, hi0, lo1, hi1, stride_qb, stride_qh, stride_kb,
                  stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV: tl.constexpr, G: tl.constexpr,
-                 G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
-                 PACKED: tl.constexpr):
+                 G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
     """(m, l, acc) of segment ``bh`` (first slot ``seg_start``)'s ``G`` query heads over its offsets
-    ``[lo0, hi0)`` and ``[lo1, hi1)``; ``PACKED``: the second run is a TCA cache's packed run, every
-    slot the head's (``launch``)."""
+    ``[lo0, hi0)`` and ``[lo1, hi1)``."""
     b = bh // HKV
     h = bh % HKV
     g = tl.arange(0, G_PAD)
@@ -143,9 +135,9 @@ def _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, seg_start, bh, lo0, hi0, lo1, h
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     m_i, l_i, acc = _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo0, hi0, h, stride_ks,
-                                   stride_vs, scale, D, BLOCK, IEEE, False)
+                                   stride_vs, scale, D, BLOCK, IEEE)
     return _attend_blocks(q, m_i, l_i, acc, k_row, v_row, own_row, seg_start, lo1, hi1, h, stride_ks, stride_vs,
-                          scale, D, BLOCK, IEEE, PACKED)
+                          scale, D, BLOCK, IEEE)
 
 
 @triton.jit
@@ -263,7 +255,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
                   o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
                   stride_ownb, stride_base, scale, ring, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                   D: tl.constexpr, SPLIT, NUM_SPLITS, BLOCK: tl.constexpr,
-                  LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr, PACKED: tl.constexpr):
+                  LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_load_token)
@@ -280,7 +272,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_len
         lo0, hi0, lo1, hi1 = lo, hi, hi, hi
     m_i, l_i, acc = _attend_runs(q_ptr, k_ptr, v_ptr, owner_ptr, tl.load(start_ptr + bh), bh, lo0, hi0, lo1, hi1,
                                  stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale,
-                                 HKV, G, G_PAD, D, BLOCK, IEEE, PACKED)
+                                 HKV, G, G_PAD, D, BLOCK, IEEE)
     _store_partial(o_ptr, m_ptr, l_ptr, bh * NUM_SPLITS + split, m_i, l_i, acc, G, G_PAD, D)
 
 
@@ -326,7 +318,7 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
                      o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs,
                      stride_ownb, stride_base, scale, ring, NSEG, P, HKV: tl.constexpr, G: tl.constexpr,
                      G_PAD: tl.constexpr, D: tl.constexpr, NSEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                     LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr, PACKED: tl.constexpr):
+                     LIVE: tl.constexpr, IEEE: tl.constexpr, copy_ptr, TOKEN: tl.constexpr):
     pid = tl.program_id(0)
     if TOKEN:  # the merge appends the token and advances next_pos; it reads this copy (_load_token)
         tl.store(copy_ptr, tl.load(next_pos_ptr), mask=pid == 0)
@@ -349,7 +341,7 @@ def _balanced_kernel(q_ptr, k_ptr, v_ptr, owner_ptr, start_ptr, length_ptr, var_
                                      tl.minimum(hi, seg_fill),
                                      ring + tl.maximum(lo - seg_fill, 0), ring + hi - seg_fill, stride_qb,
                                      stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ownb, scale, HKV,
-                                     G, G_PAD, D, BLOCK, IEEE, PACKED)
+                                     G, G_PAD, D, BLOCK, IEEE)
         # Entry pid + bh: unique, as the programs meeting a segment are consecutive and a
         # program's segments are too (the next program starts at or after its last segment).
         _store_partial(o_ptr, m_ptr, l_ptr, pid + bh, m_i, l_i, acc, G, G_PAD, D)
@@ -492,9 +484,7 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
             and the ring size (Python int). Only offsets
             ``[0, min(next_pos - base, ring))`` and ``[ring, ring + var_len)`` of
             each segment are read (the live lengths, read on the device each
-            step); every slot of the packed run must be its head's (a
-            ``TCACache`` keeps it so): the kernel reads ``owner`` only in the
-            ring. ``None``: the whole segment, ``owner`` read everywhere.
+            step); ``None``: the whole segment.
         block, num_warps, num_stages: tuning knobs; ``None`` takes the module's
             ``BLOCK_N``, ``NUM_WARPS`` and ``NUM_STAGES``.
         programs: "split": about how many programs share the segments (sizes
@@ -530,8 +520,7 @@ def launch(q_bhd: torch.Tensor, k_bsd: torch.Tensor, v_bsd: torch.Tensor, owner_
                   HKV=hkv, G=group, G_PAD=max(16, next_pow2(group)),  # tl.dot needs >= 16 rows
                   D=d, BLOCK=block or BLOCK_N, LIVE=live is not None, IEEE=q_bhd.dtype == torch.float32,
                   num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
-                  copy_ptr=torch.empty_like(next_pos) if token is not None else next_pos, TOKEN=token is not None,
-                  PACKED=live is not None and SKIP_PACKED_OWNER)
+                  copy_ptr=torch.empty_like(next_pos) if token is not None else next_pos, TOKEN=token is not None)
     fold = _fold_arguments(attend, token)
     out = torch.empty(bsz, hq, d, dtype=q_bhd.dtype, device=q_bhd.device)
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=q_bhd.device)

@@ -4,7 +4,7 @@ Each (row, KV head) owns one segment of the flat buffers: a ring of ``ring`` slo
 tokens (each slot the head's or free), then its packed run of ``var_len`` compressed tokens with no
 hole in it, then free headroom. The Triton decode kernel reads exactly the ring's filled prefix and
 the packed run (``LiveRanges``): a live slot in the headroom would never be attended. It masks free
-slots by ``owner`` in the ring only and trusts the packed run to have no hole.
+slots by ``owner`` in both runs; with no hole in the packed run, that mask is needed in the ring only.
 """
 
 from __future__ import annotations

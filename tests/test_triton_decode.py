@@ -142,8 +142,6 @@ def test_live_lengths_bound_what_the_kernel_reads(schedule, bsz, hkv, group, rin
         for h in range(hkv):
             s0 = int(segments.start[b, h])
             owner[b, s0] = h  # every head holds at least one readable token
-            # The packed run has no free slot (a TCACache's layout; the kernel does not read its owners).
-            owner[b, s0 + ring: s0 + ring + int(var_len[b, h])] = h
             readable[b, s0: s0 + filled] = True
             readable[b, s0 + ring: s0 + ring + int(var_len[b, h])] = True
     next_pos = torch.tensor(1000 + filled, device=device)
@@ -184,7 +182,6 @@ def test_heads_with_nothing_to_read_give_nan_and_minus_inf(schedule, bsz, hkv, c
         for b in range(bsz):
             for h in range(hkv):
                 s0 = int(segments.start[b, h])
-                owner[b, s0 + ring: s0 + ring + int(counts[b, h])] = h  # the packed run has no free slot
                 readable[b, s0: s0 + fill[b]] = True
                 readable[b, s0 + ring: s0 + ring + int(counts[b, h])] = True
         live = LiveRanges(counts.to(device), torch.tensor(100, device=device),
