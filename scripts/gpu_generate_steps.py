@@ -23,6 +23,9 @@ calls (as shipped since), alternating, after an untimed call that compiles each.
 ``TCA_PROBE_MASK=1`` times the same way calls with generate's decode mask built every step (as
 before 2026-12-06) and spared (``generate_hook``: a TCACache's decode does not read it).
 ``TCA_PROBE_EAGER=1`` makes every cache unreserved, so ``generate`` decodes eagerly.
+``TCA_PROBE_STANCE=1`` times the same way calls with Dynamo's guards evaluated before every compiled
+step and with ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, then checks both give the
+same tokens.
 """
 
 from __future__ import annotations
@@ -95,6 +98,25 @@ def mask_built_and_spared(model: torch.nn.Module, call, new_cache, label: str) -
               "decode mask spared": lambda: setattr(model, name, shipped)}
     alternating(call, label, states, rounds=5, caches={state: new_cache() for state in states})
     setattr(model, name, shipped)
+
+
+def guard_stances(call, new_cache, tokens, label: str) -> None:
+    """Dynamo's guards evaluated before every compiled step (the default) and only those that tell
+    compiled entries apart (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), five calls
+    each, alternating, each state on its own reset cache; then one call each from a reset cache, whose
+    greedy tokens must be equal (``tokens``: the last call's output)."""
+    states = {"guards evaluated": lambda: torch.compiler.set_stance("default"),
+              "skip_guard_eval_unsafe": lambda: torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)}
+    caches = {state: new_cache() for state in states}
+    alternating(call, label, states, rounds=5, caches=caches)
+    outs = []
+    for name, enter in states.items():
+        enter()
+        caches[name].reset()
+        call(129, caches[name])
+        outs.append(tokens().clone())
+    torch.compiler.set_stance("default")
+    print(f"== {label}: tokens of the two states {'equal' if torch.equal(*outs) else 'DIFFERENT'}", flush=True)
 
 
 def many_requests(call, new_cache, count: int, label: str) -> None:
@@ -190,6 +212,8 @@ def main() -> None:
         # Without reserve_tokens a TCACache is not compileable: generate decodes eagerly.
         return TCACache(model, reserve_tokens=0 if eager else longest + 16, size_buckets=size_buckets)
 
+    last: dict[str, torch.Tensor] = {}
+
     def call(new: int, cache: TCACache | None = None, prompt: torch.Tensor | None = None) -> tuple[float, list[float]]:
         stamps = Stamps()
         cache = cache if cache is not None else new_cache()
@@ -202,6 +226,7 @@ def main() -> None:
         sync()
         total = (time.perf_counter() - start) * 1e3
         assert out.shape[1] == prompt.shape[1] + new
+        last["out"] = out
         # stamps[0] ends the prefill; stamps[i] - stamps[i-1] is decode step i (its forward and sampling).
         steps = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps.times)]
         return total, steps
@@ -212,6 +237,10 @@ def main() -> None:
         return
     if os.environ.get("TCA_PROBE_MASK") == "1":
         mask_built_and_spared(model, call, new_cache, f"{layers} layers, {length} tokens, keep {keep}")
+        remove(model)
+        return
+    if os.environ.get("TCA_PROBE_STANCE") == "1":
+        guard_stances(call, new_cache, lambda: last["out"], f"{layers} layers, {length} tokens, keep {keep}")
         remove(model)
         return
     if os.environ.get("TCA_PROBE_BUCKETS"):
