@@ -18,11 +18,16 @@ other cache ``generate`` hands the step the 2-D mask, which the wrapper drops. W
 mask could say the cache already knows: it holds no padding (each row's is dropped at the prefill,
 whose mask was checked) and ``generate``'s later masks only append visible tokens to the one of the
 call's first step, checked there (prefill, chunk or decode).
+
+On CUDA, a cache made without ``reserve_tokens`` is not compileable, so ``generate`` decodes it
+eagerly: host-bound, slower per token than dense attention decoded eagerly (BENCHMARKS.md). The
+wrapper says so once per cache, at its first such step, with what turns the fast path on.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -57,6 +62,7 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
               and not kwargs.get("is_first_iteration", False))
     if not decode:
         return prepare_tca_step(call(*bound, *args, **kwargs))
+    _hint_eager_decode(_tca_cache(kwargs))
     _preparing.decode = True
     try:
         inputs = call(*bound, *args, **kwargs)
@@ -67,6 +73,23 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
         # forward would build the 4-D one (and the first layer read it back from the device).
         inputs.pop("attention_mask", None)
     return prepare_tca_step(inputs)
+
+
+def _hint_eager_decode(cache: TCACache) -> None:
+    # On the CPU generate compiles for no cache: nothing to say there.
+    if cache.is_compileable or getattr(cache, "_eager_hint_given", False) or not _on_gpu(cache):
+        return
+    cache._eager_hint_given = True
+    warnings.warn("tca_flex: generate decodes this TCACache eagerly (it was made without reserve_tokens), which "
+                  "is host-bound on a GPU: slower per token than dense attention decoded eagerly. "
+                  "TCACache(model, reserve_tokens=max_new_tokens) lets generate compile the decode step once and "
+                  "replay it from CUDA graphs (the first call compiles; tca_flex.warmup(..., generate=True) does it "
+                  "ahead): docs/cache.md", UserWarning, stacklevel=2)
+
+
+def _on_gpu(cache: TCACache) -> bool:
+    device = getattr(cache.layers[0], "device", None)  # set by the prefill
+    return device is not None and device.type == "cuda"
 
 
 def _tca_cache(mapping: dict[str, Any]) -> TCACache | None:

@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -297,3 +298,29 @@ def test_warmup_generate_compiles_the_triton_decode_step_once(tiny_llama, monkey
         assert launches, "the decode steps did not take the Triton kernels"
     finally:
         torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_generate_says_once_a_cache_when_it_decodes_eagerly_on_a_gpu(tiny_llama, monkeypatch):
+    """On CUDA ``generate`` compiles no step for a ``TCACache`` made without ``reserve_tokens``: its eager
+    decode is slower per token than eager dense, which the first decode step of each such cache says,
+    with what turns the compiled path on. Not for a reserved cache, and not on the CPU, where
+    ``generate`` compiles for no cache."""
+    from tca_flex import generate_hook
+
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.3, CONFIG))
+    ids = torch.randint(1, 256, (1, 100))
+
+    def hints(cache: tca_flex.TCACache) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):  # two requests through one cache
+                cache.reset()
+                tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, **cache_kwargs(tiny_llama, cache))
+        return sum("reserve_tokens" in str(w.message) for w in caught)
+
+    assert hints(tca_flex.TCACache(tiny_llama)) == 0  # the CPU
+    monkeypatch.setattr(generate_hook, "_on_gpu", lambda cache: True)
+    assert hints(tca_flex.TCACache(tiny_llama)) == 1
+    assert hints(tca_flex.TCACache(tiny_llama)) == 1  # once a cache
+    assert hints(tca_flex.TCACache(tiny_llama, reserve_tokens=8)) == 0
