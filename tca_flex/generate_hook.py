@@ -20,7 +20,7 @@ whose mask was checked) and ``generate``'s later masks only append visible token
 call's first step, checked there (prefill, chunk or decode).
 
 On CUDA, a cache made without ``reserve_tokens`` is not compileable, so ``generate`` decodes it
-eagerly: host-bound, slower per token than dense attention decoded eagerly (BENCHMARKS.md). The
+eagerly: host-bound, often slower per token than dense attention decoded eagerly (BENCHMARKS.md). The
 wrapper says so once per cache, at its first such step, with what turns the fast path on.
 """
 
@@ -81,7 +81,7 @@ def _hint_eager_decode(cache: TCACache) -> None:
         return
     cache._eager_hint_given = True
     warnings.warn("tca_flex: generate decodes this TCACache eagerly (it was made without reserve_tokens), which "
-                  "is host-bound on a GPU: slower per token than dense attention decoded eagerly. "
+                  "is host-bound on a GPU, often slower per token than dense attention decoded eagerly. "
                   "TCACache(model, reserve_tokens=max_new_tokens) lets generate compile the decode step once and "
                   "replay it from CUDA graphs (the first call compiles; tca_flex.warmup(..., generate=True) does it "
                   "ahead): docs/cache.md", UserWarning, stacklevel=2)
