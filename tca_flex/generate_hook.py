@@ -58,11 +58,12 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
     # generate's decode loop asks for one new token a row and leaves is_first_iteration out; its
     # first step (prefill, or a chunk or a token over a cache kept from an earlier call) passes it as
     # True and gets its mask built and checked (transformers 5.17 to 5.25).
-    decode = (_tca_cache(kwargs) is not None and kwargs.get("next_sequence_length") == 1
+    cache = _tca_cache(kwargs)
+    decode = (cache is not None and kwargs.get("next_sequence_length") == 1
               and not kwargs.get("is_first_iteration", False))
     if not decode:
         return prepare_tca_step(call(*bound, *args, **kwargs))
-    _hint_eager_decode(_tca_cache(kwargs))
+    _hint_eager_decode(cache)
     _preparing.decode = True
     try:
         inputs = call(*bound, *args, **kwargs)

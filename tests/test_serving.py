@@ -303,7 +303,7 @@ def test_warmup_generate_compiles_the_triton_decode_step_once(tiny_llama, monkey
 @torch.no_grad()
 def test_generate_says_once_a_cache_when_it_decodes_eagerly_on_a_gpu(tiny_llama, monkeypatch):
     """On CUDA ``generate`` compiles no step for a ``TCACache`` made without ``reserve_tokens``: its eager
-    decode is slower per token than eager dense, which the first decode step of each such cache says,
+    decode is often slower per token than eager dense, which the first decode step of each such cache says,
     with what turns the compiled path on. Not for a reserved cache, and not on the CPU, where
     ``generate`` compiles for no cache."""
     from tca_flex import generate_hook
