@@ -44,6 +44,7 @@ steps through it. No class is patched and nothing goes on ``model.config``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -1022,8 +1023,17 @@ class TCACache(Cache):
         """``TCACacheLayer.prepare_decode_step`` on every layer, when the next step decodes one token
         over a prefilled cache (else nothing to prepare)."""
         if all(layer.prefilled and not layer.chunk_pending for layer in self.layers):
+            grew = self.regrew
             for layer in self.layers:
                 layer.prepare_decode_step()
+            if self.is_compileable and not grew and self.regrew:
+                # Said once a request (reset clears regrew): the rest of it runs on the new buffers.
+                warnings.warn(f"TCACache: decode outgrew the room reserve_tokens={self.layers[0].reserve_tokens} "
+                              f"left after the prefill ({self.get_seq_length()} tokens in): every layer re-laid "
+                              "its buffers, so a compiled step's CUDA graphs are recorded again for the new ones "
+                              "(a slow step, and memory for both sets of graphs). Make the cache with "
+                              "reserve_tokens >= max_new_tokens (cache.regrew tells after each request)",
+                              UserWarning, stacklevel=2)
 
     def replayed(self, steps: int = 1) -> None:
         """Advance the host counters by ``steps`` replayed decode steps."""
