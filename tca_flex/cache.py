@@ -1027,9 +1027,10 @@ class TCACache(Cache):
             for layer in self.layers:
                 layer.prepare_decode_step()
             if self.is_compileable and not grew and self.regrew:
-                # Said once a request (reset clears regrew): the rest of it runs on the new buffers.
+                # Once a request (reset clears regrew); a constant text, so Python's default filter
+                # shows it once a process to a server that keeps a short reserve on purpose.
                 warnings.warn(f"TCACache: decode outgrew the room reserve_tokens={self.layers[0].reserve_tokens} "
-                              f"left after the prefill ({self.get_seq_length()} tokens in): every layer re-laid "
+                              "left after the prefill: every layer re-laid "
                               "its buffers, so a compiled step's CUDA graphs are recorded again for the new ones "
                               "(a slow step, and memory for both sets of graphs). Make the cache with "
                               "reserve_tokens >= max_new_tokens (cache.regrew tells after each request)",
