@@ -1030,11 +1030,10 @@ class TCACache(Cache):
                 # Once a request (reset clears regrew); a constant text, so Python's default filter
                 # shows it once a process to a server that keeps a short reserve on purpose.
                 warnings.warn(f"TCACache: decode outgrew the room reserve_tokens={self.layers[0].reserve_tokens} "
-                              "left after the prefill: every layer re-laid "
-                              "its buffers, so a compiled step's CUDA graphs are recorded again for the new ones "
-                              "(a slow step, and memory for both sets of graphs). Make the cache with "
-                              "reserve_tokens >= max_new_tokens (cache.regrew tells after each request)",
-                              UserWarning, stacklevel=2)
+                              "left after the prefill: every layer re-laid its buffers, so a compiled step's CUDA "
+                              "graphs are recorded again for the new ones (a slow step, and memory for both sets "
+                              "of graphs). Make the cache with reserve_tokens >= max_new_tokens (cache.regrew "
+                              "tells after each request)", UserWarning, stacklevel=2)
 
     def replayed(self, steps: int = 1) -> None:
         """Advance the host counters by ``steps`` replayed decode steps."""
