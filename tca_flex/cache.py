@@ -1023,10 +1023,11 @@ class TCACache(Cache):
         """``TCACacheLayer.prepare_decode_step`` on every layer, when the next step decodes one token
         over a prefilled cache (else nothing to prepare)."""
         if all(layer.prefilled and not layer.chunk_pending for layer in self.layers):
-            grew = self.regrew
+            # Only a reserved cache's first re-lay of a request is news (an eager cache grows by design).
+            watch = self.is_compileable and not self.regrew
             for layer in self.layers:
                 layer.prepare_decode_step()
-            if self.is_compileable and not grew and self.regrew:
+            if watch and self.regrew:
                 # Once a request (reset clears regrew); a constant text, so Python's default filter
                 # shows it once a process to a server that keeps a short reserve on purpose.
                 warnings.warn(f"TCACache: decode outgrew the room reserve_tokens={self.layers[0].reserve_tokens} "
