@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from .cache import TCACache
 _CACHE_KEYS = ("cache", "past_key_values")
 _NAME = "prepare_inputs_for_generation"
 _preparing = threading.local()  # per thread: servers may run several generate calls at once
+_hinted: weakref.WeakSet[TCACache] = weakref.WeakSet()  # caches told they decode eagerly (_hint_eager_decode)
 
 
 def preparing_tca_decode() -> bool:
@@ -78,9 +80,9 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
 
 def _hint_eager_decode(cache: TCACache) -> None:
     # On the CPU generate compiles for no cache: nothing to say there.
-    if cache.is_compileable or getattr(cache, "_eager_hint_given", False) or not _on_gpu(cache):
+    if cache.is_compileable or cache in _hinted or not _on_gpu(cache):
         return
-    cache._eager_hint_given = True
+    _hinted.add(cache)
     warnings.warn("tca_flex: generate decodes this TCACache eagerly (it was made without reserve_tokens), which "
                   "is host-bound on a GPU, often slower per token than dense attention decoded eagerly. "
                   "TCACache(model, reserve_tokens=max_new_tokens) lets generate compile the decode step once and "

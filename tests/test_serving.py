@@ -322,7 +322,7 @@ def test_generate_says_once_a_cache_when_it_decodes_eagerly_on_a_gpu(tiny_llama,
             for _ in range(2):  # two requests through one cache
                 cache.reset()
                 tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, **cache_kwargs(tiny_llama, cache))
-        return sum("reserve_tokens" in str(w.message) for w in caught)
+        return sum("decodes this TCACache eagerly" in str(w.message) for w in caught)
 
     assert hints(tca_flex.TCACache(tiny_llama)) == 0  # the CPU
     monkeypatch.setattr(generate_hook, "_on_gpu", lambda cache: True)
