@@ -142,22 +142,22 @@ def _flat(q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, share, N, G_PAD: tl.conste
             v = tl.load(v_ptr + n.to(tl.int64)[:, None] * D + d[None, :])
             acc += tl.sum((k + v).to(tl.float32), 0)[None, :]
             l_i = tl.full([G_PAD], 1.0, tl.float32)
-            continue
-        if MODE == 0:
-            k = tl.load(k_ptr + n.to(tl.int64)[:, None] * D + d[None, :])
         else:
-            k = k_desc.load([n0, 0])
-        s = tl.dot(q, tl.trans(k))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        if MODE == 0:
-            v = tl.load(v_ptr + n.to(tl.int64)[:, None] * D + d[None, :])
-        else:
-            v = v_desc.load([n0, 0])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+            if MODE == 0:
+                k = tl.load(k_ptr + n.to(tl.int64)[:, None] * D + d[None, :])
+            else:
+                k = k_desc.load([n0, 0])
+            s = tl.dot(q, tl.trans(k))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            if MODE == 0:
+                v = tl.load(v_ptr + n.to(tl.int64)[:, None] * D + d[None, :])
+            else:
+                v = v_desc.load([n0, 0])
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
     tl.store(o_ptr + pid * G_PAD * D + g[:, None] * D + d[None, :], acc / l_i[:, None])
 
 
@@ -276,11 +276,11 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    check(device, dtype)
-    if "--check" in sys.argv:
-        return
     if "--floor" in sys.argv:
         flat_probe(device, dtype, 51200 * 8, floor=True)
+        return
+    check(device, dtype)
+    if "--check" in sys.argv:
         return
     sweep(device, dtype)
     flat_probe(device, dtype, 51200 * 8)
