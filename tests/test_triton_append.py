@@ -32,6 +32,9 @@ pytestmark = pytest.mark.skipif(
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BUFFERS = ("k_buf", "v_buf", "owner", "pos", "next_pos")
+# The model-level tests decode eagerly on purpose (the kernels under test are eager decode's); on a GPU
+# generate says so once per cache (generate_hook._hint_eager_decode).
+EAGER_HINT = "ignore:tca_flex. generate decodes this TCACache eagerly:UserWarning"
 
 
 def random_state(bsz, hkv, d, ring, next_pos, bases, dtype, gen):
@@ -176,6 +179,7 @@ def generate_with_appends(padded, kernels, launches):
 
 
 @pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.filterwarnings(EAGER_HINT)
 @torch.no_grad()
 def test_decode_with_the_fused_append_equals_the_tensor_form(padded, monkeypatch):
     """Greedy decoding with the "triton" backend (kernels in Triton's interpreter on the CPU), once with
@@ -232,6 +236,7 @@ def test_compiled_step_with_the_fused_append_equals_eager(kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.filterwarnings(EAGER_HINT)
 @torch.no_grad()
 def test_decode_with_the_merge_appending_matches_the_tensor_form(padded, monkeypatch):
     """Attention first, the token appended by the merge (``append_kernel`` "auto" on the "triton"
