@@ -1,4 +1,4 @@
-# ruff: noqa: B023, E402, E731  (a one-off GPU probe, kept as run until recorded; closures run within their iteration)
+# ruff: noqa: B023, E402, E731  (a GPU probe, as run for BENCHMARKS.md; its closures run within their iteration)
 """Triton's warp specialization (Hopper: a producer warp feeding TMA loads to the consumers) in the
 balanced decode kernel's packed run, against the shipped kernel (issue: decode faster end to end).
 
