@@ -68,7 +68,7 @@ from .checks import check_choice
 # reverted): 79.3 against 79.4 us on an H100 at 128K, 39% kept; the owner bytes are 0.8% of a block's.
 # Warp-specialized TMA loads over the packed run (2026-12-06, scripts/ws_probe.py): Triton 3.6 does not
 # compile them at 4 warps and they gain nothing at 8; a kernel that only streams the same bytes (no layout,
-# ring, owner or merge) is 7% faster than this one on an H100, cuDNN over a compact copy 3-4%.
+# ring, owner or merge) is 7% faster than this one on an H100, cuDNN over a compact copy 3-5%.
 BLOCK_N = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
