@@ -320,9 +320,9 @@ def shipped_budgets(name: str) -> HeadBudgets:
     mass (``lse``), with the ``TCAConfig.accurate()`` selection knobs (sigma
     2, alpha 0, 32 last + 32 spread observation queries, pool 7), calibrated
     on 2026-12-02 on the 7658-token GNU GPL v3 text
-    (``/usr/share/common-licenses/GPL-3``) with::
+    (Debian's ``/usr/share/common-licenses/GPL-3``, shipped as ``tca_flex/data/GPL-3``) with::
 
-        python -m tca_flex.calibration --model smollm2 --text /usr/share/common-licenses/GPL-3 \
+        python -m tca_flex.calibration --model smollm2 --text tca_flex/data/GPL-3 \
             --tokens 8192 --out smollm2_budgets.json --tau 0.9 --block-size 64 --window 512 \
             --criterion lse --quantile 0.1 --sigma 2.0 --option num_observation_queries=32 \
             --option pool_kernel=7 --option spread_observation_queries=32 --option alpha=0

@@ -2,7 +2,7 @@
 
 Nothing is fetched from a hub. The GGUF is dequantised by transformers (with
 the ``gguf`` package) once; the float32 weights are then cached as
-safetensors, which loads in well under a second the next time.
+safetensors, which loads in a few seconds at most the next time.
 The cache (about 540 MB, in ``$TCA_FLEX_CACHE`` or ``~/.cache/tca_flex``) is described in docs/models.md.
 """
 
@@ -65,7 +65,7 @@ def _save_cache(model, tok, cache: Path) -> None:
 
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     size_mb = sum(v.numel() * v.element_size() for v in state.values()) / 1e6
-    logger.warning("writing a %.0f MB float32 copy of SmolLM2 to %s (once, so later loads take under a second); "
+    logger.warning("writing a %.0f MB float32 copy of SmolLM2 to %s (once, so later loads skip the dequantising); "
                    "set %s to put it elsewhere, delete the folder to free the space (docs/models.md)",
                    size_mb, cache, CACHE_ENV)
     cache.mkdir(parents=True, exist_ok=True)

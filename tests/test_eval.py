@@ -1,4 +1,5 @@
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaForCausalLM
 
-from tca_flex import HeadBudgets, TCAConfig
+from tca_flex import HeadBudgets, TCAConfig, shipped_budgets
 from tca_flex.config import SelectionConfig, parse_overrides
 from tca_flex.eval import baselines, methods, perplexity, report, runner, tasks
 from tca_flex.eval.cli import evaluate, parse_args
@@ -165,6 +166,14 @@ def test_text_window_is_seeded_and_sized():
     assert w == perplexity.text_window(ids, 777, seed) and len(w) == 778
     with pytest.raises(ValueError, match="need"):
         perplexity.text_window(ids[:100], 777, seed)
+
+
+def test_the_shipped_gpl3_text_is_the_one_the_smollm2_budgets_were_calibrated_on():
+    # The budget file's provenance names the text by hash; the package ships that text, so the
+    # calibration command in docs/calibration.md reproduces on any machine.
+    text = perplexity.natural_text("gpl3")
+    notes = shipped_budgets("smollm2").notes
+    assert hashlib.sha256(text.encode()).hexdigest() == notes["text_sha256"]
 
 
 # ---------------------------------------------------------------- baselines keep their budget

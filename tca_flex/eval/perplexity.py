@@ -5,8 +5,9 @@ Text sources ship with every standard machine, so nothing is downloaded:
 - ``pydoc``: Python's own ``pydoc_data.topics`` (the language reference
   topics used by ``help()``, ~465K characters, ~100K tokens), topics joined
   in sorted-key order. Always available; the default.
-- ``gpl3``: ``/usr/share/common-licenses/GPL-3`` (Debian/Ubuntu; ~7.7K
-  SmolLM2 tokens, so too short for 8K windows).
+- ``gpl3``: the GNU GPL v3 text the SmolLM2 budgets were calibrated on,
+  shipped as ``tca_flex/data/GPL-3`` (Debian's copy; ~7.7K SmolLM2 tokens,
+  so too short for 8K windows).
 
 A sample is a window of ``length + 1`` tokens starting at a seed-dependent
 offset; the loss of every predicted token is averaged per bucket of
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-GPL3_PATH = Path("/usr/share/common-licenses/GPL-3")
+GPL3_PATH = Path(__file__).resolve().parent.parent / "data" / "GPL-3"
 SOURCES = ("pydoc", "gpl3")
 
 
@@ -32,8 +33,6 @@ def natural_text(source: str = "pydoc") -> str:
 
         return "\n\n".join(topics[k] for k in sorted(topics))
     if source == "gpl3":
-        if not GPL3_PATH.is_file():
-            raise FileNotFoundError(f"{GPL3_PATH} is missing on this machine; use source='pydoc'")
         return GPL3_PATH.read_text()
     raise ValueError(f"unknown text source {source!r}; allowed {list(SOURCES)}")
 
