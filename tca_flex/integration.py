@@ -58,8 +58,32 @@ DEFAULT_KEEP_FRACTION = 0.25
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite"})
 
 _STATE_ATTR = "_tca_flex_state"
-# Models prepared by apply and not yet removed: "tca" stays registered while one is left.
-_APPLIED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+class _State:
+    """What ``apply`` keeps on a model (``_STATE_ATTR``) for ``remove`` and the accessors below.
+
+    A deep copy of an applied model is applied too (its modules keep their TCA records and
+    dispatch to "tca"): copying the state registers the copy, so removing the original leaves
+    "tca" registered while the copy lives."""
+
+    def __init__(self, **items: Any) -> None:
+        self._items = items
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __deepcopy__(self, memo: dict) -> _State:
+        new = _State.__new__(_State)
+        memo[id(self)] = new
+        new._items = copy.deepcopy(self._items, memo)
+        _APPLIED.add(new)
+        return new
+
+
+# The states of models prepared by apply (and their deep copies) not yet removed: "tca" stays
+# registered while one is left.
+_APPLIED: weakref.WeakSet[_State] = weakref.WeakSet()
 
 
 def tca_mask(batch_size: int, q_length: int, kv_length: int, *args, **kwargs):
@@ -376,9 +400,10 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     # Packing tokens across a sharded layer's ranks is not ours to do: tensor-parallel models keep padding.
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     unpadder = None if distributed else Unpadder(model, mods)
-    setattr(model, _STATE_ATTR, {"configs": configs, "budgets": budgets, "kv_heads": kv_heads,
-                                 "unpadder": unpadder, "generate_hook": generate_hook.install(model)})
-    _APPLIED.add(model)
+    state = _State(configs=configs, budgets=budgets, kv_heads=kv_heads, unpadder=unpadder,
+                   generate_hook=generate_hook.install(model))
+    setattr(model, _STATE_ATTR, state)
+    _APPLIED.add(state)
     return model
 
 
@@ -397,6 +422,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
         state["unpadder"].remove()
     generate_hook.uninstall(model, state["generate_hook"])
     delattr(model, _STATE_ATTR)
+    _APPLIED.discard(state)
     _release(model, state["configs"])
     return model
 
@@ -404,12 +430,11 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
 def _release(model: torch.nn.Module, configs: list[tuple[Any, Any]]) -> None:
     """Give ``model`` its original configs back; unregister "tca" when no applied model is left."""
     _swap_configs(model, {id(new): old for new, old in configs})
-    _APPLIED.discard(model)
     if not _APPLIED:
         _unregister(ATTN_NAME, tca_attention_forward, tca_mask)
 
 
-def _state(model: torch.nn.Module) -> dict:
+def _state(model: torch.nn.Module) -> _State:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("this model was not prepared by tca_flex.apply")

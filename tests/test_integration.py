@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import logging
 import random
@@ -370,6 +371,22 @@ def test_models_sharing_a_config_object_stay_dense_and_remove_unregisters(no_oth
     third(x)
     tca_flex.remove(third)
     assert registered("tca") == (False, False)
+
+
+@torch.no_grad()
+def test_a_deep_copy_runs_tca_after_its_original_is_removed(no_other_applied_models):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    original = tca_flex.apply(LlamaForCausalLM(tiny_llama_config()).eval(),
+                              budgets=HeadBudgets.uniform(2, 2, 0.1, SPARSE))
+    x = ids(300, seed=int(torch.randint(0, 2**31 - 1, ())))
+    sparse = original(x).logits
+    clone = copy.deepcopy(original)
+    tca_flex.remove(original)
+    assert registered("tca") == (True, True)  # the copy still dispatches to it
+    assert torch.equal(clone(x).logits, sparse)
+    tca_flex.remove(clone)
+    assert registered("tca") == (False, False)
+    assert torch.equal(clone(x).logits, original(x).logits)  # both dense again
 
 
 @torch.no_grad()
