@@ -70,7 +70,7 @@ from .decode import (
     token_slots,
     top_t_in_block,
 )
-from .layer import CacheLink, tca_layers
+from .layer import CacheLink, model_link, tca_layers
 from .layout import (
     NEVER,
     Layout,
@@ -85,6 +85,12 @@ from .layout import (
 )
 from .memory import LayerMemory, MemoryReport
 from .selection import Selection, budget_ladder, rank_of
+
+
+def _writable(buffer: torch.Tensor) -> bool:
+    """Whether a kept buffer may be updated in place now: not one made in ``torch.inference_mode``
+    while this call runs outside it (``TCACacheLayer._leave_inference_mode``)."""
+    return torch.is_inference_mode_enabled() or not buffer.is_inference()
 
 
 class TCACacheLayer(CacheLayerMixin):
@@ -227,6 +233,8 @@ class TCACacheLayer(CacheLayerMixin):
                                "'tca'); after an error inside a forward, start again with a fresh cache")
         if key_states.shape[-2] != 1:
             self._unprepare()  # a prepared one-token step that did not come (a chunk, or a new prefill, did)
+        if not building_graph():
+            self._leave_inference_mode()
         if not self.prefilled:
             self.lazy_initialization(key_states, value_states)
             self._awaiting_prune = True
@@ -320,9 +328,30 @@ class TCACacheLayer(CacheLayerMixin):
         A prepared step that never ran (its forward failed before the append) is taken back first.
         """
         self._unprepare()
+        self._leave_inference_mode()
         self._make_room()
         self._seen += 1
         self._prepared = 1
+
+    def _leave_inference_mode(self) -> None:
+        """Outside ``torch.inference_mode``, copy buffers made inside it into ordinary tensors.
+
+        Tensors made in inference mode may not be updated in place outside it, and the cache updates
+        its buffers in place: a cache filled under ``inference_mode`` and continued (or ``reset`` and
+        reused) under ``no_grad`` would fail inside a kernel. Copied once, on the host, when a call
+        first runs outside inference mode; ``k_buf`` is remade whenever any buffer is (allocation,
+        re-lay, row selection), so it tells for all of them. The spare buffers of ``reset`` are
+        handled where they are taken (``_filled``, ``_reused``)."""
+        if (torch.is_inference_mode_enabled() or not self.prefilled or not self.k_buf.is_inference()):
+            return
+        for name in ("_heads", "_block_offsets", *self._REUSED, "prior"):
+            tensor = getattr(self, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_inference():
+                setattr(self, name, tensor.clone())
+        self.segments = self.segments._replace(start=self.segments.start.clone(),
+                                               length=self.segments.length.clone())
+        self.keys, self.values = self.k_buf, self.v_buf
+        self._static_for_graphs()
 
     def _unprepare(self) -> None:
         self._seen -= self._prepared
@@ -534,7 +563,8 @@ class TCACacheLayer(CacheLayerMixin):
         """A ``shape`` buffer full of ``fill``: the spare one of that name where it fits, else a new one
         (the spare is let go first, so the two never coexist)."""
         old = self._spare.pop(name, None)
-        if old is not None and tuple(old.shape) == shape and old.dtype == dtype and old.device == self.device:
+        if (old is not None and tuple(old.shape) == shape and old.dtype == dtype and old.device == self.device
+                and _writable(old)):
             return old.fill_(fill)
         old = None
         return torch.full(shape, fill, dtype=dtype, device=self.device)
@@ -542,7 +572,8 @@ class TCACacheLayer(CacheLayerMixin):
     def _reused(self, name: str, new: torch.Tensor) -> torch.Tensor:
         """``new``, copied into the spare tensor of that name where it fits (same address as before)."""
         old = self._spare.pop(name, None)
-        if old is not None and old.shape == new.shape and old.dtype == new.dtype and old.device == new.device:
+        if (old is not None and old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
+                and _writable(old)):
             return old.copy_(new)
         return new
 
@@ -948,6 +979,16 @@ class TCACache(Cache):
             raise ValueError(f"TCACache was made for a model of {len(self.layers)} TCA layers, this model has "
                              f"more (layer {layer_idx}): make a new tca_flex.TCACache(model) for the model you run")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a model this cache was not made for, before its call runs (the forward and
+        ``generate`` wrappers ``apply`` puts on the model call it, outside compiled graphs): another
+        applied model's attention would not find this cache's layers and run as if it had no cache."""
+        link = model_link(model)
+        if link is not None and self.layers and self.layers[0].link is not link:
+            raise ValueError("this TCACache was made for another model (or for this one before tca_flex.remove or "
+                             "a second apply): a cache serves the applied model it was made for; make a new "
+                             "tca_flex.TCACache(model) for the model you run")
 
     def mark_static(self) -> None:
         """``TCACacheLayer.mark_static`` on every layer (CUDA graphs)."""

@@ -61,6 +61,8 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
     # first step (prefill, or a chunk or a token over a cache kept from an earlier call) passes it as
     # True and gets its mask built and checked (transformers 5.17 to 5.25).
     cache = _tca_cache(kwargs)
+    if cache is not None:
+        cache.check_model(module)
     decode = (cache is not None and kwargs.get("next_sequence_length") == 1
               and not kwargs.get("is_first_iteration", False))
     if not decode:

@@ -41,7 +41,7 @@ from .budgets import (
 )
 from .compile import MIN_RECOMPILE_LIMIT
 from .config import TCAConfig
-from .layer import TCALayer, attach, detach
+from .layer import MODEL_STATE_ATTR, TCALayer, attach, detach, tca_layer
 from .unpad import Unpadder
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ DEFAULT_KEEP_FRACTION = 0.25
 # window or alibi) and dispatched through transformers' AttentionInterface.
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite"})
 
-_STATE_ATTR = "_tca_flex_state"
+_STATE_ATTR = MODEL_STATE_ATTR
 
 
 class _State:
@@ -401,7 +401,7 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     unpadder = None if distributed else Unpadder(model, mods)
     state = _State(configs=configs, budgets=budgets, kv_heads=kv_heads, unpadder=unpadder,
-                   generate_hook=generate_hook.install(model))
+                   generate_hook=generate_hook.install(model), link=tca_layer(mods[0]).link)
     setattr(model, _STATE_ATTR, state)
     _APPLIED.add(state)
     return model

@@ -16,6 +16,8 @@ import torch
 from .config import TCAConfig
 
 _ATTR = "_tca_layer"
+# The model attribute holding what ``apply`` keeps for ``remove`` (``integration._State``).
+MODEL_STATE_ATTR = "_tca_flex_state"
 
 
 class CacheLink:
@@ -84,6 +86,13 @@ def detach(module: torch.nn.Module) -> None:
 def tca_layer(module: torch.nn.Module) -> TCALayer | None:
     """The record ``apply`` attached to an attention module (``None`` if none)."""
     return getattr(module, _ATTR, None)
+
+
+def model_link(model: torch.nn.Module) -> CacheLink | None:
+    """The link of ``model``'s first TCA record, which a ``TCACache`` made for it holds (None before
+    ``apply``); read from what ``apply`` keeps on the model, not by walking its modules."""
+    state = getattr(model, MODEL_STATE_ATTR, None)
+    return None if state is None else state["link"]
 
 
 def tca_layers(model: torch.nn.Module) -> list[TCALayer]:

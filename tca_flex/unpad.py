@@ -242,6 +242,10 @@ def _around_forward(module: torch.nn.Module, call: Any, bound: tuple, args: tupl
 
     Compiled, this is traced into the forward's frame, where both calls return at once
     (``building_graph``): a traced call packs nothing."""
+    if not building_graph():
+        cache = kwargs_cache(kwargs)
+        if isinstance(cache, TCACache):
+            cache.check_model(module)
     unpadder = getattr(module, _OWNER)
     unpadder._note(module, args, kwargs)
     try:

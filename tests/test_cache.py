@@ -342,11 +342,23 @@ def test_a_cache_the_model_cannot_use_is_refused(tiny_llama):
     tiny_llama.float()
     step = tiny_llama(x[:, :1], **cache_kwargs(tiny_llama, cache))  # both refused before any change
     assert cache.get_seq_length() == 201 and torch.isfinite(step.logits).all()
-    # Another applied model: its attention finds the cache's buffers, not its own layer.
+    # Another applied model (or a deep copy): refused before its call runs, whether the cache is
+    # empty (a prefill), holds a prompt (a step, a chunk) or goes through generate; the cache is
+    # left as it was. The attention's own check, for a model whose wrappers were bypassed, too.
     small = LlamaForCausalLM(tiny_llama_config()).eval()
     tca_flex.apply(small, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    held = prefilled()
+    for other in (small, copy.deepcopy(tiny_llama)):
+        for tokens, generate in ((x, False), (x[:, :1], False), (x[:, :5], False), (x[:, :5], True)):
+            for cache in (TCACache(tiny_llama), held):
+                with pytest.raises(ValueError, match="TCACache was made for another model"):
+                    if generate:
+                        other.generate(tokens, max_new_tokens=2, **cache_kwargs(other, cache))
+                    else:
+                        other(tokens, **cache_kwargs(other, cache))
+    assert held.get_seq_length() == 200 and TCACache(tiny_llama).get_seq_length() == 0
     with pytest.raises(ValueError, match="TCACache made for another model"):
-        small(x[:, :1], **cache_kwargs(small, prefilled()))
+        type(small).forward(small, x[:, :1], **cache_kwargs(small, prefilled()))
     # A plain model (SDPA, eager): its attention cannot use the flat buffers a decode update
     # returns (with one row SDPA would broadcast 3-D ones silently), and the cache says why at
     # the next use.
@@ -910,3 +922,29 @@ def test_real_model_retrieves_the_passkey_with_the_pruned_cache(smollm2):
         assert total.bytes_fraction < 0.5
     finally:
         tca_flex.remove(model)
+
+
+@pytest.mark.parametrize("reserve", [0, 48])
+def test_a_cache_filled_under_inference_mode_goes_on_under_no_grad(tiny_llama, reserve):
+    """Buffers made in ``torch.inference_mode`` may not be updated in place outside it: the cache copies
+    them when a call first runs outside it. A chat whose first turn ran under inference_mode, and a
+    reset cache reused under no_grad, give the tokens of the same calls all under no_grad."""
+    tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    seed = random.randint(1, 10**6)
+    first, second = ids(150, seed=seed), ids(7, seed=seed + 1)
+
+    def chat(first_mode, cache):
+        kwargs = dict(do_sample=False, **cache_kwargs(tiny_llama, cache))
+        with first_mode():
+            turn = tiny_llama.generate(first, max_new_tokens=20, **kwargs)
+        with torch.no_grad():  # crosses compressions: the ring's blocks leave, buffers update in place
+            return tiny_llama.generate(torch.cat([turn, second], 1), max_new_tokens=40, **kwargs)
+
+    expected = chat(torch.no_grad, TCACache(tiny_llama, reserve_tokens=reserve))
+    cache = TCACache(tiny_llama, reserve_tokens=reserve)
+    assert torch.equal(chat(torch.inference_mode, cache), expected)
+    cache.reset()
+    with torch.inference_mode():
+        tiny_llama(first, **cache_kwargs(tiny_llama, cache))
+    cache.reset()  # its spare buffers are inference tensors now
+    assert torch.equal(chat(torch.no_grad, cache), expected)
