@@ -453,7 +453,7 @@ def _check_no_dropout(module: torch.nn.Module, dropout: float) -> None:
 def _warn_no_weights() -> None:
     # Eager only, as _warn_if_detached; transformers' own SDPA warns the same way.
     if not torch.compiler.is_compiling():
-        warnings.warn("tca_flex: TCA attention returns no attention weights, so output_attentions=True gives None "
+        warnings.warn("tca_flex: TCA attention returns no attention weights, so output_attentions=True gives none "
                       "for its layers; run tca_flex.remove(model) and attn_implementation='eager' to get them",
                       UserWarning, stacklevel=3)
 

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .checks import check_choice
+from .checks import check_choice, check_count
 from .chunk_flex import flex_chunk_attention
 from .chunks import building_graph, check_chunk_mask, chunk_attention, gather_segments, leaving_importance
 from .config import TCAConfig
@@ -139,6 +139,10 @@ class TCACacheLayer(CacheLayerMixin):
             raise ValueError(f"keep_per_block must list 0 <= t <= block_size={config.block_size} per KV "
                              f"head, got {keep.tolist()}")
         check_choice("backend", backend, DECODE_BACKENDS)
+        check_count("min_chunk_blocks", min_chunk_blocks)
+        if isinstance(reserve_tokens, bool) or not isinstance(reserve_tokens, int):
+            raise ValueError(f"reserve_tokens must be an int >= 0 (new tokens to make room for), got "
+                             f"{reserve_tokens!r}")
         if not 0.0 <= growth <= 10.0 or min_chunk_blocks < 1 or reserve_tokens < 0:
             raise ValueError(f"need 0 <= growth <= 10, min_chunk_blocks >= 1 and reserve_tokens >= 0, got "
                              f"{growth}, {min_chunk_blocks}, {reserve_tokens}")

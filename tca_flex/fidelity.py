@@ -170,10 +170,13 @@ def report(model: torch.nn.Module, input_ids: torch.Tensor, *, queries: str | in
     """
     model = getattr(model, "_orig_mod", model)
     applied_budgets(model)  # raises with a clear message when apply() was not called
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"report takes one request, input_ids of shape [1, L]; got {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"report takes one request, input_ids of shape [1, L] with L >= 1; got "
+                         f"{tuple(input_ids.shape)}")
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile={quantile} is out of range: allowed [0, 1]")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1 (queries per step), got {chunk!r}")
     length = input_ids.shape[1]
     recorder = _Recorder(query_positions(length, queries), measure, chunk)
     with attention_routed(model, RECORD_ATTN, recording_attention_forward):

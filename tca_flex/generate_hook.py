@@ -63,6 +63,8 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
     cache = _tca_cache(kwargs)
     if cache is not None:
         cache.check_model(module)
+    else:
+        warn_if_fixed_size(next((kwargs[key] for key in _CACHE_KEYS if kwargs.get(key) is not None), None))
     decode = (cache is not None and kwargs.get("next_sequence_length") == 1
               and not kwargs.get("is_first_iteration", False))
     if not decode:
@@ -78,6 +80,21 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
         # forward would build the 4-D one (and the first layer read it back from the device).
         inputs.pop("attention_mask", None)
     return prepare_tca_step(inputs)
+
+
+def warn_if_fixed_size(cache: Any) -> None:
+    """Say that a fixed-size cache (transformers' ``StaticCache``, what ``cache_implementation="static"``
+    makes) turns TCA off: its keys span the cache's whole length, so no call is a square prefill the
+    sparse path can take, and prefill and decode both attend densely. Constant text: Python's default
+    filter shows it once a process."""
+    if cache is None or isinstance(cache, TCACache) or not getattr(cache, "is_compileable", False):
+        return
+    warnings.warn("tca_flex: this call got a fixed-size cache (a StaticCache, as generate's "
+                  "cache_implementation='static' makes): its keys span the cache's whole length, so TCA cannot run "
+                  "and both the prefill and decode attend densely over every token. Pass "
+                  "cache=tca_flex.TCACache(model, reserve_tokens=N) instead (generate then compiles and "
+                  "graph-replays its decode step on CUDA), or no cache for TCA's prefill over a DynamicCache "
+                  "(docs/cache.md)", UserWarning, stacklevel=3)
 
 
 def _hint_eager_decode(cache: TCACache) -> None:

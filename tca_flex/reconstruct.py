@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .cache import TCACache
 from .checks import check_choice, check_count
 from .config import SelectionConfig
 from .hfcompat import cache_kwargs, output_cache
@@ -291,6 +292,9 @@ def prefill_by_reconstruction(model: torch.nn.Module, input_ids: torch.Tensor, c
                          "prompt's last query, which the repeat pass's selection does not see): apply the budgets "
                          "with guard_floor=None (budgets.with_config(guard_floor=None)) for this call, or prefill "
                          "the ordinary way")
+    if not isinstance(cache, TCACache):
+        raise TypeError(f"prefill_by_reconstruction fills a tca_flex.TCACache(model), got {type(cache).__name__}")
+    cache.check_model(model)
     if cache.get_seq_length() != 0:
         raise ValueError("prefill_by_reconstruction needs an empty TCACache (later turns append as usual)")
     full = DynamicCache(config=model.config)

@@ -39,6 +39,7 @@ import torch
 from . import instance_methods
 from .cache import TCACache
 from .chunks import building_graph
+from .generate_hook import warn_if_fixed_size
 from .hfcompat import kwargs_cache
 
 # Modules whose work is per token: packing their input changes nothing for real tokens.
@@ -246,6 +247,8 @@ def _around_forward(module: torch.nn.Module, call: Any, bound: tuple, args: tupl
         cache = kwargs_cache(kwargs)
         if isinstance(cache, TCACache):
             cache.check_model(module)
+        else:
+            warn_if_fixed_size(cache)
     unpadder = getattr(module, _OWNER)
     unpadder._note(module, args, kwargs)
     try:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
-from .attention import prefill_attention_op, tca_prefill_attention
+from .attention import SUPPORTED_DTYPES, prefill_attention_op, tca_prefill_attention
 from .cache import TCACache, TCACacheLayer
 from .hfcompat import cache_kwargs
 from .integration import TCA_LENGTH_SOURCE, attention_modules, is_applied
@@ -130,6 +130,9 @@ def warmup(model: torch.nn.Module, max_length: int, *, dtype: torch.dtype | None
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     param = next(model.parameters())
     dtype = dtype or param.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"tca_flex.warmup: dtype {dtype} is not one TCA runs in "
+                        f"({[str(t) for t in SUPPORTED_DTYPES]}); pass the dtype the model will run in")
     device = torch.device(device) if device is not None else param.device
     mod = attention_modules(model)[0]
     layer = tca_layer(mod)

@@ -332,6 +332,30 @@ def test_decode_over_a_cache_that_is_not_pruned_says_so(tiny_llama):
         assert not [w for w in seen if "not a TCACache" in str(w.message)]
 
 
+@torch.no_grad()
+def test_a_static_cache_says_tca_does_not_run(tiny_llama):
+    """transformers' StaticCache gives every call keys of the cache's whole length, so no call is a
+    prefill the sparse path can take: the model runs dense, and says so (forward and generate)."""
+    from transformers import StaticCache
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    x = ids(300, seed=seed)
+    dense = tiny_llama(x, **cache_kwargs(tiny_llama, StaticCache(config=tiny_llama.config, max_cache_len=320))).logits
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    assert (tiny_llama(x).logits - dense).abs().max() > 1e-4  # TCA's prefill without a cache
+    said = "fixed-size cache.*StaticCache.*TCA cannot run.*cache=tca_flex.TCACache"
+    with pytest.warns(UserWarning, match=said):
+        out = tiny_llama(x, **cache_kwargs(tiny_llama, StaticCache(config=tiny_llama.config, max_cache_len=320)))
+    torch.testing.assert_close(out.logits, dense)
+    with pytest.warns(UserWarning, match=said):
+        tiny_llama.generate(x, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pruned = tca_flex.TCACache(tiny_llama)
+        tiny_llama.generate(x, max_new_tokens=2, do_sample=False, **cache_kwargs(tiny_llama, pruned))
+    assert not [w for w in seen if "fixed-size" in str(w.message)]
+
+
 def registered(name):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -420,3 +444,28 @@ def test_apply_without_arguments_takes_the_best_known_defaults(tiny_llama, caplo
     tca_flex.remove(lookalike)
     tca_flex.apply(lookalike, TCAConfig())  # an explicit config is never replaced
     assert tca_flex.integration.applied_budgets(lookalike).config == TCAConfig()
+
+
+@torch.no_grad()
+def test_arguments_of_the_wrong_kind_are_refused_before_any_work(tiny_llama):
+    """Each call names the argument and what it takes, before running the model (no raw error from
+    deep inside torch or transformers)."""
+    from transformers import DynamicCache
+
+    x = ids(300, seed=int(torch.randint(0, 2**31 - 1, ())))
+    with pytest.raises(TypeError, match="calibrate: config must be a TCAConfig"):
+        tca_flex.calibrate(tiny_llama, x, {"window": 32})
+    tca_flex.apply(tiny_llama, budgets=HeadBudgets.uniform(2, 2, 0.25, SPARSE))
+    for dtype in (torch.float64, torch.int64):
+        with pytest.raises(TypeError, match=f"warmup: dtype {dtype} is not one TCA runs in"):
+            tca_flex.warmup(tiny_llama, max_length=400, dtype=dtype, progress=False)
+    for chunk in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+            tca_flex.report(tiny_llama, x, chunk=chunk)
+    with pytest.raises(ValueError, match=r"shape \[1, L\] with L >= 1"):
+        tca_flex.report(tiny_llama, x[:, :0])
+    for reserve in (1.5, True, "8"):
+        with pytest.raises(ValueError, match="reserve_tokens must be an int >= 0"):
+            tca_flex.TCACache(tiny_llama, reserve_tokens=reserve)
+    with pytest.raises(TypeError, match="fills a tca_flex.TCACache.*got DynamicCache"):
+        tca_flex.prefill_by_reconstruction(tiny_llama, x, DynamicCache(config=tiny_llama.config), x[:, -8:])

@@ -101,6 +101,9 @@ def score_candidates(model: torch.nn.Module, input_ids: torch.Tensor, config: TC
     Raises:
         ValueError: unsupported model, empty or too short text, non-finite q/k.
     """
+    if config is not None and not isinstance(config, TCAConfig):
+        raise TypeError(f"calibrate: config must be a TCAConfig or None, got {type(config).__name__}; "
+                        "TCAConfig.from_dict(d) makes one from a dict")
     config = config or TCAConfig()
     ids = _check_input_ids(input_ids, config)
     # A chunk < 1 would score no query at all, and every head would come out dense.
