@@ -211,9 +211,13 @@ def check_model(model: torch.nn.Module) -> None:
         raise ValueError(f"tca_flex does not support model_type={config.model_type!r}; supported: "
                          f"{sorted(SUPPORTED_MODEL_TYPES)} (rotary, causal, full attention)")
     window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True):
-        raise ValueError(f"{config.model_type} is configured with a built-in sliding window ({window}); "
-                         "TCA needs full attention underneath. Set config.sliding_window=None if the "
+    # Where the config lists its layers' kinds, transformers builds each layer's mask from that list.
+    sliding = [i for i, kind in enumerate(getattr(config, "layer_types", None) or []) if kind != "full_attention"]
+    if (window is not None and getattr(config, "use_sliding_window", True)) or sliding:
+        where = f" in layers {sliding}" if sliding else ""
+        raise ValueError(f"{config.model_type} is configured with a built-in sliding window ({window}){where}; "
+                         "TCA needs full attention in every layer. Build the model from a config without it "
+                         "(Mistral: sliding_window=None; Qwen2/Qwen3: use_sliding_window=False) if the "
                          "checkpoint allows it")
     if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "rope") == "alibi":
         raise ValueError("tca_flex needs rotary position embeddings; alibi models are not supported")

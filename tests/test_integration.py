@@ -130,6 +130,15 @@ def test_bad_models_and_inputs_are_refused(tiny_llama):
                                                num_key_value_heads=1, sliding_window=64))
     with pytest.raises(ValueError, match="sliding window"):
         tca_flex.apply(mistral)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # Qwen2 lists its layers' kinds: sliding from layer max_window_layers on, whatever is flipped later.
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
+                                        sliding_window=64, max_window_layers=1))
+    qwen.config.use_sliding_window = False
+    with pytest.raises(ValueError, match=r"sliding window \(64\) in layers \[1, 2\].*use_sliding_window=False"):
+        tca_flex.apply(qwen)
     from transformers import T5Config, T5ForConditionalGeneration
 
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1,
