@@ -322,7 +322,8 @@ def _(q_bhsd, k_bhsd, v_bhsd, cdf_hk, config_json, scaling, pads=None):
 LEFT_PADDING_ONLY = (
     "tca_flex supports padded batches with left padding only: each row is its padding, then its tokens, "
     "attended causally. This mask is not that (right padding, a hole, or packed sequences). Pad on the "
-    "left (tokenizer.padding_side = 'left') or run the rows separately. Under torch.compile, a forward "
+    "left (tokenizer.padding_side = 'left') or run the rows separately. generate infers a hole when "
+    "pad_token_id occurs inside a prompt: pass attention_mask yourself. Under torch.compile, a forward "
     "with use_cache=False makes transformers assume packed sequences: keep use_cache=True (the default)."
 )
 

@@ -810,9 +810,11 @@ class TCACacheLayer(CacheLayerMixin):
         (key, value), self._chunk = self._chunk, None  # a refused mask leaves the cache as it was
         check_chunk_mask(attention_mask, self._seen, self.pads)
         if len(set(self._base)) > 1:
-            raise ValueError("TCACache: new tokens on top of a padded batch need every row at least as long as "
-                             f"the window ({self.window} tokens) after its padding (the rows' windows, hence "
-                             "their compression schedules, differ otherwise); run shorter rows separately")
+            raise ValueError("TCACache: new tokens on top of a padded batch need every row's first prompt (its "
+                             f"prefill) at least as long as the window ({self.window} tokens) after its padding, "
+                             "however long the row has grown since (the rows' windows, hence their compression "
+                             "schedules, differ otherwise); continue the shorter rows separately, or prefill them "
+                             "with longer prompts")
         base = self._base[0]
         n, c = self._seen, key.shape[-2]
         done = compressions_done(n, base, self.compress_window, self.block)

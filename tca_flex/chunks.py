@@ -192,5 +192,6 @@ def check_chunk_mask(attention_mask: torch.Tensor | None, past_length: int, pads
     if not is_causal_left_padded(visible, past_length, pads):
         raise ValueError("TCACache does not support this mask for new tokens on top of the cache: it hides "
                          "tokens other than each row's left padding of the prefill (a padded chunk, right "
-                         "padding or a hole). Pass the conversation with the prompt's left padding only")
+                         "padding or a hole). Pass the conversation with the prompt's left padding only (generate "
+                         "infers a hole when pad_token_id occurs inside the text: pass attention_mask yourself)")
     _accepted_chunk_mask.accept(attention_mask, *key)

@@ -56,8 +56,9 @@ class TCAConfig:
         num_observation_queries: ``m``, how many last queries define importance.
         normalize_redundancy: divide block mass by its maximum so that both
             terms of the redundancy score live on ``[0, 1]``.
-        min_sparse_length: sequences no longer than ``max(window, this)`` run
-            exactly dense.
+        min_sparse_length: prompts no longer than ``max(window, this)`` are
+            prefilled exactly dense; decode over a ``TCACache`` still compresses
+            each block as it leaves the window.
         mass_criterion: calibration's retained-mass measure: the paper's
             ``"column_mean"`` or the exact per-query ``"lse"``.
         mass_quantile: with ``"lse"``, the quantile of per-query retained mass
