@@ -63,6 +63,8 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
     cache = _tca_cache(kwargs)
     if cache is not None:
         cache.check_model(module)
+        if kwargs.get("is_first_iteration"):
+            _check_new_tokens(cache, args[0] if args else kwargs.get("input_ids"), kwargs)
     else:
         warn_if_fixed_size(next((kwargs[key] for key in _CACHE_KEYS if kwargs.get(key) is not None), None))
     decode = (cache is not None and kwargs.get("next_sequence_length") == 1
@@ -80,6 +82,17 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
         # forward would build the 4-D one (and the first layer read it back from the device).
         inputs.pop("attention_mask", None)
     return prepare_tca_step(inputs)
+
+
+def _check_new_tokens(cache: TCACache, input_ids: Any, kwargs: dict[str, Any]) -> None:
+    # generate feeds what the cache does not hold yet: a sequence no longer than the cache (a new
+    # request on a cache not reset) would reach the model as zero tokens and fail deep inside it.
+    held = cache.get_seq_length()
+    if (held and isinstance(input_ids, torch.Tensor) and kwargs.get("inputs_embeds") is None
+            and input_ids.shape[-1] <= held):
+        raise ValueError(f"this TCACache holds {held} tokens and generate got a sequence of {input_ids.shape[-1]}: "
+                         "over a cache, generate continues the conversation it holds (pass all of it, the cached "
+                         "tokens first). For a new request call cache.reset() first, or make a new TCACache(model)")
 
 
 def warn_if_fixed_size(cache: Any) -> None:

@@ -948,3 +948,23 @@ def test_a_cache_filled_under_inference_mode_goes_on_under_no_grad(tiny_llama, r
         tiny_llama(first, **cache_kwargs(tiny_llama, cache))
     cache.reset()  # its spare buffers are inference tensors now
     assert torch.equal(chat(torch.no_grad, cache), expected)
+
+
+@torch.no_grad()
+def test_a_new_request_on_a_cache_not_reset_is_refused_with_what_to_do(tiny_llama):
+    """generate over a cache continues what it holds; a new prompt no longer than that would reach the
+    model as zero tokens. Refused before any change, naming reset(); after it, a fresh cache's tokens."""
+    tca_flex.apply(tiny_llama, budgets=mixed_budgets([0.25, 0.5], SPARSE, layers=2))
+    seed = random.randint(1, 10**6)
+    first, second = ids(150, seed=seed), ids(random.randint(20, 150), seed=seed + 1)
+    cache = TCACache(tiny_llama)
+    tiny_llama.generate(first, max_new_tokens=5, do_sample=False, **cache_kwargs(tiny_llama, cache))
+    held = cache.get_seq_length()
+    with pytest.raises(ValueError, match=f"holds {held} tokens and generate got a sequence of {second.shape[1]}.*"
+                                         "cache.reset"):
+        tiny_llama.generate(second, max_new_tokens=5, do_sample=False, **cache_kwargs(tiny_llama, cache))
+    assert cache.get_seq_length() == held
+    cache.reset()
+    again, fresh = (tiny_llama.generate(second, max_new_tokens=5, do_sample=False, **cache_kwargs(tiny_llama, c))
+                    for c in (cache, TCACache(tiny_llama)))
+    assert torch.equal(again, fresh)
