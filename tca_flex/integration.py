@@ -57,11 +57,9 @@ DEFAULT_KEEP_FRACTION = 0.25
 # window or alibi) and dispatched through transformers' AttentionInterface.
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite"})
 
-_STATE_ATTR = MODEL_STATE_ATTR
-
 
 class _State:
-    """What ``apply`` keeps on a model (``_STATE_ATTR``) for ``remove`` and the accessors below.
+    """What ``apply`` keeps on a model (``MODEL_STATE_ATTR``) for ``remove`` and the accessors below.
 
     A deep copy of an applied model is applied too (its modules keep their TCA records and
     dispatch to "tca"): copying the state registers the copy, so removing the original leaves
@@ -406,7 +404,7 @@ def apply(model: torch.nn.Module, config: TCAConfig | None = None,
     unpadder = None if distributed else Unpadder(model, mods)
     state = _State(configs=configs, budgets=budgets, kv_heads=kv_heads, unpadder=unpadder,
                    generate_hook=generate_hook.install(model), link=tca_layer(mods[0]).link)
-    setattr(model, _STATE_ATTR, state)
+    setattr(model, MODEL_STATE_ATTR, state)
     _APPLIED.add(state)
     return model
 
@@ -417,7 +415,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     The names ``apply`` registered with transformers are unregistered once no
     other applied model uses them.
     """
-    state = getattr(model, _STATE_ATTR, None)
+    state = getattr(model, MODEL_STATE_ATTR, None)
     if state is None:
         raise ValueError("tca_flex.remove: this model was not prepared by tca_flex.apply")
     for mod in attention_modules(model):
@@ -425,7 +423,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     if state["unpadder"] is not None:
         state["unpadder"].remove()
     generate_hook.uninstall(model, state["generate_hook"])
-    delattr(model, _STATE_ATTR)
+    delattr(model, MODEL_STATE_ATTR)
     _APPLIED.discard(state)
     _release(model, state["configs"])
     return model
@@ -439,7 +437,7 @@ def _release(model: torch.nn.Module, configs: list[tuple[Any, Any]]) -> None:
 
 
 def _state(model: torch.nn.Module) -> _State:
-    state = getattr(model, _STATE_ATTR, None)
+    state = getattr(model, MODEL_STATE_ATTR, None)
     if state is None:
         raise ValueError("this model was not prepared by tca_flex.apply")
     return state
@@ -447,7 +445,7 @@ def _state(model: torch.nn.Module) -> _State:
 
 def is_applied(model: torch.nn.Module) -> bool:
     """Whether ``model`` is currently prepared by ``apply``."""
-    return hasattr(model, _STATE_ATTR)
+    return hasattr(model, MODEL_STATE_ATTR)
 
 
 def applied_budgets(model: torch.nn.Module) -> HeadBudgets:
