@@ -150,7 +150,15 @@ class Unpadder:
         if mask is None or mask.dim() != 2:
             return
         length = _input_length(args, kwargs)
-        if length is None or length < 2 or mask.shape[-1] != length or not _prefill_from_empty_cache(kwargs):
+        if length is None or not _prefill_from_empty_cache(kwargs):
+            return
+        if mask.shape[-1] != length:
+            # A prefill's 2-D mask has one entry per token; any other length would reach the attention
+            # as a mask it cannot read as left padding, and be refused with that (misleading) message.
+            raise ValueError(f"attention_mask has {mask.shape[-1]} positions but this prefill has {length} "
+                             "tokens: pass a [batch, tokens] mask of the prompt's length (1 for each token, "
+                             "0 for left padding)")
+        if length < 2:
             return
         index = real_token_index(mask)
         if index is not None:

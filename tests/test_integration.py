@@ -476,5 +476,8 @@ def test_arguments_of_the_wrong_kind_are_refused_before_any_work(tiny_llama):
     for reserve in (1.5, True, "8"):
         with pytest.raises(ValueError, match="reserve_tokens must be an int >= 0"):
             tca_flex.TCACache(tiny_llama, reserve_tokens=reserve)
+    for width in (x.shape[1] - 10, x.shape[1] + 10):
+        with pytest.raises(ValueError, match=f"attention_mask has {width} positions but this prefill has 300 tokens"):
+            tiny_llama(x, attention_mask=torch.ones(1, width, dtype=torch.long))
     with pytest.raises(TypeError, match="fills a tca_flex.TCACache.*got DynamicCache"):
         tca_flex.prefill_by_reconstruction(tiny_llama, x, DynamicCache(config=tiny_llama.config), x[:, -8:])
