@@ -143,9 +143,8 @@ class TCACacheLayer(CacheLayerMixin):
         if isinstance(reserve_tokens, bool) or not isinstance(reserve_tokens, int):
             raise ValueError(f"reserve_tokens must be an int >= 0 (new tokens to make room for), got "
                              f"{reserve_tokens!r}")
-        if not 0.0 <= growth <= 10.0 or min_chunk_blocks < 1 or reserve_tokens < 0:
-            raise ValueError(f"need 0 <= growth <= 10, min_chunk_blocks >= 1 and reserve_tokens >= 0, got "
-                             f"{growth}, {min_chunk_blocks}, {reserve_tokens}")
+        if not 0.0 <= growth <= 10.0 or reserve_tokens < 0:
+            raise ValueError(f"need 0 <= growth <= 10 and reserve_tokens >= 0, got {growth}, {reserve_tokens}")
         size_buckets = (8 if reserve_tokens else 0) if size_buckets is None else size_buckets
         if isinstance(size_buckets, bool) or not isinstance(size_buckets, int) or not 0 <= size_buckets <= 64:
             raise ValueError(f"size_buckets must be an int in [0, 64] (sizes per doubling; 0: none), got "

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .attention import tca_attention_forward, tca_select
+from .checks import check_count
 from .fidelity_report import FidelityReport, LayerFidelity
 from .integration import applied_budgets, attention_modules, attention_routed
 from .layer import tca_layer
@@ -175,8 +176,7 @@ def report(model: torch.nn.Module, input_ids: torch.Tensor, *, queries: str | in
                          f"{tuple(input_ids.shape)}")
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile={quantile} is out of range: allowed [0, 1]")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1 (queries per step), got {chunk!r}")
+    check_count("chunk", chunk)
     length = input_ids.shape[1]
     recorder = _Recorder(query_positions(length, queries), measure, chunk)
     with attention_routed(model, RECORD_ATTN, recording_attention_forward):

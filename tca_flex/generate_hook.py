@@ -35,6 +35,7 @@ import torch
 
 from . import instance_methods
 from .cache import TCACache
+from .hfcompat import kwargs_cache
 
 # transformers' name for the cache argument: "cache" from 5.23 on, "past_key_values" before.
 _CACHE_KEYS = ("cache", "past_key_values")
@@ -60,13 +61,9 @@ def _prepare(module: Any, call: Any, bound: tuple, args: tuple, kwargs: dict[str
     # generate's decode loop asks for one new token a row and leaves is_first_iteration out; its
     # first step (prefill, or a chunk or a token over a cache kept from an earlier call) passes it as
     # True and gets its mask built and checked (transformers 5.17 to 5.25).
-    cache = _tca_cache(kwargs)
-    if cache is not None:
-        cache.check_model(module)
-        if kwargs.get("is_first_iteration"):
-            _check_new_tokens(cache, args[0] if args else kwargs.get("input_ids"), kwargs)
-    else:
-        warn_if_fixed_size(next((kwargs[key] for key in _CACHE_KEYS if kwargs.get(key) is not None), None))
+    cache = check_call_cache(module, kwargs_cache(kwargs))
+    if cache is not None and kwargs.get("is_first_iteration"):
+        _check_new_tokens(cache, args[0] if args else kwargs.get("input_ids"), kwargs)
     decode = (cache is not None and kwargs.get("next_sequence_length") == 1
               and not kwargs.get("is_first_iteration", False))
     if not decode:
@@ -95,7 +92,17 @@ def _check_new_tokens(cache: TCACache, input_ids: Any, kwargs: dict[str, Any]) -
                          "tokens first). For a new request call cache.reset() first, or make a new TCACache(model)")
 
 
-def warn_if_fixed_size(cache: Any) -> None:
+def check_call_cache(model: Any, cache: Any) -> TCACache | None:
+    """The cache a call of ``model`` got, if a ``TCACache``, once it is checked to be ``model``'s; any
+    other, after ``_warn_if_fixed_size``. The generate and forward wrappers call it, outside compiled graphs."""
+    if isinstance(cache, TCACache):
+        cache.check_model(model)
+        return cache
+    _warn_if_fixed_size(cache)
+    return None
+
+
+def _warn_if_fixed_size(cache: Any) -> None:
     """Say that a fixed-size cache (transformers' ``StaticCache``, what ``cache_implementation="static"``
     makes) turns TCA off: its keys span the cache's whole length, so no call is a square prefill the
     sparse path can take, and prefill and decode both attend densely. Constant text: Python's default

@@ -39,7 +39,7 @@ import torch
 from . import instance_methods
 from .cache import TCACache
 from .chunks import building_graph
-from .generate_hook import warn_if_fixed_size
+from .generate_hook import check_call_cache
 from .hfcompat import kwargs_cache
 
 # Modules whose work is per token: packing their input changes nothing for real tokens.
@@ -252,11 +252,7 @@ def _around_forward(module: torch.nn.Module, call: Any, bound: tuple, args: tupl
     Compiled, this is traced into the forward's frame, where both calls return at once
     (``building_graph``): a traced call packs nothing."""
     if not building_graph():
-        cache = kwargs_cache(kwargs)
-        if isinstance(cache, TCACache):
-            cache.check_model(module)
-        else:
-            warn_if_fixed_size(cache)
+        check_call_cache(module, kwargs_cache(kwargs))
     unpadder = getattr(module, _OWNER)
     unpadder._note(module, args, kwargs)
     try:
